@@ -1,0 +1,631 @@
+//! Configuration: every variable of SPEC §1, read once at start into typed structs.
+//!
+//! Nothing else in the crate reads the environment. A missing or malformed variable stops the
+//! start with one line naming it ([`ConfigError`]); secrets are [`Secret`]s, so `Debug` of any
+//! config struct is safe to log.
+
+mod env;
+mod secret;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+pub use crate::domain::joinchat::RecipientField;
+pub use env::{ConfigError, Env, parse_duration, parse_duration_list};
+pub use secret::Secret;
+
+use env::parse_u64;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub bonychat: BonyChatConfig,
+    pub joinchat: JoinChatConfig,
+    pub messenger: MessengerConfig,
+    pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+    pub telemetry: TelemetryConfig,
+    /// Things worth telling the operator that do not stop the start (typos, odd values).
+    /// Logged once telemetry is up.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `RELAY_ADDR`, default `0.0.0.0:8080`.
+    pub addr: SocketAddr,
+    /// `RELAY_SHUTDOWN_GRACE_SECS`, default 10: how long in-flight work may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `RELAY_ADMIN_TOKEN`: enables `/admin/*` when set.
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BonyChatConfig {
+    /// `BONYCHAT_CHANNEL_ID`: the Channel ID BonyChat generated.
+    pub channel_id: String,
+    /// `BONYCHAT_API_TOKEN`: checked on `/message`, sent on webhook posts.
+    pub api_token: Secret,
+    /// `BONYCHAT_WEBHOOK_URL`: where inbound events are posted.
+    pub webhook_url: Url,
+}
+
+#[derive(Debug, Clone)]
+pub struct JoinChatConfig {
+    /// `JOINCHAT_API_URL`, default `https://joinchat.ai/api/send_message`.
+    pub api_url: Url,
+    /// `JOINCHAT_PAGE_ID`: the Page bound to the JoinChat bot, sent as a JSON string.
+    pub page_id: String,
+    /// `JOINCHAT_API_SECRET`: key of the `x-joinchat-signature` HMAC.
+    pub api_secret: Secret,
+    /// `JOINCHAT_RECIPIENT_FIELD`, default `auto`.
+    pub recipient_field: RecipientField,
+    /// `JOINCHAT_MESSAGE_TAG`: sent as `tag` on every request when set.
+    pub message_tag: Option<String>,
+    /// `JOINCHAT_ORDER_GAP_SECS`, default 1: minimum spacing of two sends to one contact.
+    pub order_gap: Duration,
+    /// `JOINCHAT_CONNECT_TIMEOUT_MS`, default 5000.
+    pub connect_timeout: Duration,
+    /// `JOINCHAT_TIMEOUT_MS`, default 15000: the whole request, answer included.
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessengerConfig {
+    /// `MESSENGER_APP_SECRET`: key of `X-Hub-Signature-256`.
+    pub app_secret: Secret,
+    /// `MESSENGER_VERIFY_TOKEN`: answers the subscription handshake.
+    pub verify_token: Secret,
+    /// `MESSENGER_PAGE_ACCESS_TOKEN`: enables contact profile look-ups when set.
+    pub page_access_token: Option<Secret>,
+    /// `MESSENGER_GRAPH_URL`, default `https://graph.facebook.com/v21.0`.
+    pub graph_url: Url,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `RELAY_DATABASE_URL`, default `sqlite://data/relay.db`.
+    pub database_url: DatabaseUrl,
+    /// `RELAY_RETENTION`, default `7d`: how long delivered jobs are kept.
+    pub retention: Duration,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    Sqlite(PathBuf),
+    /// The whole URL: it usually carries a password.
+    Postgres(Secret),
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Self::Postgres(url) => f.debug_tuple("Postgres").field(url).finish(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// `RELAY_SEND_WAIT_MS`, default 3000: how long `/message` waits for the first attempt.
+    pub send_wait: Duration,
+    /// `RELAY_RETRY_JOINCHAT`: delays between attempts towards JoinChat.
+    pub retry_joinchat: Vec<Duration>,
+    /// `RELAY_RETRY_BONYCHAT`: delays between attempts towards BonyChat.
+    pub retry_bonychat: Vec<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// `RELAY_LOG_FORMAT`, default `pretty`.
+    pub log_format: LogFormat,
+    /// `RELAY_METRICS_ADDR`, default `127.0.0.1:9090`: kept off the public port.
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Every variable the relay reads, for the unknown-variable warning.
+const KNOWN_VARS: &[&str] = &[
+    "RELAY_ADDR",
+    "BONYCHAT_CHANNEL_ID",
+    "BONYCHAT_API_TOKEN",
+    "BONYCHAT_WEBHOOK_URL",
+    "JOINCHAT_API_URL",
+    "JOINCHAT_PAGE_ID",
+    "JOINCHAT_API_SECRET",
+    "JOINCHAT_RECIPIENT_FIELD",
+    "JOINCHAT_MESSAGE_TAG",
+    "JOINCHAT_ORDER_GAP_SECS",
+    "JOINCHAT_CONNECT_TIMEOUT_MS",
+    "JOINCHAT_TIMEOUT_MS",
+    "MESSENGER_APP_SECRET",
+    "MESSENGER_VERIFY_TOKEN",
+    "MESSENGER_PAGE_ACCESS_TOKEN",
+    "MESSENGER_GRAPH_URL",
+    "RELAY_DATABASE_URL",
+    "RELAY_SEND_WAIT_MS",
+    "RELAY_RETRY_JOINCHAT",
+    "RELAY_RETRY_BONYCHAT",
+    "RELAY_RETENTION",
+    "RELAY_SHUTDOWN_GRACE_SECS",
+    "RELAY_ADMIN_TOKEN",
+    "RELAY_METRICS_ADDR",
+    "RELAY_LOG_FORMAT",
+];
+
+const SECRET_VARS: &[&str] = &[
+    "BONYCHAT_API_TOKEN",
+    "JOINCHAT_API_SECRET",
+    "MESSENGER_APP_SECRET",
+    "MESSENGER_VERIFY_TOKEN",
+    "MESSENGER_PAGE_ACCESS_TOKEN",
+    "RELAY_ADMIN_TOKEN",
+    "RELAY_DATABASE_URL",
+];
+
+/// The tags Messenger accepts since March 2020; JoinChat's own list predates that.
+const CURRENT_MESSAGE_TAGS: &[&str] = &[
+    "CONFIRMED_EVENT_UPDATE",
+    "POST_PURCHASE_UPDATE",
+    "ACCOUNT_UPDATE",
+    "HUMAN_AGENT",
+];
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let mut warnings = unknown_variable_warnings(env);
+
+        let server = ServerConfig {
+            addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
+            shutdown_grace: env.parsed(
+                "RELAY_SHUTDOWN_GRACE_SECS",
+                Duration::from_secs(10),
+                |raw| parse_u64(raw).map(Duration::from_secs),
+            )?,
+            admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
+        };
+
+        let bonychat = BonyChatConfig {
+            channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
+            api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
+            webhook_url: parse_http_url(
+                "BONYCHAT_WEBHOOK_URL",
+                env.required("BONYCHAT_WEBHOOK_URL")?,
+            )?,
+        };
+
+        let message_tag = env
+            .get("JOINCHAT_MESSAGE_TAG")?
+            .map(|tag| tag.trim().to_owned());
+        if let Some(tag) = &message_tag
+            && !CURRENT_MESSAGE_TAGS.contains(&tag.as_str())
+        {
+            warnings.push(format!(
+                "JOINCHAT_MESSAGE_TAG={tag} is not one of Messenger's current tags ({}); Messenger may refuse the messages",
+                CURRENT_MESSAGE_TAGS.join(", ")
+            ));
+        }
+        let joinchat = JoinChatConfig {
+            api_url: env.parsed(
+                "JOINCHAT_API_URL",
+                Url::parse("https://joinchat.ai/api/send_message").expect("default URL is valid"),
+                http_url,
+            )?,
+            page_id: parse_page_id(env.required("JOINCHAT_PAGE_ID")?)?,
+            api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
+            recipient_field: env.parsed(
+                "JOINCHAT_RECIPIENT_FIELD",
+                RecipientField::Auto,
+                parse_recipient_field,
+            )?,
+            message_tag,
+            order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), |raw| {
+                match parse_u64(raw)? {
+                    secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
+                    _ => Err("must be at most 3600 seconds".into()),
+                }
+            })?,
+            connect_timeout: env.parsed(
+                "JOINCHAT_CONNECT_TIMEOUT_MS",
+                Duration::from_secs(5),
+                positive_millis,
+            )?,
+            request_timeout: env.parsed(
+                "JOINCHAT_TIMEOUT_MS",
+                Duration::from_secs(15),
+                positive_millis,
+            )?,
+        };
+
+        let messenger = MessengerConfig {
+            app_secret: env.required_secret("MESSENGER_APP_SECRET")?,
+            verify_token: env.required_secret("MESSENGER_VERIFY_TOKEN")?,
+            page_access_token: env.secret("MESSENGER_PAGE_ACCESS_TOKEN")?,
+            graph_url: env.parsed(
+                "MESSENGER_GRAPH_URL",
+                Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
+                http_url,
+            )?,
+        };
+
+        let store = StoreConfig {
+            database_url: match env.secret("RELAY_DATABASE_URL")? {
+                None => DatabaseUrl::Sqlite(PathBuf::from("data/relay.db")),
+                Some(url) => parse_database_url(url.expose())
+                    .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
+            },
+            retention: env.parsed(
+                "RELAY_RETENTION",
+                Duration::from_secs(7 * 86_400),
+                parse_duration,
+            )?,
+        };
+
+        let delivery = DeliveryConfig {
+            send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), |raw| {
+                parse_u64(raw).map(Duration::from_millis)
+            })?,
+            retry_joinchat: env.parsed(
+                "RELAY_RETRY_JOINCHAT",
+                parse_duration_list("1s,5s,30s,2m,5m,15m,30m,1h")
+                    .expect("default schedule is valid"),
+                parse_duration_list,
+            )?,
+            retry_bonychat: env.parsed(
+                "RELAY_RETRY_BONYCHAT",
+                parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h")
+                    .expect("default schedule is valid"),
+                parse_duration_list,
+            )?,
+        };
+
+        let telemetry = TelemetryConfig {
+            log_format: env.parsed("RELAY_LOG_FORMAT", LogFormat::Pretty, |raw| match raw {
+                "pretty" => Ok(LogFormat::Pretty),
+                "json" => Ok(LogFormat::Json),
+                other => Err(format!("`{other}` is neither `pretty` nor `json`")),
+            })?,
+            metrics_addr: env.parsed(
+                "RELAY_METRICS_ADDR",
+                default_addr([127, 0, 0, 1], 9090),
+                parse_addr,
+            )?,
+        };
+
+        if joinchat.connect_timeout > joinchat.request_timeout {
+            return Err(ConfigError::new(
+                "JOINCHAT_CONNECT_TIMEOUT_MS",
+                "must not exceed JOINCHAT_TIMEOUT_MS (the whole request includes connecting)",
+            ));
+        }
+
+        Ok(Self {
+            server,
+            bonychat,
+            joinchat,
+            messenger,
+            store,
+            delivery,
+            telemetry,
+            warnings,
+        })
+    }
+}
+
+fn unknown_variable_warnings(env: &Env) -> Vec<String> {
+    let prefixes = ["RELAY_", "BONYCHAT_", "JOINCHAT_", "MESSENGER_"];
+    let mut unknown: Vec<&str> = env
+        .names()
+        .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
+        .filter(|name| !KNOWN_VARS.contains(name))
+        .filter(|name| {
+            !name
+                .strip_suffix("_FILE")
+                .is_some_and(|base| SECRET_VARS.contains(&base))
+        })
+        .collect();
+    unknown.sort_unstable();
+    unknown
+        .into_iter()
+        .map(|name| format!("{name} is set but the relay does not read it (a typo?)"))
+        .collect()
+}
+
+fn default_addr(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
+}
+
+fn positive_millis(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        0 => Err("must be greater than 0".into()),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+fn http_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("`{raw}` is not an http(s) URL"));
+    }
+    Ok(url)
+}
+
+fn parse_http_url(var: &str, raw: &str) -> Result<Url, ConfigError> {
+    http_url(raw.trim()).map_err(|problem| ConfigError::new(var, problem))
+}
+
+fn parse_page_id(raw: &str) -> Result<String, ConfigError> {
+    let raw = raw.trim();
+    if raw.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(raw.to_owned())
+    } else {
+        Err(ConfigError::new(
+            "JOINCHAT_PAGE_ID",
+            format!(
+                "`{raw}` is not a Page id (digits only, as shown under JoinChat's Settings → API)"
+            ),
+        ))
+    }
+}
+
+fn parse_recipient_field(raw: &str) -> Result<RecipientField, String> {
+    match raw {
+        "auto" => Ok(RecipientField::Auto),
+        "id" => Ok(RecipientField::Id),
+        "phone" => Ok(RecipientField::Phone),
+        "email" => Ok(RecipientField::Email),
+        "uuid" => Ok(RecipientField::Uuid),
+        other => Err(format!(
+            "`{other}` is not one of auto, id, phone, email, uuid"
+        )),
+    }
+}
+
+/// `sqlite://data/relay.db` (relative), `sqlite:///var/lib/relay.db` (absolute) or `postgres://…`.
+fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
+    let raw = raw.trim();
+    if let Some(path) = raw
+        .strip_prefix("sqlite://")
+        .or_else(|| raw.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
+        }
+        return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+    }
+    if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        return Ok(DatabaseUrl::Postgres(Secret::new(raw)));
+    }
+    Err("must start with sqlite:// or postgres://".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn required() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("BONYCHAT_CHANNEL_ID", "gfd8g7fd89dgfd"),
+            ("BONYCHAT_API_TOKEN", "bony-token"),
+            (
+                "BONYCHAT_WEBHOOK_URL",
+                "https://app.bonychat.example/custom/channel/webhook/",
+            ),
+            ("JOINCHAT_PAGE_ID", "510249619162304"),
+            ("JOINCHAT_API_SECRET", "join-secret"),
+            ("MESSENGER_APP_SECRET", "app-secret"),
+            ("MESSENGER_VERIFY_TOKEN", "verify-token"),
+        ]
+    }
+
+    fn with(overrides: &[(&'static str, &'static str)]) -> Env {
+        let mut vars = required();
+        vars.retain(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+        vars.extend_from_slice(overrides);
+        Env::from_pairs(vars)
+    }
+
+    #[test]
+    fn the_required_variables_alone_give_the_documented_defaults() {
+        let config = Config::from_env(&with(&[])).unwrap();
+
+        assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert!(config.server.admin_token.is_none());
+        assert_eq!(
+            config.joinchat.api_url.as_str(),
+            "https://joinchat.ai/api/send_message"
+        );
+        assert_eq!(config.joinchat.recipient_field, RecipientField::Auto);
+        assert_eq!(config.joinchat.message_tag, None);
+        assert_eq!(config.joinchat.order_gap, Duration::from_secs(1));
+        assert_eq!(config.joinchat.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.joinchat.request_timeout, Duration::from_secs(15));
+        assert!(config.messenger.page_access_token.is_none());
+        assert_eq!(
+            config.messenger.graph_url.as_str(),
+            "https://graph.facebook.com/v21.0"
+        );
+        assert_eq!(
+            config.store.database_url,
+            DatabaseUrl::Sqlite("data/relay.db".into())
+        );
+        assert_eq!(config.store.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.delivery.send_wait, Duration::from_secs(3));
+        assert_eq!(config.delivery.retry_joinchat.len(), 8);
+        assert_eq!(config.delivery.retry_joinchat[7], Duration::from_secs(3600));
+        assert_eq!(config.delivery.retry_bonychat.len(), 9);
+        assert_eq!(
+            config.delivery.retry_bonychat[8],
+            Duration::from_secs(36_000)
+        );
+        assert_eq!(config.telemetry.log_format, LogFormat::Pretty);
+        assert_eq!(config.telemetry.metrics_addr.to_string(), "127.0.0.1:9090");
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn each_missing_required_variable_is_named() {
+        for (missing, _) in required() {
+            let vars: Vec<_> = required()
+                .into_iter()
+                .filter(|(k, _)| *k != missing)
+                .collect();
+            let err = Config::from_env(&Env::from_pairs(vars)).unwrap_err();
+            assert_eq!(err.var, missing, "{err}");
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_named_with_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("RELAY_ADDR", "8080"),
+            ("BONYCHAT_WEBHOOK_URL", "ftp://example.com/hook"),
+            ("JOINCHAT_API_URL", "not a url"),
+            ("JOINCHAT_PAGE_ID", "my-page"),
+            ("JOINCHAT_RECIPIENT_FIELD", "psid"),
+            ("JOINCHAT_ORDER_GAP_SECS", "-1"),
+            ("JOINCHAT_TIMEOUT_MS", "0"),
+            ("MESSENGER_GRAPH_URL", "graph.facebook.com"),
+            ("RELAY_DATABASE_URL", "mysql://db"),
+            ("RELAY_SEND_WAIT_MS", "3s"),
+            ("RELAY_RETRY_JOINCHAT", "1s,5"),
+            ("RELAY_RETRY_BONYCHAT", "soon"),
+            ("RELAY_RETENTION", "7"),
+            ("RELAY_SHUTDOWN_GRACE_SECS", "ten"),
+            ("RELAY_METRICS_ADDR", "localhost"),
+            ("RELAY_LOG_FORMAT", "xml"),
+        ];
+        for (var, value) in cases {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(!err.to_string().contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn errors_never_echo_a_secret() {
+        let env = with(&[("RELAY_DATABASE_URL", "mysql://user:pa55word@db/relay")]);
+        let err = Config::from_env(&env).unwrap_err();
+        assert!(!err.to_string().contains("pa55word"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_every_secret() {
+        let env = with(&[
+            ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
+            ("RELAY_ADMIN_TOKEN", "admin-token"),
+            ("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay"),
+        ]);
+        let debug = format!("{:?}", Config::from_env(&env).unwrap());
+        for secret in [
+            "bony-token",
+            "join-secret",
+            "app-secret",
+            "verify-token",
+            "page-token",
+            "admin-token",
+            "pa55word",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+        }
+        assert!(
+            debug.contains("gfd8g7fd89dgfd"),
+            "non-secret values stay visible"
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_take_relative_and_absolute_paths() {
+        assert_eq!(
+            parse_database_url("sqlite://data/relay.db"),
+            Ok(DatabaseUrl::Sqlite("data/relay.db".into()))
+        );
+        assert_eq!(
+            parse_database_url("sqlite:///var/lib/relay.db"),
+            Ok(DatabaseUrl::Sqlite("/var/lib/relay.db".into()))
+        );
+        assert!(parse_database_url("sqlite://").is_err());
+        assert!(matches!(
+            parse_database_url("postgresql://db/relay"),
+            Ok(DatabaseUrl::Postgres(_))
+        ));
+    }
+
+    #[test]
+    fn optional_values_are_read() {
+        let env = with(&[
+            ("RELAY_ADDR", "127.0.0.1:0"),
+            ("JOINCHAT_RECIPIENT_FIELD", "uuid"),
+            ("JOINCHAT_MESSAGE_TAG", "ACCOUNT_UPDATE"),
+            ("JOINCHAT_ORDER_GAP_SECS", "0"),
+            ("RELAY_RETRY_JOINCHAT", "100ms,1s"),
+            ("RELAY_LOG_FORMAT", "json"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        assert_eq!(config.server.addr.port(), 0);
+        assert_eq!(config.joinchat.recipient_field, RecipientField::Uuid);
+        assert_eq!(
+            config.joinchat.message_tag.as_deref(),
+            Some("ACCOUNT_UPDATE")
+        );
+        assert_eq!(config.joinchat.order_gap, Duration::ZERO);
+        assert_eq!(
+            config.delivery.retry_joinchat,
+            vec![Duration::from_millis(100), Duration::from_secs(1)]
+        );
+        assert_eq!(config.telemetry.log_format, LogFormat::Json);
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn typos_and_outdated_tags_become_warnings() {
+        let env = with(&[
+            ("RELAY_ADRR", "0.0.0.0:1"),
+            ("BONYCHAT_API_TOKEN_FILE_X", "x"),
+            ("JOINCHAT_MESSAGE_TAG", "SHIPPING_UPDATE"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        assert_eq!(config.warnings.len(), 3, "{:?}", config.warnings);
+        assert!(config.warnings.iter().any(|w| w.starts_with("RELAY_ADRR")));
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("BONYCHAT_API_TOKEN_FILE_X"))
+        );
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("SHIPPING_UPDATE"))
+        );
+    }
+
+    #[test]
+    fn connect_timeout_must_fit_in_the_request_timeout() {
+        let env = with(&[
+            ("JOINCHAT_CONNECT_TIMEOUT_MS", "5000"),
+            ("JOINCHAT_TIMEOUT_MS", "1000"),
+        ]);
+        assert_eq!(
+            Config::from_env(&env).unwrap_err().var,
+            "JOINCHAT_CONNECT_TIMEOUT_MS"
+        );
+    }
+}

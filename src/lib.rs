@@ -1,0 +1,18 @@
+//! bonychat-relay: a BonyChat Custom Channel for a Facebook Page run through JoinChat.
+//!
+//! BonyChat's `POST /message` is validated, translated into signed JoinChat Send API requests
+//! and delivered in order per contact. The layout follows the flow of a message:
+//! [`config`] → [`routes`] (HTTP) → [`domain`] (pure translation) → [`delivery`] → [`clients`]
+//! (upstreams behind traits), with [`startup`] wiring them together.
+
+pub mod auth;
+pub mod clients;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
+pub mod routes;
+pub mod shutdown;
+pub mod signing;
+pub mod startup;
+pub mod telemetry;
