@@ -1,0 +1,40 @@
+//! Upstream clients, each behind a trait so that delivery code never builds HTTP requests.
+//!
+//! Implementations classify every failure as [`SendError::Transient`] (worth retrying) or
+//! [`SendError::Permanent`] (retrying would give the same answer).
+
+pub mod joinchat;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::domain::joinchat::SendRequest;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The upstream refused the request for good; `reason` is its own explanation.
+    #[error("{reason}")]
+    Permanent { reason: String },
+    /// A timeout, a connection failure, a 5xx, 408 or 429: another attempt may succeed.
+    #[error("{reason}")]
+    Transient {
+        reason: String,
+        /// The upstream's `Retry-After`, when it gave one.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl SendError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Permanent { .. })
+    }
+}
+
+/// JoinChat's Send API.
+pub trait JoinChatApi: Send + Sync {
+    /// Sends one signed `send_message` request; `Ok` once JoinChat accepted it.
+    fn send<'a>(&'a self, request: &'a SendRequest<'a>) -> BoxFuture<'a, Result<(), SendError>>;
+}

@@ -1,0 +1,151 @@
+//! The one error type of the HTTP API and its JSON shape (SPEC §2):
+//! `{"error": {"code": "<snake_case>", "message": "<human text>"}}`.
+//!
+//! Client errors say exactly what is wrong. Internal errors answer a generic message; their
+//! detail travels in the response extensions to the request log, which writes it once.
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::delivery::DeliveryFailure;
+use crate::domain::outbound::RequestError;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    InvalidPayload(String),
+    #[error("channelId does not match this relay's BonyChat channel")]
+    UnknownChannel,
+    #[error("JoinChat rejected the message: {0}")]
+    RejectedByJoinChat(String),
+    #[error("JoinChat is unavailable: {0}")]
+    UpstreamUnavailable(String),
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+    #[error("the request took too long")]
+    RequestTimeout,
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// The detail of an internal error, for the request log only.
+#[derive(Debug, Clone)]
+pub struct InternalErrorDetail(pub String);
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidPayload(_) | Self::UnknownChannel | Self::RejectedByJoinChat(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::InvalidPayload(_) => "invalid_payload",
+            Self::UnknownChannel => "unknown_channel",
+            Self::RejectedByJoinChat(_) => "rejected_by_joinchat",
+            Self::UpstreamUnavailable(_) => "upstream_unavailable",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+
+    /// Maps a failure to read the body; only an over-long body is the client's doing.
+    pub fn from_body_rejection(rejection: BytesRejection, limit: usize) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::PayloadTooLarge { limit }
+        } else {
+            Self::InvalidPayload(format!(
+                "body: could not be read ({})",
+                rejection.body_text()
+            ))
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(err: RequestError) -> Self {
+        match err {
+            RequestError::NotJson(detail) => {
+                Self::InvalidPayload(format!("body: not valid JSON ({detail})"))
+            }
+            RequestError::UnknownChannel => Self::UnknownChannel,
+            RequestError::Invalid(field) => Self::InvalidPayload(field.to_string()),
+        }
+    }
+}
+
+impl From<DeliveryFailure> for ApiError {
+    fn from(failure: DeliveryFailure) -> Self {
+        match failure {
+            DeliveryFailure::Rejected { reason } => Self::RejectedByJoinChat(reason),
+            DeliveryFailure::Unavailable { reason } => Self::UpstreamUnavailable(reason),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut response = (self.status(), Json(body)).into_response();
+        match self {
+            Self::Unauthorized => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Internal(detail) => {
+                response
+                    .extensions_mut()
+                    .insert(InternalErrorDetail(detail));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn internal_errors_keep_their_detail_out_of_the_body() {
+        let response = ApiError::Internal("database password rejected".into()).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.extensions().get::<InternalErrorDetail>().is_some());
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            json!({"error": {"code": "internal_error", "message": "internal error"}})
+        );
+    }
+}

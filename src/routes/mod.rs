@@ -1,0 +1,79 @@
+//! The HTTP surface: routes, shared state and the middleware every request goes through.
+
+mod health;
+mod message;
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::ServiceBuilderExt;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::MakeRequestUuid;
+
+use crate::auth::BearerToken;
+use crate::config::Config;
+use crate::delivery::ImmediateDelivery;
+use crate::error::ApiError;
+use crate::telemetry;
+
+/// SPEC §3.1: BonyChat's `/message` bodies are at most 64 KiB.
+pub const MESSAGE_BODY_LIMIT: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub bonychat_token: Arc<BearerToken>,
+    pub outbound: ImmediateDelivery,
+    /// Cancelled when the relay starts shutting down: readiness turns 503 at once.
+    pub shutdown: CancellationToken,
+}
+
+/// The whole router. `request_timeout` bounds every request, body upload included, so that
+/// graceful shutdown cannot be held up forever by a stuck client.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let message = Router::new()
+        .route("/message", post(message::post_message))
+        .layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
+
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .merge(message)
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Outermost first: the request id exists before the request is logged, and the log
+        // line sees the final status, including timeouts and panics turned into errors.
+        .layer(
+            ServiceBuilder::new()
+                .set_x_request_id(MakeRequestUuid)
+                .propagate_x_request_id()
+                .layer(middleware::from_fn(telemetry::log_request))
+                .layer(CatchPanicLayer::custom(panic_response))
+                .layer(middleware::from_fn_with_state(request_timeout, timeout)),
+        )
+        .with_state(state)
+}
+
+async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::RequestTimeout.into_response(),
+    }
+}
+
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    ApiError::Internal(format!("handler panicked: {detail}")).into_response()
+}
