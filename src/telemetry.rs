@@ -51,17 +51,16 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         .to_owned();
     let span = tracing::info_span!("request", request_id = %request_id);
 
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = next.run(request).instrument(span).await;
 
     let status = response.status().as_u16();
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
-    let _entered = span.enter();
     if let Some(InternalErrorDetail(detail)) = response.extensions().get() {
-        tracing::error!(%method, %route, status, latency_ms, error = %detail, "request failed");
+        tracing::error!(%request_id, %method, %route, status, latency_ms, error = %detail, "request");
     } else if is_probe(&route) {
-        tracing::debug!(%method, %route, status, latency_ms, "request");
+        tracing::debug!(%request_id, %method, %route, status, latency_ms, "request");
     } else {
-        tracing::info!(%method, %route, status, latency_ms, "request");
+        tracing::info!(%request_id, %method, %route, status, latency_ms, "request");
     }
     response
 }

@@ -1,0 +1,252 @@
+//! The `bonychat-relay` binary itself, started as an operator would: environment variables
+//! only (or an env file), stopped with SIGTERM.
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{
+    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, JoinChatStandIn, PSID, VERIFY_TOKEN,
+    test_vars,
+};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+
+struct RelayProcess {
+    child: Child,
+    addr: String,
+    output: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayProcess {
+    /// Starts the binary with exactly `vars` (plus `args`) and waits until it listens.
+    async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
+        let mut child = Command::new(BINARY)
+            .args(args)
+            .env_clear()
+            .envs(vars.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("binary starts");
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (listening_tx, mut listening_rx) = tokio::sync::mpsc::unbounded_channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = Arc::clone(&output);
+            let listening_tx = listening_tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(event) = serde_json::from_str::<Value>(&line)
+                        && event["message"] == "relay listening"
+                    {
+                        let _ = listening_tx.send(event["addr"].as_str().unwrap().to_owned());
+                    }
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = tokio::time::timeout(Duration::from_secs(30), listening_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("relay did not start: {:?}", output.lock().unwrap()))
+            .unwrap();
+        Self {
+            child,
+            addr,
+            output,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    async fn terminate(mut self) -> (i32, Vec<String>) {
+        let pid = self.child.id().unwrap().to_string();
+        // The shell's builtin `kill`: present wherever /bin/sh is, unlike /usr/bin/kill.
+        let killed = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .await
+            .unwrap();
+        assert!(killed.success());
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap();
+        // Let the readers drain what the process wrote last.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let output = self.output.lock().unwrap().clone();
+        (status.code().expect("exited, not killed"), output)
+    }
+}
+
+fn json_logs(vars: &mut Vec<(String, String)>) {
+    vars.push(("RELAY_LOG_FORMAT".into(), "json".into()));
+    vars.push(("RUST_LOG".into(), "debug".into()));
+}
+
+#[tokio::test]
+async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leaking_secrets() {
+    // Arrange
+    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let mut vars = test_vars(&joinchat.url);
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = crate::helpers::http_client();
+
+    // Act
+    let answer = http
+        .post(relay.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": "from the binary"}}))
+        .send()
+        .await
+        .unwrap();
+    let refused = http
+        .post(relay.url("/message"))
+        .bearer_auth("guessed-token")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (code, output) = relay.terminate().await;
+
+    // Assert
+    assert_eq!(answer.status(), 200);
+    assert_eq!(refused.status(), 401);
+    let received = joinchat.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].signature_valid);
+    assert_eq!(received[0].json()["message"]["text"], "from the binary");
+    assert_eq!(code, 0, "SIGTERM is a clean exit: {output:?}");
+
+    let request_lines: Vec<Value> = output
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["message"] == "request" && event["route"] == "/message")
+        .collect();
+    assert_eq!(request_lines.len(), 2, "one line per request: {output:?}");
+    assert_eq!(request_lines[0]["status"], 200);
+    assert!(request_lines[0]["latency_ms"].is_number());
+    assert_eq!(
+        request_lines[0]["request_id"].as_str().map(str::len),
+        Some(36),
+        "a request id"
+    );
+    let all = output.join("\n");
+    for secret in [
+        API_TOKEN,
+        JOINCHAT_SECRET,
+        APP_SECRET,
+        VERIFY_TOKEN,
+        "guessed-token",
+    ] {
+        assert!(!all.contains(secret), "{secret} appeared in the logs");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_variable_stops_the_start_with_one_line_naming_it() {
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message");
+    vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
+
+    let output = Command::new(BINARY)
+        .env_clear()
+        .envs(vars)
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("JOINCHAT_API_SECRET"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_malformed_variable_stops_the_start_without_echoing_secrets() {
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message");
+    vars.push((
+        "RELAY_DATABASE_URL".into(),
+        "mysql://relay:hunter2@db/relay".into(),
+    ));
+
+    let output = Command::new(BINARY)
+        .env_clear()
+        .envs(vars)
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("RELAY_DATABASE_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_example_env_file_starts_the_relay() {
+    // The README's run command, with the environment overriding the listen address.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.env");
+    let mut vars = vec![("RELAY_ADDR".to_owned(), "127.0.0.1:0".to_owned())];
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &["--env-file", example]).await;
+
+    let health = crate::helpers::http_client()
+        .get(relay.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    let unauthorized = crate::helpers::http_client()
+        .post(relay.url("/message"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let (code, _) = relay.terminate().await;
+
+    assert_eq!(health.status(), 200);
+    assert_eq!(unauthorized.status(), 401);
+    assert_eq!(code, 0);
+}
+
+#[tokio::test]
+async fn secrets_can_come_from_files() {
+    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let dir = std::env::temp_dir().join(format!("relay-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("joinchat_secret");
+    std::fs::write(&secret_file, format!("{JOINCHAT_SECRET}\n")).unwrap();
+    let mut vars = test_vars(&joinchat.url);
+    vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
+    vars.push((
+        "JOINCHAT_API_SECRET_FILE".into(),
+        secret_file.to_str().unwrap().into(),
+    ));
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+
+    let answer = crate::helpers::http_client()
+        .post(relay.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .json(&json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": "signed with a file secret"}}))
+        .send()
+        .await
+        .unwrap();
+    relay.terminate().await;
+    std::fs::remove_dir_all(dir).unwrap();
+
+    assert_eq!(answer.status(), 200);
+    assert!(joinchat.received()[0].signature_valid);
+}

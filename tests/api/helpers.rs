@@ -1,0 +1,338 @@
+//! The test harness: the real relay on a random port, and a real HTTP stand-in for JoinChat.
+//!
+//! The stand-in recomputes `x-joinchat-signature` over the raw bytes it received, with its own
+//! HMAC code (not the relay's), and answers 401 to a bad signature as JoinChat would. It
+//! records every request and answers from a script, so a test can make JoinChat fail, throttle
+//! or hang. Set `TEST_LOG=1` to see the relay's logs.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bonychat_relay::config::{Config, Env};
+use bonychat_relay::startup::Application;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub const CHANNEL_ID: &str = "gfd8g7fd89dgfd";
+pub const API_TOKEN: &str = "aaaxczsadzxcasdacxzcasdaaaxczsadzxcasdacxzcasd";
+pub const PAGE_ID: &str = "510249619162304";
+pub const JOINCHAT_SECRET: &str = "joinchat-bot-private-key";
+pub const APP_SECRET: &str = "e6af24be1d683c8c911949f897eea1f6";
+pub const VERIFY_TOKEN: &str = "meatyhamhock";
+pub const PSID: &str = "1066835436691078";
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub joinchat: JoinChatStandIn,
+    stop: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// The relay with the test defaults.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// The relay with some variables changed from the test defaults.
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let mut vars = test_vars(&joinchat.url);
+    for (key, value) in overrides {
+        vars.retain(|(k, _)| k != key);
+        vars.push(((*key).to_owned(), (*value).to_owned()));
+    }
+    let config = Config::from_env(&Env::from_pairs(vars)).expect("test configuration is valid");
+    let app = Application::build(config).await.expect("relay starts");
+    let addr = app.local_addr();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.run_until_stopped(stop.clone()));
+    TestApp {
+        addr,
+        http: http_client(),
+        joinchat,
+        stop,
+        server,
+    }
+}
+
+/// Every variable a test relay starts with: real defaults except for the addresses.
+pub fn test_vars(joinchat_url: &str) -> Vec<(String, String)> {
+    [
+        ("RELAY_ADDR", "127.0.0.1:0"),
+        ("BONYCHAT_CHANNEL_ID", CHANNEL_ID),
+        ("BONYCHAT_API_TOKEN", API_TOKEN),
+        (
+            "BONYCHAT_WEBHOOK_URL",
+            "http://127.0.0.1:9/bonychat-webhook",
+        ),
+        ("JOINCHAT_API_URL", joinchat_url),
+        ("JOINCHAT_PAGE_ID", PAGE_ID),
+        ("JOINCHAT_API_SECRET", JOINCHAT_SECRET),
+        ("JOINCHAT_TIMEOUT_MS", "1000"),
+        ("JOINCHAT_CONNECT_TIMEOUT_MS", "500"),
+        ("MESSENGER_APP_SECRET", APP_SECRET),
+        ("MESSENGER_VERIFY_TOKEN", VERIFY_TOKEN),
+        ("RELAY_SHUTDOWN_GRACE_SECS", "5"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /message` as BonyChat sends it.
+    pub async fn post_message(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/message"))
+            .bearer_auth(API_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .expect("relay answers")
+    }
+
+    /// Sends `message` to `contact_id` on the test channel and returns status and JSON answer.
+    pub async fn send(&self, contact_id: &str, message: Value) -> (StatusCode, Value) {
+        let body = serde_json::json!({"channelId": CHANNEL_ID, "contactId": contact_id, "message": message});
+        let response = self.post_message(&body).await;
+        let status = response.status();
+        (status, response.json().await.expect("answer is JSON"))
+    }
+
+    /// Asks the relay to stop as SIGTERM would, and waits until it has.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.server
+            .await
+            .expect("server task")
+            .expect("clean shutdown");
+    }
+}
+
+/// A plain HTTP client for tests. reqwest is built without a default TLS crypto provider;
+/// installing ring here keeps tests independent of which client happens to be built first.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// Sends raw bytes to `addr` and returns everything the server answered before closing.
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The server may answer and close before reading everything: a failed write is fine.
+    let _ = stream.write_all(request).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Asserts the SPEC §2 error shape and returns the message.
+pub fn assert_error(
+    status: StatusCode,
+    body: &Value,
+    expected_status: u16,
+    expected_code: &str,
+) -> String {
+    assert_eq!(status.as_u16(), expected_status, "{body}");
+    assert_eq!(body["error"]["code"], expected_code, "{body}");
+    let message = body["error"]["message"]
+        .as_str()
+        .expect("error.message is a string");
+    assert!(!message.is_empty());
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        1,
+        "only `error` at the top: {body}"
+    );
+    message.to_owned()
+}
+
+/// What the JoinChat stand-in received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub signature_valid: bool,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("JoinChat bodies are UTF-8")
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("JoinChat bodies are JSON")
+    }
+}
+
+/// One scripted JoinChat answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    status: u16,
+    body: String,
+    retry_after: Option<String>,
+    delay: Duration,
+}
+
+impl Reply {
+    pub fn ok() -> Self {
+        Self::status(200, r#"{"success":true,"recipient_id":"1066835436691078"}"#)
+    }
+
+    pub fn status(status: u16, body: &str) -> Self {
+        Self {
+            status,
+            body: body.to_owned(),
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn retry_after(mut self, value: &str) -> Self {
+        self.retry_after = Some(value.to_owned());
+        self
+    }
+
+    /// Answers only after `delay`: long enough, a timeout.
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+#[derive(Clone)]
+pub struct JoinChatStandIn {
+    pub url: String,
+    state: Arc<StandInState>,
+}
+
+struct StandInState {
+    secret: String,
+    received: Mutex<Vec<Received>>,
+    script: Mutex<VecDeque<Reply>>,
+    arrivals: tokio::sync::Notify,
+}
+
+impl JoinChatStandIn {
+    pub async fn start(secret: &str) -> Self {
+        let state = Arc::new(StandInState {
+            secret: secret.to_owned(),
+            received: Mutex::default(),
+            script: Mutex::default(),
+            arrivals: tokio::sync::Notify::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/api/send_message", listener.local_addr().unwrap());
+        let app = axum::Router::new()
+            .route("/api/send_message", axum::routing::post(receive))
+            .with_state(Arc::clone(&state));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, state }
+    }
+
+    /// Queues answers for the next requests; once the script runs out, JoinChat accepts.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        self.state.script.lock().unwrap().extend(replies);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.received().iter().map(Received::json).collect()
+    }
+
+    /// Waits until at least `n` requests arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let notified = self.state.arrivals.notified();
+            let received = self.received();
+            if received.len() >= n {
+                return received;
+            }
+            assert!(
+                tokio::time::timeout_at(deadline, notified).await.is_ok(),
+                "JoinChat got {} requests, expected {n}",
+                received.len()
+            );
+        }
+    }
+}
+
+/// The stand-in's own signature check, written from the JoinChat documentation's PHP sample:
+/// `base64_encode(hash_hmac('sha256', $params, API_SECRET, true))`.
+pub fn expected_signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+async fn receive(
+    State(state): State<Arc<StandInState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signature = headers
+        .get("x-joinchat-signature")
+        .and_then(|v| v.to_str().ok());
+    let signature_valid = signature == Some(expected_signature(&state.secret, &body).as_str());
+    state.received.lock().unwrap().push(Received {
+        body,
+        content_type: headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        signature_valid,
+        at: Instant::now(),
+    });
+    state.arrivals.notify_waiters();
+
+    if !signature_valid {
+        return (
+            StatusCode::UNAUTHORIZED,
+            r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
+        )
+            .into_response();
+    }
+    let reply = state
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(Reply::ok);
+    tokio::time::sleep(reply.delay).await;
+    let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
+    if let Some(retry_after) = reply.retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", retry_after.parse().unwrap());
+    }
+    response
+}

@@ -1,0 +1,10 @@
+//! Integration tests: the real relay on a random port, real HTTP stand-ins for its upstreams.
+
+mod binary;
+mod helpers;
+mod joinchat_answers;
+mod message_limits;
+mod message_requests;
+mod message_translation;
+mod ordering_and_pacing;
+mod serving;
