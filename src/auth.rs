@@ -1,7 +1,7 @@
-//! Bearer token checks in constant time.
+//! Shared-secret checks in constant time.
 //!
-//! Both the expected and the presented token are hashed before comparing, so neither the
-//! content nor the length of the token leaks through timing.
+//! Both the expected and the presented value are hashed before comparing, so neither the
+//! content nor the length of the secret leaks through timing.
 
 use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
@@ -9,24 +9,30 @@ use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
 
-pub struct BearerToken {
-    digest: [u8; 32],
+/// A secret kept only as its digest, compared in constant time.
+pub struct SecretDigest([u8; 32]);
+
+impl SecretDigest {
+    pub fn new(secret: &Secret) -> Self {
+        Self(Sha256::digest(secret.expose().as_bytes()).into())
+    }
+
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        digest.ct_eq(&self.0).into()
+    }
 }
+
+pub struct BearerToken(SecretDigest);
 
 impl BearerToken {
     pub fn new(token: &Secret) -> Self {
-        Self {
-            digest: Sha256::digest(token.expose().as_bytes()).into(),
-        }
+        Self(SecretDigest::new(token))
     }
 
     /// Whether `headers` carry `Authorization: Bearer <this token>`.
     pub fn is_presented_in(&self, headers: &HeaderMap) -> bool {
-        let Some(presented) = bearer_token(headers) else {
-            return false;
-        };
-        let digest: [u8; 32] = Sha256::digest(presented).into();
-        digest.ct_eq(&self.digest).into()
+        bearer_token(headers).is_some_and(|presented| self.0.matches(presented))
     }
 }
 
@@ -77,5 +83,13 @@ mod tests {
         ] {
             assert!(!token.is_presented_in(&headers(wrong)), "{wrong}");
         }
+    }
+
+    #[test]
+    fn digests_match_only_the_same_bytes() {
+        let digest = SecretDigest::new(&Secret::new("meatyhamhock"));
+        assert!(digest.matches(b"meatyhamhock"));
+        assert!(!digest.matches(b"meatyhamhoc"));
+        assert!(!digest.matches(b""));
     }
 }

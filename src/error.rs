@@ -12,11 +12,18 @@ use serde_json::json;
 
 use crate::delivery::DeliveryFailure;
 use crate::domain::outbound::RequestError;
+use crate::signing::SignatureError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("{0}")]
+    InvalidSignature(SignatureError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    InvalidRequest(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("request body is larger than {limit} bytes")]
@@ -27,7 +34,7 @@ pub enum ApiError {
     UnknownChannel,
     #[error("JoinChat rejected the message: {0}")]
     RejectedByJoinChat(String),
-    #[error("JoinChat is unavailable: {0}")]
+    #[error("{0}")]
     UpstreamUnavailable(String),
     #[error("no such endpoint")]
     NotFound,
@@ -46,12 +53,14 @@ pub struct InternalErrorDetail(pub String);
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::InvalidSignature(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidPayload(_) | Self::UnknownChannel | Self::RejectedByJoinChat(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidPayload(_)
+            | Self::InvalidRequest(_)
+            | Self::UnknownChannel
+            | Self::RejectedByJoinChat(_) => StatusCode::BAD_REQUEST,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -63,6 +72,9 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unauthorized => "unauthorized",
+            Self::InvalidSignature(_) => "invalid_signature",
+            Self::Forbidden(_) => "forbidden",
+            Self::InvalidRequest(_) => "invalid_request",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::InvalidPayload(_) => "invalid_payload",
@@ -105,7 +117,9 @@ impl From<DeliveryFailure> for ApiError {
     fn from(failure: DeliveryFailure) -> Self {
         match failure {
             DeliveryFailure::Rejected { reason } => Self::RejectedByJoinChat(reason),
-            DeliveryFailure::Unavailable { reason } => Self::UpstreamUnavailable(reason),
+            DeliveryFailure::Unavailable { reason } => {
+                Self::UpstreamUnavailable(format!("JoinChat is unavailable: {reason}"))
+            }
         }
     }
 }

@@ -3,10 +3,13 @@
 //! Both are computed over raw bytes, never over re-serialised JSON: JoinChat checks the exact
 //! body it received, and Meta signs the exact body it sent (PROTOCOLS.md B.2, D.3).
 
+use axum::body::Bytes;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+
+use crate::config::Secret;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -17,9 +20,190 @@ pub fn joinchat_signature(secret: &[u8], body: &[u8]) -> String {
     STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// A webhook body whose `X-Hub-Signature-256` was checked. The field is private and the only
+/// constructor is [`HubSignature::verify`], so code that parses Messenger events (which takes
+/// this type) cannot be handed bytes nobody verified.
+#[derive(Debug)]
+pub struct VerifiedBody(Bytes);
+
+impl VerifiedBody {
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Why a webhook signature was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("X-Hub-Signature-256 is missing")]
+    Missing,
+    #[error("X-Hub-Signature-256 is not `sha256=` and 64 hex digits")]
+    Malformed,
+    #[error("X-Hub-Signature-256 does not match the body")]
+    Mismatch,
+}
+
+/// Checks Meta's `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>` with the App Secret.
+pub struct HubSignature {
+    app_secret: Secret,
+}
+
+impl HubSignature {
+    pub fn new(app_secret: Secret) -> Self {
+        Self { app_secret }
+    }
+
+    /// Verifies `header` against the exact `body` bytes, in constant time.
+    pub fn verify(
+        &self,
+        header: Option<&[u8]>,
+        body: Bytes,
+    ) -> Result<VerifiedBody, SignatureError> {
+        let header = header.ok_or(SignatureError::Missing)?;
+        let hex = header
+            .strip_prefix(b"sha256=")
+            .ok_or(SignatureError::Malformed)?;
+        let expected = decode_hex(hex.trim_ascii()).ok_or(SignatureError::Malformed)?;
+        if expected.len() != 32 {
+            return Err(SignatureError::Malformed);
+        }
+        let mut mac = HmacSha256::new_from_slice(self.app_secret.expose().as_bytes())
+            .expect("HMAC accepts keys of any length");
+        mac.update(&body);
+        mac.verify_slice(&expected)
+            .map_err(|_| SignatureError::Mismatch)?;
+        Ok(VerifiedBody(body))
+    }
+}
+
+fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| {
+            let digit = |b: u8| (b as char).to_digit(16);
+            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
+        })
+        .collect()
+}
+
+/// Unit tests of the parsers need verified bodies without computing signatures.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub fn verified(body: &[u8]) -> VerifiedBody {
+        VerifiedBody(Bytes::copy_from_slice(body))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PROTOCOLS.md D.3, B1: a captured Messenger body with `\u00e4`-style escapes, byte-exact.
+    const B1: &[u8] = br#"{"object":"page","entry":[{"id":"1751036168465324","time":1460923697656,"messaging":[{"sender":{"id":"982337261802700"},"recipient":{"id":"1751036168465324"},"timestamp":1460923697635,"message":{"mid":"mid.1460923697625:5c96e8279b55505308","seq":614,"text":"Test \u00e4\u00eb\u00ef"}}]}]}"#;
+    /// B2: the same with numeric ids.
+    const B2: &[u8] = br#"{"object":"page","entry":[{"id":1751036168465324,"time":1460923697656,"messaging":[{"sender":{"id":982337261802700},"recipient":{"id":1751036168465324},"timestamp":1460923697635,"message":{"mid":"mid.1460923697625:5c96e8279b55505308","seq":614,"text":"Test \u00e4\u00eb\u00ef"}}]}]}"#;
+    const MESSENGER_SECRET: &str = "e6af24be1d683c8c911949f897eea1f6";
+
+    fn verify(secret: &str, header: &str, body: &[u8]) -> Result<VerifiedBody, SignatureError> {
+        HubSignature::new(Secret::new(secret))
+            .verify(Some(header.as_bytes()), Bytes::copy_from_slice(body))
+    }
+
+    /// V1: GitHub's published vector for the same `sha256=` scheme.
+    #[test]
+    fn hub_signature_accepts_vector_v1() {
+        let verified = verify(
+            "It's a Secret to Everybody",
+            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+            b"Hello, World!",
+        );
+        assert_eq!(verified.unwrap().bytes(), b"Hello, World!");
+    }
+
+    #[test]
+    fn hub_signature_accepts_vectors_v6_and_v7_over_raw_bytes() {
+        assert!(
+            verify(
+                MESSENGER_SECRET,
+                "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b",
+                B1
+            )
+            .is_ok()
+        );
+        assert!(
+            verify(
+                MESSENGER_SECRET,
+                "sha256=7f202c12ba7dbbd1cb23d8a1b4af648fe22ea04456c0a926fcf8cb4e6da31ab4",
+                B2
+            )
+            .is_ok()
+        );
+    }
+
+    /// V8: the same body with the escapes decoded to UTF-8 has another signature, so a
+    /// verifier that re-serialises the JSON would fail.
+    #[test]
+    fn hub_signature_refuses_vector_v8_decoded_body() {
+        let decoded = std::str::from_utf8(B1)
+            .unwrap()
+            .replace("\\u00e4\\u00eb\\u00ef", "äëï");
+        assert_ne!(decoded.as_bytes(), B1);
+        let v6 = "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b";
+        assert_eq!(
+            verify(MESSENGER_SECRET, v6, decoded.as_bytes()).unwrap_err(),
+            SignatureError::Mismatch
+        );
+        let v8 = "sha256=b3d30a2399faba00e21a74a438727a3d403c4fe5a110f7042382596427c8ace4";
+        assert!(verify(MESSENGER_SECRET, v8, decoded.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn hub_signature_refuses_missing_malformed_and_wrong_headers() {
+        let signer = HubSignature::new(Secret::new("s"));
+        assert_eq!(
+            signer.verify(None, Bytes::from_static(b"{}")).unwrap_err(),
+            SignatureError::Missing
+        );
+        for malformed in [
+            "",
+            "sha256=",
+            "sha1=da611bd448dc12acdf0cd3ab33fdb3adaee26145",
+            "sha256=zz",
+            "sha256=abc",
+            "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+        ] {
+            assert_eq!(
+                verify("s", malformed, b"{}").unwrap_err(),
+                SignatureError::Malformed,
+                "{malformed}"
+            );
+        }
+        assert_eq!(
+            verify(
+                "s",
+                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+                b"{}"
+            )
+            .unwrap_err(),
+            SignatureError::Mismatch
+        );
+    }
+
+    #[test]
+    fn hub_signature_hex_is_case_insensitive() {
+        assert!(
+            verify(
+                "It's a Secret to Everybody",
+                "sha256=757107EA0EB2509FC211221CCE984B8A37570B6D7586C22C46F4379C8B043E17",
+                b"Hello, World!",
+            )
+            .is_ok()
+        );
+    }
 
     /// PROTOCOLS.md D.3, V9: the JoinChat documentation's own request sample.
     #[test]

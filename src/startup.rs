@@ -14,11 +14,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::BearerToken;
+use crate::auth::{BearerToken, SecretDigest};
+use crate::clients::bonychat::HttpBonyChat;
+use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::Config;
-use crate::delivery::{ImmediateDelivery, OutboundSender};
+use crate::delivery::{EchoLedger, ImmediateDelivery, InboundForwarder, OutboundSender, Profiles};
 use crate::routes::{AppState, router};
+use crate::signing::HubSignature;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -38,10 +41,29 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let joinchat = HttpJoinChat::new(&config.joinchat)?;
-        let sender = OutboundSender::new(Arc::new(joinchat), &config.joinchat);
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
+        let echoes = Arc::new(EchoLedger::default());
+
+        let joinchat = HttpJoinChat::new(&config.joinchat)?;
+        let sender = OutboundSender::new(Arc::new(joinchat), &config.joinchat, Arc::clone(&echoes));
+        let profiles = match &config.messenger.page_access_token {
+            Some(token) => {
+                let graph = GraphProfiles::new(&config.messenger, token.clone())?;
+                Some(Profiles::new(
+                    Arc::new(graph),
+                    config.messenger.graph_timeout,
+                ))
+            }
+            None => None,
+        };
+        let inbound = InboundForwarder::new(
+            Arc::new(HttpBonyChat::new(&config.bonychat)?),
+            config.bonychat.channel_id.clone(),
+            profiles,
+            echoes,
+            tasks.clone(),
+        );
 
         // Long enough for the slowest synchronous delivery (three attempts and the waits
         // between them), so the deadline only ever cuts off a stuck client.
@@ -49,6 +71,9 @@ impl Application {
         let state = AppState {
             bonychat_token: Arc::new(BearerToken::new(&config.bonychat.api_token)),
             outbound: ImmediateDelivery::new(sender, tasks.clone()),
+            hub_signature: Arc::new(HubSignature::new(config.messenger.app_secret.clone())),
+            verify_token: Arc::new(SecretDigest::new(&config.messenger.verify_token)),
+            inbound: Arc::new(inbound),
             shutdown: shutdown.clone(),
             config: Arc::new(config),
         };

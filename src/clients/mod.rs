@@ -3,12 +3,16 @@
 //! Implementations classify every failure as [`SendError::Transient`] (worth retrying) or
 //! [`SendError::Permanent`] (retrying would give the same answer).
 
+pub mod bonychat;
+pub mod graph;
+pub mod http;
 pub mod joinchat;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::domain::bonychat::{ContactProfile, WebhookPost};
 use crate::domain::joinchat::SendRequest;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -37,4 +41,16 @@ impl SendError {
 pub trait JoinChatApi: Send + Sync {
     /// Sends one signed `send_message` request; `Ok` once JoinChat accepted it.
     fn send<'a>(&'a self, request: &'a SendRequest<'a>) -> BoxFuture<'a, Result<(), SendError>>;
+}
+
+/// BonyChat's Webhook URL.
+pub trait BonyChatApi: Send + Sync {
+    /// Posts one webhook body; `Ok` once BonyChat accepted it.
+    fn post<'a>(&'a self, post: &'a WebhookPost) -> BoxFuture<'a, Result<(), SendError>>;
+}
+
+/// Public profiles of Messenger users.
+pub trait ProfileLookup: Send + Sync {
+    /// The profile of the user `psid`, or why it could not be had.
+    fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, String>>;
 }

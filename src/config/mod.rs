@@ -51,6 +51,8 @@ pub struct BonyChatConfig {
     pub api_token: Secret,
     /// `BONYCHAT_WEBHOOK_URL`: where inbound events are posted.
     pub webhook_url: Url,
+    /// `BONYCHAT_TIMEOUT_MS`, default 10000: one webhook post, answer included.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,8 @@ pub struct MessengerConfig {
     pub page_access_token: Option<Secret>,
     /// `MESSENGER_GRAPH_URL`, default `https://graph.facebook.com/v21.0`.
     pub graph_url: Url,
+    /// `MESSENGER_GRAPH_TIMEOUT_MS`, default 2000: the most a profile look-up may hold up an event.
+    pub graph_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +143,7 @@ const KNOWN_VARS: &[&str] = &[
     "BONYCHAT_CHANNEL_ID",
     "BONYCHAT_API_TOKEN",
     "BONYCHAT_WEBHOOK_URL",
+    "BONYCHAT_TIMEOUT_MS",
     "JOINCHAT_API_URL",
     "JOINCHAT_PAGE_ID",
     "JOINCHAT_API_SECRET",
@@ -151,6 +156,7 @@ const KNOWN_VARS: &[&str] = &[
     "MESSENGER_VERIFY_TOKEN",
     "MESSENGER_PAGE_ACCESS_TOKEN",
     "MESSENGER_GRAPH_URL",
+    "MESSENGER_GRAPH_TIMEOUT_MS",
     "RELAY_DATABASE_URL",
     "RELAY_SEND_WAIT_MS",
     "RELAY_RETRY_JOINCHAT",
@@ -200,6 +206,11 @@ impl Config {
             webhook_url: parse_http_url(
                 "BONYCHAT_WEBHOOK_URL",
                 env.required("BONYCHAT_WEBHOOK_URL")?,
+            )?,
+            request_timeout: env.parsed(
+                "BONYCHAT_TIMEOUT_MS",
+                Duration::from_secs(10),
+                positive_millis,
             )?,
         };
 
@@ -254,6 +265,11 @@ impl Config {
                 "MESSENGER_GRAPH_URL",
                 Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
                 http_url,
+            )?,
+            graph_timeout: env.parsed(
+                "MESSENGER_GRAPH_TIMEOUT_MS",
+                Duration::from_secs(2),
+                positive_millis,
             )?,
         };
 

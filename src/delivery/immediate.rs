@@ -6,13 +6,12 @@
 //! accepted. The job runs in its own task: if BonyChat hangs up mid-way, the parts already
 //! started still go out in order rather than leaving half a message.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::task::TaskTracker;
 
+use super::contact_locks::ContactLocks;
 use super::outbound::{OutboundJob, OutboundSender};
 use crate::clients::SendError;
 
@@ -113,65 +112,4 @@ async fn deliver_with_retries(
         }
     }
     unreachable!("the attempt loop only ends by returning")
-}
-
-/// One fair async mutex per contact with a message in flight; entries go away with their last user.
-#[derive(Default)]
-struct ContactLocks {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-struct ContactTurn<'a> {
-    guard: Option<OwnedMutexGuard<()>>,
-    locks: &'a ContactLocks,
-    contact: String,
-}
-
-impl ContactLocks {
-    async fn lock(&self, contact: &str) -> ContactTurn<'_> {
-        let lock = {
-            let mut locks = self.locks.lock().expect("contact locks poisoned");
-            Arc::clone(locks.entry(contact.to_owned()).or_default())
-        };
-        ContactTurn {
-            guard: Some(lock.lock_owned().await),
-            locks: self,
-            contact: contact.to_owned(),
-        }
-    }
-}
-
-impl Drop for ContactTurn<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut locks = self.locks.locks.lock().expect("contact locks poisoned");
-        // Only the map still holds it: nobody is waiting, so the entry can go.
-        if locks
-            .get(&self.contact)
-            .is_some_and(|lock| Arc::strong_count(lock) == 1)
-        {
-            locks.remove(&self.contact);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn contact_locks_serialize_one_contact_and_clean_up_after_themselves() {
-        let locks = ContactLocks::default();
-        let first = locks.lock("a").await;
-        let other = locks.lock("b").await;
-        let waiting = tokio::time::timeout(Duration::from_millis(50), locks.lock("a")).await;
-        assert!(
-            waiting.is_err(),
-            "a second turn for the same contact must wait"
-        );
-        drop(first);
-        let second = locks.lock("a").await;
-        drop((second, other));
-        assert!(locks.locks.lock().unwrap().is_empty());
-    }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::echoes::EchoLedger;
 use super::pacing::Pacer;
 use crate::clients::{JoinChatApi, SendError};
 use crate::config::JoinChatConfig;
@@ -52,15 +53,22 @@ pub struct AttemptOutcome {
 pub struct OutboundSender {
     api: Arc<dyn JoinChatApi>,
     pacer: Pacer,
+    echoes: Arc<EchoLedger>,
     page_id: String,
     tag: Option<String>,
 }
 
 impl OutboundSender {
-    pub fn new(api: Arc<dyn JoinChatApi>, config: &JoinChatConfig) -> Self {
+    /// `echoes` learns of every send, so that Messenger's echo of it can be recognised.
+    pub fn new(
+        api: Arc<dyn JoinChatApi>,
+        config: &JoinChatConfig,
+        echoes: Arc<EchoLedger>,
+    ) -> Self {
         Self {
             api,
             pacer: Pacer::new(config.order_gap),
+            echoes,
             page_id: config.page_id.clone(),
             tag: config.message_tag.clone(),
         }
@@ -82,8 +90,15 @@ impl OutboundSender {
                 tag: self.tag.as_deref(),
                 delay: slot.delay,
             };
+            let fingerprint = message.echo_fingerprint();
+            if let Some(fingerprint) = &fingerprint {
+                self.echoes.record(contact, fingerprint.clone());
+            }
             self.pacer.record(contact, Instant::now(), slot.delay);
             if let Err(error) = self.api.send(&request).await {
+                if let (true, Some(fingerprint)) = (error.is_permanent(), &fingerprint) {
+                    self.echoes.forget(contact, fingerprint);
+                }
                 return AttemptOutcome {
                     parts_sent: index,
                     result: Err(error),

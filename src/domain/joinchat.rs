@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::outbound::{Attachment, AttachmentKind, ContactId, OutboundMessage};
 use super::split::{JOINCHAT_TEXT_LIMIT, split_text};
-use super::text::truncate;
+use super::text::{normalize_whitespace, truncate};
 
 /// Button titles are cut at 20 characters (Messenger's limit, repeated by JoinChat).
 pub const BUTTON_TITLE_MAX: usize = 20;
@@ -25,6 +25,17 @@ pub enum Message {
     Text { text: String },
     Button { text: String, buttons: Vec<Button> },
     Generic { elements: Vec<Element> },
+}
+
+impl Message {
+    /// What Messenger's echo of this message is recognised by (SPEC §4.3): the text of a text
+    /// message or of a button template, the first element's title of a generic one.
+    pub fn echo_fingerprint(&self) -> Option<String> {
+        match self {
+            Self::Text { text } | Self::Button { text, .. } => Some(normalize_whitespace(text)),
+            Self::Generic { elements } => elements.first().map(|e| normalize_whitespace(&e.title)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

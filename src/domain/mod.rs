@@ -3,6 +3,8 @@
 //! Nothing here performs I/O or knows about axum, reqwest or the store; everything is a
 //! function from values to values, unit- and property-tested on its own.
 
+pub mod bonychat;
+pub mod inbound;
 pub mod joinchat;
 pub mod outbound;
 pub mod split;

@@ -21,9 +21,20 @@ pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
+/// Collapses every whitespace run to one space and trims the ends, for comparing texts that
+/// may have been re-wrapped on the way (Messenger does not echo line endings byte for byte).
+pub fn normalize_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whitespace_is_normalized_for_comparison() {
+        assert_eq!(normalize_whitespace("  Hello\r\n  World\t"), "Hello World");
+    }
 
     #[test]
     fn truncation_keeps_short_text_untouched() {

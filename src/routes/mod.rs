@@ -2,6 +2,7 @@
 
 mod health;
 mod message;
+mod webhooks;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -18,20 +19,26 @@ use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::MakeRequestUuid;
 
-use crate::auth::BearerToken;
+use crate::auth::{BearerToken, SecretDigest};
 use crate::config::Config;
-use crate::delivery::ImmediateDelivery;
+use crate::delivery::{ImmediateDelivery, InboundForwarder};
 use crate::error::ApiError;
+use crate::signing::HubSignature;
 use crate::telemetry;
 
 /// SPEC §3.1: BonyChat's `/message` bodies are at most 64 KiB.
 pub const MESSAGE_BODY_LIMIT: usize = 64 * 1024;
+/// SPEC §4.2: Messenger webhook bodies are at most 1 MiB.
+pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
     pub bonychat_token: Arc<BearerToken>,
     pub outbound: ImmediateDelivery,
+    pub hub_signature: Arc<HubSignature>,
+    pub verify_token: Arc<SecretDigest>,
+    pub inbound: Arc<InboundForwarder>,
     /// Cancelled when the relay starts shutting down: readiness turns 503 at once.
     pub shutdown: CancellationToken,
 }
@@ -42,11 +49,18 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let message = Router::new()
         .route("/message", post(message::post_message))
         .layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
+    let messenger = Router::new()
+        .route(
+            "/webhooks/messenger",
+            get(webhooks::verify_subscription).post(webhooks::receive_events),
+        )
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
 
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .merge(message)
+        .merge(messenger)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Outermost first: the request id exists before the request is logged, and the log

@@ -10,8 +10,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::helpers::{
-    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, JoinChatStandIn, PSID, VERIFY_TOKEN,
-    test_vars,
+    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PSID, StandIn, VERIFY_TOKEN, test_vars,
 };
 
 const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
@@ -98,7 +97,7 @@ fn json_logs(vars: &mut Vec<(String, String)>) {
 #[tokio::test]
 async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leaking_secrets() {
     // Arrange
-    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     let mut vars = test_vars(&joinchat.url);
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
@@ -126,7 +125,7 @@ async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leakin
     assert_eq!(refused.status(), 401);
     let received = joinchat.received();
     assert_eq!(received.len(), 1);
-    assert!(received[0].signature_valid);
+    assert!(received[0].authentic);
     assert_eq!(received[0].json()["message"]["text"], "from the binary");
     assert_eq!(code, 0, "SIGTERM is a clean exit: {output:?}");
 
@@ -223,7 +222,7 @@ async fn the_example_env_file_starts_the_relay() {
 
 #[tokio::test]
 async fn secrets_can_come_from_files() {
-    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     let dir = std::env::temp_dir().join(format!("relay-secrets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let secret_file = dir.join("joinchat_secret");
@@ -248,5 +247,5 @@ async fn secrets_can_come_from_files() {
     std::fs::remove_dir_all(dir).unwrap();
 
     assert_eq!(answer.status(), 200);
-    assert!(joinchat.received()[0].signature_valid);
+    assert!(joinchat.received()[0].authentic);
 }

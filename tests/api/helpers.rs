@@ -33,10 +33,14 @@ pub const APP_SECRET: &str = "e6af24be1d683c8c911949f897eea1f6";
 pub const VERIFY_TOKEN: &str = "meatyhamhock";
 pub const PSID: &str = "1066835436691078";
 
+pub const PAGE_TOKEN: &str = "EAAGpage-access-token";
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
-    pub joinchat: JoinChatStandIn,
+    pub joinchat: StandIn,
+    pub bonychat: StandIn,
+    pub graph: StandIn,
     stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -54,8 +58,13 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
             .with_test_writer()
             .try_init();
     }
-    let joinchat = JoinChatStandIn::start(JOINCHAT_SECRET).await;
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    let bonychat = StandIn::bonychat(API_TOKEN).await;
+    let graph = StandIn::graph(PAGE_TOKEN).await;
     let mut vars = test_vars(&joinchat.url);
+    vars.retain(|(k, _)| k != "BONYCHAT_WEBHOOK_URL");
+    vars.push(("BONYCHAT_WEBHOOK_URL".into(), bonychat.url.clone()));
+    vars.push(("MESSENGER_GRAPH_URL".into(), graph.url.clone()));
     for (key, value) in overrides {
         vars.retain(|(k, _)| k != key);
         vars.push(((*key).to_owned(), (*value).to_owned()));
@@ -69,6 +78,8 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         addr,
         http: http_client(),
         joinchat,
+        bonychat,
+        graph,
         stop,
         server,
     }
@@ -89,6 +100,8 @@ pub fn test_vars(joinchat_url: &str) -> Vec<(String, String)> {
         ("JOINCHAT_API_SECRET", JOINCHAT_SECRET),
         ("JOINCHAT_TIMEOUT_MS", "1000"),
         ("JOINCHAT_CONNECT_TIMEOUT_MS", "500"),
+        ("BONYCHAT_TIMEOUT_MS", "1000"),
+        ("MESSENGER_GRAPH_TIMEOUT_MS", "300"),
         ("MESSENGER_APP_SECRET", APP_SECRET),
         ("MESSENGER_VERIFY_TOKEN", VERIFY_TOKEN),
         ("RELAY_SHUTDOWN_GRACE_SECS", "5"),
@@ -122,6 +135,30 @@ impl TestApp {
         (status, response.json().await.expect("answer is JSON"))
     }
 
+    /// `POST /webhooks/messenger` signed as Meta signs: HMAC-SHA256 of the raw bytes.
+    pub async fn post_webhook(&self, body: impl AsRef<[u8]>) -> reqwest::Response {
+        let body = body.as_ref().to_vec();
+        let signature = hub_signature(APP_SECRET, &body);
+        self.post_webhook_with(body, Some(&signature)).await
+    }
+
+    /// `POST /webhooks/messenger` with the given `X-Hub-Signature-256` header, or none.
+    pub async fn post_webhook_with(
+        &self,
+        body: Vec<u8>,
+        signature: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(self.url("/webhooks/messenger"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        request.send().await.expect("relay answers")
+    }
+
     /// Asks the relay to stop as SIGTERM would, and waits until it has.
     pub async fn stop(self) {
         self.stop.cancel();
@@ -130,6 +167,19 @@ impl TestApp {
             .expect("server task")
             .expect("clean shutdown");
     }
+}
+
+/// `sha256=` and the lowercase hex HMAC-SHA256 of `body`, as Meta computes it.
+pub fn hub_signature(secret: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
 }
 
 /// A plain HTTP client for tests. reqwest is built without a default TLS crypto provider;
@@ -171,26 +221,28 @@ pub fn assert_error(
     message.to_owned()
 }
 
-/// What the JoinChat stand-in received.
+/// What a stand-in received.
 #[derive(Debug, Clone)]
 pub struct Received {
+    pub path_and_query: String,
     pub body: Bytes,
     pub content_type: Option<String>,
-    pub signature_valid: bool,
+    /// Whether the request passed the stand-in's check (signature, token).
+    pub authentic: bool,
     pub at: Instant,
 }
 
 impl Received {
     pub fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("JoinChat bodies are UTF-8")
+        std::str::from_utf8(&self.body).expect("bodies are UTF-8")
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("JoinChat bodies are JSON")
+        serde_json::from_slice(&self.body).expect("bodies are JSON")
     }
 }
 
-/// One scripted JoinChat answer.
+/// One scripted answer.
 #[derive(Debug, Clone)]
 pub struct Reply {
     status: u16,
@@ -225,37 +277,119 @@ impl Reply {
     }
 }
 
+/// How a stand-in tells an authentic request from a forged one, and what it answers to the latter.
 #[derive(Clone)]
-pub struct JoinChatStandIn {
+enum Check {
+    /// JoinChat: `x-joinchat-signature` over the raw body.
+    JoinChatSignature(String),
+    /// BonyChat: `Authorization: Bearer <token>`.
+    Bearer(String),
+    /// Graph API: `access_token` in the query.
+    AccessToken(String),
+}
+
+impl Check {
+    fn passes(&self, headers: &HeaderMap, query: &str, body: &[u8]) -> bool {
+        match self {
+            Self::JoinChatSignature(secret) => {
+                let signature = headers
+                    .get("x-joinchat-signature")
+                    .and_then(|v| v.to_str().ok());
+                signature == Some(expected_signature(secret, body).as_str())
+            }
+            Self::Bearer(token) => {
+                headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some(format!("Bearer {token}").as_str())
+            }
+            Self::AccessToken(token) => query
+                .split('&')
+                .any(|pair| pair == format!("access_token={token}")),
+        }
+    }
+
+    fn refusal(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::JoinChatSignature(_) => (
+                StatusCode::UNAUTHORIZED,
+                r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
+            ),
+            Self::Bearer(_) => (
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":{"message":"401: UNAUTHORIZED"}}"#,
+            ),
+            Self::AccessToken(_) => (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":{"message":"Invalid OAuth access token.","code":190}}"#,
+            ),
+        }
+    }
+}
+
+/// A real HTTP server standing in for an upstream: it checks what the real one would check,
+/// records every request, and answers from a script (then with its default answer).
+#[derive(Clone)]
+pub struct StandIn {
+    /// The URL to configure the relay with.
     pub url: String,
     state: Arc<StandInState>,
 }
 
 struct StandInState {
-    secret: String,
+    check: Check,
+    default_reply: Reply,
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<Reply>>,
     arrivals: tokio::sync::Notify,
 }
 
-impl JoinChatStandIn {
-    pub async fn start(secret: &str) -> Self {
+impl StandIn {
+    pub async fn joinchat(secret: &str) -> Self {
+        Self::start(
+            "/api/send_message",
+            Check::JoinChatSignature(secret.to_owned()),
+            Reply::ok(),
+        )
+        .await
+    }
+
+    pub async fn bonychat(token: &str) -> Self {
+        Self::start(
+            "/custom/channel/webhook/",
+            Check::Bearer(token.to_owned()),
+            Reply::status(200, ""),
+        )
+        .await
+    }
+
+    /// The Graph API: the relay is configured with `url` as `MESSENGER_GRAPH_URL`.
+    pub async fn graph(token: &str) -> Self {
+        let profile = r#"{"first_name":"Peter","last_name":"Chang","profile_pic":"https://platform-lookaside.example/pic.jpg","locale":"en_US","timezone":-7,"id":"1066835436691078"}"#;
+        Self::start(
+            "/v21.0",
+            Check::AccessToken(token.to_owned()),
+            Reply::status(200, profile),
+        )
+        .await
+    }
+
+    async fn start(path: &str, check: Check, default_reply: Reply) -> Self {
         let state = Arc::new(StandInState {
-            secret: secret.to_owned(),
+            check,
+            default_reply,
             received: Mutex::default(),
             script: Mutex::default(),
             arrivals: tokio::sync::Notify::new(),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/api/send_message", listener.local_addr().unwrap());
+        let url = format!("http://{}{path}", listener.local_addr().unwrap());
         let app = axum::Router::new()
-            .route("/api/send_message", axum::routing::post(receive))
+            .fallback(receive)
             .with_state(Arc::clone(&state));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { url, state }
     }
 
-    /// Queues answers for the next requests; once the script runs out, JoinChat accepts.
+    /// Queues answers for the next requests; once the script runs out, the default answer.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.script.lock().unwrap().extend(replies);
     }
@@ -279,7 +413,7 @@ impl JoinChatStandIn {
             }
             assert!(
                 tokio::time::timeout_at(deadline, notified).await.is_ok(),
-                "JoinChat got {} requests, expected {n}",
+                "the stand-in got {} requests, expected {n}",
                 received.len()
             );
         }
@@ -296,37 +430,36 @@ pub fn expected_signature(secret: &str, body: &[u8]) -> String {
 
 async fn receive(
     State(state): State<Arc<StandInState>>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let signature = headers
-        .get("x-joinchat-signature")
-        .and_then(|v| v.to_str().ok());
-    let signature_valid = signature == Some(expected_signature(&state.secret, &body).as_str());
+    let query = uri.query().unwrap_or("").to_owned();
+    let authentic = state.check.passes(&headers, &query, &body);
     state.received.lock().unwrap().push(Received {
+        path_and_query: uri
+            .path_and_query()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         body,
         content_type: headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
-        signature_valid,
+        authentic,
         at: Instant::now(),
     });
     state.arrivals.notify_waiters();
 
-    if !signature_valid {
-        return (
-            StatusCode::UNAUTHORIZED,
-            r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
-        )
-            .into_response();
+    if !authentic {
+        return state.check.refusal().into_response();
     }
     let reply = state
         .script
         .lock()
         .unwrap()
         .pop_front()
-        .unwrap_or_else(Reply::ok);
+        .unwrap_or_else(|| state.default_reply.clone());
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     if let Some(retry_after) = reply.retry_after {

@@ -29,7 +29,7 @@ async fn a_long_text_arrives_as_ordered_parts_that_rebuild_it() {
 
     assert_eq!(status, 200);
     let received = app.joinchat.received();
-    assert!(received.iter().all(|r| r.signature_valid));
+    assert!(received.iter().all(|r| r.authentic));
     let parts: Vec<String> = received
         .iter()
         .map(|r| r.json()["message"]["text"].as_str().unwrap().to_owned())

@@ -1,0 +1,844 @@
+//! Messenger page webhooks (PROTOCOLS.md B, D) and their translation into BonyChat events
+//! (SPEC §4.2, §4.3).
+//!
+//! Parsing is tolerant, as real traffic requires: ids come as JSON strings or numbers,
+//! `timestamp` may be 0 or missing, `url` may be `null`, and fields nobody documented appear.
+//! What the relay does not forward is reported as [`Ignored`] so it can be logged; content is
+//! never dropped silently: an attachment the relay cannot show as such becomes readable text.
+//!
+//! Only a [`VerifiedBody`] can be parsed: the signature check comes first by construction.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::bonychat::{BonyAttachment, BonyMessage, WebhookEvent};
+use super::outbound::TEXT_MAX;
+use super::text::{normalize_whitespace as normalize, truncate};
+use crate::signing::VerifiedBody;
+
+/// BonyChat's limit for an `mId`.
+pub const M_ID_MAX: usize = 50;
+
+/// Everything a webhook body carried.
+#[derive(Debug, Default, PartialEq)]
+pub struct Envelope {
+    /// Events to act on, in Messenger's order.
+    pub events: Vec<MessengerEvent>,
+    /// What was acknowledged but not acted on, and why.
+    pub ignored: Vec<Ignored>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored(pub String);
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessengerEvent {
+    /// A message, a postback or an echo: something to show in BonyChat.
+    Message(MessageEvent),
+    /// The contact's Messenger got every message sent up to `watermark`.
+    Delivery { contact: String, watermark: i64 },
+    /// The contact read every message sent up to `watermark`.
+    Read { contact: String, watermark: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageEvent {
+    /// Sent by the Page (an echo) rather than by the contact.
+    pub echo: bool,
+    /// The Messenger user: the sender of a message, the recipient of an echo.
+    pub contact: String,
+    /// Messenger's `mid`, or a stable id derived from the event when it has none.
+    pub mid: String,
+    /// Milliseconds since the epoch.
+    pub timestamp: i64,
+    pub contents: Vec<BonyMessage>,
+    /// For echoes: the content the relay's own sends are recognised by (SPEC §4.3).
+    pub fingerprint: Option<String>,
+}
+
+impl MessageEvent {
+    /// The BonyChat events for this Messenger event: one per content, each with its own `mId`.
+    pub fn webhook_events(&self) -> Vec<WebhookEvent> {
+        self.contents
+            .iter()
+            .enumerate()
+            .map(|(index, message)| {
+                let m_id = part_m_id(&self.mid, index);
+                let message = message.clone();
+                if self.echo {
+                    WebhookEvent::MessageEcho {
+                        m_id,
+                        timestamp: self.timestamp,
+                        message,
+                    }
+                } else {
+                    WebhookEvent::Message {
+                        m_id,
+                        timestamp: self.timestamp,
+                        message,
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Why a verified body was refused: it is not a page-webhook envelope at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeError(pub String);
+
+/// Parses a webhook body for the Page `page_id`; `received_at` (ms) stands in for missing times.
+pub fn parse_envelope(
+    body: &VerifiedBody,
+    page_id: &str,
+    received_at: i64,
+) -> Result<Envelope, EnvelopeError> {
+    let value: Value = serde_json::from_slice(body.bytes())
+        .map_err(|e| EnvelopeError(format!("body: not valid JSON ({e})")))?;
+    let root = value
+        .as_object()
+        .ok_or_else(|| EnvelopeError("body: must be a JSON object".into()))?;
+    let object = root.get("object").and_then(Value::as_str);
+    let entries = root
+        .get("entry")
+        .and_then(Value::as_array)
+        .ok_or_else(|| EnvelopeError("entry: required, an array".into()))?;
+
+    let mut envelope = Envelope::default();
+    if object != Some("page") {
+        envelope.ignored.push(Ignored(format!(
+            "object {} is not page",
+            object.unwrap_or("(missing)")
+        )));
+        return Ok(envelope);
+    }
+    for entry in entries {
+        let Some(entry) = entry.as_object() else {
+            envelope
+                .ignored
+                .push(Ignored("an entry that is not an object".into()));
+            continue;
+        };
+        let entry_page = entry.get("id").and_then(id_of);
+        if entry_page.as_deref() != Some(page_id) {
+            envelope.ignored.push(Ignored(format!(
+                "entry for page {}, not {page_id}",
+                entry_page.as_deref().unwrap_or("(missing)")
+            )));
+            continue;
+        }
+        let entry_time = entry.get("time").and_then(millis_of);
+        for channel in ["messaging", "standby"] {
+            for item in entry
+                .get(channel)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let fallback_time = entry_time.unwrap_or(received_at);
+                match item
+                    .as_object()
+                    .map(|event| parse_event(event, fallback_time))
+                {
+                    Some(Ok(event)) => envelope.events.push(event),
+                    Some(Err(ignored)) => envelope.ignored.push(ignored),
+                    None => envelope
+                        .ignored
+                        .push(Ignored(format!("a {channel} item that is not an object"))),
+                }
+            }
+        }
+    }
+    Ok(envelope)
+}
+
+fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<MessengerEvent, Ignored> {
+    let sender = participant(event.get("sender"));
+    let recipient = participant(event.get("recipient"));
+    let timestamp = event
+        .get("timestamp")
+        .and_then(millis_of)
+        .unwrap_or(fallback_time);
+    let contact = |who: Option<String>, role: &str| {
+        who.ok_or_else(|| Ignored(format!("an event without a usable {role} id")))
+    };
+
+    if let Some(message) = event.get("message").and_then(Value::as_object) {
+        let echo = message.get("is_echo").and_then(Value::as_bool) == Some(true);
+        let contact = if echo {
+            contact(recipient, "recipient")?
+        } else {
+            contact(sender, "sender")?
+        };
+        let contents = message_contents(message);
+        let mid = message
+            .get("mid")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+            .map_or_else(
+                || derived_id(&format!("message|{contact}|{timestamp}|{contents:?}")),
+                str::to_owned,
+            );
+        return Ok(MessengerEvent::Message(MessageEvent {
+            echo,
+            fingerprint: echo.then(|| echo_fingerprint(message)).flatten(),
+            contact,
+            mid,
+            timestamp,
+            contents,
+        }));
+    }
+    if let Some(postback) = event.get("postback").and_then(Value::as_object) {
+        let contact = contact(sender, "sender")?;
+        let text = postback_text(postback);
+        let mid = postback
+            .get("mid")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+            .map_or_else(
+                || derived_id(&format!("postback|{contact}|{timestamp}|{text}")),
+                str::to_owned,
+            );
+        return Ok(MessengerEvent::Message(MessageEvent {
+            echo: false,
+            contact,
+            mid,
+            timestamp,
+            contents: vec![BonyMessage::Text { text }],
+            fingerprint: None,
+        }));
+    }
+    if let Some(delivery) = event.get("delivery").and_then(Value::as_object) {
+        let watermark = delivery
+            .get("watermark")
+            .and_then(millis_of)
+            .ok_or_else(|| Ignored("a delivery without a watermark".into()))?;
+        return Ok(MessengerEvent::Delivery {
+            contact: contact(sender, "sender")?,
+            watermark,
+        });
+    }
+    if let Some(read) = event.get("read").and_then(Value::as_object) {
+        let watermark = read
+            .get("watermark")
+            .and_then(millis_of)
+            .ok_or_else(|| Ignored("a read without a watermark".into()))?;
+        return Ok(MessengerEvent::Read {
+            contact: contact(sender, "sender")?,
+            watermark,
+        });
+    }
+    let kind = event
+        .keys()
+        .find(|k| !matches!(k.as_str(), "sender" | "recipient" | "timestamp"))
+        .map_or("(none)", String::as_str);
+    Err(Ignored(format!("event kind {kind} is not forwarded")))
+}
+
+/// A participant's id: `id` as a string or a number, or a chat plugin's `user_ref`.
+fn participant(value: Option<&Value>) -> Option<String> {
+    let value = value?;
+    value
+        .get("id")
+        .and_then(id_of)
+        .or_else(|| value.get("user_ref").and_then(id_of))
+}
+
+/// Ids arrive as strings or as JSON numbers; numbers keep their exact digits.
+fn id_of(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+        Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// A time in milliseconds: a number or a string of digits; 0 counts as missing. Values too
+/// small to be milliseconds after 1973 are seconds (the dashboard's test events send those).
+fn millis_of(value: &Value) -> Option<i64> {
+    let raw = match value {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))?,
+        Value::String(s) => s.trim().parse().ok()?,
+        _ => return None,
+    };
+    match raw {
+        ..=0 => None,
+        seconds @ 1..100_000_000_000 => Some(seconds * 1000),
+        millis => Some(millis),
+    }
+}
+
+fn non_empty_str(value: Option<&Value>) -> Option<&str> {
+    value
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+fn text_message(text: impl AsRef<str>) -> BonyMessage {
+    BonyMessage::Text {
+        text: truncate(text.as_ref(), TEXT_MAX).into_owned(),
+    }
+}
+
+fn message_contents(message: &Map<String, Value>) -> Vec<BonyMessage> {
+    let mut contents = Vec::new();
+    if let Some(text) = message
+        .get("text")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    {
+        contents.push(text_message(text));
+    }
+    for attachment in message
+        .get("attachments")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match attachment.as_object() {
+            Some(attachment) => contents.push(attachment_content(attachment)),
+            None => contents.push(text_message("[attachment]")),
+        }
+    }
+    if contents.is_empty() {
+        let note = if message.get("is_unsupported").and_then(Value::as_bool) == Some(true) {
+            "[a message Messenger does not support]"
+        } else {
+            "[an empty message]"
+        };
+        contents.push(text_message(note));
+    }
+    contents
+}
+
+fn attachment_content(attachment: &Map<String, Value>) -> BonyMessage {
+    let kind = non_empty_str(attachment.get("type")).unwrap_or("unknown");
+    let payload = attachment.get("payload").and_then(Value::as_object);
+    let payload_field = |name: &str| payload.and_then(|p| p.get(name));
+    match kind {
+        "image" | "video" | "audio" | "file" | "sticker" => {
+            if let Some(url) =
+                non_empty_str(payload_field("url")).or_else(|| non_empty_str(attachment.get("url")))
+            {
+                // Stickers are images (SPEC §4.3), whether typed `image` or `sticker`.
+                let kind = if kind == "sticker" { "image" } else { kind };
+                return BonyMessage::Attachment {
+                    attachment: BonyAttachment {
+                        kind: kind.into(),
+                        url: url.into(),
+                    },
+                };
+            }
+        }
+        "location" => {
+            let coordinates = payload_field("coordinates");
+            let lat = coordinates
+                .and_then(|c| c.get("lat"))
+                .and_then(Value::as_f64);
+            let long = coordinates
+                .and_then(|c| c.get("long"))
+                .and_then(Value::as_f64);
+            if let (Some(latitude), Some(longitude)) = (lat, long)
+                && (-90.0..=90.0).contains(&latitude)
+                && (-180.0..=180.0).contains(&longitude)
+            {
+                return BonyMessage::Location {
+                    latitude,
+                    longitude,
+                    address: non_empty_str(attachment.get("title"))
+                        .map(|t| truncate(t, 256).into_owned()),
+                };
+            }
+        }
+        _ => {}
+    }
+    text_message(render_attachment(kind, attachment, payload))
+}
+
+/// A readable rendering of an attachment BonyChat cannot show as such: its title, what its
+/// template says, and its link.
+fn render_attachment(
+    kind: &str,
+    attachment: &Map<String, Value>,
+    payload: Option<&Map<String, Value>>,
+) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let field = |name: &str| {
+        non_empty_str(attachment.get(name)).or_else(|| non_empty_str(payload?.get(name)))
+    };
+    let title = field("title");
+    let template_type = payload.and_then(|p| non_empty_str(p.get("template_type")));
+    let elements = payload
+        .and_then(|p| p.get("elements"))
+        .and_then(Value::as_array);
+
+    match template_type {
+        Some("button") => {
+            lines.extend(
+                non_empty_str(payload.and_then(|p| p.get("text")))
+                    .or(title)
+                    .map(str::to_owned),
+            );
+            lines.extend(render_buttons(payload.and_then(|p| p.get("buttons"))));
+        }
+        Some("generic" | "list") => {
+            for element in elements.into_iter().flatten() {
+                let element_title = non_empty_str(element.get("title"));
+                let subtitle = non_empty_str(element.get("subtitle"));
+                match (element_title, subtitle) {
+                    (Some(t), Some(s)) => lines.push(format!("{t} — {s}")),
+                    (Some(t), None) => lines.push(t.to_owned()),
+                    (None, Some(s)) => lines.push(s.to_owned()),
+                    (None, None) => {}
+                }
+                lines.extend(
+                    non_empty_str(element.get("default_action").and_then(|a| a.get("url")))
+                        .map(str::to_owned),
+                );
+                lines.extend(render_buttons(element.get("buttons")));
+            }
+            if lines.is_empty() {
+                lines.extend(title.map(str::to_owned));
+            }
+        }
+        Some("media") => {
+            lines.extend(title.map(str::to_owned));
+            for element in elements.into_iter().flatten() {
+                let media = non_empty_str(element.get("media_type")).unwrap_or("media");
+                match non_empty_str(element.get("url")) {
+                    Some(url) => lines.push(format!("[{media}] {url}")),
+                    None => lines.push(format!("[{media}]")),
+                }
+            }
+        }
+        Some("receipt") => {
+            let order = non_empty_str(payload.and_then(|p| p.get("order_number")));
+            lines.push(order.map_or_else(|| "Receipt".to_owned(), |o| format!("Receipt {o}")));
+            for element in elements.into_iter().flatten() {
+                lines.extend(non_empty_str(element.get("title")).map(|t| format!("• {t}")));
+            }
+            let total = payload
+                .and_then(|p| p.get("summary"))
+                .and_then(|s| s.get("total_cost"));
+            if let Some(total) = total.filter(|t| t.is_number()) {
+                let currency = non_empty_str(payload.and_then(|p| p.get("currency"))).unwrap_or("");
+                lines.push(format!("Total: {total} {currency}").trim_end().to_owned());
+            }
+        }
+        Some(other) => {
+            lines.push(title.map_or_else(|| format!("[{other} template]"), str::to_owned));
+        }
+        None => {
+            lines.extend(title.map(str::to_owned));
+            let products = payload
+                .and_then(|p| p.get("product"))
+                .and_then(|p| p.get("elements"))
+                .and_then(Value::as_array);
+            for product in products.into_iter().flatten() {
+                lines.extend(non_empty_str(product.get("title")).map(|t| format!("• {t}")));
+            }
+        }
+    }
+    if let Some(url) = field("url")
+        && !lines.iter().any(|line| line.contains(url))
+    {
+        lines.push(url.to_owned());
+    }
+    if lines.is_empty() {
+        lines.push(format!("[{kind}]"));
+    }
+    lines.join("\n")
+}
+
+fn render_buttons(buttons: Option<&Value>) -> Vec<String> {
+    buttons
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|button| {
+            let title = non_empty_str(button.get("title"))?;
+            Some(match non_empty_str(button.get("url")) {
+                Some(url) => format!("[{title}] {url}"),
+                None => format!("[{title}]"),
+            })
+        })
+        .collect()
+}
+
+/// SPEC §4.3: a postback shows its payload, unless the payload is a JSON object (a JoinChat
+/// block or flow reference), then its title. Standby postbacks carry no payload at all.
+fn postback_text(postback: &Map<String, Value>) -> String {
+    let payload = postback
+        .get("payload")
+        .and_then(Value::as_str)
+        .filter(|p| !p.trim().is_empty());
+    let title = non_empty_str(postback.get("title"));
+    let payload_is_object =
+        payload.is_some_and(|p| serde_json::from_str::<Value>(p).is_ok_and(|v| v.is_object()));
+    let text = match (payload, title) {
+        (Some(payload), _) if !payload_is_object => payload,
+        (_, Some(title)) => title,
+        (Some(payload), None) => payload,
+        (None, None) => "[a button was tapped]",
+    };
+    truncate(text, TEXT_MAX).into_owned()
+}
+
+/// What an echo is recognised by: the text of a text message, else the `text` of a button
+/// template, else the title of the first element of a generic one (SPEC §4.3).
+fn echo_fingerprint(message: &Map<String, Value>) -> Option<String> {
+    if let Some(text) = non_empty_str(message.get("text")) {
+        return Some(normalize(text));
+    }
+    let attachment = message.get("attachments")?.as_array()?.first()?;
+    let payload = attachment.get("payload");
+    let template_text = non_empty_str(payload.and_then(|p| p.get("text")));
+    let first_title = payload
+        .and_then(|p| p.get("elements"))
+        .and_then(Value::as_array)
+        .and_then(|elements| elements.first())
+        .and_then(|element| non_empty_str(element.get("title")));
+    template_text
+        .or(first_title)
+        .or_else(|| non_empty_str(attachment.get("title")))
+        .map(normalize)
+}
+
+/// The `mId` of the content at `index` of a Messenger message (SPEC §4.3).
+pub fn part_m_id(mid: &str, index: usize) -> String {
+    match index {
+        0 if mid.chars().count() <= M_ID_MAX => mid.to_owned(),
+        0 => derived_id(mid),
+        _ => derived_id(&format!("{mid}#{index}")),
+    }
+}
+
+/// A stable id of at most 50 characters: the same input always gives the same id.
+pub fn derived_id(input: &str) -> String {
+    let digest = Sha256::digest(input.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("mid_{}", &hex[..M_ID_MAX - 4])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const PAGE: &str = "510249619162304";
+
+    fn events_of(envelope: Value) -> Envelope {
+        let body = crate::signing::tests_support::verified(envelope.to_string().as_bytes());
+        parse_envelope(&body, PAGE, 42_000_000_000_000).unwrap()
+    }
+
+    fn one_entry(items: Value) -> Value {
+        json!({"object": "page", "entry": [{"id": PAGE, "time": 1_468_152_703_635_i64, "messaging": items}]})
+    }
+
+    fn single_message(item: Value) -> MessageEvent {
+        let envelope = events_of(one_entry(json!([item])));
+        match envelope.events.as_slice() {
+            [MessengerEvent::Message(message)] => message.clone(),
+            other => panic!(
+                "expected one message, got {other:?} (ignored: {:?})",
+                envelope.ignored
+            ),
+        }
+    }
+
+    fn user(message: Value) -> Value {
+        json!({"sender": {"id": "1066835436691078"}, "recipient": {"id": PAGE}, "timestamp": 1_468_152_703_534_i64, "message": message})
+    }
+
+    #[test]
+    fn a_text_message_keeps_its_mid_sender_and_time() {
+        let message = single_message(user(
+            json!({"mid": "mid.1468152703527:6600c706f15a292027", "seq": 414, "text": "test"}),
+        ));
+        assert_eq!(message.contact, "1066835436691078");
+        assert!(!message.echo);
+        assert_eq!(message.timestamp, 1_468_152_703_534);
+        assert_eq!(
+            message.webhook_events(),
+            vec![WebhookEvent::Message {
+                m_id: "mid.1468152703527:6600c706f15a292027".into(),
+                timestamp: 1_468_152_703_534,
+                message: BonyMessage::Text {
+                    text: "test".into()
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn numeric_ids_keep_every_digit() {
+        let envelope = json!({"object": "page", "entry": [{"id": 510_249_619_162_304_u64, "time": 1, "messaging": [
+            {"sender": {"id": 98_233_726_180_270_012_u64}, "recipient": {"id": 510_249_619_162_304_u64}, "timestamp": 5, "message": {"mid": "m1", "text": "x"}}
+        ]}]});
+        let Envelope { events, .. } = events_of(envelope);
+        let [MessengerEvent::Message(message)] = events.as_slice() else {
+            panic!()
+        };
+        assert_eq!(message.contact, "98233726180270012");
+    }
+
+    #[test]
+    fn missing_or_zero_timestamps_fall_back_to_the_entry_time_then_the_receipt_time() {
+        let zero = single_message(
+            json!({"sender": {"id": "1"}, "timestamp": 0, "message": {"mid": "m", "text": "x"}}),
+        );
+        assert_eq!(zero.timestamp, 1_468_152_703_635);
+        let no_time = json!({"object": "page", "entry": [{"id": PAGE, "messaging": [{"sender": {"id": "1"}, "message": {"mid": "m", "text": "x"}}]}]});
+        let Envelope { events, .. } = events_of(no_time);
+        let [MessengerEvent::Message(message)] = events.as_slice() else {
+            panic!()
+        };
+        assert_eq!(message.timestamp, 42_000_000_000_000);
+        let seconds = single_message(
+            json!({"sender": {"id": "1"}, "timestamp": "1527459824", "message": {"mid": "m", "text": "x"}}),
+        );
+        assert_eq!(seconds.timestamp, 1_527_459_824_000);
+    }
+
+    #[test]
+    fn each_attachment_is_its_own_event_with_a_stable_m_id() {
+        let message = single_message(user(
+            json!({"mid": "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c", "attachments": [
+                {"type": "image", "payload": {"url": "https://scontent.example/1.jpg"}},
+                {"type": "video", "payload": {"url": "https://video.example/2.mp4"}},
+                {"type": "image", "payload": {"url": "https://scontent.example/sticker.png", "sticker_id": 369_239_263_222_822_u64}},
+                {"type": "audio", "payload": {"url": "https://cdn.example/3.aac"}},
+                {"type": "file", "payload": {"url": "https://cdn.example/4.pdf"}}
+            ]}),
+        ));
+        let events = message.webhook_events();
+        let ids: Vec<&str> = events.iter().map(WebhookEvent::m_id).collect();
+        assert_eq!(ids[0], "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c");
+        assert_eq!(ids[1], derived_id("mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c#1"));
+        assert!(ids.iter().all(|id| id.len() <= M_ID_MAX));
+        assert_eq!(
+            ids.iter().collect::<std::collections::HashSet<_>>().len(),
+            5,
+            "distinct ids"
+        );
+        let kinds: Vec<String> = message
+            .contents
+            .iter()
+            .map(|c| match c {
+                BonyMessage::Attachment { attachment } => attachment.kind.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["image", "video", "image", "audio", "file"]);
+        assert_eq!(
+            message.webhook_events(),
+            events,
+            "the same input gives the same ids"
+        );
+    }
+
+    #[test]
+    fn long_mids_are_replaced_by_a_derived_id() {
+        let long = "qT7ywaKpO9kkQR7Gv-nM8LIfLZDamVrALniheUYEDdHJXjDXEAyaS1xxONzb2Iv-DFzmTihfWJV012P5pK0AhQ";
+        let id = part_m_id(long, 0);
+        assert_eq!(id.len(), M_ID_MAX);
+        assert_eq!(id, part_m_id(long, 0));
+        assert_ne!(id, part_m_id(long, 1));
+        assert_eq!(part_m_id("m_short", 0), "m_short");
+    }
+
+    #[test]
+    fn a_legacy_location_keeps_its_coordinates_and_title() {
+        let message = single_message(user(json!({"mid": "m", "attachments": [
+            {"title": "My Location", "url": "https://www.facebook.com/l.php?u=https", "type": "location", "payload": {"coordinates": {"lat": 52, "long": 4}}}
+        ]})));
+        assert_eq!(
+            message.contents,
+            vec![BonyMessage::Location {
+                latitude: 52.0,
+                longitude: 4.0,
+                address: Some("My Location".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn other_attachments_become_readable_text() {
+        let message = single_message(user(json!({"mid": "m", "attachments": [
+            {"title": "Legacy Attachment", "url": "https://www.messenger.com/", "type": "fallback", "payload": null},
+            {"type": "share", "payload": {"url": "https://news.example/story", "title": "A story"}},
+            {"type": "ig_reel", "payload": {"url": "https://instagram.example/reel/1", "title": "Dance"}},
+            {"type": "template", "payload": {"template_type": "button", "text": "Next?", "buttons": [{"type": "web_url", "url": "https://www.messenger.com/", "title": "Visit Messenger"}, {"type": "postback", "title": "Stop", "payload": "STOP"}]}},
+            {"type": "fallback"},
+            {"type": "image", "payload": {"url": null}}
+        ]})));
+        let texts: Vec<&str> = message
+            .contents
+            .iter()
+            .map(|c| match c {
+                BonyMessage::Text { text } => text.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "Legacy Attachment\nhttps://www.messenger.com/",
+                "A story\nhttps://news.example/story",
+                "Dance\nhttps://instagram.example/reel/1",
+                "Next?\n[Visit Messenger] https://www.messenger.com/\n[Stop]",
+                "[fallback]",
+                "[image]",
+            ]
+        );
+    }
+
+    #[test]
+    fn postbacks_show_their_payload_unless_it_is_a_joinchat_block() {
+        let postback = |postback: Value| {
+            single_message(json!({"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1_458_692_752_478_i64, "postback": postback})).contents
+        };
+        assert_eq!(
+            postback(json!({"mid": "m1", "title": "Yes", "payload": "Yes please"})),
+            vec![BonyMessage::Text {
+                text: "Yes please".into()
+            }]
+        );
+        assert_eq!(
+            postback(json!({"mid": "m2", "title": "Start", "payload": "{\"block_id\":1}"})),
+            vec![BonyMessage::Text {
+                text: "Start".into()
+            }]
+        );
+        assert_eq!(
+            postback(json!({"mid": "m3", "title": "From standby"})),
+            vec![BonyMessage::Text {
+                text: "From standby".into()
+            }]
+        );
+        assert_eq!(
+            postback(json!({"payload": "test"})),
+            vec![BonyMessage::Text {
+                text: "test".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_postback_without_a_mid_gets_a_stable_derived_one() {
+        let item = json!({"sender": {"id": "1066835436691078"}, "recipient": {"id": PAGE}, "timestamp": 1_468_152_897_212_i64, "postback": {"payload": "test"}});
+        let first = single_message(item.clone());
+        let again = single_message(item);
+        assert!(first.mid.starts_with("mid_"));
+        assert_eq!(first.mid, again.mid);
+    }
+
+    #[test]
+    fn echoes_belong_to_the_recipient_and_carry_a_fingerprint() {
+        let echo = single_message(
+            json!({"sender": {"id": PAGE}, "recipient": {"id": "1066835436691078"}, "timestamp": 1_468_152_706_921_i64,
+            "message": {"is_echo": true, "app_id": 1_708_188_056_130_407_u64, "mid": "mid.1468152706286:e7982eb7618034a075", "seq": 415,
+                "attachments": [{"title": "abc", "url": null, "type": "template", "payload": {"template_type": "generic", "sharable": false,
+                    "elements": [{"title": "abc", "buttons": [{"type": "postback", "url": null, "title": "abecadło", "payload": "test"}]}]}}]}}),
+        );
+        assert!(echo.echo);
+        assert_eq!(echo.contact, "1066835436691078");
+        assert_eq!(echo.fingerprint.as_deref(), Some("abc"));
+        assert_eq!(
+            echo.contents,
+            vec![BonyMessage::Text {
+                text: "abc\n[abecadło]".into()
+            }]
+        );
+        assert!(matches!(
+            echo.webhook_events()[0],
+            WebhookEvent::MessageEcho { .. }
+        ));
+
+        let text_echo = single_message(
+            json!({"sender": {"id": PAGE}, "recipient": {"id": "7"}, "message": {"is_echo": true, "mid": "m", "text": "Hello\n  World "}}),
+        );
+        assert_eq!(text_echo.fingerprint.as_deref(), Some("Hello World"));
+    }
+
+    #[test]
+    fn deliveries_reads_and_other_events_are_told_apart() {
+        let envelope = events_of(one_entry(json!([
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 0, "delivery": {"mids": ["mid.1"], "watermark": 1_468_152_706_921_i64, "seq": 416}},
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1_468_152_897_070_i64, "read": {"watermark": 1_468_152_706_921_i64, "seq": 417}},
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1, "optin": {"ref": "test"}},
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": 1, "reaction": {"mid": "m", "action": "react", "emoji": "❤"}}
+        ])));
+        assert_eq!(
+            envelope.events,
+            vec![
+                MessengerEvent::Delivery {
+                    contact: "1".into(),
+                    watermark: 1_468_152_706_921
+                },
+                MessengerEvent::Read {
+                    contact: "1".into(),
+                    watermark: 1_468_152_706_921
+                },
+            ]
+        );
+        assert_eq!(
+            envelope.ignored,
+            vec![
+                Ignored("event kind optin is not forwarded".into()),
+                Ignored("event kind reaction is not forwarded".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn other_pages_and_objects_are_ignored_with_a_reason() {
+        let other_page = json!({"object": "page", "entry": [{"id": "999", "time": 1, "messaging": [user(json!({"mid": "m", "text": "x"}))]}]});
+        let envelope = events_of(other_page);
+        assert!(envelope.events.is_empty());
+        assert_eq!(
+            envelope.ignored,
+            vec![Ignored(format!("entry for page 999, not {PAGE}"))]
+        );
+
+        let instagram = events_of(json!({"object": "instagram", "entry": []}));
+        assert_eq!(
+            instagram.ignored,
+            vec![Ignored("object instagram is not page".into())]
+        );
+    }
+
+    #[test]
+    fn standby_events_are_read_like_messaging_ones() {
+        let envelope = events_of(
+            json!({"object": "page", "entry": [{"id": PAGE, "time": 1_570_053_170_926_i64,
+            "messaging": [user(json!({"mid": "a", "text": "first"}))],
+            "standby": [user(json!({"mid": "b", "text": "second"}))]}]}),
+        );
+        let mids: Vec<&str> = envelope
+            .events
+            .iter()
+            .map(|e| match e {
+                MessengerEvent::Message(m) => m.mid.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(mids, ["a", "b"]);
+    }
+
+    #[test]
+    fn bodies_that_are_not_envelopes_are_refused() {
+        let refuse = |body: &[u8]| {
+            let body = crate::signing::tests_support::verified(body);
+            parse_envelope(&body, PAGE, 0).unwrap_err()
+        };
+        assert!(refuse(b"{oops").0.starts_with("body: not valid JSON"));
+        assert_eq!(refuse(b"[]").0, "body: must be a JSON object");
+        assert_eq!(
+            refuse(br#"{"object":"page"}"#).0,
+            "entry: required, an array"
+        );
+    }
+}
