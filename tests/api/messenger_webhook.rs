@@ -599,6 +599,134 @@ mod translation {
     }
 }
 
+/// The Meta documentation samples of PROTOCOLS.md D.1 and the echo samples of seed 001, with
+/// their placeholders filled in (`<PSID>`, `<PAGE_ID>`, …) and their JSON mended where the
+/// documentation's is invalid (trailing commas, `<APPID>`, `...`).
+mod documentation_samples {
+    use super::*;
+
+    const PSID_PLACEHOLDER: &str = "1254459154682919";
+
+    fn item(json_text: &str) -> Value {
+        serde_json::from_str(
+            &json_text
+                .replace("<PSID>", PSID_PLACEHOLDER)
+                .replace("<PAGE_ID>", PAGE_ID),
+        )
+        .unwrap()
+    }
+
+    /// Sends one sample and returns what BonyChat got: (contactId, event) pairs.
+    async fn translate(item: Value) -> Vec<(String, Value)> {
+        let app = spawn_app().await;
+        deliver(&app, &envelope(json!([item]))).await;
+        let got = events(&app);
+        app.stop().await;
+        got
+    }
+
+    #[tokio::test]
+    async fn d1a_text_with_quick_reply() {
+        let got = translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"timestamp":1458692752478,"message":{"mid":"mid.1457764197618:41d102a3e1ae206a38","text":"hello, world!","quick_reply":{"payload":"<DEVELOPER_DEFINED_PAYLOAD>"}}}"#)).await;
+        assert_eq!(
+            got,
+            vec![(
+                PSID_PLACEHOLDER.to_owned(),
+                json!({"type": "message", "mId": "mid.1457764197618:41d102a3e1ae206a38", "timestamp": 1_458_692_752_478_i64, "message": {"type": "text", "text": "hello, world!"}})
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn d1b_reply() {
+        let got = translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"timestamp":1458692752478,"message":{"mid":"m_1457764197618:41d102a3e1ae206a38","text":"hello, world!","reply_to":{"mid":"m_1fTq8oLumEyIp3Q2MR-aY7IfLZDamVrALniheU","is_self_reply":false}}}"#)).await;
+        assert_eq!(got[0].1["mId"], "m_1457764197618:41d102a3e1ae206a38");
+        assert_eq!(got[0].1["message"]["text"], "hello, world!");
+    }
+
+    #[tokio::test]
+    async fn d1c_attachment() {
+        let got = translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"timestamp":1518479195308,"message":{"mid":"mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c","attachments":[{"type":"image","payload":{"url":"https://scontent.example/attachment.jpg"}}]}}"#)).await;
+        assert_eq!(
+            got[0].1["message"],
+            json!({"type": "attachment", "attachment": {"type": "image", "url": "https://scontent.example/attachment.jpg"}})
+        );
+    }
+
+    #[tokio::test]
+    async fn d1d_echo_in_both_documented_versions() {
+        // The current page: sender = Page, recipient = user.
+        let current = translate(item(r#"{"sender":{"id":"<PAGE_ID>"},"recipient":{"id":"<PSID>"},"timestamp":1457764197627,"message":{"is_echo":true,"app_id":1517776481860111,"metadata":"<DEVELOPER_DEFINED_METADATA_STRING>","mid":"mid.1457764197618:41d102a3e1ae206a38","text":"hello, world!"}}"#)).await;
+        assert_eq!(
+            current,
+            vec![(
+                PSID_PLACEHOLDER.to_owned(),
+                json!({"type": "message_echo", "mId": "mid.1457764197618:41d102a3e1ae206a38", "timestamp": 1_457_764_197_627_i64, "message": {"type": "text", "text": "hello, world!"}})
+            )]
+        );
+        // The older page labels the ids differently; the echo still belongs to its recipient.
+        let older = translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"1066835436691078"},"timestamp":1457764197627,"message":{"is_echo":true,"app_id":1517776481860111,"mid":"mid.1457764197618:41d102a3e1ae206a38","text":"hello, world!"}}"#)).await;
+        assert_eq!(older[0].0, "1066835436691078");
+    }
+
+    #[tokio::test]
+    async fn d1f_d1g_delivery_and_read_post_nothing_yet() {
+        assert!(translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"delivery":{"mids":["mid.1458668856218:ed81099e15d3f4f233"],"watermark":1458668856253}}"#)).await.is_empty());
+        assert!(translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"timestamp":1458668856463,"read":{"watermark":1458668856253}}"#)).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn d1h_postback_from_a_chat_plugin_user() {
+        let got = translate(item(r#"{"sender":{"user_ref":"USER-REF-ID"},"recipient":{"id":"PAGE-ID"},"timestamp":1458692752478,"postback":{"mid":"m_1457764197618:41d102a3e1ae206a38","title":"TITLE-FOR-THE-CTA","payload":"USER-DEFINED-PAYLOAD","referral":{"ref":"USER-DEFINED-REFERRAL-PARAM","source":"SHORT-URL","type":"OPEN_THREAD"}}}"#)).await;
+        assert_eq!(
+            got,
+            vec![(
+                "USER-REF-ID".to_owned(),
+                json!({"type": "message", "mId": "m_1457764197618:41d102a3e1ae206a38", "timestamp": 1_458_692_752_478_i64, "message": {"type": "text", "text": "USER-DEFINED-PAYLOAD"}})
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn d1j_referral_is_not_forwarded() {
+        assert!(translate(item(r#"{"sender":{"id":"<PSID>"},"recipient":{"id":"<PAGE_ID>"},"timestamp":1458692752478,"referral":{"ref":"REF_DATA","source":"SHORTLINK","type":"OPEN_THREAD"}}"#)).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn seed_001_echoes_of_images_buttons_fallbacks_and_products() {
+        let echo = |attachments: &str| {
+            item(&format!(
+                r#"{{"sender":{{"id":"<PAGE_ID>"}},"recipient":{{"id":"<PSID>"}},"timestamp":1458696618268,"message":{{"is_echo":true,"app_id":1517776481860111,"metadata":"<DEVELOPER_DEFINED_METADATA_STRING>","mid":"mid.1458696618141:b4ef9d19ec21086067","attachments":{attachments}}}}}"#
+            ))
+        };
+        let image = translate(echo(
+            r#"[{"type":"image","payload":{"url":"https://scontent.example/echo.jpg"}}]"#,
+        ))
+        .await;
+        assert_eq!(image[0].1["type"], "message_echo");
+        assert_eq!(
+            image[0].1["message"],
+            json!({"type": "attachment", "attachment": {"type": "image", "url": "https://scontent.example/echo.jpg"}})
+        );
+
+        let button = translate(echo(r#"[{"type":"template","payload":{"template_type":"button","buttons":[{"type":"web_url","url":"https:\/\/www.messenger.com\/","title":"Visit Messenger"}]}}]"#)).await;
+        assert_eq!(
+            button[0].1["message"]["text"],
+            "[Visit Messenger] https://www.messenger.com/"
+        );
+
+        let fallback = translate(echo(r#"[{"title":"Legacy Attachment","url":"https:\/\/www.messenger.com\/","type":"fallback","payload":null}]"#)).await;
+        assert_eq!(
+            fallback[0].1["message"]["text"],
+            "Legacy Attachment
+https://www.messenger.com/"
+        );
+
+        let product = translate(echo(r#"[{"type":"template","payload":{"product":{"elements":[{"id":"<PRODUCT_ID>","retailer_id":"<EXTERNAL_ID>","image_url":"https://fb.cdn.com/sdsd","title":"Some product title","subtitle":"40"}]}}}]"#)).await;
+        assert_eq!(product[0].1["message"]["text"], "• Some product title");
+    }
+}
+
 mod batches {
     use super::*;
 
