@@ -10,9 +10,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::delivery::DeliveryFailure;
 use crate::domain::outbound::RequestError;
 use crate::signing::SignatureError;
+use crate::store::StoreError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
@@ -34,14 +34,19 @@ pub enum ApiError {
     UnknownChannel,
     #[error("JoinChat rejected the message: {0}")]
     RejectedByJoinChat(String),
-    #[error("{0}")]
-    UpstreamUnavailable(String),
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
     #[error("the request took too long")]
     RequestTimeout,
+    /// The store could not take the work: nothing was accepted, so the caller should retry.
+    #[error("the relay cannot store work right now; try again")]
+    Store(StoreError),
+    #[error("{0}")]
+    NoSuchJob(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -61,10 +66,12 @@ impl ApiError {
             | Self::InvalidRequest(_)
             | Self::UnknownChannel
             | Self::RejectedByJoinChat(_) => StatusCode::BAD_REQUEST,
-            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoSuchJob(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -80,10 +87,12 @@ impl ApiError {
             Self::InvalidPayload(_) => "invalid_payload",
             Self::UnknownChannel => "unknown_channel",
             Self::RejectedByJoinChat(_) => "rejected_by_joinchat",
-            Self::UpstreamUnavailable(_) => "upstream_unavailable",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
+            Self::Store(_) => "store_unavailable",
+            Self::NoSuchJob(_) => "not_found",
+            Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -109,17 +118,6 @@ impl From<RequestError> for ApiError {
             }
             RequestError::UnknownChannel => Self::UnknownChannel,
             RequestError::Invalid(field) => Self::InvalidPayload(field.to_string()),
-        }
-    }
-}
-
-impl From<DeliveryFailure> for ApiError {
-    fn from(failure: DeliveryFailure) -> Self {
-        match failure {
-            DeliveryFailure::Rejected { reason } => Self::RejectedByJoinChat(reason),
-            DeliveryFailure::Unavailable { reason } => {
-                Self::UpstreamUnavailable(format!("JoinChat is unavailable: {reason}"))
-            }
         }
     }
 }

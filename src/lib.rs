@@ -15,4 +15,5 @@ pub mod routes;
 pub mod shutdown;
 pub mod signing;
 pub mod startup;
+pub mod store;
 pub mod telemetry;

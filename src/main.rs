@@ -1,12 +1,13 @@
-//! The `bonychat-relay` binary: reads the configuration, then serves.
+//! The `bonychat-relay` binary: serves, or manages the store's jobs from the command line.
 //!
 //! Run with `bonychat-relay --env-file config/example.env`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use bonychat_relay::config::{Config, Env};
+use bonychat_relay::config::{Config, Env, StoreConfig};
 use bonychat_relay::startup::Application;
+use bonychat_relay::store::{self, JobState, Store, now_millis};
 use bonychat_relay::{shutdown, telemetry};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,30 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
+    /// Inspect and replay the store's jobs (needs only RELAY_DATABASE_URL).
+    Jobs {
+        #[command(subcommand)]
+        action: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// queued, delivered, dead, rejected or dropped; all states when left out.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue one job again, due now, with a fresh retry schedule.
+    Retry { id: i64 },
+    /// Queue every dead job again, due now.
+    Redrive,
 }
 
 /// Exit code for a configuration the relay cannot start with.
@@ -40,17 +65,22 @@ async fn main() -> ExitCode {
             Err(e) => return config_error(&e),
         };
     }
-    let config = match Config::from_env(&env) {
-        Ok(config) => config,
-        Err(e) => return config_error(&e),
-    };
-    telemetry::init(&config.telemetry);
-    for warning in &config.warnings {
-        tracing::warn!("{warning}");
-    }
-
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(config).await,
+        Command::Serve => {
+            let config = match Config::from_env(&env) {
+                Ok(config) => config,
+                Err(e) => return config_error(&e),
+            };
+            telemetry::init(&config.telemetry);
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            serve(config).await
+        }
+        Command::Jobs { action } => match StoreConfig::from_env(&env) {
+            Ok(config) => jobs(&config, action).await,
+            Err(e) => config_error(&e),
+        },
     }
 }
 
@@ -80,4 +110,80 @@ async fn serve(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
+    let store = match store::open(config).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("bonychat-relay: RELAY_DATABASE_URL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match action {
+        JobsCommand::List { state, limit, json } => {
+            list(store.as_ref(), state.as_deref(), limit, json).await
+        }
+        JobsCommand::Retry { id } => store.retry(id, now_millis()).await.map(|job| {
+            println!(
+                "job {} queued again ({} {} to {})",
+                job.id,
+                job.direction.as_str(),
+                job.m_id,
+                job.contact
+            );
+        }),
+        JobsCommand::Redrive => store
+            .redrive_dead(now_millis())
+            .await
+            .map(|n| println!("{n} dead job(s) queued again")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bonychat-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn list(
+    store: &dyn Store,
+    state: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<(), store::StoreError> {
+    let state = match state {
+        None => None,
+        Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
+            store::StoreError::Conflict(format!(
+                "--state {raw}: must be queued, delivered, dead, rejected or dropped"
+            ))
+        })?),
+    };
+    let jobs = store.list(state, limit).await?;
+    if json {
+        for job in &jobs {
+            println!("{}", serde_json::to_string(job).expect("jobs serialize"));
+        }
+        return Ok(());
+    }
+    println!(
+        "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
+        "id", "dir", "state", "attempts", "contact", "mId"
+    );
+    for job in &jobs {
+        let error = job.last_error.as_deref().unwrap_or("");
+        let error: String = error.chars().take(60).collect();
+        println!(
+            "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
+            job.id,
+            job.direction.as_str(),
+            job.state.as_str(),
+            job.attempts,
+            job.contact,
+            job.m_id
+        );
+    }
+    Ok(())
 }

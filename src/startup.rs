@@ -1,8 +1,8 @@
 //! Building the relay from its configuration and running it until shutdown.
 //!
-//! [`Application::build`] binds the listener, so tests can ask for port 0 and read the real
-//! address; [`Application::run_until_stopped`] takes the shutdown signal as a parameter, so
-//! tests can stop the relay without sending the process a signal.
+//! [`Application::build`] opens the store and binds the listener, so tests can ask for port 0
+//! and read the real address; [`Application::run_until_stopped`] takes the shutdown signal as
+//! a parameter, so tests can stop the relay without sending the process a signal.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,14 +20,20 @@ use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::Config;
-use crate::delivery::{EchoLedger, ImmediateDelivery, InboundForwarder, OutboundSender, Profiles};
+use crate::delivery::{InboundPoster, OutboundSender, Profiles, RetrySchedule, Waiters, Worker};
 use crate::routes::{AppState, router};
 use crate::signing::HubSignature;
+use crate::store::{self, Store, StoreError, now_millis};
+
+/// How often delivered jobs past their retention are deleted.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("RELAY_ADDR: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("RELAY_DATABASE_URL: {0}")]
+    Store(StoreError),
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
 }
@@ -34,19 +41,26 @@ pub enum StartupError {
 pub struct Application {
     listener: TcpListener,
     router: Router,
-    tasks: TaskTracker,
+    store: Arc<dyn Store>,
+    worker: Arc<Worker>,
     shutdown: CancellationToken,
     grace: Duration,
+    retention: Duration,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let tasks = TaskTracker::new();
-        let shutdown = CancellationToken::new();
-        let echoes = Arc::new(EchoLedger::default());
+        let store = store::open(&config.store)
+            .await
+            .map_err(StartupError::Store)?;
+        let recovered = store.recover().await.map_err(StartupError::Store)?;
+        if recovered > 0 {
+            tracing::info!(
+                jobs = recovered,
+                "taking over jobs a previous run left in flight"
+            );
+        }
 
-        let joinchat = HttpJoinChat::new(&config.joinchat)?;
-        let sender = OutboundSender::new(Arc::new(joinchat), &config.joinchat, Arc::clone(&echoes));
         let profiles = match &config.messenger.page_access_token {
             Some(token) => {
                 let graph = GraphProfiles::new(&config.messenger, token.clone())?;
@@ -57,23 +71,43 @@ impl Application {
             }
             None => None,
         };
-        let inbound = InboundForwarder::new(
-            Arc::new(HttpBonyChat::new(&config.bonychat)?),
-            config.bonychat.channel_id.clone(),
-            profiles,
-            echoes,
-            tasks.clone(),
+        let waiters = Arc::new(Waiters::default());
+        let wake = Arc::new(Notify::new());
+        let worker = Worker::new(
+            Arc::clone(&store),
+            OutboundSender::new(
+                Arc::new(HttpJoinChat::new(&config.joinchat)?),
+                Arc::clone(&store),
+                &config.joinchat,
+            ),
+            InboundPoster::new(
+                Arc::new(HttpBonyChat::new(&config.bonychat)?),
+                config.bonychat.channel_id.clone(),
+                profiles,
+            ),
+            Arc::clone(&waiters),
+            Arc::clone(&wake),
+            RetrySchedule::new(config.delivery.retry_joinchat.clone()),
+            RetrySchedule::new(config.delivery.retry_bonychat.clone()),
         );
 
-        // Long enough for the slowest synchronous delivery (three attempts and the waits
-        // between them), so the deadline only ever cuts off a stuck client.
-        let request_timeout = config.joinchat.request_timeout * 3 + Duration::from_secs(10);
+        let shutdown = CancellationToken::new();
+        // Long enough for `/message` to wait for its first attempt, so the deadline only ever
+        // cuts off a stuck client.
+        let request_timeout =
+            config.delivery.send_wait + config.joinchat.request_timeout + Duration::from_secs(10);
         let state = AppState {
             bonychat_token: Arc::new(BearerToken::new(&config.bonychat.api_token)),
-            outbound: ImmediateDelivery::new(sender, tasks.clone()),
+            admin_token: config
+                .server
+                .admin_token
+                .as_ref()
+                .map(|t| Arc::new(BearerToken::new(t))),
             hub_signature: Arc::new(HubSignature::new(config.messenger.app_secret.clone())),
             verify_token: Arc::new(SecretDigest::new(&config.messenger.verify_token)),
-            inbound: Arc::new(inbound),
+            store: Arc::clone(&store),
+            waiters,
+            wake,
             shutdown: shutdown.clone(),
             config: Arc::new(config),
         };
@@ -84,10 +118,17 @@ impl Application {
         Ok(Self {
             listener,
             router: router(state.clone(), request_timeout),
-            tasks,
+            store,
+            worker: Arc::new(worker),
             grace: state.config.server.shutdown_grace,
+            retention: state.config.store.retention,
             shutdown,
         })
+    }
+
+    /// The store, for tools and tests that inspect jobs.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -96,15 +137,18 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `stop` is cancelled, then stops accepting, lets in-flight requests and
-    /// deliveries finish within the grace period, and returns.
+    /// Serves and delivers until `stop` is cancelled; then stops accepting requests and
+    /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
+    /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
         let Self {
             listener,
             router,
-            tasks,
+            store,
+            worker,
             shutdown,
             grace,
+            retention,
         } = self;
         tracing::info!(addr = %listener.local_addr()?, "relay listening");
 
@@ -114,20 +158,35 @@ impl Application {
                 .with_graceful_shutdown(draining.cancelled_owned())
                 .await
         });
+        let attempts = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let dispatcher = tokio::spawn(Arc::clone(&worker).run(
+            shutdown.clone(),
+            attempts.clone(),
+            abort.clone(),
+        ));
+        let pruner = tokio::spawn(prune_forever(Arc::clone(&store), retention));
+
         tokio::select! {
-            result = &mut server => return result.unwrap_or_else(|e| Err(io::Error::other(e))),
+            result = &mut server => {
+                abort.cancel();
+                pruner.abort();
+                return result.unwrap_or_else(|e| Err(io::Error::other(e)));
+            }
             () = stop.cancelled() => {}
         }
 
         tracing::info!(
             grace_secs = grace.as_secs(),
-            "shutting down: no new requests, finishing in-flight work"
+            "shutting down: no new requests or claims, finishing in-flight work"
         );
         shutdown.cancel();
-        tasks.close();
+        pruner.abort();
+        let _ = dispatcher.await;
+        attempts.close();
         let drained = tokio::time::timeout(grace, async {
             let served = (&mut server).await;
-            tasks.wait().await;
+            attempts.wait().await;
             served
         })
         .await;
@@ -135,13 +194,40 @@ impl Application {
             Ok(served) => served.unwrap_or_else(|e| Err(io::Error::other(e)))?,
             Err(_) => {
                 tracing::warn!(
-                    unfinished_deliveries = tasks.len(),
-                    "grace period over; stopping anyway"
+                    unfinished_attempts = attempts.len(),
+                    "grace period over; stopping the rest"
                 );
+                abort.cancel();
                 server.abort();
+                attempts.wait().await;
+            }
+        }
+        match store.release(worker.owner()).await {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(
+                jobs = released,
+                "unfinished jobs handed back for the next start"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand unfinished jobs back; their leases will run out");
             }
         }
         tracing::info!("relay stopped");
         Ok(())
+    }
+}
+
+async fn prune_forever(store: Arc<dyn Store>, retention: Duration) {
+    loop {
+        let now = now_millis();
+        let before = now - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match store.prune(before, now).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                tracing::info!(jobs = pruned, "delivered jobs past their retention deleted");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot prune delivered jobs"),
+        }
+        tokio::time::sleep(PRUNE_INTERVAL).await;
     }
 }

@@ -273,18 +273,7 @@ impl Config {
             )?,
         };
 
-        let store = StoreConfig {
-            database_url: match env.secret("RELAY_DATABASE_URL")? {
-                None => DatabaseUrl::Sqlite(PathBuf::from("data/relay.db")),
-                Some(url) => parse_database_url(url.expose())
-                    .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
-            },
-            retention: env.parsed(
-                "RELAY_RETENTION",
-                Duration::from_secs(7 * 86_400),
-                parse_duration,
-            )?,
-        };
+        let store = StoreConfig::from_env(env)?;
 
         let delivery = DeliveryConfig {
             send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), |raw| {
@@ -333,6 +322,24 @@ impl Config {
             delivery,
             telemetry,
             warnings,
+        })
+    }
+}
+
+impl StoreConfig {
+    /// Only the store's variables: what `bonychat-relay jobs …` needs.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            database_url: match env.secret("RELAY_DATABASE_URL")? {
+                None => DatabaseUrl::Sqlite(PathBuf::from("data/relay.db")),
+                Some(url) => parse_database_url(url.expose())
+                    .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
+            },
+            retention: env.parsed(
+                "RELAY_RETENTION",
+                Duration::from_secs(7 * 86_400),
+                parse_duration,
+            )?,
         })
     }
 }

@@ -1,16 +1,14 @@
-//! Getting jobs to their upstream: in order per contact, paced, retried.
+//! Getting stored jobs to their upstream: in order per contact, paced, retried, dead-lettered.
 
-pub mod contact_locks;
-pub mod dedup;
-pub mod echoes;
-pub mod immediate;
 pub mod inbound;
 pub mod outbound;
 pub mod pacing;
 pub mod profiles;
+pub mod retry;
+pub mod worker;
 
-pub use echoes::EchoLedger;
-pub use immediate::{DeliveryFailure, ImmediateDelivery};
-pub use inbound::{ForwardReport, InboundForwarder};
-pub use outbound::{AttemptOutcome, OutboundJob, OutboundSender};
+pub use inbound::InboundPoster;
+pub use outbound::{OutboundSender, new_outbound_job};
 pub use profiles::Profiles;
+pub use retry::RetrySchedule;
+pub use worker::{FirstAttempt, Waiters, Worker};

@@ -1,45 +1,41 @@
-//! One outbound job and the step that delivers it: the reusable unit of work towards JoinChat.
+//! One attempt at an outbound job: the reusable step that sends a message's JoinChat requests.
 //!
-//! A job is a BonyChat message already translated into the JoinChat requests that carry it.
-//! [`OutboundSender::send_from`] sends them in order, each only after the previous one was
-//! accepted, and reports how far it got, so that a retry resumes at the first part JoinChat
-//! has not accepted instead of repeating the ones the contact already has.
+//! The requests go one after the other, each only after the previous one was accepted. Before
+//! each leaves, the store learns when it takes effect (pacing) and what its echo will look like
+//! (own-echo suppression); after each is accepted, the store learns the progress, so that a
+//! retry, even after a crash, resumes at the first part JoinChat has not accepted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::time::Instant;
-
-use super::echoes::EchoLedger;
-use super::pacing::Pacer;
+use super::pacing;
 use crate::clients::{JoinChatApi, SendError};
 use crate::config::JoinChatConfig;
 use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, translate};
-use crate::domain::outbound::{ContactId, OutboundRequest};
+use crate::domain::outbound::OutboundRequest;
+use crate::store::{BeforeSend, NewOutbound, Store, now_millis};
 
-#[derive(Debug, Clone)]
-pub struct OutboundJob {
-    /// The id BonyChat got for this message, and that later receipts carry.
-    pub m_id: String,
-    pub contact: ContactId,
-    pub recipient: Recipient,
-    /// The JoinChat messages carrying it, in sending order.
-    pub parts: Vec<Message>,
-}
-
-impl OutboundJob {
-    pub fn new(request: &OutboundRequest, recipient_field: RecipientField) -> Self {
-        Self {
-            m_id: new_message_id(),
-            contact: request.contact_id.clone(),
-            recipient: Recipient::for_contact(&request.contact_id, recipient_field),
-            parts: translate(&request.message),
-        }
-    }
-}
+/// How long the relay recognises the echo of a message it sent (SPEC §4.3).
+pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
 
 /// A fresh `mId`: 32 hex characters, time-ordered (UUIDv7), within BonyChat's 50-character limit.
 pub fn new_message_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// The job to store for a validated `/message` request.
+pub fn new_outbound_job(
+    request: &OutboundRequest,
+    recipient_field: RecipientField,
+    now: i64,
+) -> NewOutbound {
+    NewOutbound {
+        m_id: new_message_id(),
+        contact: request.contact_id.as_str().to_owned(),
+        recipient: Recipient::for_contact(&request.contact_id, recipient_field),
+        parts: translate(&request.message),
+        now,
+    }
 }
 
 /// How far one attempt got.
@@ -52,62 +48,96 @@ pub struct AttemptOutcome {
 
 pub struct OutboundSender {
     api: Arc<dyn JoinChatApi>,
-    pacer: Pacer,
-    echoes: Arc<EchoLedger>,
+    store: Arc<dyn Store>,
     page_id: String,
     tag: Option<String>,
+    gap: Duration,
 }
 
 impl OutboundSender {
-    /// `echoes` learns of every send, so that Messenger's echo of it can be recognised.
-    pub fn new(
-        api: Arc<dyn JoinChatApi>,
-        config: &JoinChatConfig,
-        echoes: Arc<EchoLedger>,
-    ) -> Self {
+    pub fn new(api: Arc<dyn JoinChatApi>, store: Arc<dyn Store>, config: &JoinChatConfig) -> Self {
         Self {
             api,
-            pacer: Pacer::new(config.order_gap),
-            echoes,
+            store,
             page_id: config.page_id.clone(),
             tag: config.message_tag.clone(),
+            gap: config.order_gap,
         }
     }
 
-    /// Sends the parts of `job` from `first_part` on, stopping at the first one JoinChat does
-    /// not accept. The caller must not run two of these for one contact at once.
-    pub async fn send_from(&self, job: &OutboundJob, first_part: usize) -> AttemptOutcome {
-        let contact = job.contact.as_str();
-        for (index, message) in job.parts.iter().enumerate().skip(first_part) {
-            let slot = self.pacer.plan(contact, Instant::now());
+    /// Sends `parts` from `first_part` on to `contact`, stopping at the first one JoinChat does
+    /// not accept. `last_effective_at` is when the contact's previous send takes effect. The
+    /// caller holds the job's lease, so no other send to this contact runs meanwhile.
+    pub async fn attempt(
+        &self,
+        job_id: i64,
+        contact: &str,
+        recipient: &Recipient,
+        parts: &[Message],
+        first_part: usize,
+        mut last_effective_at: Option<i64>,
+    ) -> AttemptOutcome {
+        let stopped = |index: usize, error: SendError| AttemptOutcome {
+            parts_sent: index,
+            result: Err(error),
+        };
+        let store_failed = |e: crate::store::StoreError| SendError::Transient {
+            reason: e.to_string(),
+            retry_after: None,
+        };
+
+        for (index, message) in parts.iter().enumerate().skip(first_part) {
+            let slot = pacing::plan(self.gap, last_effective_at, now_millis());
             if !slot.wait.is_zero() {
                 tokio::time::sleep(slot.wait).await;
             }
+            let sent_at = now_millis();
+            let effective_at = slot.effective_at(sent_at);
+            let before = BeforeSend {
+                contact: contact.to_owned(),
+                effective_at,
+                echo_fingerprint: message.echo_fingerprint(),
+                echo_expires_at: sent_at
+                    + i64::try_from(ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX),
+            };
+            if let Err(e) = self.store.before_send(before).await {
+                return stopped(index, store_failed(e));
+            }
+            last_effective_at = Some(effective_at);
+
             let request = SendRequest {
                 page_id: &self.page_id,
-                recipient: &job.recipient,
+                recipient,
                 message,
                 tag: self.tag.as_deref(),
                 delay: slot.delay,
             };
-            let fingerprint = message.echo_fingerprint();
-            if let Some(fingerprint) = &fingerprint {
-                self.echoes.record(contact, fingerprint.clone());
-            }
-            self.pacer.record(contact, Instant::now(), slot.delay);
             if let Err(error) = self.api.send(&request).await {
-                if let (true, Some(fingerprint)) = (error.is_permanent(), &fingerprint) {
-                    self.echoes.forget(contact, fingerprint);
-                }
-                return AttemptOutcome {
-                    parts_sent: index,
-                    result: Err(error),
-                };
+                return stopped(index, error);
             }
-            tracing::debug!(m_id = %job.m_id, part = index + 1, parts = job.parts.len(), delay = slot.delay, "part accepted by JoinChat");
+            tracing::debug!(
+                job = job_id,
+                part = index + 1,
+                parts = parts.len(),
+                delay = slot.delay,
+                "part accepted by JoinChat"
+            );
+            let accepted = index + 1;
+            if accepted < parts.len()
+                && let Err(e) = self
+                    .store
+                    .record_progress(
+                        job_id,
+                        u32::try_from(accepted).unwrap_or(u32::MAX),
+                        now_millis(),
+                    )
+                    .await
+            {
+                return stopped(accepted, store_failed(e));
+            }
         }
         AttemptOutcome {
-            parts_sent: job.parts.len(),
+            parts_sent: parts.len(),
             result: Ok(()),
         }
     }

@@ -1,18 +1,13 @@
-//! Per-contact pacing of JoinChat sends (SPEC §3.4).
+//! Per-contact pacing of JoinChat sends (SPEC §3.4), as a pure function.
 //!
 //! JoinChat warns that consecutive sends can overtake each other. Two requests to one contact
 //! are therefore spaced by at least the configured gap, measured as the moment a request is
 //! sent plus its `delay`: a request that follows too soon gets a `delay` (whole seconds, at
 //! most 10), and where more than 10 seconds would be needed the relay waits the rest itself.
-//!
-//! The caller guarantees one send at a time per contact, so planning and recording need no
-//! coordination beyond the map's lock.
+//! When the last request to a contact takes effect is kept in the store, so the spacing holds
+//! across jobs, restarts and replicas.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use crate::domain::joinchat::MAX_DELAY_SECS;
 
@@ -21,82 +16,43 @@ use crate::domain::joinchat::MAX_DELAY_SECS;
 pub struct Slot {
     /// How long the relay waits before sending.
     pub wait: Duration,
-    /// The `delay` to put in the request.
+    /// The `delay` to put in the request, in seconds.
     pub delay: Option<u64>,
 }
 
 impl Slot {
-    const NOW: Self = Self {
+    pub const NOW: Self = Self {
         wait: Duration::ZERO,
         delay: None,
     };
-}
 
-pub struct Pacer {
-    gap: Duration,
-    state: Mutex<PacerState>,
-}
-
-struct PacerState {
-    /// When the last request to each contact takes effect: its send time plus its delay.
-    last_effective: HashMap<String, Instant>,
-    /// Entries older than the gap no longer matter; they are swept when the map reaches this size.
-    sweep_at: usize,
-}
-
-const MIN_SWEEP_AT: usize = 1024;
-
-impl Pacer {
-    pub fn new(gap: Duration) -> Self {
-        Self {
-            gap,
-            state: Mutex::new(PacerState {
-                last_effective: HashMap::new(),
-                sweep_at: MIN_SWEEP_AT,
-            }),
-        }
+    /// When a request sent at `sent_at` (ms) with this slot's delay takes effect.
+    pub fn effective_at(&self, sent_at: i64) -> i64 {
+        sent_at + 1000 * i64::try_from(self.delay.unwrap_or(0)).unwrap_or(0)
     }
+}
 
-    /// Plans a request to `contact` about to be sent at `now`.
-    pub fn plan(&self, contact: &str, now: Instant) -> Slot {
-        if self.gap.is_zero() {
-            return Slot::NOW;
-        }
-        let state = self.state.lock().expect("pacer lock poisoned");
-        let Some(&last) = state.last_effective.get(contact) else {
-            return Slot::NOW;
-        };
-        let earliest = last + self.gap;
-        if earliest <= now {
-            return Slot::NOW;
-        }
-        let needed = earliest - now;
-        let delay_secs = needed.as_secs() + u64::from(needed.subsec_nanos() > 0);
-        if delay_secs <= MAX_DELAY_SECS {
-            Slot {
-                wait: Duration::ZERO,
-                delay: Some(delay_secs),
-            }
-        } else {
-            Slot {
-                wait: needed - Duration::from_secs(MAX_DELAY_SECS),
-                delay: Some(MAX_DELAY_SECS),
-            }
-        }
+/// Plans a request about to be sent at `now`, given when the last one to the same contact took
+/// effect (both in milliseconds since the epoch).
+pub fn plan(gap: Duration, last_effective_at: Option<i64>, now: i64) -> Slot {
+    let Some(last) = last_effective_at.filter(|_| !gap.is_zero()) else {
+        return Slot::NOW;
+    };
+    let earliest = last.saturating_add(i64::try_from(gap.as_millis()).unwrap_or(i64::MAX));
+    if earliest <= now {
+        return Slot::NOW;
     }
-
-    /// Records that a request to `contact` left at `sent_at` with `delay`.
-    pub fn record(&self, contact: &str, sent_at: Instant, delay: Option<u64>) {
-        if self.gap.is_zero() {
-            return;
+    let needed_ms = u64::try_from(earliest - now).unwrap_or(0);
+    let delay_secs = needed_ms.div_ceil(1000);
+    if delay_secs <= MAX_DELAY_SECS {
+        Slot {
+            wait: Duration::ZERO,
+            delay: Some(delay_secs),
         }
-        let effective = sent_at + Duration::from_secs(delay.unwrap_or(0));
-        let mut state = self.state.lock().expect("pacer lock poisoned");
-        state.last_effective.insert(contact.to_owned(), effective);
-        if state.last_effective.len() >= state.sweep_at {
-            let gap = self.gap;
-            state.last_effective.retain(|_, last| *last + gap > sent_at);
-            state.sweep_at = (state.last_effective.len() * 2).max(MIN_SWEEP_AT);
+    } else {
+        Slot {
+            wait: Duration::from_millis(needed_ms - MAX_DELAY_SECS * 1000),
+            delay: Some(MAX_DELAY_SECS),
         }
     }
 }
@@ -104,46 +60,34 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn secs(s: u64) -> Duration {
-        Duration::from_secs(s)
-    }
+    const GAP: Duration = Duration::from_secs(1);
 
     #[test]
     fn the_first_request_to_a_contact_goes_at_once() {
-        let pacer = Pacer::new(secs(1));
-        assert_eq!(pacer.plan("a", Instant::now()), Slot::NOW);
+        assert_eq!(plan(GAP, None, 1_000), Slot::NOW);
     }
 
     #[test]
     fn a_request_right_after_another_gets_a_delay_rounded_up() {
-        let pacer = Pacer::new(secs(1));
-        let t0 = Instant::now();
-        pacer.record("a", t0, None);
-        let slot = pacer.plan("a", t0 + Duration::from_millis(50));
         assert_eq!(
-            slot,
+            plan(GAP, Some(10_000), 10_050),
             Slot {
                 wait: Duration::ZERO,
                 delay: Some(1)
             }
         );
-        assert_eq!(
-            pacer.plan("b", t0),
-            Slot::NOW,
-            "other contacts are not held back"
-        );
     }
 
     #[test]
     fn delays_add_up_across_a_burst() {
-        let pacer = Pacer::new(secs(1));
-        let t0 = Instant::now();
+        let mut last = None;
         let mut delays = Vec::new();
         for i in 0..4 {
-            let now = t0 + Duration::from_millis(10 * i);
-            let slot = pacer.plan("a", now);
-            pacer.record("a", now, slot.delay);
+            let now = 10_000 + 10 * i;
+            let slot = plan(GAP, last, now);
+            last = Some(slot.effective_at(now));
             delays.push(slot.delay);
         }
         assert_eq!(delays, vec![None, Some(1), Some(2), Some(3)]);
@@ -151,10 +95,7 @@ mod tests {
 
     #[test]
     fn beyond_ten_seconds_the_relay_waits_the_rest() {
-        let pacer = Pacer::new(secs(12));
-        let t0 = Instant::now();
-        pacer.record("a", t0, None);
-        let slot = pacer.plan("a", t0 + Duration::from_millis(500));
+        let slot = plan(Duration::from_secs(12), Some(10_000), 10_500);
         assert_eq!(
             slot,
             Slot {
@@ -166,34 +107,24 @@ mod tests {
 
     #[test]
     fn a_request_after_the_gap_needs_nothing() {
-        let pacer = Pacer::new(secs(1));
-        let t0 = Instant::now();
-        pacer.record("a", t0, Some(2));
-        assert_eq!(pacer.plan("a", t0 + secs(3)), Slot::NOW);
-        assert_eq!(
-            pacer.plan("a", t0 + Duration::from_millis(2500)).delay,
-            Some(1)
-        );
+        assert_eq!(plan(GAP, Some(12_000), 13_000), Slot::NOW);
+        assert_eq!(plan(GAP, Some(12_000), 12_500).delay, Some(1));
     }
 
     #[test]
     fn a_zero_gap_turns_pacing_off() {
-        let pacer = Pacer::new(Duration::ZERO);
-        let t0 = Instant::now();
-        pacer.record("a", t0, None);
-        assert_eq!(pacer.plan("a", t0), Slot::NOW);
+        assert_eq!(plan(Duration::ZERO, Some(10_000), 10_000), Slot::NOW);
     }
 
-    #[test]
-    fn stale_contacts_are_swept() {
-        let pacer = Pacer::new(secs(1));
-        let t0 = Instant::now();
-        for i in 0..MIN_SWEEP_AT - 1 {
-            pacer.record(&format!("old{i}"), t0, None);
+    proptest! {
+        /// Whatever the timing, a request takes effect no earlier than a gap after the last.
+        #[test]
+        fn the_gap_always_holds(gap_secs in 0_u64..40, last in 0_i64..100_000, now in 0_i64..100_000) {
+            let gap = Duration::from_secs(gap_secs);
+            let slot = plan(gap, Some(last), now);
+            let sent_at = now + i64::try_from(slot.wait.as_millis()).unwrap();
+            prop_assert!(slot.effective_at(sent_at) >= last + 1000 * i64::try_from(gap_secs).unwrap() || gap_secs == 0);
+            prop_assert!(slot.delay.is_none_or(|d| (1..=10).contains(&d)));
         }
-        pacer.record("new", t0 + secs(5), None);
-        let state = pacer.state.lock().unwrap();
-        assert_eq!(state.last_effective.len(), 1);
-        assert!(state.last_effective.contains_key("new"));
     }
 }

@@ -1,27 +1,24 @@
-//! The `contact` block on the first event of a contact BonyChat has not met yet (SPEC §4.3).
+//! Contact profiles for the `contact` block of a new contact's first event (SPEC §4.3).
 //!
-//! A look-up happens at most once per contact and is bounded by a short timeout: a failing or
-//! slow Graph API sends the event on without the block rather than holding it up. A contact
-//! counts as introduced once BonyChat accepted a post for it.
+//! A look-up is bounded by a short timeout: a failing or slow Graph API sends the event on
+//! without the block rather than holding it up. Results, failures included, are cached, so a
+//! retried post does not look up again. Whether BonyChat already knows a contact is kept in
+//! the store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::clients::ProfileLookup;
 use crate::domain::bonychat::ContactProfile;
 
+/// Enough for every contact active in a day; a full cache is simply emptied.
+const CACHE_MAX: usize = 50_000;
+
 pub struct Profiles {
     lookup: Arc<dyn ProfileLookup>,
     timeout: Duration,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    introduced: HashSet<String>,
-    /// Look-up results, failures included (as `None`), so a retried post does not look up again.
-    looked_up: HashMap<String, Option<ContactProfile>>,
+    cache: Mutex<HashMap<String, Option<ContactProfile>>>,
 }
 
 impl Profiles {
@@ -29,21 +26,14 @@ impl Profiles {
         Self {
             lookup,
             timeout,
-            state: Mutex::default(),
+            cache: Mutex::default(),
         }
     }
 
-    /// The block for the next post about `contact`: `None` once BonyChat knows the contact, or
-    /// when no profile could be had in time.
-    pub async fn block_for(&self, contact: &str) -> Option<ContactProfile> {
-        {
-            let state = self.state.lock().expect("profiles poisoned");
-            if state.introduced.contains(contact) {
-                return None;
-            }
-            if let Some(known) = state.looked_up.get(contact) {
-                return known.clone();
-            }
+    /// The profile of `contact`, or `None` when none could be had in time.
+    pub async fn profile(&self, contact: &str) -> Option<ContactProfile> {
+        if let Some(known) = self.cache.lock().expect("profiles poisoned").get(contact) {
+            return known.clone();
         }
         let profile = match tokio::time::timeout(self.timeout, self.lookup.profile(contact)).await {
             Ok(Ok(profile)) if !profile.is_empty() => Some(profile),
@@ -61,15 +51,11 @@ impl Profiles {
                 None
             }
         };
-        let mut state = self.state.lock().expect("profiles poisoned");
-        state.looked_up.insert(contact.to_owned(), profile.clone());
+        let mut cache = self.cache.lock().expect("profiles poisoned");
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(contact.to_owned(), profile.clone());
         profile
-    }
-
-    /// BonyChat accepted a post about `contact`: later posts go without the block.
-    pub fn introduced(&self, contact: &str) {
-        let mut state = self.state.lock().expect("profiles poisoned");
-        state.looked_up.remove(contact);
-        state.introduced.insert(contact.to_owned());
     }
 }

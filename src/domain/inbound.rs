@@ -36,9 +36,17 @@ pub enum MessengerEvent {
     /// A message, a postback or an echo: something to show in BonyChat.
     Message(MessageEvent),
     /// The contact's Messenger got every message sent up to `watermark`.
-    Delivery { contact: String, watermark: i64 },
+    Delivery {
+        contact: String,
+        watermark: i64,
+        timestamp: i64,
+    },
     /// The contact read every message sent up to `watermark`.
-    Read { contact: String, watermark: i64 },
+    Read {
+        contact: String,
+        watermark: i64,
+        timestamp: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -216,6 +224,7 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
         return Ok(MessengerEvent::Delivery {
             contact: contact(sender, "sender")?,
             watermark,
+            timestamp,
         });
     }
     if let Some(read) = event.get("read").and_then(Value::as_object) {
@@ -226,6 +235,7 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
         return Ok(MessengerEvent::Read {
             contact: contact(sender, "sender")?,
             watermark,
+            timestamp,
         });
     }
     let kind = event
@@ -776,11 +786,13 @@ mod tests {
             vec![
                 MessengerEvent::Delivery {
                     contact: "1".into(),
-                    watermark: 1_468_152_706_921
+                    watermark: 1_468_152_706_921,
+                    timestamp: 1_468_152_703_635,
                 },
                 MessengerEvent::Read {
                     contact: "1".into(),
-                    watermark: 1_468_152_706_921
+                    watermark: 1_468_152_706_921,
+                    timestamp: 1_468_152_897_070,
                 },
             ]
         );

@@ -11,14 +11,27 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Not ready once shutdown began, so load balancers stop sending before the listener closes.
+/// Ready when the store answers; not ready once shutdown began, so load balancers stop sending
+/// before the listener closes.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.shutdown.is_cancelled() {
-        (
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "shutting_down"})),
-        )
-    } else {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
+        );
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "store not answering");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "store_unavailable"})),
+            )
+        }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "store_unavailable"})),
+        ),
     }
 }

@@ -1,4 +1,8 @@
-//! `POST /message`: BonyChat hands over a message for a Messenger contact (SPEC §3).
+//! `POST /message`: BonyChat hands over a message for a Messenger contact (SPEC §3, §5).
+//!
+//! The message is stored (on disk) before anything else; then the request waits up to
+//! `RELAY_SEND_WAIT_MS` for the first attempt: sent → 200, refused by JoinChat → 400,
+//! anything else → 200, and the relay keeps trying (a `failed` receipt follows if it gives up).
 
 use axum::Json;
 use axum::body::Bytes;
@@ -9,9 +13,10 @@ use axum::http::{HeaderMap, header};
 use serde::Serialize;
 
 use super::{AppState, MESSAGE_BODY_LIMIT};
-use crate::delivery::OutboundJob;
+use crate::delivery::{FirstAttempt, Waiters, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
 use crate::error::ApiError;
+use crate::store::now_millis;
 
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -29,11 +34,48 @@ pub async fn post_message(
     let body =
         body.map_err(|rejection| ApiError::from_body_rejection(rejection, MESSAGE_BODY_LIMIT))?;
     let request = OutboundRequest::parse(&body, &state.config.bonychat.channel_id)?;
-
-    let job = OutboundJob::new(&request, state.config.joinchat.recipient_field);
+    let job = new_outbound_job(
+        &request,
+        state.config.joinchat.recipient_field,
+        now_millis(),
+    );
     let m_id = job.m_id.clone();
-    state.outbound.deliver(job).await?;
-    Ok(Json(Accepted { m_id }))
+
+    let mut first_attempt = state.waiters.register(&m_id);
+    let _unregister = Unregister {
+        waiters: &state.waiters,
+        m_id: &m_id,
+    };
+    state
+        .store
+        .enqueue_outbound(job)
+        .await
+        .map_err(ApiError::Store)?;
+    state.wake.notify_one();
+
+    let outcome =
+        match tokio::time::timeout(state.config.delivery.send_wait, &mut first_attempt).await {
+            Ok(outcome) => outcome.unwrap_or(FirstAttempt::Pending),
+            // Whoever takes the waiter decides: the worker may have taken it just now.
+            Err(_) if state.waiters.take(&m_id).is_some() => FirstAttempt::Pending,
+            Err(_) => first_attempt.await.unwrap_or(FirstAttempt::Pending),
+        };
+    match outcome {
+        FirstAttempt::Sent | FirstAttempt::Pending => Ok(Json(Accepted { m_id: m_id.clone() })),
+        FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
+    }
+}
+
+/// Removes the waiter when the request ends early (BonyChat hung up), so the map never keeps it.
+struct Unregister<'a> {
+    waiters: &'a Waiters,
+    m_id: &'a str,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.waiters.take(self.m_id);
+    }
 }
 
 /// Proof that the request carries the channel's API token. Extracted before the body, so an

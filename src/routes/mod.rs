@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, shared state and the middleware every request goes through.
 
+mod admin;
 mod health;
 mod message;
 mod webhooks;
@@ -13,6 +14,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
@@ -21,9 +23,10 @@ use tower_http::request_id::MakeRequestUuid;
 
 use crate::auth::{BearerToken, SecretDigest};
 use crate::config::Config;
-use crate::delivery::{ImmediateDelivery, InboundForwarder};
+use crate::delivery::Waiters;
 use crate::error::ApiError;
 use crate::signing::HubSignature;
+use crate::store::Store;
 use crate::telemetry;
 
 /// SPEC §3.1: BonyChat's `/message` bodies are at most 64 KiB.
@@ -35,10 +38,15 @@ pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState {
     pub config: Arc<Config>,
     pub bonychat_token: Arc<BearerToken>,
-    pub outbound: ImmediateDelivery,
+    /// `None` switches `/admin/*` off.
+    pub admin_token: Option<Arc<BearerToken>>,
     pub hub_signature: Arc<HubSignature>,
     pub verify_token: Arc<SecretDigest>,
-    pub inbound: Arc<InboundForwarder>,
+    pub store: Arc<dyn Store>,
+    /// `/message` requests waiting for their job's first attempt.
+    pub waiters: Arc<Waiters>,
+    /// Tells the workers that a job was stored.
+    pub wake: Arc<Notify>,
     /// Cancelled when the relay starts shutting down: readiness turns 503 at once.
     pub shutdown: CancellationToken,
 }
@@ -56,11 +64,17 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         )
         .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
 
+    let admin = Router::new()
+        .route("/admin/jobs", get(admin::list_jobs))
+        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+        .route("/admin/dead/redrive", post(admin::redrive_dead));
+
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .merge(message)
         .merge(messenger)
+        .merge(admin)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Outermost first: the request id exists before the request is logged, and the log

@@ -1,8 +1,6 @@
 //! `/webhooks/messenger`: the Messenger Platform's subscription handshake and page events
 //! (SPEC §4.1, §4.2).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -13,12 +11,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{AppState, WEBHOOK_BODY_LIMIT};
-use crate::domain::inbound::parse_envelope;
+use crate::domain::bonychat::StatusValue;
+use crate::domain::inbound::{MessengerEvent, parse_envelope};
 use crate::error::ApiError;
-
-/// Meta gives up on a webhook call after 20 s; answer before that, and let Meta redeliver
-/// what is still being forwarded (it is deduplicated).
-const FORWARD_DEADLINE: Duration = Duration::from_secs(15);
+use crate::store::{InboundBatch, InboundItem, now_millis};
 
 #[derive(Debug, Deserialize)]
 pub struct Handshake {
@@ -60,7 +56,8 @@ pub async fn verify_subscription(
         .into_response())
 }
 
-/// `POST`: checks the signature over the raw bytes, then forwards every event.
+/// `POST`: checks the signature over the raw bytes, stores every event, then answers 200:
+/// forwarding to BonyChat happens afterwards, from the store.
 pub async fn receive_events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -74,37 +71,68 @@ pub async fn receive_events(
         .verify(signature, body)
         .map_err(ApiError::InvalidSignature)?;
 
-    let envelope = parse_envelope(&verified, &state.config.joinchat.page_id, now_millis())
+    let now = now_millis();
+    let envelope = parse_envelope(&verified, &state.config.joinchat.page_id, now)
         .map_err(|e| ApiError::InvalidPayload(e.0))?;
     for ignored in &envelope.ignored {
         tracing::info!(reason = %ignored.0, "webhook content acknowledged, not forwarded");
     }
     let received = envelope.events.len();
-
-    let report = tokio::time::timeout(FORWARD_DEADLINE, state.inbound.forward(envelope.events))
+    let batch = InboundBatch {
+        items: envelope.events.into_iter().map(to_item).collect(),
+        now,
+    };
+    let summary = state
+        .store
+        .enqueue_inbound(batch)
         .await
-        .map_err(|_| {
-            ApiError::UpstreamUnavailable(format!(
-                "BonyChat is slow: still forwarding after {} s; Meta will redeliver",
-                FORWARD_DEADLINE.as_secs()
-            ))
-        })?;
-    if let Some(first) = report.failures.first() {
-        return Err(ApiError::UpstreamUnavailable(format!(
-            "BonyChat did not take {} event(s) of this batch: {first}",
-            report.failures.len()
-        )));
+        .map_err(ApiError::Store)?;
+    if summary.queued + summary.receipts > 0 {
+        state.wake.notify_one();
     }
+    tracing::info!(
+        received,
+        queued = summary.queued,
+        duplicates = summary.duplicates,
+        own_echoes = summary.own_echoes,
+        receipts = summary.receipts,
+        "webhook stored"
+    );
     Ok(Json(json!({
         "received": received,
-        "forwarded": report.forwarded,
-        "duplicates": report.duplicates,
-        "own_echoes": report.own_echoes,
+        "queued": summary.queued,
+        "duplicates": summary.duplicates,
+        "own_echoes": summary.own_echoes,
+        "receipts": summary.receipts,
     })))
 }
 
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+fn to_item(event: MessengerEvent) -> InboundItem {
+    match event {
+        MessengerEvent::Message(message) => InboundItem::Message {
+            events: message.webhook_events(),
+            echo_fingerprint: message.fingerprint,
+            contact: message.contact,
+        },
+        MessengerEvent::Delivery {
+            contact,
+            watermark,
+            timestamp,
+        } => InboundItem::Watermark {
+            contact,
+            status: StatusValue::Delivered,
+            watermark,
+            timestamp,
+        },
+        MessengerEvent::Read {
+            contact,
+            watermark,
+            timestamp,
+        } => InboundItem::Watermark {
+            contact,
+            status: StatusValue::Read,
+            watermark,
+            timestamp,
+        },
+    }
 }

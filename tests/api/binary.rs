@@ -15,15 +15,15 @@ use crate::helpers::{
 
 const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 
-struct RelayProcess {
+pub struct RelayProcess {
     child: Child,
-    addr: String,
+    pub addr: String,
     output: Arc<Mutex<Vec<String>>>,
 }
 
 impl RelayProcess {
     /// Starts the binary with exactly `vars` (plus `args`) and waits until it listens.
-    async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
+    pub async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
         let mut child = Command::new(BINARY)
             .args(args)
             .env_clear()
@@ -64,12 +64,18 @@ impl RelayProcess {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
+    /// SIGKILL: no shutdown, no flush, as a crash or an OOM kill would do.
+    pub async fn kill(mut self) {
+        self.child.start_kill().expect("the relay can be killed");
+        self.child.wait().await.expect("the relay is reaped");
+    }
+
     /// Sends SIGTERM and returns the exit code.
-    async fn terminate(mut self) -> (i32, Vec<String>) {
+    pub async fn terminate(mut self) -> (i32, Vec<String>) {
         let pid = self.child.id().unwrap().to_string();
         // The shell's builtin `kill`: present wherever /bin/sh is, unlike /usr/bin/kill.
         let killed = Command::new("sh")
@@ -89,7 +95,7 @@ impl RelayProcess {
     }
 }
 
-fn json_logs(vars: &mut Vec<(String, String)>) {
+pub fn json_logs(vars: &mut Vec<(String, String)>) {
     vars.push(("RELAY_LOG_FORMAT".into(), "json".into()));
     vars.push(("RUST_LOG".into(), "debug".into()));
 }
@@ -98,7 +104,8 @@ fn json_logs(vars: &mut Vec<(String, String)>) {
 async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leaking_secrets() {
     // Arrange
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
-    let mut vars = test_vars(&joinchat.url);
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat.url, data.path());
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
     let http = crate::helpers::http_client();
@@ -156,7 +163,8 @@ async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leakin
 
 #[tokio::test]
 async fn a_missing_variable_stops_the_start_with_one_line_naming_it() {
-    let mut vars = test_vars("http://127.0.0.1:9/api/send_message");
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
     vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
 
     let output = Command::new(BINARY)
@@ -174,7 +182,9 @@ async fn a_missing_variable_stops_the_start_with_one_line_naming_it() {
 
 #[tokio::test]
 async fn a_malformed_variable_stops_the_start_without_echoing_secrets() {
-    let mut vars = test_vars("http://127.0.0.1:9/api/send_message");
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    vars.retain(|(k, _)| k != "RELAY_DATABASE_URL");
     vars.push((
         "RELAY_DATABASE_URL".into(),
         "mysql://relay:hunter2@db/relay".into(),
@@ -198,7 +208,14 @@ async fn a_malformed_variable_stops_the_start_without_echoing_secrets() {
 async fn the_example_env_file_starts_the_relay() {
     // The README's run command, with the environment overriding the listen address.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.env");
-    let mut vars = vec![("RELAY_ADDR".to_owned(), "127.0.0.1:0".to_owned())];
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = vec![
+        ("RELAY_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        (
+            "RELAY_DATABASE_URL".to_owned(),
+            format!("sqlite://{}/relay.db", data.path().display()),
+        ),
+    ];
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &["--env-file", example]).await;
 
@@ -223,11 +240,10 @@ async fn the_example_env_file_starts_the_relay() {
 #[tokio::test]
 async fn secrets_can_come_from_files() {
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
-    let dir = std::env::temp_dir().join(format!("relay-secrets-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let secret_file = dir.join("joinchat_secret");
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("joinchat_secret");
     std::fs::write(&secret_file, format!("{JOINCHAT_SECRET}\n")).unwrap();
-    let mut vars = test_vars(&joinchat.url);
+    let mut vars = test_vars(&joinchat.url, dir.path());
     vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
     vars.push((
         "JOINCHAT_API_SECRET_FILE".into(),
@@ -244,7 +260,6 @@ async fn secrets_can_come_from_files() {
         .await
         .unwrap();
     relay.terminate().await;
-    std::fs::remove_dir_all(dir).unwrap();
 
     assert_eq!(answer.status(), 200);
     assert!(joinchat.received()[0].authentic);

@@ -19,7 +19,8 @@ async fn deliver(app: &TestApp, body: &[u8]) {
     assert_eq!(response.status(), 200);
 }
 
-fn posts(app: &TestApp) -> Vec<Value> {
+async fn posts(app: &TestApp) -> Vec<Value> {
+    app.settle().await;
     app.bonychat.bodies()
 }
 
@@ -30,7 +31,8 @@ async fn a_new_contact_s_first_event_carries_its_profile_and_later_ones_do_not()
     deliver(&app, &message("m1", "hi")).await;
     deliver(&app, &message("m2", "again")).await;
 
-    let posts = posts(&app);
+    let posts = posts(&app).await;
+    assert_eq!(posts.len(), 2);
     assert_eq!(
         posts[0]["contact"],
         json!({"firstName": "Peter", "lastName": "Chang", "profilePic": "https://platform-lookaside.example/pic.jpg", "locale": "en_US", "timezone": -7})
@@ -54,7 +56,7 @@ async fn without_a_page_token_nothing_is_looked_up() {
 
     deliver(&app, &message("m1", "hi")).await;
 
-    assert!(posts(&app)[0].get("contact").is_none());
+    assert!(posts(&app).await[0].get("contact").is_none());
     assert!(app.graph.received().is_empty());
     app.stop().await;
 }
@@ -69,7 +71,7 @@ async fn a_failing_graph_api_lets_the_event_through_without_a_profile() {
 
     deliver(&app, &message("m1", "hi")).await;
 
-    let posts = posts(&app);
+    let posts = posts(&app).await;
     assert_eq!(posts.len(), 1);
     assert_eq!(posts[0]["events"][0]["message"]["text"], "hi");
     assert!(posts[0].get("contact").is_none());
@@ -82,8 +84,9 @@ async fn a_wrong_page_token_lets_the_event_through_without_a_profile() {
 
     deliver(&app, &message("m1", "hi")).await;
 
+    let posts = posts(&app).await;
     assert!(!app.graph.received()[0].authentic);
-    assert!(posts(&app)[0].get("contact").is_none());
+    assert!(posts[0].get("contact").is_none());
     app.stop().await;
 }
 
@@ -96,10 +99,11 @@ async fn a_hanging_graph_api_holds_the_event_no_longer_than_the_short_timeout() 
 
     let started = Instant::now();
     deliver(&app, &message("m1", "hi")).await;
+    app.bonychat.wait_for(1).await;
     let took = started.elapsed();
 
     assert!(took < Duration::from_secs(3), "held for {took:?}");
-    let posts = posts(&app);
+    let posts = posts(&app).await;
     assert_eq!(posts.len(), 1);
     assert!(posts[0].get("contact").is_none());
     app.stop().await;

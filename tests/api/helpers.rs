@@ -17,9 +17,11 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bonychat_relay::config::{Config, Env};
 use bonychat_relay::startup::Application;
+use bonychat_relay::store::{Job, JobState, Store};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
 use sha2::Sha256;
+use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -41,6 +43,11 @@ pub struct TestApp {
     pub joinchat: StandIn,
     pub bonychat: StandIn,
     pub graph: StandIn,
+    pub store: Arc<dyn Store>,
+    /// The variables the relay was started with, for a restart.
+    pub vars: Vec<(String, String)>,
+    /// The directory of the SQLite file; removed when the test ends.
+    pub data_dir: Arc<TempDir>,
     stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -61,17 +68,33 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     let bonychat = StandIn::bonychat(API_TOKEN).await;
     let graph = StandIn::graph(PAGE_TOKEN).await;
-    let mut vars = test_vars(&joinchat.url);
-    vars.retain(|(k, _)| k != "BONYCHAT_WEBHOOK_URL");
-    vars.push(("BONYCHAT_WEBHOOK_URL".into(), bonychat.url.clone()));
-    vars.push(("MESSENGER_GRAPH_URL".into(), graph.url.clone()));
+    let data_dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
+    let mut vars = test_vars(&joinchat.url, data_dir.path());
+    set(&mut vars, "BONYCHAT_WEBHOOK_URL", &bonychat.url);
+    set(&mut vars, "MESSENGER_GRAPH_URL", &graph.url);
     for (key, value) in overrides {
-        vars.retain(|(k, _)| k != key);
-        vars.push(((*key).to_owned(), (*value).to_owned()));
+        set(&mut vars, key, value);
     }
-    let config = Config::from_env(&Env::from_pairs(vars)).expect("test configuration is valid");
+    start(vars, joinchat, bonychat, graph, data_dir).await
+}
+
+fn set(vars: &mut Vec<(String, String)>, key: &str, value: &str) {
+    vars.retain(|(k, _)| k != key);
+    vars.push((key.to_owned(), value.to_owned()));
+}
+
+async fn start(
+    vars: Vec<(String, String)>,
+    joinchat: StandIn,
+    bonychat: StandIn,
+    graph: StandIn,
+    data_dir: Arc<TempDir>,
+) -> TestApp {
+    let config =
+        Config::from_env(&Env::from_pairs(vars.clone())).expect("test configuration is valid");
     let app = Application::build(config).await.expect("relay starts");
     let addr = app.local_addr();
+    let store = app.store();
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(stop.clone()));
     TestApp {
@@ -80,13 +103,18 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
         joinchat,
         bonychat,
         graph,
+        store,
+        vars,
+        data_dir,
         stop,
         server,
     }
 }
 
-/// Every variable a test relay starts with: real defaults except for the addresses.
-pub fn test_vars(joinchat_url: &str) -> Vec<(String, String)> {
+/// Every variable a test relay starts with: real defaults except for addresses, timeouts and
+/// retry delays, and a store in `data_dir`.
+pub fn test_vars(joinchat_url: &str, data_dir: &std::path::Path) -> Vec<(String, String)> {
+    let database_url = format!("sqlite://{}/relay.db", data_dir.display());
     [
         ("RELAY_ADDR", "127.0.0.1:0"),
         ("BONYCHAT_CHANNEL_ID", CHANNEL_ID),
@@ -105,6 +133,10 @@ pub fn test_vars(joinchat_url: &str) -> Vec<(String, String)> {
         ("MESSENGER_APP_SECRET", APP_SECRET),
         ("MESSENGER_VERIFY_TOKEN", VERIFY_TOKEN),
         ("RELAY_SHUTDOWN_GRACE_SECS", "5"),
+        ("RELAY_DATABASE_URL", &database_url),
+        // Quick retries, so tests see a whole schedule in well under a second.
+        ("RELAY_RETRY_JOINCHAT", "100ms,200ms,300ms"),
+        ("RELAY_RETRY_BONYCHAT", "100ms,200ms,300ms"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -166,6 +198,53 @@ impl TestApp {
             .await
             .expect("server task")
             .expect("clean shutdown");
+    }
+
+    /// Stops the relay and starts it again on the same store and stand-ins.
+    pub async fn restart(self) -> Self {
+        let Self {
+            vars,
+            joinchat,
+            bonychat,
+            graph,
+            data_dir,
+            stop,
+            server,
+            ..
+        } = self;
+        stop.cancel();
+        server.await.expect("server task").expect("clean shutdown");
+        start(vars, joinchat, bonychat, graph, data_dir).await
+    }
+
+    /// Waits until no job is queued or in flight any more, then lets the stand-ins' last
+    /// answers land: after this, what the stand-ins recorded is everything that will come.
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queued = self
+                .store
+                .list(Some(JobState::Queued), 1)
+                .await
+                .expect("store answers");
+            if queued.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "jobs still queued: {queued:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Jobs in `state`, oldest first.
+    pub async fn jobs(&self, state: JobState) -> Vec<Job> {
+        let mut jobs = self
+            .store
+            .list(Some(state), 1000)
+            .await
+            .expect("store answers");
+        jobs.reverse();
+        jobs
     }
 }
 
@@ -229,6 +308,8 @@ pub struct Received {
     pub content_type: Option<String>,
     /// Whether the request passed the stand-in's check (signature, token).
     pub authentic: bool,
+    /// The status the stand-in answered.
+    pub answered: u16,
     pub at: Instant,
 }
 
@@ -337,6 +418,8 @@ pub struct StandIn {
 struct StandInState {
     check: Check,
     default_reply: Reply,
+    /// Percentage of unscripted requests answered 503 at random.
+    failure_percent: std::sync::atomic::AtomicU32,
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<Reply>>,
     arrivals: tokio::sync::Notify,
@@ -376,6 +459,7 @@ impl StandIn {
         let state = Arc::new(StandInState {
             check,
             default_reply,
+            failure_percent: std::sync::atomic::AtomicU32::new(0),
             received: Mutex::default(),
             script: Mutex::default(),
             arrivals: tokio::sync::Notify::new(),
@@ -392,6 +476,13 @@ impl StandIn {
     /// Queues answers for the next requests; once the script runs out, the default answer.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
         self.state.script.lock().unwrap().extend(replies);
+    }
+
+    /// Answers this percentage of unscripted requests with a 503, at random.
+    pub fn fail_randomly(&self, percent: u32) {
+        self.state
+            .failure_percent
+            .store(percent, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -436,6 +527,22 @@ async fn receive(
 ) -> Response {
     let query = uri.query().unwrap_or("").to_owned();
     let authentic = state.check.passes(&headers, &query, &body);
+    let reply = if authentic {
+        let scripted = state.script.lock().unwrap().pop_front();
+        let failing = state
+            .failure_percent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        scripted.unwrap_or_else(|| {
+            if fastrand::u32(0..100) < failing {
+                Reply::status(503, "randomly unavailable")
+            } else {
+                state.default_reply.clone()
+            }
+        })
+    } else {
+        let (status, body) = state.check.refusal();
+        Reply::status(status.as_u16(), body)
+    };
     state.received.lock().unwrap().push(Received {
         path_and_query: uri
             .path_and_query()
@@ -447,19 +554,11 @@ async fn receive(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         authentic,
+        answered: reply.status,
         at: Instant::now(),
     });
     state.arrivals.notify_waiters();
 
-    if !authentic {
-        return state.check.refusal().into_response();
-    }
-    let reply = state
-        .script
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or_else(|| state.default_reply.clone());
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     if let Some(retry_after) = reply.retry_after {

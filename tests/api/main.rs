@@ -2,6 +2,8 @@
 
 mod binary;
 mod contact_profiles;
+mod crash;
+mod durable_delivery;
 mod helpers;
 mod joinchat_answers;
 mod message_limits;
@@ -10,3 +12,4 @@ mod message_translation;
 mod messenger_webhook;
 mod ordering_and_pacing;
 mod serving;
+mod store_contract;

@@ -1,0 +1,384 @@
+//! The workers: claim due jobs from the store, attempt them, record the outcome.
+//!
+//! One dispatcher claims jobs while it has free slots; each claimed job runs in its own task.
+//! The store hands out only the oldest queued job of a contact, and only when no other job of
+//! that contact is leased, so contacts are served in parallel while each contact's jobs go one
+//! at a time in order. The dispatcher wakes when a job is stored or finished, and polls for
+//! retries coming due.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::inbound::InboundPoster;
+use super::outbound::OutboundSender;
+use super::retry::RetrySchedule;
+use crate::clients::SendError;
+use crate::store::{Finish, Job, Payload, Store, now_millis};
+
+/// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
+/// jobs ever see it run out.
+const LEASE: Duration = Duration::from_secs(60);
+/// How often the dispatcher looks for retries coming due when nothing wakes it.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// Attempts in flight at once, all contacts together.
+const MAX_IN_FLIGHT: usize = 64;
+
+/// What the first attempt of an outbound job did, for the `/message` request still waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstAttempt {
+    Sent,
+    /// Transient failure or not attempted yet: the relay keeps trying.
+    Pending,
+    Rejected(String),
+}
+
+/// `/message` requests waiting for their job's first attempt, by `mId`.
+#[derive(Default)]
+pub struct Waiters {
+    waiting: Mutex<HashMap<String, oneshot::Sender<FirstAttempt>>>,
+}
+
+impl Waiters {
+    pub fn register(&self, m_id: &str) -> oneshot::Receiver<FirstAttempt> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting
+            .lock()
+            .expect("waiters poisoned")
+            .insert(m_id.to_owned(), tx);
+        rx
+    }
+
+    /// Takes the waiter of `m_id`; whoever takes it decides what the request is answered.
+    pub fn take(&self, m_id: &str) -> Option<oneshot::Sender<FirstAttempt>> {
+        self.waiting.lock().expect("waiters poisoned").remove(m_id)
+    }
+}
+
+pub struct Worker {
+    store: Arc<dyn Store>,
+    outbound: OutboundSender,
+    inbound: InboundPoster,
+    waiters: Arc<Waiters>,
+    wake: Arc<Notify>,
+    retry_joinchat: RetrySchedule,
+    retry_bonychat: RetrySchedule,
+    owner: String,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn Store>,
+        outbound: OutboundSender,
+        inbound: InboundPoster,
+        waiters: Arc<Waiters>,
+        wake: Arc<Notify>,
+        retry_joinchat: RetrySchedule,
+        retry_bonychat: RetrySchedule,
+    ) -> Self {
+        Self {
+            store,
+            outbound,
+            inbound,
+            waiters,
+            wake,
+            retry_joinchat,
+            retry_bonychat,
+            owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The lease owner name of this process.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Claims and runs jobs until `stop`; the attempts it started go on in `tasks` until they
+    /// end or `abort` is cancelled (their jobs then stay queued, to be attempted again).
+    pub async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+        abort: CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        while !stop.is_cancelled() {
+            self.claim_into(&slots, &tasks, &abort).await;
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
+        tracing::info!("workers stopped claiming");
+    }
+
+    async fn claim_into(
+        self: &Arc<Self>,
+        slots: &Arc<Semaphore>,
+        tasks: &TaskTracker,
+        abort: &CancellationToken,
+    ) {
+        loop {
+            let free = slots.available_permits();
+            if free == 0 {
+                return;
+            }
+            let now = now_millis();
+            let jobs = match self
+                .store
+                .claim(&self.owner, now, now + millis(LEASE), free)
+                .await
+            {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot claim jobs");
+                    return;
+                }
+            };
+            if jobs.is_empty() {
+                return;
+            }
+            for job in jobs {
+                let permit = Arc::clone(slots)
+                    .try_acquire_owned()
+                    .expect("claimed no more than the free slots");
+                let this = Arc::clone(self);
+                let abort = abort.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = this.run_attempt(job) => {}
+                        () = abort.cancelled() => {}
+                    }
+                    drop(permit);
+                    // The contact's next job, if any, is claimable now.
+                    this.wake.notify_one();
+                });
+            }
+        }
+    }
+
+    /// Runs one attempt while keeping its lease alive.
+    async fn run_attempt(&self, job: Job) {
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(LEASE / 3).await;
+                if let Err(e) = self
+                    .store
+                    .renew(&self.owner, vec![job.id], now_millis() + millis(LEASE))
+                    .await
+                {
+                    tracing::warn!(job = job.id, error = %e, "cannot renew a lease");
+                }
+            }
+        };
+        let attempt = async {
+            match &job.payload {
+                Payload::Send { recipient, parts } => {
+                    self.attempt_outbound(&job, recipient, parts).await;
+                }
+                Payload::Event { event } => self.attempt_inbound(&job, event.clone()).await,
+            }
+        };
+        tokio::select! {
+            () = attempt => {}
+            () = heartbeat => {}
+        }
+    }
+
+    async fn attempt_outbound(
+        &self,
+        job: &Job,
+        recipient: &crate::domain::joinchat::Recipient,
+        parts: &[crate::domain::joinchat::Message],
+    ) {
+        let first_part = usize::try_from(job.progress).unwrap_or(0);
+        let outcome = self
+            .outbound
+            .attempt(
+                job.id,
+                &job.contact,
+                recipient,
+                parts,
+                first_part,
+                job.contact_last_effective_at,
+            )
+            .await;
+        let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
+        let attempt = job.attempts + 1;
+        // Only the first attempt can still be answered to BonyChat's waiting request.
+        let waiter = if job.attempts == 0 {
+            self.waiters.take(&job.m_id)
+        } else {
+            None
+        };
+
+        let (finish, first, label, reason) = match outcome.result {
+            Ok(()) => (
+                Finish::Delivered { progress },
+                FirstAttempt::Sent,
+                "sent",
+                None,
+            ),
+            Err(SendError::Permanent { reason }) if waiter.is_some() => (
+                Finish::Rejected {
+                    progress,
+                    error: reason.clone(),
+                },
+                FirstAttempt::Rejected(reason.clone()),
+                "rejected",
+                Some(reason),
+            ),
+            Err(SendError::Permanent { reason }) => (
+                Finish::Dead {
+                    progress,
+                    error: reason.clone(),
+                    failed_receipt: true,
+                },
+                FirstAttempt::Pending,
+                "rejected",
+                Some(reason),
+            ),
+            Err(SendError::Transient {
+                reason,
+                retry_after,
+            }) => {
+                match self
+                    .retry_joinchat
+                    .next_delay(attempt, retry_after, fastrand::f64())
+                {
+                    Some(delay) => (
+                        Finish::Retry {
+                            progress,
+                            next_attempt_at: now_millis() + millis(delay),
+                            error: reason.clone(),
+                        },
+                        FirstAttempt::Pending,
+                        "retry",
+                        Some(reason),
+                    ),
+                    None => (
+                        Finish::Dead {
+                            progress,
+                            error: format!("gave up after {attempt} attempts: {reason}"),
+                            failed_receipt: true,
+                        },
+                        FirstAttempt::Pending,
+                        "dead",
+                        Some(reason),
+                    ),
+                }
+            }
+        };
+        log_attempt(job, attempt, label, reason.as_deref());
+        let rejected_reason = match &first {
+            FirstAttempt::Rejected(reason) => Some(reason.clone()),
+            _ => None,
+        };
+        if self.record(job, finish).await
+            && let Some(waiter) = waiter
+            && waiter.send(first).is_err()
+            && let Some(reason) = rejected_reason
+        {
+            // BonyChat hung up before hearing the 400: tell it by receipt instead.
+            if let Err(e) = self
+                .store
+                .queue_failed_receipt(job.id, &reason, now_millis())
+                .await
+            {
+                tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
+            }
+        }
+    }
+
+    async fn attempt_inbound(&self, job: &Job, event: crate::domain::bonychat::WebhookEvent) {
+        let outcome = self
+            .inbound
+            .attempt(&job.contact, event, job.contact_introduced)
+            .await;
+        let attempt = job.attempts + 1;
+        let (finish, label, reason) = match outcome.result {
+            Ok(()) => {
+                if outcome.introduced
+                    && let Err(e) = self.store.mark_introduced(&job.contact).await
+                {
+                    tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
+                }
+                (Finish::Delivered { progress: 1 }, "posted", None)
+            }
+            Err(SendError::Permanent { reason }) => (
+                Finish::Dead {
+                    progress: 0,
+                    error: reason.clone(),
+                    failed_receipt: false,
+                },
+                "refused",
+                Some(reason),
+            ),
+            Err(SendError::Transient {
+                reason,
+                retry_after,
+            }) => match self
+                .retry_bonychat
+                .next_delay(attempt, retry_after, fastrand::f64())
+            {
+                Some(delay) => (
+                    Finish::Retry {
+                        progress: 0,
+                        next_attempt_at: now_millis() + millis(delay),
+                        error: reason.clone(),
+                    },
+                    "retry",
+                    Some(reason),
+                ),
+                None => (
+                    Finish::Dead {
+                        progress: 0,
+                        error: format!("gave up after {attempt} attempts: {reason}"),
+                        failed_receipt: false,
+                    },
+                    "dead",
+                    Some(reason),
+                ),
+            },
+        };
+        log_attempt(job, attempt, label, reason.as_deref());
+        self.record(job, finish).await;
+    }
+
+    /// Records the outcome; on failure the lease runs out and the job is attempted again.
+    async fn record(&self, job: &Job, finish: Finish) -> bool {
+        match self
+            .store
+            .finish(&self.owner, job.id, finish, now_millis())
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(job = job.id, error = %e, "cannot record an attempt; the job will be attempted again");
+                false
+            }
+        }
+    }
+}
+
+fn log_attempt(job: &Job, attempt: u32, outcome: &str, reason: Option<&str>) {
+    let direction = job.direction.as_str();
+    match reason {
+        None => {
+            tracing::info!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
+        }
+        Some(reason) => {
+            tracing::warn!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,106 @@
+//! `/admin/*` (SPEC §6): dead letters and redrive, behind `RELAY_ADMIN_TOKEN`.
+//!
+//! Without a token configured the admin API does not exist: every path answers 404, exactly
+//! like an unknown route, so its presence is not advertised.
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::store::{JobState, StoreError, now_millis};
+
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+pub struct AdminCaller;
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match &state.admin_token {
+            None => Err(ApiError::NotFound),
+            Some(token) if token.is_presented_in(&parts.headers) => Ok(Self),
+            Some(_) => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/jobs?state=dead&limit=100`: jobs, newest first.
+pub async fn list_jobs(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
+    let job_state = match query.state.as_deref() {
+        None | Some("" | "all") => None,
+        Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
+            let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::InvalidRequest(format!("state: must be one of {}", states.join(", ")))
+        })?),
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::InvalidRequest(format!(
+            "limit: must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let jobs = state
+        .store
+        .list(job_state, limit)
+        .await
+        .map_err(ApiError::Store)?;
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+/// `POST /admin/jobs/{id}/retry`: makes one job due now, with a fresh retry schedule.
+pub async fn retry_job(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = id.map_err(|_| ApiError::NoSuchJob("no such job".into()))?;
+    let job = state
+        .store
+        .retry(id, now_millis())
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(id) => ApiError::NoSuchJob(format!("no job {id}")),
+            StoreError::Conflict(reason) => ApiError::Conflict(reason),
+            other => ApiError::Store(other),
+        })?;
+    state.wake.notify_one();
+    tracing::info!(job = id, "job queued again by an operator");
+    Ok(Json(json!({ "job": job })))
+}
+
+/// `POST /admin/dead/redrive`: makes every dead job due now.
+pub async fn redrive_dead(
+    _: AdminCaller,
+    State(state): State<AppState>,
+) -> Result<Json<Value>, ApiError> {
+    let redriven = state
+        .store
+        .redrive_dead(now_millis())
+        .await
+        .map_err(ApiError::Store)?;
+    state.wake.notify_one();
+    tracing::info!(redriven, "dead jobs queued again by an operator");
+    Ok(Json(json!({ "redriven": redriven })))
+}
