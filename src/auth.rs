@@ -55,10 +55,7 @@ mod tests {
 
     fn headers(authorization: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(authorization).unwrap(),
-        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(authorization).unwrap());
         headers
     }
 
@@ -73,14 +70,9 @@ mod tests {
     fn anything_else_is_refused() {
         let token = BearerToken::new(&Secret::new("aaaxczsadzxc"));
         assert!(!token.is_presented_in(&HeaderMap::new()));
-        for wrong in [
-            "Bearer aaaxczsadzx",
-            "Bearer aaaxczsadzxcc",
-            "Basic aaaxczsadzxc",
-            "aaaxczsadzxc",
-            "Bearer ",
-            "Bearer",
-        ] {
+        for wrong in
+            ["Bearer aaaxczsadzx", "Bearer aaaxczsadzxcc", "Basic aaaxczsadzxc", "aaaxczsadzxc", "Bearer ", "Bearer"]
+        {
             assert!(!token.is_presented_in(&headers(wrong)), "{wrong}");
         }
     }

@@ -62,10 +62,9 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidPayload(_)
-            | Self::InvalidRequest(_)
-            | Self::UnknownChannel
-            | Self::RejectedByJoinChat(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidPayload(_) | Self::InvalidRequest(_) | Self::UnknownChannel | Self::RejectedByJoinChat(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -102,10 +101,7 @@ impl ApiError {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Self::PayloadTooLarge { limit }
         } else {
-            Self::InvalidPayload(format!(
-                "body: could not be read ({})",
-                rejection.body_text()
-            ))
+            Self::InvalidPayload(format!("body: could not be read ({})", rejection.body_text()))
         }
     }
 }
@@ -113,9 +109,7 @@ impl ApiError {
 impl From<RequestError> for ApiError {
     fn from(err: RequestError) -> Self {
         match err {
-            RequestError::NotJson(detail) => {
-                Self::InvalidPayload(format!("body: not valid JSON ({detail})"))
-            }
+            RequestError::NotJson(detail) => Self::InvalidPayload(format!("body: not valid JSON ({detail})")),
             RequestError::UnknownChannel => Self::UnknownChannel,
             RequestError::Invalid(field) => Self::InvalidPayload(field.to_string()),
         }
@@ -128,14 +122,10 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(body)).into_response();
         match self {
             Self::Unauthorized => {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::Internal(detail) => {
-                response
-                    .extensions_mut()
-                    .insert(InternalErrorDetail(detail));
+                response.extensions_mut().insert(InternalErrorDetail(detail));
             }
             _ => {}
         }
@@ -152,9 +142,7 @@ mod tests {
         let response = ApiError::Internal("database password rejected".into()).into_response();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(response.extensions().get::<InternalErrorDetail>().is_some());
-        let body = axum::body::to_bytes(response.into_body(), 1024)
-            .await
-            .unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
             json!({"error": {"code": "internal_error", "message": "internal error"}})

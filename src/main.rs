@@ -121,22 +121,13 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         }
     };
     let result = match action {
-        JobsCommand::List { state, limit, json } => {
-            list(store.as_ref(), state.as_deref(), limit, json).await
-        }
+        JobsCommand::List { state, limit, json } => list(store.as_ref(), state.as_deref(), limit, json).await,
         JobsCommand::Retry { id } => store.retry(id, now_millis()).await.map(|job| {
-            println!(
-                "job {} queued again ({} {} to {})",
-                job.id,
-                job.direction.as_str(),
-                job.m_id,
-                job.contact
-            );
+            println!("job {} queued again ({} {} to {})", job.id, job.direction.as_str(), job.m_id, job.contact);
         }),
-        JobsCommand::Redrive => store
-            .redrive_dead(now_millis())
-            .await
-            .map(|n| println!("{n} dead job(s) queued again")),
+        JobsCommand::Redrive => {
+            store.redrive_dead(now_millis()).await.map(|n| println!("{n} dead job(s) queued again"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -147,18 +138,11 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
     }
 }
 
-async fn list(
-    store: &dyn Store,
-    state: Option<&str>,
-    limit: usize,
-    json: bool,
-) -> Result<(), store::StoreError> {
+async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) -> Result<(), store::StoreError> {
     let state = match state {
         None => None,
         Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
-            store::StoreError::Conflict(format!(
-                "--state {raw}: must be queued, delivered, dead, rejected or dropped"
-            ))
+            store::StoreError::Conflict(format!("--state {raw}: must be queued, delivered, dead, rejected or dropped"))
         })?),
     };
     let jobs = store.list(state, limit).await?;

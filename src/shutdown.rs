@@ -7,10 +7,7 @@ pub async fn signal() {
         signal::ctrl_c().await.expect("cannot listen for SIGINT");
     };
     let terminate = async {
-        signal::unix::signal(signal::unix::SignalKind::terminate())
-            .expect("cannot listen for SIGTERM")
-            .recv()
-            .await;
+        signal::unix::signal(signal::unix::SignalKind::terminate()).expect("cannot listen for SIGTERM").recv().await;
     };
     tokio::select! {
         () = interrupt => tracing::info!("SIGINT received"),

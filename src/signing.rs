@@ -54,24 +54,17 @@ impl HubSignature {
     }
 
     /// Verifies `header` against the exact `body` bytes, in constant time.
-    pub fn verify(
-        &self,
-        header: Option<&[u8]>,
-        body: Bytes,
-    ) -> Result<VerifiedBody, SignatureError> {
+    pub fn verify(&self, header: Option<&[u8]>, body: Bytes) -> Result<VerifiedBody, SignatureError> {
         let header = header.ok_or(SignatureError::Missing)?;
-        let hex = header
-            .strip_prefix(b"sha256=")
-            .ok_or(SignatureError::Malformed)?;
+        let hex = header.strip_prefix(b"sha256=").ok_or(SignatureError::Malformed)?;
         let expected = decode_hex(hex.trim_ascii()).ok_or(SignatureError::Malformed)?;
         if expected.len() != 32 {
             return Err(SignatureError::Malformed);
         }
-        let mut mac = HmacSha256::new_from_slice(self.app_secret.expose().as_bytes())
-            .expect("HMAC accepts keys of any length");
+        let mut mac =
+            HmacSha256::new_from_slice(self.app_secret.expose().as_bytes()).expect("HMAC accepts keys of any length");
         mac.update(&body);
-        mac.verify_slice(&expected)
-            .map_err(|_| SignatureError::Mismatch)?;
+        mac.verify_slice(&expected).map_err(|_| SignatureError::Mismatch)?;
         Ok(VerifiedBody(body))
     }
 }
@@ -109,8 +102,7 @@ mod tests {
     const MESSENGER_SECRET: &str = "e6af24be1d683c8c911949f897eea1f6";
 
     fn verify(secret: &str, header: &str, body: &[u8]) -> Result<VerifiedBody, SignatureError> {
-        HubSignature::new(Secret::new(secret))
-            .verify(Some(header.as_bytes()), Bytes::copy_from_slice(body))
+        HubSignature::new(Secret::new(secret)).verify(Some(header.as_bytes()), Bytes::copy_from_slice(body))
     }
 
     /// V1: GitHub's published vector for the same `sha256=` scheme.
@@ -127,20 +119,12 @@ mod tests {
     #[test]
     fn hub_signature_accepts_vectors_v6_and_v7_over_raw_bytes() {
         assert!(
-            verify(
-                MESSENGER_SECRET,
-                "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b",
-                B1
-            )
-            .is_ok()
+            verify(MESSENGER_SECRET, "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b", B1)
+                .is_ok()
         );
         assert!(
-            verify(
-                MESSENGER_SECRET,
-                "sha256=7f202c12ba7dbbd1cb23d8a1b4af648fe22ea04456c0a926fcf8cb4e6da31ab4",
-                B2
-            )
-            .is_ok()
+            verify(MESSENGER_SECRET, "sha256=7f202c12ba7dbbd1cb23d8a1b4af648fe22ea04456c0a926fcf8cb4e6da31ab4", B2)
+                .is_ok()
         );
     }
 
@@ -148,15 +132,10 @@ mod tests {
     /// verifier that re-serialises the JSON would fail.
     #[test]
     fn hub_signature_refuses_vector_v8_decoded_body() {
-        let decoded = std::str::from_utf8(B1)
-            .unwrap()
-            .replace("\\u00e4\\u00eb\\u00ef", "äëï");
+        let decoded = std::str::from_utf8(B1).unwrap().replace("\\u00e4\\u00eb\\u00ef", "äëï");
         assert_ne!(decoded.as_bytes(), B1);
         let v6 = "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b";
-        assert_eq!(
-            verify(MESSENGER_SECRET, v6, decoded.as_bytes()).unwrap_err(),
-            SignatureError::Mismatch
-        );
+        assert_eq!(verify(MESSENGER_SECRET, v6, decoded.as_bytes()).unwrap_err(), SignatureError::Mismatch);
         let v8 = "sha256=b3d30a2399faba00e21a74a438727a3d403c4fe5a110f7042382596427c8ace4";
         assert!(verify(MESSENGER_SECRET, v8, decoded.as_bytes()).is_ok());
     }
@@ -164,10 +143,7 @@ mod tests {
     #[test]
     fn hub_signature_refuses_missing_malformed_and_wrong_headers() {
         let signer = HubSignature::new(Secret::new("s"));
-        assert_eq!(
-            signer.verify(None, Bytes::from_static(b"{}")).unwrap_err(),
-            SignatureError::Missing
-        );
+        assert_eq!(signer.verify(None, Bytes::from_static(b"{}")).unwrap_err(), SignatureError::Missing);
         for malformed in [
             "",
             "sha256=",
@@ -176,19 +152,10 @@ mod tests {
             "sha256=abc",
             "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
         ] {
-            assert_eq!(
-                verify("s", malformed, b"{}").unwrap_err(),
-                SignatureError::Malformed,
-                "{malformed}"
-            );
+            assert_eq!(verify("s", malformed, b"{}").unwrap_err(), SignatureError::Malformed, "{malformed}");
         }
         assert_eq!(
-            verify(
-                "s",
-                "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
-                b"{}"
-            )
-            .unwrap_err(),
+            verify("s", "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", b"{}").unwrap_err(),
             SignatureError::Mismatch
         );
     }
@@ -209,10 +176,7 @@ mod tests {
     #[test]
     fn joinchat_signature_matches_test_vector_v9() {
         let body = br#"{"page_id":12345,"recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"},"tag":"ACCOUNT_UPDATE","delay":1}"#;
-        assert_eq!(
-            joinchat_signature(b"xxxxx", body),
-            "pjxfCwQlwtXvvMRKAPy5T16qFq9qBYc3CEWjI45M3mo="
-        );
+        assert_eq!(joinchat_signature(b"xxxxx", body), "pjxfCwQlwtXvvMRKAPy5T16qFq9qBYc3CEWjI45M3mo=");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::Config;
 use crate::delivery::{InboundPoster, OutboundSender, Profiles, RetrySchedule, Waiters, Worker};
-use crate::routes::{AppState, router};
+use crate::routes::{AppState, Shared, router};
 use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError, now_millis};
 
@@ -50,24 +50,16 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        let store = store::open(&config.store)
-            .await
-            .map_err(StartupError::Store)?;
+        let store = store::open(&config.store).await.map_err(StartupError::Store)?;
         let recovered = store.recover().await.map_err(StartupError::Store)?;
         if recovered > 0 {
-            tracing::info!(
-                jobs = recovered,
-                "taking over jobs a previous run left in flight"
-            );
+            tracing::info!(jobs = recovered, "taking over jobs a previous run left in flight");
         }
 
         let profiles = match &config.messenger.page_access_token {
             Some(token) => {
                 let graph = GraphProfiles::new(&config.messenger, token.clone())?;
-                Some(Profiles::new(
-                    Arc::new(graph),
-                    config.messenger.graph_timeout,
-                ))
+                Some(Profiles::new(Arc::new(graph), config.messenger.graph_timeout))
             }
             None => None,
         };
@@ -75,11 +67,7 @@ impl Application {
         let wake = Arc::new(Notify::new());
         let worker = Worker::new(
             Arc::clone(&store),
-            OutboundSender::new(
-                Arc::new(HttpJoinChat::new(&config.joinchat)?),
-                Arc::clone(&store),
-                &config.joinchat,
-            ),
+            OutboundSender::new(Arc::new(HttpJoinChat::new(&config.joinchat)?), Arc::clone(&store), &config.joinchat),
             InboundPoster::new(
                 Arc::new(HttpBonyChat::new(&config.bonychat)?),
                 config.bonychat.channel_id.clone(),
@@ -94,27 +82,20 @@ impl Application {
         let shutdown = CancellationToken::new();
         // Long enough for `/message` to wait for its first attempt, so the deadline only ever
         // cuts off a stuck client.
-        let request_timeout =
-            config.delivery.send_wait + config.joinchat.request_timeout + Duration::from_secs(10);
-        let state = AppState {
-            bonychat_token: Arc::new(BearerToken::new(&config.bonychat.api_token)),
-            admin_token: config
-                .server
-                .admin_token
-                .as_ref()
-                .map(|t| Arc::new(BearerToken::new(t))),
-            hub_signature: Arc::new(HubSignature::new(config.messenger.app_secret.clone())),
-            verify_token: Arc::new(SecretDigest::new(&config.messenger.verify_token)),
+        let request_timeout = config.delivery.send_wait + config.joinchat.request_timeout + Duration::from_secs(10);
+        let state = AppState::new(Shared {
+            bonychat_token: BearerToken::new(&config.bonychat.api_token),
+            admin_token: config.server.admin_token.as_ref().map(BearerToken::new),
+            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
+            verify_token: SecretDigest::new(&config.messenger.verify_token),
             store: Arc::clone(&store),
             waiters,
             wake,
             shutdown: shutdown.clone(),
-            config: Arc::new(config),
-        };
+            config,
+        });
         let addr = state.config.server.addr;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartupError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
         Ok(Self {
             listener,
             router: router(state.clone(), request_timeout),
@@ -132,39 +113,23 @@ impl Application {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     /// Serves and delivers until `stop` is cancelled; then stops accepting requests and
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self {
-            listener,
-            router,
-            store,
-            worker,
-            shutdown,
-            grace,
-            retention,
-        } = self;
+        let Self { listener, router, store, worker, shutdown, grace, retention } = self;
         tracing::info!(addr = %listener.local_addr()?, "relay listening");
 
         let draining = shutdown.clone();
         let mut server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(draining.cancelled_owned())
-                .await
+            axum::serve(listener, router).with_graceful_shutdown(draining.cancelled_owned()).await
         });
         let attempts = TaskTracker::new();
         let abort = CancellationToken::new();
-        let dispatcher = tokio::spawn(Arc::clone(&worker).run(
-            shutdown.clone(),
-            attempts.clone(),
-            abort.clone(),
-        ));
+        let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone(), attempts.clone(), abort.clone()));
         let pruner = tokio::spawn(prune_forever(Arc::clone(&store), retention));
 
         tokio::select! {
@@ -193,10 +158,7 @@ impl Application {
         match drained {
             Ok(served) => served.unwrap_or_else(|e| Err(io::Error::other(e)))?,
             Err(_) => {
-                tracing::warn!(
-                    unfinished_attempts = attempts.len(),
-                    "grace period over; stopping the rest"
-                );
+                tracing::warn!(unfinished_attempts = attempts.len(), "grace period over; stopping the rest");
                 abort.cancel();
                 server.abort();
                 attempts.wait().await;
@@ -204,10 +166,7 @@ impl Application {
         }
         match store.release(worker.owner()).await {
             Ok(0) => {}
-            Ok(released) => tracing::info!(
-                jobs = released,
-                "unfinished jobs handed back for the next start"
-            ),
+            Ok(released) => tracing::info!(jobs = released, "unfinished jobs handed back for the next start"),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot hand unfinished jobs back; their leases will run out");
             }

@@ -18,17 +18,22 @@ use crate::error::InternalErrorDetail;
 /// Installs the global subscriber; a second call (as in tests) leaves the first in place.
 pub fn init(config: &TelemetryConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let _ = match config.log_format {
         LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
+}
+
+/// Request ids: UUIDv4-shaped, from a thread-local generator (no system call per request).
+#[derive(Clone, Copy, Default)]
+pub struct MakeRequestId;
+
+impl tower_http::request_id::MakeRequestId for MakeRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<tower_http::request_id::RequestId> {
+        let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
+        axum::http::HeaderValue::from_str(&id.hyphenated().to_string()).ok().map(Into::into)
+    }
 }
 
 /// Health probes arrive every few seconds; they are logged at debug level only.
@@ -43,12 +48,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         Some(matched) => matched.as_str().to_owned(),
         None => request.uri().path().to_owned(),
     };
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
     let span = tracing::info_span!("request", request_id = %request_id);
 
     let response = next.run(request).instrument(span).await;

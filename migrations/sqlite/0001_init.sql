@@ -6,7 +6,7 @@ CREATE TABLE jobs (
     contact             TEXT    NOT NULL,
     m_id                TEXT    NOT NULL,
     -- Inbound events and receipts: what makes a redelivery a duplicate.
-    dedup_key           TEXT    UNIQUE,
+    dedup_key           TEXT,
     payload             TEXT    NOT NULL,
     state               TEXT    NOT NULL CHECK (state IN ('queued', 'delivered', 'dead', 'rejected', 'dropped')),
     attempts            INTEGER NOT NULL DEFAULT 0,
@@ -23,10 +23,24 @@ CREATE TABLE jobs (
     updated_at          INTEGER NOT NULL
 );
 
-CREATE INDEX jobs_queue ON jobs (state, direction, contact, id);
-CREATE INDEX jobs_receipts ON jobs (direction, contact, accepted_at) WHERE accepted_at IS NOT NULL;
-CREATE INDEX jobs_lease ON jobs (lease_owner) WHERE lease_owner IS NOT NULL;
-CREATE INDEX jobs_age ON jobs (state, updated_at);
+-- Partial indexes: every job passes through them briefly, so they stay small and cheap.
+CREATE UNIQUE INDEX jobs_dedup ON jobs (dedup_key) WHERE dedup_key IS NOT NULL;
+CREATE INDEX jobs_queued ON jobs (direction, contact, id) WHERE state = 'queued';
+CREATE INDEX jobs_leased ON jobs (direction, contact) WHERE lease_owner IS NOT NULL;
+CREATE INDEX jobs_receipts ON jobs (contact, accepted_at) WHERE accepted_at IS NOT NULL;
+
+-- The ready queue: per (direction, contact) with queued jobs, its oldest queued job and when
+-- that one may be claimed (its next attempt, or the end of a lease on any queued job of the
+-- contact). Claims read this instead of scanning every queued job.
+CREATE TABLE queue_heads (
+    direction TEXT    NOT NULL,
+    contact   TEXT    NOT NULL,
+    job_id    INTEGER NOT NULL,
+    due_at    INTEGER NOT NULL,
+    PRIMARY KEY (direction, contact)
+) WITHOUT ROWID;
+
+CREATE INDEX queue_heads_due ON queue_heads (due_at);
 
 -- Per (direction, contact): pacing of outbound sends, and whether BonyChat knows the contact.
 CREATE TABLE contacts (

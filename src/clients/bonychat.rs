@@ -43,12 +43,7 @@ impl BonyChatApi for HttpBonyChat {
             }
             let retry_after = http::retry_after(response.headers(), SystemTime::now());
             let answer = http::read_capped(response).await.unwrap_or_default();
-            Err(http::classify_failure(
-                UPSTREAM,
-                status,
-                retry_after,
-                &answer,
-            ))
+            Err(http::classify_failure(UPSTREAM, status, retry_after, &answer))
         })
     }
 }

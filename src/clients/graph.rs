@@ -41,24 +41,15 @@ impl ProfileLookup for GraphProfiles {
                 .append_pair("fields", "first_name,last_name,profile_pic,locale,timezone")
                 .append_pair("access_token", self.token.expose());
             // The URL carries the token: errors are described without it.
-            let response = self
-                .http
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| e.without_url().to_string())?;
+            let response = self.http.get(url).send().await.map_err(|e| e.without_url().to_string())?;
             let status = response.status();
-            let answer = http::read_capped(response)
-                .await
-                .map_err(|e| e.without_url().to_string())?;
+            let answer = http::read_capped(response).await.map_err(|e| e.without_url().to_string())?;
             if !status.is_success() {
                 let reason = http::reason_from(&answer).unwrap_or_default();
-                return Err(format!("Graph API answered {status} {reason}")
-                    .trim_end()
-                    .to_owned());
+                return Err(format!("Graph API answered {status} {reason}").trim_end().to_owned());
             }
-            let value: Value = serde_json::from_slice(&answer)
-                .map_err(|e| format!("Graph API answer is not JSON: {e}"))?;
+            let value: Value =
+                serde_json::from_slice(&answer).map_err(|e| format!("Graph API answer is not JSON: {e}"))?;
             Ok(profile_from(&value))
         })
     }
@@ -105,8 +96,7 @@ mod tests {
 
     #[test]
     fn missing_and_out_of_range_fields_are_left_out() {
-        let profile =
-            profile_from(&json!({"first_name": "", "timezone": 99, "last_name": "x".repeat(60)}));
+        let profile = profile_from(&json!({"first_name": "", "timezone": 99, "last_name": "x".repeat(60)}));
         assert_eq!(profile.first_name, None);
         assert_eq!(profile.timezone, None);
         assert_eq!(profile.last_name.unwrap().chars().count(), NAME_MAX);

@@ -15,10 +15,7 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_REASON_CHARS: usize = 300;
 
 /// The relay's HTTP client settings, shared by every upstream.
-pub fn client(
-    connect_timeout: Duration,
-    request_timeout: Duration,
-) -> Result<reqwest::Client, reqwest::Error> {
+pub fn client(connect_timeout: Duration, request_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     // reqwest is built without a default crypto provider (ring compiles much faster than
     // aws-lc); the first client installs it. Installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -54,10 +51,7 @@ pub fn transport_error(upstream: &str, e: &reqwest::Error) -> SendError {
     } else {
         format!("request to {upstream} failed: {}", root_cause(e))
     };
-    SendError::Transient {
-        reason,
-        retry_after: None,
-    }
+    SendError::Transient { reason, retry_after: None }
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -70,35 +64,22 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A non-2xx answer: 408, 429 and 5xx are transient, other 4xx permanent (SPEC §3.5), and a
 /// redirect means the URL is misconfigured.
-pub fn classify_failure(
-    upstream: &str,
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    answer: &[u8],
-) -> SendError {
+pub fn classify_failure(upstream: &str, status: StatusCode, retry_after: Option<Duration>, answer: &[u8]) -> SendError {
     let detail = reason_from(answer);
     let answered = match &detail {
         Some(detail) => format!("{upstream} answered {status}: {detail}"),
         None => format!("{upstream} answered {status}"),
     };
     match status {
-        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => SendError::Transient {
-            reason: answered,
-            retry_after,
-        },
-        s if s.is_server_error() => SendError::Transient {
-            reason: answered,
-            retry_after,
-        },
-        s if s.is_client_error() => SendError::Permanent {
-            reason: detail.unwrap_or(answered),
-        },
-        s if s.is_redirection() => SendError::Permanent {
-            reason: format!("{upstream} answered {s} (a redirect): check its URL setting"),
-        },
-        s => SendError::Permanent {
-            reason: format!("{upstream} answered an unexpected {s}"),
-        },
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
+            SendError::Transient { reason: answered, retry_after }
+        }
+        s if s.is_server_error() => SendError::Transient { reason: answered, retry_after },
+        s if s.is_client_error() => SendError::Permanent { reason: detail.unwrap_or(answered) },
+        s if s.is_redirection() => {
+            SendError::Permanent { reason: format!("{upstream} answered {s} (a redirect): check its URL setting") }
+        }
+        s => SendError::Permanent { reason: format!("{upstream} answered an unexpected {s}") },
     }
 }
 
@@ -109,18 +90,12 @@ pub fn reason_from(answer: &[u8]) -> Option<String> {
         match value {
             Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
             Value::Object(fields) => {
-                let text = ["msg", "message", "error", "detail"]
-                    .iter()
-                    .find_map(|key| fields.get(*key).and_then(text_of))?;
-                match fields
-                    .get("code")
-                    .filter(|c| c.is_number() || c.is_string())
-                {
-                    Some(code) => Some(format!(
-                        "{text} (code {})",
-                        code.as_str()
-                            .map_or_else(|| code.to_string(), str::to_owned)
-                    )),
+                let text =
+                    ["msg", "message", "error", "detail"].iter().find_map(|key| fields.get(*key).and_then(text_of))?;
+                match fields.get("code").filter(|c| c.is_number() || c.is_string()) {
+                    Some(code) => {
+                        Some(format!("{text} (code {})", code.as_str().map_or_else(|| code.to_string(), str::to_owned)))
+                    }
                     None => Some(text),
                 }
             }
@@ -129,14 +104,8 @@ pub fn reason_from(answer: &[u8]) -> Option<String> {
         }
     }
     let text = match serde_json::from_slice::<Value>(answer) {
-        Ok(value) => ["errors", "error", "message", "msg"]
-            .iter()
-            .find_map(|key| value.get(*key).and_then(text_of)),
-        Err(_) => std::str::from_utf8(answer)
-            .ok()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_owned),
+        Ok(value) => ["errors", "error", "message", "msg"].iter().find_map(|key| value.get(*key).and_then(text_of)),
+        Err(_) => std::str::from_utf8(answer).ok().map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned),
     };
     text.map(|t| truncate(&t, MAX_REASON_CHARS).into_owned())
 }
@@ -165,21 +134,15 @@ mod tests {
                 None,
                 br#"{"success":false,"errors":"Unknow errors"}"#
             ),
-            SendError::Permanent {
-                reason: "Unknow errors".into()
-            }
+            SendError::Permanent { reason: "Unknow errors".into() }
         );
         assert_eq!(
             classify_failure("BonyChat", StatusCode::FORBIDDEN, None, b""),
-            SendError::Permanent {
-                reason: "BonyChat answered 403 Forbidden".into()
-            }
+            SendError::Permanent { reason: "BonyChat answered 403 Forbidden".into() }
         );
         assert_eq!(
             classify_failure("JoinChat", StatusCode::NOT_FOUND, None, b"no such page\n"),
-            SendError::Permanent {
-                reason: "no such page".into()
-            }
+            SendError::Permanent { reason: "no such page".into() }
         );
     }
 
@@ -193,24 +156,10 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE,
         ] {
             let error = classify_failure("JoinChat", status, Some(Duration::from_secs(3)), b"");
-            assert!(
-                matches!(
-                    error,
-                    SendError::Transient {
-                        retry_after: Some(_),
-                        ..
-                    }
-                ),
-                "{status}: {error:?}"
-            );
+            assert!(matches!(error, SendError::Transient { retry_after: Some(_), .. }), "{status}: {error:?}");
         }
         assert_eq!(
-            classify_failure(
-                "JoinChat",
-                StatusCode::SERVICE_UNAVAILABLE,
-                None,
-                br#"{"message":"maintenance"}"#
-            ),
+            classify_failure("JoinChat", StatusCode::SERVICE_UNAVAILABLE, None, br#"{"message":"maintenance"}"#),
             SendError::Transient {
                 reason: "JoinChat answered 503 Service Unavailable: maintenance".into(),
                 retry_after: None
@@ -221,9 +170,7 @@ mod tests {
     #[test]
     fn a_redirect_is_reported_as_a_configuration_problem() {
         let error = classify_failure("BonyChat", StatusCode::MOVED_PERMANENTLY, None, b"");
-        assert!(
-            matches!(error, SendError::Permanent { reason } if reason.contains("check its URL"))
-        );
+        assert!(matches!(error, SendError::Permanent { reason } if reason.contains("check its URL")));
     }
 
     #[test]
@@ -236,19 +183,10 @@ mod tests {
             reason_from(br#"{"error":{"message":"Invalid token","code":"E1"}}"#).as_deref(),
             Some("Invalid token (code E1)")
         );
-        assert_eq!(
-            reason_from(br#"{"errors":[{"detail":"bad"}]}"#).as_deref(),
-            Some("bad")
-        );
+        assert_eq!(reason_from(br#"{"errors":[{"detail":"bad"}]}"#).as_deref(), Some("bad"));
         assert_eq!(reason_from(br#"{"success":false}"#), None);
         assert_eq!(reason_from(b"   "), None);
-        assert_eq!(
-            reason_from("x".repeat(5000).as_bytes())
-                .unwrap()
-                .chars()
-                .count(),
-            MAX_REASON_CHARS
-        );
+        assert_eq!(reason_from("x".repeat(5000).as_bytes()).unwrap().chars().count(), MAX_REASON_CHARS);
     }
 
     #[test]

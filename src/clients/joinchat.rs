@@ -62,22 +62,11 @@ impl JoinChatApi for HttpJoinChat {
 }
 
 /// SPEC §3.5: a 2xx is sent unless its body says `"success": false`.
-pub fn classify(
-    status: StatusCode,
-    retry_after: Option<std::time::Duration>,
-    answer: &[u8],
-) -> Result<(), SendError> {
+pub fn classify(status: StatusCode, retry_after: Option<std::time::Duration>, answer: &[u8]) -> Result<(), SendError> {
     if !status.is_success() {
-        return Err(http::classify_failure(
-            UPSTREAM,
-            status,
-            retry_after,
-            answer,
-        ));
+        return Err(http::classify_failure(UPSTREAM, status, retry_after, answer));
     }
-    let refused = serde_json::from_slice::<Value>(answer)
-        .ok()
-        .and_then(|v| v.get("success").cloned())
+    let refused = serde_json::from_slice::<Value>(answer).ok().and_then(|v| v.get("success").cloned())
         == Some(Value::Bool(false));
     if refused {
         return Err(SendError::Permanent {
@@ -93,21 +82,12 @@ mod tests {
     use super::*;
 
     fn permanent(reason: &str) -> Result<(), SendError> {
-        Err(SendError::Permanent {
-            reason: reason.into(),
-        })
+        Err(SendError::Permanent { reason: reason.into() })
     }
 
     #[test]
     fn a_2xx_is_sent_unless_it_says_success_false() {
-        assert_eq!(
-            classify(
-                StatusCode::OK,
-                None,
-                br#"{"success":true,"recipient_id":"1"}"#
-            ),
-            Ok(())
-        );
+        assert_eq!(classify(StatusCode::OK, None, br#"{"success":true,"recipient_id":"1"}"#), Ok(()));
         assert_eq!(classify(StatusCode::OK, None, b""), Ok(()));
         assert_eq!(classify(StatusCode::ACCEPTED, None, b"queued"), Ok(()));
         assert_eq!(
@@ -119,11 +99,7 @@ mod tests {
             permanent("Recipient not found (code 10010)")
         );
         assert_eq!(
-            classify(
-                StatusCode::OK,
-                None,
-                br#"{"success": false, "error": "Invalid signature"}"#
-            ),
+            classify(StatusCode::OK, None, br#"{"success": false, "error": "Invalid signature"}"#),
             permanent("Invalid signature")
         );
         assert_eq!(
@@ -134,17 +110,7 @@ mod tests {
 
     #[test]
     fn failures_are_classified_like_any_upstream() {
-        assert_eq!(
-            classify(
-                StatusCode::BAD_REQUEST,
-                None,
-                br#"{"errors":{"msg":"Bad"}}"#
-            ),
-            permanent("Bad")
-        );
-        assert!(matches!(
-            classify(StatusCode::BAD_GATEWAY, None, b""),
-            Err(SendError::Transient { .. })
-        ));
+        assert_eq!(classify(StatusCode::BAD_REQUEST, None, br#"{"errors":{"msg":"Bad"}}"#), permanent("Bad"));
+        assert!(matches!(classify(StatusCode::BAD_GATEWAY, None, b""), Err(SendError::Transient { .. })));
     }
 }

@@ -21,10 +21,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(var: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self {
-            var: var.into(),
-            problem: problem.into(),
-        }
+        Self { var: var.into(), problem: problem.into() }
     }
 }
 
@@ -58,16 +55,8 @@ impl Env {
         Self::from_os_pairs(std::env::vars_os())
     }
 
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Self {
-            vars: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-            not_unicode: Vec::new(),
-        }
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), not_unicode: Vec::new() }
     }
 
     fn from_os_pairs(pairs: impl IntoIterator<Item = (OsString, OsString)>) -> Self {
@@ -92,8 +81,7 @@ impl Env {
         let entries = dotenvy::from_path_iter(path)
             .map_err(|e| ConfigError::new(flag, format!("cannot read {}: {e}", path.display())))?;
         for entry in entries {
-            let (key, value) =
-                entry.map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
+            let (key, value) = entry.map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
             self.vars.entry(key).or_insert(value);
         }
         Ok(self)
@@ -109,16 +97,11 @@ impl Env {
         if self.not_unicode.iter().any(|k| k == key) {
             return Err(ConfigError::new(key, "value is not valid UTF-8"));
         }
-        Ok(self
-            .vars
-            .get(key)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty()))
+        Ok(self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty()))
     }
 
     pub fn required(&self, key: &str) -> Result<&str, ConfigError> {
-        self.get(key)?
-            .ok_or_else(|| ConfigError::new(key, "required but not set"))
+        self.get(key)?.ok_or_else(|| ConfigError::new(key, "required but not set"))
     }
 
     /// Parses `key` with `parse`, or returns `default` when it is unset.
@@ -139,10 +122,7 @@ impl Env {
     pub fn secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
         let file_key = format!("{key}_FILE");
         match (self.get(key)?, self.get(&file_key)?) {
-            (Some(_), Some(_)) => Err(ConfigError::new(
-                key,
-                format!("set either {key} or {file_key}, not both"),
-            )),
+            (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
             (Some(value), None) => Ok(Some(Secret::new(value))),
             (None, Some(path)) => {
                 let content = std::fs::read_to_string(path)
@@ -160,8 +140,7 @@ impl Env {
     }
 
     pub fn required_secret(&self, key: &str) -> Result<Secret, ConfigError> {
-        self.secret(key)?
-            .ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
+        self.secret(key)?.ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
     }
 }
 
@@ -169,13 +148,11 @@ impl Env {
 /// seconds or minutes, and guessing wrong turns a one-hour retry budget into a month.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{raw}` has no unit (use ms, s, m, h or d)"))?;
+    let split =
+        raw.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("`{raw}` has no unit (use ms, s, m, h or d)"))?;
     let (digits, unit) = raw.split_at(split);
-    let amount: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{raw}` is not a number followed by a unit (ms, s, m, h or d)"))?;
+    let amount: u64 =
+        digits.parse().map_err(|_| format!("`{raw}` is not a number followed by a unit (ms, s, m, h or d)"))?;
     let millis_per_unit: u64 = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -183,15 +160,10 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         _ => {
-            return Err(format!(
-                "`{raw}` has an unknown unit (use ms, s, m, h or d)"
-            ));
+            return Err(format!("`{raw}` has an unknown unit (use ms, s, m, h or d)"));
         }
     };
-    amount
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{raw}` is too large"))
+    amount.checked_mul(millis_per_unit).map(Duration::from_millis).ok_or_else(|| format!("`{raw}` is too large"))
 }
 
 /// Parses a comma-separated list of durations such as `1s,5s,30s,2m`.
@@ -200,8 +172,7 @@ pub fn parse_duration_list(raw: &str) -> Result<Vec<Duration>, String> {
 }
 
 pub fn parse_u64(raw: &str) -> Result<u64, String> {
-    raw.parse()
-        .map_err(|_| format!("`{raw}` is not a whole non-negative number"))
+    raw.parse().map_err(|_| format!("`{raw}` is not a whole non-negative number"))
 }
 
 #[cfg(test)]
@@ -230,11 +201,7 @@ mod tests {
     fn duration_lists_keep_their_order_and_tolerate_spaces() {
         assert_eq!(
             parse_duration_list("1s, 5s,2m"),
-            Ok(vec![
-                Duration::from_secs(1),
-                Duration::from_secs(5),
-                Duration::from_secs(120)
-            ])
+            Ok(vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(120)])
         );
         assert!(parse_duration_list("1s,,5s").is_err());
     }
@@ -243,10 +210,7 @@ mod tests {
     fn empty_values_count_as_unset() {
         let env = Env::from_pairs([("A", "")]);
         assert_eq!(env.get("A"), Ok(None));
-        assert_eq!(
-            env.required("A").unwrap_err().to_string(),
-            "A: required but not set"
-        );
+        assert_eq!(env.required("A").unwrap_err().to_string(), "A: required but not set");
     }
 
     #[test]

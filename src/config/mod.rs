@@ -179,12 +179,8 @@ const SECRET_VARS: &[&str] = &[
 ];
 
 /// The tags Messenger accepts since March 2020; JoinChat's own list predates that.
-const CURRENT_MESSAGE_TAGS: &[&str] = &[
-    "CONFIRMED_EVENT_UPDATE",
-    "POST_PURCHASE_UPDATE",
-    "ACCOUNT_UPDATE",
-    "HUMAN_AGENT",
-];
+const CURRENT_MESSAGE_TAGS: &[&str] =
+    &["CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE", "HUMAN_AGENT"];
 
 impl Config {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
@@ -192,31 +188,20 @@ impl Config {
 
         let server = ServerConfig {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
-            shutdown_grace: env.parsed(
-                "RELAY_SHUTDOWN_GRACE_SECS",
-                Duration::from_secs(10),
-                |raw| parse_u64(raw).map(Duration::from_secs),
-            )?,
+            shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), |raw| {
+                parse_u64(raw).map(Duration::from_secs)
+            })?,
             admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
         };
 
         let bonychat = BonyChatConfig {
             channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
             api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
-            webhook_url: parse_http_url(
-                "BONYCHAT_WEBHOOK_URL",
-                env.required("BONYCHAT_WEBHOOK_URL")?,
-            )?,
-            request_timeout: env.parsed(
-                "BONYCHAT_TIMEOUT_MS",
-                Duration::from_secs(10),
-                positive_millis,
-            )?,
+            webhook_url: parse_http_url("BONYCHAT_WEBHOOK_URL", env.required("BONYCHAT_WEBHOOK_URL")?)?,
+            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), positive_millis)?,
         };
 
-        let message_tag = env
-            .get("JOINCHAT_MESSAGE_TAG")?
-            .map(|tag| tag.trim().to_owned());
+        let message_tag = env.get("JOINCHAT_MESSAGE_TAG")?.map(|tag| tag.trim().to_owned());
         if let Some(tag) = &message_tag
             && !CURRENT_MESSAGE_TAGS.contains(&tag.as_str())
         {
@@ -233,28 +218,14 @@ impl Config {
             )?,
             page_id: parse_page_id(env.required("JOINCHAT_PAGE_ID")?)?,
             api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
-            recipient_field: env.parsed(
-                "JOINCHAT_RECIPIENT_FIELD",
-                RecipientField::Auto,
-                parse_recipient_field,
-            )?,
+            recipient_field: env.parsed("JOINCHAT_RECIPIENT_FIELD", RecipientField::Auto, parse_recipient_field)?,
             message_tag,
-            order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), |raw| {
-                match parse_u64(raw)? {
-                    secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
-                    _ => Err("must be at most 3600 seconds".into()),
-                }
+            order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), |raw| match parse_u64(raw)? {
+                secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
+                _ => Err("must be at most 3600 seconds".into()),
             })?,
-            connect_timeout: env.parsed(
-                "JOINCHAT_CONNECT_TIMEOUT_MS",
-                Duration::from_secs(5),
-                positive_millis,
-            )?,
-            request_timeout: env.parsed(
-                "JOINCHAT_TIMEOUT_MS",
-                Duration::from_secs(15),
-                positive_millis,
-            )?,
+            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), positive_millis)?,
+            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), positive_millis)?,
         };
 
         let messenger = MessengerConfig {
@@ -266,11 +237,7 @@ impl Config {
                 Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
                 http_url,
             )?,
-            graph_timeout: env.parsed(
-                "MESSENGER_GRAPH_TIMEOUT_MS",
-                Duration::from_secs(2),
-                positive_millis,
-            )?,
+            graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), positive_millis)?,
         };
 
         let store = StoreConfig::from_env(env)?;
@@ -281,14 +248,12 @@ impl Config {
             })?,
             retry_joinchat: env.parsed(
                 "RELAY_RETRY_JOINCHAT",
-                parse_duration_list("1s,5s,30s,2m,5m,15m,30m,1h")
-                    .expect("default schedule is valid"),
+                parse_duration_list("1s,5s,30s,2m,5m,15m,30m,1h").expect("default schedule is valid"),
                 parse_duration_list,
             )?,
             retry_bonychat: env.parsed(
                 "RELAY_RETRY_BONYCHAT",
-                parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h")
-                    .expect("default schedule is valid"),
+                parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h").expect("default schedule is valid"),
                 parse_duration_list,
             )?,
         };
@@ -299,11 +264,7 @@ impl Config {
                 "json" => Ok(LogFormat::Json),
                 other => Err(format!("`{other}` is neither `pretty` nor `json`")),
             })?,
-            metrics_addr: env.parsed(
-                "RELAY_METRICS_ADDR",
-                default_addr([127, 0, 0, 1], 9090),
-                parse_addr,
-            )?,
+            metrics_addr: env.parsed("RELAY_METRICS_ADDR", default_addr([127, 0, 0, 1], 9090), parse_addr)?,
         };
 
         if joinchat.connect_timeout > joinchat.request_timeout {
@@ -313,16 +274,7 @@ impl Config {
             ));
         }
 
-        Ok(Self {
-            server,
-            bonychat,
-            joinchat,
-            messenger,
-            store,
-            delivery,
-            telemetry,
-            warnings,
-        })
+        Ok(Self { server, bonychat, joinchat, messenger, store, delivery, telemetry, warnings })
     }
 }
 
@@ -335,11 +287,7 @@ impl StoreConfig {
                 Some(url) => parse_database_url(url.expose())
                     .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
             },
-            retention: env.parsed(
-                "RELAY_RETENTION",
-                Duration::from_secs(7 * 86_400),
-                parse_duration,
-            )?,
+            retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), parse_duration)?,
         })
     }
 }
@@ -350,17 +298,10 @@ fn unknown_variable_warnings(env: &Env) -> Vec<String> {
         .names()
         .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
         .filter(|name| !KNOWN_VARS.contains(name))
-        .filter(|name| {
-            !name
-                .strip_suffix("_FILE")
-                .is_some_and(|base| SECRET_VARS.contains(&base))
-        })
+        .filter(|name| !name.strip_suffix("_FILE").is_some_and(|base| SECRET_VARS.contains(&base)))
         .collect();
     unknown.sort_unstable();
-    unknown
-        .into_iter()
-        .map(|name| format!("{name} is set but the relay does not read it (a typo?)"))
-        .collect()
+    unknown.into_iter().map(|name| format!("{name} is set but the relay does not read it (a typo?)")).collect()
 }
 
 fn default_addr(ip: [u8; 4], port: u16) -> SocketAddr {
@@ -368,8 +309,7 @@ fn default_addr(ip: [u8; 4], port: u16) -> SocketAddr {
 }
 
 fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
-    raw.parse()
-        .map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
+    raw.parse().map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
 }
 
 fn positive_millis(raw: &str) -> Result<Duration, String> {
@@ -398,9 +338,7 @@ fn parse_page_id(raw: &str) -> Result<String, ConfigError> {
     } else {
         Err(ConfigError::new(
             "JOINCHAT_PAGE_ID",
-            format!(
-                "`{raw}` is not a Page id (digits only, as shown under JoinChat's Settings → API)"
-            ),
+            format!("`{raw}` is not a Page id (digits only, as shown under JoinChat's Settings → API)"),
         ))
     }
 }
@@ -412,19 +350,14 @@ fn parse_recipient_field(raw: &str) -> Result<RecipientField, String> {
         "phone" => Ok(RecipientField::Phone),
         "email" => Ok(RecipientField::Email),
         "uuid" => Ok(RecipientField::Uuid),
-        other => Err(format!(
-            "`{other}` is not one of auto, id, phone, email, uuid"
-        )),
+        other => Err(format!("`{other}` is not one of auto, id, phone, email, uuid")),
     }
 }
 
 /// `sqlite://data/relay.db` (relative), `sqlite:///var/lib/relay.db` (absolute) or `postgres://…`.
 fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
     let raw = raw.trim();
-    if let Some(path) = raw
-        .strip_prefix("sqlite://")
-        .or_else(|| raw.strip_prefix("sqlite:"))
-    {
+    if let Some(path) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) {
         if path.is_empty() {
             return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
         }
@@ -444,10 +377,7 @@ mod tests {
         vec![
             ("BONYCHAT_CHANNEL_ID", "gfd8g7fd89dgfd"),
             ("BONYCHAT_API_TOKEN", "bony-token"),
-            (
-                "BONYCHAT_WEBHOOK_URL",
-                "https://app.bonychat.example/custom/channel/webhook/",
-            ),
+            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.example/custom/channel/webhook/"),
             ("JOINCHAT_PAGE_ID", "510249619162304"),
             ("JOINCHAT_API_SECRET", "join-secret"),
             ("MESSENGER_APP_SECRET", "app-secret"),
@@ -469,33 +399,21 @@ mod tests {
         assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert!(config.server.admin_token.is_none());
-        assert_eq!(
-            config.joinchat.api_url.as_str(),
-            "https://joinchat.ai/api/send_message"
-        );
+        assert_eq!(config.joinchat.api_url.as_str(), "https://joinchat.ai/api/send_message");
         assert_eq!(config.joinchat.recipient_field, RecipientField::Auto);
         assert_eq!(config.joinchat.message_tag, None);
         assert_eq!(config.joinchat.order_gap, Duration::from_secs(1));
         assert_eq!(config.joinchat.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.joinchat.request_timeout, Duration::from_secs(15));
         assert!(config.messenger.page_access_token.is_none());
-        assert_eq!(
-            config.messenger.graph_url.as_str(),
-            "https://graph.facebook.com/v21.0"
-        );
-        assert_eq!(
-            config.store.database_url,
-            DatabaseUrl::Sqlite("data/relay.db".into())
-        );
+        assert_eq!(config.messenger.graph_url.as_str(), "https://graph.facebook.com/v21.0");
+        assert_eq!(config.store.database_url, DatabaseUrl::Sqlite("data/relay.db".into()));
         assert_eq!(config.store.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.delivery.send_wait, Duration::from_secs(3));
         assert_eq!(config.delivery.retry_joinchat.len(), 8);
         assert_eq!(config.delivery.retry_joinchat[7], Duration::from_secs(3600));
         assert_eq!(config.delivery.retry_bonychat.len(), 9);
-        assert_eq!(
-            config.delivery.retry_bonychat[8],
-            Duration::from_secs(36_000)
-        );
+        assert_eq!(config.delivery.retry_bonychat[8], Duration::from_secs(36_000));
         assert_eq!(config.telemetry.log_format, LogFormat::Pretty);
         assert_eq!(config.telemetry.metrics_addr.to_string(), "127.0.0.1:9090");
         assert!(config.warnings.is_empty());
@@ -504,10 +422,7 @@ mod tests {
     #[test]
     fn each_missing_required_variable_is_named() {
         for (missing, _) in required() {
-            let vars: Vec<_> = required()
-                .into_iter()
-                .filter(|(k, _)| *k != missing)
-                .collect();
+            let vars: Vec<_> = required().into_iter().filter(|(k, _)| *k != missing).collect();
             let err = Config::from_env(&Env::from_pairs(vars)).unwrap_err();
             assert_eq!(err.var, missing, "{err}");
         }
@@ -555,38 +470,23 @@ mod tests {
             ("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay"),
         ]);
         let debug = format!("{:?}", Config::from_env(&env).unwrap());
-        for secret in [
-            "bony-token",
-            "join-secret",
-            "app-secret",
-            "verify-token",
-            "page-token",
-            "admin-token",
-            "pa55word",
-        ] {
+        for secret in
+            ["bony-token", "join-secret", "app-secret", "verify-token", "page-token", "admin-token", "pa55word"]
+        {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
-        assert!(
-            debug.contains("gfd8g7fd89dgfd"),
-            "non-secret values stay visible"
-        );
+        assert!(debug.contains("gfd8g7fd89dgfd"), "non-secret values stay visible");
     }
 
     #[test]
     fn sqlite_urls_take_relative_and_absolute_paths() {
-        assert_eq!(
-            parse_database_url("sqlite://data/relay.db"),
-            Ok(DatabaseUrl::Sqlite("data/relay.db".into()))
-        );
+        assert_eq!(parse_database_url("sqlite://data/relay.db"), Ok(DatabaseUrl::Sqlite("data/relay.db".into())));
         assert_eq!(
             parse_database_url("sqlite:///var/lib/relay.db"),
             Ok(DatabaseUrl::Sqlite("/var/lib/relay.db".into()))
         );
         assert!(parse_database_url("sqlite://").is_err());
-        assert!(matches!(
-            parse_database_url("postgresql://db/relay"),
-            Ok(DatabaseUrl::Postgres(_))
-        ));
+        assert!(matches!(parse_database_url("postgresql://db/relay"), Ok(DatabaseUrl::Postgres(_))));
     }
 
     #[test]
@@ -602,15 +502,9 @@ mod tests {
         let config = Config::from_env(&env).unwrap();
         assert_eq!(config.server.addr.port(), 0);
         assert_eq!(config.joinchat.recipient_field, RecipientField::Uuid);
-        assert_eq!(
-            config.joinchat.message_tag.as_deref(),
-            Some("ACCOUNT_UPDATE")
-        );
+        assert_eq!(config.joinchat.message_tag.as_deref(), Some("ACCOUNT_UPDATE"));
         assert_eq!(config.joinchat.order_gap, Duration::ZERO);
-        assert_eq!(
-            config.delivery.retry_joinchat,
-            vec![Duration::from_millis(100), Duration::from_secs(1)]
-        );
+        assert_eq!(config.delivery.retry_joinchat, vec![Duration::from_millis(100), Duration::from_secs(1)]);
         assert_eq!(config.telemetry.log_format, LogFormat::Json);
         assert!(config.warnings.is_empty());
     }
@@ -626,29 +520,13 @@ mod tests {
         let config = Config::from_env(&env).unwrap();
         assert_eq!(config.warnings.len(), 3, "{:?}", config.warnings);
         assert!(config.warnings.iter().any(|w| w.starts_with("RELAY_ADRR")));
-        assert!(
-            config
-                .warnings
-                .iter()
-                .any(|w| w.starts_with("BONYCHAT_API_TOKEN_FILE_X"))
-        );
-        assert!(
-            config
-                .warnings
-                .iter()
-                .any(|w| w.contains("SHIPPING_UPDATE"))
-        );
+        assert!(config.warnings.iter().any(|w| w.starts_with("BONYCHAT_API_TOKEN_FILE_X")));
+        assert!(config.warnings.iter().any(|w| w.contains("SHIPPING_UPDATE")));
     }
 
     #[test]
     fn connect_timeout_must_fit_in_the_request_timeout() {
-        let env = with(&[
-            ("JOINCHAT_CONNECT_TIMEOUT_MS", "5000"),
-            ("JOINCHAT_TIMEOUT_MS", "1000"),
-        ]);
-        assert_eq!(
-            Config::from_env(&env).unwrap_err().var,
-            "JOINCHAT_CONNECT_TIMEOUT_MS"
-        );
+        let env = with(&[("JOINCHAT_CONNECT_TIMEOUT_MS", "5000"), ("JOINCHAT_TIMEOUT_MS", "1000")]);
+        assert_eq!(Config::from_env(&env).unwrap_err().var, "JOINCHAT_CONNECT_TIMEOUT_MS");
     }
 }

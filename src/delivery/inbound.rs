@@ -21,32 +21,16 @@ pub struct PostOutcome {
 }
 
 impl InboundPoster {
-    pub fn new(
-        bonychat: Arc<dyn BonyChatApi>,
-        channel_id: String,
-        profiles: Option<Profiles>,
-    ) -> Self {
-        Self {
-            bonychat,
-            channel_id,
-            profiles,
-        }
+    pub fn new(bonychat: Arc<dyn BonyChatApi>, channel_id: String, profiles: Option<Profiles>) -> Self {
+        Self { bonychat, channel_id, profiles }
     }
 
     /// Posts `event` about `contact`; the first message of a contact BonyChat does not know yet
     /// carries its profile when look-ups are on.
-    pub async fn attempt(
-        &self,
-        contact: &str,
-        event: WebhookEvent,
-        contact_introduced: bool,
-    ) -> PostOutcome {
+    pub async fn attempt(&self, contact: &str, event: WebhookEvent, contact_introduced: bool) -> PostOutcome {
         let introduces = self.profiles.is_some()
             && !contact_introduced
-            && matches!(
-                event,
-                WebhookEvent::Message { .. } | WebhookEvent::MessageEcho { .. }
-            );
+            && matches!(event, WebhookEvent::Message { .. } | WebhookEvent::MessageEcho { .. });
         let profile = match (&self.profiles, introduces) {
             (Some(profiles), true) => profiles.profile(contact).await,
             _ => None,
@@ -57,9 +41,6 @@ impl InboundPoster {
             events: vec![event],
             contact: profile,
         };
-        PostOutcome {
-            result: self.bonychat.post(&post).await,
-            introduced: introduces,
-        }
+        PostOutcome { result: self.bonychat.post(&post).await, introduced: introduces }
     }
 }

@@ -19,16 +19,16 @@ use crate::store::{BeforeSend, NewOutbound, Store, now_millis};
 pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
 
 /// A fresh `mId`: 32 hex characters, time-ordered (UUIDv7), within BonyChat's 50-character limit.
+/// The random bits come from a thread-local generator: ids must be unique, not secret, and a
+/// system call per message would cost more than the rest of the id.
 pub fn new_message_id() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
+    let millis = u64::try_from(now_millis()).unwrap_or(0);
+    let random: [u8; 10] = fastrand::u128(..).to_le_bytes()[..10].try_into().expect("ten bytes");
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid().simple().to_string()
 }
 
 /// The job to store for a validated `/message` request.
-pub fn new_outbound_job(
-    request: &OutboundRequest,
-    recipient_field: RecipientField,
-    now: i64,
-) -> NewOutbound {
+pub fn new_outbound_job(request: &OutboundRequest, recipient_field: RecipientField, now: i64) -> NewOutbound {
     NewOutbound {
         m_id: new_message_id(),
         contact: request.contact_id.as_str().to_owned(),
@@ -56,13 +56,7 @@ pub struct OutboundSender {
 
 impl OutboundSender {
     pub fn new(api: Arc<dyn JoinChatApi>, store: Arc<dyn Store>, config: &JoinChatConfig) -> Self {
-        Self {
-            api,
-            store,
-            page_id: config.page_id.clone(),
-            tag: config.message_tag.clone(),
-            gap: config.order_gap,
-        }
+        Self { api, store, page_id: config.page_id.clone(), tag: config.message_tag.clone(), gap: config.order_gap }
     }
 
     /// Sends `parts` from `first_part` on to `contact`, stopping at the first one JoinChat does
@@ -77,14 +71,9 @@ impl OutboundSender {
         first_part: usize,
         mut last_effective_at: Option<i64>,
     ) -> AttemptOutcome {
-        let stopped = |index: usize, error: SendError| AttemptOutcome {
-            parts_sent: index,
-            result: Err(error),
-        };
-        let store_failed = |e: crate::store::StoreError| SendError::Transient {
-            reason: e.to_string(),
-            retry_after: None,
-        };
+        let stopped = |index: usize, error: SendError| AttemptOutcome { parts_sent: index, result: Err(error) };
+        let store_failed =
+            |e: crate::store::StoreError| SendError::Transient { reason: e.to_string(), retry_after: None };
 
         for (index, message) in parts.iter().enumerate().skip(first_part) {
             let slot = pacing::plan(self.gap, last_effective_at, now_millis());
@@ -97,21 +86,15 @@ impl OutboundSender {
                 contact: contact.to_owned(),
                 effective_at,
                 echo_fingerprint: message.echo_fingerprint(),
-                echo_expires_at: sent_at
-                    + i64::try_from(ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX),
+                echo_expires_at: sent_at + i64::try_from(ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX),
             };
             if let Err(e) = self.store.before_send(before).await {
                 return stopped(index, store_failed(e));
             }
             last_effective_at = Some(effective_at);
 
-            let request = SendRequest {
-                page_id: &self.page_id,
-                recipient,
-                message,
-                tag: self.tag.as_deref(),
-                delay: slot.delay,
-            };
+            let request =
+                SendRequest { page_id: &self.page_id, recipient, message, tag: self.tag.as_deref(), delay: slot.delay };
             if let Err(error) = self.api.send(&request).await {
                 return stopped(index, error);
             }
@@ -124,21 +107,12 @@ impl OutboundSender {
             );
             let accepted = index + 1;
             if accepted < parts.len()
-                && let Err(e) = self
-                    .store
-                    .record_progress(
-                        job_id,
-                        u32::try_from(accepted).unwrap_or(u32::MAX),
-                        now_millis(),
-                    )
-                    .await
+                && let Err(e) =
+                    self.store.record_progress(job_id, u32::try_from(accepted).unwrap_or(u32::MAX), now_millis()).await
             {
                 return stopped(accepted, store_failed(e));
             }
         }
-        AttemptOutcome {
-            parts_sent: parts.len(),
-            result: Ok(()),
-        }
+        AttemptOutcome { parts_sent: parts.len(), result: Ok(()) }
     }
 }

@@ -21,10 +21,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub const NOW: Self = Self {
-        wait: Duration::ZERO,
-        delay: None,
-    };
+    pub const NOW: Self = Self { wait: Duration::ZERO, delay: None };
 
     /// When a request sent at `sent_at` (ms) with this slot's delay takes effect.
     pub fn effective_at(&self, sent_at: i64) -> i64 {
@@ -45,15 +42,9 @@ pub fn plan(gap: Duration, last_effective_at: Option<i64>, now: i64) -> Slot {
     let needed_ms = u64::try_from(earliest - now).unwrap_or(0);
     let delay_secs = needed_ms.div_ceil(1000);
     if delay_secs <= MAX_DELAY_SECS {
-        Slot {
-            wait: Duration::ZERO,
-            delay: Some(delay_secs),
-        }
+        Slot { wait: Duration::ZERO, delay: Some(delay_secs) }
     } else {
-        Slot {
-            wait: Duration::from_millis(needed_ms - MAX_DELAY_SECS * 1000),
-            delay: Some(MAX_DELAY_SECS),
-        }
+        Slot { wait: Duration::from_millis(needed_ms - MAX_DELAY_SECS * 1000), delay: Some(MAX_DELAY_SECS) }
     }
 }
 
@@ -71,13 +62,7 @@ mod tests {
 
     #[test]
     fn a_request_right_after_another_gets_a_delay_rounded_up() {
-        assert_eq!(
-            plan(GAP, Some(10_000), 10_050),
-            Slot {
-                wait: Duration::ZERO,
-                delay: Some(1)
-            }
-        );
+        assert_eq!(plan(GAP, Some(10_000), 10_050), Slot { wait: Duration::ZERO, delay: Some(1) });
     }
 
     #[test]
@@ -96,13 +81,7 @@ mod tests {
     #[test]
     fn beyond_ten_seconds_the_relay_waits_the_rest() {
         let slot = plan(Duration::from_secs(12), Some(10_000), 10_500);
-        assert_eq!(
-            slot,
-            Slot {
-                wait: Duration::from_millis(1500),
-                delay: Some(10)
-            }
-        );
+        assert_eq!(slot, Slot { wait: Duration::from_millis(1500), delay: Some(10) });
     }
 
     #[test]

@@ -23,11 +23,7 @@ pub struct Profiles {
 
 impl Profiles {
     pub fn new(lookup: Arc<dyn ProfileLookup>, timeout: Duration) -> Self {
-        Self {
-            lookup,
-            timeout,
-            cache: Mutex::default(),
-        }
+        Self { lookup, timeout, cache: Mutex::default() }
     }
 
     /// The profile of `contact`, or `None` when none could be had in time.

@@ -25,12 +25,7 @@ impl RetrySchedule {
 
     /// The wait before the next attempt after `failed_attempts` failures (counting the one just
     /// made), or `None` when the schedule is used up. `jitter` is a number in [0, 1).
-    pub fn next_delay(
-        &self,
-        failed_attempts: u32,
-        retry_after: Option<Duration>,
-        jitter: f64,
-    ) -> Option<Duration> {
+    pub fn next_delay(&self, failed_attempts: u32, retry_after: Option<Duration>, jitter: f64) -> Option<Duration> {
         let index = usize::try_from(failed_attempts).ok()?.checked_sub(1)?;
         let base = *self.delays.get(index)?;
         let jittered = base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0));
@@ -44,11 +39,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn schedule() -> RetrySchedule {
-        RetrySchedule::new(vec![
-            Duration::from_secs(1),
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-        ])
+        RetrySchedule::new(vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)])
     }
 
     #[test]
@@ -65,14 +56,8 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_up_to_an_hour() {
         let s = schedule();
-        assert_eq!(
-            s.next_delay(1, Some(Duration::from_secs(90)), 0.5),
-            Some(Duration::from_secs(90))
-        );
-        assert_eq!(
-            s.next_delay(1, Some(Duration::from_secs(86_400)), 0.5),
-            Some(RETRY_AFTER_CAP)
-        );
+        assert_eq!(s.next_delay(1, Some(Duration::from_secs(90)), 0.5), Some(Duration::from_secs(90)));
+        assert_eq!(s.next_delay(1, Some(Duration::from_secs(86_400)), 0.5), Some(RETRY_AFTER_CAP));
         assert_eq!(
             s.next_delay(3, Some(Duration::from_secs(2)), 0.5),
             Some(Duration::from_secs(30)),

@@ -25,6 +25,8 @@ use crate::store::{Finish, Job, Payload, Store, now_millis};
 const LEASE: Duration = Duration::from_secs(60);
 /// How often the dispatcher looks for retries coming due when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the dispatcher leaves a failing store alone.
+const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Attempts in flight at once, all contacts together.
 const MAX_IN_FLIGHT: usize = 64;
 
@@ -46,10 +48,7 @@ pub struct Waiters {
 impl Waiters {
     pub fn register(&self, m_id: &str) -> oneshot::Receiver<FirstAttempt> {
         let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("waiters poisoned")
-            .insert(m_id.to_owned(), tx);
+        self.waiting.lock().expect("waiters poisoned").insert(m_id.to_owned(), tx);
         rx
     }
 
@@ -100,19 +99,18 @@ impl Worker {
 
     /// Claims and runs jobs until `stop`; the attempts it started go on in `tasks` until they
     /// end or `abort` is cancelled (their jobs then stay queued, to be attempted again).
-    pub async fn run(
-        self: Arc<Self>,
-        stop: CancellationToken,
-        tasks: TaskTracker,
-        abort: CancellationToken,
-    ) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker, abort: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         while !stop.is_cancelled() {
-            self.claim_into(&slots, &tasks, &abort).await;
+            // A failing store is not asked again at once: its error would fill the log.
+            let pause = match self.claim_into(&slots, &tasks, &abort).await {
+                Ok(()) => POLL_INTERVAL,
+                Err(()) => STORE_FAILURE_PAUSE,
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = self.wake.notified(), if pause == POLL_INTERVAL => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
         tracing::info!("workers stopped claiming");
@@ -123,31 +121,25 @@ impl Worker {
         slots: &Arc<Semaphore>,
         tasks: &TaskTracker,
         abort: &CancellationToken,
-    ) {
+    ) -> Result<(), ()> {
         loop {
             let free = slots.available_permits();
             if free == 0 {
-                return;
+                return Ok(());
             }
             let now = now_millis();
-            let jobs = match self
-                .store
-                .claim(&self.owner, now, now + millis(LEASE), free)
-                .await
-            {
+            let jobs = match self.store.claim(&self.owner, now, now + millis(LEASE), free).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim jobs");
-                    return;
+                    return Err(());
                 }
             };
             if jobs.is_empty() {
-                return;
+                return Ok(());
             }
             for job in jobs {
-                let permit = Arc::clone(slots)
-                    .try_acquire_owned()
-                    .expect("claimed no more than the free slots");
+                let permit = Arc::clone(slots).try_acquire_owned().expect("claimed no more than the free slots");
                 let this = Arc::clone(self);
                 let abort = abort.clone();
                 tasks.spawn(async move {
@@ -168,11 +160,7 @@ impl Worker {
         let heartbeat = async {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                if let Err(e) = self
-                    .store
-                    .renew(&self.owner, vec![job.id], now_millis() + millis(LEASE))
-                    .await
-                {
+                if let Err(e) = self.store.renew(&self.owner, vec![job.id], now_millis() + millis(LEASE)).await {
                     tracing::warn!(job = job.id, error = %e, "cannot renew a lease");
                 }
             }
@@ -200,58 +188,29 @@ impl Worker {
         let first_part = usize::try_from(job.progress).unwrap_or(0);
         let outcome = self
             .outbound
-            .attempt(
-                job.id,
-                &job.contact,
-                recipient,
-                parts,
-                first_part,
-                job.contact_last_effective_at,
-            )
+            .attempt(job.id, &job.contact, recipient, parts, first_part, job.contact_last_effective_at)
             .await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
         // Only the first attempt can still be answered to BonyChat's waiting request.
-        let waiter = if job.attempts == 0 {
-            self.waiters.take(&job.m_id)
-        } else {
-            None
-        };
+        let waiter = if job.attempts == 0 { self.waiters.take(&job.m_id) } else { None };
 
         let (finish, first, label, reason) = match outcome.result {
-            Ok(()) => (
-                Finish::Delivered { progress },
-                FirstAttempt::Sent,
-                "sent",
-                None,
-            ),
+            Ok(()) => (Finish::Delivered { progress }, FirstAttempt::Sent, "sent", None),
             Err(SendError::Permanent { reason }) if waiter.is_some() => (
-                Finish::Rejected {
-                    progress,
-                    error: reason.clone(),
-                },
+                Finish::Rejected { progress, error: reason.clone() },
                 FirstAttempt::Rejected(reason.clone()),
                 "rejected",
                 Some(reason),
             ),
             Err(SendError::Permanent { reason }) => (
-                Finish::Dead {
-                    progress,
-                    error: reason.clone(),
-                    failed_receipt: true,
-                },
+                Finish::Dead { progress, error: reason.clone(), failed_receipt: true },
                 FirstAttempt::Pending,
                 "rejected",
                 Some(reason),
             ),
-            Err(SendError::Transient {
-                reason,
-                retry_after,
-            }) => {
-                match self
-                    .retry_joinchat
-                    .next_delay(attempt, retry_after, fastrand::f64())
-                {
+            Err(SendError::Transient { reason, retry_after }) => {
+                match self.retry_joinchat.next_delay(attempt, retry_after, fastrand::f64()) {
                     Some(delay) => (
                         Finish::Retry {
                             progress,
@@ -286,21 +245,14 @@ impl Worker {
             && let Some(reason) = rejected_reason
         {
             // BonyChat hung up before hearing the 400: tell it by receipt instead.
-            if let Err(e) = self
-                .store
-                .queue_failed_receipt(job.id, &reason, now_millis())
-                .await
-            {
+            if let Err(e) = self.store.queue_failed_receipt(job.id, &reason, now_millis()).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }
     }
 
     async fn attempt_inbound(&self, job: &Job, event: crate::domain::bonychat::WebhookEvent) {
-        let outcome = self
-            .inbound
-            .attempt(&job.contact, event, job.contact_introduced)
-            .await;
+        let outcome = self.inbound.attempt(&job.contact, event, job.contact_introduced).await;
         let attempt = job.attempts + 1;
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
@@ -311,41 +263,31 @@ impl Worker {
                 }
                 (Finish::Delivered { progress: 1 }, "posted", None)
             }
-            Err(SendError::Permanent { reason }) => (
-                Finish::Dead {
-                    progress: 0,
-                    error: reason.clone(),
-                    failed_receipt: false,
-                },
-                "refused",
-                Some(reason),
-            ),
-            Err(SendError::Transient {
-                reason,
-                retry_after,
-            }) => match self
-                .retry_bonychat
-                .next_delay(attempt, retry_after, fastrand::f64())
-            {
-                Some(delay) => (
-                    Finish::Retry {
-                        progress: 0,
-                        next_attempt_at: now_millis() + millis(delay),
-                        error: reason.clone(),
-                    },
-                    "retry",
-                    Some(reason),
-                ),
-                None => (
-                    Finish::Dead {
-                        progress: 0,
-                        error: format!("gave up after {attempt} attempts: {reason}"),
-                        failed_receipt: false,
-                    },
-                    "dead",
-                    Some(reason),
-                ),
-            },
+            Err(SendError::Permanent { reason }) => {
+                (Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false }, "refused", Some(reason))
+            }
+            Err(SendError::Transient { reason, retry_after }) => {
+                match self.retry_bonychat.next_delay(attempt, retry_after, fastrand::f64()) {
+                    Some(delay) => (
+                        Finish::Retry {
+                            progress: 0,
+                            next_attempt_at: now_millis() + millis(delay),
+                            error: reason.clone(),
+                        },
+                        "retry",
+                        Some(reason),
+                    ),
+                    None => (
+                        Finish::Dead {
+                            progress: 0,
+                            error: format!("gave up after {attempt} attempts: {reason}"),
+                            failed_receipt: false,
+                        },
+                        "dead",
+                        Some(reason),
+                    ),
+                }
+            }
         };
         log_attempt(job, attempt, label, reason.as_deref());
         self.record(job, finish).await;
@@ -353,11 +295,7 @@ impl Worker {
 
     /// Records the outcome; on failure the lease runs out and the job is attempted again.
     async fn record(&self, job: &Job, finish: Finish) -> bool {
-        match self
-            .store
-            .finish(&self.owner, job.id, finish, now_millis())
-            .await
-        {
+        match self.store.finish(&self.owner, job.id, finish, now_millis()).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(job = job.id, error = %e, "cannot record an attempt; the job will be attempted again");

@@ -44,9 +44,7 @@ pub enum WebhookEvent {
 impl WebhookEvent {
     pub fn m_id(&self) -> &str {
         match self {
-            Self::Message { m_id, .. }
-            | Self::MessageEcho { m_id, .. }
-            | Self::MessageStatus { m_id, .. } => m_id,
+            Self::Message { m_id, .. } | Self::MessageEcho { m_id, .. } | Self::MessageStatus { m_id, .. } => m_id,
         }
     }
 
@@ -134,9 +132,7 @@ mod tests {
             events: vec![WebhookEvent::Message {
                 m_id: "mid.1".into(),
                 timestamp: 2_132_131_321_000,
-                message: BonyMessage::Text {
-                    text: "Hello World".into(),
-                },
+                message: BonyMessage::Text { text: "Hello World".into() },
             }],
             contact: None,
         };
@@ -151,10 +147,7 @@ mod tests {
         let failed = WebhookEvent::MessageStatus {
             m_id: "abc".into(),
             timestamp: 1,
-            status: Status {
-                value: StatusValue::Failed,
-                message: Some("Invalid token".into()),
-            },
+            status: Status { value: StatusValue::Failed, message: Some("Invalid token".into()) },
         };
         assert_eq!(
             serde_json::to_value(&failed).unwrap(),

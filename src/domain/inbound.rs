@@ -36,17 +36,9 @@ pub enum MessengerEvent {
     /// A message, a postback or an echo: something to show in BonyChat.
     Message(MessageEvent),
     /// The contact's Messenger got every message sent up to `watermark`.
-    Delivery {
-        contact: String,
-        watermark: i64,
-        timestamp: i64,
-    },
+    Delivery { contact: String, watermark: i64, timestamp: i64 },
     /// The contact read every message sent up to `watermark`.
-    Read {
-        contact: String,
-        watermark: i64,
-        timestamp: i64,
-    },
+    Read { contact: String, watermark: i64, timestamp: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -74,17 +66,9 @@ impl MessageEvent {
                 let m_id = part_m_id(&self.mid, index);
                 let message = message.clone();
                 if self.echo {
-                    WebhookEvent::MessageEcho {
-                        m_id,
-                        timestamp: self.timestamp,
-                        message,
-                    }
+                    WebhookEvent::MessageEcho { m_id, timestamp: self.timestamp, message }
                 } else {
-                    WebhookEvent::Message {
-                        m_id,
-                        timestamp: self.timestamp,
-                        message,
-                    }
+                    WebhookEvent::Message { m_id, timestamp: self.timestamp, message }
                 }
             })
             .collect()
@@ -96,35 +80,22 @@ impl MessageEvent {
 pub struct EnvelopeError(pub String);
 
 /// Parses a webhook body for the Page `page_id`; `received_at` (ms) stands in for missing times.
-pub fn parse_envelope(
-    body: &VerifiedBody,
-    page_id: &str,
-    received_at: i64,
-) -> Result<Envelope, EnvelopeError> {
-    let value: Value = serde_json::from_slice(body.bytes())
-        .map_err(|e| EnvelopeError(format!("body: not valid JSON ({e})")))?;
-    let root = value
-        .as_object()
-        .ok_or_else(|| EnvelopeError("body: must be a JSON object".into()))?;
+pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> Result<Envelope, EnvelopeError> {
+    let value: Value =
+        serde_json::from_slice(body.bytes()).map_err(|e| EnvelopeError(format!("body: not valid JSON ({e})")))?;
+    let root = value.as_object().ok_or_else(|| EnvelopeError("body: must be a JSON object".into()))?;
     let object = root.get("object").and_then(Value::as_str);
-    let entries = root
-        .get("entry")
-        .and_then(Value::as_array)
-        .ok_or_else(|| EnvelopeError("entry: required, an array".into()))?;
+    let entries =
+        root.get("entry").and_then(Value::as_array).ok_or_else(|| EnvelopeError("entry: required, an array".into()))?;
 
     let mut envelope = Envelope::default();
     if object != Some("page") {
-        envelope.ignored.push(Ignored(format!(
-            "object {} is not page",
-            object.unwrap_or("(missing)")
-        )));
+        envelope.ignored.push(Ignored(format!("object {} is not page", object.unwrap_or("(missing)"))));
         return Ok(envelope);
     }
     for entry in entries {
         let Some(entry) = entry.as_object() else {
-            envelope
-                .ignored
-                .push(Ignored("an entry that is not an object".into()));
+            envelope.ignored.push(Ignored("an entry that is not an object".into()));
             continue;
         };
         let entry_page = entry.get("id").and_then(id_of);
@@ -137,22 +108,12 @@ pub fn parse_envelope(
         }
         let entry_time = entry.get("time").and_then(millis_of);
         for channel in ["messaging", "standby"] {
-            for item in entry
-                .get(channel)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for item in entry.get(channel).and_then(Value::as_array).into_iter().flatten() {
                 let fallback_time = entry_time.unwrap_or(received_at);
-                match item
-                    .as_object()
-                    .map(|event| parse_event(event, fallback_time))
-                {
+                match item.as_object().map(|event| parse_event(event, fallback_time)) {
                     Some(Ok(event)) => envelope.events.push(event),
                     Some(Err(ignored)) => envelope.ignored.push(ignored),
-                    None => envelope
-                        .ignored
-                        .push(Ignored(format!("a {channel} item that is not an object"))),
+                    None => envelope.ignored.push(Ignored(format!("a {channel} item that is not an object"))),
                 }
             }
         }
@@ -163,30 +124,19 @@ pub fn parse_envelope(
 fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<MessengerEvent, Ignored> {
     let sender = participant(event.get("sender"));
     let recipient = participant(event.get("recipient"));
-    let timestamp = event
-        .get("timestamp")
-        .and_then(millis_of)
-        .unwrap_or(fallback_time);
-    let contact = |who: Option<String>, role: &str| {
-        who.ok_or_else(|| Ignored(format!("an event without a usable {role} id")))
-    };
+    let timestamp = event.get("timestamp").and_then(millis_of).unwrap_or(fallback_time);
+    let contact =
+        |who: Option<String>, role: &str| who.ok_or_else(|| Ignored(format!("an event without a usable {role} id")));
 
     if let Some(message) = event.get("message").and_then(Value::as_object) {
         let echo = message.get("is_echo").and_then(Value::as_bool) == Some(true);
-        let contact = if echo {
-            contact(recipient, "recipient")?
-        } else {
-            contact(sender, "sender")?
-        };
+        let contact = if echo { contact(recipient, "recipient")? } else { contact(sender, "sender")? };
         let contents = message_contents(message);
         let mid = message
             .get("mid")
             .and_then(Value::as_str)
             .filter(|m| !m.is_empty())
-            .map_or_else(
-                || derived_id(&format!("message|{contact}|{timestamp}|{contents:?}")),
-                str::to_owned,
-            );
+            .map_or_else(|| derived_id(&format!("message|{contact}|{timestamp}|{contents:?}")), str::to_owned);
         return Ok(MessengerEvent::Message(MessageEvent {
             echo,
             fingerprint: echo.then(|| echo_fingerprint(message)).flatten(),
@@ -203,10 +153,7 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
             .get("mid")
             .and_then(Value::as_str)
             .filter(|m| !m.is_empty())
-            .map_or_else(
-                || derived_id(&format!("postback|{contact}|{timestamp}|{text}")),
-                str::to_owned,
-            );
+            .map_or_else(|| derived_id(&format!("postback|{contact}|{timestamp}|{text}")), str::to_owned);
         return Ok(MessengerEvent::Message(MessageEvent {
             echo: false,
             contact,
@@ -221,22 +168,12 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
             .get("watermark")
             .and_then(millis_of)
             .ok_or_else(|| Ignored("a delivery without a watermark".into()))?;
-        return Ok(MessengerEvent::Delivery {
-            contact: contact(sender, "sender")?,
-            watermark,
-            timestamp,
-        });
+        return Ok(MessengerEvent::Delivery { contact: contact(sender, "sender")?, watermark, timestamp });
     }
     if let Some(read) = event.get("read").and_then(Value::as_object) {
-        let watermark = read
-            .get("watermark")
-            .and_then(millis_of)
-            .ok_or_else(|| Ignored("a read without a watermark".into()))?;
-        return Ok(MessengerEvent::Read {
-            contact: contact(sender, "sender")?,
-            watermark,
-            timestamp,
-        });
+        let watermark =
+            read.get("watermark").and_then(millis_of).ok_or_else(|| Ignored("a read without a watermark".into()))?;
+        return Ok(MessengerEvent::Read { contact: contact(sender, "sender")?, watermark, timestamp });
     }
     let kind = event
         .keys()
@@ -248,10 +185,7 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
 /// A participant's id: `id` as a string or a number, or a chat plugin's `user_ref`.
 fn participant(value: Option<&Value>) -> Option<String> {
     let value = value?;
-    value
-        .get("id")
-        .and_then(id_of)
-        .or_else(|| value.get("user_ref").and_then(id_of))
+    value.get("id").and_then(id_of).or_else(|| value.get("user_ref").and_then(id_of))
 }
 
 /// Ids arrive as strings or as JSON numbers; numbers keep their exact digits.
@@ -279,33 +213,19 @@ fn millis_of(value: &Value) -> Option<i64> {
 }
 
 fn non_empty_str(value: Option<&Value>) -> Option<&str> {
-    value
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    value.and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty())
 }
 
 fn text_message(text: impl AsRef<str>) -> BonyMessage {
-    BonyMessage::Text {
-        text: truncate(text.as_ref(), TEXT_MAX).into_owned(),
-    }
+    BonyMessage::Text { text: truncate(text.as_ref(), TEXT_MAX).into_owned() }
 }
 
 fn message_contents(message: &Map<String, Value>) -> Vec<BonyMessage> {
     let mut contents = Vec::new();
-    if let Some(text) = message
-        .get("text")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty())
-    {
+    if let Some(text) = message.get("text").and_then(Value::as_str).filter(|t| !t.is_empty()) {
         contents.push(text_message(text));
     }
-    for attachment in message
-        .get("attachments")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for attachment in message.get("attachments").and_then(Value::as_array).into_iter().flatten() {
         match attachment.as_object() {
             Some(attachment) => contents.push(attachment_content(attachment)),
             None => contents.push(text_message("[attachment]")),
@@ -328,27 +248,16 @@ fn attachment_content(attachment: &Map<String, Value>) -> BonyMessage {
     let payload_field = |name: &str| payload.and_then(|p| p.get(name));
     match kind {
         "image" | "video" | "audio" | "file" | "sticker" => {
-            if let Some(url) =
-                non_empty_str(payload_field("url")).or_else(|| non_empty_str(attachment.get("url")))
-            {
+            if let Some(url) = non_empty_str(payload_field("url")).or_else(|| non_empty_str(attachment.get("url"))) {
                 // Stickers are images (SPEC §4.3), whether typed `image` or `sticker`.
                 let kind = if kind == "sticker" { "image" } else { kind };
-                return BonyMessage::Attachment {
-                    attachment: BonyAttachment {
-                        kind: kind.into(),
-                        url: url.into(),
-                    },
-                };
+                return BonyMessage::Attachment { attachment: BonyAttachment { kind: kind.into(), url: url.into() } };
             }
         }
         "location" => {
             let coordinates = payload_field("coordinates");
-            let lat = coordinates
-                .and_then(|c| c.get("lat"))
-                .and_then(Value::as_f64);
-            let long = coordinates
-                .and_then(|c| c.get("long"))
-                .and_then(Value::as_f64);
+            let lat = coordinates.and_then(|c| c.get("lat")).and_then(Value::as_f64);
+            let long = coordinates.and_then(|c| c.get("long")).and_then(Value::as_f64);
             if let (Some(latitude), Some(longitude)) = (lat, long)
                 && (-90.0..=90.0).contains(&latitude)
                 && (-180.0..=180.0).contains(&longitude)
@@ -356,8 +265,7 @@ fn attachment_content(attachment: &Map<String, Value>) -> BonyMessage {
                 return BonyMessage::Location {
                     latitude,
                     longitude,
-                    address: non_empty_str(attachment.get("title"))
-                        .map(|t| truncate(t, 256).into_owned()),
+                    address: non_empty_str(attachment.get("title")).map(|t| truncate(t, 256).into_owned()),
                 };
             }
         }
@@ -368,28 +276,16 @@ fn attachment_content(attachment: &Map<String, Value>) -> BonyMessage {
 
 /// A readable rendering of an attachment BonyChat cannot show as such: its title, what its
 /// template says, and its link.
-fn render_attachment(
-    kind: &str,
-    attachment: &Map<String, Value>,
-    payload: Option<&Map<String, Value>>,
-) -> String {
+fn render_attachment(kind: &str, attachment: &Map<String, Value>, payload: Option<&Map<String, Value>>) -> String {
     let mut lines: Vec<String> = Vec::new();
-    let field = |name: &str| {
-        non_empty_str(attachment.get(name)).or_else(|| non_empty_str(payload?.get(name)))
-    };
+    let field = |name: &str| non_empty_str(attachment.get(name)).or_else(|| non_empty_str(payload?.get(name)));
     let title = field("title");
     let template_type = payload.and_then(|p| non_empty_str(p.get("template_type")));
-    let elements = payload
-        .and_then(|p| p.get("elements"))
-        .and_then(Value::as_array);
+    let elements = payload.and_then(|p| p.get("elements")).and_then(Value::as_array);
 
     match template_type {
         Some("button") => {
-            lines.extend(
-                non_empty_str(payload.and_then(|p| p.get("text")))
-                    .or(title)
-                    .map(str::to_owned),
-            );
+            lines.extend(non_empty_str(payload.and_then(|p| p.get("text"))).or(title).map(str::to_owned));
             lines.extend(render_buttons(payload.and_then(|p| p.get("buttons"))));
         }
         Some("generic" | "list") => {
@@ -402,10 +298,8 @@ fn render_attachment(
                     (None, Some(s)) => lines.push(s.to_owned()),
                     (None, None) => {}
                 }
-                lines.extend(
-                    non_empty_str(element.get("default_action").and_then(|a| a.get("url")))
-                        .map(str::to_owned),
-                );
+                lines
+                    .extend(non_empty_str(element.get("default_action").and_then(|a| a.get("url"))).map(str::to_owned));
                 lines.extend(render_buttons(element.get("buttons")));
             }
             if lines.is_empty() {
@@ -428,9 +322,7 @@ fn render_attachment(
             for element in elements.into_iter().flatten() {
                 lines.extend(non_empty_str(element.get("title")).map(|t| format!("• {t}")));
             }
-            let total = payload
-                .and_then(|p| p.get("summary"))
-                .and_then(|s| s.get("total_cost"));
+            let total = payload.and_then(|p| p.get("summary")).and_then(|s| s.get("total_cost"));
             if let Some(total) = total.filter(|t| t.is_number()) {
                 let currency = non_empty_str(payload.and_then(|p| p.get("currency"))).unwrap_or("");
                 lines.push(format!("Total: {total} {currency}").trim_end().to_owned());
@@ -441,10 +333,8 @@ fn render_attachment(
         }
         None => {
             lines.extend(title.map(str::to_owned));
-            let products = payload
-                .and_then(|p| p.get("product"))
-                .and_then(|p| p.get("elements"))
-                .and_then(Value::as_array);
+            let products =
+                payload.and_then(|p| p.get("product")).and_then(|p| p.get("elements")).and_then(Value::as_array);
             for product in products.into_iter().flatten() {
                 lines.extend(non_empty_str(product.get("title")).map(|t| format!("• {t}")));
             }
@@ -479,13 +369,9 @@ fn render_buttons(buttons: Option<&Value>) -> Vec<String> {
 /// SPEC §4.3: a postback shows its payload, unless the payload is a JSON object (a JoinChat
 /// block or flow reference), then its title. Standby postbacks carry no payload at all.
 fn postback_text(postback: &Map<String, Value>) -> String {
-    let payload = postback
-        .get("payload")
-        .and_then(Value::as_str)
-        .filter(|p| !p.trim().is_empty());
+    let payload = postback.get("payload").and_then(Value::as_str).filter(|p| !p.trim().is_empty());
     let title = non_empty_str(postback.get("title"));
-    let payload_is_object =
-        payload.is_some_and(|p| serde_json::from_str::<Value>(p).is_ok_and(|v| v.is_object()));
+    let payload_is_object = payload.is_some_and(|p| serde_json::from_str::<Value>(p).is_ok_and(|v| v.is_object()));
     let text = match (payload, title) {
         (Some(payload), _) if !payload_is_object => payload,
         (_, Some(title)) => title,
@@ -509,10 +395,7 @@ fn echo_fingerprint(message: &Map<String, Value>) -> Option<String> {
         .and_then(Value::as_array)
         .and_then(|elements| elements.first())
         .and_then(|element| non_empty_str(element.get("title")));
-    template_text
-        .or(first_title)
-        .or_else(|| non_empty_str(attachment.get("title")))
-        .map(normalize)
+    template_text.or(first_title).or_else(|| non_empty_str(attachment.get("title"))).map(normalize)
 }
 
 /// The `mId` of the content at `index` of a Messenger message (SPEC §4.3).
@@ -551,10 +434,7 @@ mod tests {
         let envelope = events_of(one_entry(json!([item])));
         match envelope.events.as_slice() {
             [MessengerEvent::Message(message)] => message.clone(),
-            other => panic!(
-                "expected one message, got {other:?} (ignored: {:?})",
-                envelope.ignored
-            ),
+            other => panic!("expected one message, got {other:?} (ignored: {:?})", envelope.ignored),
         }
     }
 
@@ -564,9 +444,8 @@ mod tests {
 
     #[test]
     fn a_text_message_keeps_its_mid_sender_and_time() {
-        let message = single_message(user(
-            json!({"mid": "mid.1468152703527:6600c706f15a292027", "seq": 414, "text": "test"}),
-        ));
+        let message =
+            single_message(user(json!({"mid": "mid.1468152703527:6600c706f15a292027", "seq": 414, "text": "test"})));
         assert_eq!(message.contact, "1066835436691078");
         assert!(!message.echo);
         assert_eq!(message.timestamp, 1_468_152_703_534);
@@ -575,9 +454,7 @@ mod tests {
             vec![WebhookEvent::Message {
                 m_id: "mid.1468152703527:6600c706f15a292027".into(),
                 timestamp: 1_468_152_703_534,
-                message: BonyMessage::Text {
-                    text: "test".into()
-                }
+                message: BonyMessage::Text { text: "test".into() }
             }]
         );
     }
@@ -588,23 +465,17 @@ mod tests {
             {"sender": {"id": 98_233_726_180_270_012_u64}, "recipient": {"id": 510_249_619_162_304_u64}, "timestamp": 5, "message": {"mid": "m1", "text": "x"}}
         ]}]});
         let Envelope { events, .. } = events_of(envelope);
-        let [MessengerEvent::Message(message)] = events.as_slice() else {
-            panic!()
-        };
+        let [MessengerEvent::Message(message)] = events.as_slice() else { panic!() };
         assert_eq!(message.contact, "98233726180270012");
     }
 
     #[test]
     fn missing_or_zero_timestamps_fall_back_to_the_entry_time_then_the_receipt_time() {
-        let zero = single_message(
-            json!({"sender": {"id": "1"}, "timestamp": 0, "message": {"mid": "m", "text": "x"}}),
-        );
+        let zero = single_message(json!({"sender": {"id": "1"}, "timestamp": 0, "message": {"mid": "m", "text": "x"}}));
         assert_eq!(zero.timestamp, 1_468_152_703_635);
         let no_time = json!({"object": "page", "entry": [{"id": PAGE, "messaging": [{"sender": {"id": "1"}, "message": {"mid": "m", "text": "x"}}]}]});
         let Envelope { events, .. } = events_of(no_time);
-        let [MessengerEvent::Message(message)] = events.as_slice() else {
-            panic!()
-        };
+        let [MessengerEvent::Message(message)] = events.as_slice() else { panic!() };
         assert_eq!(message.timestamp, 42_000_000_000_000);
         let seconds = single_message(
             json!({"sender": {"id": "1"}, "timestamp": "1527459824", "message": {"mid": "m", "text": "x"}}),
@@ -614,25 +485,19 @@ mod tests {
 
     #[test]
     fn each_attachment_is_its_own_event_with_a_stable_m_id() {
-        let message = single_message(user(
-            json!({"mid": "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c", "attachments": [
-                {"type": "image", "payload": {"url": "https://scontent.example/1.jpg"}},
-                {"type": "video", "payload": {"url": "https://video.example/2.mp4"}},
-                {"type": "image", "payload": {"url": "https://scontent.example/sticker.png", "sticker_id": 369_239_263_222_822_u64}},
-                {"type": "audio", "payload": {"url": "https://cdn.example/3.aac"}},
-                {"type": "file", "payload": {"url": "https://cdn.example/4.pdf"}}
-            ]}),
-        ));
+        let message = single_message(user(json!({"mid": "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c", "attachments": [
+            {"type": "image", "payload": {"url": "https://scontent.example/1.jpg"}},
+            {"type": "video", "payload": {"url": "https://video.example/2.mp4"}},
+            {"type": "image", "payload": {"url": "https://scontent.example/sticker.png", "sticker_id": 369_239_263_222_822_u64}},
+            {"type": "audio", "payload": {"url": "https://cdn.example/3.aac"}},
+            {"type": "file", "payload": {"url": "https://cdn.example/4.pdf"}}
+        ]})));
         let events = message.webhook_events();
         let ids: Vec<&str> = events.iter().map(WebhookEvent::m_id).collect();
         assert_eq!(ids[0], "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c");
         assert_eq!(ids[1], derived_id("mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c#1"));
         assert!(ids.iter().all(|id| id.len() <= M_ID_MAX));
-        assert_eq!(
-            ids.iter().collect::<std::collections::HashSet<_>>().len(),
-            5,
-            "distinct ids"
-        );
+        assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>().len(), 5, "distinct ids");
         let kinds: Vec<String> = message
             .contents
             .iter()
@@ -642,11 +507,7 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["image", "video", "image", "audio", "file"]);
-        assert_eq!(
-            message.webhook_events(),
-            events,
-            "the same input gives the same ids"
-        );
+        assert_eq!(message.webhook_events(), events, "the same input gives the same ids");
     }
 
     #[test]
@@ -666,11 +527,7 @@ mod tests {
         ]})));
         assert_eq!(
             message.contents,
-            vec![BonyMessage::Location {
-                latitude: 52.0,
-                longitude: 4.0,
-                address: Some("My Location".into())
-            }]
+            vec![BonyMessage::Location { latitude: 52.0, longitude: 4.0, address: Some("My Location".into()) }]
         );
     }
 
@@ -712,28 +569,17 @@ mod tests {
         };
         assert_eq!(
             postback(json!({"mid": "m1", "title": "Yes", "payload": "Yes please"})),
-            vec![BonyMessage::Text {
-                text: "Yes please".into()
-            }]
+            vec![BonyMessage::Text { text: "Yes please".into() }]
         );
         assert_eq!(
             postback(json!({"mid": "m2", "title": "Start", "payload": "{\"block_id\":1}"})),
-            vec![BonyMessage::Text {
-                text: "Start".into()
-            }]
+            vec![BonyMessage::Text { text: "Start".into() }]
         );
         assert_eq!(
             postback(json!({"mid": "m3", "title": "From standby"})),
-            vec![BonyMessage::Text {
-                text: "From standby".into()
-            }]
+            vec![BonyMessage::Text { text: "From standby".into() }]
         );
-        assert_eq!(
-            postback(json!({"payload": "test"})),
-            vec![BonyMessage::Text {
-                text: "test".into()
-            }]
-        );
+        assert_eq!(postback(json!({"payload": "test"})), vec![BonyMessage::Text { text: "test".into() }]);
     }
 
     #[test]
@@ -756,16 +602,8 @@ mod tests {
         assert!(echo.echo);
         assert_eq!(echo.contact, "1066835436691078");
         assert_eq!(echo.fingerprint.as_deref(), Some("abc"));
-        assert_eq!(
-            echo.contents,
-            vec![BonyMessage::Text {
-                text: "abc\n[abecadło]".into()
-            }]
-        );
-        assert!(matches!(
-            echo.webhook_events()[0],
-            WebhookEvent::MessageEcho { .. }
-        ));
+        assert_eq!(echo.contents, vec![BonyMessage::Text { text: "abc\n[abecadło]".into() }]);
+        assert!(matches!(echo.webhook_events()[0], WebhookEvent::MessageEcho { .. }));
 
         let text_echo = single_message(
             json!({"sender": {"id": PAGE}, "recipient": {"id": "7"}, "message": {"is_echo": true, "mid": "m", "text": "Hello\n  World "}}),
@@ -810,25 +648,17 @@ mod tests {
         let other_page = json!({"object": "page", "entry": [{"id": "999", "time": 1, "messaging": [user(json!({"mid": "m", "text": "x"}))]}]});
         let envelope = events_of(other_page);
         assert!(envelope.events.is_empty());
-        assert_eq!(
-            envelope.ignored,
-            vec![Ignored(format!("entry for page 999, not {PAGE}"))]
-        );
+        assert_eq!(envelope.ignored, vec![Ignored(format!("entry for page 999, not {PAGE}"))]);
 
         let instagram = events_of(json!({"object": "instagram", "entry": []}));
-        assert_eq!(
-            instagram.ignored,
-            vec![Ignored("object instagram is not page".into())]
-        );
+        assert_eq!(instagram.ignored, vec![Ignored("object instagram is not page".into())]);
     }
 
     #[test]
     fn standby_events_are_read_like_messaging_ones() {
-        let envelope = events_of(
-            json!({"object": "page", "entry": [{"id": PAGE, "time": 1_570_053_170_926_i64,
+        let envelope = events_of(json!({"object": "page", "entry": [{"id": PAGE, "time": 1_570_053_170_926_i64,
             "messaging": [user(json!({"mid": "a", "text": "first"}))],
-            "standby": [user(json!({"mid": "b", "text": "second"}))]}]}),
-        );
+            "standby": [user(json!({"mid": "b", "text": "second"}))]}]}));
         let mids: Vec<&str> = envelope
             .events
             .iter()
@@ -848,9 +678,6 @@ mod tests {
         };
         assert!(refuse(b"{oops").0.starts_with("body: not valid JSON"));
         assert_eq!(refuse(b"[]").0, "body: must be a JSON object");
-        assert_eq!(
-            refuse(br#"{"object":"page"}"#).0,
-            "entry: required, an array"
-        );
+        assert_eq!(refuse(br#"{"object":"page"}"#).0, "entry: required, an array");
     }
 }

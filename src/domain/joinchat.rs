@@ -112,16 +112,10 @@ pub fn translate(message: &OutboundMessage) -> Vec<Message> {
     match message {
         OutboundMessage::Text { text } => split_text(text, JOINCHAT_TEXT_LIMIT)
             .into_iter()
-            .map(|part| Message::Text {
-                text: part.to_owned(),
-            })
+            .map(|part| Message::Text { text: part.to_owned() })
             .collect(),
         OutboundMessage::Attachment(attachment) => vec![translate_attachment(attachment)],
-        OutboundMessage::Location {
-            latitude,
-            longitude,
-            address,
-        } => {
+        OutboundMessage::Location { latitude, longitude, address } => {
             let text = match address {
                 Some(address) => address.clone(),
                 None => format!("{latitude}, {longitude}"),
@@ -129,9 +123,7 @@ pub fn translate(message: &OutboundMessage) -> Vec<Message> {
             vec![Message::Button {
                 text,
                 buttons: vec![Button::WebUrl {
-                    url: format!(
-                        "https://www.google.com/maps/search/?api=1&query={latitude},{longitude}"
-                    ),
+                    url: format!("https://www.google.com/maps/search/?api=1&query={latitude},{longitude}"),
                     title: "Open map".into(),
                 }],
             }]
@@ -142,10 +134,7 @@ pub fn translate(message: &OutboundMessage) -> Vec<Message> {
                 payload: reply.clone(),
             });
             if replies.len() <= BUTTONS_PER_ELEMENT {
-                vec![Message::Button {
-                    text: title.clone(),
-                    buttons: buttons.collect(),
-                }]
+                vec![Message::Button { text: title.clone(), buttons: buttons.collect() }]
             } else {
                 // A button template holds three buttons at most: show the question as text,
                 // then the replies three to a card.
@@ -153,18 +142,9 @@ pub fn translate(message: &OutboundMessage) -> Vec<Message> {
                 let element_title = truncate(title, ELEMENT_TITLE_MAX).into_owned();
                 let elements = buttons
                     .chunks(BUTTONS_PER_ELEMENT)
-                    .map(|chunk| Element {
-                        title: element_title.clone(),
-                        image_url: None,
-                        buttons: chunk.to_vec(),
-                    })
+                    .map(|chunk| Element { title: element_title.clone(), image_url: None, buttons: chunk.to_vec() })
                     .collect();
-                vec![
-                    Message::Text {
-                        text: title.clone(),
-                    },
-                    Message::Generic { elements },
-                ]
+                vec![Message::Text { text: title.clone() }, Message::Generic { elements }]
             }
         }
     }
@@ -173,11 +153,7 @@ pub fn translate(message: &OutboundMessage) -> Vec<Message> {
 fn translate_attachment(attachment: &Attachment) -> Message {
     match attachment.kind {
         AttachmentKind::Image => {
-            let title = attachment
-                .description
-                .as_deref()
-                .or(attachment.file_name.as_deref())
-                .unwrap_or("Image");
+            let title = attachment.description.as_deref().or(attachment.file_name.as_deref()).unwrap_or("Image");
             Message::Generic {
                 elements: vec![Element {
                     title: truncate(title, ELEMENT_TITLE_MAX).into_owned(),
@@ -187,20 +163,14 @@ fn translate_attachment(attachment: &Attachment) -> Message {
             }
         }
         AttachmentKind::Video | AttachmentKind::Audio | AttachmentKind::File => {
-            let name = attachment
-                .file_name
-                .clone()
-                .unwrap_or_else(|| name_from_url(&attachment.url));
+            let name = attachment.file_name.clone().unwrap_or_else(|| name_from_url(&attachment.url));
             let text = match &attachment.description {
                 Some(description) => format!("{name}\n{description}"),
                 None => name,
             };
             Message::Button {
                 text: truncate(&text, JOINCHAT_TEXT_LIMIT).into_owned(),
-                buttons: vec![Button::WebUrl {
-                    url: attachment.url.clone(),
-                    title: "Open".into(),
-                }],
+                buttons: vec![Button::WebUrl { url: attachment.url.clone(), title: "Open".into() }],
             }
         }
     }
@@ -212,15 +182,10 @@ fn name_from_url(url: &str) -> String {
     let Ok(parsed) = url::Url::parse(url) else {
         return url.to_owned();
     };
-    let segment = parsed
-        .path_segments()
-        .and_then(|mut segments| segments.rfind(|s| !s.is_empty()))
-        .map(percent_decode);
+    let segment = parsed.path_segments().and_then(|mut segments| segments.rfind(|s| !s.is_empty())).map(percent_decode);
     match segment {
         Some(segment) if !segment.trim().is_empty() => segment,
-        _ => parsed
-            .host_str()
-            .map_or_else(|| url.to_owned(), str::to_owned),
+        _ => parsed.host_str().map_or_else(|| url.to_owned(), str::to_owned),
     }
 }
 
@@ -231,10 +196,8 @@ fn percent_decode(segment: &str) -> String {
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
+            && let (Some(hi), Some(lo)) =
+                (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex))
         {
             decoded.push((hi * 16 + lo) as u8);
             i += 3;
@@ -256,25 +219,14 @@ mod tests {
     }
 
     fn attachment(kind: AttachmentKind, url: &str) -> Attachment {
-        Attachment {
-            kind,
-            url: url.into(),
-            mime_type: None,
-            file_name: None,
-            description: None,
-        }
+        Attachment { kind, url: url.into(), mime_type: None, file_name: None, description: None }
     }
 
     #[test]
     fn a_short_text_is_one_text_message() {
-        let messages = translate(&OutboundMessage::Text {
-            text: "Hello World".into(),
-        });
+        let messages = translate(&OutboundMessage::Text { text: "Hello World".into() });
         assert_eq!(messages.len(), 1);
-        assert_eq!(
-            wire(&messages[0]),
-            json!({"template_type": "text", "text": "Hello World"})
-        );
+        assert_eq!(wire(&messages[0]), json!({"template_type": "text", "text": "Hello World"}));
     }
 
     #[test]
@@ -296,27 +248,20 @@ mod tests {
             }
         );
         image.description = Some("x".repeat(100));
-        let Message::Generic { elements } = translate_attachment(&image) else {
-            panic!()
-        };
+        let Message::Generic { elements } = translate_attachment(&image) else { panic!() };
         assert_eq!(elements[0].title, format!("{}…", "x".repeat(79)));
     }
 
     #[test]
     fn a_file_becomes_a_button_template_with_an_open_button() {
-        let mut file = attachment(
-            AttachmentKind::File,
-            "https://cdn.example/docs/report%20Q1.pdf?sig=1",
-        );
+        let mut file = attachment(AttachmentKind::File, "https://cdn.example/docs/report%20Q1.pdf?sig=1");
         assert_eq!(
             wire(&translate_attachment(&file)),
             json!({"template_type": "button", "text": "report Q1.pdf", "buttons": [{"type": "web_url", "url": "https://cdn.example/docs/report%20Q1.pdf?sig=1", "title": "Open"}]})
         );
         file.file_name = Some("Q1.pdf".into());
         file.description = Some("First quarter".into());
-        let Message::Button { text, .. } = translate_attachment(&file) else {
-            panic!()
-        };
+        let Message::Button { text, .. } = translate_attachment(&file) else { panic!() };
         assert_eq!(text, "Q1.pdf\nFirst quarter");
     }
 
@@ -330,36 +275,22 @@ mod tests {
 
     #[test]
     fn a_long_file_name_from_the_url_is_cut_to_the_button_text_limit() {
-        let file = attachment(
-            AttachmentKind::Video,
-            &format!("https://cdn.example/{}.mp4", "v".repeat(1900)),
-        );
-        let Message::Button { text, .. } = translate_attachment(&file) else {
-            panic!()
-        };
+        let file = attachment(AttachmentKind::Video, &format!("https://cdn.example/{}.mp4", "v".repeat(1900)));
+        let Message::Button { text, .. } = translate_attachment(&file) else { panic!() };
         assert_eq!(text.chars().count(), JOINCHAT_TEXT_LIMIT);
         assert!(text.ends_with('…'));
     }
 
     #[test]
     fn a_location_opens_a_map() {
-        let location = OutboundMessage::Location {
-            latitude: 3.139,
-            longitude: 101.6869,
-            address: None,
-        };
+        let location = OutboundMessage::Location { latitude: 3.139, longitude: 101.6869, address: None };
         assert_eq!(
             wire(&translate(&location)[0]),
             json!({"template_type": "button", "text": "3.139, 101.6869", "buttons": [{"type": "web_url", "url": "https://www.google.com/maps/search/?api=1&query=3.139,101.6869", "title": "Open map"}]})
         );
-        let with_address = OutboundMessage::Location {
-            latitude: -33.0,
-            longitude: 151.0,
-            address: Some("Sydney Opera House".into()),
-        };
-        let Message::Button { text, buttons } = &translate(&with_address)[0] else {
-            panic!()
-        };
+        let with_address =
+            OutboundMessage::Location { latitude: -33.0, longitude: 151.0, address: Some("Sydney Opera House".into()) };
+        let Message::Button { text, buttons } = &translate(&with_address)[0] else { panic!() };
         assert_eq!(text, "Sydney Opera House");
         assert_eq!(
             buttons[0],
@@ -389,77 +320,37 @@ mod tests {
     fn four_to_ten_quick_replies_are_a_text_then_cards_of_three() {
         let replies: Vec<String> = (1..=10).map(|i| format!("Option {i}")).collect();
         let title = "t".repeat(90);
-        let messages = translate(&OutboundMessage::QuickReply {
-            title: title.clone(),
-            replies,
-        });
+        let messages = translate(&OutboundMessage::QuickReply { title: title.clone(), replies });
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0], Message::Text { text: title });
-        let Message::Generic { elements } = &messages[1] else {
-            panic!()
-        };
-        assert_eq!(
-            elements.iter().map(|e| e.buttons.len()).collect::<Vec<_>>(),
-            vec![3, 3, 3, 1]
-        );
-        assert!(
-            elements
-                .iter()
-                .all(|e| e.title == format!("{}…", "t".repeat(79)))
-        );
-        assert_eq!(
-            elements[3].buttons[0],
-            Button::Postback {
-                title: "Option 10".into(),
-                payload: "Option 10".into()
-            }
-        );
+        let Message::Generic { elements } = &messages[1] else { panic!() };
+        assert_eq!(elements.iter().map(|e| e.buttons.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
+        assert!(elements.iter().all(|e| e.title == format!("{}…", "t".repeat(79))));
+        assert_eq!(elements[3].buttons[0], Button::Postback { title: "Option 10".into(), payload: "Option 10".into() });
 
         let four = translate(&OutboundMessage::QuickReply {
             title: "Q".into(),
             replies: (1..=4).map(|i| i.to_string()).collect(),
         });
-        let Message::Generic { elements } = &four[1] else {
-            panic!()
-        };
-        assert_eq!(
-            elements.iter().map(|e| e.buttons.len()).collect::<Vec<_>>(),
-            vec![3, 1]
-        );
+        let Message::Generic { elements } = &four[1] else { panic!() };
+        assert_eq!(elements.iter().map(|e| e.buttons.len()).collect::<Vec<_>>(), vec![3, 1]);
     }
 
     #[test]
     fn recipients_follow_the_configured_field() {
         let phone = ContactId::parse("+60177872890").unwrap();
         let psid = ContactId::parse("1066835436691078").unwrap();
-        assert_eq!(
-            Recipient::for_contact(&phone, RecipientField::Auto),
-            Recipient::Phone("+60177872890".into())
-        );
-        assert_eq!(
-            Recipient::for_contact(&psid, RecipientField::Auto),
-            Recipient::Id("1066835436691078".into())
-        );
-        assert_eq!(
-            Recipient::for_contact(&phone, RecipientField::Id),
-            Recipient::Id("+60177872890".into())
-        );
-        assert_eq!(
-            Recipient::for_contact(&psid, RecipientField::Uuid),
-            Recipient::Uuid("1066835436691078".into())
-        );
-        assert_eq!(
-            Recipient::for_contact(&psid, RecipientField::Email),
-            Recipient::Email("1066835436691078".into())
-        );
+        assert_eq!(Recipient::for_contact(&phone, RecipientField::Auto), Recipient::Phone("+60177872890".into()));
+        assert_eq!(Recipient::for_contact(&psid, RecipientField::Auto), Recipient::Id("1066835436691078".into()));
+        assert_eq!(Recipient::for_contact(&phone, RecipientField::Id), Recipient::Id("+60177872890".into()));
+        assert_eq!(Recipient::for_contact(&psid, RecipientField::Uuid), Recipient::Uuid("1066835436691078".into()));
+        assert_eq!(Recipient::for_contact(&psid, RecipientField::Email), Recipient::Email("1066835436691078".into()));
     }
 
     #[test]
     fn the_request_body_has_the_documented_fields_in_order() {
         let recipient = Recipient::Id("123456".into());
-        let message = Message::Text {
-            text: "Hello World".into(),
-        };
+        let message = Message::Text { text: "Hello World".into() };
         let request = SendRequest {
             page_id: "12345",
             recipient: &recipient,
@@ -471,11 +362,7 @@ mod tests {
             String::from_utf8(request.to_bytes()).unwrap(),
             r#"{"page_id":"12345","recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"},"tag":"ACCOUNT_UPDATE","delay":1}"#
         );
-        let bare = SendRequest {
-            tag: None,
-            delay: None,
-            ..request
-        };
+        let bare = SendRequest { tag: None, delay: None, ..request };
         assert_eq!(
             String::from_utf8(bare.to_bytes()).unwrap(),
             r#"{"page_id":"12345","recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"}}"#

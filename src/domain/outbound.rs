@@ -24,19 +24,10 @@ pub struct OutboundRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutboundMessage {
-    Text {
-        text: String,
-    },
+    Text { text: String },
     Attachment(Attachment),
-    Location {
-        latitude: f64,
-        longitude: f64,
-        address: Option<String>,
-    },
-    QuickReply {
-        title: String,
-        replies: Vec<String>,
-    },
+    Location { latitude: f64, longitude: f64, address: Option<String> },
+    QuickReply { title: String, replies: Vec<String> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,9 +55,7 @@ pub struct ContactId(String);
 impl ContactId {
     pub fn parse(raw: &str) -> Result<Self, String> {
         let custom = (1..=CONTACT_ID_MAX).contains(&raw.len())
-            && raw.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'=' | b'+' | b'/' | b'@')
-            });
+            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'=' | b'+' | b'/' | b'@'));
         if custom || is_phone_shaped(raw) {
             Ok(Self(raw.to_owned()))
         } else {
@@ -90,9 +79,8 @@ impl fmt::Display for ContactId {
 }
 
 fn is_phone_shaped(raw: &str) -> bool {
-    raw.strip_prefix('+').is_some_and(|digits| {
-        (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
-    })
+    raw.strip_prefix('+')
+        .is_some_and(|digits| (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Why a `/message` body was refused.
@@ -127,20 +115,16 @@ impl From<FieldError> for RequestError {
 impl OutboundRequest {
     /// Parses a `/message` body for the channel `channel_id`.
     pub fn parse(body: &[u8], channel_id: &str) -> Result<Self, RequestError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
         let root = Object::root(&value)?;
 
         if root.required_str("channelId")? != channel_id {
             return Err(RequestError::UnknownChannel);
         }
-        let contact_id = ContactId::parse(root.required_str("contactId")?)
-            .map_err(|problem| root.error("contactId", problem))?;
+        let contact_id =
+            ContactId::parse(root.required_str("contactId")?).map_err(|problem| root.error("contactId", problem))?;
         let message = parse_message(&root.object("message")?)?;
-        Ok(Self {
-            contact_id,
-            message,
-        })
+        Ok(Self { contact_id, message })
     }
 }
 
@@ -152,13 +136,9 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
             if text.trim().is_empty() {
                 return Err(message.error("text", "must not be blank"));
             }
-            Ok(OutboundMessage::Text {
-                text: text.to_owned(),
-            })
+            Ok(OutboundMessage::Text { text: text.to_owned() })
         }
-        "attachment" => {
-            parse_attachment(&message.object("attachment")?).map(OutboundMessage::Attachment)
-        }
+        "attachment" => parse_attachment(&message.object("attachment")?).map(OutboundMessage::Attachment),
         "location" => {
             let latitude = message.required_number("latitude")?;
             if !(-90.0..=90.0).contains(&latitude) {
@@ -172,46 +152,30 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
             if let Some(address) = address {
                 message.check_chars("address", address, 0, NAME_MAX)?;
             }
-            Ok(OutboundMessage::Location {
-                latitude,
-                longitude,
-                address: non_empty(address),
-            })
+            Ok(OutboundMessage::Location { latitude, longitude, address: non_empty(address) })
         }
         "quick_reply" => {
             let title = message.required_str("title")?;
             message.check_chars("title", title, 1, NAME_MAX)?;
             let replies = message.array("replies")?;
             if !(1..=REPLIES_MAX).contains(&replies.len()) {
-                return Err(message.error(
-                    "replies",
-                    format!(
-                        "must hold 1 to {REPLIES_MAX} replies, not {}",
-                        replies.len()
-                    ),
-                ));
+                return Err(
+                    message.error("replies", format!("must hold 1 to {REPLIES_MAX} replies, not {}", replies.len()))
+                );
             }
             let replies = replies
                 .iter()
                 .enumerate()
                 .map(|(i, reply)| {
                     let field = format!("replies[{i}]");
-                    let reply = reply
-                        .as_str()
-                        .ok_or_else(|| message.error(&field, "must be a string"))?;
+                    let reply = reply.as_str().ok_or_else(|| message.error(&field, "must be a string"))?;
                     message.check_chars(&field, reply, 1, NAME_MAX)?;
                     Ok(reply.to_owned())
                 })
                 .collect::<Result<_, FieldError>>()?;
-            Ok(OutboundMessage::QuickReply {
-                title: title.to_owned(),
-                replies,
-            })
+            Ok(OutboundMessage::QuickReply { title: title.to_owned(), replies })
         }
-        _ => Err(message.error(
-            "type",
-            "must be one of text, attachment, location, quick_reply",
-        )),
+        _ => Err(message.error("type", "must be one of text, attachment, location, quick_reply")),
     }
 }
 
@@ -225,8 +189,7 @@ fn parse_attachment(attachment: &Object<'_>) -> Result<Attachment, FieldError> {
     };
     let url = attachment.required_str("url")?;
     attachment.check_chars("url", url, 1, URL_MAX)?;
-    let is_web_url = url::Url::parse(url)
-        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    let is_web_url = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
     if !is_web_url {
         return Err(attachment.error("url", "must be an http or https URL"));
     }
@@ -262,14 +225,8 @@ struct Object<'a> {
 impl<'a> Object<'a> {
     fn root(value: &'a Value) -> Result<Self, FieldError> {
         match value {
-            Value::Object(fields) => Ok(Self {
-                path: String::new(),
-                fields,
-            }),
-            _ => Err(FieldError {
-                field: "body".into(),
-                problem: "must be a JSON object".into(),
-            }),
+            Value::Object(fields) => Ok(Self { path: String::new(), fields }),
+            _ => Err(FieldError { field: "body".into(), problem: "must be a JSON object".into() }),
         }
     }
 
@@ -284,10 +241,7 @@ impl<'a> Object<'a> {
     }
 
     fn error(&self, name: &str, problem: impl Into<String>) -> FieldError {
-        FieldError {
-            field: self.path_of(name),
-            problem: problem.into(),
-        }
+        FieldError { field: self.path_of(name), problem: problem.into() }
     }
 
     /// `null` counts as absent: serializers often write optional fields that way.
@@ -300,49 +254,29 @@ impl<'a> Object<'a> {
     }
 
     fn required_str(&self, name: &str) -> Result<&'a str, FieldError> {
-        self.required(name)?
-            .as_str()
-            .ok_or_else(|| self.error(name, "must be a string"))
+        self.required(name)?.as_str().ok_or_else(|| self.error(name, "must be a string"))
     }
 
     fn optional_str(&self, name: &str) -> Result<Option<&'a str>, FieldError> {
-        self.get(name)
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| self.error(name, "must be a string"))
-            })
-            .transpose()
+        self.get(name).map(|v| v.as_str().ok_or_else(|| self.error(name, "must be a string"))).transpose()
     }
 
     fn required_number(&self, name: &str) -> Result<f64, FieldError> {
-        self.required(name)?
-            .as_f64()
-            .ok_or_else(|| self.error(name, "must be a number"))
+        self.required(name)?.as_f64().ok_or_else(|| self.error(name, "must be a number"))
     }
 
     fn object(&self, name: &str) -> Result<Object<'a>, FieldError> {
         match self.required(name)? {
-            Value::Object(fields) => Ok(Object {
-                path: self.path_of(name),
-                fields,
-            }),
+            Value::Object(fields) => Ok(Object { path: self.path_of(name), fields }),
             _ => Err(self.error(name, "must be an object")),
         }
     }
 
     fn array(&self, name: &str) -> Result<&'a Vec<Value>, FieldError> {
-        self.required(name)?
-            .as_array()
-            .ok_or_else(|| self.error(name, "must be an array"))
+        self.required(name)?.as_array().ok_or_else(|| self.error(name, "must be an array"))
     }
 
-    fn check_chars(
-        &self,
-        name: &str,
-        value: &str,
-        min: usize,
-        max: usize,
-    ) -> Result<(), FieldError> {
+    fn check_chars(&self, name: &str, value: &str, min: usize, max: usize) -> Result<(), FieldError> {
         let len = char_len(value);
         if len < min {
             Err(self.error(name, "must not be empty"))
@@ -380,27 +314,17 @@ mod tests {
     fn a_text_message_is_parsed() {
         let request = with_message(json!({"type": "text", "text": "Hello World"})).unwrap();
         assert_eq!(request.contact_id.as_str(), "1066835436691078");
-        assert_eq!(
-            request.message,
-            OutboundMessage::Text {
-                text: "Hello World".into()
-            }
-        );
+        assert_eq!(request.message, OutboundMessage::Text { text: "Hello World".into() });
     }
 
     #[test]
     fn text_limits_are_counted_in_characters() {
         assert!(with_message(json!({"type": "text", "text": "é".repeat(TEXT_MAX)})).is_ok());
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "text", "text": "é".repeat(TEXT_MAX + 1)})
-            )),
+            field_error(with_message(json!({"type": "text", "text": "é".repeat(TEXT_MAX + 1)}))),
             "message.text: longer than 7000 characters"
         );
-        assert_eq!(
-            field_error(with_message(json!({"type": "text", "text": ""}))),
-            "message.text: must not be empty"
-        );
+        assert_eq!(field_error(with_message(json!({"type": "text", "text": ""}))), "message.text: must not be empty");
         assert_eq!(
             field_error(with_message(json!({"type": "text", "text": " \n "}))),
             "message.text: must not be blank"
@@ -410,11 +334,7 @@ mod tests {
     #[test]
     fn attachment_fields_are_checked_with_their_paths() {
         let ok = json!({"type": "attachment", "attachment": {"type": "file", "url": "https://cdn.example/a.pdf", "mimeType": "application/pdf", "fileName": "a.pdf", "description": "Invoice"}});
-        let Ok(OutboundRequest {
-            message: OutboundMessage::Attachment(attachment),
-            ..
-        }) = with_message(ok)
-        else {
+        let Ok(OutboundRequest { message: OutboundMessage::Attachment(attachment), .. }) = with_message(ok) else {
             panic!("valid attachment refused");
         };
         assert_eq!(attachment.kind, AttachmentKind::File);
@@ -423,9 +343,7 @@ mod tests {
         let long_url = format!("https://cdn.example/{}", "a".repeat(URL_MAX - 19));
         assert_eq!(long_url.len(), URL_MAX + 1);
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "attachment", "attachment": {"type": "image", "url": long_url}})
-            )),
+            field_error(with_message(json!({"type": "attachment", "attachment": {"type": "image", "url": long_url}}))),
             "message.attachment.url: longer than 2000 characters"
         );
         assert_eq!(
@@ -452,33 +370,22 @@ mod tests {
             )),
             "message.attachment.description: must be a string"
         );
-        assert_eq!(
-            field_error(with_message(json!({"type": "attachment"}))),
-            "message.attachment: required"
-        );
+        assert_eq!(field_error(with_message(json!({"type": "attachment"}))), "message.attachment: required");
     }
 
     #[test]
     fn location_ranges_include_their_ends() {
-        assert!(
-            with_message(json!({"type": "location", "latitude": 90, "longitude": -180})).is_ok()
-        );
+        assert!(with_message(json!({"type": "location", "latitude": 90, "longitude": -180})).is_ok());
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "location", "latitude": 90.0001, "longitude": 0})
-            )),
+            field_error(with_message(json!({"type": "location", "latitude": 90.0001, "longitude": 0}))),
             "message.latitude: must be between -90 and 90"
         );
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "location", "latitude": 0, "longitude": -180.5})
-            )),
+            field_error(with_message(json!({"type": "location", "latitude": 0, "longitude": -180.5}))),
             "message.longitude: must be between -180 and 180"
         );
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "location", "latitude": "3.1", "longitude": 0})
-            )),
+            field_error(with_message(json!({"type": "location", "latitude": "3.1", "longitude": 0}))),
             "message.latitude: must be a number"
         );
     }
@@ -486,20 +393,13 @@ mod tests {
     #[test]
     fn quick_reply_counts_and_lengths_are_checked() {
         let replies = |n: usize| (0..n).map(|i| format!("r{i}")).collect::<Vec<_>>();
-        assert!(
-            with_message(json!({"type": "quick_reply", "title": "Pick", "replies": replies(10)}))
-                .is_ok()
-        );
+        assert!(with_message(json!({"type": "quick_reply", "title": "Pick", "replies": replies(10)})).is_ok());
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "quick_reply", "title": "Pick", "replies": replies(11)})
-            )),
+            field_error(with_message(json!({"type": "quick_reply", "title": "Pick", "replies": replies(11)}))),
             "message.replies: must hold 1 to 10 replies, not 11"
         );
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "quick_reply", "title": "Pick", "replies": []})
-            )),
+            field_error(with_message(json!({"type": "quick_reply", "title": "Pick", "replies": []}))),
             "message.replies: must hold 1 to 10 replies, not 0"
         );
         assert_eq!(
@@ -509,9 +409,7 @@ mod tests {
             "message.replies[1]: longer than 256 characters"
         );
         assert_eq!(
-            field_error(with_message(
-                json!({"type": "quick_reply", "title": "", "replies": ["a"]})
-            )),
+            field_error(with_message(json!({"type": "quick_reply", "title": "", "replies": ["a"]}))),
             "message.title: must not be empty"
         );
     }
@@ -531,44 +429,21 @@ mod tests {
             assert!(ContactId::parse(bad).is_err(), "{bad}");
         }
         assert!(ContactId::parse("+60177872890").unwrap().is_phone());
-        assert!(
-            !ContactId::parse("+12345").unwrap().is_phone(),
-            "5 digits is a custom id"
-        );
-        assert!(
-            !ContactId::parse("+1234567890123456").unwrap().is_phone(),
-            "16 digits is a custom id"
-        );
+        assert!(!ContactId::parse("+12345").unwrap().is_phone(), "5 digits is a custom id");
+        assert!(!ContactId::parse("+1234567890123456").unwrap().is_phone(), "16 digits is a custom id");
     }
 
     #[test]
     fn malformed_bodies_name_what_is_wrong() {
-        assert!(matches!(
-            OutboundRequest::parse(b"{not json", CHANNEL),
-            Err(RequestError::NotJson(_))
-        ));
+        assert!(matches!(OutboundRequest::parse(b"{not json", CHANNEL), Err(RequestError::NotJson(_))));
+        assert_eq!(field_error(parse(json!([1, 2]))), "body: must be a JSON object");
+        assert_eq!(field_error(parse(json!({"contactId": "x"}))), "channelId: required");
+        assert_eq!(field_error(parse(json!({"channelId": CHANNEL, "message": {}}))), "contactId: required");
         assert_eq!(
-            field_error(parse(json!([1, 2]))),
-            "body: must be a JSON object"
-        );
-        assert_eq!(
-            field_error(parse(json!({"contactId": "x"}))),
-            "channelId: required"
-        );
-        assert_eq!(
-            field_error(parse(json!({"channelId": CHANNEL, "message": {}}))),
-            "contactId: required"
-        );
-        assert_eq!(
-            field_error(parse(
-                json!({"channelId": CHANNEL, "contactId": "a b", "message": {}})
-            )),
+            field_error(parse(json!({"channelId": CHANNEL, "contactId": "a b", "message": {}}))),
             "contactId: must be a phone id (+ and 6-15 digits) or a custom id (1-50 of A-Z a-z 0-9 _ = + / @)"
         );
-        assert_eq!(
-            field_error(with_message(json!({"text": "hi"}))),
-            "message.type: required"
-        );
+        assert_eq!(field_error(with_message(json!({"text": "hi"}))), "message.type: required");
         assert_eq!(
             field_error(with_message(json!({"type": "video"}))),
             "message.type: must be one of text, attachment, location, quick_reply"

@@ -105,23 +105,11 @@ fn best_cut(rest: &str, max_chars: usize) -> Cut {
 
         if let Some(run) = run.take() {
             if run.start_pos > 0 {
-                offer(
-                    run.boundary(),
-                    Cut {
-                        part_end: run.start_byte,
-                        next_start: byte,
-                    },
-                );
+                offer(run.boundary(), Cut { part_end: run.start_byte, next_start: byte });
             }
         } else if ended_by_cjk_stop && !is_closing_mark(c) && pos <= max_chars {
             // CJK text ends sentences without a following space: cut right after the stop.
-            offer(
-                Boundary::SentenceEnd,
-                Cut {
-                    part_end: byte,
-                    next_start: byte,
-                },
-            );
+            offer(Boundary::SentenceEnd, Cut { part_end: byte, next_start: byte });
         }
         if pos >= max_chars {
             break;
@@ -155,15 +143,9 @@ fn hard_cut(rest: &str, max_chars: usize) -> Cut {
         end += grapheme.len();
     }
     if end == 0 {
-        end = rest
-            .char_indices()
-            .nth(max_chars)
-            .map_or(rest.len(), |(byte, _)| byte);
+        end = rest.char_indices().nth(max_chars).map_or(rest.len(), |(byte, _)| byte);
     }
-    Cut {
-        part_end: end,
-        next_start: end,
-    }
+    Cut { part_end: end, next_start: end }
 }
 
 fn is_sentence_stop(c: char) -> bool {
@@ -176,10 +158,7 @@ fn is_cjk_sentence_stop(c: char) -> bool {
 
 /// Marks that may close a sentence after its stop: `He said "yes."` ends after the quote.
 fn is_closing_mark(c: char) -> bool {
-    matches!(
-        c,
-        '"' | '\'' | ')' | ']' | '}' | '”' | '’' | '»' | '›' | '」' | '』' | '）' | '】'
-    )
+    matches!(c, '"' | '\'' | ')' | ']' | '}' | '”' | '’' | '»' | '›' | '」' | '』' | '）' | '】')
 }
 
 #[cfg(test)]
@@ -190,10 +169,7 @@ mod tests {
     const MAX: usize = JOINCHAT_TEXT_LIMIT;
 
     fn words(n: usize) -> String {
-        (0..n)
-            .map(|i| format!("w{}", i % 10))
-            .collect::<Vec<_>>()
-            .join(" ")
+        (0..n).map(|i| format!("w{}", i % 10)).collect::<Vec<_>>().join(" ")
     }
 
     #[test]
@@ -222,58 +198,29 @@ mod tests {
 
     #[test]
     fn the_last_paragraph_break_in_reach_is_taken() {
-        let text = format!(
-            "{}\n\n{}\n\n{}",
-            "a".repeat(100),
-            "b".repeat(300),
-            "c".repeat(400)
-        );
+        let text = format!("{}\n\n{}\n\n{}", "a".repeat(100), "b".repeat(300), "c".repeat(400));
         let parts = split_text(&text, MAX);
-        assert_eq!(
-            parts,
-            vec![
-                format!("{}\n\n{}", "a".repeat(100), "b".repeat(300)),
-                "c".repeat(400)
-            ]
-        );
+        assert_eq!(parts, vec![format!("{}\n\n{}", "a".repeat(100), "b".repeat(300)), "c".repeat(400)]);
     }
 
     #[test]
     fn a_line_break_wins_over_sentence_ends() {
-        let text = format!(
-            "{}\n{}. {}",
-            "a".repeat(300),
-            "b".repeat(200),
-            "c".repeat(300)
-        );
+        let text = format!("{}\n{}. {}", "a".repeat(300), "b".repeat(200), "c".repeat(300));
         let parts = split_text(&text, MAX);
         assert_eq!(parts[0], "a".repeat(300));
-        assert_eq!(
-            parts[1],
-            format!("{}. {}", "b".repeat(200), "c".repeat(300))
-        );
+        assert_eq!(parts[1], format!("{}. {}", "b".repeat(200), "c".repeat(300)));
     }
 
     #[test]
     fn a_sentence_end_wins_over_spaces() {
-        let text = format!(
-            "{}! {} {}",
-            "a".repeat(400),
-            "b".repeat(200),
-            "c".repeat(300)
-        );
+        let text = format!("{}! {} {}", "a".repeat(400), "b".repeat(200), "c".repeat(300));
         let parts = split_text(&text, MAX);
         assert_eq!(parts[0], format!("{}!", "a".repeat(400)));
     }
 
     #[test]
     fn a_closing_quote_stays_with_its_sentence() {
-        let text = format!(
-            "She said \"{}.\" {} {}",
-            "a".repeat(400),
-            "b".repeat(200),
-            "c".repeat(300)
-        );
+        let text = format!("She said \"{}.\" {} {}", "a".repeat(400), "b".repeat(200), "c".repeat(300));
         let parts = split_text(&text, MAX);
         assert!(parts[0].ends_with(".\""), "{}", parts[0]);
     }
@@ -281,12 +228,7 @@ mod tests {
     #[test]
     fn a_decimal_point_is_not_a_sentence_end() {
         // "3.14" ends in a digit: the cut falls at the last space in reach, not after "3.".
-        let text = format!(
-            "{}. {} 3.14 {}",
-            "a".repeat(100),
-            "b".repeat(200),
-            "c".repeat(400)
-        );
+        let text = format!("{}. {} 3.14 {}", "a".repeat(100), "b".repeat(200), "c".repeat(400));
         let parts = split_text(&text, MAX);
         assert_eq!(parts[0], format!("{}.", "a".repeat(100)));
         let text = format!("{} 3.14 {}", "a".repeat(300), "b".repeat(400));
@@ -298,47 +240,27 @@ mod tests {
     fn cjk_sentences_are_cut_after_the_full_stop() {
         let text = format!("{}。{}", "字".repeat(500), "文".repeat(500));
         let parts = split_text(&text, MAX);
-        assert_eq!(
-            parts,
-            vec![format!("{}。", "字".repeat(500)), "文".repeat(500)]
-        );
+        assert_eq!(parts, vec![format!("{}。", "字".repeat(500)), "文".repeat(500)]);
     }
 
     #[test]
     fn a_space_is_used_when_nothing_better_is_in_reach() {
-        let text = format!(
-            "{} {} {}",
-            "a".repeat(300),
-            "b".repeat(300),
-            "c".repeat(300)
-        );
+        let text = format!("{} {} {}", "a".repeat(300), "b".repeat(300), "c".repeat(300));
         let parts = split_text(&text, MAX);
-        assert_eq!(
-            parts,
-            vec![
-                format!("{} {}", "a".repeat(300), "b".repeat(300)),
-                "c".repeat(300)
-            ]
-        );
+        assert_eq!(parts, vec![format!("{} {}", "a".repeat(300), "b".repeat(300)), "c".repeat(300)]);
     }
 
     #[test]
     fn whitespace_just_after_the_limit_is_still_a_boundary() {
         let text = format!("{} {}", "a".repeat(MAX), "b".repeat(10));
-        assert_eq!(
-            split_text(&text, MAX),
-            vec!["a".repeat(MAX), "b".repeat(10)]
-        );
+        assert_eq!(split_text(&text, MAX), vec!["a".repeat(MAX), "b".repeat(10)]);
     }
 
     #[test]
     fn a_boundary_just_past_the_limit_is_out_of_reach() {
         let text = format!("{} {}", "a".repeat(MAX + 1), "b".repeat(10));
         let parts = split_text(&text, MAX);
-        assert_eq!(
-            parts,
-            vec!["a".repeat(MAX), format!("a {}", "b".repeat(10))]
-        );
+        assert_eq!(parts, vec!["a".repeat(MAX), format!("a {}", "b".repeat(10))]);
     }
 
     #[test]
@@ -347,10 +269,7 @@ mod tests {
         let family = "👨\u{200d}👩\u{200d}👧\u{200d}👦";
         let text = format!("{}{family}{}", "a".repeat(MAX - 3), "b".repeat(10));
         let parts = split_text(&text, MAX);
-        assert_eq!(
-            parts,
-            vec!["a".repeat(MAX - 3), format!("{family}{}", "b".repeat(10))]
-        );
+        assert_eq!(parts, vec!["a".repeat(MAX - 3), format!("{family}{}", "b".repeat(10))]);
     }
 
     #[test]
@@ -382,10 +301,7 @@ mod tests {
             .iter()
             .map(|part| {
                 let start = part.as_ptr() as usize - base;
-                assert!(
-                    start + part.len() <= text.len(),
-                    "part lies outside the text"
-                );
+                assert!(start + part.len() <= text.len(), "part lies outside the text");
                 (start, start + part.len())
             })
             .collect()
@@ -402,11 +318,7 @@ mod tests {
             }
             let after_stop = k > 0 && is_sentence_stop(chars[k - 1]);
             let boundary = if chars[s].is_whitespace() && !chars[s - 1].is_whitespace() {
-                let run: Vec<char> = chars[s..]
-                    .iter()
-                    .take_while(|c| c.is_whitespace())
-                    .copied()
-                    .collect();
+                let run: Vec<char> = chars[s..].iter().take_while(|c| c.is_whitespace()).copied().collect();
                 Some(kind_of(&run.iter().collect::<String>(), after_stop))
             } else if !chars[s].is_whitespace()
                 && !is_closing_mark(chars[s])
@@ -427,10 +339,7 @@ mod tests {
     }
 
     fn kind_of(gap: &str, after_stop: bool) -> Boundary {
-        let newlines = gap
-            .chars()
-            .filter(|&c| c == '\n' || c == '\u{2028}')
-            .count()
+        let newlines = gap.chars().filter(|&c| c == '\n' || c == '\u{2028}').count()
             + 2 * gap.chars().filter(|&c| c == '\u{2029}').count();
         match newlines {
             0 if after_stop => Boundary::SentenceEnd,
@@ -445,9 +354,7 @@ mod tests {
         let last = before.trim_end_matches(is_closing_mark).chars().last();
         if gap.is_empty() {
             // Zero-width: a CJK full stop, or a hard cut.
-            return last
-                .filter(|&c| is_cjk_sentence_stop(c))
-                .map(|_| Boundary::SentenceEnd);
+            return last.filter(|&c| is_cjk_sentence_stop(c)).map(|_| Boundary::SentenceEnd);
         }
         Some(kind_of(gap, last.is_some_and(is_sentence_stop)))
     }

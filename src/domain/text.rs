@@ -12,10 +12,7 @@ pub fn truncate(s: &str, max: usize) -> Cow<'_, str> {
     match s.char_indices().nth(max) {
         None => Cow::Borrowed(s),
         Some(_) => {
-            let (cut, _) = s
-                .char_indices()
-                .nth(max - 1)
-                .expect("s has more than max chars");
+            let (cut, _) = s.char_indices().nth(max - 1).expect("s has more than max chars");
             Cow::Owned(format!("{}…", &s[..cut]))
         }
     }

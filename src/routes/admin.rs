@@ -22,10 +22,7 @@ pub struct AdminCaller;
 impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         match &state.admin_token {
             None => Err(ApiError::NotFound),
             Some(token) if token.is_presented_in(&parts.headers) => Ok(Self),
@@ -46,8 +43,7 @@ pub async fn list_jobs(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
     let job_state = match query.state.as_deref() {
         None | Some("" | "all") => None,
         Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
@@ -57,15 +53,9 @@ pub async fn list_jobs(
     };
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::InvalidRequest(format!(
-            "limit: must be between 1 and {MAX_LIMIT}"
-        )));
+        return Err(ApiError::InvalidRequest(format!("limit: must be between 1 and {MAX_LIMIT}")));
     }
-    let jobs = state
-        .store
-        .list(job_state, limit)
-        .await
-        .map_err(ApiError::Store)?;
+    let jobs = state.store.list(job_state, limit).await.map_err(ApiError::Store)?;
     Ok(Json(json!({ "jobs": jobs })))
 }
 
@@ -76,30 +66,19 @@ pub async fn retry_job(
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id.map_err(|_| ApiError::NoSuchJob("no such job".into()))?;
-    let job = state
-        .store
-        .retry(id, now_millis())
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound(id) => ApiError::NoSuchJob(format!("no job {id}")),
-            StoreError::Conflict(reason) => ApiError::Conflict(reason),
-            other => ApiError::Store(other),
-        })?;
+    let job = state.store.retry(id, now_millis()).await.map_err(|e| match e {
+        StoreError::NotFound(id) => ApiError::NoSuchJob(format!("no job {id}")),
+        StoreError::Conflict(reason) => ApiError::Conflict(reason),
+        other => ApiError::Store(other),
+    })?;
     state.wake.notify_one();
     tracing::info!(job = id, "job queued again by an operator");
     Ok(Json(json!({ "job": job })))
 }
 
 /// `POST /admin/dead/redrive`: makes every dead job due now.
-pub async fn redrive_dead(
-    _: AdminCaller,
-    State(state): State<AppState>,
-) -> Result<Json<Value>, ApiError> {
-    let redriven = state
-        .store
-        .redrive_dead(now_millis())
-        .await
-        .map_err(ApiError::Store)?;
+pub async fn redrive_dead(_: AdminCaller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let redriven = state.store.redrive_dead(now_millis()).await.map_err(ApiError::Store)?;
     state.wake.notify_one();
     tracing::info!(redriven, "dead jobs queued again by an operator");
     Ok(Json(json!({ "redriven": redriven })))

@@ -15,23 +15,14 @@ pub async fn healthz() -> Json<Value> {
 /// before the listener closes.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.shutdown.is_cancelled() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "shutting_down"})),
-        );
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"})));
     }
     match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "store not answering");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "store_unavailable"})),
-            )
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store_unavailable"})))
         }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "store_unavailable"})),
-        ),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store_unavailable"}))),
     }
 }

@@ -31,35 +31,22 @@ pub async fn post_message(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     require_json(&headers)?;
-    let body =
-        body.map_err(|rejection| ApiError::from_body_rejection(rejection, MESSAGE_BODY_LIMIT))?;
+    let body = body.map_err(|rejection| ApiError::from_body_rejection(rejection, MESSAGE_BODY_LIMIT))?;
     let request = OutboundRequest::parse(&body, &state.config.bonychat.channel_id)?;
-    let job = new_outbound_job(
-        &request,
-        state.config.joinchat.recipient_field,
-        now_millis(),
-    );
+    let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now_millis());
     let m_id = job.m_id.clone();
 
     let mut first_attempt = state.waiters.register(&m_id);
-    let _unregister = Unregister {
-        waiters: &state.waiters,
-        m_id: &m_id,
-    };
-    state
-        .store
-        .enqueue_outbound(job)
-        .await
-        .map_err(ApiError::Store)?;
+    let _unregister = Unregister { waiters: &state.waiters, m_id: &m_id };
+    state.store.enqueue_outbound(job).await.map_err(ApiError::Store)?;
     state.wake.notify_one();
 
-    let outcome =
-        match tokio::time::timeout(state.config.delivery.send_wait, &mut first_attempt).await {
-            Ok(outcome) => outcome.unwrap_or(FirstAttempt::Pending),
-            // Whoever takes the waiter decides: the worker may have taken it just now.
-            Err(_) if state.waiters.take(&m_id).is_some() => FirstAttempt::Pending,
-            Err(_) => first_attempt.await.unwrap_or(FirstAttempt::Pending),
-        };
+    let outcome = match tokio::time::timeout(state.config.delivery.send_wait, &mut first_attempt).await {
+        Ok(outcome) => outcome.unwrap_or(FirstAttempt::Pending),
+        // Whoever takes the waiter decides: the worker may have taken it just now.
+        Err(_) if state.waiters.take(&m_id).is_some() => FirstAttempt::Pending,
+        Err(_) => first_attempt.await.unwrap_or(FirstAttempt::Pending),
+    };
     match outcome {
         FirstAttempt::Sent | FirstAttempt::Pending => Ok(Json(Accepted { m_id: m_id.clone() })),
         FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
@@ -85,33 +72,19 @@ pub struct BonyChatCaller;
 impl FromRequestParts<AppState> for BonyChatCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        if state.bonychat_token.is_presented_in(&parts.headers) {
-            Ok(Self)
-        } else {
-            Err(ApiError::Unauthorized)
-        }
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        if state.bonychat_token.is_presented_in(&parts.headers) { Ok(Self) } else { Err(ApiError::Unauthorized) }
     }
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media_type = content_type.split(';').next().unwrap_or("").trim();
     if media_type.eq_ignore_ascii_case("application/json") {
         Ok(())
     } else if content_type.is_empty() {
-        Err(ApiError::UnsupportedMediaType(
-            "Content-Type must be application/json (none given)".into(),
-        ))
+        Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none given)".into()))
     } else {
-        Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type must be application/json, not {content_type}"
-        )))
+        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not {content_type}")))
     }
 }

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::MakeRequestUuid;
 
 use crate::auth::{BearerToken, SecretDigest};
 use crate::config::Config;
@@ -34,14 +33,17 @@ pub const MESSAGE_BODY_LIMIT: usize = 64 * 1024;
 /// SPEC §4.2: Messenger webhook bodies are at most 1 MiB.
 pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
 
+/// What every handler can reach. Cloned for every request, so it is one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub bonychat_token: Arc<BearerToken>,
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub config: Config,
+    pub bonychat_token: BearerToken,
     /// `None` switches `/admin/*` off.
-    pub admin_token: Option<Arc<BearerToken>>,
-    pub hub_signature: Arc<HubSignature>,
-    pub verify_token: Arc<SecretDigest>,
+    pub admin_token: Option<BearerToken>,
+    pub hub_signature: HubSignature,
+    pub verify_token: SecretDigest,
     pub store: Arc<dyn Store>,
     /// `/message` requests waiting for their job's first attempt.
     pub waiters: Arc<Waiters>,
@@ -51,17 +53,27 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 /// The whole router. `request_timeout` bounds every request, body upload included, so that
 /// graceful shutdown cannot be held up forever by a stuck client.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let message = Router::new()
-        .route("/message", post(message::post_message))
-        .layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
+    let message =
+        Router::new().route("/message", post(message::post_message)).layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
     let messenger = Router::new()
-        .route(
-            "/webhooks/messenger",
-            get(webhooks::verify_subscription).post(webhooks::receive_events),
-        )
+        .route("/webhooks/messenger", get(webhooks::verify_subscription).post(webhooks::receive_events))
         .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
 
     let admin = Router::new()
@@ -81,7 +93,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         // line sees the final status, including timeouts and panics turned into errors.
         .layer(
             ServiceBuilder::new()
-                .set_x_request_id(MakeRequestUuid)
+                .set_x_request_id(telemetry::MakeRequestId)
                 .propagate_x_request_id()
                 .layer(middleware::from_fn(telemetry::log_request))
                 .layer(CatchPanicLayer::custom(panic_response))

@@ -31,29 +31,21 @@ pub async fn verify_subscription(
     State(state): State<AppState>,
     query: Result<Query<Handshake>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(handshake) =
-        query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
-    let required = |value: Option<String>, name: &str| {
-        value.ok_or_else(|| ApiError::InvalidRequest(format!("{name}: required")))
-    };
+    let Query(handshake) = query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
+    let required =
+        |value: Option<String>, name: &str| value.ok_or_else(|| ApiError::InvalidRequest(format!("{name}: required")));
     let mode = required(handshake.mode, "hub.mode")?;
     let verify_token = required(handshake.verify_token, "hub.verify_token")?;
     let challenge = required(handshake.challenge, "hub.challenge")?;
 
     if !state.verify_token.matches(verify_token.as_bytes()) {
-        return Err(ApiError::Forbidden(
-            "hub.verify_token does not match MESSENGER_VERIFY_TOKEN".into(),
-        ));
+        return Err(ApiError::Forbidden("hub.verify_token does not match MESSENGER_VERIFY_TOKEN".into()));
     }
     if mode != "subscribe" {
         return Err(ApiError::Forbidden("hub.mode must be subscribe".into()));
     }
     tracing::info!("Messenger webhook subscription verified");
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        challenge,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], challenge).into_response())
 }
 
 /// `POST`: checks the signature over the raw bytes, stores every event, then answers 200:
@@ -63,30 +55,19 @@ pub async fn receive_events(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body =
-        body.map_err(|rejection| ApiError::from_body_rejection(rejection, WEBHOOK_BODY_LIMIT))?;
+    let body = body.map_err(|rejection| ApiError::from_body_rejection(rejection, WEBHOOK_BODY_LIMIT))?;
     let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    let verified = state
-        .hub_signature
-        .verify(signature, body)
-        .map_err(ApiError::InvalidSignature)?;
+    let verified = state.hub_signature.verify(signature, body).map_err(ApiError::InvalidSignature)?;
 
     let now = now_millis();
-    let envelope = parse_envelope(&verified, &state.config.joinchat.page_id, now)
-        .map_err(|e| ApiError::InvalidPayload(e.0))?;
+    let envelope =
+        parse_envelope(&verified, &state.config.joinchat.page_id, now).map_err(|e| ApiError::InvalidPayload(e.0))?;
     for ignored in &envelope.ignored {
         tracing::info!(reason = %ignored.0, "webhook content acknowledged, not forwarded");
     }
     let received = envelope.events.len();
-    let batch = InboundBatch {
-        items: envelope.events.into_iter().map(to_item).collect(),
-        now,
-    };
-    let summary = state
-        .store
-        .enqueue_inbound(batch)
-        .await
-        .map_err(ApiError::Store)?;
+    let batch = InboundBatch { items: envelope.events.into_iter().map(to_item).collect(), now };
+    let summary = state.store.enqueue_inbound(batch).await.map_err(ApiError::Store)?;
     if summary.queued + summary.receipts > 0 {
         state.wake.notify_one();
     }
@@ -114,25 +95,11 @@ fn to_item(event: MessengerEvent) -> InboundItem {
             echo_fingerprint: message.fingerprint,
             contact: message.contact,
         },
-        MessengerEvent::Delivery {
-            contact,
-            watermark,
-            timestamp,
-        } => InboundItem::Watermark {
-            contact,
-            status: StatusValue::Delivered,
-            watermark,
-            timestamp,
-        },
-        MessengerEvent::Read {
-            contact,
-            watermark,
-            timestamp,
-        } => InboundItem::Watermark {
-            contact,
-            status: StatusValue::Read,
-            watermark,
-            timestamp,
-        },
+        MessengerEvent::Delivery { contact, watermark, timestamp } => {
+            InboundItem::Watermark { contact, status: StatusValue::Delivered, watermark, timestamp }
+        }
+        MessengerEvent::Read { contact, watermark, timestamp } => {
+            InboundItem::Watermark { contact, status: StatusValue::Read, watermark, timestamp }
+        }
     }
 }

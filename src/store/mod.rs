@@ -74,13 +74,7 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [Self; 5] = [
-        Self::Queued,
-        Self::Delivered,
-        Self::Dead,
-        Self::Rejected,
-        Self::Dropped,
-    ];
+    pub const ALL: [Self; 5] = [Self::Queued, Self::Delivered, Self::Dead, Self::Rejected, Self::Dropped];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -102,10 +96,7 @@ impl JobState {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Payload {
     /// An outbound message: the JoinChat messages carrying it, in order.
-    Send {
-        recipient: Recipient,
-        parts: Vec<Message>,
-    },
+    Send { recipient: Recipient, parts: Vec<Message> },
     /// One BonyChat webhook event.
     Event { event: WebhookEvent },
 }
@@ -165,12 +156,7 @@ pub enum InboundItem {
         echo_fingerprint: Option<String>,
     },
     /// A delivery or read watermark: receipts for every outbound message it covers.
-    Watermark {
-        contact: String,
-        status: StatusValue,
-        watermark: i64,
-        timestamp: i64,
-    },
+    Watermark { contact: String, status: StatusValue, watermark: i64, timestamp: i64 },
 }
 
 /// What storing a batch did.
@@ -228,48 +214,32 @@ pub trait Store: Send + Sync {
 
     /// Claims up to `limit` due jobs, each the oldest queued one of its contact, for `owner`
     /// until `lease_until`.
-    fn claim(
-        &self,
-        owner: &str,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    fn claim(&self, owner: &str, now: i64, lease_until: i64, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
     /// Extends `owner`'s leases on `ids` while their attempts run.
-    fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64)
-    -> BoxFuture<'_, StoreResult<()>>;
+    fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Gives up `owner`'s leases (at shutdown): the jobs are claimed again at once.
     fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Records, before a JoinChat request leaves, when it takes effect (for pacing) and what its
-    /// echo will look like (for ten minutes).
+    /// echo will look like (for ten minutes). Returns once every later operation on the store
+    /// sees the record; it need not be on disk yet: a crash can only cost the pacing and the
+    /// echo recognition of that one send, never a message.
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Records that JoinChat accepted `progress` parts of job `id`.
     fn record_progress(&self, id: i64, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Records how an attempt by `owner` ended and releases the lease.
-    fn finish(
-        &self,
-        owner: &str,
-        id: i64,
-        finish: Finish,
-        now: i64,
-    ) -> BoxFuture<'_, StoreResult<()>>;
+    fn finish(&self, owner: &str, id: i64, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Notes that BonyChat got a post about `contact`: later posts go without a profile.
     fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Queues the `failed` receipt of outbound job `id` (when BonyChat turned out not to hear
     /// the 400 it was about to get).
-    fn queue_failed_receipt(
-        &self,
-        id: i64,
-        reason: &str,
-        now: i64,
-    ) -> BoxFuture<'_, StoreResult<()>>;
+    fn queue_failed_receipt(&self, id: i64, reason: &str, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Jobs in `state` (all states when `None`), newest first.
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
@@ -297,9 +267,9 @@ pub struct BeforeSend {
 pub async fn open(config: &StoreConfig) -> StoreResult<Arc<dyn Store>> {
     match &config.database_url {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
-        DatabaseUrl::Postgres(_) => Err(StoreError::Unavailable(
-            "postgres:// is not supported by this build yet; use sqlite://PATH".into(),
-        )),
+        DatabaseUrl::Postgres(_) => {
+            Err(StoreError::Unavailable("postgres:// is not supported by this build yet; use sqlite://PATH".into()))
+        }
     }
 }
 

@@ -9,9 +9,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::{
-    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PSID, StandIn, VERIFY_TOKEN, test_vars,
-};
+use crate::helpers::{API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PSID, StandIn, VERIFY_TOKEN, test_vars};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 
@@ -57,11 +55,7 @@ impl RelayProcess {
             .await
             .unwrap_or_else(|_| panic!("relay did not start: {:?}", output.lock().unwrap()))
             .unwrap();
-        Self {
-            child,
-            addr,
-            output,
-        }
+        Self { child, addr, output }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -78,11 +72,7 @@ impl RelayProcess {
     pub async fn terminate(mut self) -> (i32, Vec<String>) {
         let pid = self.child.id().unwrap().to_string();
         // The shell's builtin `kill`: present wherever /bin/sh is, unlike /usr/bin/kill.
-        let killed = Command::new("sh")
-            .args(["-c", &format!("kill -TERM {pid}")])
-            .status()
-            .await
-            .unwrap();
+        let killed = Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().await.unwrap();
         assert!(killed.success());
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
@@ -118,13 +108,7 @@ async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leakin
         .send()
         .await
         .unwrap();
-    let refused = http
-        .post(relay.url("/message"))
-        .bearer_auth("guessed-token")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let refused = http.post(relay.url("/message")).bearer_auth("guessed-token").json(&json!({})).send().await.unwrap();
     let (code, output) = relay.terminate().await;
 
     // Assert
@@ -144,19 +128,9 @@ async fn the_binary_relays_a_message_and_exits_cleanly_on_sigterm_without_leakin
     assert_eq!(request_lines.len(), 2, "one line per request: {output:?}");
     assert_eq!(request_lines[0]["status"], 200);
     assert!(request_lines[0]["latency_ms"].is_number());
-    assert_eq!(
-        request_lines[0]["request_id"].as_str().map(str::len),
-        Some(36),
-        "a request id"
-    );
+    assert_eq!(request_lines[0]["request_id"].as_str().map(str::len), Some(36), "a request id");
     let all = output.join("\n");
-    for secret in [
-        API_TOKEN,
-        JOINCHAT_SECRET,
-        APP_SECRET,
-        VERIFY_TOKEN,
-        "guessed-token",
-    ] {
+    for secret in [API_TOKEN, JOINCHAT_SECRET, APP_SECRET, VERIFY_TOKEN, "guessed-token"] {
         assert!(!all.contains(secret), "{secret} appeared in the logs");
     }
 }
@@ -167,12 +141,7 @@ async fn a_missing_variable_stops_the_start_with_one_line_naming_it() {
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
     vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
 
-    let output = Command::new(BINARY)
-        .env_clear()
-        .envs(vars)
-        .output()
-        .await
-        .unwrap();
+    let output = Command::new(BINARY).env_clear().envs(vars).output().await.unwrap();
 
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -185,17 +154,9 @@ async fn a_malformed_variable_stops_the_start_without_echoing_secrets() {
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
     vars.retain(|(k, _)| k != "RELAY_DATABASE_URL");
-    vars.push((
-        "RELAY_DATABASE_URL".into(),
-        "mysql://relay:hunter2@db/relay".into(),
-    ));
+    vars.push(("RELAY_DATABASE_URL".into(), "mysql://relay:hunter2@db/relay".into()));
 
-    let output = Command::new(BINARY)
-        .env_clear()
-        .envs(vars)
-        .output()
-        .await
-        .unwrap();
+    let output = Command::new(BINARY).env_clear().envs(vars).output().await.unwrap();
 
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
@@ -211,25 +172,13 @@ async fn the_example_env_file_starts_the_relay() {
     let data = tempfile::tempdir().unwrap();
     let mut vars = vec![
         ("RELAY_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
-        (
-            "RELAY_DATABASE_URL".to_owned(),
-            format!("sqlite://{}/relay.db", data.path().display()),
-        ),
+        ("RELAY_DATABASE_URL".to_owned(), format!("sqlite://{}/relay.db", data.path().display())),
     ];
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &["--env-file", example]).await;
 
-    let health = crate::helpers::http_client()
-        .get(relay.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    let unauthorized = crate::helpers::http_client()
-        .post(relay.url("/message"))
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let health = crate::helpers::http_client().get(relay.url("/healthz")).send().await.unwrap();
+    let unauthorized = crate::helpers::http_client().post(relay.url("/message")).json(&json!({})).send().await.unwrap();
     let (code, _) = relay.terminate().await;
 
     assert_eq!(health.status(), 200);
@@ -245,10 +194,7 @@ async fn secrets_can_come_from_files() {
     std::fs::write(&secret_file, format!("{JOINCHAT_SECRET}\n")).unwrap();
     let mut vars = test_vars(&joinchat.url, dir.path());
     vars.retain(|(k, _)| k != "JOINCHAT_API_SECRET");
-    vars.push((
-        "JOINCHAT_API_SECRET_FILE".into(),
-        secret_file.to_str().unwrap().into(),
-    ));
+    vars.push(("JOINCHAT_API_SECRET_FILE".into(), secret_file.to_str().unwrap().into()));
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
 

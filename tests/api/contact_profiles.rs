@@ -64,10 +64,7 @@ async fn without_a_page_token_nothing_is_looked_up() {
 #[tokio::test]
 async fn a_failing_graph_api_lets_the_event_through_without_a_profile() {
     let app = spawn_app_with(&[("MESSENGER_PAGE_ACCESS_TOKEN", PAGE_TOKEN)]).await;
-    app.graph.script([Reply::status(
-        500,
-        r#"{"error":{"message":"An unknown error occurred","code":1}}"#,
-    )]);
+    app.graph.script([Reply::status(500, r#"{"error":{"message":"An unknown error occurred","code":1}}"#)]);
 
     deliver(&app, &message("m1", "hi")).await;
 
@@ -94,8 +91,7 @@ async fn a_wrong_page_token_lets_the_event_through_without_a_profile() {
 async fn a_hanging_graph_api_holds_the_event_no_longer_than_the_short_timeout() {
     // MESSENGER_GRAPH_TIMEOUT_MS is 300 in the test configuration.
     let app = spawn_app_with(&[("MESSENGER_PAGE_ACCESS_TOKEN", PAGE_TOKEN)]).await;
-    app.graph
-        .script([Reply::ok().after(Duration::from_secs(10))]);
+    app.graph.script([Reply::ok().after(Duration::from_secs(10))]);
 
     let started = Instant::now();
     deliver(&app, &message("m1", "hi")).await;

@@ -15,12 +15,7 @@ fn text(t: &str) -> Value {
     json!({"type": "text", "text": t})
 }
 
-async fn admin(
-    app: &TestApp,
-    method: reqwest::Method,
-    path: &str,
-    token: Option<&str>,
-) -> (u16, Value) {
+async fn admin(app: &TestApp, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
     let mut request = app.http.request(method, app.url(path));
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -38,55 +33,34 @@ async fn receipts(app: &TestApp) -> Vec<(String, String)> {
         .iter()
         .map(|post| &post["events"][0])
         .filter(|event| event["type"] == "message_status")
-        .map(|event| {
-            (
-                event["mId"].as_str().unwrap().to_owned(),
-                event["status"]["value"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|event| (event["mId"].as_str().unwrap().to_owned(), event["status"]["value"].as_str().unwrap().to_owned()))
         .collect()
 }
 
 #[tokio::test]
 async fn joinchat_down_for_a_while_then_back_gets_everything_delivered_once_in_order_per_contact() {
     let app = spawn_app_with(&[
-        (
-            "RELAY_RETRY_JOINCHAT",
-            "50ms,100ms,200ms,300ms,400ms,500ms,500ms,500ms",
-        ),
+        ("RELAY_RETRY_JOINCHAT", "50ms,100ms,200ms,300ms,400ms,500ms,500ms,500ms"),
         ("JOINCHAT_ORDER_GAP_SECS", "0"),
     ])
     .await;
     // The first ten requests fail, whoever they are for.
-    app.joinchat
-        .script((0..10).map(|_| Reply::status(503, "down for maintenance")));
+    app.joinchat.script((0..10).map(|_| Reply::status(503, "down for maintenance")));
     let contacts = ["1000000000000001", "1000000000000002", "1000000000000003"];
 
     // Each contact's messages one after the other, the contacts side by side.
-    tokio::join!(
-        send_six(&app, contacts[0]),
-        send_six(&app, contacts[1]),
-        send_six(&app, contacts[2])
-    );
+    tokio::join!(send_six(&app, contacts[0]), send_six(&app, contacts[1]), send_six(&app, contacts[2]));
     app.settle().await;
 
-    let accepted: Vec<String> = app.joinchat.bodies()[10..]
-        .iter()
-        .map(|b| b["message"]["text"].as_str().unwrap().to_owned())
-        .collect();
+    let accepted: Vec<String> =
+        app.joinchat.bodies()[10..].iter().map(|b| b["message"]["text"].as_str().unwrap().to_owned()).collect();
     let mut per_contact: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for text in &accepted {
-        per_contact
-            .entry(contacts.iter().find(|c| text.starts_with(*c)).unwrap())
-            .or_default()
-            .push(text.clone());
+        per_contact.entry(contacts.iter().find(|c| text.starts_with(*c)).unwrap()).or_default().push(text.clone());
     }
     for contact in contacts {
         let expected: Vec<String> = (1..=6).map(|i| format!("{contact}#{i}")).collect();
-        assert_eq!(
-            per_contact[contact], expected,
-            "every message once, in order"
-        );
+        assert_eq!(per_contact[contact], expected, "every message once, in order");
     }
     assert_eq!(app.jobs(JobState::Delivered).await.len(), 18);
     assert!(receipts(&app).await.is_empty(), "nothing failed");
@@ -108,43 +82,21 @@ async fn a_dead_letter_is_listed_and_delivered_after_a_redrive() {
     let m_id = sent["mId"].as_str().unwrap().to_owned();
     assert_eq!(receipts(&app).await, [(m_id.clone(), "failed".to_owned())]);
 
-    let (status, listed) = admin(
-        &app,
-        reqwest::Method::GET,
-        "/admin/jobs?state=dead",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, listed) = admin(&app, reqwest::Method::GET, "/admin/jobs?state=dead", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
     let dead = listed["jobs"].as_array().unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["mId"], m_id.as_str());
     assert_eq!(dead[0]["state"], "dead");
     assert_eq!(dead[0]["attempts"], 4);
-    assert_eq!(
-        dead[0]["last_error"],
-        "gave up after 4 attempts: JoinChat answered 502 Bad Gateway"
-    );
-    assert_eq!(
-        dead[0]["payload"]["parts"][0]["text"],
-        "Your table is ready"
-    );
+    assert_eq!(dead[0]["last_error"], "gave up after 4 attempts: JoinChat answered 502 Bad Gateway");
+    assert_eq!(dead[0]["payload"]["parts"][0]["text"], "Your table is ready");
 
-    let (status, redriven) = admin(
-        &app,
-        reqwest::Method::POST,
-        "/admin/dead/redrive",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, redriven) = admin(&app, reqwest::Method::POST, "/admin/dead/redrive", Some(ADMIN_TOKEN)).await;
     app.settle().await;
 
     assert_eq!((status, redriven), (200, json!({"redriven": 1})));
-    assert_eq!(
-        app.joinchat.received().len(),
-        5,
-        "four failures, then delivered"
-    );
+    assert_eq!(app.joinchat.received().len(), 5, "four failures, then delivered");
     let delivered = app.jobs(JobState::Delivered).await;
     assert!(delivered.iter().any(|j| j.m_id == m_id));
     app.stop().await;
@@ -153,10 +105,7 @@ async fn a_dead_letter_is_listed_and_delivered_after_a_redrive() {
 #[tokio::test]
 async fn one_job_can_be_retried_by_id() {
     let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
-    app.bonychat.script([Reply::status(
-        422,
-        r#"{"error":{"message":"contact blocked"}}"#,
-    )]);
+    app.bonychat.script([Reply::status(422, r#"{"error":{"message":"contact blocked"}}"#)]);
     let body = json!({"object": "page", "entry": [{"id": PAGE_ID, "time": 1, "messaging": [
         {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": 2, "message": {"mid": "m_retry", "text": "hello"}}
     ]}]});
@@ -165,13 +114,8 @@ async fn one_job_can_be_retried_by_id() {
     let dead = app.jobs(JobState::Dead).await;
     assert_eq!(dead.len(), 1);
 
-    let (status, retried) = admin(
-        &app,
-        reqwest::Method::POST,
-        &format!("/admin/jobs/{}/retry", dead[0].id),
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, retried) =
+        admin(&app, reqwest::Method::POST, &format!("/admin/jobs/{}/retry", dead[0].id), Some(ADMIN_TOKEN)).await;
     app.settle().await;
 
     assert_eq!(status, 200);
@@ -185,85 +129,28 @@ async fn one_job_can_be_retried_by_id() {
 async fn the_admin_api_is_absent_without_a_token_and_guarded_with_one() {
     let without = spawn_app().await;
     let (status, body) = admin(&without, reqwest::Method::GET, "/admin/jobs", None).await;
-    assert_error(
-        reqwest::StatusCode::from_u16(status).unwrap(),
-        &body,
-        404,
-        "not_found",
-    );
-    let (status, _) = admin(
-        &without,
-        reqwest::Method::POST,
-        "/admin/dead/redrive",
-        Some("anything"),
-    )
-    .await;
+    assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 404, "not_found");
+    let (status, _) = admin(&without, reqwest::Method::POST, "/admin/dead/redrive", Some("anything")).await;
     assert_eq!(status, 404);
     without.stop().await;
 
     let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
     for token in [None, Some("wrong"), Some(crate::helpers::API_TOKEN)] {
         let (status, body) = admin(&app, reqwest::Method::GET, "/admin/jobs", token).await;
-        assert_error(
-            reqwest::StatusCode::from_u16(status).unwrap(),
-            &body,
-            401,
-            "unauthorized",
-        );
+        assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 401, "unauthorized");
     }
-    let (status, body) = admin(
-        &app,
-        reqwest::Method::GET,
-        "/admin/jobs?state=lost",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    let message = assert_error(
-        reqwest::StatusCode::from_u16(status).unwrap(),
-        &body,
-        400,
-        "invalid_request",
-    );
-    assert_eq!(
-        message,
-        "state: must be one of queued, delivered, dead, rejected, dropped"
-    );
-    let (status, body) = admin(
-        &app,
-        reqwest::Method::POST,
-        "/admin/jobs/424242/retry",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    assert_error(
-        reqwest::StatusCode::from_u16(status).unwrap(),
-        &body,
-        404,
-        "not_found",
-    );
+    let (status, body) = admin(&app, reqwest::Method::GET, "/admin/jobs?state=lost", Some(ADMIN_TOKEN)).await;
+    let message = assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 400, "invalid_request");
+    assert_eq!(message, "state: must be one of queued, delivered, dead, rejected, dropped");
+    let (status, body) = admin(&app, reqwest::Method::POST, "/admin/jobs/424242/retry", Some(ADMIN_TOKEN)).await;
+    assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 404, "not_found");
     app.send(PSID, text("delivered")).await;
     app.settle().await;
     let delivered = app.jobs(JobState::Delivered).await[0].id;
-    let (status, body) = admin(
-        &app,
-        reqwest::Method::POST,
-        &format!("/admin/jobs/{delivered}/retry"),
-        Some(ADMIN_TOKEN),
-    )
-    .await;
-    assert_error(
-        reqwest::StatusCode::from_u16(status).unwrap(),
-        &body,
-        409,
-        "conflict",
-    );
-    let (status, listed) = admin(
-        &app,
-        reqwest::Method::GET,
-        "/admin/jobs?limit=5",
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let (status, body) =
+        admin(&app, reqwest::Method::POST, &format!("/admin/jobs/{delivered}/retry"), Some(ADMIN_TOKEN)).await;
+    assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 409, "conflict");
+    let (status, listed) = admin(&app, reqwest::Method::GET, "/admin/jobs?limit=5", Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 1);
     app.stop().await;
@@ -293,10 +180,7 @@ async fn delivery_and_read_watermarks_become_receipts_each_reported_once() {
     app.post_webhook(watermark("read", now())).await;
     app.post_webhook(watermark("delivery", now())).await;
 
-    let (first, second) = (
-        first["mId"].as_str().unwrap().to_owned(),
-        second["mId"].as_str().unwrap().to_owned(),
-    );
+    let (first, second) = (first["mId"].as_str().unwrap().to_owned(), second["mId"].as_str().unwrap().to_owned());
     assert_eq!(
         receipts(&app).await,
         [
@@ -323,12 +207,7 @@ async fn the_echo_of_a_send_is_recognised_across_a_restart() {
     let echo = json!({"object": "page", "entry": [{"id": PAGE_ID, "time": 1, "messaging": [
         {"sender": {"id": PAGE_ID}, "recipient": {"id": PSID}, "timestamp": 2, "message": {"is_echo": true, "mid": "m_echo", "text": "Sent before the restart"}}
     ]}]});
-    let answer: Value = app
-        .post_webhook(echo.to_string())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = app.post_webhook(echo.to_string()).await.json().await.unwrap();
     app.settle().await;
 
     assert_eq!(answer["own_echoes"], 1);
@@ -338,32 +217,18 @@ async fn the_echo_of_a_send_is_recognised_across_a_restart() {
 
 #[tokio::test]
 async fn queued_messages_survive_a_shutdown_and_go_out_after_the_next_start() {
-    let app = spawn_app_with(&[
-        ("RELAY_RETRY_JOINCHAT", "10s"),
-        ("JOINCHAT_ORDER_GAP_SECS", "0"),
-    ])
-    .await;
+    let app = spawn_app_with(&[("RELAY_RETRY_JOINCHAT", "10s"), ("JOINCHAT_ORDER_GAP_SECS", "0")]).await;
     app.joinchat.script([Reply::status(503, "")]);
     app.send(PSID, text("one")).await;
     app.send(PSID, text("two")).await;
     assert_eq!(app.jobs(JobState::Queued).await.len(), 2);
 
     let app = app.restart().await;
-    app.store
-        .retry(
-            app.jobs(JobState::Queued).await[0].id,
-            bonychat_relay::store::now_millis(),
-        )
-        .await
-        .unwrap();
+    app.store.retry(app.jobs(JobState::Queued).await[0].id, bonychat_relay::store::now_millis()).await.unwrap();
     app.settle().await;
 
-    let texts: Vec<String> = app
-        .joinchat
-        .bodies()
-        .iter()
-        .map(|b| b["message"]["text"].as_str().unwrap().to_owned())
-        .collect();
+    let texts: Vec<String> =
+        app.joinchat.bodies().iter().map(|b| b["message"]["text"].as_str().unwrap().to_owned()).collect();
     assert_eq!(texts, ["one", "one", "two"]);
     app.stop().await;
 }
@@ -385,12 +250,7 @@ mod command_line {
     const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 
     async fn jobs(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-        let database_url = &app
-            .vars
-            .iter()
-            .find(|(k, _)| k == "RELAY_DATABASE_URL")
-            .unwrap()
-            .1;
+        let database_url = &app.vars.iter().find(|(k, _)| k == "RELAY_DATABASE_URL").unwrap().1;
         let output = Command::new(BINARY)
             .arg("jobs")
             .args(args)
@@ -415,10 +275,7 @@ mod command_line {
 
         let (code, listed, _) = jobs(&app, &["list", "--state", "dead", "--json"]).await;
         assert_eq!(code, 0);
-        let lines: Vec<Value> = listed
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines: Vec<Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["mId"], sent["mId"]);
 
@@ -448,17 +305,11 @@ mod command_line {
         app.settle().await;
 
         assert_eq!(code, 0, "{said}");
-        assert!(
-            said.starts_with(&format!("job {dead} queued again")),
-            "{said}"
-        );
+        assert!(said.starts_with(&format!("job {dead} queued again")), "{said}");
         assert_eq!(missing_code, 1);
         assert!(missing.contains("no job 987654"), "{missing}");
         let delivered = app.jobs(JobState::Delivered).await;
-        assert!(
-            delivered.iter().any(|job| job.id == dead),
-            "the retried job went out"
-        );
+        assert!(delivered.iter().any(|job| job.id == dead), "the retried job went out");
         app.stop().await;
     }
 }

@@ -60,10 +60,7 @@ pub async fn spawn_app() -> TestApp {
 /// The relay with some variables changed from the test defaults.
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     if std::env::var_os("TEST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug")
-            .with_test_writer()
-            .try_init();
+        let _ = tracing_subscriber::fmt().with_env_filter("debug").with_test_writer().try_init();
     }
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     let bonychat = StandIn::bonychat(API_TOKEN).await;
@@ -90,25 +87,13 @@ async fn start(
     graph: StandIn,
     data_dir: Arc<TempDir>,
 ) -> TestApp {
-    let config =
-        Config::from_env(&Env::from_pairs(vars.clone())).expect("test configuration is valid");
+    let config = Config::from_env(&Env::from_pairs(vars.clone())).expect("test configuration is valid");
     let app = Application::build(config).await.expect("relay starts");
     let addr = app.local_addr();
     let store = app.store();
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(stop.clone()));
-    TestApp {
-        addr,
-        http: http_client(),
-        joinchat,
-        bonychat,
-        graph,
-        store,
-        vars,
-        data_dir,
-        stop,
-        server,
-    }
+    TestApp { addr, http: http_client(), joinchat, bonychat, graph, store, vars, data_dir, stop, server }
 }
 
 /// Every variable a test relay starts with: real defaults except for addresses, timeouts and
@@ -119,10 +104,7 @@ pub fn test_vars(joinchat_url: &str, data_dir: &std::path::Path) -> Vec<(String,
         ("RELAY_ADDR", "127.0.0.1:0"),
         ("BONYCHAT_CHANNEL_ID", CHANNEL_ID),
         ("BONYCHAT_API_TOKEN", API_TOKEN),
-        (
-            "BONYCHAT_WEBHOOK_URL",
-            "http://127.0.0.1:9/bonychat-webhook",
-        ),
+        ("BONYCHAT_WEBHOOK_URL", "http://127.0.0.1:9/bonychat-webhook"),
         ("JOINCHAT_API_URL", joinchat_url),
         ("JOINCHAT_PAGE_ID", PAGE_ID),
         ("JOINCHAT_API_SECRET", JOINCHAT_SECRET),
@@ -150,13 +132,7 @@ impl TestApp {
 
     /// `POST /message` as BonyChat sends it.
     pub async fn post_message(&self, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url("/message"))
-            .bearer_auth(API_TOKEN)
-            .json(body)
-            .send()
-            .await
-            .expect("relay answers")
+        self.http.post(self.url("/message")).bearer_auth(API_TOKEN).json(body).send().await.expect("relay answers")
     }
 
     /// Sends `message` to `contact_id` on the test channel and returns status and JSON answer.
@@ -175,16 +151,9 @@ impl TestApp {
     }
 
     /// `POST /webhooks/messenger` with the given `X-Hub-Signature-256` header, or none.
-    pub async fn post_webhook_with(
-        &self,
-        body: Vec<u8>,
-        signature: Option<&str>,
-    ) -> reqwest::Response {
-        let mut request = self
-            .http
-            .post(self.url("/webhooks/messenger"))
-            .header("content-type", "application/json")
-            .body(body);
+    pub async fn post_webhook_with(&self, body: Vec<u8>, signature: Option<&str>) -> reqwest::Response {
+        let mut request =
+            self.http.post(self.url("/webhooks/messenger")).header("content-type", "application/json").body(body);
         if let Some(signature) = signature {
             request = request.header("x-hub-signature-256", signature);
         }
@@ -194,24 +163,12 @@ impl TestApp {
     /// Asks the relay to stop as SIGTERM would, and waits until it has.
     pub async fn stop(self) {
         self.stop.cancel();
-        self.server
-            .await
-            .expect("server task")
-            .expect("clean shutdown");
+        self.server.await.expect("server task").expect("clean shutdown");
     }
 
     /// Stops the relay and starts it again on the same store and stand-ins.
     pub async fn restart(self) -> Self {
-        let Self {
-            vars,
-            joinchat,
-            bonychat,
-            graph,
-            data_dir,
-            stop,
-            server,
-            ..
-        } = self;
+        let Self { vars, joinchat, bonychat, graph, data_dir, stop, server, .. } = self;
         stop.cancel();
         server.await.expect("server task").expect("clean shutdown");
         start(vars, joinchat, bonychat, graph, data_dir).await
@@ -222,11 +179,7 @@ impl TestApp {
     pub async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let queued = self
-                .store
-                .list(Some(JobState::Queued), 1)
-                .await
-                .expect("store answers");
+            let queued = self.store.list(Some(JobState::Queued), 1).await.expect("store answers");
             if queued.is_empty() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return;
@@ -238,11 +191,7 @@ impl TestApp {
 
     /// Jobs in `state`, oldest first.
     pub async fn jobs(&self, state: JobState) -> Vec<Job> {
-        let mut jobs = self
-            .store
-            .list(Some(state), 1000)
-            .await
-            .expect("store answers");
+        let mut jobs = self.store.list(Some(state), 1000).await.expect("store answers");
         jobs.reverse();
         jobs
     }
@@ -252,12 +201,7 @@ impl TestApp {
 pub fn hub_signature(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256={hex}")
 }
 
@@ -280,23 +224,12 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
 }
 
 /// Asserts the SPEC §2 error shape and returns the message.
-pub fn assert_error(
-    status: StatusCode,
-    body: &Value,
-    expected_status: u16,
-    expected_code: &str,
-) -> String {
+pub fn assert_error(status: StatusCode, body: &Value, expected_status: u16, expected_code: &str) -> String {
     assert_eq!(status.as_u16(), expected_status, "{body}");
     assert_eq!(body["error"]["code"], expected_code, "{body}");
-    let message = body["error"]["message"]
-        .as_str()
-        .expect("error.message is a string");
+    let message = body["error"]["message"].as_str().expect("error.message is a string");
     assert!(!message.is_empty());
-    assert_eq!(
-        body.as_object().unwrap().len(),
-        1,
-        "only `error` at the top: {body}"
-    );
+    assert_eq!(body.as_object().unwrap().len(), 1, "only `error` at the top: {body}");
     message.to_owned()
 }
 
@@ -338,12 +271,7 @@ impl Reply {
     }
 
     pub fn status(status: u16, body: &str) -> Self {
-        Self {
-            status,
-            body: body.to_owned(),
-            retry_after: None,
-            delay: Duration::ZERO,
-        }
+        Self { status, body: body.to_owned(), retry_after: None, delay: Duration::ZERO }
     }
 
     pub fn retry_after(mut self, value: &str) -> Self {
@@ -373,35 +301,25 @@ impl Check {
     fn passes(&self, headers: &HeaderMap, query: &str, body: &[u8]) -> bool {
         match self {
             Self::JoinChatSignature(secret) => {
-                let signature = headers
-                    .get("x-joinchat-signature")
-                    .and_then(|v| v.to_str().ok());
+                let signature = headers.get("x-joinchat-signature").and_then(|v| v.to_str().ok());
                 signature == Some(expected_signature(secret, body).as_str())
             }
             Self::Bearer(token) => {
-                headers.get("authorization").and_then(|v| v.to_str().ok())
-                    == Some(format!("Bearer {token}").as_str())
+                headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str())
             }
-            Self::AccessToken(token) => query
-                .split('&')
-                .any(|pair| pair == format!("access_token={token}")),
+            Self::AccessToken(token) => query.split('&').any(|pair| pair == format!("access_token={token}")),
         }
     }
 
     fn refusal(&self) -> (StatusCode, &'static str) {
         match self {
-            Self::JoinChatSignature(_) => (
-                StatusCode::UNAUTHORIZED,
-                r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
-            ),
-            Self::Bearer(_) => (
-                StatusCode::UNAUTHORIZED,
-                r#"{"error":{"message":"401: UNAUTHORIZED"}}"#,
-            ),
-            Self::AccessToken(_) => (
-                StatusCode::BAD_REQUEST,
-                r#"{"error":{"message":"Invalid OAuth access token.","code":190}}"#,
-            ),
+            Self::JoinChatSignature(_) => {
+                (StatusCode::UNAUTHORIZED, r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#)
+            }
+            Self::Bearer(_) => (StatusCode::UNAUTHORIZED, r#"{"error":{"message":"401: UNAUTHORIZED"}}"#),
+            Self::AccessToken(_) => {
+                (StatusCode::BAD_REQUEST, r#"{"error":{"message":"Invalid OAuth access token.","code":190}}"#)
+            }
         }
     }
 }
@@ -427,32 +345,17 @@ struct StandInState {
 
 impl StandIn {
     pub async fn joinchat(secret: &str) -> Self {
-        Self::start(
-            "/api/send_message",
-            Check::JoinChatSignature(secret.to_owned()),
-            Reply::ok(),
-        )
-        .await
+        Self::start("/api/send_message", Check::JoinChatSignature(secret.to_owned()), Reply::ok()).await
     }
 
     pub async fn bonychat(token: &str) -> Self {
-        Self::start(
-            "/custom/channel/webhook/",
-            Check::Bearer(token.to_owned()),
-            Reply::status(200, ""),
-        )
-        .await
+        Self::start("/custom/channel/webhook/", Check::Bearer(token.to_owned()), Reply::status(200, "")).await
     }
 
     /// The Graph API: the relay is configured with `url` as `MESSENGER_GRAPH_URL`.
     pub async fn graph(token: &str) -> Self {
         let profile = r#"{"first_name":"Peter","last_name":"Chang","profile_pic":"https://platform-lookaside.example/pic.jpg","locale":"en_US","timezone":-7,"id":"1066835436691078"}"#;
-        Self::start(
-            "/v21.0",
-            Check::AccessToken(token.to_owned()),
-            Reply::status(200, profile),
-        )
-        .await
+        Self::start("/v21.0", Check::AccessToken(token.to_owned()), Reply::status(200, profile)).await
     }
 
     async fn start(path: &str, check: Check, default_reply: Reply) -> Self {
@@ -466,9 +369,7 @@ impl StandIn {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}{path}", listener.local_addr().unwrap());
-        let app = axum::Router::new()
-            .fallback(receive)
-            .with_state(Arc::clone(&state));
+        let app = axum::Router::new().fallback(receive).with_state(Arc::clone(&state));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { url, state }
     }
@@ -480,9 +381,7 @@ impl StandIn {
 
     /// Answers this percentage of unscripted requests with a 503, at random.
     pub fn fail_randomly(&self, percent: u32) {
-        self.state
-            .failure_percent
-            .store(percent, std::sync::atomic::Ordering::Relaxed);
+        self.state.failure_percent.store(percent, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -529,9 +428,7 @@ async fn receive(
     let authentic = state.check.passes(&headers, &query, &body);
     let reply = if authentic {
         let scripted = state.script.lock().unwrap().pop_front();
-        let failing = state
-            .failure_percent
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let failing = state.failure_percent.load(std::sync::atomic::Ordering::Relaxed);
         scripted.unwrap_or_else(|| {
             if fastrand::u32(0..100) < failing {
                 Reply::status(503, "randomly unavailable")
@@ -544,15 +441,9 @@ async fn receive(
         Reply::status(status.as_u16(), body)
     };
     state.received.lock().unwrap().push(Received {
-        path_and_query: uri
-            .path_and_query()
-            .map(ToString::to_string)
-            .unwrap_or_default(),
+        path_and_query: uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
         body,
-        content_type: headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        content_type: headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned),
         authentic,
         answered: reply.status,
         at: Instant::now(),
@@ -562,9 +453,7 @@ async fn receive(
     tokio::time::sleep(reply.delay).await;
     let mut response = (StatusCode::from_u16(reply.status).unwrap(), reply.body).into_response();
     if let Some(retry_after) = reply.retry_after {
-        response
-            .headers_mut()
-            .insert("retry-after", retry_after.parse().unwrap());
+        response.headers_mut().insert("retry-after", retry_after.parse().unwrap());
     }
     response
 }

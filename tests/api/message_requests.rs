@@ -18,26 +18,14 @@ async fn a_valid_message_is_answered_with_a_fresh_message_id() {
     let first = app.post_message(&text_message()).await;
     let first_status = first.status();
     let first: Value = first.json().await.unwrap();
-    let second: Value = app
-        .post_message(&text_message())
-        .await
-        .json()
-        .await
-        .unwrap();
+    let second: Value = app.post_message(&text_message()).await.json().await.unwrap();
 
     // Assert
     assert_eq!(first_status, 200);
     let m_id = first["mId"].as_str().expect("mId is a string");
     assert!(m_id.len() <= 50 && !m_id.is_empty());
-    assert!(
-        m_id.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
-        "{m_id}"
-    );
-    assert_ne!(
-        first["mId"], second["mId"],
-        "every message gets its own mId"
-    );
+    assert!(m_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'), "{m_id}");
+    assert_ne!(first["mId"], second["mId"], "every message gets its own mId");
     assert_eq!(first.as_object().unwrap().len(), 1, "{first}");
     assert_eq!(app.joinchat.received().len(), 2);
     app.stop().await;
@@ -47,13 +35,7 @@ async fn a_valid_message_is_answered_with_a_fresh_message_id() {
 async fn a_missing_token_is_refused_with_401_and_a_bearer_challenge() {
     let app = spawn_app().await;
 
-    let response = app
-        .http
-        .post(app.url("/message"))
-        .json(&text_message())
-        .send()
-        .await
-        .unwrap();
+    let response = app.http.post(app.url("/message")).json(&text_message()).send().await.unwrap();
 
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     let status = response.status();
@@ -93,13 +75,7 @@ async fn a_wrong_token_is_refused_with_401() {
 async fn the_token_is_checked_before_the_body_is_looked_at() {
     let app = spawn_app().await;
 
-    let response = app
-        .http
-        .post(app.url("/message"))
-        .body("not even json")
-        .send()
-        .await
-        .unwrap();
+    let response = app.http.post(app.url("/message")).body("not even json").send().await.unwrap();
 
     assert_eq!(response.status(), 401);
     app.stop().await;
@@ -114,12 +90,7 @@ async fn another_channel_is_refused_with_unknown_channel() {
     let response = app.post_message(&body).await;
 
     let status = response.status();
-    assert_error(
-        status,
-        &response.json().await.unwrap(),
-        400,
-        "unknown_channel",
-    );
+    assert_error(status, &response.json().await.unwrap(), 400, "unknown_channel");
     assert!(app.joinchat.received().is_empty());
     app.stop().await;
 }
@@ -128,14 +99,7 @@ async fn another_channel_is_refused_with_unknown_channel() {
 async fn a_body_that_is_not_json_is_refused_with_invalid_payload() {
     let app = spawn_app().await;
 
-    for body in [
-        "{\"channelId\": ",
-        "",
-        "null",
-        "[]",
-        "\"text\"",
-        &"[".repeat(10_000),
-    ] {
+    for body in ["{\"channelId\": ", "", "null", "[]", "\"text\"", &"[".repeat(10_000)] {
         let response = app
             .http
             .post(app.url("/message"))
@@ -146,12 +110,7 @@ async fn a_body_that_is_not_json_is_refused_with_invalid_payload() {
             .await
             .unwrap();
         let status = response.status();
-        let message = assert_error(
-            status,
-            &response.json().await.unwrap(),
-            400,
-            "invalid_payload",
-        );
+        let message = assert_error(status, &response.json().await.unwrap(), 400, "invalid_payload");
         assert!(message.starts_with("body: "), "{message}");
     }
     assert!(app.joinchat.received().is_empty());
@@ -162,27 +121,14 @@ async fn a_body_that_is_not_json_is_refused_with_invalid_payload() {
 async fn a_wrong_content_type_is_refused_with_415() {
     let app = spawn_app().await;
 
-    for content_type in [
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-        None,
-    ] {
-        let mut request = app
-            .http
-            .post(app.url("/message"))
-            .bearer_auth(API_TOKEN)
-            .body(text_message().to_string());
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let mut request = app.http.post(app.url("/message")).bearer_auth(API_TOKEN).body(text_message().to_string());
         if let Some(content_type) = content_type {
             request = request.header(CONTENT_TYPE, content_type);
         }
         let response = request.send().await.unwrap();
         let status = response.status();
-        assert_error(
-            status,
-            &response.json().await.unwrap(),
-            415,
-            "unsupported_media_type",
-        );
+        assert_error(status, &response.json().await.unwrap(), 415, "unsupported_media_type");
     }
     assert!(app.joinchat.received().is_empty());
     app.stop().await;
@@ -229,12 +175,7 @@ async fn a_body_of_64_kib_is_accepted_and_one_byte_more_is_refused_with_413() {
 
     assert_eq!(at_limit.status(), 200);
     let status = over_limit.status();
-    assert_error(
-        status,
-        &over_limit.json().await.unwrap(),
-        413,
-        "payload_too_large",
-    );
+    assert_error(status, &over_limit.json().await.unwrap(), 413, "payload_too_large");
     assert_eq!(app.joinchat.received().len(), 1);
     app.stop().await;
 }

@@ -24,17 +24,12 @@ fn envelope(recipient: &str, message: &str) -> String {
 async fn a_text_message_becomes_one_signed_text_request() {
     let app = spawn_app().await;
 
-    let (status, _) = app
-        .send(PSID, json!({"type": "text", "text": "Hello World"}))
-        .await;
+    let (status, _) = app.send(PSID, json!({"type": "text", "text": "Hello World"})).await;
 
     assert_eq!(status, 200);
     assert_eq!(
         signed_bodies(&app.joinchat.received()),
-        vec![envelope(
-            &format!(r#"{{"id":"{PSID}"}}"#),
-            r#"{"template_type":"text","text":"Hello World"}"#
-        )]
+        vec![envelope(&format!(r#"{{"id":"{PSID}"}}"#), r#"{"template_type":"text","text":"Hello World"}"#)]
     );
     app.stop().await;
 }
@@ -43,11 +38,7 @@ async fn a_text_message_becomes_one_signed_text_request() {
 async fn non_ascii_text_is_sent_as_utf_8_and_signed_over_those_bytes() {
     let app = spawn_app().await;
 
-    app.send(
-        PSID,
-        json!({"type": "text", "text": "Test äëï \"quoted\" 日本 👍\nline"}),
-    )
-    .await;
+    app.send(PSID, json!({"type": "text", "text": "Test äëï \"quoted\" 日本 👍\nline"})).await;
 
     assert_eq!(
         signed_bodies(&app.joinchat.received()),
@@ -63,8 +54,7 @@ async fn non_ascii_text_is_sent_as_utf_8_and_signed_over_those_bytes() {
 async fn a_phone_contact_is_addressed_by_phone_and_the_tag_is_sent_when_configured() {
     let app = spawn_app_with(&[("JOINCHAT_MESSAGE_TAG", "ACCOUNT_UPDATE")]).await;
 
-    app.send("+60177872890", json!({"type": "text", "text": "Hi"}))
-        .await;
+    app.send("+60177872890", json!({"type": "text", "text": "Hi"})).await;
 
     assert_eq!(
         signed_bodies(&app.joinchat.received()),
@@ -77,23 +67,13 @@ async fn a_phone_contact_is_addressed_by_phone_and_the_tag_is_sent_when_configur
 
 #[tokio::test]
 async fn a_forced_recipient_field_is_used_for_every_contact() {
-    for (field, key) in [
-        ("uuid", "uuid"),
-        ("email", "email"),
-        ("id", "id"),
-        ("phone", "phone"),
-    ] {
+    for (field, key) in [("uuid", "uuid"), ("email", "email"), ("id", "id"), ("phone", "phone")] {
         let app = spawn_app_with(&[("JOINCHAT_RECIPIENT_FIELD", field)]).await;
 
-        app.send("+60177872890", json!({"type": "text", "text": "Hi"}))
-            .await;
+        app.send("+60177872890", json!({"type": "text", "text": "Hi"})).await;
 
         let body = app.joinchat.bodies().remove(0);
-        assert_eq!(
-            body["recipient"],
-            json!({key: "+60177872890"}),
-            "JOINCHAT_RECIPIENT_FIELD={field}"
-        );
+        assert_eq!(body["recipient"], json!({key: "+60177872890"}), "JOINCHAT_RECIPIENT_FIELD={field}");
         app.stop().await;
     }
 }
@@ -107,7 +87,11 @@ async fn an_image_becomes_a_generic_template_titled_by_its_description() {
         json!({"type": "attachment", "attachment": {"type": "image", "url": "https://cdn.example/cat.jpg", "mimeType": "image/jpeg", "fileName": "cat.jpg", "description": "Our cat"}}),
     )
     .await;
-    app.send(PSID, json!({"type": "attachment", "attachment": {"type": "image", "url": "https://cdn.example/dog.png"}})).await;
+    app.send(
+        PSID,
+        json!({"type": "attachment", "attachment": {"type": "image", "url": "https://cdn.example/dog.png"}}),
+    )
+    .await;
 
     let bodies = app.joinchat.bodies();
     assert_eq!(
@@ -126,12 +110,7 @@ async fn files_videos_and_audio_become_a_button_template_with_an_open_link() {
     app.send(PSID, json!({"type": "attachment", "attachment": {"type": "video", "url": "https://cdn.example/media/clip.mp4?token=abc"}})).await;
     app.send(PSID, json!({"type": "attachment", "attachment": {"type": "audio", "url": "https://cdn.example/voice%20note.ogg", "description": "Voice note"}})).await;
 
-    let messages: Vec<_> = app
-        .joinchat
-        .bodies()
-        .into_iter()
-        .map(|b| b["message"].clone())
-        .collect();
+    let messages: Vec<_> = app.joinchat.bodies().into_iter().map(|b| b["message"].clone()).collect();
     assert_eq!(
         messages,
         vec![
@@ -147,19 +126,14 @@ async fn files_videos_and_audio_become_a_button_template_with_an_open_link() {
 async fn a_location_becomes_a_button_that_opens_the_map() {
     let app = spawn_app_with(&[("JOINCHAT_ORDER_GAP_SECS", "0")]).await;
 
+    app.send(PSID, json!({"type": "location", "latitude": 3.139, "longitude": 101.6869})).await;
     app.send(
         PSID,
-        json!({"type": "location", "latitude": 3.139, "longitude": 101.6869}),
+        json!({"type": "location", "latitude": -33.8568, "longitude": 151.2153, "address": "Sydney Opera House"}),
     )
     .await;
-    app.send(PSID, json!({"type": "location", "latitude": -33.8568, "longitude": 151.2153, "address": "Sydney Opera House"})).await;
 
-    let messages: Vec<_> = app
-        .joinchat
-        .bodies()
-        .into_iter()
-        .map(|b| b["message"].clone())
-        .collect();
+    let messages: Vec<_> = app.joinchat.bodies().into_iter().map(|b| b["message"].clone()).collect();
     assert_eq!(
         messages,
         vec![
@@ -191,30 +165,18 @@ async fn four_to_ten_quick_replies_become_a_text_then_cards_of_three_buttons() {
     let app = spawn_app_with(&[("JOINCHAT_ORDER_GAP_SECS", "0")]).await;
     let replies: Vec<String> = (1..=7).map(|i| format!("Slot {i}")).collect();
 
-    let (status, _) = app
-        .send(
-            PSID,
-            json!({"type": "quick_reply", "title": "Pick a time", "replies": replies}),
-        )
-        .await;
+    let (status, _) = app.send(PSID, json!({"type": "quick_reply", "title": "Pick a time", "replies": replies})).await;
 
     assert_eq!(status, 200);
     let recipient = format!(r#"{{"id":"{PSID}"}}"#);
-    let button =
-        |i: u32| format!(r#"{{"type":"postback","title":"Slot {i}","payload":"Slot {i}"}}"#);
+    let button = |i: u32| format!(r#"{{"type":"postback","title":"Slot {i}","payload":"Slot {i}"}}"#);
     let card = |range: std::ops::RangeInclusive<u32>| {
-        format!(
-            r#"{{"title":"Pick a time","buttons":[{}]}}"#,
-            range.map(button).collect::<Vec<_>>().join(",")
-        )
+        format!(r#"{{"title":"Pick a time","buttons":[{}]}}"#, range.map(button).collect::<Vec<_>>().join(","))
     };
     assert_eq!(
         signed_bodies(&app.joinchat.received()),
         vec![
-            envelope(
-                &recipient,
-                r#"{"template_type":"text","text":"Pick a time"}"#
-            ),
+            envelope(&recipient, r#"{"template_type":"text","text":"Pick a time"}"#),
             envelope(
                 &recipient,
                 &format!(
@@ -234,10 +196,7 @@ async fn the_stand_in_checks_signatures_like_the_joinchat_documentation() {
     // PROTOCOLS.md D.3, V9: the stand-in's own HMAC code reproduces the published vector,
     // so a signature it accepts is one JoinChat would accept.
     let body = br#"{"page_id":12345,"recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"},"tag":"ACCOUNT_UPDATE","delay":1}"#;
-    assert_eq!(
-        crate::helpers::expected_signature("xxxxx", body),
-        "pjxfCwQlwtXvvMRKAPy5T16qFq9qBYc3CEWjI45M3mo="
-    );
+    assert_eq!(crate::helpers::expected_signature("xxxxx", body), "pjxfCwQlwtXvvMRKAPy5T16qFq9qBYc3CEWjI45M3mo=");
 }
 
 #[tokio::test]
@@ -250,10 +209,7 @@ async fn a_relay_with_the_wrong_secret_is_refused_by_joinchat() {
 
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "rejected_by_joinchat");
-    assert_eq!(
-        body["error"]["message"],
-        "JoinChat rejected the message: signature mismatch"
-    );
+    assert_eq!(body["error"]["message"], "JoinChat rejected the message: signature mismatch");
     assert!(!app.joinchat.received()[0].authentic);
     app.stop().await;
 }

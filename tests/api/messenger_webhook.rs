@@ -7,16 +7,12 @@ use serde_json::{Value, json};
 use bonychat_relay::store::JobState;
 
 use crate::helpers::{
-    APP_SECRET, CHANNEL_ID, PAGE_ID, PSID, Reply, TestApp, VERIFY_TOKEN, assert_error,
-    hub_signature, spawn_app, spawn_app_with,
+    APP_SECRET, CHANNEL_ID, PAGE_ID, PSID, Reply, TestApp, VERIFY_TOKEN, assert_error, hub_signature, spawn_app,
+    spawn_app_with,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!(
-        "{}/tests/api/fixtures/{name}.json",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read(format!("{}/tests/api/fixtures/{name}.json", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 /// An envelope for the test Page holding `items` in one entry's `messaging`.
@@ -56,10 +52,7 @@ async fn bonychat_posts(app: &TestApp) -> Vec<Value> {
         .received()
         .iter()
         .map(|r| {
-            assert!(
-                r.authentic,
-                "BonyChat got a post without the channel's token"
-            );
+            assert!(r.authentic, "BonyChat got a post without the channel's token");
             assert_eq!(r.content_type.as_deref(), Some("application/json"));
             r.json()
         })
@@ -81,10 +74,7 @@ async fn events(app: &TestApp) -> Vec<(String, Value)> {
             assert_eq!(post["channelId"], CHANNEL_ID);
             let events = post["events"].as_array().unwrap();
             assert_eq!(events.len(), 1, "one event per post: {post}");
-            (
-                post["contactId"].as_str().unwrap().to_owned(),
-                events[0].clone(),
-            )
+            (post["contactId"].as_str().unwrap().to_owned(), events[0].clone())
         })
         .collect()
 }
@@ -93,32 +83,19 @@ mod handshake {
     use super::*;
 
     async fn handshake(app: &TestApp, query: &str) -> reqwest::Response {
-        app.http
-            .get(app.url(&format!("/webhooks/messenger{query}")))
-            .send()
-            .await
-            .unwrap()
+        app.http.get(app.url(&format!("/webhooks/messenger{query}"))).send().await.unwrap()
     }
 
     #[tokio::test]
     async fn the_challenge_is_echoed_as_plain_text_for_the_right_token() {
         let app = spawn_app().await;
 
-        let response = handshake(
-            &app,
-            &format!(
-                "?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={VERIFY_TOKEN}"
-            ),
-        )
-        .await;
+        let response =
+            handshake(&app, &format!("?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={VERIFY_TOKEN}"))
+                .await;
 
         assert_eq!(response.status(), 200);
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/plain")
-        );
+        assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
         assert_eq!(response.text().await.unwrap(), "1158201444");
         app.stop().await;
     }
@@ -144,28 +121,14 @@ mod handshake {
         let app = spawn_app().await;
 
         for (query, missing) in [
-            (
-                format!("?hub.challenge=1&hub.verify_token={VERIFY_TOKEN}"),
-                "hub.mode",
-            ),
-            (
-                "?hub.mode=subscribe&hub.challenge=1".to_owned(),
-                "hub.verify_token",
-            ),
-            (
-                format!("?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}"),
-                "hub.challenge",
-            ),
+            (format!("?hub.challenge=1&hub.verify_token={VERIFY_TOKEN}"), "hub.mode"),
+            ("?hub.mode=subscribe&hub.challenge=1".to_owned(), "hub.verify_token"),
+            (format!("?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}"), "hub.challenge"),
             (String::new(), "hub.mode"),
         ] {
             let response = handshake(&app, &query).await;
             let status = response.status();
-            let message = assert_error(
-                status,
-                &response.json().await.unwrap(),
-                400,
-                "invalid_request",
-            );
+            let message = assert_error(status, &response.json().await.unwrap(), 400, "invalid_request");
             assert_eq!(message, format!("{missing}: required"));
         }
         app.stop().await;
@@ -182,22 +145,10 @@ mod signatures {
         let forged = hub_signature("not-the-app-secret", &body);
         let sha1 = "sha1=da611bd448dc12acdf0cd3ab33fdb3adaee26145".to_owned();
 
-        for signature in [
-            None,
-            Some("sha256=zzzz".to_owned()),
-            Some(sha1),
-            Some(forged),
-        ] {
-            let response = app
-                .post_webhook_with(body.clone(), signature.as_deref())
-                .await;
+        for signature in [None, Some("sha256=zzzz".to_owned()), Some(sha1), Some(forged)] {
+            let response = app.post_webhook_with(body.clone(), signature.as_deref()).await;
             let status = response.status();
-            assert_error(
-                status,
-                &response.json().await.unwrap(),
-                401,
-                "invalid_signature",
-            );
+            assert_error(status, &response.json().await.unwrap(), 401, "invalid_signature");
         }
         assert!(settled(&app).await.is_empty());
         app.stop().await;
@@ -209,8 +160,7 @@ mod signatures {
         let body = envelope(json!([from_user(PSID, "m1", 1, json!({"text": "hi"}))]));
         let signature = hub_signature(APP_SECRET, &body);
         // The same JSON, re-serialised with different spacing: not the signed bytes.
-        let reformatted =
-            serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
+        let reformatted = serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
 
         let response = app.post_webhook_with(reformatted, Some(&signature)).await;
 
@@ -240,16 +190,9 @@ mod signatures {
         assert_eq!(v6.status(), 200);
         assert_eq!(v7.status(), 200);
         let events = events(&app).await;
-        assert_eq!(
-            events.len(),
-            1,
-            "B2 carries the same mid as B1: forwarded once"
-        );
+        assert_eq!(events.len(), 1, "B2 carries the same mid as B1: forwarded once");
         assert_eq!(events[0].0, "982337261802700");
-        assert_eq!(
-            events[0].1["message"],
-            json!({"type": "text", "text": "Test äëï"})
-        );
+        assert_eq!(events[0].1["message"], json!({"type": "text", "text": "Test äëï"}));
         app.stop().await;
     }
 
@@ -257,9 +200,7 @@ mod signatures {
     #[tokio::test]
     async fn vector_v8_a_decoded_body_does_not_match() {
         let app = spawn_app_with(&[("JOINCHAT_PAGE_ID", "1751036168465324")]).await;
-        let decoded = String::from_utf8(fixture("b1"))
-            .unwrap()
-            .replace(r"\u00e4\u00eb\u00ef", "äëï");
+        let decoded = String::from_utf8(fixture("b1")).unwrap().replace(r"\u00e4\u00eb\u00ef", "äëï");
 
         let response = app
             .post_webhook_with(
@@ -286,12 +227,7 @@ mod signatures {
             .await;
 
         let status = response.status();
-        let message = assert_error(
-            status,
-            &response.json().await.unwrap(),
-            400,
-            "invalid_payload",
-        );
+        let message = assert_error(status, &response.json().await.unwrap(), 400, "invalid_payload");
         assert!(message.starts_with("body: not valid JSON"), "{message}");
         app.stop().await;
     }
@@ -304,20 +240,10 @@ mod bodies {
     async fn malformed_json_after_a_valid_signature_is_a_bad_request_and_nothing_is_forwarded() {
         let app = spawn_app().await;
 
-        for body in [
-            &b"{\"object\":\"page\",\"entry\":["[..],
-            b"[]",
-            b"{\"object\":\"page\"}",
-            b"",
-        ] {
+        for body in [&b"{\"object\":\"page\",\"entry\":["[..], b"[]", b"{\"object\":\"page\"}", b""] {
             let response = app.post_webhook(body).await;
             let status = response.status();
-            assert_error(
-                status,
-                &response.json().await.unwrap(),
-                400,
-                "invalid_payload",
-            );
+            assert_error(status, &response.json().await.unwrap(), 400, "invalid_payload");
         }
         assert!(settled(&app).await.is_empty());
         app.stop().await;
@@ -338,12 +264,7 @@ mod bodies {
 
         assert_eq!(at_limit.status(), 200);
         let status = over_limit.status();
-        assert_error(
-            status,
-            &over_limit.json().await.unwrap(),
-            413,
-            "payload_too_large",
-        );
+        assert_error(status, &over_limit.json().await.unwrap(), 413, "payload_too_large");
         assert_eq!(settled(&app).await.len(), 1);
         app.stop().await;
     }
@@ -352,11 +273,7 @@ mod bodies {
     async fn other_objects_other_pages_and_unknown_kinds_are_acknowledged_not_forwarded() {
         let app = spawn_app().await;
 
-        deliver(
-            &app,
-            br#"{"object":"instagram","entry":[{"id":"1","time":1,"messaging":[]}]}"#,
-        )
-        .await;
+        deliver(&app, br#"{"object":"instagram","entry":[{"id":"1","time":1,"messaging":[]}]}"#).await;
         deliver(&app, json!({"object": "page", "entry": [{"id": "999999", "time": 1, "messaging": [from_user(PSID, "m1", 1, json!({"text": "other page"}))]}]}).to_string().as_bytes()).await;
         deliver(&app, &fixture("d2f_optin")).await;
         deliver(&app, &envelope(json!([
@@ -394,7 +311,16 @@ mod translation {
     async fn a_quick_reply_tap_is_its_text() {
         let app = spawn_app().await;
 
-        deliver(&app, &envelope(json!([from_user(PSID, "mid.1457764197618:41d102a3e1ae206a38", 1_458_692_752_478, json!({"text": "hello, world!", "quick_reply": {"payload": "DEVELOPER_DEFINED_PAYLOAD"}}))]))).await;
+        deliver(
+            &app,
+            &envelope(json!([from_user(
+                PSID,
+                "mid.1457764197618:41d102a3e1ae206a38",
+                1_458_692_752_478,
+                json!({"text": "hello, world!", "quick_reply": {"payload": "DEVELOPER_DEFINED_PAYLOAD"}})
+            )])),
+        )
+        .await;
 
         assert_eq!(
             events(&app).await,
@@ -433,14 +359,8 @@ mod translation {
             .iter()
             .map(|(_, e)| {
                 (
-                    e["message"]["attachment"]["type"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned(),
-                    e["message"]["attachment"]["url"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned(),
+                    e["message"]["attachment"]["type"].as_str().unwrap().to_owned(),
+                    e["message"]["attachment"]["url"].as_str().unwrap().to_owned(),
                 )
             })
             .collect();
@@ -455,15 +375,8 @@ mod translation {
             ]
             .map(|(k, u)| (k.to_owned(), u.to_owned()))
         );
-        assert!(
-            events
-                .iter()
-                .all(|(_, e)| e["type"] == "message" && e["message"]["type"] == "attachment")
-        );
-        let ids: std::collections::HashSet<&str> = events
-            .iter()
-            .map(|(_, e)| e["mId"].as_str().unwrap())
-            .collect();
+        assert!(events.iter().all(|(_, e)| e["type"] == "message" && e["message"]["type"] == "attachment"));
+        let ids: std::collections::HashSet<&str> = events.iter().map(|(_, e)| e["mId"].as_str().unwrap()).collect();
         assert_eq!(ids.len(), 5, "every part has its own mId");
         assert_eq!(events[0].1["mId"], "mid.$cAAJdkrCd2ORnva8ErFhjGm0X_Q_c");
         assert!(ids.iter().all(|id| id.len() <= 50));
@@ -495,22 +408,10 @@ mod translation {
             {"type": "template", "payload": {"template_type": "generic", "elements": [{"title": "Hat", "subtitle": "Blue", "buttons": [{"type": "web_url", "url": "https://shop.example/hat", "title": "Buy"}]}]}}
         ]);
 
-        deliver(
-            &app,
-            &envelope(json!([from_user(
-                PSID,
-                "m-other",
-                5,
-                json!({"attachments": attachments})
-            )])),
-        )
-        .await;
+        deliver(&app, &envelope(json!([from_user(PSID, "m-other", 5, json!({"attachments": attachments}))]))).await;
 
-        let texts: Vec<String> = events(&app)
-            .await
-            .iter()
-            .map(|(_, e)| e["message"]["text"].as_str().unwrap().to_owned())
-            .collect();
+        let texts: Vec<String> =
+            events(&app).await.iter().map(|(_, e)| e["message"]["text"].as_str().unwrap().to_owned()).collect();
         assert_eq!(
             texts,
             [
@@ -534,15 +435,9 @@ mod translation {
         ]))).await;
 
         let events = events(&app).await;
-        let texts: Vec<&str> = events
-            .iter()
-            .map(|(_, e)| e["message"]["text"].as_str().unwrap())
-            .collect();
+        let texts: Vec<&str> = events.iter().map(|(_, e)| e["message"]["text"].as_str().unwrap()).collect();
         assert_eq!(texts, ["test", "Start over", "Yes"]);
-        assert!(
-            events[0].1["mId"].as_str().unwrap().starts_with("mid_"),
-            "a stable id for a postback without mid"
-        );
+        assert!(events[0].1["mId"].as_str().unwrap().starts_with("mid_"), "a stable id for a postback without mid");
         assert_eq!(events[0].1["timestamp"], 1_468_152_897_212_i64);
         app.stop().await;
     }
@@ -583,10 +478,7 @@ mod translation {
         deliver(&app, &fixture("d2c_delivery")).await;
         deliver(&app, &fixture("d2d_read")).await;
 
-        assert!(
-            settled(&app).await.is_empty(),
-            "receipts come with the durable store"
-        );
+        assert!(settled(&app).await.is_empty(), "receipts come with the durable store");
         app.stop().await;
     }
 
@@ -594,16 +486,7 @@ mod translation {
     async fn the_timestamp_falls_back_to_the_entry_time() {
         let app = spawn_app().await;
 
-        deliver(
-            &app,
-            &envelope(json!([from_user(
-                PSID,
-                "m-zero",
-                0,
-                json!({"text": "no time"})
-            )])),
-        )
-        .await;
+        deliver(&app, &envelope(json!([from_user(PSID, "m-zero", 0, json!({"text": "no time"}))]))).await;
 
         assert_eq!(events(&app).await[0].1["timestamp"], 1_700_000_000_000_i64);
         app.stop().await;
@@ -619,12 +502,7 @@ mod documentation_samples {
     const PSID_PLACEHOLDER: &str = "1254459154682919";
 
     fn item(json_text: &str) -> Value {
-        serde_json::from_str(
-            &json_text
-                .replace("<PSID>", PSID_PLACEHOLDER)
-                .replace("<PAGE_ID>", PAGE_ID),
-        )
-        .unwrap()
+        serde_json::from_str(&json_text.replace("<PSID>", PSID_PLACEHOLDER).replace("<PAGE_ID>", PAGE_ID)).unwrap()
     }
 
     /// Sends one sample and returns what BonyChat got: (contactId, event) pairs.
@@ -710,10 +588,8 @@ mod documentation_samples {
                 r#"{{"sender":{{"id":"<PAGE_ID>"}},"recipient":{{"id":"<PSID>"}},"timestamp":1458696618268,"message":{{"is_echo":true,"app_id":1517776481860111,"metadata":"<DEVELOPER_DEFINED_METADATA_STRING>","mid":"mid.1458696618141:b4ef9d19ec21086067","attachments":{attachments}}}}}"#
             ))
         };
-        let image = translate(echo(
-            r#"[{"type":"image","payload":{"url":"https://scontent.example/echo.jpg"}}]"#,
-        ))
-        .await;
+        let image =
+            translate(echo(r#"[{"type":"image","payload":{"url":"https://scontent.example/echo.jpg"}}]"#)).await;
         assert_eq!(image[0].1["type"], "message_echo");
         assert_eq!(
             image[0].1["message"],
@@ -721,12 +597,12 @@ mod documentation_samples {
         );
 
         let button = translate(echo(r#"[{"type":"template","payload":{"template_type":"button","buttons":[{"type":"web_url","url":"https:\/\/www.messenger.com\/","title":"Visit Messenger"}]}}]"#)).await;
-        assert_eq!(
-            button[0].1["message"]["text"],
-            "[Visit Messenger] https://www.messenger.com/"
-        );
+        assert_eq!(button[0].1["message"]["text"], "[Visit Messenger] https://www.messenger.com/");
 
-        let fallback = translate(echo(r#"[{"title":"Legacy Attachment","url":"https:\/\/www.messenger.com\/","type":"fallback","payload":null}]"#)).await;
+        let fallback = translate(echo(
+            r#"[{"title":"Legacy Attachment","url":"https:\/\/www.messenger.com\/","type":"fallback","payload":null}]"#,
+        ))
+        .await;
         assert_eq!(
             fallback[0].1["message"]["text"],
             "Legacy Attachment
@@ -801,25 +677,13 @@ mod batches {
     #[tokio::test]
     async fn meta_is_answered_once_the_batch_is_stored_even_while_bonychat_hangs() {
         let app = spawn_app().await;
-        app.bonychat
-            .script([Reply::status(200, "").after(Duration::from_secs(5))]);
+        app.bonychat.script([Reply::status(200, "").after(Duration::from_secs(5))]);
 
         let started = std::time::Instant::now();
-        let response = app
-            .post_webhook(envelope(json!([from_user(
-                PSID,
-                "m_h",
-                1,
-                json!({"text": "slow"})
-            )])))
-            .await;
+        let response = app.post_webhook(envelope(json!([from_user(PSID, "m_h", 1, json!({"text": "slow"}))]))).await;
 
         assert_eq!(response.status(), 200);
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "answered in {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(1), "answered in {:?}", started.elapsed());
         // BONYCHAT_TIMEOUT_MS is 1 s in tests: the hanging post counts as failed and is retried.
         let posts = settled(&app).await;
         assert_eq!(posts.len(), 2);
@@ -830,11 +694,7 @@ mod batches {
     #[tokio::test]
     async fn a_bonychat_failure_is_retried_and_later_events_never_overtake_it() {
         let app = spawn_app().await;
-        app.bonychat.script([
-            Reply::status(200, ""),
-            Reply::status(503, "busy"),
-            Reply::status(502, ""),
-        ]);
+        app.bonychat.script([Reply::status(200, ""), Reply::status(503, "busy"), Reply::status(502, "")]);
         let body = envelope(json!([
             from_user(PSID, "m_f1", 1, json!({"text": "first"})),
             from_user(PSID, "m_f2", 2, json!({"text": "second"})),
@@ -846,12 +706,7 @@ mod batches {
         let texts: Vec<String> = settled(&app)
             .await
             .iter()
-            .map(|r| {
-                r.json()["events"][0]["message"]["text"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
+            .map(|r| r.json()["events"][0]["message"]["text"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(texts, ["first", "second", "second", "second", "third"]);
         app.stop().await;
@@ -860,8 +715,7 @@ mod batches {
     #[tokio::test]
     async fn an_event_bonychat_refuses_for_good_is_dead_lettered_and_does_not_block_the_others() {
         let app = spawn_app().await;
-        app.bonychat
-            .script([Reply::status(400, r#"{"error":{"message":"bad contact"}}"#)]);
+        app.bonychat.script([Reply::status(400, r#"{"error":{"message":"bad contact"}}"#)]);
         let body = envelope(json!([
             from_user(PSID, "m_p1", 1, json!({"text": "refused"})),
             from_user(PSID, "m_p2", 2, json!({"text": "accepted"}))
@@ -870,11 +724,7 @@ mod batches {
         deliver(&app, &body).await;
         deliver(&app, &body).await;
 
-        assert_eq!(
-            settled(&app).await.len(),
-            2,
-            "not retried, and the next one went through"
-        );
+        assert_eq!(settled(&app).await.len(), 2, "not retried, and the next one went through");
         let dead = app.jobs(JobState::Dead).await;
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].m_id, "m_p1");
@@ -885,12 +735,7 @@ mod batches {
     #[tokio::test]
     async fn a_duplicate_webhook_after_a_restart_is_not_forwarded_again() {
         let app = spawn_app().await;
-        let body = envelope(json!([from_user(
-            PSID,
-            "m_restart",
-            1,
-            json!({"text": "before the restart"})
-        )]));
+        let body = envelope(json!([from_user(PSID, "m_restart", 1, json!({"text": "before the restart"}))]));
         deliver(&app, &body).await;
         app.settle().await;
 
@@ -914,11 +759,7 @@ mod echoes {
     #[tokio::test]
     async fn the_echo_of_the_relay_s_own_send_is_dropped_and_a_page_inbox_echo_is_forwarded() {
         let app = spawn_app().await;
-        send_from_bonychat(
-            &app,
-            json!({"type": "text", "text": "Your order has shipped."}),
-        )
-        .await;
+        send_from_bonychat(&app, json!({"type": "text", "text": "Your order has shipped."})).await;
 
         let answer = deliver(
             &app,
@@ -941,11 +782,7 @@ mod echoes {
     async fn echoes_of_templates_the_relay_sent_are_recognised_too() {
         let app = spawn_app().await;
         send_from_bonychat(&app, json!({"type": "attachment", "attachment": {"type": "image", "url": "https://cdn.example/cat.jpg", "description": "Our cat"}})).await;
-        send_from_bonychat(
-            &app,
-            json!({"type": "quick_reply", "title": "Pick one", "replies": ["A", "B"]}),
-        )
-        .await;
+        send_from_bonychat(&app, json!({"type": "quick_reply", "title": "Pick one", "replies": ["A", "B"]})).await;
 
         deliver(&app, &envelope(json!([
             echo_to(PSID, "m_e1", json!({"attachments": [{"title": "Our cat", "url": null, "type": "template", "payload": {"template_type": "generic", "elements": [{"title": "Our cat", "image_url": "https://cdn.example/cat.jpg"}]}}]})),
@@ -974,15 +811,7 @@ mod echoes {
         let app = spawn_app().await;
         send_from_bonychat(&app, json!({"type": "text", "text": "Thanks!"})).await;
 
-        deliver(
-            &app,
-            &envelope(json!([echo_to(
-                "3333333333333333",
-                "m_other",
-                json!({"text": "Thanks!"})
-            )])),
-        )
-        .await;
+        deliver(&app, &envelope(json!([echo_to("3333333333333333", "m_other", json!({"text": "Thanks!"}))]))).await;
 
         assert_eq!(events(&app).await.len(), 1);
         app.stop().await;
@@ -1004,15 +833,9 @@ mod echoes {
         let events = events(&app).await;
         assert_eq!(events[0].0, PSID);
         assert_eq!(events[0].1["type"], "message_echo");
-        assert_eq!(
-            events[0].1["message"]["text"],
-            "[image]\nhttps://www.facebook.com/commerce/update/"
-        );
+        assert_eq!(events[0].1["message"]["text"], "[image]\nhttps://www.facebook.com/commerce/update/");
         let m_id = events[0].1["mId"].as_str().unwrap();
-        assert!(
-            m_id.len() <= 50 && m_id.starts_with("mid_"),
-            "a long mid is replaced: {m_id}"
-        );
+        assert!(m_id.len() <= 50 && m_id.starts_with("mid_"), "a long mid is replaced: {m_id}");
         app.stop().await;
     }
 }

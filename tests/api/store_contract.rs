@@ -9,8 +9,7 @@ use bonychat_relay::config::{DatabaseUrl, StoreConfig};
 use bonychat_relay::domain::bonychat::{BonyMessage, StatusValue, WebhookEvent};
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::{
-    self, BeforeSend, Finish, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store,
-    StoreError,
+    self, BeforeSend, Finish, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store, StoreError,
 };
 use tempfile::TempDir;
 
@@ -30,11 +29,7 @@ async fn store_under_test() -> Subject {
         retention: std::time::Duration::from_secs(7 * 86_400),
     };
     let store = store::open(&config).await.expect("store opens");
-    Subject {
-        store,
-        config,
-        _dir: dir,
-    }
+    Subject { store, config, _dir: dir }
 }
 
 fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
@@ -42,219 +37,142 @@ fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
         m_id: m_id.to_owned(),
         contact: contact.to_owned(),
         recipient: Recipient::Id(contact.to_owned()),
-        parts: vec![Message::Text {
-            text: format!("text of {m_id}"),
-        }],
+        parts: vec![Message::Text { text: format!("text of {m_id}") }],
         now,
     }
 }
 
 fn text_event(m_id: &str) -> WebhookEvent {
-    WebhookEvent::Message {
-        m_id: m_id.to_owned(),
-        timestamp: 1,
-        message: BonyMessage::Text {
-            text: m_id.to_owned(),
-        },
-    }
+    WebhookEvent::Message { m_id: m_id.to_owned(), timestamp: 1, message: BonyMessage::Text { text: m_id.to_owned() } }
 }
 
 fn echo_event(m_id: &str) -> WebhookEvent {
     WebhookEvent::MessageEcho {
         m_id: m_id.to_owned(),
         timestamp: 1,
-        message: BonyMessage::Text {
-            text: "Hello".into(),
-        },
+        message: BonyMessage::Text { text: "Hello".into() },
     }
 }
 
-fn message_item(
-    contact: &str,
-    events: Vec<WebhookEvent>,
-    echo_fingerprint: Option<&str>,
-) -> InboundItem {
-    InboundItem::Message {
-        contact: contact.to_owned(),
-        events,
-        echo_fingerprint: echo_fingerprint.map(str::to_owned),
-    }
+fn message_item(contact: &str, events: Vec<WebhookEvent>, echo_fingerprint: Option<&str>) -> InboundItem {
+    InboundItem::Message { contact: contact.to_owned(), events, echo_fingerprint: echo_fingerprint.map(str::to_owned) }
 }
 
 async fn claim_ids(store: &dyn Store, now: i64) -> Vec<(String, String)> {
-    store
-        .claim(OWNER, now, now + LEASE, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|job| (job.contact, job.m_id))
-        .collect()
+    store.claim(OWNER, now, now + LEASE, 100).await.unwrap().into_iter().map(|job| (job.contact, job.m_id)).collect()
 }
 
 async fn deliver_outbound(store: &dyn Store, contact: &str, m_id: &str, at: i64) {
-    store
-        .enqueue_outbound(outbound(contact, m_id, at))
-        .await
-        .unwrap();
+    store.enqueue_outbound(outbound(contact, m_id, at)).await.unwrap();
     let jobs = store.claim(OWNER, at, at + LEASE, 100).await.unwrap();
     let job = jobs.iter().find(|j| j.m_id == m_id).expect("claimed");
-    store
-        .finish(OWNER, job.id, Finish::Delivered { progress: 1 }, at)
-        .await
-        .unwrap();
+    store.finish(OWNER, job.id, Finish::Delivered { progress: 1 }, at).await.unwrap();
 }
 
 #[tokio::test]
 async fn only_the_oldest_queued_job_of_each_contact_is_claimed() {
     let Subject { store, .. } = store_under_test().await;
     for (contact, m_id) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3")] {
-        store
-            .enqueue_outbound(outbound(contact, m_id, 1_000))
-            .await
-            .unwrap();
+        store.enqueue_outbound(outbound(contact, m_id, 1_000)).await.unwrap();
     }
 
     let first = claim_ids(store.as_ref(), 1_000).await;
     let while_leased = claim_ids(store.as_ref(), 1_001).await;
 
-    assert_eq!(
-        first,
-        [
-            ("a".to_owned(), "a1".to_owned()),
-            ("b".to_owned(), "b1".to_owned())
-        ]
-    );
+    assert_eq!(first, [("a".to_owned(), "a1".to_owned()), ("b".to_owned(), "b1".to_owned())]);
     assert!(while_leased.is_empty(), "one job in flight per contact");
 }
 
 #[tokio::test]
 async fn a_retry_keeps_its_place_ahead_of_newer_jobs() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    store
-        .enqueue_outbound(outbound("a", "a2", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
-    let retry = Finish::Retry {
-        progress: 0,
-        next_attempt_at: 5_000,
-        error: "503".into(),
-    };
+    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
     store.finish(OWNER, job.id, retry, 1_100).await.unwrap();
 
-    assert!(
-        claim_ids(store.as_ref(), 2_000).await.is_empty(),
-        "a2 waits for a1's retry"
-    );
+    assert!(claim_ids(store.as_ref(), 2_000).await.is_empty(), "a2 waits for a1's retry");
     let due = store.claim(OWNER, 5_000, 5_000 + LEASE, 10).await.unwrap();
     assert_eq!(due.len(), 1);
-    assert_eq!(
-        (
-            due[0].m_id.as_str(),
-            due[0].attempts,
-            due[0].last_error.as_deref()
-        ),
-        ("a1", 1, Some("503"))
-    );
+    assert_eq!((due[0].m_id.as_str(), due[0].attempts, due[0].last_error.as_deref()), ("a1", 1, Some("503")));
 }
 
 #[tokio::test]
 async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again() {
     let Subject { store, .. } = store_under_test().await;
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    store
-        .enqueue_outbound(outbound("a", "a2", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
-    store
-        .finish(
-            OWNER,
-            job.id,
-            Finish::Dead {
-                progress: 0,
-                error: "gave up".into(),
-                failed_receipt: false,
-            },
-            1_100,
-        )
+        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
 
-    assert_eq!(
-        claim_ids(store.as_ref(), 1_200).await,
-        [("a".to_owned(), "a2".to_owned())]
-    );
+    assert_eq!(claim_ids(store.as_ref(), 1_200).await, [("a".to_owned(), "a2".to_owned())]);
     let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(store.redrive_dead(1_300).await.unwrap(), 1);
     let redriven = store.list(Some(JobState::Queued), 10).await.unwrap();
     let a1 = redriven.iter().find(|j| j.m_id == "a1").unwrap();
-    assert_eq!(
-        (a1.attempts, a1.next_attempt_at),
-        (0, 1_300),
-        "a fresh schedule, due now"
-    );
+    assert_eq!((a1.attempts, a1.next_attempt_at), (0, 1_300), "a fresh schedule, due now");
+}
+
+#[tokio::test]
+async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight() {
+    let Subject { store, .. } = store_under_test().await;
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+    let a1 = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    store
+        .finish(OWNER, a1.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
+        .await
+        .unwrap();
+    let a2 = store.claim(OWNER, 1_200, 1_200 + LEASE, 10).await.unwrap().remove(0);
+    assert_eq!(a2.m_id, "a2");
+
+    store.redrive_dead(1_300).await.unwrap();
+    let while_a2_in_flight = claim_ids(store.as_ref(), 1_400).await;
+    store.finish(OWNER, a2.id, Finish::Delivered { progress: 1 }, 1_500).await.unwrap();
+    let after = claim_ids(store.as_ref(), 1_600).await;
+
+    assert!(while_a2_in_flight.is_empty(), "still one job in flight per contact");
+    assert_eq!(after, [("a".to_owned(), "a1".to_owned())]);
+}
+
+#[tokio::test]
+async fn a_backlog_does_not_hide_other_contacts() {
+    let Subject { store, .. } = store_under_test().await;
+    for i in 0..300 {
+        store.enqueue_outbound(outbound("busy", &format!("busy{i}"), 1_000)).await.unwrap();
+    }
+    store.enqueue_outbound(outbound("quiet", "quiet1", 2_000)).await.unwrap();
+
+    let claimed = claim_ids(store.as_ref(), 2_000).await;
+
+    assert_eq!(claimed, [("busy".to_owned(), "busy0".to_owned()), ("quiet".to_owned(), "quiet1".to_owned())]);
 }
 
 #[tokio::test]
 async fn an_expired_lease_makes_the_job_claimable_again() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    store
-        .claim("crashed-worker", 1_000, 2_000, 10)
-        .await
-        .unwrap();
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.claim("crashed-worker", 1_000, 2_000, 10).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 1_500).await.is_empty());
     let taken_over = store.claim(OWNER, 2_000, 2_000 + LEASE, 10).await.unwrap();
 
     assert_eq!(taken_over.len(), 1);
-    let late = store
-        .finish(
-            "crashed-worker",
-            taken_over[0].id,
-            Finish::Delivered { progress: 1 },
-            2_100,
-        )
-        .await;
-    assert!(
-        matches!(late, Err(StoreError::Conflict(_))),
-        "the old owner cannot record over the new one"
-    );
+    let late = store.finish("crashed-worker", taken_over[0].id, Finish::Delivered { progress: 1 }, 2_100).await;
+    assert!(matches!(late, Err(StoreError::Conflict(_))), "the old owner cannot record over the new one");
 }
 
 #[tokio::test]
 async fn renewed_leases_hold_and_released_ones_are_claimable_at_once() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 2_000, 10)
-        .await
-        .unwrap()
-        .remove(0);
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 2_000, 10).await.unwrap().remove(0);
 
     store.renew(OWNER, vec![job.id], 10_000).await.unwrap();
     assert!(claim_ids(store.as_ref(), 5_000).await.is_empty());
@@ -265,14 +183,8 @@ async fn renewed_leases_hold_and_released_ones_are_claimable_at_once() {
 #[tokio::test]
 async fn recovery_takes_over_every_lease_of_a_single_replica_store() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    store
-        .claim("previous-process", 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap();
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.claim("previous-process", 1_000, 1_000 + LEASE, 10).await.unwrap();
 
     assert_eq!(store.recover().await.unwrap(), 1);
     assert_eq!(claim_ids(store.as_ref(), 1_001).await.len(), 1);
@@ -280,15 +192,8 @@ async fn recovery_takes_over_every_lease_of_a_single_replica_store() {
 
 #[tokio::test]
 async fn stored_jobs_survive_reopening_the_store() {
-    let Subject {
-        store,
-        config,
-        _dir,
-    } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
+    let Subject { store, config, _dir } = store_under_test().await;
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
     drop(store);
 
     let reopened = store::open(&config).await.unwrap();
@@ -299,9 +204,7 @@ async fn stored_jobs_survive_reopening_the_store() {
         jobs[0].payload,
         Payload::Send {
             recipient: Recipient::Id("a".into()),
-            parts: vec![Message::Text {
-                text: "text of a1".into()
-            }]
+            parts: vec![Message::Text { text: "text of a1".into() }]
         }
     );
 }
@@ -309,65 +212,34 @@ async fn stored_jobs_survive_reopening_the_store() {
 #[tokio::test]
 async fn progress_is_kept_for_the_next_attempt() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     store.record_progress(job.id, 2, 1_100).await.unwrap();
     store.release(OWNER).await.unwrap();
 
-    assert_eq!(
-        store.claim(OWNER, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress,
-        2
-    );
+    assert_eq!(store.claim(OWNER, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress, 2);
 }
 
 #[tokio::test]
 async fn pacing_remembers_the_latest_send_to_a_contact() {
     let Subject { store, .. } = store_under_test().await;
-    let send = |effective_at| BeforeSend {
-        contact: "a".into(),
-        effective_at,
-        echo_fingerprint: None,
-        echo_expires_at: 0,
-    };
+    let send =
+        |effective_at| BeforeSend { contact: "a".into(), effective_at, echo_fingerprint: None, echo_expires_at: 0 };
     store.before_send(send(5_000)).await.unwrap();
     store.before_send(send(4_000)).await.unwrap();
-    store
-        .enqueue_outbound(outbound("a", "a1", 1_000))
-        .await
-        .unwrap();
+    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
 
-    let job = store
-        .claim(OWNER, 6_000, 6_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
+    let job = store.claim(OWNER, 6_000, 6_000 + LEASE, 10).await.unwrap().remove(0);
 
-    assert_eq!(
-        job.contact_last_effective_at,
-        Some(5_000),
-        "never moves backwards"
-    );
+    assert_eq!(job.contact_last_effective_at, Some(5_000), "never moves backwards");
 }
 
 #[tokio::test]
 async fn inbound_events_are_deduplicated_by_m_id() {
     let Subject { store, .. } = store_under_test().await;
-    let batch = || InboundBatch {
-        items: vec![message_item(
-            "u",
-            vec![text_event("m1"), text_event("m2")],
-            None,
-        )],
-        now: 1_000,
-    };
+    let batch =
+        || InboundBatch { items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)], now: 1_000 };
 
     let first = store.enqueue_inbound(batch()).await.unwrap();
     let again = store.enqueue_inbound(batch()).await.unwrap();
@@ -410,20 +282,9 @@ async fn an_echo_of_a_recorded_send_is_dropped_once() {
         .unwrap();
 
     assert_eq!((own.own_echoes, own.queued), (1, 0));
-    assert_eq!(
-        (redelivered.own_echoes, redelivered.duplicates),
-        (0, 1),
-        "a dropped echo stays dropped"
-    );
-    assert_eq!(
-        (typed_again.own_echoes, typed_again.queued),
-        (0, 1),
-        "one send matches one echo"
-    );
-    assert_eq!(
-        store.list(Some(JobState::Dropped), 10).await.unwrap().len(),
-        1
-    );
+    assert_eq!((redelivered.own_echoes, redelivered.duplicates), (0, 1), "a dropped echo stays dropped");
+    assert_eq!((typed_again.own_echoes, typed_again.queued), (0, 1), "one send matches one echo");
+    assert_eq!(store.list(Some(JobState::Dropped), 10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -455,44 +316,18 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
     deliver_outbound(store.as_ref(), "u", "out2", 2_000).await;
     deliver_outbound(store.as_ref(), "someone-else", "out3", 1_500).await;
     let watermark = |status, watermark| InboundBatch {
-        items: vec![InboundItem::Watermark {
-            contact: "u".into(),
-            status,
-            watermark,
-            timestamp: 9_000,
-        }],
+        items: vec![InboundItem::Watermark { contact: "u".into(), status, watermark, timestamp: 9_000 }],
         now: 9_000,
     };
 
-    let first = store
-        .enqueue_inbound(watermark(StatusValue::Delivered, 1_500))
-        .await
-        .unwrap();
-    let same = store
-        .enqueue_inbound(watermark(StatusValue::Delivered, 1_500))
-        .await
-        .unwrap();
-    let later = store
-        .enqueue_inbound(watermark(StatusValue::Delivered, 2_000))
-        .await
-        .unwrap();
-    let read = store
-        .enqueue_inbound(watermark(StatusValue::Read, 5_000))
-        .await
-        .unwrap();
-    let delivered_after_read = store
-        .enqueue_inbound(watermark(StatusValue::Delivered, 5_000))
-        .await
-        .unwrap();
+    let first = store.enqueue_inbound(watermark(StatusValue::Delivered, 1_500)).await.unwrap();
+    let same = store.enqueue_inbound(watermark(StatusValue::Delivered, 1_500)).await.unwrap();
+    let later = store.enqueue_inbound(watermark(StatusValue::Delivered, 2_000)).await.unwrap();
+    let read = store.enqueue_inbound(watermark(StatusValue::Read, 5_000)).await.unwrap();
+    let delivered_after_read = store.enqueue_inbound(watermark(StatusValue::Delivered, 5_000)).await.unwrap();
 
     assert_eq!(
-        [
-            first.receipts,
-            same.receipts,
-            later.receipts,
-            read.receipts,
-            delivered_after_read.receipts
-        ],
+        [first.receipts, same.receipts, later.receipts, read.receipts, delivered_after_read.receipts],
         [1, 0, 1, 2, 0]
     );
     let receipts: Vec<(String, StatusValue)> = store
@@ -502,9 +337,7 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
         .into_iter()
         .rev()
         .map(|job| match job.payload {
-            Payload::Event {
-                event: WebhookEvent::MessageStatus { m_id, status, .. },
-            } => (m_id, status.value),
+            Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } } => (m_id, status.value),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -522,37 +355,18 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
 #[tokio::test]
 async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
     let Subject { store, .. } = store_under_test().await;
-    store
-        .enqueue_outbound(outbound("u", "out1", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
+    store.enqueue_outbound(outbound("u", "out1", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     store
-        .finish(
-            OWNER,
-            job.id,
-            Finish::Dead {
-                progress: 0,
-                error: "gave up".into(),
-                failed_receipt: true,
-            },
-            1_100,
-        )
+        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
         .await
         .unwrap();
 
     let queued = store.list(Some(JobState::Queued), 10).await.unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].contact, "u");
-    let Payload::Event {
-        event: WebhookEvent::MessageStatus { m_id, status, .. },
-    } = &queued[0].payload
-    else {
+    let Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } } = &queued[0].payload else {
         panic!()
     };
     assert_eq!(
@@ -560,84 +374,37 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
         ("out1", StatusValue::Failed, Some("gave up"))
     );
     // Queued twice (a retried record), it is still one receipt.
-    store
-        .queue_failed_receipt(job.id, "gave up", 1_200)
-        .await
-        .unwrap();
-    assert_eq!(
-        store.list(Some(JobState::Queued), 10).await.unwrap().len(),
-        1
-    );
+    store.queue_failed_receipt(job.id, "gave up", 1_200).await.unwrap();
+    assert_eq!(store.list(Some(JobState::Queued), 10).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
 async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
     let Subject { store, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "done", 1_000).await;
+    store.enqueue_outbound(outbound("u", "dead", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .enqueue_outbound(outbound("u", "dead", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
-    store
-        .finish(
-            OWNER,
-            job.id,
-            Finish::Dead {
-                progress: 0,
-                error: "x".into(),
-                failed_receipt: false,
-            },
-            1_100,
-        )
+        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
     let delivered_id = store.list(Some(JobState::Delivered), 1).await.unwrap()[0].id;
 
     let retried = store.retry(job.id, 2_000).await.unwrap();
 
-    assert_eq!(
-        (retried.state, retried.next_attempt_at),
-        (JobState::Queued, 2_000)
-    );
-    assert!(matches!(
-        store.retry(delivered_id, 2_000).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert!(matches!(
-        store.retry(999_999, 2_000).await,
-        Err(StoreError::NotFound(999_999))
-    ));
+    assert_eq!((retried.state, retried.next_attempt_at), (JobState::Queued, 2_000));
+    assert!(matches!(store.retry(delivered_id, 2_000).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.retry(999_999, 2_000).await, Err(StoreError::NotFound(999_999))));
 }
 
 #[tokio::test]
 async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
     let Subject { store, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "old", 1_000).await;
+    store.enqueue_outbound(outbound("v", "dead", 1_000)).await.unwrap();
+    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .enqueue_outbound(outbound("v", "dead", 1_000))
-        .await
-        .unwrap();
-    let job = store
-        .claim(OWNER, 1_000, 1_000 + LEASE, 10)
-        .await
-        .unwrap()
-        .remove(0);
-    store
-        .finish(
-            OWNER,
-            job.id,
-            Finish::Dead {
-                progress: 0,
-                error: "x".into(),
-                failed_receipt: false,
-            },
-            1_000,
-        )
+        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
         .await
         .unwrap();
     deliver_outbound(store.as_ref(), "w", "recent", 9_000).await;
@@ -645,13 +412,7 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
     let pruned = store.prune(5_000, 9_000).await.unwrap();
 
     assert_eq!(pruned, 1);
-    let left: Vec<String> = store
-        .list(None, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|j| j.m_id)
-        .collect();
+    let left: Vec<String> = store.list(None, 10).await.unwrap().into_iter().map(|j| j.m_id).collect();
     assert_eq!(left, ["recent", "dead"]);
 }
 
@@ -661,11 +422,9 @@ async fn concurrent_writes_are_all_committed() {
 
     let writes = (0..500).map(|i| {
         let store = Arc::clone(&store);
-        tokio::spawn(async move {
-            store
-                .enqueue_outbound(outbound(&format!("c{}", i % 50), &format!("m{i}"), 1_000))
-                .await
-        })
+        tokio::spawn(
+            async move { store.enqueue_outbound(outbound(&format!("c{}", i % 50), &format!("m{i}"), 1_000)).await },
+        )
     });
     let ids: Vec<i64> = futures_join(writes).await;
 
@@ -673,19 +432,10 @@ async fn concurrent_writes_are_all_committed() {
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(unique.len(), 500);
-    assert_eq!(
-        store
-            .list(Some(JobState::Queued), 1000)
-            .await
-            .unwrap()
-            .len(),
-        500
-    );
+    assert_eq!(store.list(Some(JobState::Queued), 1000).await.unwrap().len(), 500);
 }
 
-async fn futures_join(
-    handles: impl Iterator<Item = tokio::task::JoinHandle<Result<i64, StoreError>>>,
-) -> Vec<i64> {
+async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Result<i64, StoreError>>>) -> Vec<i64> {
     let mut ids = Vec::new();
     for handle in handles.collect::<Vec<_>>() {
         ids.push(handle.await.unwrap().unwrap());
