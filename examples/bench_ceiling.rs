@@ -1,0 +1,17 @@
+//! The benchmark's ceiling: a bare axum server that answers every POST with 200 at once.
+//!
+//! It stands for "the fastest `/message` could possibly be" and doubles as an instant JoinChat
+//! while the relay is measured. Run with `cargo run --release --example bench_ceiling -- 127.0.0.1:18081`.
+
+use axum::Router;
+use axum::routing::post;
+
+#[tokio::main]
+async fn main() {
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:18081".into());
+    let app = Router::new()
+        .route("/message", post(|| async { r#"{"mId":"0199b6d3c5e47a1c9f0e2b8d4a6c1e3f"}"# }))
+        .route("/api/send_message", post(|| async { r#"{"success":true}"# }));
+    let listener = tokio::net::TcpListener::bind(&addr).await.expect("address is free");
+    axum::serve(listener, app).await.expect("server runs");
+}
