@@ -20,7 +20,7 @@ use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::Config;
-use crate::delivery::{InboundPoster, OutboundSender, Profiles, RetrySchedule, Waiters, Worker};
+use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Waiters, Worker};
 use crate::routes::{AppState, Shared, router};
 use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError, now_millis};
@@ -75,8 +75,10 @@ impl Application {
             ),
             Arc::clone(&waiters),
             Arc::clone(&wake),
-            RetrySchedule::new(config.delivery.retry_joinchat.clone()),
-            RetrySchedule::new(config.delivery.retry_bonychat.clone()),
+            Retries {
+                joinchat: RetrySchedule::new(config.delivery.retry_joinchat.clone()),
+                bonychat: RetrySchedule::new(config.delivery.retry_bonychat.clone()),
+            },
         );
 
         let shutdown = CancellationToken::new();

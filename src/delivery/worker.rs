@@ -18,6 +18,8 @@ use super::inbound::InboundPoster;
 use super::outbound::OutboundSender;
 use super::retry::RetrySchedule;
 use crate::clients::SendError;
+use crate::domain::bonychat::WebhookEvent;
+use crate::domain::joinchat::{Message, Recipient};
 use crate::store::{Finish, Job, Payload, Store, now_millis};
 
 /// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
@@ -58,27 +60,31 @@ impl Waiters {
     }
 }
 
+/// The retry schedules, per upstream.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    pub joinchat: RetrySchedule,
+    pub bonychat: RetrySchedule,
+}
+
 pub struct Worker {
     store: Arc<dyn Store>,
     outbound: OutboundSender,
     inbound: InboundPoster,
     waiters: Arc<Waiters>,
     wake: Arc<Notify>,
-    retry_joinchat: RetrySchedule,
-    retry_bonychat: RetrySchedule,
+    retries: Retries,
     owner: String,
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn Store>,
         outbound: OutboundSender,
         inbound: InboundPoster,
         waiters: Arc<Waiters>,
         wake: Arc<Notify>,
-        retry_joinchat: RetrySchedule,
-        retry_bonychat: RetrySchedule,
+        retries: Retries,
     ) -> Self {
         Self {
             store,
@@ -86,8 +92,7 @@ impl Worker {
             inbound,
             waiters,
             wake,
-            retry_joinchat,
-            retry_bonychat,
+            retries,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
         }
     }
@@ -179,12 +184,7 @@ impl Worker {
         }
     }
 
-    async fn attempt_outbound(
-        &self,
-        job: &Job,
-        recipient: &crate::domain::joinchat::Recipient,
-        parts: &[crate::domain::joinchat::Message],
-    ) {
+    async fn attempt_outbound(&self, job: &Job, recipient: &Recipient, parts: &[Message]) {
         let first_part = usize::try_from(job.progress).unwrap_or(0);
         let outcome = self
             .outbound
@@ -210,28 +210,9 @@ impl Worker {
                 Some(reason),
             ),
             Err(SendError::Transient { reason, retry_after }) => {
-                match self.retry_joinchat.next_delay(attempt, retry_after, fastrand::f64()) {
-                    Some(delay) => (
-                        Finish::Retry {
-                            progress,
-                            next_attempt_at: now_millis() + millis(delay),
-                            error: reason.clone(),
-                        },
-                        FirstAttempt::Pending,
-                        "retry",
-                        Some(reason),
-                    ),
-                    None => (
-                        Finish::Dead {
-                            progress,
-                            error: format!("gave up after {attempt} attempts: {reason}"),
-                            failed_receipt: true,
-                        },
-                        FirstAttempt::Pending,
-                        "dead",
-                        Some(reason),
-                    ),
-                }
+                let (finish, label) =
+                    after_failure(&self.retries.joinchat, attempt, progress, &reason, retry_after, true);
+                (finish, FirstAttempt::Pending, label, Some(reason))
             }
         };
         log_attempt(job, attempt, label, reason.as_deref());
@@ -251,7 +232,7 @@ impl Worker {
         }
     }
 
-    async fn attempt_inbound(&self, job: &Job, event: crate::domain::bonychat::WebhookEvent) {
+    async fn attempt_inbound(&self, job: &Job, event: WebhookEvent) {
         let outcome = self.inbound.attempt(&job.contact, event, job.contact_introduced).await;
         let attempt = job.attempts + 1;
         let (finish, label, reason) = match outcome.result {
@@ -267,26 +248,8 @@ impl Worker {
                 (Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false }, "refused", Some(reason))
             }
             Err(SendError::Transient { reason, retry_after }) => {
-                match self.retry_bonychat.next_delay(attempt, retry_after, fastrand::f64()) {
-                    Some(delay) => (
-                        Finish::Retry {
-                            progress: 0,
-                            next_attempt_at: now_millis() + millis(delay),
-                            error: reason.clone(),
-                        },
-                        "retry",
-                        Some(reason),
-                    ),
-                    None => (
-                        Finish::Dead {
-                            progress: 0,
-                            error: format!("gave up after {attempt} attempts: {reason}"),
-                            failed_receipt: false,
-                        },
-                        "dead",
-                        Some(reason),
-                    ),
-                }
+                let (finish, label) = after_failure(&self.retries.bonychat, attempt, 0, &reason, retry_after, false);
+                (finish, label, Some(reason))
             }
         };
         log_attempt(job, attempt, label, reason.as_deref());
@@ -301,6 +264,28 @@ impl Worker {
                 tracing::error!(job = job.id, error = %e, "cannot record an attempt; the job will be attempted again");
                 false
             }
+        }
+    }
+}
+
+/// After a transient failure: the next attempt on `schedule`, or a dead letter when it is used
+/// up (with a `failed` receipt for BonyChat when `failed_receipt`).
+fn after_failure(
+    schedule: &RetrySchedule,
+    attempt: u32,
+    progress: u32,
+    reason: &str,
+    retry_after: Option<Duration>,
+    failed_receipt: bool,
+) -> (Finish, &'static str) {
+    match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
+        Some(delay) => {
+            let next_attempt_at = now_millis() + millis(delay);
+            (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, "retry")
+        }
+        None => {
+            let error = format!("gave up after {attempt} attempts: {reason}");
+            (Finish::Dead { progress, error, failed_receipt }, "dead")
         }
     }
 }

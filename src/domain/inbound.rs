@@ -132,11 +132,10 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
         let echo = message.get("is_echo").and_then(Value::as_bool) == Some(true);
         let contact = if echo { contact(recipient, "recipient")? } else { contact(sender, "sender")? };
         let contents = message_contents(message);
-        let mid = message
-            .get("mid")
-            .and_then(Value::as_str)
-            .filter(|m| !m.is_empty())
-            .map_or_else(|| derived_id(&format!("message|{contact}|{timestamp}|{contents:?}")), str::to_owned);
+        let mid = message.get("mid").and_then(Value::as_str).filter(|m| !m.is_empty()).map_or_else(
+            || derived_id(&format!("message|{contact}|{timestamp}|{}", content_key(&contents))),
+            str::to_owned,
+        );
         return Ok(MessengerEvent::Message(MessageEvent {
             echo,
             fingerprint: echo.then(|| echo_fingerprint(message)).flatten(),
@@ -180,6 +179,11 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
         .find(|k| !matches!(k.as_str(), "sender" | "recipient" | "timestamp"))
         .map_or("(none)", String::as_str);
     Err(Ignored(format!("event kind {kind} is not forwarded")))
+}
+
+/// A stable rendering of contents for a derived id: JSON, not `Debug`, whose format may change.
+fn content_key(contents: &[BonyMessage]) -> String {
+    serde_json::to_string(contents).expect("contents serialize")
 }
 
 /// A participant's id: `id` as a string or a number, or a chat plugin's `user_ref`.
@@ -508,6 +512,29 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["image", "video", "image", "audio", "file"]);
         assert_eq!(message.webhook_events(), events, "the same input gives the same ids");
+    }
+
+    #[test]
+    fn texts_longer_than_bonychat_takes_are_cut_to_7000_characters() {
+        let long = "é".repeat(TEXT_MAX + 500);
+        let message = single_message(user(json!({"mid": "m", "text": long})));
+        let [BonyMessage::Text { text }] = message.contents.as_slice() else { panic!() };
+        assert_eq!(text.chars().count(), TEXT_MAX);
+        assert!(text.ends_with('…'));
+    }
+
+    #[test]
+    fn a_message_without_a_mid_gets_the_same_derived_id_every_time() {
+        let item =
+            json!({"sender": {"id": "7"}, "recipient": {"id": PAGE}, "timestamp": 5, "message": {"text": "no mid"}});
+        let first = single_message(item.clone()).mid;
+        assert!(first.starts_with("mid_") && first.len() == M_ID_MAX);
+        assert_eq!(first, single_message(item).mid);
+        assert_eq!(
+            first,
+            derived_id(r#"message|7|5000|[{"type":"text","text":"no mid"}]"#),
+            "a documented, stable input"
+        );
     }
 
     #[test]
