@@ -697,6 +697,37 @@ mod tests {
         assert_eq!(mids, ["a", "b"]);
     }
 
+    proptest::proptest! {
+        /// Whatever a verified body holds, parsing it gives a value, never a panic.
+        #[test]
+        fn any_body_is_parsed_without_a_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let body = crate::signing::tests_support::verified(&body);
+            let _ = parse_envelope(&body, PAGE, 0);
+        }
+
+        #[test]
+        fn envelope_shaped_json_is_parsed_without_a_panic(
+            ids in proptest::collection::vec(proptest::prelude::any::<i64>(), 3),
+            text in "\\PC{0,40}",
+            kind in proptest::sample::select(vec!["message", "postback", "delivery", "read", "optin", "reaction"]),
+            attachment in proptest::sample::select(vec!["image", "location", "template", "fallback", "sticker", "share", ""]),
+        ) {
+            let event = json!({
+                "sender": {"id": ids[0]}, "recipient": {"id": PAGE}, "timestamp": ids[1],
+                kind: {"mid": text, "text": text, "watermark": ids[2], "payload": text, "title": text, "is_echo": ids[2] % 2 == 0,
+                       "attachments": [{"type": attachment, "title": text, "url": null,
+                                        "payload": {"url": text, "coordinates": {"lat": ids[1], "long": text}, "template_type": text, "elements": [{"title": text}]}}]}
+            });
+            let body = json!({"object": "page", "entry": [{"id": PAGE, "time": ids[2], "messaging": [event.clone()], "standby": [event]}]});
+            let envelope = parse_envelope(&crate::signing::tests_support::verified(body.to_string().as_bytes()), PAGE, 1).unwrap();
+            for event in envelope.events {
+                if let MessengerEvent::Message(message) = event {
+                    proptest::prop_assert!(message.webhook_events().iter().all(|e| e.m_id().chars().count() <= M_ID_MAX));
+                }
+            }
+        }
+    }
+
     #[test]
     fn bodies_that_are_not_envelopes_are_refused() {
         let refuse = |body: &[u8]| {

@@ -450,6 +450,55 @@ mod tests {
         );
     }
 
+    /// Arbitrary JSON shaped like a request: every outcome is a value, never a panic.
+    fn request_like_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<f64>().prop_filter("JSON numbers are finite", |f| f.is_finite()).prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "\\PC{0,20}".prop_map(Value::from),
+            prop::sample::select(vec!["text", "attachment", "location", "quick_reply", "image", "file", CHANNEL])
+                .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let keys = prop::sample::select(vec![
+                "channelId",
+                "contactId",
+                "message",
+                "type",
+                "text",
+                "attachment",
+                "url",
+                "fileName",
+                "description",
+                "latitude",
+                "longitude",
+                "address",
+                "title",
+                "replies",
+            ]);
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..12).prop_map(Value::from),
+                prop::collection::btree_map(keys, inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_answered_without_a_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = OutboundRequest::parse(&body, CHANNEL);
+        }
+
+        #[test]
+        fn any_json_is_answered_without_a_panic(value in request_like_json()) {
+            let _ = OutboundRequest::parse(value.to_string().as_bytes(), CHANNEL);
+        }
+    }
+
     #[test]
     fn unknown_fields_are_tolerated() {
         let request = parse(
