@@ -31,12 +31,6 @@ pub enum SendError {
     },
 }
 
-impl SendError {
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, Self::Permanent { .. })
-    }
-}
-
 /// JoinChat's Send API.
 pub trait JoinChatApi: Send + Sync {
     /// Sends one signed `send_message` request; `Ok` once JoinChat accepted it.

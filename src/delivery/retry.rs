@@ -18,11 +18,6 @@ impl RetrySchedule {
         Self { delays }
     }
 
-    /// How many attempts a job gets in all: the first and one per delay.
-    pub fn attempts(&self) -> usize {
-        self.delays.len() + 1
-    }
-
     /// The wait before the next attempt after `failed_attempts` failures (counting the one just
     /// made), or `None` when the schedule is used up. `jitter` is a number in [0, 1).
     pub fn next_delay(&self, failed_attempts: u32, retry_after: Option<Duration>, jitter: f64) -> Option<Duration> {
@@ -45,7 +40,6 @@ mod tests {
     #[test]
     fn each_failure_takes_the_next_delay_then_the_schedule_ends() {
         let s = schedule();
-        assert_eq!(s.attempts(), 4);
         assert_eq!(s.next_delay(1, None, 0.5), Some(Duration::from_secs(1)));
         assert_eq!(s.next_delay(2, None, 0.5), Some(Duration::from_secs(5)));
         assert_eq!(s.next_delay(3, None, 0.5), Some(Duration::from_secs(30)));

@@ -47,14 +47,6 @@ impl WebhookEvent {
             Self::Message { m_id, .. } | Self::MessageEcho { m_id, .. } | Self::MessageStatus { m_id, .. } => m_id,
         }
     }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Message { .. } => "message",
-            Self::MessageEcho { .. } => "message_echo",
-            Self::MessageStatus { .. } => "message_status",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
