@@ -226,7 +226,7 @@ impl Worker {
             && let Some(reason) = rejected_reason
         {
             // BonyChat hung up before hearing the 400: tell it by receipt instead.
-            if let Err(e) = self.store.queue_failed_receipt(job.id, &reason, now_millis()).await {
+            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now_millis()).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }

@@ -237,9 +237,10 @@ pub trait Store: Send + Sync {
     /// Notes that BonyChat got a post about `contact`: later posts go without a profile.
     fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Queues the `failed` receipt of outbound job `id` (when BonyChat turned out not to hear
-    /// the 400 it was about to get).
-    fn queue_failed_receipt(&self, id: i64, reason: &str, now: i64) -> BoxFuture<'_, StoreResult<()>>;
+    /// Queues the `failed` receipt of outbound message `m_id` to `contact` (when BonyChat turned
+    /// out not to hear the 400 it was about to get). Queued once, however often it is asked.
+    fn queue_failed_receipt(&self, contact: &str, m_id: &str, reason: &str, now: i64)
+    -> BoxFuture<'_, StoreResult<()>>;
 
     /// Jobs in `state` (all states when `None`), newest first.
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;

@@ -424,12 +424,20 @@ fn queue_receipt(
     Ok(insert_job(conn, row, now)?.is_some())
 }
 
-/// Queues the `failed` receipt of outbound job `id`.
-fn queue_failed_receipt(conn: &Connection, id: i64, reason: &str, now: i64) -> rusqlite::Result<()> {
-    let (contact, m_id): (String, String) =
-        conn.query_row("SELECT contact, m_id FROM jobs WHERE id = ?1", [id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+fn already_stored(conn: &Connection, events: &[PreparedEvent]) -> rusqlite::Result<bool> {
+    let mut seen = conn.prepare_cached("SELECT 1 FROM jobs WHERE dedup_key = ?1")?;
+    for event in events {
+        if seen.exists([event_key(&event.m_id)])? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Queues the `failed` receipt of outbound message `m_id`.
+fn queue_failed_receipt(conn: &Connection, contact: &str, m_id: &str, reason: &str, now: i64) -> rusqlite::Result<()> {
     let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    queue_receipt(conn, &contact, &m_id, status, now, now)?;
+    queue_receipt(conn, contact, m_id, status, now, now)?;
     Ok(())
 }
 
@@ -441,13 +449,10 @@ fn store_message(
     now: i64,
     summary: &mut InboundSummary,
 ) -> rusqlite::Result<()> {
-    let mut seen = conn.prepare_cached("SELECT 1 FROM jobs WHERE dedup_key = ?1")?;
-    let mut any_seen = false;
-    for event in events {
-        any_seen |= seen.exists([event_key(&event.m_id)])?;
-    }
+    // An echo already stored (dropped or queued) must not consume another send's mark; other
+    // events are deduplicated by the insert itself.
     if let Some(fingerprint) = echo_fingerprint
-        && !any_seen
+        && !already_stored(conn, events)?
     {
         let mark: Option<i64> = conn
             .prepare_cached(
@@ -602,12 +607,14 @@ impl Store for SqliteStore {
     fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            let mut renew =
-                conn.prepare_cached("UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3")?;
+            let mut renew = conn.prepare_cached(
+                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3 RETURNING direction, contact",
+            )?;
             for id in ids {
-                if renew.execute(params![lease_until, id, owner])? == 1
-                    && let Some((direction, contact)) = queue_of(conn, id)?
-                {
+                let renewed: Option<(String, String)> = renew
+                    .query_row(params![lease_until, id, owner], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()?;
+                if let Some((direction, contact)) = renewed {
                     refresh_head(conn, &direction, &contact)?;
                 }
             }
@@ -658,23 +665,24 @@ impl Store for SqliteStore {
                 Finish::Dead { progress, error, .. } => (JobState::Dead, *progress, None, Some(error.as_str())),
                 Finish::Rejected { progress, error } => (JobState::Rejected, *progress, None, Some(error.as_str())),
             };
-            let updated = conn
+            let finished: Option<(String, String, String)> = conn
                 .prepare_cached(
                     "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + 1, \
                      next_attempt_at = COALESCE(?3, next_attempt_at), last_error = ?4, \
                      accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN ?5 ELSE accepted_at END, \
                      lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
-                     WHERE id = ?6 AND lease_owner = ?7",
+                     WHERE id = ?6 AND lease_owner = ?7 RETURNING direction, contact, m_id",
                 )?
-                .execute(params![state.as_str(), progress, next_attempt_at, error, now, id, owner])?;
-            if updated == 0 {
+                .query_row(params![state.as_str(), progress, next_attempt_at, error, now, id, owner], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()?;
+            let Some((direction, contact, m_id)) = finished else {
                 return Err(StoreError::Conflict(format!("job {id} is no longer leased to this worker")));
-            }
-            if let Some((direction, contact)) = queue_of(conn, id)? {
-                refresh_head(conn, &direction, &contact)?;
-            }
+            };
+            refresh_head(conn, &direction, &contact)?;
             if let Finish::Dead { error, failed_receipt: true, .. } = &finish {
-                queue_failed_receipt(conn, id, error, now)?;
+                queue_failed_receipt(conn, &contact, &m_id, error, now)?;
             }
             Ok(())
         })
@@ -692,9 +700,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn queue_failed_receipt(&self, id: i64, reason: &str, now: i64) -> BoxFuture<'_, StoreResult<()>> {
-        let reason = reason.to_owned();
-        self.run(move |conn| Ok(queue_failed_receipt(conn, id, &reason, now)?))
+    fn queue_failed_receipt(
+        &self,
+        contact: &str,
+        m_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, StoreResult<()>> {
+        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
+        self.run(move |conn| Ok(queue_failed_receipt(conn, &contact, &m_id, &reason, now)?))
     }
 
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {

@@ -20,8 +20,7 @@ async fn deliver(app: &TestApp, body: &[u8]) {
 }
 
 async fn posts(app: &TestApp) -> Vec<Value> {
-    app.settle().await;
-    app.bonychat.bodies()
+    app.bonychat_posts().await
 }
 
 #[tokio::test]

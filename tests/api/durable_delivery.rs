@@ -27,9 +27,8 @@ async fn admin(app: &TestApp, method: reqwest::Method, path: &str, token: Option
 
 /// The `message_status` events BonyChat got, as (mId, value), once everything settled.
 async fn receipts(app: &TestApp) -> Vec<(String, String)> {
-    app.settle().await;
-    app.bonychat
-        .bodies()
+    app.bonychat_posts()
+        .await
         .iter()
         .map(|post| &post["events"][0])
         .filter(|event| event["type"] == "message_status")

@@ -189,6 +189,23 @@ impl TestApp {
         }
     }
 
+    /// Every post BonyChat received once nothing is queued any more, each checked for the
+    /// channel's Bearer token, a JSON body and this relay's `channelId`.
+    pub async fn bonychat_posts(&self) -> Vec<Value> {
+        self.settle().await;
+        self.bonychat
+            .received()
+            .iter()
+            .map(|r| {
+                assert!(r.authentic, "BonyChat got a post without the channel's token");
+                assert_eq!(r.content_type.as_deref(), Some("application/json"));
+                let post = r.json();
+                assert_eq!(post["channelId"], CHANNEL_ID);
+                post
+            })
+            .collect()
+    }
+
     /// Jobs in `state`, oldest first.
     pub async fn jobs(&self, state: JobState) -> Vec<Job> {
         let mut jobs = self.store.list(Some(state), 1000).await.expect("store answers");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bonychat_relay::store::{JobState, now_millis};
 use serde_json::{Value, json};
 
-use crate::helpers::{CHANNEL_ID, PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with};
 
 fn hello() -> Value {
     json!({"type": "text", "text": "Hello"})
@@ -14,14 +14,10 @@ fn hello() -> Value {
 
 /// The receipts BonyChat got, once everything settled.
 async fn receipts(app: &TestApp) -> Vec<Value> {
-    app.settle().await;
-    app.bonychat
-        .received()
-        .iter()
-        .map(|r| {
-            assert!(r.authentic);
-            let post = r.json();
-            assert_eq!(post["channelId"], CHANNEL_ID);
+    app.bonychat_posts()
+        .await
+        .into_iter()
+        .map(|post| {
             assert_eq!(post["contactId"], PSID);
             post["events"][0].clone()
         })

@@ -374,7 +374,7 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
         ("out1", StatusValue::Failed, Some("gave up"))
     );
     // Queued twice (a retried record), it is still one receipt.
-    store.queue_failed_receipt(job.id, "gave up", 1_200).await.unwrap();
+    store.queue_failed_receipt("u", "out1", "gave up", 1_200).await.unwrap();
     assert_eq!(store.list(Some(JobState::Queued), 10).await.unwrap().len(), 1);
 }
 
