@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::sqlite::SqliteStore;
-use bonychat_relay::store::{NewOutbound, Store, now_millis};
+use bonychat_relay::store::{IntakeCaps, NewOutbound, Store, now_millis};
 
 #[tokio::main]
 async fn main() {
@@ -16,7 +16,11 @@ async fn main() {
     let writers: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(64);
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let dir = std::env::temp_dir().join(format!("bench-store-{}", std::process::id()));
-    let store = Arc::new(SqliteStore::open(&dir.join("relay.db")).await.expect("store opens"));
+    let store = Arc::new(
+        SqliteStore::open(&dir.join("relay.db"), IntakeCaps { outbound: u64::MAX, inbound: u64::MAX })
+            .await
+            .expect("store opens"),
+    );
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
 

@@ -41,7 +41,7 @@ pub enum ApiError {
     #[error("the request took too long")]
     RequestTimeout,
     /// The store could not take the work: nothing was accepted, so the caller should retry.
-    #[error("the relay cannot store work right now; try again")]
+    #[error("{}", store_message(.0))]
     Store(StoreError),
     #[error("{0}")]
     NoSuchJob(String),
@@ -89,6 +89,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
+            Self::Store(StoreError::Full { .. }) => "queue_full",
             Self::Store(_) => "store_unavailable",
             Self::NoSuchJob(_) => "not_found",
             Self::Conflict(_) => "conflict",
@@ -103,6 +104,15 @@ impl ApiError {
         } else {
             Self::InvalidPayload(format!("body: could not be read ({})", rejection.body_text()))
         }
+    }
+}
+
+/// What a caller is told about a store that could not take its work. The store's own detail
+/// (paths, SQLite errors) goes to the log, not to callers.
+fn store_message(error: &StoreError) -> String {
+    match error {
+        StoreError::Full { .. } => format!("{error}; nothing was stored"),
+        _ => "the relay cannot store work right now; nothing was stored, try again".into(),
     }
 }
 
@@ -123,6 +133,11 @@ impl IntoResponse for ApiError {
         match self {
             Self::Unauthorized => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Store(e) => {
+                // Nothing was stored: the caller should come back, not give up.
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                response.extensions_mut().insert(InternalErrorDetail(e.to_string()));
             }
             Self::Internal(detail) => {
                 response.extensions_mut().insert(InternalErrorDetail(detail));

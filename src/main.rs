@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use bonychat_relay::config::{Config, Env, StoreConfig};
 use bonychat_relay::startup::Application;
-use bonychat_relay::store::{self, JobState, Store, now_millis};
+use bonychat_relay::store::{self, JobState, JobView, Store, now_millis};
 use bonychat_relay::{shutdown, telemetry};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
-    /// Inspect and replay the store's jobs (needs only RELAY_DATABASE_URL).
+    /// Inspect and replay the store's jobs (needs only RELAY_DATABASE_URL); works beside a
+    /// running relay, on an existing store only.
     Jobs {
         #[command(subcommand)]
         action: JobsCommand,
@@ -46,7 +47,7 @@ enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Queue one job again, due now, with a fresh retry schedule.
+    /// Queue one dead or queued job again, due now, with a fresh retry schedule.
     Retry { id: i64 },
     /// Queue every dead job again, due now.
     Redrive,
@@ -113,8 +114,11 @@ async fn serve(config: Config) -> ExitCode {
 }
 
 async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
-    let store = match store::open(config).await {
-        Ok(store) => store,
+    let store = match store::open_existing(config).await {
+        Ok((store, opened)) => {
+            eprintln!("store: {opened}");
+            store
+        }
         Err(e) => {
             eprintln!("bonychat-relay: RELAY_DATABASE_URL: {e}");
             return ExitCode::FAILURE;
@@ -125,9 +129,9 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         JobsCommand::Retry { id } => store.retry(id, now_millis()).await.map(|job| {
             println!("job {} queued again ({} {} to {})", job.id, job.direction.as_str(), job.m_id, job.contact);
         }),
-        JobsCommand::Redrive => {
-            store.redrive_dead(now_millis()).await.map(|n| println!("{n} dead job(s) queued again"))
-        }
+        JobsCommand::Redrive => store::redrive_all_dead(store.as_ref(), now_millis())
+            .await
+            .map(|n| println!("{n} dead job(s) queued again")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,7 +149,7 @@ async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) 
             store::StoreError::Conflict(format!("--state {raw}: must be queued, delivered, dead, rejected or dropped"))
         })?),
     };
-    let jobs = store.list(state, limit).await?;
+    let jobs: Vec<JobView> = store.list(state, limit).await?.iter().map(JobView::from).collect();
     if json {
         for job in &jobs {
             println!("{}", serde_json::to_string(job).expect("jobs serialize"));
@@ -165,7 +169,7 @@ async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) 
             job.direction.as_str(),
             job.state.as_str(),
             job.attempts,
-            job.contact,
+            job.contact_id,
             job.m_id
         );
     }

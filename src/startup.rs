@@ -149,6 +149,7 @@ impl Application {
         );
         shutdown.cancel();
         pruner.abort();
+        let _ = pruner.await;
         let _ = dispatcher.await;
         attempts.close();
         let drained = tokio::time::timeout(grace, async {
@@ -181,8 +182,8 @@ impl Application {
 async fn prune_forever(store: Arc<dyn Store>, retention: Duration) {
     loop {
         let now = now_millis();
-        let before = now - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        match store.prune(before, now).await {
+        let before = now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        match store::prune_all(store.as_ref(), before, now).await {
             Ok(0) => {}
             Ok(pruned) => {
                 tracing::info!(jobs = pruned, "delivered jobs past their retention deleted");

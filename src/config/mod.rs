@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::store::IntakeCaps;
+
 pub use crate::domain::joinchat::RecipientField;
 pub use env::{ConfigError, Env, parse_duration, parse_duration_list};
 pub use secret::Secret;
@@ -95,6 +97,9 @@ pub struct StoreConfig {
     pub database_url: DatabaseUrl,
     /// `RELAY_RETENTION`, default `7d`: how long delivered jobs are kept.
     pub retention: Duration,
+    /// `RELAY_MAX_QUEUED_OUTBOUND`, `RELAY_MAX_QUEUED_INBOUND`, default 100000 each: queued
+    /// jobs past which new work of that direction is refused with 503.
+    pub intake: IntakeCaps,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -166,6 +171,8 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_ADMIN_TOKEN",
     "RELAY_METRICS_ADDR",
     "RELAY_LOG_FORMAT",
+    "RELAY_MAX_QUEUED_OUTBOUND",
+    "RELAY_MAX_QUEUED_INBOUND",
 ];
 
 const SECRET_VARS: &[&str] = &[
@@ -288,6 +295,10 @@ impl StoreConfig {
                     .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
             },
             retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), parse_duration)?,
+            intake: IntakeCaps {
+                outbound: env.parsed("RELAY_MAX_QUEUED_OUTBOUND", IntakeCaps::DEFAULT.outbound, positive_count)?,
+                inbound: env.parsed("RELAY_MAX_QUEUED_INBOUND", IntakeCaps::DEFAULT.inbound, positive_count)?,
+            },
         })
     }
 }
@@ -310,6 +321,13 @@ fn default_addr(ip: [u8; 4], port: u16) -> SocketAddr {
 
 fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.parse().map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
+}
+
+fn positive_count(raw: &str) -> Result<u64, String> {
+    match parse_u64(raw)? {
+        0 => Err("must be at least 1".into()),
+        n => Ok(n),
+    }
 }
 
 fn positive_millis(raw: &str) -> Result<Duration, String> {

@@ -43,7 +43,21 @@ pub fn new_outbound_job(request: &OutboundRequest, recipient_field: RecipientFie
 pub struct AttemptOutcome {
     /// How many parts JoinChat has accepted, counting those of earlier attempts.
     pub parts_sent: usize,
-    pub result: Result<(), SendError>,
+    pub end: AttemptEnd,
+}
+
+#[derive(Debug)]
+pub enum AttemptEnd {
+    /// JoinChat accepted every part; the last one left at `last_sent_at` (ms).
+    Sent {
+        last_sent_at: i64,
+    },
+    Failed(SendError),
+    /// Pacing needs more than JoinChat's `delay` can give: the next part may leave at `until`
+    /// (ms). The attempt stops there rather than sleeping in a slot others need.
+    Paced {
+        until: i64,
+    },
 }
 
 pub struct OutboundSender {
@@ -71,16 +85,21 @@ impl OutboundSender {
         first_part: usize,
         mut last_effective_at: Option<i64>,
     ) -> AttemptOutcome {
-        let stopped = |index: usize, error: SendError| AttemptOutcome { parts_sent: index, result: Err(error) };
+        let stopped =
+            |index: usize, error: SendError| AttemptOutcome { parts_sent: index, end: AttemptEnd::Failed(error) };
         let store_failed =
             |e: crate::store::StoreError| SendError::Transient { reason: e.to_string(), retry_after: None };
 
+        let mut last_sent_at = now_millis();
         for (index, message) in parts.iter().enumerate().skip(first_part) {
-            let slot = pacing::plan(self.gap, last_effective_at, now_millis());
+            let planned_at = now_millis();
+            let slot = pacing::plan(self.gap, last_effective_at, planned_at);
             if !slot.wait.is_zero() {
-                tokio::time::sleep(slot.wait).await;
+                let until = planned_at.saturating_add(i64::try_from(slot.wait.as_millis()).unwrap_or(i64::MAX));
+                return AttemptOutcome { parts_sent: index, end: AttemptEnd::Paced { until } };
             }
             let sent_at = now_millis();
+            last_sent_at = sent_at;
             let effective_at = slot.effective_at(sent_at);
             let before = BeforeSend {
                 contact: contact.to_owned(),
@@ -113,6 +132,6 @@ impl OutboundSender {
                 return stopped(accepted, store_failed(e));
             }
         }
-        AttemptOutcome { parts_sent: parts.len(), result: Ok(()) }
+        AttemptOutcome { parts_sent: parts.len(), end: AttemptEnd::Sent { last_sent_at } }
     }
 }

@@ -3,7 +3,9 @@
 //! JoinChat warns that consecutive sends can overtake each other. Two requests to one contact
 //! are therefore spaced by at least the configured gap, measured as the moment a request is
 //! sent plus its `delay`: a request that follows too soon gets a `delay` (whole seconds, at
-//! most 10), and where more than 10 seconds would be needed the relay waits the rest itself.
+//! most 10), and where more than 10 seconds would be needed the relay waits the rest itself
+//! (by rescheduling the job, never by holding a worker). The wait is never longer than the gap,
+//! whatever the clock did: a clock set back must not park a contact's messages for hours.
 //! When the last request to a contact takes effect is kept in the store, so the spacing holds
 //! across jobs, restarts and replicas.
 
@@ -39,12 +41,15 @@ pub fn plan(gap: Duration, last_effective_at: Option<i64>, now: i64) -> Slot {
     if earliest <= now {
         return Slot::NOW;
     }
-    let needed_ms = u64::try_from(earliest - now).unwrap_or(0);
+    let needed_ms = u64::try_from(earliest.saturating_sub(now)).unwrap_or(0);
     let delay_secs = needed_ms.div_ceil(1000);
     if delay_secs <= MAX_DELAY_SECS {
         Slot { wait: Duration::ZERO, delay: Some(delay_secs) }
     } else {
-        Slot { wait: Duration::from_millis(needed_ms - MAX_DELAY_SECS * 1000), delay: Some(MAX_DELAY_SECS) }
+        // The previous send takes effect at most 10 s from now, so an honest wait is at most the
+        // gap; a longer one means the clock went back, and is capped.
+        let wait = Duration::from_millis(needed_ms - MAX_DELAY_SECS * 1000).min(gap);
+        Slot { wait, delay: Some(MAX_DELAY_SECS) }
     }
 }
 
@@ -91,19 +96,33 @@ mod tests {
     }
 
     #[test]
+    fn a_clock_set_back_never_makes_the_wait_longer_than_the_gap() {
+        // The last send "takes effect" a day from now: the wall clock went back since.
+        let slot = plan(Duration::from_secs(12), Some(86_400_000 + 10_000), 10_000);
+        assert_eq!(slot, Slot { wait: Duration::from_secs(12), delay: Some(10) });
+        assert_eq!(plan(GAP, Some(86_400_000), 0), Slot { wait: GAP, delay: Some(10) });
+    }
+
+    #[test]
     fn a_zero_gap_turns_pacing_off() {
         assert_eq!(plan(Duration::ZERO, Some(10_000), 10_000), Slot::NOW);
     }
 
     proptest! {
-        /// Whatever the timing, a request takes effect no earlier than a gap after the last.
+        /// Whatever the timing, a request takes effect no earlier than a gap after the last, and
+        /// the relay never waits longer than the gap.
         #[test]
         fn the_gap_always_holds(gap_secs in 0_u64..40, last in 0_i64..100_000, now in 0_i64..100_000) {
             let gap = Duration::from_secs(gap_secs);
             let slot = plan(gap, Some(last), now);
             let sent_at = now + i64::try_from(slot.wait.as_millis()).unwrap();
-            prop_assert!(slot.effective_at(sent_at) >= last + 1000 * i64::try_from(gap_secs).unwrap() || gap_secs == 0);
+            // The last send takes effect at most 10 s ahead, unless the clock went back: then
+            // only the cap on the wait holds.
+            prop_assert!(
+                slot.effective_at(sent_at) >= last + 1000 * i64::try_from(gap_secs).unwrap() || gap_secs == 0 || last > now + 10_000
+            );
             prop_assert!(slot.delay.is_none_or(|d| (1..=10).contains(&d)));
+            prop_assert!(slot.wait <= gap);
         }
     }
 }

@@ -3,8 +3,10 @@
 //! One dispatcher claims jobs while it has free slots; each claimed job runs in its own task.
 //! The store hands out only the oldest queued job of a contact, and only when no other job of
 //! that contact is leased, so contacts are served in parallel while each contact's jobs go one
-//! at a time in order. The dispatcher wakes when a job is stored or finished, and polls for
-//! retries coming due.
+//! at a time in order. Each direction has slots of its own, so a flood towards BonyChat never
+//! delays messages towards JoinChat, or the other way round. A slot is only ever held by a
+//! running HTTP request: a job that must wait for pacing is rescheduled, not slept on. The
+//! dispatcher wakes when a job is stored or finished, and polls for retries coming due.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,12 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::inbound::InboundPoster;
+use super::outbound::AttemptEnd;
 use super::outbound::OutboundSender;
 use super::retry::RetrySchedule;
 use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
-use crate::store::{Finish, Job, Payload, Store, now_millis};
+use crate::store::{Direction, Finish, Job, Payload, Store, now_millis};
 
 /// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
 /// jobs ever see it run out.
@@ -29,8 +32,8 @@ const LEASE: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the dispatcher leaves a failing store alone.
 const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
-/// Attempts in flight at once, all contacts together.
-const MAX_IN_FLIGHT: usize = 64;
+/// Attempts in flight at once per direction, all contacts together.
+const MAX_IN_FLIGHT_PER_DIRECTION: usize = 64;
 
 /// What the first attempt of an outbound job did, for the `/message` request still waiting.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,10 +108,14 @@ impl Worker {
     /// Claims and runs jobs until `stop`; the attempts it started go on in `tasks` until they
     /// end or `abort` is cancelled (their jobs then stay queued, to be attempted again).
     pub async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker, abort: CancellationToken) {
-        let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let slots = Direction::ALL.map(|direction| (direction, Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))));
         while !stop.is_cancelled() {
+            let mut claimed = Ok(());
+            for (direction, slots) in &slots {
+                claimed = claimed.and(self.claim_into(*direction, slots, &tasks, &abort).await);
+            }
             // A failing store is not asked again at once: its error would fill the log.
-            let pause = match self.claim_into(&slots, &tasks, &abort).await {
+            let pause = match claimed {
                 Ok(()) => POLL_INTERVAL,
                 Err(()) => STORE_FAILURE_PAUSE,
             };
@@ -123,6 +130,7 @@ impl Worker {
 
     async fn claim_into(
         self: &Arc<Self>,
+        direction: Direction,
         slots: &Arc<Semaphore>,
         tasks: &TaskTracker,
         abort: &CancellationToken,
@@ -133,7 +141,8 @@ impl Worker {
                 return Ok(());
             }
             let now = now_millis();
-            let jobs = match self.store.claim(&self.owner, now, now + millis(LEASE), free).await {
+            let lease_until = now.saturating_add(millis(LEASE));
+            let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim jobs");
@@ -172,10 +181,11 @@ impl Worker {
         };
         let attempt = async {
             match &job.payload {
-                Payload::Send { recipient, parts } => {
+                Ok(Payload::Send { recipient, parts }) => {
                     self.attempt_outbound(&job, recipient, parts).await;
                 }
-                Payload::Event { event } => self.attempt_inbound(&job, event.clone()).await,
+                Ok(Payload::Event { event }) => self.attempt_inbound(&job, event.clone()).await,
+                Err(reason) => self.dead_letter_unreadable(&job, reason).await,
             }
         };
         tokio::select! {
@@ -192,11 +202,22 @@ impl Worker {
             .await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
+        let result = match outcome.end {
+            AttemptEnd::Paced { until } => {
+                // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
+                // and a waiting `/message` request is still answered by the attempt that sends.
+                tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - now_millis(), "paced");
+                self.record(job, Finish::Defer { progress, next_attempt_at: until }).await;
+                return;
+            }
+            AttemptEnd::Sent { last_sent_at } => Ok(last_sent_at),
+            AttemptEnd::Failed(error) => Err(error),
+        };
         // Only the first attempt can still be answered to BonyChat's waiting request.
         let waiter = if job.attempts == 0 { self.waiters.take(&job.m_id) } else { None };
 
-        let (finish, first, label, reason) = match outcome.result {
-            Ok(()) => (Finish::Delivered { progress }, FirstAttempt::Sent, "sent", None),
+        let (finish, first, label, reason) = match result {
+            Ok(sent_at) => (Finish::Delivered { progress, sent_at }, FirstAttempt::Sent, "sent", None),
             Err(SendError::Permanent { reason }) if waiter.is_some() => (
                 Finish::Rejected { progress, error: reason.clone() },
                 FirstAttempt::Rejected(reason.clone()),
@@ -242,7 +263,7 @@ impl Worker {
                 {
                     tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
                 }
-                (Finish::Delivered { progress: 1 }, "posted", None)
+                (Finish::Delivered { progress: 1, sent_at: now_millis() }, "posted", None)
             }
             Err(SendError::Permanent { reason }) => {
                 (Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false }, "refused", Some(reason))
@@ -253,6 +274,16 @@ impl Worker {
             }
         };
         log_attempt(job, attempt, label, reason.as_deref());
+        self.record(job, finish).await;
+    }
+
+    /// A job whose stored payload cannot be read can never be delivered: it is dead-lettered
+    /// with the reason (an outbound one with a `failed` receipt, so BonyChat shows it), and the
+    /// rest of the queue goes on.
+    async fn dead_letter_unreadable(&self, job: &Job, reason: &str) {
+        let failed_receipt = job.direction == Direction::Outbound;
+        tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
+        let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
         self.record(job, finish).await;
     }
 
@@ -280,7 +311,7 @@ fn after_failure(
 ) -> (Finish, &'static str) {
     match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
         Some(delay) => {
-            let next_attempt_at = now_millis() + millis(delay);
+            let next_attempt_at = now_millis().saturating_add(millis(delay));
             (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, "retry")
         }
         None => {

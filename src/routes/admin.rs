@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{JobState, StoreError, now_millis};
+use crate::store::{JobState, JobView, StoreError, now_millis, redrive_all_dead};
 
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
@@ -56,10 +56,12 @@ pub async fn list_jobs(
         return Err(ApiError::InvalidRequest(format!("limit: must be between 1 and {MAX_LIMIT}")));
     }
     let jobs = state.store.list(job_state, limit).await.map_err(ApiError::Store)?;
+    let jobs: Vec<JobView> = jobs.iter().map(JobView::from).collect();
     Ok(Json(json!({ "jobs": jobs })))
 }
 
-/// `POST /admin/jobs/{id}/retry`: makes one job due now, with a fresh retry schedule.
+/// `POST /admin/jobs/{id}/retry`: makes one dead or queued job due now, with a fresh retry
+/// schedule; 409 with the reason for any other state.
 pub async fn retry_job(
     _: AdminCaller,
     State(state): State<AppState>,
@@ -73,12 +75,12 @@ pub async fn retry_job(
     })?;
     state.wake.notify_one();
     tracing::info!(job = id, "job queued again by an operator");
-    Ok(Json(json!({ "job": job })))
+    Ok(Json(json!({ "job": JobView::from(&job) })))
 }
 
 /// `POST /admin/dead/redrive`: makes every dead job due now.
 pub async fn redrive_dead(_: AdminCaller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let redriven = state.store.redrive_dead(now_millis()).await.map_err(ApiError::Store)?;
+    let redriven = redrive_all_dead(state.store.as_ref(), now_millis()).await.map_err(ApiError::Store)?;
     state.wake.notify_one();
     tracing::info!(redriven, "dead jobs queued again by an operator");
     Ok(Json(json!({ "redriven": redriven })))

@@ -10,6 +10,7 @@
 //! test suite; no implementation holds a transaction open across an HTTP call, since all
 //! methods are short database operations.
 
+mod payload;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -21,16 +22,41 @@ use crate::config::{DatabaseUrl, StoreConfig};
 use crate::domain::bonychat::{StatusValue, WebhookEvent};
 use crate::domain::joinchat::{Message, Recipient};
 
+pub use payload::{PAYLOAD_FORMAT, decode_payload, encode_payload};
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("the store failed: {0}")]
     Unavailable(String),
+    /// The direction already holds its cap of queued jobs: new work is refused, not stored.
+    #[error("{} queue is full ({cap} jobs waiting); try again later", direction.as_str())]
+    Full { direction: Direction, cap: u64 },
     #[error("no job {0}")]
     NotFound(i64),
     #[error("{0}")]
     Conflict(String),
+}
+
+/// Limits the store enforces on new work (SPEC §5: intake is bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntakeCaps {
+    /// Queued outbound jobs past which `/message` gets 503.
+    pub outbound: u64,
+    /// Queued inbound jobs (events and receipts) past which webhooks get 503.
+    pub inbound: u64,
+}
+
+impl IntakeCaps {
+    pub const DEFAULT: Self = Self { outbound: 100_000, inbound: 100_000 };
+
+    pub fn of(self, direction: Direction) -> u64 {
+        match direction {
+            Direction::Outbound => self.outbound,
+            Direction::Inbound => self.inbound,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -43,6 +69,8 @@ pub enum Direction {
 }
 
 impl Direction {
+    pub const ALL: [Self; 2] = [Self::Outbound, Self::Inbound];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
@@ -101,12 +129,11 @@ pub enum Payload {
     Event { event: WebhookEvent },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: i64,
     pub direction: Direction,
     pub contact: String,
-    #[serde(rename = "mId")]
     pub m_id: String,
     pub state: JobState,
     /// Attempts made so far.
@@ -120,13 +147,71 @@ pub struct Job {
     pub updated_at: i64,
     /// Whether a worker holds the job right now.
     pub in_flight: bool,
-    pub payload: Payload,
+    /// What to deliver, or why the stored payload cannot be read (such a job is dead-lettered
+    /// by the worker that claims it, and listed like any other).
+    pub payload: Result<Payload, String>,
     /// When the last send to this contact takes effect (outbound pacing), as of the claim.
-    #[serde(skip)]
     pub contact_last_effective_at: Option<i64>,
     /// Whether BonyChat already got a post about this contact (inbound), as of the claim.
-    #[serde(skip)]
     pub contact_introduced: bool,
+}
+
+/// The documented representation of a job for the admin API and `bonychat-relay jobs`: field
+/// names and meanings stay stable whatever the store's internals become.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    pub id: i64,
+    /// `outbound` (BonyChat → JoinChat) or `inbound` (Messenger → BonyChat).
+    pub direction: Direction,
+    #[serde(rename = "contactId")]
+    pub contact_id: String,
+    #[serde(rename = "mId")]
+    pub m_id: String,
+    /// `queued`, `delivered`, `dead`, `rejected` or `dropped`.
+    pub state: JobState,
+    pub attempts: u32,
+    /// Outbound: how many of the message's JoinChat requests were accepted.
+    pub parts_sent: u32,
+    /// Milliseconds since the epoch, like every time below.
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub in_flight: bool,
+    /// Outbound: `{"recipient", "messages"}` as sent to JoinChat; inbound: the BonyChat event.
+    /// `null` when the stored payload cannot be read (`payloadError` says why).
+    pub payload: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_error: Option<String>,
+}
+
+impl From<&Job> for JobView {
+    fn from(job: &Job) -> Self {
+        let (payload, payload_error) = match &job.payload {
+            Ok(Payload::Send { recipient, parts }) => {
+                (Some(serde_json::json!({"recipient": recipient, "messages": parts})), None)
+            }
+            Ok(Payload::Event { event }) => (serde_json::to_value(event).ok(), None),
+            Err(reason) => (None, Some(reason.clone())),
+        };
+        Self {
+            id: job.id,
+            direction: job.direction,
+            contact_id: job.contact.clone(),
+            m_id: job.m_id.clone(),
+            state: job.state,
+            attempts: job.attempts,
+            parts_sent: job.progress,
+            next_attempt_at: job.next_attempt_at,
+            last_error: job.last_error.clone(),
+            created_at: job.created_at,
+            updated_at: job.updated_at,
+            in_flight: job.in_flight,
+            payload,
+            payload_error,
+        }
+    }
 }
 
 /// An outbound message to store.
@@ -175,31 +260,25 @@ pub struct InboundSummary {
 /// How an attempt ended, to be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
-    Delivered {
-        progress: u32,
-    },
+    /// Outbound: `sent_at` is when the last request left, which Messenger's delivery and read
+    /// watermarks are compared with (SPEC §4.4).
+    Delivered { progress: u32, sent_at: i64 },
+    /// Not attempted: pacing asks for the next send to this contact no earlier than
+    /// `next_attempt_at`. The attempt count stays, and the slot is free meanwhile.
+    Defer { progress: u32, next_attempt_at: i64 },
     /// Another attempt at `next_attempt_at`.
-    Retry {
-        progress: u32,
-        next_attempt_at: i64,
-        error: String,
-    },
+    Retry { progress: u32, next_attempt_at: i64, error: String },
     /// Out of retries or refused for good; with `failed_receipt`, BonyChat is told by a `failed`
     /// receipt carrying `error`.
-    Dead {
-        progress: u32,
-        error: String,
-        failed_receipt: bool,
-    },
+    Dead { progress: u32, error: String, failed_receipt: bool },
     /// Refused by JoinChat while BonyChat waited.
-    Rejected {
-        progress: u32,
-        error: String,
-    },
+    Rejected { progress: u32, error: String },
 }
 
 pub trait Store: Send + Sync {
-    /// Answers when the store can read and write.
+    /// Answers when the store can durably write right now: a small write committed to disk
+    /// within a short deadline. Fails for a full disk, a removed file, a stalled disk or a
+    /// dead writer.
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Makes a freshly started relay take over its stores' in-flight jobs at once. For a store
@@ -212,9 +291,17 @@ pub trait Store: Send + Sync {
     /// sends are dropped, and watermarks queue a receipt per outbound message they cover, once.
     fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>>;
 
-    /// Claims up to `limit` due jobs, each the oldest queued one of its contact, for `owner`
-    /// until `lease_until`.
-    fn claim(&self, owner: &str, now: i64, lease_until: i64, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    /// Claims up to `limit` due jobs of `direction`, each the oldest queued one of its contact,
+    /// for `owner` until `lease_until`. Each direction is claimed on its own, so that a flood of
+    /// one never takes the capacity of the other.
+    fn claim(
+        &self,
+        owner: &str,
+        direction: Direction,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
     /// Extends `owner`'s leases on `ids` while their attempts run.
     fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>>;
@@ -245,15 +332,21 @@ pub trait Store: Send + Sync {
     /// Jobs in `state` (all states when `None`), newest first.
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
-    /// Makes one job due now, whatever its state but delivered.
+    /// Makes one `dead` or `queued` job due now with a fresh retry schedule. Other states are a
+    /// [`StoreError::Conflict`] saying why: a delivered job was delivered, a rejected one was
+    /// already answered to BonyChat with a 400, a dropped one is the echo of the relay's own send.
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>>;
 
-    /// Makes every dead job due now; returns how many.
-    fn redrive_dead(&self, now: i64) -> BoxFuture<'_, StoreResult<u64>>;
+    /// Makes up to `limit` dead jobs due now, oldest first; returns how many. Callers loop
+    /// until it returns less than `limit`, so a large redrive never holds the store for long.
+    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
 
-    /// Deletes delivered, rejected and dropped jobs last touched before `before`, and expired
-    /// echo records; returns how many jobs went.
-    fn prune(&self, before: i64, now: i64) -> BoxFuture<'_, StoreResult<u64>>;
+    /// Deletes up to `limit` delivered, rejected and dropped jobs last touched before `before`,
+    /// and expired echo records; returns how many jobs went. Callers loop like for redrive.
+    fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
+
+    /// How many jobs of each direction are queued (in flight included).
+    fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>>;
 }
 
 #[derive(Debug, Clone)]
@@ -264,14 +357,61 @@ pub struct BeforeSend {
     pub echo_expires_at: i64,
 }
 
-/// Opens the store `config` names, creating and migrating it as needed.
+/// Jobs redriven or pruned per store operation: small enough that ingestion interleaves.
+pub const BATCH: usize = 500;
+
+/// Opens the store `config` names for a relay: creating and migrating it as needed, and
+/// holding it for this process alone.
 pub async fn open(config: &StoreConfig) -> StoreResult<Arc<dyn Store>> {
     match &config.database_url {
-        DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path).await?)),
-        DatabaseUrl::Postgres(_) => {
-            Err(StoreError::Unavailable("postgres:// is not supported by this build yet; use sqlite://PATH".into()))
-        }
+        DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, config.intake).await?)),
+        DatabaseUrl::Postgres(_) => Err(postgres_unsupported()),
     }
+}
+
+/// Opens an existing store for `bonychat-relay jobs …`, beside a running relay or not: it
+/// never creates, migrates or takes over anything. Returns the store and what it opened.
+pub async fn open_existing(config: &StoreConfig) -> StoreResult<(Arc<dyn Store>, String)> {
+    match &config.database_url {
+        DatabaseUrl::Sqlite(path) => {
+            let store = sqlite::SqliteStore::open_existing(path, config.intake).await?;
+            let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            Ok((Arc::new(store), format!("sqlite://{}", shown.display())))
+        }
+        DatabaseUrl::Postgres(_) => Err(postgres_unsupported()),
+    }
+}
+
+/// Makes every dead job due now, [`BATCH`] at a time so that ingestion goes on meanwhile;
+/// returns how many.
+pub async fn redrive_all_dead(store: &dyn Store, now: i64) -> StoreResult<u64> {
+    let mut total = 0;
+    loop {
+        let redriven = store.redrive_dead(now, BATCH).await?;
+        total += redriven;
+        if redriven < BATCH as u64 {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Deletes every delivered, rejected and dropped job last touched before `before`, [`BATCH`]
+/// at a time; returns how many.
+pub async fn prune_all(store: &dyn Store, before: i64, now: i64) -> StoreResult<u64> {
+    let mut total = 0;
+    loop {
+        let pruned = store.prune(before, now, BATCH).await?;
+        total += pruned;
+        if pruned < BATCH as u64 {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn postgres_unsupported() -> StoreError {
+    StoreError::Unavailable("postgres:// is not supported by this build yet; use sqlite://PATH".into())
 }
 
 /// Milliseconds since the epoch: the store's clock.

@@ -6,82 +6,166 @@
 //! (so one failing operation does not undo the others), commits once, and only then answers
 //! them all. Concurrent requests thus share one fsync: group commit. No operation waits on
 //! anything but the database, so no transaction is ever held across an HTTP call.
+//!
+//! What a caller is told is what happened on disk:
+//! - The queue to the writer is bounded in operations and in payload bytes: past either, new
+//!   work is refused at once (503) instead of piling up in memory behind a stalled disk.
+//! - A request's operation that the writer has not started within [`ADMISSION_TIMEOUT`], or
+//!   whose caller went away, is never started: the caller hears "unavailable" and nothing is
+//!   stored. Once started, the caller waits for the commit whatever it takes, so it is never
+//!   answered with an error for work that is then committed.
+//! - After every commit the writer checks that the file it writes is still the file at the
+//!   configured path. A database removed or replaced under the relay (an operator's `rm`, a
+//!   remounted volume) would otherwise take commits into an unlinked file and lose them at the
+//!   next start; the store then refuses everything until the relay is restarted on a sound file.
+//! - A panic in the writer thread ends the process (exit code 70), so an orchestrator restarts
+//!   the relay instead of it living on, unable to store.
+//! - One relay per file: the store holds an exclusive lock on `<file>.lock` for its lifetime.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{
-    BeforeSend, Direction, Finish, InboundBatch, InboundItem, InboundSummary, Job, JobState, NewOutbound, Payload,
-    Store, StoreError, StoreResult,
+    BeforeSend, Direction, Finish, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job, JobState, NewOutbound,
+    Payload, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("../../migrations/sqlite/0001_init.sql"), include_str!("../../migrations/sqlite/0002_intake.sql")];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
 const MAX_BATCH: usize = 512;
+/// Operations waiting for the writer at most.
+const QUEUE_OPS: usize = 4096;
+/// Payload bytes waiting for the writer at most.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a request's write may wait for the writer to start it before it is refused.
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long readiness waits for its probe write to start.
+const PING_ADMISSION: Duration = Duration::from_secs(2);
+/// A batch running longer than this means a stalled disk: not ready.
+const STALLED_AFTER: Duration = Duration::from_secs(2);
 
 /// Runs inside the transaction; says whether it succeeded (else its savepoint is rolled back)
 /// and how to answer its caller once the commit is known.
-type Op = Box<dyn FnOnce(&Connection) -> (bool, Answer) + Send>;
+type Work = Box<dyn FnOnce(&Connection) -> (bool, Answer) + Send>;
 type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+/// Where a caller's operation stands; the writer and the caller race for it once.
+const WAITING: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+struct Op {
+    work: Work,
+    /// Set for operations a caller may give up on (requests); the writer starts the operation
+    /// only if it moves this from WAITING to STARTED first.
+    admission: Option<Arc<AtomicU8>>,
+    /// Refuses the operation without running it: the caller hears `reason`.
+    refuse: Box<dyn FnOnce(String) + Send>,
+    /// The payload bytes this operation holds in the queue, given back once it is done.
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// What the writer knows about its own health, read by readiness.
+#[derive(Default)]
+struct Health {
+    /// Set for good when the store can no longer be trusted (file replaced, writer gone).
+    broken: Mutex<Option<String>>,
+    /// When the running batch started (ms since the epoch), 0 when idle.
+    busy_since: AtomicI64,
+}
+
+impl Health {
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().expect("health lock").clone()
+    }
+
+    fn break_for_good(&self, reason: String) {
+        let mut broken = self.broken.lock().expect("health lock");
+        if broken.is_none() {
+            tracing::error!(reason = %reason, "the store can no longer be trusted; refusing all work until restarted");
+            *broken = Some(reason);
+        }
+    }
+}
+
+/// How the store was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A relay: creates and migrates the file, holds it exclusively, rebuilds its ready queue.
+    Relay,
+    /// The `jobs` command line beside a running relay: opens an existing, current file as is.
+    Tool,
+}
+
 pub struct SqliteStore {
-    ops: mpsc::UnboundedSender<Op>,
+    ops: mpsc::Sender<Op>,
+    queue_bytes: Arc<Semaphore>,
+    health: Arc<Health>,
     commits: Arc<AtomicU64>,
+    caps: IntakeCaps,
+    /// Held for the store's lifetime: the lock that keeps a second relay off this file.
+    _lock: Option<File>,
 }
 
 impl SqliteStore {
-    /// Opens (creating the file and its directory) and migrates the database at `path`.
-    pub async fn open(path: &Path) -> StoreResult<Self> {
+    /// Opens (creating the file and its directory) and migrates the database at `path`, after
+    /// taking its lock: a second relay on the same file is refused before anything is touched.
+    pub async fn open(path: &Path, caps: IntakeCaps) -> StoreResult<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
+        let lock = lock_exclusively(path)?;
+        Self::start(path, caps, Mode::Relay, Some(lock)).await
+    }
+
+    /// Opens an existing, migrated database without creating, migrating or locking it, for
+    /// tools that run beside a relay. SQLite's own locking orders their writes with the relay's.
+    pub async fn open_existing(path: &Path, caps: IntakeCaps) -> StoreResult<Self> {
+        if !path.is_file() {
+            return Err(StoreError::Unavailable(format!(
+                "no store at {}: the relay creates it on its first start (is RELAY_DATABASE_URL right?)",
+                path.display()
+            )));
+        }
+        Self::start(path, caps, Mode::Tool, None).await
+    }
+
+    async fn start(path: &Path, caps: IntakeCaps, mode: Mode, lock: Option<File>) -> StoreResult<Self> {
         let path = path.to_owned();
         let (ready_tx, ready_rx) = oneshot::channel();
-        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let (ops, ops_rx) = mpsc::channel(QUEUE_OPS);
         let commits = Arc::new(AtomicU64::new(0));
-        let counted = Arc::clone(&commits);
+        let health = Arc::new(Health::default());
+        let (counted, watched) = (Arc::clone(&commits), Arc::clone(&health));
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || match open_connection(&path) {
-                Ok(conn) => {
-                    let _ = ready_tx.send(Ok(()));
-                    write_loop(conn, ops_rx, &counted);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))));
+            .spawn(move || {
+                let _exit_on_panic = ExitOnPanic;
+                match open_connection(&path, mode) {
+                    Ok((conn, identity)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        Writer { conn, path, identity, health: watched, commits: counted }.run(ops_rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(StoreError::Unavailable(format!("{}: {e}", path.display()))));
+                    }
                 }
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the store thread: {e}")))?;
         ready_rx.await.map_err(|_| StoreError::Unavailable("the store thread stopped".into()))??;
-        Ok(Self { ops, commits })
-    }
-
-    /// Queues `f` for the next group commit without waiting for it. Operations run in the order
-    /// they were queued, so every later operation sees what `f` wrote.
-    fn submit<F>(&self, f: F) -> StoreResult<()>
-    where
-        F: FnOnce(&Connection) -> StoreResult<()> + Send + 'static,
-    {
-        let op: Op = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let answer: Answer = Box::new(move |committed| {
-                if let Err(e) = result.and(committed.map_err(StoreError::Unavailable)) {
-                    tracing::warn!(error = %e, "a queued store write failed");
-                }
-            });
-            (ok, answer)
-        });
-        self.ops.send(op).map_err(|_| StoreError::Unavailable("the store thread stopped".into()))
+        Ok(Self { ops, queue_bytes: Arc::new(Semaphore::new(QUEUE_BYTES)), health, commits, caps, _lock: lock })
     }
 
     /// How many transactions were committed so far: fewer than operations when they share.
@@ -89,46 +173,223 @@ impl SqliteStore {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` in the next group commit and returns its result once committed.
+    fn stopped() -> StoreError {
+        StoreError::Unavailable("the store writer has stopped".into())
+    }
+
+    /// Runs `f` in the next group commit and returns its result once committed. For the
+    /// relay's own bookkeeping: it waits for room in the queue and is never abandoned.
     fn run<T, F>(&self, f: F) -> BoxFuture<'_, StoreResult<T>>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let op: Op = Box::new(move |conn| {
-            let result = f(conn);
-            let ok = result.is_ok();
-            let answer: Answer = Box::new(move |committed| {
-                let outcome = match committed {
-                    Ok(()) => result,
-                    Err(e) => Err(StoreError::Unavailable(format!("commit failed: {e}"))),
-                };
-                let _ = tx.send(outcome);
-            });
-            (ok, answer)
-        });
-        let sent = self.ops.send(op);
+        let (op, rx) = op(f, None, None);
         Box::pin(async move {
-            sent.map_err(|_| StoreError::Unavailable("the store thread stopped".into()))?;
-            rx.await.map_err(|_| StoreError::Unavailable("the store thread stopped".into()))?
+            self.ops.send(op).await.map_err(|_| Self::stopped())?;
+            rx.await.map_err(|_| Self::stopped())?
         })
+    }
+
+    /// Runs `f` for a caller who may give up, holding `bytes` of payload: refused at once when
+    /// the queue is full, refused unstarted after `admission` (or when the caller's future is
+    /// dropped first), and otherwise answered once committed, however long that takes.
+    fn run_for_caller<T, F>(&self, bytes: usize, admission: Duration, f: F) -> BoxFuture<'_, StoreResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let full = || StoreError::Unavailable("the store is not keeping up: its write queue is full".into());
+        let permit = match u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&self.queue_bytes).try_acquire_many_owned(n).ok())
+        {
+            Some(permit) => permit,
+            None => return Box::pin(std::future::ready(Err(full()))),
+        };
+        let state = Arc::new(AtomicU8::new(WAITING));
+        let (op, mut rx) = op(f, Some(Arc::clone(&state)), Some(permit));
+        if let Err(e) = self.ops.try_send(op) {
+            return Box::pin(std::future::ready(Err(match e {
+                mpsc::error::TrySendError::Full(_) => full(),
+                mpsc::error::TrySendError::Closed(_) => Self::stopped(),
+            })));
+        }
+        Box::pin(async move {
+            // Dropped with the caller's future (a client that hung up): an unstarted operation
+            // is then never started.
+            let _abandon = AbandonOnDrop(Arc::clone(&state));
+            tokio::select! {
+                answer = &mut rx => return answer.map_err(|_| Self::stopped())?,
+                () = tokio::time::sleep(admission) => {}
+            }
+            if state.compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Err(StoreError::Unavailable(format!(
+                    "the store did not take the write within {} ms (a slow or stalled disk); nothing was stored",
+                    admission.as_millis()
+                )));
+            }
+            // Started: the outcome, success or failure, is what the disk did.
+            rx.await.map_err(|_| Self::stopped())?
+        })
+    }
+
+    /// Why the store is not fit to take work right now, if it is not.
+    fn unfit(&self) -> Option<String> {
+        if let Some(reason) = self.health.broken() {
+            return Some(reason);
+        }
+        if self.ops.is_closed() {
+            return Some("the store writer has stopped".into());
+        }
+        let busy_since = self.health.busy_since.load(Ordering::Relaxed);
+        let busy_for = now_millis().saturating_sub(busy_since);
+        if busy_since != 0 && busy_for > i64::try_from(STALLED_AFTER.as_millis()).unwrap_or(i64::MAX) {
+            return Some(format!("one commit has been running for {busy_for} ms (a stalled disk?)"));
+        }
+        None
     }
 }
 
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
-    let mut conn = Connection::open(path)?;
-    // Other processes (`bonychat-relay jobs …`) may write at the same time.
+/// Builds the operation for `f` and the receiver of its outcome.
+fn op<T, F>(
+    f: F,
+    admission: Option<Arc<AtomicU8>>,
+    bytes: Option<OwnedSemaphorePermit>,
+) -> (Op, oneshot::Receiver<StoreResult<T>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let refused = Arc::clone(&tx);
+    let work: Work = Box::new(move |conn| {
+        let result = f(conn);
+        let ok = result.is_ok();
+        let answer: Answer = Box::new(move |committed| {
+            let outcome = match committed {
+                Ok(()) => result,
+                Err(e) => Err(StoreError::Unavailable(e)),
+            };
+            if let Some(tx) = tx.lock().expect("answer lock").take() {
+                let _ = tx.send(outcome);
+            }
+        });
+        (ok, answer)
+    });
+    let refuse = Box::new(move |reason: String| {
+        if let Some(tx) = refused.lock().expect("answer lock").take() {
+            let _ = tx.send(Err(StoreError::Unavailable(reason)));
+        }
+    });
+    (Op { work, admission, refuse, _bytes: bytes }, rx)
+}
+
+struct AbandonOnDrop(Arc<AtomicU8>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+/// Ends the process when the writer thread panics: a relay that cannot store must not live on
+/// answering 503s forever; its orchestrator restarts it.
+struct ExitOnPanic;
+
+impl Drop for ExitOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("bonychat-relay: the store writer thread panicked; exiting so that the relay is restarted");
+            std::process::exit(70);
+        }
+    }
+}
+
+/// Takes the exclusive lock of the store at `path`, or says who holds it.
+fn lock_exclusively(path: &Path) -> StoreResult<File> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open the lock file {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
+            "{} is in use by another relay (it holds {}); one SQLite store serves one relay — stop the other one, or use postgres:// for several replicas",
+            path.display(),
+            lock_path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Unavailable(format!("cannot lock {}: {e}", lock_path.display())))
+        }
+    }
+}
+
+/// The identity of a file: a replaced or removed file no longer has it at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self { dev: meta.dev(), ino: meta.ino() })
+    }
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// The files the writer's connection uses, as they were when it opened them.
+struct Identity {
+    db: FileId,
+    /// Known once the write-ahead log exists.
+    wal: Option<FileId>,
+}
+
+fn open_connection(path: &Path, mode: Mode) -> rusqlite::Result<(Connection, Identity)> {
+    let flags = match mode {
+        Mode::Relay => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        Mode::Tool => OpenFlags::SQLITE_OPEN_READ_WRITE,
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags)?;
+    // The `jobs` command line may write beside the relay; each waits for the other's commit.
     conn.busy_timeout(Duration::from_secs(5))?;
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode stayed {mode}, not WAL")));
+    let mode_set: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode_set.eq_ignore_ascii_case("wal") {
+        return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode stayed {mode_set}, not WAL")));
     }
     // FULL: every commit fsyncs the WAL, so it survives power loss, not just a crash.
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
-    migrate(&mut conn)?;
-    rebuild_heads(&conn)?;
-    Ok(conn)
+    match mode {
+        Mode::Relay => {
+            migrate(&mut conn)?;
+            rebuild_heads(&conn)?;
+        }
+        Mode::Tool => {
+            let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            if version != i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX) {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "the store has schema version {version}, this bonychat-relay expects {}; start the matching relay once first",
+                    MIGRATIONS.len()
+                )));
+            }
+        }
+    }
+    let not_a_file = |e: std::io::Error| rusqlite::Error::InvalidParameterName(format!("cannot stat the file: {e}"));
+    let identity = Identity { db: FileId::of(path).map_err(not_a_file)?, wal: FileId::of(&wal_path(path)).ok() };
+    Ok((conn, identity))
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
@@ -206,52 +467,117 @@ fn clear_leases(conn: &Connection, owner: Option<&str>) -> rusqlite::Result<u64>
     Ok(cleared as u64)
 }
 
-fn write_loop(mut conn: Connection, mut ops: mpsc::UnboundedReceiver<Op>, commits: &AtomicU64) {
-    while let Some(first) = ops.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    identity: Identity,
+    health: Arc<Health>,
+    commits: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(mut self, mut ops: mpsc::Receiver<Op>) {
+        while let Some(first) = ops.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ops.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            if let Some(reason) = self.health.broken() {
+                for op in batch {
+                    (op.refuse)(reason.clone());
+                }
+                continue;
+            }
+            self.health.busy_since.store(now_millis(), Ordering::Relaxed);
+            let mut answers = Vec::with_capacity(batch.len());
+            let mut committed = run_batch(&mut self.conn, batch, &mut answers).map_err(|e| e.to_string());
+            match &committed {
+                Ok(()) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, "store commit failed"),
+            }
+            // What was committed counts only if it went into the file at the configured path.
+            if let Err(reason) = self.check_identity() {
+                self.health.break_for_good(reason.clone());
+                committed = Err(reason);
+            }
+            self.health.busy_since.store(0, Ordering::Relaxed);
+            for answer in answers {
+                answer(committed.clone());
             }
         }
-        let mut answers = Vec::with_capacity(batch.len());
-        let committed = run_batch(&mut conn, batch, &mut answers).map_err(|e| e.to_string());
-        match &committed {
-            Ok(()) => {
-                commits.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::error!(error = %e, "store commit failed"),
+    }
+
+    fn check_identity(&mut self) -> Result<(), String> {
+        let replaced = |what: &Path, e: Option<std::io::Error>| {
+            let how = e.map_or_else(|| "was replaced by another file".to_owned(), |e| format!("is gone ({e})"));
+            format!(
+                "{} {how} while the relay had it open: nothing written since can be trusted to be on disk; restart the relay on a sound store",
+                what.display()
+            )
+        };
+        match FileId::of(&self.path) {
+            Ok(id) if id == self.identity.db => {}
+            Ok(_) => return Err(replaced(&self.path, None)),
+            Err(e) => return Err(replaced(&self.path, Some(e))),
         }
-        for answer in answers {
-            answer(committed.clone());
+        let wal = wal_path(&self.path);
+        match (FileId::of(&wal), self.identity.wal) {
+            (Ok(id), Some(known)) if id == known => Ok(()),
+            (Ok(_), Some(_)) => Err(replaced(&wal, None)),
+            (Err(e), Some(_)) => Err(replaced(&wal, Some(e))),
+            (Ok(id), None) => {
+                self.identity.wal = Some(id);
+                Ok(())
+            }
+            (Err(_), None) => Ok(()),
         }
     }
 }
 
+/// Runs `batch` in one transaction. Operations it could not get to (the transaction failed
+/// first) are refused with the error; the others are answered by the caller once the commit's
+/// outcome is known.
 fn run_batch(conn: &mut Connection, batch: Vec<Op>, answers: &mut Vec<Answer>) -> rusqlite::Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for op in batch {
-        // Savepoints through cached statements: rusqlite's own re-parse their SQL every time.
-        tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-        let (ok, answer) = op(&tx);
-        answers.push(answer);
-        if !ok {
-            tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+    let mut pending = batch.into_iter();
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for op in pending.by_ref() {
+            if let Some(state) = &op.admission
+                && state.compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire).is_err()
+            {
+                // Its caller gave up before it started: it must never be stored.
+                (op.refuse)("abandoned by its caller".into());
+                continue;
+            }
+            // Savepoints through cached statements: rusqlite's own re-parse their SQL every time.
+            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
+            let (ok, answer) = (op.work)(&tx);
+            answers.push(answer);
+            if !ok {
+                tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+            }
+            tx.prepare_cached("RELEASE op")?.execute([])?;
         }
-        tx.prepare_cached("RELEASE op")?.execute([])?;
+        tx.commit()
+    })();
+    if let Err(e) = &result {
+        for op in pending {
+            (op.refuse)(format!("commit failed: {e}"));
+        }
     }
-    tx.commit()
+    result
 }
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         Self::Unavailable(e.to_string())
     }
-}
-
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("store payloads always serialize")
 }
 
 const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, j.next_attempt_at, \
@@ -283,7 +609,7 @@ impl RawJob {
             id: self.id,
             direction: Direction::parse(&self.direction).ok_or_else(|| corrupt("direction"))?,
             state: JobState::parse(&self.state).ok_or_else(|| corrupt("state"))?,
-            payload: serde_json::from_str(&self.payload).map_err(|_| corrupt("payload"))?,
+            payload: decode_payload(&self.payload),
             contact: self.contact,
             m_id: self.m_id,
             attempts: self.attempts,
@@ -358,7 +684,7 @@ struct PreparedEvent {
 
 impl PreparedEvent {
     fn new(event: &WebhookEvent) -> Self {
-        Self { m_id: event.m_id().to_owned(), payload: to_json(&Payload::Event { event: event.clone() }) }
+        Self { m_id: event.m_id().to_owned(), payload: encode_payload(&Payload::Event { event: event.clone() }) }
     }
 }
 
@@ -417,8 +743,9 @@ fn queue_receipt(
 ) -> rusqlite::Result<bool> {
     // Receipts are few; their payload is made here.
     let dedup_key = Some(receipt_key(status.value, m_id));
-    let payload =
-        to_json(&Payload::Event { event: WebhookEvent::MessageStatus { m_id: m_id.to_owned(), timestamp, status } });
+    let payload = encode_payload(&Payload::Event {
+        event: WebhookEvent::MessageStatus { m_id: m_id.to_owned(), timestamp, status },
+    });
     let row =
         NewRow { direction: Direction::Inbound, contact, m_id, dedup_key, payload: &payload, state: JobState::Queued };
     Ok(insert_job(conn, row, now)?.is_some())
@@ -510,9 +837,29 @@ fn store_watermark(
     Ok(())
 }
 
+/// How many jobs of `direction` are queued, as the triggers of migration 0002 keep it.
+fn queued(conn: &Connection, direction: Direction) -> rusqlite::Result<u64> {
+    let queued: i64 = conn
+        .prepare_cached("SELECT queued FROM queue_depth WHERE direction = ?1")?
+        .query_row([direction.as_str()], |row| row.get(0))
+        .optional()?
+        .unwrap_or(0);
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+
 impl Store for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
-        self.run(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+        if let Some(reason) = self.unfit() {
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
+        }
+        // A real write, committed and fsync'd like any other: a full disk or a lost file fails it.
+        self.run_for_caller(0, PING_ADMISSION, |conn| {
+            conn.prepare_cached(
+                "INSERT INTO relay_health (id, checked_at) VALUES (1, ?1)                  ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+            )?
+            .execute([now_millis()])?;
+            Ok(())
+        })
     }
 
     fn recover(&self) -> BoxFuture<'_, StoreResult<u64>> {
@@ -521,9 +868,16 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_outbound(&self, job: NewOutbound) -> BoxFuture<'_, StoreResult<i64>> {
-        let payload = to_json(&Payload::Send { recipient: job.recipient, parts: job.parts });
+        if let Some(reason) = self.health.broken() {
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
+        }
+        let payload = encode_payload(&Payload::Send { recipient: job.recipient, parts: job.parts });
         let (contact, m_id, now) = (job.contact, job.m_id, job.now);
-        self.run(move |conn| {
+        let cap = self.caps.outbound;
+        self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
+            if queued(conn, Direction::Outbound)? >= cap {
+                return Err(StoreError::Full { direction: Direction::Outbound, cap });
+            }
             let row = NewRow {
                 direction: Direction::Outbound,
                 contact: &contact,
@@ -546,7 +900,12 @@ impl Store for SqliteStore {
                 InboundItem::Watermark { .. } => None,
             })
             .collect();
-        self.run(move |conn| {
+        if let Some(reason) = self.health.broken() {
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
+        }
+        let bytes = prepared.iter().flatten().flatten().map(|event| event.payload.len()).sum();
+        let cap = self.caps.inbound;
+        self.run_for_caller(bytes, ADMISSION_TIMEOUT, move |conn| {
             let mut summary = InboundSummary::default();
             for (item, prepared) in batch.items.iter().zip(&prepared) {
                 match item {
@@ -559,16 +918,30 @@ impl Store for SqliteStore {
                     }
                 }
             }
+            // Checked after the inserts so that duplicates and dropped echoes, which queue
+            // nothing, never count; a refusal rolls the whole batch back (Meta redelivers it).
+            if summary.queued + summary.receipts > 0 && queued(conn, Direction::Inbound)? > cap {
+                return Err(StoreError::Full { direction: Direction::Inbound, cap });
+            }
             Ok(summary)
         })
     }
 
-    fn claim(&self, owner: &str, now: i64, lease_until: i64, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+    fn claim(
+        &self,
+        owner: &str,
+        direction: Direction,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let owner = owner.to_owned();
         parsed(self.run(move |conn| {
             let heads: Vec<i64> = conn
-                .prepare_cached("SELECT job_id FROM queue_heads WHERE due_at <= ?1 ORDER BY due_at LIMIT ?2")?
-                .query_map(params![now, limit as i64], |row| row.get(0))?
+                .prepare_cached(
+                    "SELECT job_id FROM queue_heads WHERE direction = ?1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3",
+                )?
+                .query_map(params![direction.as_str(), now, limit as i64], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut load = conn.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS}, c.last_effective_at, COALESCE(c.introduced, 0) FROM jobs j \
@@ -630,20 +1003,35 @@ impl Store for SqliteStore {
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
         // The one writer thread runs operations in order: anything stored after this call,
         // such as the echo of this very send, sees the record even before it is committed.
-        let queued = self.submit(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
+        let (op, answered) = op(
+            move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
                  ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
                  MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
-            )?
-            .execute(params![send.contact, send.effective_at])?;
-            if let Some(fingerprint) = &send.echo_fingerprint {
-                conn.prepare_cached("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)")?
+                )?
+                .execute(params![send.contact, send.effective_at])?;
+                if let Some(fingerprint) = &send.echo_fingerprint {
+                    conn.prepare_cached(
+                        "INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)",
+                    )?
                     .execute(params![send.contact, fingerprint, send.echo_expires_at])?;
-            }
+                }
+                Ok(())
+            },
+            None,
+            None,
+        );
+        Box::pin(async move {
+            self.ops.send(op).await.map_err(|_| Self::stopped())?;
+            // Queued is enough (see the trait); a failure to commit it later is only logged.
+            tokio::spawn(async move {
+                if let Ok(Err(e)) = answered.await {
+                    tracing::warn!(error = %e, "a pacing and echo record could not be stored");
+                }
+            });
             Ok(())
-        });
-        Box::pin(std::future::ready(queued))
+        })
     }
 
     fn record_progress(&self, id: i64, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
@@ -658,24 +1046,34 @@ impl Store for SqliteStore {
         let owner = owner.to_owned();
         self.run(move |conn| {
             let (state, progress, next_attempt_at, error) = match &finish {
-                Finish::Delivered { progress } => (JobState::Delivered, *progress, None, None),
+                Finish::Delivered { progress, .. } => (JobState::Delivered, *progress, None, None),
+                Finish::Defer { progress, next_attempt_at } => {
+                    (JobState::Queued, *progress, Some(*next_attempt_at), None)
+                }
                 Finish::Retry { progress, next_attempt_at, error } => {
                     (JobState::Queued, *progress, Some(*next_attempt_at), Some(error.as_str()))
                 }
                 Finish::Dead { progress, error, .. } => (JobState::Dead, *progress, None, Some(error.as_str())),
                 Finish::Rejected { progress, error } => (JobState::Rejected, *progress, None, Some(error.as_str())),
             };
+            let (attempted, sent_at) = match &finish {
+                Finish::Defer { .. } => (0, None),
+                Finish::Delivered { sent_at, .. } => (1, Some(*sent_at)),
+                _ => (1, None),
+            };
             let finished: Option<(String, String, String)> = conn
                 .prepare_cached(
-                    "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + 1, \
-                     next_attempt_at = COALESCE(?3, next_attempt_at), last_error = ?4, \
-                     accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN ?5 ELSE accepted_at END, \
+                    "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + ?8, \
+                     next_attempt_at = COALESCE(?3, next_attempt_at), \
+                     last_error = CASE WHEN ?8 = 0 THEN last_error ELSE ?4 END, \
+                     accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN COALESCE(?9, ?5) ELSE accepted_at END, \
                      lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
                      WHERE id = ?6 AND lease_owner = ?7 RETURNING direction, contact, m_id",
                 )?
-                .query_row(params![state.as_str(), progress, next_attempt_at, error, now, id, owner], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
+                .query_row(
+                    params![state.as_str(), progress, next_attempt_at, error, now, id, owner, attempted, sent_at],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
                 .optional()?;
             let Some((direction, contact, m_id)) = finished else {
                 return Err(StoreError::Conflict(format!("job {id} is no longer leased to this worker")));
@@ -731,8 +1129,19 @@ impl Store for SqliteStore {
                 conn.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |row| row.get(0)).optional()?;
             match state.as_deref() {
                 None => return Err(StoreError::NotFound(id)),
+                Some("dead" | "queued") => {}
                 Some("delivered") => return Err(StoreError::Conflict(format!("job {id} was already delivered"))),
-                Some(_) => {}
+                Some("rejected") => {
+                    return Err(StoreError::Conflict(format!(
+                        "job {id} was rejected by JoinChat while BonyChat waited: BonyChat got the 400 and shows the failure; sending it again would surprise the contact"
+                    )));
+                }
+                Some("dropped") => {
+                    return Err(StoreError::Conflict(format!(
+                        "job {id} is Messenger's echo of a message this relay sent itself: BonyChat already has that message"
+                    )));
+                }
+                Some(other) => return Err(StoreError::Conflict(format!("job {id} is {other}: it cannot be retried"))),
             }
             // A job in flight keeps its lease: retrying it only makes it due again afterwards.
             conn.execute(
@@ -749,26 +1158,45 @@ impl Store for SqliteStore {
         Box::pin(async move { retried.await?.into_job() })
     }
 
-    fn redrive_dead(&self, now: i64) -> BoxFuture<'_, StoreResult<u64>> {
+    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
         self.run(move |conn| {
-            let redriven = conn.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 WHERE state = 'dead'",
-                [now],
-            )?;
-            rebuild_heads(conn)?;
-            Ok(redriven as u64)
+            let queues: Vec<(String, String)> = conn
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 \
+                     WHERE id IN (SELECT id FROM jobs WHERE state = 'dead' ORDER BY id LIMIT ?2) \
+                     RETURNING direction, contact",
+                )?
+                .query_map(params![now, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let redriven = queues.len() as u64;
+            let mut refreshed = std::collections::HashSet::new();
+            for (direction, contact) in queues {
+                if refreshed.insert((direction.clone(), contact.clone())) {
+                    refresh_head(conn, &direction, &contact)?;
+                }
+            }
+            Ok(redriven)
         })
     }
 
-    fn prune(&self, before: i64, now: i64) -> BoxFuture<'_, StoreResult<u64>> {
+    fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
         self.run(move |conn| {
-            let jobs = conn.execute(
-                "DELETE FROM jobs WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < ?1",
-                [before],
-            )?;
-            conn.execute("DELETE FROM echo_marks WHERE expires_at <= ?1", [now])?;
+            let jobs = conn
+                .prepare_cached(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                 WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, limit as i64])?;
+            conn.prepare_cached(
+                "DELETE FROM echo_marks WHERE id IN (SELECT id FROM echo_marks WHERE expires_at <= ?1 LIMIT ?2)",
+            )?
+            .execute(params![now, limit as i64])?;
             Ok(jobs as u64)
         })
+    }
+
+    fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>> {
+        self.run(|conn| Direction::ALL.into_iter().map(|d| Ok((d, queued(conn, d)?))).collect())
     }
 }
 
@@ -780,7 +1208,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_writes_share_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db")).await.unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
         let before = store.commits();
 
         let writes: Vec<_> = (0..200)
@@ -809,7 +1237,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_operation_does_not_undo_the_others_in_its_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("relay.db")).await.unwrap();
+        let store = SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap();
 
         let (good, bad) = tokio::join!(
             store.run(|conn| Ok(conn.execute("CREATE TABLE kept (x INTEGER)", [])?)),

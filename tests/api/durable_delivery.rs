@@ -88,8 +88,8 @@ async fn a_dead_letter_is_listed_and_delivered_after_a_redrive() {
     assert_eq!(dead[0]["mId"], m_id.as_str());
     assert_eq!(dead[0]["state"], "dead");
     assert_eq!(dead[0]["attempts"], 4);
-    assert_eq!(dead[0]["last_error"], "gave up after 4 attempts: JoinChat answered 502 Bad Gateway");
-    assert_eq!(dead[0]["payload"]["parts"][0]["text"], "Your table is ready");
+    assert_eq!(dead[0]["lastError"], "gave up after 4 attempts: JoinChat answered 502 Bad Gateway");
+    assert_eq!(dead[0]["payload"]["messages"][0]["text"], "Your table is ready");
 
     let (status, redriven) = admin(&app, reqwest::Method::POST, "/admin/dead/redrive", Some(ADMIN_TOKEN)).await;
     app.settle().await;

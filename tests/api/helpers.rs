@@ -168,9 +168,11 @@ impl TestApp {
 
     /// Stops the relay and starts it again on the same store and stand-ins.
     pub async fn restart(self) -> Self {
-        let Self { vars, joinchat, bonychat, graph, data_dir, stop, server, .. } = self;
+        let Self { vars, joinchat, bonychat, graph, data_dir, stop, server, store, .. } = self;
         stop.cancel();
         server.await.expect("server task").expect("clean shutdown");
+        // The store is held by one relay at a time: this one lets go of it before the next.
+        drop(store);
         start(vars, joinchat, bonychat, graph, data_dir).await
     }
 

@@ -9,12 +9,14 @@ use bonychat_relay::config::{DatabaseUrl, StoreConfig};
 use bonychat_relay::domain::bonychat::{BonyMessage, StatusValue, WebhookEvent};
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::{
-    self, BeforeSend, Finish, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store, StoreError,
+    self, BeforeSend, Direction, Finish, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store, StoreError,
 };
 use tempfile::TempDir;
 
 const OWNER: &str = "worker-a";
 const LEASE: i64 = 60_000;
+/// When a test's outbound message left for JoinChat, unless it says otherwise.
+const SENT_AT: i64 = 1;
 
 struct Subject {
     store: Arc<dyn Store>,
@@ -27,6 +29,7 @@ async fn store_under_test() -> Subject {
     let config = StoreConfig {
         database_url: DatabaseUrl::Sqlite(dir.path().join("nested/dir/relay.db")),
         retention: std::time::Duration::from_secs(7 * 86_400),
+        intake: store::IntakeCaps::DEFAULT,
     };
     let store = store::open(&config).await.expect("store opens");
     Subject { store, config, _dir: dir }
@@ -59,19 +62,30 @@ fn message_item(contact: &str, events: Vec<WebhookEvent>, echo_fingerprint: Opti
 }
 
 async fn claim_ids(store: &dyn Store, now: i64) -> Vec<(String, String)> {
-    store.claim(OWNER, now, now + LEASE, 100).await.unwrap().into_iter().map(|job| (job.contact, job.m_id)).collect()
+    store
+        .claim(OWNER, Direction::Outbound, now, now + LEASE, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|job| (job.contact, job.m_id))
+        .collect()
 }
 
 async fn deliver_outbound(store: &dyn Store, contact: &str, m_id: &str, at: i64) {
-    store.enqueue_outbound(outbound(contact, m_id, at)).await.unwrap();
-    let jobs = store.claim(OWNER, at, at + LEASE, 100).await.unwrap();
+    deliver_outbound_answered_later(store, contact, m_id, at, at).await;
+}
+
+/// An outbound message that left at `sent_at` and that JoinChat answered at `answered_at`.
+async fn deliver_outbound_answered_later(store: &dyn Store, contact: &str, m_id: &str, sent_at: i64, answered_at: i64) {
+    store.enqueue_outbound(outbound(contact, m_id, sent_at)).await.unwrap();
+    let jobs = store.claim(OWNER, Direction::Outbound, sent_at, sent_at + LEASE, 100).await.unwrap();
     let job = jobs.iter().find(|j| j.m_id == m_id).expect("claimed");
-    store.finish(OWNER, job.id, Finish::Delivered { progress: 1 }, at).await.unwrap();
+    store.finish(OWNER, job.id, Finish::Delivered { progress: 1, sent_at }, answered_at).await.unwrap();
 }
 
 #[tokio::test]
 async fn only_the_oldest_queued_job_of_each_contact_is_claimed() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     for (contact, m_id) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3")] {
         store.enqueue_outbound(outbound(contact, m_id, 1_000)).await.unwrap();
     }
@@ -85,26 +99,26 @@ async fn only_the_oldest_queued_job_of_each_contact_is_claimed() {
 
 #[tokio::test]
 async fn a_retry_keeps_its_place_ahead_of_newer_jobs() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
     store.finish(OWNER, job.id, retry, 1_100).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 2_000).await.is_empty(), "a2 waits for a1's retry");
-    let due = store.claim(OWNER, 5_000, 5_000 + LEASE, 10).await.unwrap();
+    let due = store.claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].m_id.as_str(), due[0].attempts, due[0].last_error.as_deref()), ("a1", 1, Some("503")));
 }
 
 #[tokio::test]
 async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
         .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
         .await
@@ -113,7 +127,7 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
     assert_eq!(claim_ids(store.as_ref(), 1_200).await, [("a".to_owned(), "a2".to_owned())]);
     let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(store.redrive_dead(1_300).await.unwrap(), 1);
+    assert_eq!(store.redrive_dead(1_300, store::BATCH).await.unwrap(), 1);
     let redriven = store.list(Some(JobState::Queued), 10).await.unwrap();
     let a1 = redriven.iter().find(|j| j.m_id == "a1").unwrap();
     assert_eq!((a1.attempts, a1.next_attempt_at), (0, 1_300), "a fresh schedule, due now");
@@ -121,20 +135,20 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
 
 #[tokio::test]
 async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
-    let a1 = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
         .finish(OWNER, a1.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
-    let a2 = store.claim(OWNER, 1_200, 1_200 + LEASE, 10).await.unwrap().remove(0);
+    let a2 = store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap().remove(0);
     assert_eq!(a2.m_id, "a2");
 
-    store.redrive_dead(1_300).await.unwrap();
+    store.redrive_dead(1_300, store::BATCH).await.unwrap();
     let while_a2_in_flight = claim_ids(store.as_ref(), 1_400).await;
-    store.finish(OWNER, a2.id, Finish::Delivered { progress: 1 }, 1_500).await.unwrap();
+    store.finish(OWNER, a2.id, Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_500).await.unwrap();
     let after = claim_ids(store.as_ref(), 1_600).await;
 
     assert!(while_a2_in_flight.is_empty(), "still one job in flight per contact");
@@ -143,7 +157,7 @@ async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight() {
 
 #[tokio::test]
 async fn a_backlog_does_not_hide_other_contacts() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     for i in 0..300 {
         store.enqueue_outbound(outbound("busy", &format!("busy{i}"), 1_000)).await.unwrap();
     }
@@ -156,23 +170,25 @@ async fn a_backlog_does_not_hide_other_contacts() {
 
 #[tokio::test]
 async fn an_expired_lease_makes_the_job_claimable_again() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.claim("crashed-worker", 1_000, 2_000, 10).await.unwrap();
+    store.claim("crashed-worker", Direction::Outbound, 1_000, 2_000, 10).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 1_500).await.is_empty());
-    let taken_over = store.claim(OWNER, 2_000, 2_000 + LEASE, 10).await.unwrap();
+    let taken_over = store.claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10).await.unwrap();
 
     assert_eq!(taken_over.len(), 1);
-    let late = store.finish("crashed-worker", taken_over[0].id, Finish::Delivered { progress: 1 }, 2_100).await;
+    let late = store
+        .finish("crashed-worker", taken_over[0].id, Finish::Delivered { progress: 1, sent_at: SENT_AT }, 2_100)
+        .await;
     assert!(matches!(late, Err(StoreError::Conflict(_))), "the old owner cannot record over the new one");
 }
 
 #[tokio::test]
 async fn renewed_leases_hold_and_released_ones_are_claimable_at_once() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 2_000, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
 
     store.renew(OWNER, vec![job.id], 10_000).await.unwrap();
     assert!(claim_ids(store.as_ref(), 5_000).await.is_empty());
@@ -182,9 +198,9 @@ async fn renewed_leases_hold_and_released_ones_are_claimable_at_once() {
 
 #[tokio::test]
 async fn recovery_takes_over_every_lease_of_a_single_replica_store() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.claim("previous-process", 1_000, 1_000 + LEASE, 10).await.unwrap();
+    store.claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
 
     assert_eq!(store.recover().await.unwrap(), 1);
     assert_eq!(claim_ids(store.as_ref(), 1_001).await.len(), 1);
@@ -202,42 +218,42 @@ async fn stored_jobs_survive_reopening_the_store() {
     assert_eq!(jobs.len(), 1);
     assert_eq!(
         jobs[0].payload,
-        Payload::Send {
+        Ok(Payload::Send {
             recipient: Recipient::Id("a".into()),
             parts: vec![Message::Text { text: "text of a1".into() }]
-        }
+        })
     );
 }
 
 #[tokio::test]
 async fn progress_is_kept_for_the_next_attempt() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     store.record_progress(job.id, 2, 1_100).await.unwrap();
     store.release(OWNER).await.unwrap();
 
-    assert_eq!(store.claim(OWNER, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress, 2);
+    assert_eq!(store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress, 2);
 }
 
 #[tokio::test]
 async fn pacing_remembers_the_latest_send_to_a_contact() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     let send =
         |effective_at| BeforeSend { contact: "a".into(), effective_at, echo_fingerprint: None, echo_expires_at: 0 };
     store.before_send(send(5_000)).await.unwrap();
     store.before_send(send(4_000)).await.unwrap();
     store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
 
-    let job = store.claim(OWNER, 6_000, 6_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 6_000, 6_000 + LEASE, 10).await.unwrap().remove(0);
 
     assert_eq!(job.contact_last_effective_at, Some(5_000), "never moves backwards");
 }
 
 #[tokio::test]
 async fn inbound_events_are_deduplicated_by_m_id() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     let batch =
         || InboundBatch { items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)], now: 1_000 };
 
@@ -250,7 +266,7 @@ async fn inbound_events_are_deduplicated_by_m_id() {
 
 #[tokio::test]
 async fn an_echo_of_a_recorded_send_is_dropped_once() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     let mark = BeforeSend {
         contact: "u".into(),
         effective_at: 1_000,
@@ -289,7 +305,7 @@ async fn an_echo_of_a_recorded_send_is_dropped_once() {
 
 #[tokio::test]
 async fn echo_records_expire() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     let mark = BeforeSend {
         contact: "u".into(),
         effective_at: 1_000,
@@ -310,8 +326,28 @@ async fn echo_records_expire() {
 }
 
 #[tokio::test]
+async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_answered() {
+    let Subject { store, _dir, .. } = store_under_test().await;
+    // JoinChat took 900 ms to answer; Meta's watermark came 100 ms after the send.
+    deliver_outbound_answered_later(store.as_ref(), "u", "slow", 1_000, 1_900).await;
+
+    let batch = InboundBatch {
+        items: vec![InboundItem::Watermark {
+            contact: "u".into(),
+            status: StatusValue::Delivered,
+            watermark: 1_100,
+            timestamp: 1_100,
+        }],
+        now: 2_000,
+    };
+    let summary = store.enqueue_inbound(batch).await.unwrap();
+
+    assert_eq!(summary.receipts, 1, "the newest message's receipt is not lost");
+}
+
+#[tokio::test]
 async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "out1", 1_000).await;
     deliver_outbound(store.as_ref(), "u", "out2", 2_000).await;
     deliver_outbound(store.as_ref(), "someone-else", "out3", 1_500).await;
@@ -337,7 +373,7 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
         .into_iter()
         .rev()
         .map(|job| match job.payload {
-            Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } } => (m_id, status.value),
+            Ok(Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } }) => (m_id, status.value),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -354,9 +390,9 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
 
 #[tokio::test]
 async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     store.enqueue_outbound(outbound("u", "out1", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     store
         .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
@@ -366,7 +402,7 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
     let queued = store.list(Some(JobState::Queued), 10).await.unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].contact, "u");
-    let Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } } = &queued[0].payload else {
+    let Ok(Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } }) = &queued[0].payload else {
         panic!()
     };
     assert_eq!(
@@ -380,10 +416,10 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
 
 #[tokio::test]
 async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "done", 1_000).await;
     store.enqueue_outbound(outbound("u", "dead", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
         .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
@@ -399,17 +435,17 @@ async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
 
 #[tokio::test]
 async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "old", 1_000).await;
     store.enqueue_outbound(outbound("v", "dead", 1_000)).await.unwrap();
-    let job = store.claim(OWNER, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
         .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
         .await
         .unwrap();
     deliver_outbound(store.as_ref(), "w", "recent", 9_000).await;
 
-    let pruned = store.prune(5_000, 9_000).await.unwrap();
+    let pruned = store.prune(5_000, 9_000, store::BATCH).await.unwrap();
 
     assert_eq!(pruned, 1);
     let left: Vec<String> = store.list(None, 10).await.unwrap().into_iter().map(|j| j.m_id).collect();
@@ -418,7 +454,7 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
 
 #[tokio::test]
 async fn concurrent_writes_are_all_committed() {
-    let Subject { store, .. } = store_under_test().await;
+    let Subject { store, _dir, .. } = store_under_test().await;
 
     let writes = (0..500).map(|i| {
         let store = Arc::clone(&store);
