@@ -215,10 +215,11 @@ impl SqliteStore {
                 mpsc::error::TrySendError::Closed(_) => Self::stopped(),
             })));
         }
+        // Dropped with the caller's future, polled or not (a client that hung up): an unstarted
+        // operation is then never started.
+        let abandon = AbandonOnDrop(Arc::clone(&state));
         Box::pin(async move {
-            // Dropped with the caller's future (a client that hung up): an unstarted operation
-            // is then never started.
-            let _abandon = AbandonOnDrop(Arc::clone(&state));
+            let _abandon = abandon;
             tokio::select! {
                 answer = &mut rx => return answer.map_err(|_| Self::stopped())?,
                 () = tokio::time::sleep(admission) => {}
@@ -1204,6 +1205,143 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use crate::domain::joinchat::{Message, Recipient};
+
+    /// Holds the writer thread inside an operation until the returned sender is used or dropped.
+    async fn block_writer(store: &Arc<SqliteStore>) -> std::sync::mpsc::Sender<()> {
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, entered) = oneshot::channel();
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            store
+                .run(move |_| {
+                    let _ = entered_tx.send(());
+                    let _ = blocked.recv();
+                    Ok(())
+                })
+                .await
+        });
+        entered.await.unwrap();
+        release
+    }
+
+    fn insert_marker(name: &'static str) -> impl FnOnce(&Connection) -> StoreResult<()> + Send + 'static {
+        move |conn| {
+            conn.execute("CREATE TABLE IF NOT EXISTS markers (name TEXT)", [])?;
+            conn.execute("INSERT INTO markers (name) VALUES (?1)", [name])?;
+            Ok(())
+        }
+    }
+
+    async fn markers(store: &SqliteStore) -> Vec<String> {
+        store
+            .run(|conn| {
+                conn.execute("CREATE TABLE IF NOT EXISTS markers (name TEXT)", [])?;
+                Ok(conn
+                    .prepare("SELECT name FROM markers ORDER BY rowid")?
+                    .query_map([], |row| row.get(0))?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_write_the_writer_does_not_start_in_time_is_refused_and_never_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
+        let release = block_writer(&store).await;
+
+        let late = store.run_for_caller(10, Duration::from_millis(100), insert_marker("late")).await;
+        drop(release);
+
+        assert!(
+            matches!(&late, Err(StoreError::Unavailable(reason)) if reason.contains("nothing was stored")),
+            "{late:?}"
+        );
+        assert_eq!(markers(&store).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_caller_hung_up_before_it_started_is_never_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
+        let release = block_writer(&store).await;
+
+        let abandoned = store.run_for_caller(10, ADMISSION_TIMEOUT, insert_marker("abandoned"));
+        let kept = store.run_for_caller(10, ADMISSION_TIMEOUT, insert_marker("kept"));
+        // The client went away: its request future is dropped.
+        drop(abandoned);
+        let (kept, ()) = tokio::join!(kept, async { drop(release) });
+
+        kept.unwrap();
+        assert_eq!(markers(&store).await, ["kept"]);
+    }
+
+    #[tokio::test]
+    async fn a_write_started_before_its_deadline_is_answered_with_its_commit_however_long_it_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap();
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+
+        let slow = store.run_for_caller(10, Duration::from_millis(100), move |conn| {
+            // Started at once, then the disk takes far longer than the admission deadline.
+            let _ = blocked.recv_timeout(Duration::from_millis(400));
+            insert_marker("slow")(conn)
+        });
+        let (outcome, ()) = tokio::join!(slow, async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(release);
+        });
+
+        assert_eq!(outcome, Ok(()));
+        assert_eq!(markers(&store).await, ["slow"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_write_queue_refuses_new_work_at_once_instead_of_holding_it_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
+        let release = block_writer(&store).await;
+
+        // Callers that hung up during a stall leave their operations queued: they are bounded.
+        let mut refused = 0;
+        for _ in 0..QUEUE_OPS + 10 {
+            // A zero timeout polls the write once: a refusal is ready at once, a queued write is not.
+            let write = store.run_for_caller(10, ADMISSION_TIMEOUT, |_| Ok(()));
+            if let Ok(Err(StoreError::Unavailable(reason))) = tokio::time::timeout(Duration::ZERO, write).await
+                && reason.contains("queue is full")
+            {
+                refused += 1;
+            }
+        }
+        let too_big = store.run_for_caller(QUEUE_BYTES + 1, ADMISSION_TIMEOUT, |_| Ok(())).await;
+        drop(release);
+
+        assert!(refused >= 10, "only {refused} refused");
+        assert!(matches!(too_big, Err(StoreError::Unavailable(reason)) if reason.contains("queue is full")));
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_writer_thread_ends_the_process() {
+        const CHILD: &str = "RELAY_TEST_WRITER_PANIC_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let store = SqliteStore::open(&Path::new(&dir).join("relay.db"), IntakeCaps::DEFAULT).await.unwrap();
+            let _ = store.run(|_| -> StoreResult<()> { panic!("a bug in a store operation") }).await;
+            // Only reached if the process lived on.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            std::process::exit(0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "store::sqlite::tests::a_panic_in_the_writer_thread_ends_the_process", "--nocapture"])
+            .env(CHILD, dir.path())
+            .output()
+            .unwrap();
+
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        assert_eq!(child.status.code(), Some(70), "{stderr}");
+        assert!(stderr.contains("the store writer thread panicked"), "{stderr}");
+    }
 
     #[tokio::test]
     async fn concurrent_writes_share_commits() {

@@ -11,5 +11,7 @@ mod message_requests;
 mod message_translation;
 mod messenger_webhook;
 mod ordering_and_pacing;
+mod queue_safety;
 mod serving;
 mod store_contract;
+mod store_faults;
