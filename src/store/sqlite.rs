@@ -838,6 +838,21 @@ fn store_watermark(
     Ok(())
 }
 
+/// Records when a send to a contact takes effect and what its echo will look like.
+fn record_send(conn: &Connection, send: &BeforeSend) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
+         ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
+         MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
+    )?
+    .execute(params![send.contact, send.effective_at])?;
+    if let Some(fingerprint) = &send.echo_fingerprint {
+        conn.prepare_cached("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![send.contact, fingerprint, send.echo_expires_at])?;
+    }
+    Ok(())
+}
+
 /// How many jobs of `direction` are queued, as the triggers of migration 0002 keep it.
 fn queued(conn: &Connection, direction: Direction) -> rusqlite::Result<u64> {
     let queued: i64 = conn
@@ -1004,35 +1019,19 @@ impl Store for SqliteStore {
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
         // The one writer thread runs operations in order: anything stored after this call,
         // such as the echo of this very send, sees the record even before it is committed.
-        let (op, answered) = op(
-            move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
-                 MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
-                )?
-                .execute(params![send.contact, send.effective_at])?;
-                if let Some(fingerprint) = &send.echo_fingerprint {
-                    conn.prepare_cached(
-                        "INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)",
-                    )?
-                    .execute(params![send.contact, fingerprint, send.echo_expires_at])?;
-                }
-                Ok(())
-            },
-            None,
-            None,
-        );
-        Box::pin(async move {
-            self.ops.send(op).await.map_err(|_| Self::stopped())?;
-            // Queued is enough (see the trait); a failure to commit it later is only logged.
-            tokio::spawn(async move {
-                if let Ok(Err(e)) = answered.await {
+        // Queued is enough (see the trait): a failure to commit it later is only logged.
+        let work: Work = Box::new(move |conn| {
+            let result = record_send(conn, &send);
+            let ok = result.is_ok();
+            let answer: Answer = Box::new(move |committed| {
+                if let Err(e) = result.map_err(|e| e.to_string()).and(committed) {
                     tracing::warn!(error = %e, "a pacing and echo record could not be stored");
                 }
             });
-            Ok(())
-        })
+            (ok, answer)
+        });
+        let op = Op { work, admission: None, refuse: Box::new(|_| {}), _bytes: None };
+        Box::pin(async move { self.ops.send(op).await.map_err(|_| Self::stopped()) })
     }
 
     fn record_progress(&self, id: i64, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
