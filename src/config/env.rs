@@ -28,8 +28,18 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line: a control character in the problem (a path or a non-secret value
+    /// quoted back) is written escaped, so the message cannot break a log line in two.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.var, self.problem)
+        write!(f, "{}: ", self.var)?;
+        for c in self.problem.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -135,11 +145,20 @@ impl Env {
 
     /// The value of `key`; an empty value counts as unset, as container tooling
     /// often writes `KEY=` for "not configured".
+    ///
+    /// A value of only whitespace is refused: it is a slip (a stray space after `=`), and read
+    /// as "unset" it would silently switch a feature off, read as a value it would be nonsense.
     pub fn get(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         if self.not_unicode.iter().any(|k| k == key) {
             return Err(ConfigError::new(key, "value is not valid UTF-8"));
         }
-        Ok(self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty()))
+        match self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty()) {
+            Some(value) if value.trim().is_empty() => Err(ConfigError::new(
+                key,
+                "is blank (only whitespace); give it a value, or leave it empty to mean unset",
+            )),
+            value => Ok(value),
+        }
     }
 
     pub fn required(&self, key: &str) -> Result<&str, ConfigError> {
@@ -165,19 +184,21 @@ impl Env {
         let file_key = format!("{key}_FILE");
         match (self.get(key)?, self.get(&file_key)?) {
             (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
-            (Some(value), None) => Ok(Some(Secret::new(value))),
+            (Some(value), None) => Ok(Some(Secret::new(printable_secret(key, value)?))),
             (None, Some(path)) => {
                 let bytes = read_small_file(Path::new(path), SECRET_FILE_CAP)
                     .map_err(|problem| ConfigError::new(&file_key, problem))?;
                 let content = String::from_utf8(bytes)
                     .map_err(|_| ConfigError::new(&file_key, format!("{path} is not UTF-8 text")))?;
                 // Files written by editors and `echo` end with a newline that is not part of the secret.
-                let value = content.strip_suffix('\n').unwrap_or(&content);
-                let value = value.strip_suffix('\r').unwrap_or(value);
+                let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
                 if value.is_empty() {
                     return Err(ConfigError::new(&file_key, format!("{path} is empty")));
                 }
-                Ok(Some(Secret::new(value)))
+                if value.trim().is_empty() {
+                    return Err(ConfigError::new(&file_key, format!("{path} is blank (only whitespace)")));
+                }
+                Ok(Some(Secret::new(printable_secret(&file_key, value)?)))
             }
             (None, None) => Ok(None),
         }
@@ -186,6 +207,20 @@ impl Env {
     pub fn required_secret(&self, key: &str) -> Result<Secret, ConfigError> {
         self.secret(key)?.ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
     }
+}
+
+/// A secret holding a control character (a line break most often: a second line pasted in, a
+/// file with two lines) would go out in headers and signatures as something else than the
+/// operator meant, or be refused by the HTTP client at the first request; refused at start
+/// instead. The value is never shown.
+fn printable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> {
+    if value.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            var,
+            "holds a control character or line break (value not shown); a secret is one line of printable text",
+        ));
+    }
+    Ok(value)
 }
 
 /// Describes an env-file error without the offending line, which may hold a secret: the line
@@ -357,6 +392,67 @@ mod tests {
 
         assert!(read_small_file(&path, 99).unwrap_err().contains("larger than"));
         assert_eq!(read_small_file(&path, 100).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn a_secret_file_strips_exactly_one_final_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for (content, secret) in [("s3cret", "s3cret"), ("s3cret\n", "s3cret"), ("s3cret\r\n", "s3cret")] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(secret_from(&path).unwrap().unwrap().expose(), secret, "{content:?}");
+        }
+        for content in ["s3cret\n\n", "s3cret\r", "two\nlines\n", "tab\there"] {
+            std::fs::write(&path, content).unwrap();
+            let err = secret_from(&path).unwrap_err();
+            assert_eq!(err.var, "TOKEN_FILE", "{content:?}");
+            assert!(err.problem.contains("control character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_secret_with_a_control_character_is_refused_without_showing_it() {
+        for value in ["line1\nline2", "with\rreturn", "nul\0byte", "esc\u{1b}[0m", "del\u{7f}"] {
+            let err = Env::from_pairs([("TOKEN", value)]).secret("TOKEN").unwrap_err();
+            assert_eq!(err.var, "TOKEN");
+            assert!(err.problem.contains("control character"), "{err}");
+            for part in ["line1", "line2", "return", "byte", "esc"] {
+                assert!(!err.to_string().contains(part), "{err}");
+            }
+        }
+        assert_eq!(
+            Env::from_pairs([("TOKEN", "spaces are fine")]).secret("TOKEN").unwrap().unwrap().expose(),
+            "spaces are fine"
+        );
+    }
+
+    #[test]
+    fn a_blank_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  \n").unwrap();
+
+        let err = secret_from(&path).unwrap_err();
+
+        assert_eq!(err.var, "TOKEN_FILE");
+        assert!(err.problem.contains("blank"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_only_whitespace_is_refused_naming_the_variable() {
+        for value in [" ", "   ", "\t", " \n "] {
+            let env = Env::from_pairs([("A", value), ("TOKEN", value)]);
+            let err = env.get("A").unwrap_err();
+            assert_eq!(err.var, "A");
+            assert!(err.problem.contains("blank"), "{err}");
+            assert_eq!(env.secret("TOKEN").unwrap_err().var, "TOKEN");
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_even_when_they_quote_a_line_break() {
+        let err = ConfigError::new("A", "`x\ny` is not a number");
+        assert_eq!(err.to_string(), "A: `x\\ny` is not a number");
     }
 
     fn env_file(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {

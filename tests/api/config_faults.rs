@@ -134,3 +134,40 @@ async fn an_env_file_that_is_a_fifo_stops_the_start_with_one_line_instead_of_han
 
     failed.assert_one_line(EXIT_CONFIG, &[&format!("--env-file: {} is not a regular file", fifo.display())]);
 }
+
+#[tokio::test]
+async fn a_secret_with_an_embedded_newline_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("MESSENGER_VERIFY_TOKEN", Some("first-half\nsecond-half"))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["MESSENGER_VERIFY_TOKEN", "control character"]);
+    failed.assert_hides("first-half");
+    failed.assert_hides("second-half");
+}
+
+#[tokio::test]
+async fn a_secret_file_of_two_lines_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("joinchat_secret");
+    std::fs::write(&file, "first-half\nsecond-half\n").unwrap();
+    let vars =
+        vars_with(dir.path(), &[("JOINCHAT_API_SECRET", None), ("JOINCHAT_API_SECRET_FILE", Some(path_str(&file)))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["JOINCHAT_API_SECRET_FILE", "control character"]);
+    failed.assert_hides("first-half");
+    failed.assert_hides("second-half");
+}
+
+#[tokio::test]
+async fn a_blank_variable_stops_the_start_with_one_line_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("BONYCHAT_CHANNEL_ID", Some("   "))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_CHANNEL_ID: is blank"]);
+}
