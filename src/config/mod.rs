@@ -188,9 +188,7 @@ impl Config {
 
         let server = ServerConfig {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
-            shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), |raw| {
-                parse_u64(raw).map(Duration::from_secs)
-            })?,
+            shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), grace_secs)?,
             admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
         };
 
@@ -198,7 +196,7 @@ impl Config {
             channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
             api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
             webhook_url: parse_http_url("BONYCHAT_WEBHOOK_URL", env.required("BONYCHAT_WEBHOOK_URL")?)?,
-            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), positive_millis)?,
+            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
         };
 
         let message_tag = env.get("JOINCHAT_MESSAGE_TAG")?.map(|tag| tag.trim().to_owned());
@@ -224,8 +222,8 @@ impl Config {
                 secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
                 _ => Err("must be at most 3600 seconds".into()),
             })?,
-            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), positive_millis)?,
-            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), positive_millis)?,
+            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), timeout_millis)?,
+            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), timeout_millis)?,
         };
 
         let messenger = MessengerConfig {
@@ -237,24 +235,22 @@ impl Config {
                 Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
                 http_url,
             )?,
-            graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), positive_millis)?,
+            graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), timeout_millis)?,
         };
 
         let store = StoreConfig::from_env(env)?;
 
         let delivery = DeliveryConfig {
-            send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), |raw| {
-                parse_u64(raw).map(Duration::from_millis)
-            })?,
+            send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), send_wait_millis)?,
             retry_joinchat: env.parsed(
                 "RELAY_RETRY_JOINCHAT",
                 parse_duration_list("1s,5s,30s,2m,5m,15m,30m,1h").expect("default schedule is valid"),
-                parse_duration_list,
+                retry_schedule,
             )?,
             retry_bonychat: env.parsed(
                 "RELAY_RETRY_BONYCHAT",
                 parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h").expect("default schedule is valid"),
-                parse_duration_list,
+                retry_schedule,
             )?,
         };
 
@@ -287,7 +283,7 @@ impl StoreConfig {
                 Some(url) => parse_database_url(url.expose())
                     .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
             },
-            retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), parse_duration)?,
+            retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), retention)?,
         })
     }
 }
@@ -312,10 +308,53 @@ fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.parse().map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
 }
 
-fn positive_millis(raw: &str) -> Result<Duration, String> {
+/// Upper bounds of the duration variables. Beyond them a value is a slip (a unit mistaken, a
+/// zero too many), and far beyond them time arithmetic on it would overflow.
+const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+const MAX_SEND_WAIT_MS: u64 = 60_000;
+const MAX_TIMEOUT_MS: u64 = 600_000;
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+fn grace_secs(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        secs @ 0..=MAX_SHUTDOWN_GRACE_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("must be at most {MAX_SHUTDOWN_GRACE_SECS} seconds (an hour)")),
+    }
+}
+
+/// How long `/message` waits for the first attempt: BonyChat should not wait longer than a minute.
+fn send_wait_millis(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        ms @ 0..=MAX_SEND_WAIT_MS => Ok(Duration::from_millis(ms)),
+        _ => {
+            Err(format!("must be at most {MAX_SEND_WAIT_MS} (a minute): BonyChat should not wait longer for an answer"))
+        }
+    }
+}
+
+fn retention(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        retention if retention > MAX_RETENTION => Err(format!("`{raw}` is longer than the 3650d (ten years) maximum")),
+        retention => Ok(retention),
+    }
+}
+
+/// An upstream timeout: more than 0, at most ten minutes.
+fn timeout_millis(raw: &str) -> Result<Duration, String> {
     match parse_u64(raw)? {
         0 => Err("must be greater than 0".into()),
-        ms => Ok(Duration::from_millis(ms)),
+        ms @ 1..=MAX_TIMEOUT_MS => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("must be at most {MAX_TIMEOUT_MS} (ten minutes)")),
+    }
+}
+
+/// A retry schedule: each delay at most seven days.
+fn retry_schedule(raw: &str) -> Result<Vec<Duration>, String> {
+    let delays = parse_duration_list(raw)?;
+    match delays.iter().position(|delay| *delay > MAX_RETRY_DELAY) {
+        Some(i) => Err(format!("`{}` is longer than the 7d maximum", raw.split(',').nth(i).unwrap_or(raw).trim())),
+        None => Ok(delays),
     }
 }
 
@@ -522,6 +561,28 @@ mod tests {
         assert!(config.warnings.iter().any(|w| w.starts_with("RELAY_ADRR")));
         assert!(config.warnings.iter().any(|w| w.starts_with("BONYCHAT_API_TOKEN_FILE_X")));
         assert!(config.warnings.iter().any(|w| w.contains("SHIPPING_UPDATE")));
+    }
+
+    #[test]
+    fn durations_past_their_maximum_are_refused() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("RELAY_SHUTDOWN_GRACE_SECS", "3600", "3601"),
+            ("RELAY_SEND_WAIT_MS", "60000", "60001"),
+            ("JOINCHAT_CONNECT_TIMEOUT_MS", "5000", "600001"),
+            ("JOINCHAT_TIMEOUT_MS", "600000", "600001"),
+            ("BONYCHAT_TIMEOUT_MS", "600000", "18446744073709551615"),
+            ("MESSENGER_GRAPH_TIMEOUT_MS", "600000", "600001"),
+            ("RELAY_RETRY_JOINCHAT", "1s,7d", "1s,7d,169h"),
+            ("RELAY_RETRY_BONYCHAT", "168h", "5s,213503982334d"),
+            ("RELAY_RETENTION", "3650d", "3651d"),
+            ("RELAY_RETENTION", "1d", "18446744073709551615ms"),
+        ];
+        for (var, largest, too_large) in cases {
+            assert!(Config::from_env(&with(&[(var, largest)])).is_ok(), "{var}={largest} is allowed");
+            let err = Config::from_env(&with(&[(var, too_large)])).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(err.problem.contains("at most") || err.problem.contains("maximum"), "{err}");
+        }
     }
 
     #[test]

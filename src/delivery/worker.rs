@@ -280,7 +280,7 @@ fn after_failure(
 ) -> (Finish, &'static str) {
     match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
         Some(delay) => {
-            let next_attempt_at = now_millis() + millis(delay);
+            let next_attempt_at = now_millis().saturating_add(millis(delay));
             (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, "retry")
         }
         None => {

@@ -171,3 +171,14 @@ async fn a_blank_variable_stops_the_start_with_one_line_naming_it() {
 
     failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_CHANNEL_ID: is blank"]);
 }
+
+#[tokio::test]
+async fn a_retry_delay_past_seven_days_stops_the_start_instead_of_overflowing_later() {
+    let dir = tempfile::tempdir().unwrap();
+    // About 584 million years: parses into a u64 of milliseconds, overflows any clock arithmetic.
+    let vars = vars_with(dir.path(), &[("RELAY_RETRY_JOINCHAT", Some("1s,213503982334d"))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["RELAY_RETRY_JOINCHAT", "7d maximum"]);
+}
