@@ -263,6 +263,15 @@ impl Config {
             metrics_addr: env.parsed("RELAY_METRICS_ADDR", default_addr([127, 0, 0, 1], 9090), parse_addr)?,
         };
 
+        if let Some(admin) = &server.admin_token
+            && admin == &bonychat.api_token
+        {
+            return Err(ConfigError::new(
+                "RELAY_ADMIN_TOKEN",
+                "must differ from BONYCHAT_API_TOKEN (BonyChat holds that token; with it, it could also use /admin)",
+            ));
+        }
+
         if joinchat.connect_timeout > joinchat.request_timeout {
             return Err(ConfigError::new(
                 "JOINCHAT_CONNECT_TIMEOUT_MS",
@@ -583,6 +592,18 @@ mod tests {
             assert_eq!(&err.var, var, "{err}");
             assert!(err.problem.contains("at most") || err.problem.contains("maximum"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_admin_token_must_differ_from_the_bonychat_token() {
+        let env = with(&[("RELAY_ADMIN_TOKEN", "bony-token")]);
+
+        let err = Config::from_env(&env).unwrap_err();
+
+        assert_eq!(err.var, "RELAY_ADMIN_TOKEN");
+        assert!(err.problem.starts_with("must differ from BONYCHAT_API_TOKEN"), "{err}");
+        assert!(!err.to_string().contains("bony-token"), "{err}");
+        assert!(Config::from_env(&with(&[("RELAY_ADMIN_TOKEN", "admin-token")])).is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::helpers::test_vars;
+use crate::helpers::{API_TOKEN, test_vars};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 const EXIT_CONFIG: i32 = 2;
@@ -170,6 +170,17 @@ async fn a_blank_variable_stops_the_start_with_one_line_naming_it() {
     let failed = run(&vars, &[]).await;
 
     failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_CHANNEL_ID: is blank"]);
+}
+
+#[tokio::test]
+async fn an_admin_token_equal_to_the_api_token_stops_the_start_without_echoing_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("RELAY_ADMIN_TOKEN", Some(API_TOKEN))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["RELAY_ADMIN_TOKEN: must differ from BONYCHAT_API_TOKEN"]);
+    failed.assert_hides(API_TOKEN);
 }
 
 #[tokio::test]
