@@ -367,12 +367,25 @@ fn retry_schedule(raw: &str) -> Result<Vec<Duration>, String> {
     }
 }
 
+/// Parses an http(s) URL. Errors show the value with any `user:password@` replaced by `***@`.
 fn http_url(raw: &str) -> Result<Url, String> {
-    let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    let shown = redact_userinfo(raw);
+    let url = Url::parse(raw).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(format!("`{raw}` is not an http(s) URL"));
+        return Err(format!("`{shown}` is not an http(s) URL"));
     }
     Ok(url)
+}
+
+/// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
+/// `***`. Errs on the side of hiding: a malformed URL may hold an unencoded password with a `/`
+/// in it, so the last `@` anywhere counts, not only the one inside a well-formed authority.
+fn redact_userinfo(raw: &str) -> std::borrow::Cow<'_, str> {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    match raw[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]).into(),
+        None => raw.into(),
+    }
 }
 
 fn parse_http_url(var: &str, raw: &str) -> Result<Url, ConfigError> {
@@ -604,6 +617,26 @@ mod tests {
         assert!(err.problem.starts_with("must differ from BONYCHAT_API_TOKEN"), "{err}");
         assert!(!err.to_string().contains("bony-token"), "{err}");
         assert!(Config::from_env(&with(&[("RELAY_ADMIN_TOKEN", "admin-token")])).is_ok());
+    }
+
+    #[test]
+    fn url_errors_never_echo_credentials() {
+        let cases: &[(&str, &str)] = &[
+            ("BONYCHAT_WEBHOOK_URL", "ftp://user:pa55word@host/x"),
+            ("BONYCHAT_WEBHOOK_URL", "https://user:pa55word@ho st/x"),
+            ("JOINCHAT_API_URL", "https://user:pa55word@host:99999/x"),
+            ("JOINCHAT_API_URL", "user:pa55word@host/x"),
+            ("MESSENGER_GRAPH_URL", "https://user:pa/55word@host/x"),
+            ("MESSENGER_GRAPH_URL", "mailto:user:pa55word@host"),
+            ("RELAY_DATABASE_URL", "mysql://user:pa55word@host/x"),
+        ];
+        for (var, value) in cases {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(!err.to_string().contains("55word"), "{err}");
+        }
+        assert_eq!(redact_userinfo("https://u:p@host/x"), "https://***@host/x");
+        assert_eq!(redact_userinfo("https://host/x"), "https://host/x");
     }
 
     #[test]

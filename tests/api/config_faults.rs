@@ -184,6 +184,17 @@ async fn an_admin_token_equal_to_the_api_token_stops_the_start_without_echoing_e
 }
 
 #[tokio::test]
+async fn a_malformed_url_with_credentials_is_named_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("BONYCHAT_WEBHOOK_URL", Some("ftp://user:pa55word@bonychat.example/x"))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_WEBHOOK_URL", "***@bonychat.example"]);
+    failed.assert_hides("pa55word");
+}
+
+#[tokio::test]
 async fn a_retry_delay_past_seven_days_stops_the_start_instead_of_overflowing_later() {
     let dir = tempfile::tempdir().unwrap();
     // About 584 million years: parses into a u64 of milliseconds, overflows any clock arithmetic.
