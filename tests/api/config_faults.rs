@@ -204,3 +204,31 @@ async fn a_retry_delay_past_seven_days_stops_the_start_instead_of_overflowing_la
 
     failed.assert_one_line(EXIT_CONFIG, &["RELAY_RETRY_JOINCHAT", "7d maximum"]);
 }
+
+#[tokio::test]
+async fn a_port_already_in_use_stops_the_start_with_one_plain_line_in_every_log_format() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for format in ["pretty", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vars_with(dir.path(), &[("RELAY_ADDR", Some(&addr)), ("RELAY_LOG_FORMAT", Some(format))]);
+
+        let failed = run(&vars, &[]).await;
+
+        failed.assert_one_line(1, &[&format!("bonychat-relay: cannot start: RELAY_ADDR: cannot listen on {addr}: ")]);
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_stops_the_start_with_one_plain_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file where the database's directory should be.
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, "").unwrap();
+    let url = format!("sqlite://{}/relay.db", blocker.display());
+    let vars = vars_with(dir.path(), &[("RELAY_DATABASE_URL", Some(&url)), ("RELAY_LOG_FORMAT", Some("json"))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(1, &["bonychat-relay: cannot start: RELAY_DATABASE_URL: "]);
+}
