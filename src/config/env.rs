@@ -495,13 +495,20 @@ mod tests {
 
     #[test]
     fn an_env_file_parse_error_names_the_line_but_not_its_value() {
-        let (_dir, path) = env_file(b"A=1\n\nBONYCHAT_API_TOKEN=s3cr3t\"tail\nB=2\n");
+        let cases: &[(&[u8], &str)] = &[
+            (b"A=1\n\nBONYCHAT_API_TOKEN=s3cr3t\"tail\nB=2\n", "line 3 (BONYCHAT_API_TOKEN)"),
+            (b"A=1\ns3cr3t pasted without a name\n", "line 2"),
+            (b"# comment\nBAD-NAME=s3cr3t\n", "line 2"),
+        ];
+        for (content, at) in cases {
+            let (_dir, path) = env_file(content);
 
-        let err = Env::default().with_env_file(&path).unwrap_err();
+            let err = Env::default().with_env_file(&path).unwrap_err();
 
-        assert_eq!(err.var, "--env-file");
-        assert!(err.problem.contains("line 3 (BONYCHAT_API_TOKEN)"), "{err}");
-        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+            assert_eq!(err.var, "--env-file");
+            assert!(err.problem.contains(at), "{at}: {err}");
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]
