@@ -45,6 +45,10 @@ async fn run(vars: &[(String, String)], args: &[&str]) -> Failed {
         .args(args)
         .env_clear()
         .envs(vars.iter().map(|(k, v)| (k, v)))
+        // Few threads and malloc arenas, so the address-space limit does not depend on how many
+        // cores the test machine has (each arena reserves 64 MiB of address space).
+        .env("TOKIO_WORKER_THREADS", "2")
+        .env("MALLOC_ARENA_MAX", "2")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
