@@ -95,6 +95,9 @@ async fn serve(config: Config) -> ExitCode {
         Ok(app) => app,
         Err(e) => {
             tracing::error!("cannot start: {e}");
+            // The log line may be pretty or JSON (and goes to stdout): the operator also gets
+            // one plain line on stderr, as for a configuration error.
+            eprintln!("bonychat-relay: cannot start: {}", e.to_string().replace(['\n', '\r'], " "));
             return ExitCode::FAILURE;
         }
     };
@@ -108,6 +111,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("relay failed: {e}");
+            eprintln!("bonychat-relay: relay failed: {e}");
             ExitCode::FAILURE
         }
     }

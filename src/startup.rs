@@ -84,7 +84,11 @@ impl Application {
         let shutdown = CancellationToken::new();
         // Long enough for `/message` to wait for its first attempt, so the deadline only ever
         // cuts off a stuck client.
-        let request_timeout = config.delivery.send_wait + config.joinchat.request_timeout + Duration::from_secs(10);
+        let request_timeout = config
+            .delivery
+            .send_wait
+            .saturating_add(config.joinchat.request_timeout)
+            .saturating_add(Duration::from_secs(10));
         let state = AppState::new(Shared {
             bonychat_token: BearerToken::new(&config.bonychat.api_token),
             admin_token: config.server.admin_token.as_ref().map(BearerToken::new),

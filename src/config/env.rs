@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -26,12 +28,59 @@ impl ConfigError {
 }
 
 impl fmt::Display for ConfigError {
+    /// Always one line: a control character in the problem (a path or a non-secret value
+    /// quoted back) is written escaped, so the message cannot break a log line in two.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.var, self.problem)
+        write!(f, "{}: ", self.var)?;
+        for c in self.problem.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl std::error::Error for ConfigError {}
+
+/// The most a `<NAME>_FILE` secret file may hold: keys and tokens are a few hundred bytes.
+pub const SECRET_FILE_CAP: u64 = 64 * 1024;
+/// The most an `--env-file` may hold.
+pub const ENV_FILE_CAP: u64 = 1024 * 1024;
+
+/// Reads a regular file of at most `cap` bytes, or says why not.
+///
+/// A FIFO, a device such as `/dev/zero` or a directory would make a naive read hang or eat
+/// memory, so the path is checked with `stat` first (which does not block on a FIFO, unlike
+/// `open`), checked again on the opened file (the path may have been swapped in between), and
+/// read through `take(cap + 1)` so that a file growing meanwhile is still refused, not slurped.
+/// (A FIFO swapped in between `stat` and `open` could still block the `open`: only someone who
+/// can already rewrite the secret's directory can set that up, and std has no `O_NONBLOCK`.)
+fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
+    let shown = path.display();
+    let too_large = || format!("{shown} is larger than {} KiB", cap / 1024);
+    let not_regular = || format!("{shown} is not a regular file");
+    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !metadata.is_file() {
+        return Err(not_regular());
+    }
+    if metadata.len() > cap {
+        return Err(too_large());
+    }
+    let file = File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let opened = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !opened.is_file() {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if bytes.len() as u64 > cap {
+        return Err(too_large());
+    }
+    Ok(bytes)
+}
 
 /// The variables the relay may read, captured once.
 #[derive(Clone, Default)]
@@ -76,12 +125,15 @@ impl Env {
     /// Adds the variables of an env file (`KEY=value` lines, `#` comments, optional quotes).
     /// Variables already set in the environment win, as with `docker run --env-file`
     /// followed by `-e`: the file holds defaults, the deployment overrides them.
+    ///
+    /// The file must be a regular file of at most [`ENV_FILE_CAP`] bytes. A line that cannot be
+    /// parsed is reported by its number and variable name, never its value (it may be a secret).
     pub fn with_env_file(mut self, path: &Path) -> Result<Self, ConfigError> {
         let flag = "--env-file";
-        let entries = dotenvy::from_path_iter(path)
-            .map_err(|e| ConfigError::new(flag, format!("cannot read {}: {e}", path.display())))?;
-        for entry in entries {
-            let (key, value) = entry.map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
+        let bytes = read_small_file(path, ENV_FILE_CAP).map_err(|problem| ConfigError::new(flag, problem))?;
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+        for entry in dotenvy::from_read_iter(bytes) {
+            let (key, value) = entry.map_err(|e| ConfigError::new(flag, env_file_problem(path, bytes, &e)))?;
             self.vars.entry(key).or_insert(value);
         }
         Ok(self)
@@ -93,11 +145,20 @@ impl Env {
 
     /// The value of `key`; an empty value counts as unset, as container tooling
     /// often writes `KEY=` for "not configured".
+    ///
+    /// A value of only whitespace is refused: it is a slip (a stray space after `=`), and read
+    /// as "unset" it would silently switch a feature off, read as a value it would be nonsense.
     pub fn get(&self, key: &str) -> Result<Option<&str>, ConfigError> {
         if self.not_unicode.iter().any(|k| k == key) {
             return Err(ConfigError::new(key, "value is not valid UTF-8"));
         }
-        Ok(self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty()))
+        match self.vars.get(key).map(String::as_str).filter(|v| !v.is_empty()) {
+            Some(value) if value.trim().is_empty() => Err(ConfigError::new(
+                key,
+                "is blank (only whitespace); give it a value, or leave it empty to mean unset",
+            )),
+            value => Ok(value),
+        }
     }
 
     pub fn required(&self, key: &str) -> Result<&str, ConfigError> {
@@ -123,17 +184,21 @@ impl Env {
         let file_key = format!("{key}_FILE");
         match (self.get(key)?, self.get(&file_key)?) {
             (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
-            (Some(value), None) => Ok(Some(Secret::new(value))),
+            (Some(value), None) => Ok(Some(Secret::new(printable_secret(key, value)?))),
             (None, Some(path)) => {
-                let content = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError::new(&file_key, format!("cannot read {path}: {e}")))?;
+                let bytes = read_small_file(Path::new(path), SECRET_FILE_CAP)
+                    .map_err(|problem| ConfigError::new(&file_key, problem))?;
+                let content = String::from_utf8(bytes)
+                    .map_err(|_| ConfigError::new(&file_key, format!("{path} is not UTF-8 text")))?;
                 // Files written by editors and `echo` end with a newline that is not part of the secret.
-                let value = content.strip_suffix('\n').unwrap_or(&content);
-                let value = value.strip_suffix('\r').unwrap_or(value);
+                let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
                 if value.is_empty() {
                     return Err(ConfigError::new(&file_key, format!("{path} is empty")));
                 }
-                Ok(Some(Secret::new(value)))
+                if value.trim().is_empty() {
+                    return Err(ConfigError::new(&file_key, format!("{path} is blank (only whitespace)")));
+                }
+                Ok(Some(Secret::new(printable_secret(&file_key, value)?)))
             }
             (None, None) => Ok(None),
         }
@@ -142,6 +207,42 @@ impl Env {
     pub fn required_secret(&self, key: &str) -> Result<Secret, ConfigError> {
         self.secret(key)?.ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
     }
+}
+
+/// A secret holding a control character (a line break most often: a second line pasted in, a
+/// file with two lines) would go out in headers and signatures as something else than the
+/// operator meant, or be refused by the HTTP client at the first request; refused at start
+/// instead. The value is never shown.
+fn printable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> {
+    if value.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            var,
+            "holds a control character or line break (value not shown); a secret is one line of printable text",
+        ));
+    }
+    Ok(value)
+}
+
+/// Describes an env-file error without the offending line, which may hold a secret: the line
+/// number and, when it looks like one, the variable name before `=`.
+fn env_file_problem(path: &Path, content: &[u8], error: &dotenvy::Error) -> String {
+    let shown = path.display();
+    let dotenvy::Error::LineParse(line, _) = error else {
+        return format!("cannot read {shown}: {error}");
+    };
+    let text = String::from_utf8_lossy(content);
+    let number = text.find(line.as_str()).map(|at| text[..at].matches('\n').count() + 1);
+    let name = line
+        .split_once('=')
+        .map(|(name, _)| name.trim().trim_start_matches("export ").trim())
+        .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    let at = match (number, name) {
+        (Some(n), Some(name)) => format!("line {n} ({name})"),
+        (Some(n), None) => format!("line {n}"),
+        (None, Some(name)) => format!("the line of {name}"),
+        (None, None) => "a line".to_owned(),
+    };
+    format!("{shown}: {at} is not KEY=value (value not shown)")
 }
 
 /// Parses `1500ms`, `5s`, `2m`, `1h` or `7d`. A bare number is refused: `30` could mean
@@ -233,6 +334,181 @@ mod tests {
         let err = env.secret("TOKEN").unwrap_err();
         assert_eq!(err.var, "TOKEN");
         assert!(err.problem.contains("not both"));
+    }
+
+    /// `TOKEN_FILE` pointing at `path`, read as the secret `TOKEN`.
+    fn secret_from(path: &Path) -> Result<Option<Secret>, ConfigError> {
+        Env::from_pairs([("TOKEN_FILE", path.to_str().unwrap())]).secret("TOKEN")
+    }
+
+    fn make_fifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo").arg(path).status().expect("mkfifo runs");
+        assert!(made.success(), "mkfifo {}", path.display());
+    }
+
+    #[test]
+    fn a_secret_file_that_is_a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("token");
+        make_fifo(&fifo);
+
+        // Opening a FIFO for reading blocks until a writer comes: this must not even open it.
+        let err = secret_from(&fifo).unwrap_err();
+
+        assert_eq!(err.var, "TOKEN_FILE");
+        assert_eq!(err.problem, format!("{} is not a regular file", fifo.display()));
+    }
+
+    #[test]
+    fn a_secret_file_that_is_a_device_or_a_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for path in [Path::new("/dev/zero"), dir.path()] {
+            let err = secret_from(path).unwrap_err();
+            assert_eq!(err.var, "TOKEN_FILE");
+            assert!(err.problem.ends_with("is not a regular file"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_secret_file_larger_than_64_kib_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "a".repeat(64 * 1024 + 1)).unwrap();
+
+        let err = secret_from(&path).unwrap_err();
+
+        assert_eq!(err.var, "TOKEN_FILE");
+        assert!(err.problem.contains("larger than 64 KiB"), "{err}");
+        assert!(!err.problem.contains("aaaa"), "{err}");
+        std::fs::write(&path, "a".repeat(64 * 1024)).unwrap();
+        assert_eq!(secret_from(&path).unwrap().unwrap().expose().len(), 64 * 1024, "the cap itself is fine");
+    }
+
+    #[test]
+    fn a_file_of_exactly_the_cap_is_read_and_one_byte_more_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        std::fs::write(&path, [b'x'; 100]).unwrap();
+
+        assert!(read_small_file(&path, 99).unwrap_err().contains("larger than"));
+        assert_eq!(read_small_file(&path, 100).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn a_secret_file_strips_exactly_one_final_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for (content, secret) in [("s3cret", "s3cret"), ("s3cret\n", "s3cret"), ("s3cret\r\n", "s3cret")] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(secret_from(&path).unwrap().unwrap().expose(), secret, "{content:?}");
+        }
+        for content in ["s3cret\n\n", "s3cret\r", "two\nlines\n", "tab\there"] {
+            std::fs::write(&path, content).unwrap();
+            let err = secret_from(&path).unwrap_err();
+            assert_eq!(err.var, "TOKEN_FILE", "{content:?}");
+            assert!(err.problem.contains("control character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_secret_with_a_control_character_is_refused_without_showing_it() {
+        for value in ["line1\nline2", "with\rreturn", "nul\0byte", "esc\u{1b}[0m", "del\u{7f}"] {
+            let err = Env::from_pairs([("TOKEN", value)]).secret("TOKEN").unwrap_err();
+            assert_eq!(err.var, "TOKEN");
+            assert!(err.problem.contains("control character"), "{err}");
+            for part in ["line1", "line2", "return", "byte", "esc"] {
+                assert!(!err.to_string().contains(part), "{err}");
+            }
+        }
+        assert_eq!(
+            Env::from_pairs([("TOKEN", "spaces are fine")]).secret("TOKEN").unwrap().unwrap().expose(),
+            "spaces are fine"
+        );
+    }
+
+    #[test]
+    fn a_blank_secret_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  \n").unwrap();
+
+        let err = secret_from(&path).unwrap_err();
+
+        assert_eq!(err.var, "TOKEN_FILE");
+        assert!(err.problem.contains("blank"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_only_whitespace_is_refused_naming_the_variable() {
+        for value in [" ", "   ", "\t", " \n "] {
+            let env = Env::from_pairs([("A", value), ("TOKEN", value)]);
+            let err = env.get("A").unwrap_err();
+            assert_eq!(err.var, "A");
+            assert!(err.problem.contains("blank"), "{err}");
+            assert_eq!(env.secret("TOKEN").unwrap_err().var, "TOKEN");
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_even_when_they_quote_a_line_break() {
+        let err = ConfigError::new("A", "`x\ny` is not a number");
+        assert_eq!(err.to_string(), "A: `x\\ny` is not a number");
+    }
+
+    fn env_file(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.env");
+        std::fs::write(&path, content).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn an_env_file_adds_variables_without_overriding_the_environment() {
+        let (_dir, path) = env_file(b"\xEF\xBB\xBFA=from-file\n# comment\nB=\"quoted value\"\nC=file\n");
+
+        let env = Env::from_pairs([("C", "process")]).with_env_file(&path).unwrap();
+
+        assert_eq!(env.get("A"), Ok(Some("from-file")), "a leading BOM is not part of the first name");
+        assert_eq!(env.get("B"), Ok(Some("quoted value")));
+        assert_eq!(env.get("C"), Ok(Some("process")));
+    }
+
+    #[test]
+    fn an_env_file_that_is_not_a_small_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.env");
+        make_fifo(&fifo);
+        let big = dir.path().join("big.env");
+        std::fs::write(&big, format!("A={}\n", "x".repeat(1024 * 1024))).unwrap();
+
+        for (path, problem) in [
+            (fifo.as_path(), "is not a regular file"),
+            (Path::new("/dev/zero"), "is not a regular file"),
+            (dir.path(), "is not a regular file"),
+            (big.as_path(), "is larger than 1024 KiB"),
+        ] {
+            let err = Env::default().with_env_file(path).unwrap_err();
+            assert_eq!(err.var, "--env-file");
+            assert_eq!(err.problem, format!("{} {problem}", path.display()));
+        }
+    }
+
+    #[test]
+    fn an_env_file_parse_error_names_the_line_but_not_its_value() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"A=1\n\nBONYCHAT_API_TOKEN=s3cr3t\"tail\nB=2\n", "line 3 (BONYCHAT_API_TOKEN)"),
+            (b"A=1\ns3cr3t pasted without a name\n", "line 2"),
+            (b"# comment\nBAD-NAME=s3cr3t\n", "line 2"),
+        ];
+        for (content, at) in cases {
+            let (_dir, path) = env_file(content);
+
+            let err = Env::default().with_env_file(&path).unwrap_err();
+
+            assert_eq!(err.var, "--env-file");
+            assert!(err.problem.contains(at), "{at}: {err}");
+            assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
     }
 
     #[test]

@@ -195,9 +195,7 @@ impl Config {
 
         let server = ServerConfig {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
-            shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), |raw| {
-                parse_u64(raw).map(Duration::from_secs)
-            })?,
+            shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), grace_secs)?,
             admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
         };
 
@@ -205,7 +203,7 @@ impl Config {
             channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
             api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
             webhook_url: parse_http_url("BONYCHAT_WEBHOOK_URL", env.required("BONYCHAT_WEBHOOK_URL")?)?,
-            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), positive_millis)?,
+            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
         };
 
         let message_tag = env.get("JOINCHAT_MESSAGE_TAG")?.map(|tag| tag.trim().to_owned());
@@ -231,8 +229,8 @@ impl Config {
                 secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
                 _ => Err("must be at most 3600 seconds".into()),
             })?,
-            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), positive_millis)?,
-            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), positive_millis)?,
+            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), timeout_millis)?,
+            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), timeout_millis)?,
         };
 
         let messenger = MessengerConfig {
@@ -244,24 +242,22 @@ impl Config {
                 Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
                 http_url,
             )?,
-            graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), positive_millis)?,
+            graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), timeout_millis)?,
         };
 
         let store = StoreConfig::from_env(env)?;
 
         let delivery = DeliveryConfig {
-            send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), |raw| {
-                parse_u64(raw).map(Duration::from_millis)
-            })?,
+            send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), send_wait_millis)?,
             retry_joinchat: env.parsed(
                 "RELAY_RETRY_JOINCHAT",
                 parse_duration_list("1s,5s,30s,2m,5m,15m,30m,1h").expect("default schedule is valid"),
-                parse_duration_list,
+                retry_schedule,
             )?,
             retry_bonychat: env.parsed(
                 "RELAY_RETRY_BONYCHAT",
                 parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h").expect("default schedule is valid"),
-                parse_duration_list,
+                retry_schedule,
             )?,
         };
 
@@ -273,6 +269,15 @@ impl Config {
             })?,
             metrics_addr: env.parsed("RELAY_METRICS_ADDR", default_addr([127, 0, 0, 1], 9090), parse_addr)?,
         };
+
+        if let Some(admin) = &server.admin_token
+            && admin == &bonychat.api_token
+        {
+            return Err(ConfigError::new(
+                "RELAY_ADMIN_TOKEN",
+                "must differ from BONYCHAT_API_TOKEN (BonyChat holds that token; with it, it could also use /admin)",
+            ));
+        }
 
         if joinchat.connect_timeout > joinchat.request_timeout {
             return Err(ConfigError::new(
@@ -294,7 +299,7 @@ impl StoreConfig {
                 Some(url) => parse_database_url(url.expose())
                     .map_err(|problem| ConfigError::new("RELAY_DATABASE_URL", problem))?,
             },
-            retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), parse_duration)?,
+            retention: env.parsed("RELAY_RETENTION", Duration::from_secs(7 * 86_400), retention)?,
             intake: IntakeCaps {
                 outbound: env.parsed("RELAY_MAX_QUEUED_OUTBOUND", IntakeCaps::DEFAULT.outbound, positive_count)?,
                 inbound: env.parsed("RELAY_MAX_QUEUED_INBOUND", IntakeCaps::DEFAULT.inbound, positive_count)?,
@@ -330,19 +335,75 @@ fn positive_count(raw: &str) -> Result<u64, String> {
     }
 }
 
-fn positive_millis(raw: &str) -> Result<Duration, String> {
+/// Upper bounds of the duration variables. Beyond them a value is a slip (a unit mistaken, a
+/// zero too many), and far beyond them time arithmetic on it would overflow.
+const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+const MAX_SEND_WAIT_MS: u64 = 60_000;
+const MAX_TIMEOUT_MS: u64 = 600_000;
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);
+const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+fn grace_secs(raw: &str) -> Result<Duration, String> {
     match parse_u64(raw)? {
-        0 => Err("must be greater than 0".into()),
-        ms => Ok(Duration::from_millis(ms)),
+        secs @ 0..=MAX_SHUTDOWN_GRACE_SECS => Ok(Duration::from_secs(secs)),
+        _ => Err(format!("must be at most {MAX_SHUTDOWN_GRACE_SECS} seconds (an hour)")),
     }
 }
 
+/// How long `/message` waits for the first attempt: BonyChat should not wait longer than a minute.
+fn send_wait_millis(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        ms @ 0..=MAX_SEND_WAIT_MS => Ok(Duration::from_millis(ms)),
+        _ => {
+            Err(format!("must be at most {MAX_SEND_WAIT_MS} (a minute): BonyChat should not wait longer for an answer"))
+        }
+    }
+}
+
+fn retention(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        retention if retention > MAX_RETENTION => Err(format!("`{raw}` is longer than the 3650d (ten years) maximum")),
+        retention => Ok(retention),
+    }
+}
+
+/// An upstream timeout: more than 0, at most ten minutes.
+fn timeout_millis(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        0 => Err("must be greater than 0".into()),
+        ms @ 1..=MAX_TIMEOUT_MS => Ok(Duration::from_millis(ms)),
+        _ => Err(format!("must be at most {MAX_TIMEOUT_MS} (ten minutes)")),
+    }
+}
+
+/// A retry schedule: each delay at most seven days.
+fn retry_schedule(raw: &str) -> Result<Vec<Duration>, String> {
+    let delays = parse_duration_list(raw)?;
+    match delays.iter().position(|delay| *delay > MAX_RETRY_DELAY) {
+        Some(i) => Err(format!("`{}` is longer than the 7d maximum", raw.split(',').nth(i).unwrap_or(raw).trim())),
+        None => Ok(delays),
+    }
+}
+
+/// Parses an http(s) URL. Errors show the value with any `user:password@` replaced by `***@`.
 fn http_url(raw: &str) -> Result<Url, String> {
-    let url = Url::parse(raw).map_err(|e| format!("`{raw}` is not a URL: {e}"))?;
+    let shown = redact_userinfo(raw);
+    let url = Url::parse(raw).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-        return Err(format!("`{raw}` is not an http(s) URL"));
+        return Err(format!("`{shown}` is not an http(s) URL"));
     }
     Ok(url)
+}
+
+/// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
+/// `***`. Errs on the side of hiding: a malformed URL may hold an unencoded password with a `/`
+/// in it, so the last `@` anywhere counts, not only the one inside a well-formed authority.
+fn redact_userinfo(raw: &str) -> std::borrow::Cow<'_, str> {
+    let start = raw.find("://").map_or(0, |i| i + 3);
+    match raw[start..].rfind('@') {
+        Some(at) => format!("{}***{}", &raw[..start], &raw[start + at..]).into(),
+        None => raw.into(),
+    }
 }
 
 fn parse_http_url(var: &str, raw: &str) -> Result<Url, ConfigError> {
@@ -540,6 +601,60 @@ mod tests {
         assert!(config.warnings.iter().any(|w| w.starts_with("RELAY_ADRR")));
         assert!(config.warnings.iter().any(|w| w.starts_with("BONYCHAT_API_TOKEN_FILE_X")));
         assert!(config.warnings.iter().any(|w| w.contains("SHIPPING_UPDATE")));
+    }
+
+    #[test]
+    fn durations_past_their_maximum_are_refused() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("RELAY_SHUTDOWN_GRACE_SECS", "3600", "3601"),
+            ("RELAY_SEND_WAIT_MS", "60000", "60001"),
+            ("JOINCHAT_CONNECT_TIMEOUT_MS", "5000", "600001"),
+            ("JOINCHAT_TIMEOUT_MS", "600000", "600001"),
+            ("BONYCHAT_TIMEOUT_MS", "600000", "18446744073709551615"),
+            ("MESSENGER_GRAPH_TIMEOUT_MS", "600000", "600001"),
+            ("RELAY_RETRY_JOINCHAT", "1s,7d", "1s,7d,169h"),
+            ("RELAY_RETRY_BONYCHAT", "168h", "5s,213503982334d"),
+            ("RELAY_RETENTION", "3650d", "3651d"),
+            ("RELAY_RETENTION", "1d", "18446744073709551615ms"),
+        ];
+        for (var, largest, too_large) in cases {
+            assert!(Config::from_env(&with(&[(var, largest)])).is_ok(), "{var}={largest} is allowed");
+            let err = Config::from_env(&with(&[(var, too_large)])).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(err.problem.contains("at most") || err.problem.contains("maximum"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_must_differ_from_the_bonychat_token() {
+        let env = with(&[("RELAY_ADMIN_TOKEN", "bony-token")]);
+
+        let err = Config::from_env(&env).unwrap_err();
+
+        assert_eq!(err.var, "RELAY_ADMIN_TOKEN");
+        assert!(err.problem.starts_with("must differ from BONYCHAT_API_TOKEN"), "{err}");
+        assert!(!err.to_string().contains("bony-token"), "{err}");
+        assert!(Config::from_env(&with(&[("RELAY_ADMIN_TOKEN", "admin-token")])).is_ok());
+    }
+
+    #[test]
+    fn url_errors_never_echo_credentials() {
+        let cases: &[(&str, &str)] = &[
+            ("BONYCHAT_WEBHOOK_URL", "ftp://user:pa55word@host/x"),
+            ("BONYCHAT_WEBHOOK_URL", "https://user:pa55word@ho st/x"),
+            ("JOINCHAT_API_URL", "https://user:pa55word@host:99999/x"),
+            ("JOINCHAT_API_URL", "user:pa55word@host/x"),
+            ("MESSENGER_GRAPH_URL", "https://user:pa/55word@host/x"),
+            ("MESSENGER_GRAPH_URL", "mailto:user:pa55word@host"),
+            ("RELAY_DATABASE_URL", "mysql://user:pa55word@host/x"),
+        ];
+        for (var, value) in cases {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(!err.to_string().contains("55word"), "{err}");
+        }
+        assert_eq!(redact_userinfo("https://u:p@host/x"), "https://***@host/x");
+        assert_eq!(redact_userinfo("https://host/x"), "https://host/x");
     }
 
     #[test]
