@@ -20,7 +20,7 @@ impl HttpBonyChat {
     pub fn new(config: &BonyChatConfig) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: http::client(Duration::from_secs(5), config.request_timeout)?,
-            url: config.webhook_url.clone(),
+            url: config.webhook_url.url().clone(),
             token: config.api_token.clone(),
         })
     }

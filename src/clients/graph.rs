@@ -23,7 +23,7 @@ impl GraphProfiles {
     pub fn new(config: &MessengerConfig, token: Secret) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: http::client(Duration::from_secs(5), config.graph_timeout)?,
-            base: config.graph_url.clone(),
+            base: config.graph_url.url().clone(),
             token,
         })
     }

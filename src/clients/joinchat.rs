@@ -24,7 +24,7 @@ impl HttpJoinChat {
     pub fn new(config: &JoinChatConfig) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: http::client(config.connect_timeout, config.request_timeout)?,
-            url: config.api_url.clone(),
+            url: config.api_url.url().clone(),
             secret: config.api_secret.clone(),
         })
     }

@@ -52,7 +52,7 @@ pub struct BonyChatConfig {
     /// `BONYCHAT_API_TOKEN`: checked on `/message`, sent on webhook posts.
     pub api_token: Secret,
     /// `BONYCHAT_WEBHOOK_URL`: where inbound events are posted.
-    pub webhook_url: Url,
+    pub webhook_url: Endpoint,
     /// `BONYCHAT_TIMEOUT_MS`, default 10000: one webhook post, answer included.
     pub request_timeout: Duration,
 }
@@ -60,7 +60,7 @@ pub struct BonyChatConfig {
 #[derive(Debug, Clone)]
 pub struct JoinChatConfig {
     /// `JOINCHAT_API_URL`, default `https://joinchat.ai/api/send_message`.
-    pub api_url: Url,
+    pub api_url: Endpoint,
     /// `JOINCHAT_PAGE_ID`: the Page bound to the JoinChat bot, sent as a JSON string.
     pub page_id: String,
     /// `JOINCHAT_API_SECRET`: key of the `x-joinchat-signature` HMAC.
@@ -86,7 +86,7 @@ pub struct MessengerConfig {
     /// `MESSENGER_PAGE_ACCESS_TOKEN`: enables contact profile look-ups when set.
     pub page_access_token: Option<Secret>,
     /// `MESSENGER_GRAPH_URL`, default `https://graph.facebook.com/v21.0`.
-    pub graph_url: Url,
+    pub graph_url: Endpoint,
     /// `MESSENGER_GRAPH_TIMEOUT_MS`, default 2000: the most a profile look-up may hold up an event.
     pub graph_timeout: Duration,
 }
@@ -218,8 +218,8 @@ impl Config {
         let joinchat = JoinChatConfig {
             api_url: env.parsed(
                 "JOINCHAT_API_URL",
-                Url::parse("https://joinchat.ai/api/send_message").expect("default URL is valid"),
-                http_url,
+                Endpoint::default_of("https://joinchat.ai/api/send_message"),
+                |raw| http_url(raw).map(Endpoint),
             )?,
             page_id: parse_page_id(env.required("JOINCHAT_PAGE_ID")?)?,
             api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
@@ -239,8 +239,8 @@ impl Config {
             page_access_token: env.secret("MESSENGER_PAGE_ACCESS_TOKEN")?,
             graph_url: env.parsed(
                 "MESSENGER_GRAPH_URL",
-                Url::parse("https://graph.facebook.com/v21.0").expect("default URL is valid"),
-                http_url,
+                Endpoint::default_of("https://graph.facebook.com/v21.0"),
+                |raw| http_url(raw).map(Endpoint),
             )?,
             graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), timeout_millis)?,
         };
@@ -406,8 +406,29 @@ fn redact_userinfo(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn parse_http_url(var: &str, raw: &str) -> Result<Url, ConfigError> {
-    http_url(raw.trim()).map_err(|problem| ConfigError::new(var, problem))
+fn parse_http_url(var: &str, raw: &str) -> Result<Endpoint, ConfigError> {
+    http_url(raw.trim()).map(Endpoint).map_err(|problem| ConfigError::new(var, problem))
+}
+
+/// An upstream's URL. It may carry credentials (`user:password@`), so its `Debug` hides them
+/// like every other secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Endpoint(Url);
+
+impl Endpoint {
+    fn default_of(url: &str) -> Self {
+        Self(Url::parse(url).expect("default URLs are valid"))
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_userinfo(self.0.as_str()))
+    }
 }
 
 fn parse_page_id(raw: &str) -> Result<String, ConfigError> {
@@ -478,14 +499,14 @@ mod tests {
         assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert!(config.server.admin_token.is_none());
-        assert_eq!(config.joinchat.api_url.as_str(), "https://joinchat.ai/api/send_message");
+        assert_eq!(config.joinchat.api_url.url().as_str(), "https://joinchat.ai/api/send_message");
         assert_eq!(config.joinchat.recipient_field, RecipientField::Auto);
         assert_eq!(config.joinchat.message_tag, None);
         assert_eq!(config.joinchat.order_gap, Duration::from_secs(1));
         assert_eq!(config.joinchat.connect_timeout, Duration::from_secs(5));
         assert_eq!(config.joinchat.request_timeout, Duration::from_secs(15));
         assert!(config.messenger.page_access_token.is_none());
-        assert_eq!(config.messenger.graph_url.as_str(), "https://graph.facebook.com/v21.0");
+        assert_eq!(config.messenger.graph_url.url().as_str(), "https://graph.facebook.com/v21.0");
         assert_eq!(config.store.database_url, DatabaseUrl::Sqlite("data/relay.db".into()));
         assert_eq!(config.store.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.delivery.send_wait, Duration::from_secs(3));
@@ -547,11 +568,19 @@ mod tests {
             ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
             ("RELAY_ADMIN_TOKEN", "admin-token"),
             ("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
         ]);
         let debug = format!("{:?}", Config::from_env(&env).unwrap());
-        for secret in
-            ["bony-token", "join-secret", "app-secret", "verify-token", "page-token", "admin-token", "pa55word"]
-        {
+        for secret in [
+            "bony-token",
+            "join-secret",
+            "app-secret",
+            "verify-token",
+            "page-token",
+            "admin-token",
+            "pa55word",
+            "hook-pass",
+        ] {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }
         assert!(debug.contains("gfd8g7fd89dgfd"), "non-secret values stay visible");
