@@ -19,9 +19,10 @@ use crate::auth::{BearerToken, SecretDigest};
 use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
-use crate::config::Config;
+use crate::config::{Config, ServerLimits};
 use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Waiters, Worker};
 use crate::routes::{AppState, Shared, router};
+use crate::server;
 use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError, now_millis};
 
@@ -46,6 +47,7 @@ pub struct Application {
     shutdown: CancellationToken,
     grace: Duration,
     retention: Duration,
+    limits: ServerLimits,
 }
 
 impl Application {
@@ -105,6 +107,7 @@ impl Application {
             worker: Arc::new(worker),
             grace: state.config.server.shutdown_grace,
             retention: state.config.store.retention,
+            limits: state.config.server.limits.clone(),
             shutdown,
         })
     }
@@ -122,13 +125,10 @@ impl Application {
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self { listener, router, store, worker, shutdown, grace, retention } = self;
+        let Self { listener, router, store, worker, shutdown, grace, retention, limits } = self;
         tracing::info!(addr = %listener.local_addr()?, "relay listening");
 
-        let draining = shutdown.clone();
-        let mut server = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(draining.cancelled_owned()).await
-        });
+        let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
         let attempts = TaskTracker::new();
         let abort = CancellationToken::new();
         let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone(), attempts.clone(), abort.clone()));
