@@ -89,10 +89,12 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(admin)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        // Outermost first: the request id exists before the request is logged, and the log
-        // line sees the final status, including timeouts and panics turned into errors.
+        // Outermost first: a caller's request id is checked before it is kept, the id exists
+        // before the request is logged, and the log line sees the final status, including
+        // timeouts and panics turned into errors.
         .layer(
             ServiceBuilder::new()
+                .map_request(telemetry::drop_unfit_request_id)
                 .set_x_request_id(telemetry::MakeRequestId)
                 .propagate_x_request_id()
                 .layer(middleware::from_fn(telemetry::log_request))
