@@ -40,6 +40,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the request took too long")]
     RequestTimeout,
+    #[error("request URI is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("request headers are too large: {0}")]
+    HeadersTooLarge(String),
     /// The store could not take the work: nothing was accepted, so the caller should retry.
     #[error("the relay cannot store work right now; try again")]
     Store(StoreError),
@@ -68,6 +72,8 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoSuchJob(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -89,6 +95,8 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
+            Self::UriTooLong { .. } => "uri_too_long",
+            Self::HeadersTooLarge(_) => "headers_too_large",
             Self::Store(_) => "store_unavailable",
             Self::NoSuchJob(_) => "not_found",
             Self::Conflict(_) => "conflict",

@@ -2,6 +2,7 @@
 
 mod admin;
 mod health;
+pub mod limits;
 mod message;
 mod webhooks;
 
@@ -91,13 +92,14 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Outermost first: a caller's request id is checked before it is kept, the id exists
         // before the request is logged, and the log line sees the final status, including
-        // timeouts and panics turned into errors.
+        // refused heads, timeouts and panics turned into errors.
         .layer(
             ServiceBuilder::new()
                 .map_request(telemetry::drop_unfit_request_id)
                 .set_x_request_id(telemetry::MakeRequestId)
                 .propagate_x_request_id()
                 .layer(middleware::from_fn(telemetry::log_request))
+                .layer(middleware::from_fn(limits::head_limits))
                 .layer(CatchPanicLayer::custom(panic_response))
                 .layer(middleware::from_fn_with_state(request_timeout, timeout)),
         )
