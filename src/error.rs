@@ -5,7 +5,6 @@
 //! detail travels in the response extensions to the request log, which writes it once.
 
 use axum::Json;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -44,6 +43,9 @@ pub enum ApiError {
     UriTooLong { limit: usize },
     #[error("request headers are too large: {0}")]
     HeadersTooLarge(String),
+    /// Too many request bodies in memory at once: nothing was read to the end or stored.
+    #[error("the relay is busy reading other requests; try again")]
+    Overloaded,
     /// The store could not take the work: nothing was accepted, so the caller should retry.
     #[error("the relay cannot store work right now; try again")]
     Store(StoreError),
@@ -74,6 +76,7 @@ impl ApiError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoSuchJob(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -97,19 +100,11 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::UriTooLong { .. } => "uri_too_long",
             Self::HeadersTooLarge(_) => "headers_too_large",
+            Self::Overloaded => "overloaded",
             Self::Store(_) => "store_unavailable",
             Self::NoSuchJob(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal_error",
-        }
-    }
-
-    /// Maps a failure to read the body; only an over-long body is the client's doing.
-    pub fn from_body_rejection(rejection: BytesRejection, limit: usize) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Self::PayloadTooLarge { limit }
-        } else {
-            Self::InvalidPayload(format!("body: could not be read ({})", rejection.body_text()))
         }
     }
 }
@@ -131,6 +126,9 @@ impl IntoResponse for ApiError {
         match self {
             Self::Unauthorized => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Overloaded => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::Internal(detail) => {
                 response.extensions_mut().insert(InternalErrorDetail(detail));

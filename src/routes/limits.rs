@@ -1,10 +1,18 @@
-//! Limits on what one request may hold of the relay. The connection-level limits live in
-//! [`crate::server`].
+//! Limits on what one request may hold of the relay: the size of its head, the time and memory
+//! its body takes. The connection-level limits live in [`crate::server`].
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::config::ServerLimits;
 use crate::error::ApiError;
 
 /// Longer URIs get 414: the relay's own routes need a few dozen characters, and the Messenger
@@ -14,6 +22,9 @@ pub const MAX_URI_LEN: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// Headers (names and values) larger than this in all get 431.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How long a body may wait for room in the shared byte budget before the request is turned
+/// away: a short wait absorbs a burst, a long one would let the queue of waiters grow.
+const BUDGET_WAIT: Duration = Duration::from_millis(500);
 
 /// Answers 414 and 431 with the JSON error shape. hyper is configured to let heads somewhat
 /// over these limits through (see [`crate::server`]) so that this is what clients normally see.
@@ -35,4 +46,109 @@ pub async fn head_limits(request: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(request).await
+}
+
+/// Reads request bodies under a deadline and a process-wide budget of bytes held in memory.
+///
+/// The budget is what stops many slow or unfinished bodies from adding up: each one is small
+/// enough on its own, but a thousand connections times a megabyte is not.
+#[derive(Clone)]
+pub struct BodyReader {
+    budget: Arc<Semaphore>,
+    deadline: Duration,
+}
+
+/// A body read in full, with its share of the budget: held until this is dropped, because the
+/// bytes stay in memory as long as the handler works with them.
+pub struct ReadBody {
+    pub bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+impl BodyReader {
+    pub fn new(limits: &ServerLimits) -> Self {
+        Self { budget: Arc::new(Semaphore::new(limits.max_body_bytes_in_flight)), deadline: limits.body_read_timeout }
+    }
+
+    /// Reads `body` frame by frame: over `limit` → 413, not complete within the deadline →
+    /// 408, no room in the budget for a moment → 503 `overloaded`.
+    pub async fn read(&self, body: Body, limit: usize) -> Result<ReadBody, ApiError> {
+        let deadline = Instant::now() + self.deadline;
+        let mut body = body;
+        if usize::try_from(HttpBody::size_hint(&body).lower()).unwrap_or(usize::MAX) > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let mut bytes = Vec::new();
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(ApiError::RequestTimeout),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(ApiError::InvalidPayload(format!("body: could not be read ({e})"))),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            if data.is_empty() {
+                continue;
+            }
+            if bytes.len() + data.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            let permit = self.reserve(data.len(), deadline).await?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            bytes.extend_from_slice(&data);
+        }
+        Ok(ReadBody { bytes: Bytes::from(bytes), _budget: held })
+    }
+
+    async fn reserve(&self, len: usize, deadline: Instant) -> Result<OwnedSemaphorePermit, ApiError> {
+        // A chunk never exceeds a route's limit, and the budget is at least the largest of those
+        // the configuration allows for `/message`; larger chunks are refused as overload.
+        let Ok(len) = u32::try_from(len) else { return Err(ApiError::Overloaded) };
+        let give_up = deadline.min(Instant::now() + BUDGET_WAIT);
+        match tokio::time::timeout_at(give_up, Arc::clone(&self.budget).acquire_many_owned(len)).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(ApiError::Overloaded),
+            Err(_) if give_up == deadline => Err(ApiError::RequestTimeout),
+            Err(_) => Err(ApiError::Overloaded),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(budget: usize, deadline: Duration) -> BodyReader {
+        BodyReader { budget: Arc::new(Semaphore::new(budget)), deadline }
+    }
+
+    #[tokio::test]
+    async fn a_body_holds_its_bytes_of_the_budget_until_dropped() {
+        let reader = reader(100, Duration::from_secs(1));
+        let body = reader.read(Body::from("x".repeat(60)), 64).await.unwrap();
+        assert_eq!(body.bytes.len(), 60);
+        assert_eq!(reader.budget.available_permits(), 40);
+        drop(body);
+        assert_eq!(reader.budget.available_permits(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_budget_turns_bodies_away_as_overload() {
+        let reader = reader(100, Duration::from_secs(10));
+        let _held = reader.read(Body::from("x".repeat(60)), 64).await.unwrap();
+        let refused = reader.read(Body::from("y".repeat(60)), 64).await.err();
+        assert_eq!(refused, Some(ApiError::Overloaded));
+        assert_eq!(reader.budget.available_permits(), 40, "a refused body gives its share back");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused() {
+        let reader = reader(1000, Duration::from_secs(1));
+        let refused = reader.read(Body::from("x".repeat(65)), 64).await.err();
+        assert_eq!(refused, Some(ApiError::PayloadTooLarge { limit: 64 }));
+    }
 }

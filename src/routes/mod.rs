@@ -10,8 +10,9 @@ use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -68,27 +69,31 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// The whole router. `request_timeout` bounds every request, body upload included, so that
-/// graceful shutdown cannot be held up forever by a stuck client.
+/// The whole router. `request_timeout` bounds each request of the routes that store nothing, so
+/// that graceful shutdown cannot be held up forever by a stuck client. The two routes that store
+/// work have no overall deadline: one that fired while the store committed would answer an
+/// error for stored work (SPEC §5). Their body read has its own deadline ([`limits::BodyReader`]), the
+/// store bounds its own wait, and `/message` waits at most `RELAY_SEND_WAIT_MS` after that.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let message =
-        Router::new().route("/message", post(message::post_message)).layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
-    let messenger = Router::new()
-        .route("/webhooks/messenger", get(webhooks::verify_subscription).post(webhooks::receive_events))
-        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
+    let timeout = || middleware::from_fn_with_state(request_timeout, timeout);
+    let stores_work = Router::new().route("/message", post(message::post_message)).route(
+        "/webhooks/messenger",
+        get(webhooks::verify_subscription).layer(timeout()).post(webhooks::receive_events),
+    );
 
-    let admin = Router::new()
-        .route("/admin/jobs", get(admin::list_jobs))
-        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/admin/dead/redrive", post(admin::redrive_dead));
-
-    Router::new()
+    let bounded = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .merge(message)
-        .merge(messenger)
-        .merge(admin)
+        .route("/admin/jobs", get(admin::list_jobs))
+        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+        .route("/admin/dead/redrive", post(admin::redrive_dead))
         .fallback(|| async { ApiError::NotFound })
+        .layer(timeout());
+
+    let body_reader = limits::BodyReader::new(&state.config.server.limits);
+    Router::new()
+        .merge(stores_work)
+        .merge(bounded)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Outermost first: a caller's request id is checked before it is kept, the id exists
         // before the request is logged, and the log line sees the final status, including
@@ -101,7 +106,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .layer(middleware::from_fn(telemetry::log_request))
                 .layer(middleware::from_fn(limits::head_limits))
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(middleware::from_fn_with_state(request_timeout, timeout)),
+                .layer(Extension(body_reader)),
         )
         .with_state(state)
 }
