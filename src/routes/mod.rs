@@ -126,3 +126,68 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .unwrap_or_else(|| "unknown panic".into());
     ApiError::Internal(format!("handler panicked: {detail}")).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::Env;
+
+    const TOKEN: &str = "bonychat-api-token";
+
+    async fn state(dir: &std::path::Path) -> AppState {
+        let database_url = format!("sqlite://{}/relay.db", dir.display());
+        let env = Env::from_pairs([
+            ("BONYCHAT_CHANNEL_ID", "channel"),
+            ("BONYCHAT_API_TOKEN", TOKEN),
+            ("BONYCHAT_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+            ("JOINCHAT_PAGE_ID", "510249619162304"),
+            ("JOINCHAT_API_SECRET", "joinchat-secret"),
+            ("MESSENGER_APP_SECRET", "app-secret"),
+            ("MESSENGER_VERIFY_TOKEN", "verify-token"),
+            ("RELAY_DATABASE_URL", &database_url),
+            ("RELAY_SEND_WAIT_MS", "300"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        let store = crate::store::open(&config.store).await.unwrap();
+        AppState::new(Shared {
+            bonychat_token: BearerToken::new(&config.bonychat.api_token),
+            admin_token: None,
+            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
+            verify_token: SecretDigest::new(&config.messenger.verify_token),
+            store,
+            waiters: Arc::new(Waiters::default()),
+            wake: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
+            config,
+        })
+    }
+
+    /// SPEC §5: a request timeout firing after the store wrote the job would answer an error for
+    /// stored work. `/message` waits for its first attempt, here longer than the request
+    /// timeout (no worker runs), and must still answer 200 for the job it stored.
+    #[tokio::test]
+    async fn the_request_timeout_never_cuts_off_a_message_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let store = Arc::clone(&state.store);
+        let app = router(state, Duration::from_millis(50));
+        let body =
+            r#"{"channelId": "channel", "contactId": "1066835436691078", "message": {"type": "text", "text": "hi"}}"#;
+        let request = Request::post("/message")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+
+        let answer = app.clone().oneshot(request).await.unwrap();
+
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(store.list(None, 10).await.unwrap().len(), 1);
+        let probe = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(probe.status(), StatusCode::OK, "other routes keep their timeout, and answer well within it");
+    }
+}
