@@ -157,34 +157,25 @@ async fn serve_connection(
     let mut connection = pin!(builder.serve_connection(TokioIo::new(stream), service));
     let mut watch_idle = watch_requests.clone();
     let mut idle = pin!(idle_for(&mut watch_idle, limits.header_read_timeout, limits.idle_timeout));
-    let mut stopping = pin!(shutdown.cancelled());
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
-            () = &mut stopping, if !closing => {
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = &mut idle, if !closing => {
-                connection.as_mut().graceful_shutdown();
-                break;
-            }
+            return;
         }
+        () = shutdown.cancelled() => {}
+        () = &mut idle => {}
     }
-    // Shut down for idling: a client that ignores the HTTP/2 GOAWAY (or never acknowledges its
-    // ping) would keep the connection, so it is dropped once it has again been idle for a while.
-    // Requests in progress are never cut.
+    connection.as_mut().graceful_shutdown();
+    // A client that ignores the HTTP/2 GOAWAY (or never acknowledges the ping that follows it)
+    // would keep the connection open, so it is dropped once it has again had no request in
+    // progress for a while. Requests in progress are never cut here.
     let mut watch_close = watch_requests;
     let mut last_call = pin!(idle_for(&mut watch_close, limits.header_read_timeout, limits.header_read_timeout));
     tokio::select! {
         _ = connection.as_mut() => {}
-        () = &mut last_call => tracing::debug!("idle connection ignored its shutdown; closing it"),
+        () = &mut last_call => tracing::debug!("connection ignored its shutdown; closing it"),
     }
 }
 

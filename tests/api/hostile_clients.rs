@@ -303,3 +303,31 @@ async fn an_overlong_or_odd_request_id_is_replaced_by_a_generated_one() {
     assert_eq!(fine_answer.headers()["x-request-id"], "bony:42.a_b-c");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn open_idle_and_silent_connections_do_not_hold_up_a_shutdown() {
+    let app = spawn_app_with(&[("RELAY_SHUTDOWN_GRACE_SECS", "5")]).await;
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(connect(app.addr).await);
+    }
+    let mut keep_alive = connect(app.addr).await;
+    keep_alive.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n").await.unwrap();
+    read_until(&mut keep_alive, r#"{"status":"ok"}"#, Duration::from_secs(3)).await;
+    let (client, connection) = h2::client::handshake(connect(app.addr).await).await.expect("h2 handshake");
+    let h2_connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let (response, _) = client.send_request(Request::get(app.url("/healthz")).body(()).unwrap(), true).unwrap();
+    assert_eq!(response.await.expect("h2 answer").status(), 200);
+
+    let stopping = Instant::now();
+    timeout(Duration::from_secs(4), app.stop()).await.expect("the relay stops");
+
+    assert!(stopping.elapsed() < Duration::from_secs(2), "took {:?}", stopping.elapsed());
+    assert!(closed_within(&mut keep_alive, Duration::from_secs(1)).await.is_some());
+    for stream in &mut silent {
+        assert!(closed_within(stream, Duration::from_secs(1)).await.is_some());
+    }
+    assert!(timeout(Duration::from_secs(1), h2_connection).await.is_ok(), "the h2 connection ended");
+    drop(client);
+}
