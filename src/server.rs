@@ -69,7 +69,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let max_connections = fit_to_descriptor_limit(limits.max_connections, descriptor_limit());
     tracing::info!(max_connections, "accepting connections");
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let permits = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let builder = Arc::new(builder(&limits));
     let limits = Arc::new(limits);
     let mut connections = JoinSet::new();

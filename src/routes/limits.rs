@@ -67,7 +67,8 @@ pub struct ReadBody {
 
 impl BodyReader {
     pub fn new(limits: &ServerLimits) -> Self {
-        Self { budget: Arc::new(Semaphore::new(limits.max_body_bytes_in_flight)), deadline: limits.body_read_timeout }
+        let budget = limits.max_body_bytes_in_flight.min(Semaphore::MAX_PERMITS);
+        Self { budget: Arc::new(Semaphore::new(budget)), deadline: limits.body_read_timeout }
     }
 
     /// Reads `body` frame by frame: over `limit` → 413, not complete within the deadline →
@@ -78,7 +79,10 @@ impl BodyReader {
         if usize::try_from(HttpBody::size_hint(&body).lower()).unwrap_or(usize::MAX) > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        let mut bytes = Vec::new();
+        // Chunks are kept as they came, so the memory held while a body trickles in is the bytes
+        // counted against the budget, not a growing buffer's spare capacity.
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut len = 0;
         let mut held: Option<OwnedSemaphorePermit> = None;
         loop {
             let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
@@ -91,7 +95,7 @@ impl BodyReader {
             if data.is_empty() {
                 continue;
             }
-            if bytes.len() + data.len() > limit {
+            if len + data.len() > limit {
                 return Err(ApiError::PayloadTooLarge { limit });
             }
             let permit = self.reserve(data.len(), deadline).await?;
@@ -99,9 +103,15 @@ impl BodyReader {
                 Some(held) => held.merge(permit),
                 None => held = Some(permit),
             }
-            bytes.extend_from_slice(&data);
+            len += data.len();
+            chunks.push(data);
         }
-        Ok(ReadBody { bytes: Bytes::from(bytes), _budget: held })
+        let bytes = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.swap_remove(0),
+            _ => Bytes::from(chunks.concat()),
+        };
+        Ok(ReadBody { bytes, _budget: held })
     }
 
     async fn reserve(&self, len: usize, deadline: Instant) -> Result<OwnedSemaphorePermit, ApiError> {
@@ -121,6 +131,21 @@ impl BodyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that arrives in the given pieces (popped from the end).
+    struct Chunks(Vec<&'static str>);
+
+    impl HttpBody for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop().map(|chunk| Ok(hyper::body::Frame::data(Bytes::from(chunk)))))
+        }
+    }
 
     fn reader(budget: usize, deadline: Duration) -> BodyReader {
         BodyReader { budget: Arc::new(Semaphore::new(budget)), deadline }
@@ -143,6 +168,15 @@ mod tests {
         let refused = reader.read(Body::from("y".repeat(60)), 64).await.err();
         assert_eq!(refused, Some(ApiError::Overloaded));
         assert_eq!(reader.budget.available_permits(), 40, "a refused body gives its share back");
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_chunks_is_read_whole() {
+        let reader = reader(1000, Duration::from_secs(1));
+        let body = Body::new(Chunks(vec!["}", " 1", "{\"a\":"]));
+        let read = reader.read(body, 64).await.unwrap();
+        assert_eq!(read.bytes, "{\"a\": 1}");
+        assert_eq!(reader.budget.available_permits(), 1000 - 8);
     }
 
     #[tokio::test]
