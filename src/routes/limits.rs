@@ -55,6 +55,7 @@ pub async fn head_limits(request: Request, next: Next) -> Response {
 #[derive(Clone)]
 pub struct BodyReader {
     budget: Arc<Semaphore>,
+    budget_size: usize,
     deadline: Duration,
 }
 
@@ -68,14 +69,13 @@ pub struct ReadBody {
 impl BodyReader {
     pub fn new(limits: &ServerLimits) -> Self {
         let budget = limits.max_body_bytes_in_flight.min(Semaphore::MAX_PERMITS);
-        Self { budget: Arc::new(Semaphore::new(budget)), deadline: limits.body_read_timeout }
+        Self { budget: Arc::new(Semaphore::new(budget)), budget_size: budget, deadline: limits.body_read_timeout }
     }
 
     /// Reads `body` frame by frame: over `limit` → 413, not complete within the deadline →
     /// 408, no room in the budget for a moment → 503 `overloaded`.
-    pub async fn read(&self, body: Body, limit: usize) -> Result<ReadBody, ApiError> {
+    pub async fn read(&self, mut body: Body, limit: usize) -> Result<ReadBody, ApiError> {
         let deadline = Instant::now() + self.deadline;
-        let mut body = body;
         if usize::try_from(HttpBody::size_hint(&body).lower()).unwrap_or(usize::MAX) > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -115,8 +115,12 @@ impl BodyReader {
     }
 
     async fn reserve(&self, len: usize, deadline: Instant) -> Result<OwnedSemaphorePermit, ApiError> {
-        // A chunk never exceeds a route's limit, and the budget is at least the largest of those
-        // the configuration allows for `/message`; larger chunks are refused as overload.
+        // A chunk larger than the whole budget could never be admitted, and waiting for it would
+        // hold up every body queued behind it (the semaphore is fair). Chunks are at most
+        // hyper's read buffer or an h2 frame, well under the smallest budget allowed.
+        if len > self.budget_size {
+            return Err(ApiError::Overloaded);
+        }
         let Ok(len) = u32::try_from(len) else { return Err(ApiError::Overloaded) };
         let give_up = deadline.min(Instant::now() + BUDGET_WAIT);
         match tokio::time::timeout_at(give_up, Arc::clone(&self.budget).acquire_many_owned(len)).await {
@@ -148,7 +152,7 @@ mod tests {
     }
 
     fn reader(budget: usize, deadline: Duration) -> BodyReader {
-        BodyReader { budget: Arc::new(Semaphore::new(budget)), deadline }
+        BodyReader { budget: Arc::new(Semaphore::new(budget)), budget_size: budget, deadline }
     }
 
     #[tokio::test]
