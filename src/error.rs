@@ -5,7 +5,6 @@
 //! detail travels in the response extensions to the request log, which writes it once.
 
 use axum::Json;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -40,6 +39,13 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the request took too long")]
     RequestTimeout,
+    #[error("request URI is longer than {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("request headers are too large: {0}")]
+    HeadersTooLarge(String),
+    /// Too many request bodies in memory at once: nothing was read to the end or stored.
+    #[error("the relay is busy reading other requests; try again")]
+    Overloaded,
     /// The store could not take the work: nothing was accepted, so the caller should retry.
     #[error("{}", store_message(.0))]
     Store(StoreError),
@@ -68,6 +74,9 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoSuchJob(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -90,19 +99,13 @@ impl ApiError {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
             Self::Store(StoreError::Full { .. }) => "queue_full",
+            Self::UriTooLong { .. } => "uri_too_long",
+            Self::HeadersTooLarge(_) => "headers_too_large",
+            Self::Overloaded => "overloaded",
             Self::Store(_) => "store_unavailable",
             Self::NoSuchJob(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal_error",
-        }
-    }
-
-    /// Maps a failure to read the body; only an over-long body is the client's doing.
-    pub fn from_body_rejection(rejection: BytesRejection, limit: usize) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Self::PayloadTooLarge { limit }
-        } else {
-            Self::InvalidPayload(format!("body: could not be read ({})", rejection.body_text()))
         }
     }
 }
@@ -138,6 +141,9 @@ impl IntoResponse for ApiError {
                 // Nothing was stored: the caller should come back, not give up.
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
                 response.extensions_mut().insert(InternalErrorDetail(e.to_string()));
+            }
+            Self::Overloaded => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::Internal(detail) => {
                 response.extensions_mut().insert(InternalErrorDetail(detail));

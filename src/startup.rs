@@ -19,9 +19,10 @@ use crate::auth::{BearerToken, SecretDigest};
 use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
-use crate::config::Config;
+use crate::config::{Config, ServerLimits};
 use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Waiters, Worker};
 use crate::routes::{AppState, Shared, router};
+use crate::server;
 use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError, now_millis};
 
@@ -46,6 +47,7 @@ pub struct Application {
     shutdown: CancellationToken,
     grace: Duration,
     retention: Duration,
+    limits: ServerLimits,
 }
 
 impl Application {
@@ -82,8 +84,8 @@ impl Application {
         );
 
         let shutdown = CancellationToken::new();
-        // Long enough for `/message` to wait for its first attempt, so the deadline only ever
-        // cuts off a stuck client.
+        // Bounds the routes that store nothing (probes, the handshake, the admin API), so a stuck
+        // one cannot hold up a shutdown; `/message` and the webhook bound their own phases.
         let request_timeout = config
             .delivery
             .send_wait
@@ -109,6 +111,7 @@ impl Application {
             worker: Arc::new(worker),
             grace: state.config.server.shutdown_grace,
             retention: state.config.store.retention,
+            limits: state.config.server.limits.clone(),
             shutdown,
         })
     }
@@ -126,13 +129,10 @@ impl Application {
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self { listener, router, store, worker, shutdown, grace, retention } = self;
+        let Self { listener, router, store, worker, shutdown, grace, retention, limits } = self;
         tracing::info!(addr = %listener.local_addr()?, "relay listening");
 
-        let draining = shutdown.clone();
-        let mut server = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(draining.cancelled_owned()).await
-        });
+        let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
         let attempts = TaskTracker::new();
         let abort = CancellationToken::new();
         let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone(), attempts.clone(), abort.clone()));

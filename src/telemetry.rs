@@ -36,6 +36,31 @@ impl tower_http::request_id::MakeRequestId for MakeRequestId {
     }
 }
 
+/// The longest caller-given request id that is kept.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// Removes a caller's `x-request-id` unless it is one short id of `[A-Za-z0-9._:-]`, so that
+/// a generated one takes its place: the id is echoed and written to every log line, where a
+/// long or odd one would bloat the logs or forge their fields.
+pub fn drop_unfit_request_id(mut request: Request) -> Request {
+    let mut ids = request.headers().get_all("x-request-id").iter();
+    let fit = match (ids.next(), ids.next()) {
+        (None, _) => true,
+        (Some(id), None) => is_fit_request_id(id.as_bytes()),
+        // Which of several would be echoed and logged is not the caller's to choose.
+        (Some(_), Some(_)) => false,
+    };
+    if !fit {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
+}
+
+fn is_fit_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Health probes arrive every few seconds; they are logged at debug level only.
 fn is_probe(route: &str) -> bool {
     matches!(route, "/healthz" | "/readyz")
@@ -63,4 +88,30 @@ pub async fn log_request(request: Request, next: Next) -> Response {
         tracing::info!(%request_id, %method, %route, status, latency_ms, "request");
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(ids: &[&str]) -> Option<String> {
+        let mut request = Request::new(axum::body::Body::empty());
+        for id in ids {
+            request.headers_mut().append("x-request-id", id.parse().unwrap());
+        }
+        let request = drop_unfit_request_id(request);
+        request.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn only_short_plain_request_ids_are_kept() {
+        assert_eq!(kept(&["bony-123"]).as_deref(), Some("bony-123"));
+        assert_eq!(kept(&["a.b_c:d-E9"]).as_deref(), Some("a.b_c:d-E9"));
+        assert_eq!(kept(&[&"x".repeat(64)]).map(|id| id.len()), Some(64));
+        assert_eq!(kept(&[&"x".repeat(65)]), None);
+        assert_eq!(kept(&["has space"]), None);
+        assert_eq!(kept(&["quote\"level=error"]), None);
+        assert_eq!(kept(&["one", "two"]), None);
+        assert_eq!(kept(&[]), None);
+    }
 }

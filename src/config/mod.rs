@@ -43,6 +43,22 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `RELAY_ADMIN_TOKEN`: enables `/admin/*` when set.
     pub admin_token: Option<Secret>,
+    pub limits: ServerLimits,
+}
+
+/// What one client, or many, may hold of the relay: connections, time and body memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// `RELAY_MAX_CONNECTIONS`, default 1024; clamped at start to fit the file-descriptor limit.
+    pub max_connections: usize,
+    /// `RELAY_HEADER_READ_TIMEOUT_MS`, default 10000: a request's head must arrive within it.
+    pub header_read_timeout: Duration,
+    /// `RELAY_IDLE_TIMEOUT_SECS`, default 60: a connection with no request for that long is closed.
+    pub idle_timeout: Duration,
+    /// `RELAY_BODY_READ_TIMEOUT_MS`, default 10000: a request body must arrive within it.
+    pub body_read_timeout: Duration,
+    /// `RELAY_MAX_BODY_BYTES_IN_FLIGHT`, default 64 MiB: request body bytes held at once.
+    pub max_body_bytes_in_flight: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -173,6 +189,11 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_LOG_FORMAT",
     "RELAY_MAX_QUEUED_OUTBOUND",
     "RELAY_MAX_QUEUED_INBOUND",
+    "RELAY_MAX_CONNECTIONS",
+    "RELAY_HEADER_READ_TIMEOUT_MS",
+    "RELAY_IDLE_TIMEOUT_SECS",
+    "RELAY_BODY_READ_TIMEOUT_MS",
+    "RELAY_MAX_BODY_BYTES_IN_FLIGHT",
 ];
 
 const SECRET_VARS: &[&str] = &[
@@ -197,6 +218,7 @@ impl Config {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
             shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), grace_secs)?,
             admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
+            limits: ServerLimits::from_env(env)?,
         };
 
         let bonychat = BonyChatConfig {
@@ -304,6 +326,31 @@ impl StoreConfig {
                 outbound: env.parsed("RELAY_MAX_QUEUED_OUTBOUND", IntakeCaps::DEFAULT.outbound, positive_count)?,
                 inbound: env.parsed("RELAY_MAX_QUEUED_INBOUND", IntakeCaps::DEFAULT.inbound, positive_count)?,
             },
+        })
+    }
+}
+
+impl ServerLimits {
+    fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let at_least = |min: u64| {
+            move |raw: &str| match parse_u64(raw)? {
+                n if n < min => Err(format!("must be at least {min}")),
+                n => usize::try_from(n).map_err(|_| "is too large".to_owned()),
+            }
+        };
+        Ok(Self {
+            max_connections: env.parsed("RELAY_MAX_CONNECTIONS", 1024, at_least(1))?,
+            header_read_timeout: env.parsed("RELAY_HEADER_READ_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
+            idle_timeout: env.parsed("RELAY_IDLE_TIMEOUT_SECS", Duration::from_secs(60), |raw| {
+                match parse_u64(raw)? {
+                    0 => Err("must be greater than 0".into()),
+                    secs @ 1..=MAX_SHUTDOWN_GRACE_SECS => Ok(Duration::from_secs(secs)),
+                    _ => Err(format!("must be at most {MAX_SHUTDOWN_GRACE_SECS} seconds (an hour)")),
+                }
+            })?,
+            body_read_timeout: env.parsed("RELAY_BODY_READ_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
+            // One whole `/message` body must fit, or no `/message` could ever be read.
+            max_body_bytes_in_flight: env.parsed("RELAY_MAX_BODY_BYTES_IN_FLIGHT", 64 << 20, at_least(64 << 10))?,
         })
     }
 }
@@ -690,5 +737,30 @@ mod tests {
     fn connect_timeout_must_fit_in_the_request_timeout() {
         let env = with(&[("JOINCHAT_CONNECT_TIMEOUT_MS", "5000"), ("JOINCHAT_TIMEOUT_MS", "1000")]);
         assert_eq!(Config::from_env(&env).unwrap_err().var, "JOINCHAT_CONNECT_TIMEOUT_MS");
+    }
+
+    #[test]
+    fn server_limits_have_safe_defaults_and_refuse_zero() {
+        let limits = Config::from_env(&with(&[])).unwrap().server.limits;
+        assert_eq!(
+            limits,
+            ServerLimits {
+                max_connections: 1024,
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                body_read_timeout: Duration::from_secs(10),
+                max_body_bytes_in_flight: 64 << 20,
+            }
+        );
+        for (var, value) in [
+            ("RELAY_MAX_CONNECTIONS", "0"),
+            ("RELAY_HEADER_READ_TIMEOUT_MS", "0"),
+            ("RELAY_IDLE_TIMEOUT_SECS", "0"),
+            ("RELAY_BODY_READ_TIMEOUT_MS", "soon"),
+            ("RELAY_MAX_BODY_BYTES_IN_FLIGHT", "1000"),
+        ] {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+        }
     }
 }

@@ -5,13 +5,13 @@
 //! anything else → 200, and the relay keeps trying (a `failed` receipt follows if it gives up).
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, State};
+use axum::body::Body;
+use axum::extract::{Extension, FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
 use serde::Serialize;
 
+use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
 use crate::delivery::{FirstAttempt, Waiters, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
@@ -27,12 +27,13 @@ pub struct Accepted {
 pub async fn post_message(
     State(state): State<AppState>,
     _: BonyChatCaller,
+    Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Accepted>, ApiError> {
     require_json(&headers)?;
-    let body = body.map_err(|rejection| ApiError::from_body_rejection(rejection, MESSAGE_BODY_LIMIT))?;
-    let request = OutboundRequest::parse(&body, &state.config.bonychat.channel_id)?;
+    let body = reader.read(body, MESSAGE_BODY_LIMIT).await?;
+    let request = OutboundRequest::parse(&body.bytes, &state.config.bonychat.channel_id)?;
     let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now_millis());
     let m_id = job.m_id.clone();
 

@@ -2,6 +2,7 @@
 
 mod admin;
 mod health;
+pub mod limits;
 mod message;
 mod webhooks;
 
@@ -9,8 +10,9 @@ use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Extension;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -67,37 +69,44 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// The whole router. `request_timeout` bounds every request, body upload included, so that
-/// graceful shutdown cannot be held up forever by a stuck client.
+/// The whole router. `request_timeout` bounds each request of the routes that store nothing, so
+/// that graceful shutdown cannot be held up forever by a stuck client. The two routes that store
+/// work have no overall deadline: one that fired while the store committed would answer an
+/// error for stored work (SPEC §5). Their body read has its own deadline ([`limits::BodyReader`]), the
+/// store bounds its own wait, and `/message` waits at most `RELAY_SEND_WAIT_MS` after that.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let message =
-        Router::new().route("/message", post(message::post_message)).layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT));
-    let messenger = Router::new()
-        .route("/webhooks/messenger", get(webhooks::verify_subscription).post(webhooks::receive_events))
-        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT));
+    let timeout = || middleware::from_fn_with_state(request_timeout, timeout);
+    let stores_work = Router::new().route("/message", post(message::post_message)).route(
+        "/webhooks/messenger",
+        get(webhooks::verify_subscription).layer(timeout()).post(webhooks::receive_events),
+    );
 
-    let admin = Router::new()
-        .route("/admin/jobs", get(admin::list_jobs))
-        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/admin/dead/redrive", post(admin::redrive_dead));
-
-    Router::new()
+    let bounded = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .merge(message)
-        .merge(messenger)
-        .merge(admin)
+        .route("/admin/jobs", get(admin::list_jobs))
+        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+        .route("/admin/dead/redrive", post(admin::redrive_dead))
         .fallback(|| async { ApiError::NotFound })
+        .layer(timeout());
+
+    let body_reader = limits::BodyReader::new(&state.config.server.limits);
+    Router::new()
+        .merge(stores_work)
+        .merge(bounded)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        // Outermost first: the request id exists before the request is logged, and the log
-        // line sees the final status, including timeouts and panics turned into errors.
+        // Outermost first: a caller's request id is checked before it is kept, the id exists
+        // before the request is logged, and the log line sees the final status, including
+        // refused heads, timeouts and panics turned into errors.
         .layer(
             ServiceBuilder::new()
+                .map_request(telemetry::drop_unfit_request_id)
                 .set_x_request_id(telemetry::MakeRequestId)
                 .propagate_x_request_id()
                 .layer(middleware::from_fn(telemetry::log_request))
+                .layer(middleware::from_fn(limits::head_limits))
                 .layer(CatchPanicLayer::custom(panic_response))
-                .layer(middleware::from_fn_with_state(request_timeout, timeout)),
+                .layer(Extension(body_reader)),
         )
         .with_state(state)
 }
@@ -116,4 +125,69 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
     ApiError::Internal(format!("handler panicked: {detail}")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::Env;
+
+    const TOKEN: &str = "bonychat-api-token";
+
+    async fn state(dir: &std::path::Path) -> AppState {
+        let database_url = format!("sqlite://{}/relay.db", dir.display());
+        let env = Env::from_pairs([
+            ("BONYCHAT_CHANNEL_ID", "channel"),
+            ("BONYCHAT_API_TOKEN", TOKEN),
+            ("BONYCHAT_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+            ("JOINCHAT_PAGE_ID", "510249619162304"),
+            ("JOINCHAT_API_SECRET", "joinchat-secret"),
+            ("MESSENGER_APP_SECRET", "app-secret"),
+            ("MESSENGER_VERIFY_TOKEN", "verify-token"),
+            ("RELAY_DATABASE_URL", &database_url),
+            ("RELAY_SEND_WAIT_MS", "300"),
+        ]);
+        let config = Config::from_env(&env).unwrap();
+        let store = crate::store::open(&config.store).await.unwrap();
+        AppState::new(Shared {
+            bonychat_token: BearerToken::new(&config.bonychat.api_token),
+            admin_token: None,
+            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
+            verify_token: SecretDigest::new(&config.messenger.verify_token),
+            store,
+            waiters: Arc::new(Waiters::default()),
+            wake: Arc::new(Notify::new()),
+            shutdown: CancellationToken::new(),
+            config,
+        })
+    }
+
+    /// SPEC §5: a request timeout firing after the store wrote the job would answer an error for
+    /// stored work. `/message` waits for its first attempt, here longer than the request
+    /// timeout (no worker runs), and must still answer 200 for the job it stored.
+    #[tokio::test]
+    async fn the_request_timeout_never_cuts_off_a_message_it_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let store = Arc::clone(&state.store);
+        let app = router(state, Duration::from_millis(50));
+        let body =
+            r#"{"channelId": "channel", "contactId": "1066835436691078", "message": {"type": "text", "text": "hi"}}"#;
+        let request = Request::post("/message")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+
+        let answer = app.clone().oneshot(request).await.unwrap();
+
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(store.list(None, 10).await.unwrap().len(), 1);
+        let probe = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(probe.status(), StatusCode::OK, "other routes keep their timeout, and answer well within it");
+    }
 }

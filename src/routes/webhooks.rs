@@ -2,14 +2,15 @@
 //! (SPEC §4.1, §4.2).
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::limits::BodyReader;
 use super::{AppState, WEBHOOK_BODY_LIMIT};
 use crate::domain::bonychat::StatusValue;
 use crate::domain::inbound::{MessengerEvent, parse_envelope};
@@ -52,12 +53,13 @@ pub async fn verify_subscription(
 /// forwarding to BonyChat happens afterwards, from the store.
 pub async fn receive_events(
     State(state): State<AppState>,
+    Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = body.map_err(|rejection| ApiError::from_body_rejection(rejection, WEBHOOK_BODY_LIMIT))?;
+    let body = reader.read(body, WEBHOOK_BODY_LIMIT).await?;
     let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    let verified = state.hub_signature.verify(signature, body).map_err(ApiError::InvalidSignature)?;
+    let verified = state.hub_signature.verify(signature, body.bytes.clone()).map_err(ApiError::InvalidSignature)?;
 
     let now = now_millis();
     let envelope =

@@ -6,6 +6,7 @@ mod contact_profiles;
 mod crash;
 mod durable_delivery;
 mod helpers;
+mod hostile_clients;
 mod joinchat_answers;
 mod message_limits;
 mod message_requests;
