@@ -190,4 +190,25 @@ mod tests {
         let probe = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(probe.status(), StatusCode::OK, "other routes keep their timeout, and answer well within it");
     }
+
+    /// Readiness turns 503 the moment shutdown begins, before in-flight work is done, so a load
+    /// balancer stops sending first. (From outside the window is too short to hit: the listener
+    /// closes at the same moment.)
+    #[tokio::test]
+    async fn readiness_turns_503_once_shutdown_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path()).await;
+        let shutdown = state.shutdown.clone();
+        let app = router(state, Duration::from_secs(5));
+        let readyz = || Request::get("/readyz").body(Body::empty()).unwrap();
+
+        let before = app.clone().oneshot(readyz()).await.unwrap();
+        shutdown.cancel();
+        let after = app.oneshot(readyz()).await.unwrap();
+
+        assert_eq!(before.status(), StatusCode::OK);
+        assert_eq!(after.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(after.into_body(), 1024).await.unwrap();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["status"], "shutting_down");
+    }
 }
