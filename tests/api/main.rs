@@ -5,6 +5,7 @@ mod contact_profiles;
 mod crash;
 mod durable_delivery;
 mod helpers;
+mod hostile_webhooks;
 mod joinchat_answers;
 mod message_limits;
 mod message_requests;
