@@ -189,7 +189,13 @@ fn parse_attachment(attachment: &Object<'_>) -> Result<Attachment, FieldError> {
     };
     let url = attachment.required_str("url")?;
     attachment.check_chars("url", url, 1, URL_MAX)?;
-    let is_web_url = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    // The URL parser is lenient (it skips blanks and control characters, and takes `https:/;/x`
+    // or `https:x` as `https://…`), but the string goes to JoinChat as it came: it must be a
+    // plain URL on its own, not merely one the parser can make something of.
+    let is_web_url = has_web_scheme(url)
+        && !url.chars().any(|c| c.is_control() || (c.is_whitespace() && c != ' '))
+        && url.trim() == url
+        && url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
     if !is_web_url {
         return Err(attachment.error("url", "must be an http or https URL"));
     }
@@ -209,6 +215,11 @@ fn parse_attachment(attachment: &Object<'_>) -> Result<Attachment, FieldError> {
         file_name: non_empty(file_name),
         description: non_empty(description),
     })
+}
+
+/// `http://` or `https://` in any case, slashes included.
+fn has_web_scheme(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| url.get(..scheme.len()).is_some_and(|s| s.eq_ignore_ascii_case(scheme)))
 }
 
 /// Empty optional strings carry nothing: treated as absent, so translation never shows a blank.
@@ -329,6 +340,35 @@ mod tests {
             field_error(with_message(json!({"type": "text", "text": " \n "}))),
             "message.text: must not be blank"
         );
+    }
+
+    /// Found by `cargo fuzz run message`: the URL parser read `https:/;/example.com/…` as a
+    /// URL with host `;`, and the raw string went to JoinChat as the button's link.
+    #[test]
+    fn urls_the_parser_would_only_mend_are_refused() {
+        let attach =
+            |url: &str| with_message(json!({"type": "attachment", "attachment": {"type": "file", "url": url}}));
+        for mended in [
+            "https:/;/example.com/docs/report%20Q1.pdf",
+            "https:example.com/a.pdf",
+            "https:\\\\example.com/a.pdf",
+            " https://example.com/a.pdf",
+            "https://example.com/a.pdf\n",
+            "https://exa\tmple.com/a.pdf",
+            "https://example.com/\u{0}a.pdf",
+        ] {
+            assert_eq!(
+                field_error(attach(mended)),
+                "message.attachment.url: must be an http or https URL",
+                "{mended:?}"
+            );
+        }
+        for plain in ["https://example.com/a.pdf", "HTTP://Example.com/a b.pdf", "http://127.0.0.1:8080/x?y=1#z"] {
+            let Ok(OutboundRequest { message: OutboundMessage::Attachment(attachment), .. }) = attach(plain) else {
+                panic!("{plain:?} refused");
+            };
+            assert_eq!(attachment.url, plain, "forwarded as it came");
+        }
     }
 
     #[test]
