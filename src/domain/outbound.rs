@@ -132,10 +132,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
     match message.required_str("type")? {
         "text" => {
             let text = message.required_str("text")?;
-            message.check_chars("text", text, 1, TEXT_MAX)?;
-            if text.trim().is_empty() {
-                return Err(message.error("text", "must not be blank"));
-            }
+            message.check_shown_text("text", text, TEXT_MAX)?;
             Ok(OutboundMessage::Text { text: text.to_owned() })
         }
         "attachment" => parse_attachment(&message.object("attachment")?).map(OutboundMessage::Attachment),
@@ -156,7 +153,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
         }
         "quick_reply" => {
             let title = message.required_str("title")?;
-            message.check_chars("title", title, 1, NAME_MAX)?;
+            message.check_shown_text("title", title, NAME_MAX)?;
             let replies = message.array("replies")?;
             if !(1..=REPLIES_MAX).contains(&replies.len()) {
                 return Err(
@@ -169,7 +166,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
                 .map(|(i, reply)| {
                     let field = format!("replies[{i}]");
                     let reply = reply.as_str().ok_or_else(|| message.error(&field, "must be a string"))?;
-                    message.check_chars(&field, reply, 1, NAME_MAX)?;
+                    message.check_shown_text(&field, reply, NAME_MAX)?;
                     Ok(reply.to_owned())
                 })
                 .collect::<Result<_, FieldError>>()?;
@@ -285,6 +282,16 @@ impl<'a> Object<'a> {
 
     fn array(&self, name: &str) -> Result<&'a Vec<Value>, FieldError> {
         self.required(name)?.as_array().ok_or_else(|| self.error(name, "must be an array"))
+    }
+
+    /// For text Messenger shows as it is (a text, a button's text or title): one of only
+    /// whitespace would be refused or shown as nothing.
+    fn check_shown_text(&self, name: &str, value: &str, max: usize) -> Result<(), FieldError> {
+        self.check_chars(name, value, 1, max)?;
+        if value.trim().is_empty() {
+            return Err(self.error(name, "must not be blank"));
+        }
+        Ok(())
     }
 
     fn check_chars(&self, name: &str, value: &str, min: usize, max: usize) -> Result<(), FieldError> {
@@ -451,6 +458,21 @@ mod tests {
         assert_eq!(
             field_error(with_message(json!({"type": "quick_reply", "title": "", "replies": ["a"]}))),
             "message.title: must not be empty"
+        );
+    }
+
+    /// Caught by an invariant of the `message` fuzz target: a blank title became a button template
+    /// (or, with 4+ replies, a text message) of only whitespace, and a blank reply a blank
+    /// button title, which Messenger does not show.
+    #[test]
+    fn quick_reply_titles_and_replies_must_not_be_blank() {
+        assert_eq!(
+            field_error(with_message(json!({"type": "quick_reply", "title": " ", "replies": ["a"]}))),
+            "message.title: must not be blank"
+        );
+        assert_eq!(
+            field_error(with_message(json!({"type": "quick_reply", "title": "Pick", "replies": ["a", "\n\t"]}))),
+            "message.replies[1]: must not be blank"
         );
     }
 
