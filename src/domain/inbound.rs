@@ -32,8 +32,9 @@ pub const EARLIEST_EVENT_MILLIS: i64 = 1_072_915_200_000;
 /// day is beyond any drift.
 pub const FUTURE_SLACK_MILLIS: i64 = 24 * 60 * 60 * 1000;
 
-/// How much of a refused contact id a reason shows: ids can be as long as the body.
-const SHOWN_ID_MAX: usize = 60;
+/// How much of a value taken from the body a reason shows: every reason is logged, and a
+/// value can be as long as the body.
+const SHOWN_MAX: usize = 60;
 
 /// Everything a webhook body carried.
 #[derive(Debug, Default, PartialEq)]
@@ -107,7 +108,7 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
 
     let mut envelope = Envelope::default();
     if object != Some("page") {
-        envelope.ignored.push(Ignored(format!("object {} is not page", object.unwrap_or("(missing)"))));
+        envelope.ignored.push(Ignored(format!("object {} is not page", shown(object.unwrap_or("(missing)")))));
         return Ok(envelope);
     }
     for entry in entries {
@@ -119,7 +120,7 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
         if entry_page.as_deref() != Some(page_id) {
             envelope.ignored.push(Ignored(format!(
                 "entry for page {}, not {page_id}",
-                entry_page.as_deref().unwrap_or("(missing)")
+                shown(entry_page.as_deref().unwrap_or("(missing)"))
             )));
             continue;
         }
@@ -210,7 +211,11 @@ fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEven
         .keys()
         .find(|k| !matches!(k.as_str(), "sender" | "recipient" | "timestamp"))
         .map_or("(none)", String::as_str);
-    Err(Ignored(format!("event kind {kind} is not forwarded")))
+    Err(Ignored(format!("event kind {} is not forwarded", shown(kind))))
+}
+
+fn shown(value: &str) -> std::borrow::Cow<'_, str> {
+    truncate(value, SHOWN_MAX)
 }
 
 /// `id` when BonyChat would take it as a `contactId`. Otherwise the event is ignored: BonyChat
@@ -226,8 +231,7 @@ fn bonychat_contact(id: String, role: &str) -> Result<String, Ignored> {
         "has characters other than A-Z a-z 0-9 _ = + / @".to_owned()
     };
     // Debug formatting escapes quotes and control characters, so the id cannot forge log lines.
-    let shown = truncate(&id, SHOWN_ID_MAX);
-    Err(Ignored(format!("contact id {shown:?} of the {role} {problem}: BonyChat would refuse it")))
+    Err(Ignored(format!("contact id {:?} of the {role} {problem}: BonyChat would refuse it", shown(&id))))
 }
 
 /// A receipt's watermark. One in the future would mark as delivered or read every message sent
@@ -749,6 +753,26 @@ mod tests {
 
         let instagram = events_of(json!({"object": "instagram", "entry": []}));
         assert_eq!(instagram.ignored, vec![Ignored("object instagram is not page".into())]);
+    }
+
+    /// Caught by an invariant of the `envelope` fuzz target: an object, page id or event kind as
+    /// long as the body was copied into the logged reason in full.
+    #[test]
+    fn reasons_show_at_most_the_start_of_what_the_body_holds() {
+        let long = "k".repeat(100_000);
+        let envelope = events_of(json!({"object": "page", "entry": [
+            {"id": long, "messaging": [user(json!({"mid": "m", "text": "x"}))]},
+            {"id": PAGE, "messaging": [{"sender": {"id": "1"}, long.clone(): {}}]}
+        ]}));
+        let other = events_of(json!({"object": long, "entry": []}));
+        let reasons: Vec<&str> = envelope.ignored.iter().chain(&other.ignored).map(|Ignored(r)| r.as_str()).collect();
+        assert_eq!(reasons.len(), 3);
+        for reason in reasons {
+            assert!(
+                reason.chars().count() < 100 && reason.contains(&format!("{}…", "k".repeat(SHOWN_MAX - 1))),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
