@@ -214,8 +214,11 @@ fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEven
     Err(Ignored(format!("event kind {} is not forwarded", shown(kind))))
 }
 
-fn shown(value: &str) -> std::borrow::Cow<'_, str> {
-    truncate(value, SHOWN_MAX)
+/// `value` for a reason: escaped, so a control character cannot forge a log line, and cut to
+/// `SHOWN_MAX` characters after escaping, since one character can take ten escaped.
+fn shown(value: &str) -> String {
+    let escaped: String = value.escape_debug().take(SHOWN_MAX + 1).collect();
+    truncate(&escaped, SHOWN_MAX).into_owned()
 }
 
 /// `id` when BonyChat would take it as a `contactId`. Otherwise the event is ignored: BonyChat
@@ -230,8 +233,7 @@ fn bonychat_contact(id: String, role: &str) -> Result<String, Ignored> {
     } else {
         "has characters other than A-Z a-z 0-9 _ = + / @".to_owned()
     };
-    // Debug formatting escapes quotes and control characters, so the id cannot forge log lines.
-    Err(Ignored(format!("contact id {:?} of the {role} {problem}: BonyChat would refuse it", shown(&id))))
+    Err(Ignored(format!("contact id \"{}\" of the {role} {problem}: BonyChat would refuse it", shown(&id))))
 }
 
 /// A receipt's watermark. One in the future would mark as delivered or read every message sent
@@ -273,7 +275,7 @@ fn id_of(value: &Value) -> Option<String> {
 /// too small to be milliseconds after 1973 are seconds (the dashboard's test events send those).
 fn millis_of(value: &Value) -> Option<i64> {
     let raw = match value {
-        // `as` saturates (and a u64 beyond i64 arrives as a float): huge values stay huge, so
+        // `as` saturates (a u64 beyond i64 is read through f64): huge values stay huge, so
         // the range checks refuse them instead of an overflow wrapping them into range.
         Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))?,
         Value::String(s) => s.trim().parse().ok()?,
@@ -773,6 +775,23 @@ mod tests {
                 "{reason}"
             );
         }
+    }
+
+    /// Found by `cargo fuzz run envelope` (crash-59db5072): a sender id of `22`, 43 DEL
+    /// characters and `22` was cut to 60 characters before escaping, and each DEL took 7.
+    #[test]
+    fn reasons_are_cut_after_escaping() {
+        let envelope = at_now(json!([
+            text_from(json!(format!("22{}22", "\u{7f}".repeat(43))), json!(NOW)),
+            text_from(json!("\u{10ffff}".repeat(1000)), json!(NOW)),
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": NOW, "\n\r\u{1b}".repeat(100): {}},
+        ]));
+        assert_eq!(envelope.ignored.len(), 3);
+        for Ignored(reason) in &envelope.ignored {
+            assert!(reason.chars().count() <= 200, "{reason}");
+            assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        }
+        assert!(envelope.ignored[0].0.starts_with(r#"contact id "22\u{7f}\u{7f}"#), "{:?}", envelope.ignored[0]);
     }
 
     #[test]
