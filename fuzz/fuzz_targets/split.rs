@@ -33,7 +33,7 @@ fn check(text: &str, max: usize) {
         let gap = &text[end_of_previous..start];
         assert!(gap.chars().all(char::is_whitespace), "part {index}: non-whitespace {gap:?} was dropped");
         if index > 0 && gap.is_empty() {
-            check_cut_without_whitespace(text, &parts[index - 1], start, max);
+            check_cut_without_whitespace(text, parts[index - 1], start, max);
         }
         end_of_previous = start + part.len();
     }
