@@ -6,18 +6,35 @@
 //! What the relay does not forward is reported as [`Ignored`] so it can be logged; content is
 //! never dropped silently: an attachment the relay cannot show as such becomes readable text.
 //!
+//! It is also as strict as BonyChat where BonyChat would refuse what it is handed: an event
+//! whose contact id is not a valid `contactId` (SPEC §3.1) is ignored here, because forwarding
+//! it would only fill the queue with a job retried for a day and then dead-lettered. Times out
+//! of any sane range are replaced like missing ones, and insane watermarks are ignored.
+//!
 //! Only a [`VerifiedBody`] can be parsed: the signature check comes first by construction.
 
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::bonychat::{BonyAttachment, BonyMessage, WebhookEvent};
-use super::outbound::TEXT_MAX;
-use super::text::{normalize_whitespace as normalize, truncate};
+use super::outbound::{CONTACT_ID_MAX, ContactId, TEXT_MAX};
+use super::text::{char_len, normalize_whitespace as normalize, truncate};
 use crate::signing::VerifiedBody;
 
 /// BonyChat's limit for an `mId`.
 pub const M_ID_MAX: usize = 50;
+
+/// 2004-01-01T00:00:00Z in ms. Facebook did not exist before 2004, so an earlier event time is
+/// a placeholder or a bug, not when the event happened.
+pub const EARLIEST_EVENT_MILLIS: i64 = 1_072_915_200_000;
+
+/// How far past the receipt time an event time or a watermark may lie: clocks drift, but a
+/// day is beyond any drift.
+pub const FUTURE_SLACK_MILLIS: i64 = 24 * 60 * 60 * 1000;
+
+/// How much of a value taken from the body a reason shows: every reason is logged, and a
+/// value can be as long as the body.
+const SHOWN_MAX: usize = 60;
 
 /// Everything a webhook body carried.
 #[derive(Debug, Default, PartialEq)]
@@ -79,7 +96,8 @@ impl MessageEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeError(pub String);
 
-/// Parses a webhook body for the Page `page_id`; `received_at` (ms) stands in for missing times.
+/// Parses a webhook body for the Page `page_id`; `received_at` (ms) stands in for missing or
+/// insane times, and bounds how far in the future a time may be.
 pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> Result<Envelope, EnvelopeError> {
     let value: Value =
         serde_json::from_slice(body.bytes()).map_err(|e| EnvelopeError(format!("body: not valid JSON ({e})")))?;
@@ -90,7 +108,7 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
 
     let mut envelope = Envelope::default();
     if object != Some("page") {
-        envelope.ignored.push(Ignored(format!("object {} is not page", object.unwrap_or("(missing)"))));
+        envelope.ignored.push(Ignored(format!("object {} is not page", shown(object.unwrap_or("(missing)")))));
         return Ok(envelope);
     }
     for entry in entries {
@@ -102,15 +120,15 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
         if entry_page.as_deref() != Some(page_id) {
             envelope.ignored.push(Ignored(format!(
                 "entry for page {}, not {page_id}",
-                entry_page.as_deref().unwrap_or("(missing)")
+                shown(entry_page.as_deref().unwrap_or("(missing)"))
             )));
             continue;
         }
-        let entry_time = entry.get("time").and_then(millis_of);
+        let entry_time = entry.get("time").and_then(millis_of).filter(|&t| is_event_time(t, received_at));
+        let clock = Clock { received_at, fallback: entry_time.unwrap_or(received_at) };
         for channel in ["messaging", "standby"] {
             for item in entry.get(channel).and_then(Value::as_array).into_iter().flatten() {
-                let fallback_time = entry_time.unwrap_or(received_at);
-                match item.as_object().map(|event| parse_event(event, fallback_time)) {
+                match item.as_object().map(|event| parse_event(event, clock)) {
                     Some(Ok(event)) => envelope.events.push(event),
                     Some(Err(ignored)) => envelope.ignored.push(ignored),
                     None => envelope.ignored.push(Ignored(format!("a {channel} item that is not an object"))),
@@ -121,12 +139,31 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
     Ok(envelope)
 }
 
-fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<MessengerEvent, Ignored> {
+/// The times an entry's events are judged against, in ms.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    received_at: i64,
+    /// What stands in for a missing or insane event time: the entry's time, else `received_at`.
+    fallback: i64,
+}
+
+/// Whether `millis` can be when a Messenger event happened, given when it was received.
+fn is_event_time(millis: i64, received_at: i64) -> bool {
+    (EARLIEST_EVENT_MILLIS..=received_at.saturating_add(FUTURE_SLACK_MILLIS)).contains(&millis)
+}
+
+fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEvent, Ignored> {
     let sender = participant(event.get("sender"));
     let recipient = participant(event.get("recipient"));
-    let timestamp = event.get("timestamp").and_then(millis_of).unwrap_or(fallback_time);
-    let contact =
-        |who: Option<String>, role: &str| who.ok_or_else(|| Ignored(format!("an event without a usable {role} id")));
+    let timestamp = event
+        .get("timestamp")
+        .and_then(millis_of)
+        .filter(|&t| is_event_time(t, clock.received_at))
+        .unwrap_or(clock.fallback);
+    let contact = |who: Option<String>, role: &str| {
+        who.ok_or_else(|| Ignored(format!("an event without a usable {role} id")))
+            .and_then(|id| bonychat_contact(id, role))
+    };
 
     if let Some(message) = event.get("message").and_then(Value::as_object) {
         let echo = message.get("is_echo").and_then(Value::as_bool) == Some(true);
@@ -163,22 +200,55 @@ fn parse_event(event: &Map<String, Value>, fallback_time: i64) -> Result<Messeng
         }));
     }
     if let Some(delivery) = event.get("delivery").and_then(Value::as_object) {
-        let watermark = delivery
-            .get("watermark")
-            .and_then(millis_of)
-            .ok_or_else(|| Ignored("a delivery without a watermark".into()))?;
+        let watermark = watermark_of(delivery, "delivery", clock)?;
         return Ok(MessengerEvent::Delivery { contact: contact(sender, "sender")?, watermark, timestamp });
     }
     if let Some(read) = event.get("read").and_then(Value::as_object) {
-        let watermark =
-            read.get("watermark").and_then(millis_of).ok_or_else(|| Ignored("a read without a watermark".into()))?;
+        let watermark = watermark_of(read, "read", clock)?;
         return Ok(MessengerEvent::Read { contact: contact(sender, "sender")?, watermark, timestamp });
     }
     let kind = event
         .keys()
         .find(|k| !matches!(k.as_str(), "sender" | "recipient" | "timestamp"))
         .map_or("(none)", String::as_str);
-    Err(Ignored(format!("event kind {kind} is not forwarded")))
+    Err(Ignored(format!("event kind {} is not forwarded", shown(kind))))
+}
+
+/// `value` for a reason: escaped, so a control character cannot forge a log line, and cut to
+/// `SHOWN_MAX` characters after escaping, since one character can take ten escaped.
+fn shown(value: &str) -> String {
+    let escaped: String = value.escape_debug().take(SHOWN_MAX + 1).collect();
+    truncate(&escaped, SHOWN_MAX).into_owned()
+}
+
+/// `id` when BonyChat would take it as a `contactId`. Otherwise the event is ignored: BonyChat
+/// refuses the post for good, so forwarding it would only be retried for a day and dead-lettered.
+fn bonychat_contact(id: String, role: &str) -> Result<String, Ignored> {
+    if ContactId::parse(&id).is_ok() {
+        return Ok(id);
+    }
+    let length = char_len(&id);
+    let problem = if length > CONTACT_ID_MAX {
+        format!("is {length} characters, longer than {CONTACT_ID_MAX} characters")
+    } else {
+        "has characters other than A-Z a-z 0-9 _ = + / @".to_owned()
+    };
+    Err(Ignored(format!("contact id \"{}\" of the {role} {problem}: BonyChat would refuse it", shown(&id))))
+}
+
+/// A receipt's watermark. One in the future would mark as delivered or read every message sent
+/// until then, including ones not yet sent, so an insane one makes the receipt ignored.
+fn watermark_of(receipt: &Map<String, Value>, kind: &str, clock: Clock) -> Result<i64, Ignored> {
+    let watermark =
+        receipt.get("watermark").and_then(millis_of).ok_or_else(|| Ignored(format!("a {kind} without a watermark")))?;
+    let latest = clock.received_at.saturating_add(FUTURE_SLACK_MILLIS);
+    if (1..=latest).contains(&watermark) {
+        Ok(watermark)
+    } else {
+        Err(Ignored(format!(
+            "a {kind} with watermark {watermark}: not a time between the epoch and a day after receipt"
+        )))
+    }
 }
 
 /// A stable rendering of contents for a derived id: JSON, not `Debug`, whose format may change.
@@ -201,18 +271,20 @@ fn id_of(value: &Value) -> Option<String> {
     }
 }
 
-/// A time in milliseconds: a number or a string of digits; 0 counts as missing. Values too
-/// small to be milliseconds after 1973 are seconds (the dashboard's test events send those).
+/// A time in milliseconds as sent: a number or a string of digits, not yet judged sane. Values
+/// too small to be milliseconds after 1973 are seconds (the dashboard's test events send those).
 fn millis_of(value: &Value) -> Option<i64> {
     let raw = match value {
+        // `as` saturates (a u64 beyond i64 is read through f64): huge values stay huge, so
+        // the range checks refuse them instead of an overflow wrapping them into range.
         Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64))?,
         Value::String(s) => s.trim().parse().ok()?,
         _ => return None,
     };
     match raw {
-        ..=0 => None,
+        // Below 1e11 the product stays below 1e14: no overflow.
         seconds @ 1..100_000_000_000 => Some(seconds * 1000),
-        millis => Some(millis),
+        other => Some(other),
     }
 }
 
@@ -421,13 +493,18 @@ pub fn derived_id(input: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use serde_json::json;
 
     const PAGE: &str = "510249619162304";
 
     fn events_of(envelope: Value) -> Envelope {
+        events_at(envelope, 42_000_000_000_000)
+    }
+
+    fn events_at(envelope: Value, received_at: i64) -> Envelope {
         let body = crate::signing::tests_support::verified(envelope.to_string().as_bytes());
-        parse_envelope(&body, PAGE, 42_000_000_000_000).unwrap()
+        parse_envelope(&body, PAGE, received_at).unwrap()
     }
 
     fn one_entry(items: Value) -> Value {
@@ -525,14 +602,13 @@ mod tests {
 
     #[test]
     fn a_message_without_a_mid_gets_the_same_derived_id_every_time() {
-        let item =
-            json!({"sender": {"id": "7"}, "recipient": {"id": PAGE}, "timestamp": 5, "message": {"text": "no mid"}});
+        let item = json!({"sender": {"id": "7"}, "recipient": {"id": PAGE}, "timestamp": 1_468_152_703_534_i64, "message": {"text": "no mid"}});
         let first = single_message(item.clone()).mid;
         assert!(first.starts_with("mid_") && first.len() == M_ID_MAX);
         assert_eq!(first, single_message(item).mid);
         assert_eq!(
             first,
-            derived_id(r#"message|7|5000|[{"type":"text","text":"no mid"}]"#),
+            derived_id(r#"message|7|1468152703534|[{"type":"text","text":"no mid"}]"#),
             "a documented, stable input"
         );
     }
@@ -681,6 +757,43 @@ mod tests {
         assert_eq!(instagram.ignored, vec![Ignored("object instagram is not page".into())]);
     }
 
+    /// Caught by an invariant of the `envelope` fuzz target: an object, page id or event kind as
+    /// long as the body was copied into the logged reason in full.
+    #[test]
+    fn reasons_show_at_most_the_start_of_what_the_body_holds() {
+        let long = "k".repeat(100_000);
+        let envelope = events_of(json!({"object": "page", "entry": [
+            {"id": long, "messaging": [user(json!({"mid": "m", "text": "x"}))]},
+            {"id": PAGE, "messaging": [{"sender": {"id": "1"}, long.clone(): {}}]}
+        ]}));
+        let other = events_of(json!({"object": long, "entry": []}));
+        let reasons: Vec<&str> = envelope.ignored.iter().chain(&other.ignored).map(|Ignored(r)| r.as_str()).collect();
+        assert_eq!(reasons.len(), 3);
+        for reason in reasons {
+            assert!(
+                reason.chars().count() < 100 && reason.contains(&format!("{}…", "k".repeat(SHOWN_MAX - 1))),
+                "{reason}"
+            );
+        }
+    }
+
+    /// Found by `cargo fuzz run envelope` (crash-59db5072): a sender id of `22`, 43 DEL
+    /// characters and `22` was cut to 60 characters before escaping, and each DEL took 7.
+    #[test]
+    fn reasons_are_cut_after_escaping() {
+        let envelope = at_now(json!([
+            text_from(json!(format!("22{}22", "\u{7f}".repeat(43))), json!(NOW)),
+            text_from(json!("\u{10ffff}".repeat(1000)), json!(NOW)),
+            {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": NOW, "\n\r\u{1b}".repeat(100): {}},
+        ]));
+        assert_eq!(envelope.ignored.len(), 3);
+        for Ignored(reason) in &envelope.ignored {
+            assert!(reason.chars().count() <= 200, "{reason}");
+            assert!(!reason.chars().any(char::is_control), "{reason:?}");
+        }
+        assert!(envelope.ignored[0].0.starts_with(r#"contact id "22\u{7f}\u{7f}"#), "{:?}", envelope.ignored[0]);
+    }
+
     #[test]
     fn standby_events_are_read_like_messaging_ones() {
         let envelope = events_of(json!({"object": "page", "entry": [{"id": PAGE, "time": 1_570_053_170_926_i64,
@@ -697,7 +810,204 @@ mod tests {
         assert_eq!(mids, ["a", "b"]);
     }
 
+    /// A receipt time for the rules that look at the future: 2025-11-24T16:00:00Z.
+    const NOW: i64 = 1_764_000_000_000;
+    const ENTRY_TIME: i64 = 1_763_999_999_000;
+
+    fn at_now(items: Value) -> Envelope {
+        events_at(json!({"object": "page", "entry": [{"id": PAGE, "time": ENTRY_TIME, "messaging": items}]}), NOW)
+    }
+
+    fn text_from(sender: Value, timestamp: Value) -> Value {
+        json!({"sender": {"id": sender}, "recipient": {"id": PAGE}, "timestamp": timestamp, "message": {"mid": "m", "text": "x"}})
+    }
+
+    fn timestamps(envelope: &Envelope) -> Vec<i64> {
+        envelope
+            .events
+            .iter()
+            .map(|event| match event {
+                MessengerEvent::Message(m) => m.timestamp,
+                MessengerEvent::Delivery { timestamp, .. } | MessengerEvent::Read { timestamp, .. } => *timestamp,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sender_id_longer_than_50_characters_is_ignored_and_shown_shortened() {
+        let fifty = "1".repeat(50);
+        let envelope =
+            at_now(json!([text_from(json!(fifty), json!(NOW)), text_from(json!("1".repeat(51)), json!(NOW))]));
+        assert_eq!(envelope.events.len(), 1, "50 characters is still a contactId");
+        assert_eq!(
+            envelope.ignored,
+            vec![Ignored(format!(
+                "contact id {:?} of the sender is 51 characters, longer than 50 characters: BonyChat would refuse it",
+                "1".repeat(51)
+            ))]
+        );
+
+        let huge = at_now(json!([text_from(json!("x".repeat(100_000)), json!(NOW))]));
+        let [Ignored(reason)] = huge.ignored.as_slice() else { panic!("{huge:?}") };
+        assert!(reason.len() < 200, "an unbounded id is not echoed in full: {reason}");
+        assert!(reason.contains("is 100000 characters") && reason.contains("x…\""), "{reason}");
+    }
+
+    #[test]
+    fn ids_with_characters_bonychat_refuses_are_ignored() {
+        let envelope = at_now(json!([
+            text_from(json!("dash-id"), json!(NOW)),
+            text_from(json!("new\nline"), json!(NOW)),
+            text_from(json!(-5), json!(NOW)),
+            {"sender": {"user_ref": "USER-REF-ID"}, "recipient": {"id": PAGE}, "timestamp": NOW, "postback": {"payload": "p"}},
+            text_from(json!("abc_DEF=+/@09"), json!(NOW)),
+            text_from(json!("+60177872890"), json!(NOW)),
+        ]));
+        let contacts: Vec<&str> = envelope
+            .events
+            .iter()
+            .map(|e| match e {
+                MessengerEvent::Message(m) => m.contact.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(contacts, ["abc_DEF=+/@09", "+60177872890"]);
+        let suffix = "has characters other than A-Z a-z 0-9 _ = + / @: BonyChat would refuse it";
+        assert_eq!(
+            envelope.ignored,
+            vec![
+                Ignored(format!("contact id \"dash-id\" of the sender {suffix}")),
+                Ignored(format!("contact id \"new\\nline\" of the sender {suffix}")),
+                Ignored(format!("contact id \"-5\" of the sender {suffix}")),
+                Ignored(format!("contact id \"USER-REF-ID\" of the sender {suffix}")),
+            ]
+        );
+    }
+
+    #[test]
+    fn echoes_are_judged_by_their_recipient_and_receipts_by_their_sender() {
+        let long = "9".repeat(51);
+        let envelope = at_now(json!([
+            {"sender": {"id": PAGE}, "recipient": {"id": long}, "timestamp": NOW, "message": {"is_echo": true, "mid": "e1", "text": "x"}},
+            {"sender": {"id": long}, "recipient": {"id": "7"}, "timestamp": NOW, "message": {"is_echo": true, "mid": "e2", "text": "x"}},
+            {"sender": {"id": long}, "recipient": {"id": PAGE}, "timestamp": NOW, "delivery": {"watermark": NOW}},
+            {"sender": {"id": "a b"}, "recipient": {"id": PAGE}, "timestamp": NOW, "read": {"watermark": NOW}},
+        ]));
+        let [MessengerEvent::Message(echo)] = envelope.events.as_slice() else { panic!("{envelope:?}") };
+        assert_eq!((echo.mid.as_str(), echo.contact.as_str()), ("e2", "7"), "the sender of an echo is the Page");
+        let roles: Vec<bool> = envelope.ignored.iter().map(|Ignored(r)| r.contains("of the recipient")).collect();
+        assert_eq!(roles, [true, false, false]);
+        assert!(envelope.ignored.iter().all(|Ignored(r)| r.ends_with("BonyChat would refuse it")));
+    }
+
+    #[test]
+    fn insane_timestamps_fall_back_like_missing_ones() {
+        let a_day = FUTURE_SLACK_MILLIS;
+        let insane = [
+            json!(NOW + a_day + 1),
+            json!(EARLIEST_EVENT_MILLIS - 1),
+            json!(-1),
+            json!(5),
+            json!(i64::MAX),
+            json!(i64::MIN),
+            json!(u64::MAX),
+            json!(1e300),
+            json!(-1e300),
+            json!("99999999999999999999999"),
+            json!("-1468152703534"),
+            json!(true),
+        ];
+        let items: Vec<Value> = insane.iter().map(|t| text_from(json!("1"), t.clone())).collect();
+        let envelope = at_now(Value::Array(items));
+        assert!(envelope.ignored.is_empty(), "{:?}", envelope.ignored);
+        assert_eq!(timestamps(&envelope), vec![ENTRY_TIME; insane.len()]);
+
+        let sane = [json!(NOW + a_day), json!(EARLIEST_EVENT_MILLIS), json!(1_468_152_703_534.9), json!("1527459824")];
+        let items: Vec<Value> = sane.iter().map(|t| text_from(json!("1"), t.clone())).collect();
+        assert_eq!(
+            timestamps(&at_now(Value::Array(items))),
+            [NOW + a_day, EARLIEST_EVENT_MILLIS, 1_468_152_703_534, 1_527_459_824_000]
+        );
+    }
+
+    #[test]
+    fn an_insane_entry_time_gives_way_to_the_receipt_time() {
+        for entry_time in [json!(NOW + FUTURE_SLACK_MILLIS + 1), json!(1), json!(u64::MAX), json!(-7)] {
+            let envelope = events_at(
+                json!({"object": "page", "entry": [{"id": PAGE, "time": entry_time, "messaging": [text_from(json!("1"), json!(0))]}]}),
+                NOW,
+            );
+            assert_eq!(timestamps(&envelope), [NOW], "entry time {entry_time}");
+        }
+    }
+
+    #[test]
+    fn receipts_with_an_insane_watermark_are_ignored() {
+        let receipt = |kind: &str, watermark: Value| json!({"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": NOW, kind: {"watermark": watermark}});
+        let envelope = at_now(json!([
+            receipt("delivery", json!(NOW + FUTURE_SLACK_MILLIS + 1)),
+            receipt("read", json!(0)),
+            receipt("read", json!(-1_468_152_706_921_i64)),
+            receipt("delivery", json!(i64::MAX)),
+            receipt("read", json!(u64::MAX)),
+            receipt("delivery", json!(1e300)),
+            receipt("read", json!(NOW + FUTURE_SLACK_MILLIS)),
+            receipt("delivery", json!(1_468_152_706_921_i64)),
+        ]));
+        assert_eq!(
+            envelope.events,
+            vec![
+                MessengerEvent::Read { contact: "1".into(), watermark: NOW + FUTURE_SLACK_MILLIS, timestamp: NOW },
+                MessengerEvent::Delivery { contact: "1".into(), watermark: 1_468_152_706_921, timestamp: NOW },
+            ]
+        );
+        let far = NOW + FUTURE_SLACK_MILLIS + 1;
+        let not_sane = ": not a time between the epoch and a day after receipt";
+        assert_eq!(
+            envelope.ignored,
+            vec![
+                Ignored(format!("a delivery with watermark {far}{not_sane}")),
+                Ignored(format!("a read with watermark 0{not_sane}")),
+                Ignored(format!("a read with watermark -1468152706921{not_sane}")),
+                Ignored(format!("a delivery with watermark {}{not_sane}", i64::MAX)),
+                Ignored(format!("a read with watermark {}{not_sane}", i64::MAX)),
+                Ignored(format!("a delivery with watermark {}{not_sane}", i64::MAX)),
+            ]
+        );
+    }
+
     proptest::proptest! {
+        /// Extreme times, including a receipt time at the ends of i64, neither panic nor overflow
+        /// into range: what is forwarded is sane or the receipt time.
+        #[test]
+        fn extreme_times_never_panic_and_forwarded_times_are_sane(
+            timestamp in proptest::prop_oneof![
+                proptest::prelude::any::<i64>().prop_map(|n| json!(n)),
+                proptest::prelude::any::<u64>().prop_map(|n| json!(n)),
+                proptest::prelude::any::<f64>().prop_map(|n| json!(n)),
+                proptest::prelude::any::<i64>().prop_map(|n| json!(n.to_string())),
+            ],
+            watermark in proptest::prelude::any::<i64>(),
+            entry_time in proptest::prelude::any::<i64>(),
+            received_at in proptest::prop_oneof![proptest::prelude::any::<i64>(), proptest::strategy::Just(i64::MAX), proptest::strategy::Just(NOW)],
+        ) {
+            let items = json!([
+                {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": timestamp, "message": {"mid": "m", "text": "x"}},
+                {"sender": {"id": "1"}, "recipient": {"id": PAGE}, "timestamp": timestamp, "read": {"watermark": watermark}},
+            ]);
+            let envelope = events_at(json!({"object": "page", "entry": [{"id": PAGE, "time": entry_time, "messaging": items}]}), received_at);
+            for event in &envelope.events {
+                let (timestamp, watermark) = match event {
+                    MessengerEvent::Message(m) => (m.timestamp, None),
+                    MessengerEvent::Read { timestamp, watermark, .. } | MessengerEvent::Delivery { timestamp, watermark, .. } => (*timestamp, Some(*watermark)),
+                };
+                proptest::prop_assert!(timestamp == received_at || is_event_time(timestamp, received_at), "{timestamp}");
+                if let Some(watermark) = watermark {
+                    proptest::prop_assert!(watermark > 0 && watermark <= received_at.saturating_add(FUTURE_SLACK_MILLIS));
+                }
+            }
+        }
+
         /// Whatever a verified body holds, parsing it gives a value, never a panic.
         #[test]
         fn any_body_is_parsed_without_a_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {

@@ -132,10 +132,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
     match message.required_str("type")? {
         "text" => {
             let text = message.required_str("text")?;
-            message.check_chars("text", text, 1, TEXT_MAX)?;
-            if text.trim().is_empty() {
-                return Err(message.error("text", "must not be blank"));
-            }
+            message.check_shown_text("text", text, TEXT_MAX)?;
             Ok(OutboundMessage::Text { text: text.to_owned() })
         }
         "attachment" => parse_attachment(&message.object("attachment")?).map(OutboundMessage::Attachment),
@@ -156,7 +153,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
         }
         "quick_reply" => {
             let title = message.required_str("title")?;
-            message.check_chars("title", title, 1, NAME_MAX)?;
+            message.check_shown_text("title", title, NAME_MAX)?;
             let replies = message.array("replies")?;
             if !(1..=REPLIES_MAX).contains(&replies.len()) {
                 return Err(
@@ -169,7 +166,7 @@ fn parse_message(message: &Object<'_>) -> Result<OutboundMessage, FieldError> {
                 .map(|(i, reply)| {
                     let field = format!("replies[{i}]");
                     let reply = reply.as_str().ok_or_else(|| message.error(&field, "must be a string"))?;
-                    message.check_chars(&field, reply, 1, NAME_MAX)?;
+                    message.check_shown_text(&field, reply, NAME_MAX)?;
                     Ok(reply.to_owned())
                 })
                 .collect::<Result<_, FieldError>>()?;
@@ -189,7 +186,13 @@ fn parse_attachment(attachment: &Object<'_>) -> Result<Attachment, FieldError> {
     };
     let url = attachment.required_str("url")?;
     attachment.check_chars("url", url, 1, URL_MAX)?;
-    let is_web_url = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    // The URL parser is lenient (it skips blanks and control characters, and takes `https:/;/x`
+    // or `https:x` as `https://…`), but the string goes to JoinChat as it came: it must be a
+    // plain URL on its own, not merely one the parser can make something of.
+    let is_web_url = has_web_scheme(url)
+        && !url.chars().any(|c| c.is_control() || (c.is_whitespace() && c != ' '))
+        && url.trim() == url
+        && url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
     if !is_web_url {
         return Err(attachment.error("url", "must be an http or https URL"));
     }
@@ -209,6 +212,11 @@ fn parse_attachment(attachment: &Object<'_>) -> Result<Attachment, FieldError> {
         file_name: non_empty(file_name),
         description: non_empty(description),
     })
+}
+
+/// `http://` or `https://` in any case, slashes included.
+fn has_web_scheme(url: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| url.get(..scheme.len()).is_some_and(|s| s.eq_ignore_ascii_case(scheme)))
 }
 
 /// Empty optional strings carry nothing: treated as absent, so translation never shows a blank.
@@ -276,6 +284,16 @@ impl<'a> Object<'a> {
         self.required(name)?.as_array().ok_or_else(|| self.error(name, "must be an array"))
     }
 
+    /// For text Messenger shows as it is (a text, a button's text or title): one of only
+    /// whitespace would be refused or shown as nothing.
+    fn check_shown_text(&self, name: &str, value: &str, max: usize) -> Result<(), FieldError> {
+        self.check_chars(name, value, 1, max)?;
+        if value.trim().is_empty() {
+            return Err(self.error(name, "must not be blank"));
+        }
+        Ok(())
+    }
+
     fn check_chars(&self, name: &str, value: &str, min: usize, max: usize) -> Result<(), FieldError> {
         let len = char_len(value);
         if len < min {
@@ -329,6 +347,35 @@ mod tests {
             field_error(with_message(json!({"type": "text", "text": " \n "}))),
             "message.text: must not be blank"
         );
+    }
+
+    /// Found by `cargo fuzz run message`: the URL parser read `https:/;/example.com/…` as a
+    /// URL with host `;`, and the raw string went to JoinChat as the button's link.
+    #[test]
+    fn urls_the_parser_would_only_mend_are_refused() {
+        let attach =
+            |url: &str| with_message(json!({"type": "attachment", "attachment": {"type": "file", "url": url}}));
+        for mended in [
+            "https:/;/example.com/docs/report%20Q1.pdf",
+            "https:example.com/a.pdf",
+            "https:\\\\example.com/a.pdf",
+            " https://example.com/a.pdf",
+            "https://example.com/a.pdf\n",
+            "https://exa\tmple.com/a.pdf",
+            "https://example.com/\u{0}a.pdf",
+        ] {
+            assert_eq!(
+                field_error(attach(mended)),
+                "message.attachment.url: must be an http or https URL",
+                "{mended:?}"
+            );
+        }
+        for plain in ["https://example.com/a.pdf", "HTTP://Example.com/a b.pdf", "http://127.0.0.1:8080/x?y=1#z"] {
+            let Ok(OutboundRequest { message: OutboundMessage::Attachment(attachment), .. }) = attach(plain) else {
+                panic!("{plain:?} refused");
+            };
+            assert_eq!(attachment.url, plain, "forwarded as it came");
+        }
     }
 
     #[test]
@@ -411,6 +458,21 @@ mod tests {
         assert_eq!(
             field_error(with_message(json!({"type": "quick_reply", "title": "", "replies": ["a"]}))),
             "message.title: must not be empty"
+        );
+    }
+
+    /// Caught by an invariant of the `message` fuzz target: a blank title became a button template
+    /// (or, with 4+ replies, a text message) of only whitespace, and a blank reply a blank
+    /// button title, which Messenger does not show.
+    #[test]
+    fn quick_reply_titles_and_replies_must_not_be_blank() {
+        assert_eq!(
+            field_error(with_message(json!({"type": "quick_reply", "title": " ", "replies": ["a"]}))),
+            "message.title: must not be blank"
+        );
+        assert_eq!(
+            field_error(with_message(json!({"type": "quick_reply", "title": "Pick", "replies": ["a", "\n\t"]}))),
+            "message.replies[1]: must not be blank"
         );
     }
 

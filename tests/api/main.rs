@@ -7,6 +7,7 @@ mod crash;
 mod durable_delivery;
 mod helpers;
 mod hostile_clients;
+mod hostile_webhooks;
 mod joinchat_answers;
 mod message_limits;
 mod message_requests;

@@ -551,11 +551,13 @@ mod documentation_samples {
 
     #[tokio::test]
     async fn d1h_postback_from_a_chat_plugin_user() {
-        let got = translate(item(r#"{"sender":{"user_ref":"USER-REF-ID"},"recipient":{"id":"PAGE-ID"},"timestamp":1458692752478,"postback":{"mid":"m_1457764197618:41d102a3e1ae206a38","title":"TITLE-FOR-THE-CTA","payload":"USER-DEFINED-PAYLOAD","referral":{"ref":"USER-DEFINED-REFERRAL-PARAM","source":"SHORT-URL","type":"OPEN_THREAD"}}}"#)).await;
+        // The sample's placeholder has dashes, which BonyChat refuses in a contactId (the event
+        // would be ignored); a user_ref of the characters it takes is forwarded.
+        let got = translate(item(r#"{"sender":{"user_ref":"USER_REF_ID"},"recipient":{"id":"PAGE-ID"},"timestamp":1458692752478,"postback":{"mid":"m_1457764197618:41d102a3e1ae206a38","title":"TITLE-FOR-THE-CTA","payload":"USER-DEFINED-PAYLOAD","referral":{"ref":"USER-DEFINED-REFERRAL-PARAM","source":"SHORT-URL","type":"OPEN_THREAD"}}}"#)).await;
         assert_eq!(
             got,
             vec![(
-                "USER-REF-ID".to_owned(),
+                "USER_REF_ID".to_owned(),
                 json!({"type": "message", "mId": "m_1457764197618:41d102a3e1ae206a38", "timestamp": 1_458_692_752_478_i64, "message": {"type": "text", "text": "USER-DEFINED-PAYLOAD"}})
             )]
         );
