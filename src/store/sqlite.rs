@@ -126,6 +126,7 @@ impl SqliteStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
         }
+        let path = &canonical(path)?;
         let lock = lock_exclusively(path)?;
         Self::start(path, caps, Mode::Relay, Some(lock)).await
     }
@@ -306,6 +307,19 @@ impl Drop for ExitOnPanic {
             std::process::exit(70);
         }
     }
+}
+
+/// `path` with its directory's symbolic links resolved (and the file's own, when it exists), so
+/// that every relay reaching one database through whatever path takes the same lock.
+fn canonical(path: &Path) -> StoreResult<PathBuf> {
+    let unresolvable = |e: std::io::Error| StoreError::Unavailable(format!("cannot resolve {}: {e}", path.display()));
+    if path.exists() {
+        return std::fs::canonicalize(path).map_err(unresolvable);
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name =
+        path.file_name().ok_or_else(|| StoreError::Unavailable(format!("{} is not a file path", path.display())))?;
+    Ok(std::fs::canonicalize(dir).map_err(unresolvable)?.join(name))
 }
 
 /// Takes the exclusive lock of the store at `path`, or says who holds it.

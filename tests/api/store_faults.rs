@@ -341,3 +341,25 @@ async fn the_jobs_command_works_beside_a_running_relay_and_says_which_store_it_o
     assert_eq!(received[4].json()["message"]["text"], "retry me", "the running relay delivers the redriven job");
     relay.kill().await;
 }
+
+#[tokio::test]
+async fn a_second_relay_reaching_the_same_store_by_another_path_is_refused_too() {
+    use bonychat_relay::config::{DatabaseUrl, StoreConfig};
+    use bonychat_relay::store::{self, IntakeCaps};
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("volume");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, dir.path().join("mounted-here")).unwrap();
+    let config = |path: PathBuf| StoreConfig {
+        database_url: DatabaseUrl::Sqlite(path),
+        retention: Duration::from_secs(86_400),
+        intake: IntakeCaps::DEFAULT,
+    };
+    let _first = store::open(&config(real.join("relay.db"))).await.expect("the first relay opens the store");
+
+    for other in [dir.path().join("mounted-here/relay.db"), real.join("../volume/./relay.db")] {
+        let second = store::open(&config(other.clone())).await.err();
+        let reason = second.map(|e| e.to_string()).unwrap_or_default();
+        assert!(reason.contains("in use by another relay"), "{}: {reason}", other.display());
+    }
+}
