@@ -32,6 +32,9 @@ enum Command {
         #[command(subcommand)]
         action: JobsCommand,
     },
+    /// Validate the environment as a start would and print the configuration in effect, secrets
+    /// redacted; exit 2 on an error. Opens no store and binds no port.
+    CheckConfig,
 }
 
 #[derive(Subcommand)]
@@ -82,7 +85,24 @@ async fn main() -> ExitCode {
             Ok(config) => jobs(&config, action).await,
             Err(e) => config_error(&e),
         },
+        Command::CheckConfig => check_config(&env),
     }
+}
+
+/// Validates exactly as a start would, then stops short of opening the store or binding.
+fn check_config(env: &Env) -> ExitCode {
+    let config = match Config::from_env(env) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    for (name, value) in config.effective() {
+        println!("{name}={value}");
+    }
+    // On stderr, so stdout stays a list of NAME=value lines a script can read.
+    for warning in &config.warnings {
+        eprintln!("bonychat-relay: warning: {warning}");
+    }
+    ExitCode::SUCCESS
 }
 
 fn config_error(error: &dyn std::fmt::Display) -> ExitCode {

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `RELAY_ADMIN_TOKEN`: enables `/admin/*` when set.
     pub admin_token: Option<Secret>,
+    /// `RELAY_SANDBOX`, default false: mounts the JoinChat and BonyChat stand-ins under
+    /// `/sandbox/`. Never in production: anyone reaching the port could read what they received.
+    pub sandbox: bool,
     pub limits: ServerLimits,
 }
 
@@ -194,6 +197,7 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_IDLE_TIMEOUT_SECS",
     "RELAY_BODY_READ_TIMEOUT_MS",
     "RELAY_MAX_BODY_BYTES_IN_FLIGHT",
+    "RELAY_SANDBOX",
 ];
 
 const SECRET_VARS: &[&str] = &[
@@ -218,6 +222,7 @@ impl Config {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
             shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), grace_secs)?,
             admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
+            sandbox: env.parsed("RELAY_SANDBOX", false, parse_bool)?,
             limits: ServerLimits::from_env(env)?,
         };
 
@@ -308,8 +313,121 @@ impl Config {
             ));
         }
 
+        warnings.extend(sandbox_warnings(&server, &bonychat, &joinchat));
+
         Ok(Self { server, bonychat, joinchat, messenger, store, delivery, telemetry, warnings })
     }
+
+    /// Every variable with the value in effect, defaults included, for `check-config`. Secrets
+    /// are `[redacted]` and URLs lose their credentials, so the list can be pasted into a ticket.
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        let secret = |s: &Option<Secret>| s.as_ref().map_or_else(unset, |_| REDACTED.to_owned());
+        let url = |e: &Endpoint| redact_userinfo(e.url().as_str()).into_owned();
+        let ms = |d: Duration| d.as_millis().to_string();
+        let secs = |d: Duration| d.as_secs().to_string();
+        let list = |ds: &[Duration]| ds.iter().map(|d| format_duration(*d)).collect::<Vec<_>>().join(",");
+        let Self { server, bonychat, joinchat, messenger, store, delivery, telemetry, warnings: _ } = self;
+        vec![
+            ("RELAY_ADDR", server.addr.to_string()),
+            ("RELAY_SHUTDOWN_GRACE_SECS", secs(server.shutdown_grace)),
+            ("RELAY_ADMIN_TOKEN", secret(&server.admin_token)),
+            ("RELAY_SANDBOX", server.sandbox.to_string()),
+            ("RELAY_MAX_CONNECTIONS", server.limits.max_connections.to_string()),
+            ("RELAY_HEADER_READ_TIMEOUT_MS", ms(server.limits.header_read_timeout)),
+            ("RELAY_IDLE_TIMEOUT_SECS", secs(server.limits.idle_timeout)),
+            ("RELAY_BODY_READ_TIMEOUT_MS", ms(server.limits.body_read_timeout)),
+            ("RELAY_MAX_BODY_BYTES_IN_FLIGHT", server.limits.max_body_bytes_in_flight.to_string()),
+            ("RELAY_METRICS_ADDR", telemetry.metrics_addr.to_string()),
+            (
+                "RELAY_LOG_FORMAT",
+                match telemetry.log_format {
+                    LogFormat::Pretty => "pretty",
+                    LogFormat::Json => "json",
+                }
+                .to_owned(),
+            ),
+            ("BONYCHAT_CHANNEL_ID", bonychat.channel_id.clone()),
+            ("BONYCHAT_API_TOKEN", REDACTED.to_owned()),
+            ("BONYCHAT_WEBHOOK_URL", url(&bonychat.webhook_url)),
+            ("BONYCHAT_TIMEOUT_MS", ms(bonychat.request_timeout)),
+            ("JOINCHAT_API_URL", url(&joinchat.api_url)),
+            ("JOINCHAT_PAGE_ID", joinchat.page_id.clone()),
+            ("JOINCHAT_API_SECRET", REDACTED.to_owned()),
+            ("JOINCHAT_RECIPIENT_FIELD", format!("{:?}", joinchat.recipient_field).to_lowercase()),
+            ("JOINCHAT_MESSAGE_TAG", joinchat.message_tag.clone().unwrap_or_else(unset)),
+            ("JOINCHAT_ORDER_GAP_SECS", secs(joinchat.order_gap)),
+            ("JOINCHAT_CONNECT_TIMEOUT_MS", ms(joinchat.connect_timeout)),
+            ("JOINCHAT_TIMEOUT_MS", ms(joinchat.request_timeout)),
+            ("MESSENGER_APP_SECRET", REDACTED.to_owned()),
+            ("MESSENGER_VERIFY_TOKEN", REDACTED.to_owned()),
+            ("MESSENGER_PAGE_ACCESS_TOKEN", secret(&messenger.page_access_token)),
+            ("MESSENGER_GRAPH_URL", url(&messenger.graph_url)),
+            ("MESSENGER_GRAPH_TIMEOUT_MS", ms(messenger.graph_timeout)),
+            (
+                "RELAY_DATABASE_URL",
+                match &store.database_url {
+                    DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+                    // Query parameters may carry the password too: nothing of it is shown.
+                    DatabaseUrl::Postgres(_) => format!("postgres://{REDACTED}"),
+                },
+            ),
+            ("RELAY_RETENTION", format_duration(store.retention)),
+            ("RELAY_MAX_QUEUED_OUTBOUND", store.intake.outbound.to_string()),
+            ("RELAY_MAX_QUEUED_INBOUND", store.intake.inbound.to_string()),
+            ("RELAY_SEND_WAIT_MS", ms(delivery.send_wait)),
+            ("RELAY_RETRY_JOINCHAT", list(&delivery.retry_joinchat)),
+            ("RELAY_RETRY_BONYCHAT", list(&delivery.retry_bonychat)),
+        ]
+    }
+}
+
+const REDACTED: &str = "[redacted]";
+
+fn unset() -> String {
+    "(unset)".to_owned()
+}
+
+/// The largest whole unit of [`parse_duration`]'s, so the value reads as it would be written.
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
+        if ms != 0 && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+fn parse_bool(raw: &str) -> Result<bool, String> {
+    match raw {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("`{other}` is neither `true` nor `false`")),
+    }
+}
+
+/// The sandbox's stand-ins answer on the relay's own port: upstream URLs that point at
+/// `/sandbox/` elsewhere, or with the sandbox off, would fail every delivery, and only later.
+fn sandbox_warnings(server: &ServerConfig, bonychat: &BonyChatConfig, joinchat: &JoinChatConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (var, endpoint) in [("JOINCHAT_API_URL", &joinchat.api_url), ("BONYCHAT_WEBHOOK_URL", &bonychat.webhook_url)] {
+        let url = endpoint.url();
+        if !url.path().starts_with("/sandbox/") {
+            continue;
+        }
+        if !server.sandbox {
+            warnings.push(format!(
+                "{var} points at /sandbox/ but RELAY_SANDBOX is not true: the stand-ins are not mounted"
+            ));
+        } else if server.addr.port() != 0 && url.port_or_known_default() != Some(server.addr.port()) {
+            warnings.push(format!(
+                "{var} points at /sandbox/ on port {}, but the relay listens on {}: set it to the relay's own address",
+                url.port_or_known_default().unwrap_or(0),
+                server.addr
+            ));
+        }
+    }
+    warnings
 }
 
 impl StoreConfig {
@@ -731,6 +849,69 @@ mod tests {
         }
         assert_eq!(redact_userinfo("https://u:p@host/x"), "https://***@host/x");
         assert_eq!(redact_userinfo("https://host/x"), "https://host/x");
+    }
+
+    #[test]
+    fn the_sandbox_is_off_unless_set_to_true() {
+        assert!(!Config::from_env(&with(&[])).unwrap().server.sandbox);
+        assert!(Config::from_env(&with(&[("RELAY_SANDBOX", "true")])).unwrap().server.sandbox);
+        assert!(!Config::from_env(&with(&[("RELAY_SANDBOX", "false")])).unwrap().server.sandbox);
+        for value in ["yes", "1", "TRUE "] {
+            let err = Config::from_env(&with(&[("RELAY_SANDBOX", value)])).unwrap_err();
+            assert_eq!(err.var, "RELAY_SANDBOX", "{err}");
+        }
+    }
+
+    #[test]
+    fn stand_in_urls_that_cannot_be_reached_are_warned_about() {
+        let joinchat = ("JOINCHAT_API_URL", "http://127.0.0.1:8080/sandbox/joinchat/api/send_message");
+        let elsewhere =
+            Config::from_env(&with(&[joinchat, ("RELAY_SANDBOX", "true"), ("RELAY_ADDR", "127.0.0.1:9000")]));
+        let off = Config::from_env(&with(&[joinchat]));
+        let right = Config::from_env(&with(&[joinchat, ("RELAY_SANDBOX", "true"), ("RELAY_ADDR", "0.0.0.0:8080")]));
+
+        assert!(
+            elsewhere
+                .unwrap()
+                .warnings
+                .iter()
+                .any(|w| w.starts_with("JOINCHAT_API_URL points at /sandbox/ on port 8080"))
+        );
+        assert!(off.unwrap().warnings.iter().any(|w| w.contains("RELAY_SANDBOX is not true")));
+        assert!(right.unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn the_effective_configuration_lists_every_variable_with_secrets_redacted() {
+        let env = with(&[
+            ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
+            ("RELAY_ADMIN_TOKEN", "admin-token"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
+            ("RELAY_RETRY_JOINCHAT", "1500ms,2m"),
+        ]);
+        let effective = Config::from_env(&env).unwrap().effective();
+        let value = |name: &str| effective.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+
+        let listed: Vec<&str> = effective.iter().map(|(name, _)| *name).collect();
+        for known in KNOWN_VARS {
+            assert!(listed.contains(known), "{known} missing from {listed:?}");
+        }
+        assert_eq!(listed.len(), KNOWN_VARS.len());
+        let text = format!("{effective:?}");
+        for secret in
+            ["bony-token", "join-secret", "app-secret", "verify-token", "page-token", "admin-token", "hook-pass"]
+        {
+            assert!(!text.contains(secret), "{secret} leaked into {text}");
+        }
+        assert_eq!(value("BONYCHAT_API_TOKEN"), Some("[redacted]"));
+        assert_eq!(value("BONYCHAT_WEBHOOK_URL"), Some("https://***@app.bonychat.example/custom/channel/webhook/"));
+        assert_eq!(value("JOINCHAT_MESSAGE_TAG"), Some("(unset)"));
+        assert_eq!(value("RELAY_RETRY_JOINCHAT"), Some("1500ms,2m"));
+        assert_eq!(value("RELAY_RETENTION"), Some("7d"));
+        assert_eq!(value("RELAY_SANDBOX"), Some("false"));
+        let postgres = with(&[("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay?password=pa55word")]);
+        let shown = Config::from_env(&postgres).unwrap().effective();
+        assert!(!format!("{shown:?}").contains("pa55word"));
     }
 
     #[test]
