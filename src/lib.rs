@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod routes;
+pub mod sandbox;
 pub mod server;
 pub mod shutdown;
 pub mod signing;

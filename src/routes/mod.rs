@@ -81,7 +81,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         get(webhooks::verify_subscription).layer(timeout()).post(webhooks::receive_events),
     );
 
+    // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
+    let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
     let bounded = Router::new()
+        .merge(sandbox)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/admin/jobs", get(admin::list_jobs))
