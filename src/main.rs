@@ -2,14 +2,17 @@
 //!
 //! Run with `bonychat-relay --env-file config/example.env`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use bonychat_relay::config::{Config, Env, StoreConfig};
+use bonychat_relay::config::{Config, ConfigError, Env, Secret, StoreConfig};
 use bonychat_relay::startup::Application;
 use bonychat_relay::store::{self, JobState, JobView, Store, now_millis};
 use bonychat_relay::{shutdown, telemetry};
 use clap::{Parser, Subcommand};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -35,6 +38,40 @@ enum Command {
     /// Validate the environment as a start would and print the configuration in effect, secrets
     /// redacted; exit 2 on an error. Opens no store and binds no port.
     CheckConfig,
+    /// Play an upstream against a running relay (the sandbox or a real deployment).
+    Simulate {
+        #[command(subcommand)]
+        upstream: SimulateCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimulateCommand {
+    /// Post a Messenger page webhook, signed with MESSENGER_APP_SECRET, to /webhooks/messenger
+    /// (needs only MESSENGER_APP_SECRET, JOINCHAT_PAGE_ID and, for the default URL, RELAY_ADDR).
+    Messenger(SimulateMessenger),
+}
+
+#[derive(clap::Args)]
+struct SimulateMessenger {
+    /// The Messenger user (PSID) the event comes from or, with --echo, goes to.
+    #[arg(long, value_name = "PSID")]
+    contact: String,
+    /// A text message from the contact.
+    #[arg(long, required_unless_present_any = ["delivery", "read"], conflicts_with_all = ["delivery", "read"])]
+    text: Option<String>,
+    /// Send the text as an echo: written by the Page (in the Inbox, another app), not the contact.
+    #[arg(long, requires = "text")]
+    echo: bool,
+    /// A delivery receipt: every message to the contact up to this time (ms since the epoch).
+    #[arg(long, value_name = "WATERMARK", conflicts_with = "read")]
+    delivery: Option<i64>,
+    /// A read receipt: every message to the contact up to this time (ms since the epoch).
+    #[arg(long, value_name = "WATERMARK")]
+    read: Option<i64>,
+    /// The relay's base URL; default http://127.0.0.1:<port of RELAY_ADDR>.
+    #[arg(long)]
+    url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +123,7 @@ async fn main() -> ExitCode {
             Err(e) => config_error(&e),
         },
         Command::CheckConfig => check_config(&env),
+        Command::Simulate { upstream: SimulateCommand::Messenger(args) } => simulate_messenger(&env, args).await,
     }
 }
 
@@ -103,6 +141,83 @@ fn check_config(env: &Env) -> ExitCode {
         eprintln!("bonychat-relay: warning: {warning}");
     }
     ExitCode::SUCCESS
+}
+
+async fn simulate_messenger(env: &Env, args: SimulateMessenger) -> ExitCode {
+    let (secret, page_id, base) = match simulate_settings(env, args.url.as_deref()) {
+        Ok(settings) => settings,
+        Err(e) => return config_error(&e),
+    };
+    let envelope = messenger_envelope(&args, &page_id, now_millis());
+    let body = serde_json::to_vec(&envelope).expect("JSON values serialize");
+    let signature = bonychat_relay::signing::hub_signature(secret.expose().as_bytes(), &body);
+    let url = format!("{}/webhooks/messenger", base.trim_end_matches('/'));
+
+    // The relay's client settings (and its crypto provider), so https deployments work too.
+    let client = match bonychat_relay::clients::http::client(Duration::from_secs(5), Duration::from_secs(30)) {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("bonychat-relay: cannot build the HTTP client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("POST {url}");
+    println!("{}", String::from_utf8_lossy(&body));
+    let response = match client
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", signature)
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            eprintln!("bonychat-relay: no answer from {url}: {}", e.without_url());
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = response.status();
+    let answer = response.text().await.unwrap_or_default();
+    println!("{} {answer}", status.as_u16());
+    if status.is_success() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Only the variables a simulated Messenger needs: it must work with a production env file
+/// whose other values (store, BonyChat) this machine knows nothing about.
+fn simulate_settings(env: &Env, url: Option<&str>) -> Result<(Secret, String, String), ConfigError> {
+    let secret = env.required_secret("MESSENGER_APP_SECRET")?;
+    let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
+    let base = match url {
+        Some(url) => url.to_owned(),
+        None => {
+            let port = env.parsed("RELAY_ADDR", 8080, |raw| {
+                raw.parse::<SocketAddr>().map(|addr| addr.port()).map_err(|_| format!("`{raw}` is not an address"))
+            })?;
+            format!("http://127.0.0.1:{port}")
+        }
+    };
+    Ok((secret, page_id, base))
+}
+
+/// A page envelope as Meta sends it (PROTOCOLS.md, `tests/api/fixtures/d2*.json`).
+fn messenger_envelope(args: &SimulateMessenger, page_id: &str, now: i64) -> serde_json::Value {
+    let mid = format!("m_simulated_{}", uuid::Uuid::new_v4().simple());
+    let (sender, recipient) =
+        if args.echo { (page_id, args.contact.as_str()) } else { (args.contact.as_str(), page_id) };
+    let mut event = json!({"sender": {"id": sender}, "recipient": {"id": recipient}, "timestamp": now});
+    if let Some(watermark) = args.delivery {
+        event["delivery"] = json!({"watermark": watermark});
+    } else if let Some(watermark) = args.read {
+        event["read"] = json!({"watermark": watermark});
+    } else {
+        let mut message = json!({"mid": mid, "text": args.text.as_deref().unwrap_or_default()});
+        if args.echo {
+            message["is_echo"] = json!(true);
+        }
+        event["message"] = message;
+    }
+    json!({"object": "page", "entry": [{"id": page_id, "time": now, "messaging": [event]}]})
 }
 
 fn config_error(error: &dyn std::fmt::Display) -> ExitCode {

@@ -20,6 +20,15 @@ pub fn joinchat_signature(secret: &[u8], body: &[u8]) -> String {
     STANDARD.encode(mac.finalize().into_bytes())
 }
 
+/// The `X-Hub-Signature-256` header value Meta would send: `sha256=<hex HMAC-SHA256(body, secret)>`.
+/// The relay only checks it; `simulate messenger` plays Meta with it.
+pub fn hub_signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
 /// A webhook body whose `X-Hub-Signature-256` was checked. The field is private and the only
 /// constructor is [`HubSignature::verify`], so code that parses Messenger events (which takes
 /// this type) cannot be handed bytes nobody verified.
@@ -114,6 +123,13 @@ mod tests {
             b"Hello, World!",
         );
         assert_eq!(verified.unwrap().bytes(), b"Hello, World!");
+    }
+
+    #[test]
+    fn hub_signature_produces_vector_v1_and_verifies_itself() {
+        let header = hub_signature(b"It's a Secret to Everybody", b"Hello, World!");
+        assert_eq!(header, "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17");
+        assert!(verify("s", &hub_signature(b"s", B1), B1).is_ok());
     }
 
     #[test]
