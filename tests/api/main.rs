@@ -15,6 +15,7 @@ mod message_translation;
 mod messenger_webhook;
 mod ordering_and_pacing;
 mod queue_safety;
+mod sandbox;
 mod serving;
 mod store_contract;
 mod store_faults;

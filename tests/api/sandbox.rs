@@ -1,0 +1,238 @@
+//! The sandbox as a newcomer runs it: the compiled binary with `config/sandbox.env`, its
+//! stand-ins reached over loopback, `simulate messenger` and `check-config` run as processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::process::Command;
+
+use crate::binary::{RelayProcess, json_logs};
+use crate::helpers::{http_client, test_vars};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+const SANDBOX_ENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.env");
+/// The throwaway values of `config/sandbox.env`.
+const TOKEN: &str = "sandbox-bonychat-token";
+const CHANNEL: &str = "sandbox-channel";
+const SECRETS: [&str; 4] =
+    ["sandbox-bonychat-token", "sandbox-joinchat-secret", "sandbox-messenger-app-secret", "sandbox-verify-token"];
+const CONTACT: &str = "1234567890";
+
+/// The overrides a test needs on top of the env file: its own port (the file names 8080, and the
+/// stand-in URLs must follow the port), its own store, JSON logs. The environment wins over the
+/// file, as for an operator.
+fn overrides(data: &Path) -> Vec<(String, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut vars: Vec<(String, String)> = [
+        ("RELAY_ADDR", format!("127.0.0.1:{port}")),
+        ("JOINCHAT_API_URL", format!("http://127.0.0.1:{port}/sandbox/joinchat/api/send_message")),
+        ("BONYCHAT_WEBHOOK_URL", format!("http://127.0.0.1:{port}/sandbox/bonychat/webhook")),
+        ("RELAY_DATABASE_URL", format!("sqlite://{}/sandbox.db", data.display())),
+        ("RELAY_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    json_logs(&mut vars);
+    vars
+}
+
+async fn start_sandbox(data: &Path) -> (RelayProcess, Vec<(String, String)>) {
+    let vars = overrides(data);
+    (RelayProcess::start(&vars, &["--env-file", SANDBOX_ENV]).await, vars)
+}
+
+async fn post_message(relay: &RelayProcess, text: &str) -> reqwest::Response {
+    http_client()
+        .post(relay.url("/message"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"channelId": CHANNEL, "contactId": CONTACT, "message": {"type": "text", "text": text}}))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn get_json(relay: &RelayProcess, path: &str) -> Value {
+    http_client().get(relay.url(path)).send().await.unwrap().json().await.unwrap()
+}
+
+/// Runs the binary with exactly `vars` and `args`; returns the exit code, stdout and stderr.
+async fn run(vars: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BINARY).args(args).env_clear().envs(vars.iter().map(|(k, v)| (k, v))).output(),
+    )
+    .await
+    .expect("the command ends by itself")
+    .unwrap();
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+    (output.status.code(), text(output.stdout), text(output.stderr))
+}
+
+#[tokio::test]
+async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
+    // Arrange
+    let data = tempfile::tempdir().unwrap();
+    let (relay, vars) = start_sandbox(data.path()).await;
+
+    // Act
+    let sent = post_message(&relay, "hello from BonyChat").await;
+    let simulated = run(
+        &vars,
+        &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi from Messenger", "--contact", CONTACT],
+    )
+    .await;
+    let mut events = Value::Null;
+    for _ in 0..100 {
+        events = get_json(&relay, "/sandbox/bonychat/events").await;
+        if events["events"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let requests = get_json(&relay, "/sandbox/joinchat/requests").await;
+    let (code, output) = relay.terminate().await;
+
+    // Assert
+    assert_eq!(sent.status(), 200);
+    let request = &requests["requests"][0];
+    assert_eq!(request["signatureValid"], true, "{requests}");
+    assert_eq!(request["status"], 200);
+    assert_eq!(request["body"]["message"]["text"], "hello from BonyChat");
+    assert_eq!(request["body"]["recipient"]["id"], CONTACT);
+    assert!(request["headers"]["x-joinchat-signature"].is_string());
+    assert!(request["receivedAt"].is_number());
+
+    assert_eq!(simulated.0, Some(0), "simulate: {simulated:?}");
+    assert!(simulated.1.contains("200"), "the relay's answer is printed: {simulated:?}");
+    let event = &events["events"][0];
+    assert_eq!(event["tokenValid"], true, "{events}");
+    assert_eq!(event["status"], 200);
+    assert_eq!(event["body"]["channelId"], CHANNEL);
+    assert_eq!(event["body"]["contactId"], CONTACT);
+    assert_eq!(event["body"]["events"][0]["message"]["text"], "hi from Messenger");
+
+    assert_eq!(code, 0);
+    let all = output.join("\n");
+    for secret in SECRETS {
+        assert!(!all.contains(secret), "{secret} appeared in the logs");
+    }
+}
+
+#[tokio::test]
+async fn a_message_containing_reject_is_refused_and_the_start_warns_it_is_a_sandbox() {
+    // Arrange
+    let data = tempfile::tempdir().unwrap();
+    let (relay, _) = start_sandbox(data.path()).await;
+
+    // Act
+    let refused = post_message(&relay, "please #reject this").await;
+    let status = refused.status();
+    let body: Value = refused.json().await.unwrap();
+    let requests = get_json(&relay, "/sandbox/joinchat/requests").await;
+    let (_, output) = relay.terminate().await;
+
+    // Assert
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "rejected_by_joinchat", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("#reject"), "{body}");
+    assert_eq!(requests["requests"][0]["status"], 400);
+    assert_eq!(requests["requests"][0]["signatureValid"], true);
+    let warned = output.iter().filter_map(|line| serde_json::from_str::<Value>(line).ok()).any(|event| {
+        event["level"] == "WARN"
+            && event["message"].as_str().is_some_and(|m| m.contains("SANDBOX") && m.contains("production"))
+    });
+    assert!(warned, "a warning at start: {output:?}");
+}
+
+#[tokio::test]
+async fn the_stand_ins_refuse_a_bad_signature_or_token_and_keep_the_verdict() {
+    // Arrange
+    let data = tempfile::tempdir().unwrap();
+    let (relay, mut vars) = start_sandbox(data.path()).await;
+    let http = http_client();
+
+    // Act
+    let joinchat = http
+        .post(relay.url("/sandbox/joinchat/api/send_message"))
+        .header("x-joinchat-signature", "bm90IGEgc2lnbmF0dXJl")
+        .json(&json!({"page_id": "1", "recipient": {"id": CONTACT}, "message": {"text": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    let joinchat_status = joinchat.status();
+    let joinchat_body: Value = joinchat.json().await.unwrap();
+    let bonychat =
+        http.post(relay.url("/sandbox/bonychat/webhook")).bearer_auth("guessed").json(&json!({})).send().await;
+    vars.retain(|(k, _)| k != "MESSENGER_APP_SECRET");
+    vars.push(("MESSENGER_APP_SECRET".into(), "not-the-app-secret".into()));
+    let badly_signed =
+        run(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi", "--contact", CONTACT]).await;
+    let requests = get_json(&relay, "/sandbox/joinchat/requests").await;
+    let events = get_json(&relay, "/sandbox/bonychat/events").await;
+    relay.terminate().await;
+
+    // Assert
+    assert_eq!(joinchat_status, 401);
+    assert_eq!(joinchat_body, json!({"success": false, "errors": {"msg": "signature mismatch"}}));
+    assert_eq!(requests["requests"][0]["signatureValid"], false);
+    assert_eq!(bonychat.unwrap().status(), 401);
+    assert_eq!(events["events"][0]["tokenValid"], false);
+    assert_eq!(events["events"][0]["headers"]["authorization"], "Bearer [redacted]");
+    assert_ne!(badly_signed.0, Some(0), "a refused simulation fails: {badly_signed:?}");
+    assert!(badly_signed.1.contains("401"), "{badly_signed:?}");
+}
+
+#[tokio::test]
+async fn sandbox_routes_are_not_found_unless_relay_sandbox_is_true() {
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = http_client();
+
+    let requests = http.get(relay.url("/sandbox/joinchat/requests")).send().await.unwrap();
+    let send = http.post(relay.url("/sandbox/joinchat/api/send_message")).json(&json!({})).send().await.unwrap();
+    let webhook = http.post(relay.url("/sandbox/bonychat/webhook")).json(&json!({})).send().await.unwrap();
+    let (_, output) = relay.terminate().await;
+
+    assert_eq!(requests.status(), 404);
+    assert_eq!(send.status(), 404);
+    assert_eq!(webhook.status(), 404);
+    assert!(!output.join("\n").contains("SANDBOX"), "no sandbox warning: {output:?}");
+}
+
+#[tokio::test]
+async fn check_config_prints_the_configuration_without_a_secret_and_exits_0() {
+    let data = tempfile::tempdir().unwrap();
+    let vars = overrides(data.path());
+
+    let (code, stdout, stderr) = run(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+
+    assert_eq!(code, Some(0), "{stderr}");
+    for line in
+        ["RELAY_SANDBOX=true", "BONYCHAT_API_TOKEN=[redacted]", "JOINCHAT_API_SECRET=[redacted]", "RELAY_RETENTION=1d"]
+    {
+        assert!(stdout.lines().any(|l| l == line), "{line} missing from {stdout}");
+    }
+    assert!(stdout.lines().any(|l| l == "BONYCHAT_TIMEOUT_MS=10000"), "defaults are listed too: {stdout}");
+    for secret in SECRETS {
+        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} shown: {stdout}{stderr}");
+    }
+    assert!(std::fs::read_dir(data.path()).unwrap().next().is_none(), "no store was opened");
+}
+
+#[tokio::test]
+async fn check_config_names_the_bad_variable_in_one_line_and_exits_2() {
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = overrides(data.path());
+    vars.push(("JOINCHAT_PAGE_ID".into(), "my-page".into()));
+
+    let (code, stdout, stderr) = run(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+
+    assert_eq!(code, Some(2));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("bonychat-relay: configuration error: JOINCHAT_PAGE_ID: "), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+}
