@@ -63,12 +63,14 @@ struct SimulateMessenger {
     /// Send the text as an echo: written by the Page (in the Inbox, another app), not the contact.
     #[arg(long, requires = "text")]
     echo: bool,
-    /// A delivery receipt: every message to the contact up to this time (ms since the epoch).
-    #[arg(long, value_name = "WATERMARK", conflicts_with = "read")]
-    delivery: Option<i64>,
-    /// A read receipt: every message to the contact up to this time (ms since the epoch).
-    #[arg(long, value_name = "WATERMARK")]
-    read: Option<i64>,
+    /// A delivery receipt: every message to the contact sent up to this time (ms since the
+    /// epoch; now when left out).
+    #[arg(long, value_name = "WATERMARK", num_args = 0..=1, conflicts_with = "read")]
+    delivery: Option<Option<i64>>,
+    /// A read receipt: every message to the contact sent up to this time (ms since the epoch;
+    /// now when left out).
+    #[arg(long, value_name = "WATERMARK", num_args = 0..=1)]
+    read: Option<Option<i64>>,
     /// The relay's base URL; default http://127.0.0.1:<port of RELAY_ADDR>.
     #[arg(long)]
     url: Option<String>,
@@ -173,7 +175,12 @@ async fn simulate_messenger(env: &Env, args: SimulateMessenger) -> ExitCode {
     {
         Ok(response) => response,
         Err(e) => {
-            eprintln!("bonychat-relay: no answer from {url}: {}", e.without_url());
+            // reqwest's own message is only "error sending request": the cause is at the bottom.
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(source) = cause.source() {
+                cause = source;
+            }
+            eprintln!("bonychat-relay: no answer from {url}: {cause}");
             return ExitCode::FAILURE;
         }
     };
@@ -207,9 +214,9 @@ fn messenger_envelope(args: &SimulateMessenger, page_id: &str, now: i64) -> serd
         if args.echo { (page_id, args.contact.as_str()) } else { (args.contact.as_str(), page_id) };
     let mut event = json!({"sender": {"id": sender}, "recipient": {"id": recipient}, "timestamp": now});
     if let Some(watermark) = args.delivery {
-        event["delivery"] = json!({"watermark": watermark});
+        event["delivery"] = json!({"watermark": watermark.unwrap_or(now)});
     } else if let Some(watermark) = args.read {
-        event["read"] = json!({"watermark": watermark});
+        event["read"] = json!({"watermark": watermark.unwrap_or(now)});
     } else {
         let mut message = json!({"mid": mid, "text": args.text.as_deref().unwrap_or_default()});
         if args.echo {

@@ -78,15 +78,18 @@ async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
 
     // Act
     let sent = post_message(&relay, "hello from BonyChat").await;
+    assert_eq!(sent.status(), 200);
+    let sent_m_id = sent.json::<Value>().await.unwrap()["mId"].clone();
     let simulated = run(
         &vars,
         &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi from Messenger", "--contact", CONTACT],
     )
     .await;
+    let read = run(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--read", "--contact", CONTACT]).await;
     let mut events = Value::Null;
     for _ in 0..100 {
         events = get_json(&relay, "/sandbox/bonychat/events").await;
-        if events["events"].as_array().is_some_and(|e| !e.is_empty()) {
+        if events["events"].as_array().is_some_and(|e| e.len() >= 2) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -95,7 +98,6 @@ async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
     let (code, output) = relay.terminate().await;
 
     // Assert
-    assert_eq!(sent.status(), 200);
     let request = &requests["requests"][0];
     assert_eq!(request["signatureValid"], true, "{requests}");
     assert_eq!(request["status"], 200);
@@ -112,6 +114,11 @@ async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
     assert_eq!(event["body"]["channelId"], CHANNEL);
     assert_eq!(event["body"]["contactId"], CONTACT);
     assert_eq!(event["body"]["events"][0]["message"]["text"], "hi from Messenger");
+    assert_eq!(read.0, Some(0), "simulate --read: {read:?}");
+    let receipt = &events["events"][1]["body"]["events"][0];
+    assert_eq!(receipt["type"], "message_status", "{events}");
+    assert_eq!(receipt["status"]["value"], "read");
+    assert_eq!(receipt["mId"], sent_m_id);
 
     assert_eq!(code, 0);
     let all = output.join("\n");
