@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -88,18 +88,19 @@ async fn joinchat_send_message(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match reader.read(body, BODY_LIMIT).await {
-        Ok(read) => read.bytes.clone(),
+    let body = match reader.read(body, BODY_LIMIT).await {
+        Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let expected = joinchat_signature(sandbox.joinchat_secret.expose().as_bytes(), &bytes);
+    let bytes = &body.bytes;
+    let expected = joinchat_signature(sandbox.joinchat_secret.expose().as_bytes(), bytes);
     let presented = headers.get("x-joinchat-signature").map(|v| v.as_bytes()).unwrap_or_default();
     let signature_valid: bool = presented.ct_eq(expected.as_bytes()).into();
-    let parsed = as_json(&bytes);
+    let parsed = as_json(bytes);
 
     let (status, answer) = if !signature_valid {
         (StatusCode::UNAUTHORIZED, json!({"success": false, "errors": {"msg": "signature mismatch"}}))
-    } else if contains(&bytes, REJECT_MARKER.as_bytes()) {
+    } else if contains(bytes, REJECT_MARKER.as_bytes()) {
         let msg = format!("refused by the sandbox: the request contains {REJECT_MARKER}");
         (StatusCode::BAD_REQUEST, json!({"success": false, "errors": {"msg": msg}}))
     } else {
@@ -126,10 +127,11 @@ async fn bonychat_webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let bytes = match reader.read(body, BODY_LIMIT).await {
-        Ok(read) => read.bytes.clone(),
+    let body = match reader.read(body, BODY_LIMIT).await {
+        Ok(body) => body,
         Err(e) => return e.into_response(),
     };
+    let bytes = &body.bytes;
     let token_valid = sandbox.bonychat_token.is_presented_in(&headers);
     let (status, answer) = if token_valid {
         (StatusCode::OK, json!({"status": "ok"}))
@@ -147,7 +149,7 @@ async fn bonychat_webhook(
             "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
             "authorization": authorization,
         },
-        "body": as_json(&bytes),
+        "body": as_json(bytes),
         "tokenValid": token_valid,
         "status": status.as_u16(),
     }));
@@ -163,7 +165,7 @@ async fn bonychat_events(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
 }
 
 /// The body as JSON, or as text when it is not JSON (a stand-in shows what it got either way).
-fn as_json(bytes: &Bytes) -> Value {
+fn as_json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
@@ -173,4 +175,30 @@ fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stand_in_keeps_only_the_latest_requests() {
+        let received = Received::default();
+
+        for n in 0..KEPT + 50 {
+            received.keep(json!(n));
+        }
+
+        let kept = received.all();
+        assert_eq!(kept.len(), KEPT);
+        assert_eq!(kept[0], json!(50), "the oldest go first");
+        assert_eq!(kept[KEPT - 1], json!(KEPT + 49));
+    }
+
+    #[test]
+    fn the_reject_marker_is_found_anywhere_in_the_body() {
+        assert!(contains(br#"{"text":"please #reject"}"#, REJECT_MARKER.as_bytes()));
+        assert!(!contains(br#"{"text":"reject"}"#, REJECT_MARKER.as_bytes()));
+        assert!(!contains(b"", REJECT_MARKER.as_bytes()));
+    }
 }
