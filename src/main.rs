@@ -1,6 +1,8 @@
-//! The `bonychat-relay` binary: serves, or manages the store's jobs from the command line.
+//! The `bonychat-relay` binary: serves (the default), and the operator's tools beside it:
+//! `check-config`, `simulate messenger`, and `jobs …` on the store.
 //!
-//! Run with `bonychat-relay --env-file config/example.env`.
+//! Run with `bonychat-relay --env-file config/sandbox.env` to try it without any account, or
+//! `--env-file config/example.env` (edited) in production.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
