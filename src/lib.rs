@@ -11,6 +11,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod monitoring;
 pub mod routes;
 pub mod sandbox;
 pub mod server;

@@ -21,6 +21,7 @@ use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::{Config, ServerLimits};
 use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Waiters, Worker};
+use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
 use crate::server;
 use crate::signing::HubSignature;
@@ -33,6 +34,8 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 pub enum StartupError {
     #[error("RELAY_ADDR: cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("RELAY_METRICS_ADDR: cannot listen on {addr}: {source}")]
+    MetricsBind { addr: SocketAddr, source: io::Error },
     #[error("RELAY_DATABASE_URL: {0}")]
     Store(StoreError),
     #[error("cannot build the HTTP client: {0}")]
@@ -41,6 +44,7 @@ pub enum StartupError {
 
 pub struct Application {
     listener: TcpListener,
+    metrics: TcpListener,
     router: Router,
     store: Arc<dyn Store>,
     worker: Arc<Worker>,
@@ -52,6 +56,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        // Before anything records: the facade drops what arrives before a recorder is installed.
+        monitoring::handle();
         let store = store::open(&config.store).await.map_err(StartupError::Store)?;
         let recovered = store.recover().await.map_err(StartupError::Store)?;
         if recovered > 0 {
@@ -104,8 +110,11 @@ impl Application {
         });
         let addr = state.config.server.addr;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartupError::Bind { addr, source })?;
+        let addr = state.config.telemetry.metrics_addr;
+        let metrics = TcpListener::bind(addr).await.map_err(|source| StartupError::MetricsBind { addr, source })?;
         Ok(Self {
             listener,
+            metrics,
             router: router(state.clone(), request_timeout),
             store,
             worker: Arc::new(worker),
@@ -125,12 +134,18 @@ impl Application {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
+    /// Where `GET /metrics` is served (`RELAY_METRICS_ADDR`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics.local_addr().expect("a bound listener has an address")
+    }
+
     /// Serves and delivers until `stop` is cancelled; then stops accepting requests and
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self { listener, router, store, worker, shutdown, grace, retention, limits } = self;
-        tracing::info!(addr = %listener.local_addr()?, "relay listening");
+        let Self { listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
+        tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
+        let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store)));
 
         let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
         let attempts = TaskTracker::new();
@@ -142,6 +157,7 @@ impl Application {
             result = &mut server => {
                 abort.cancel();
                 pruner.abort();
+                metrics.abort();
                 return result.unwrap_or_else(|e| Err(io::Error::other(e)));
             }
             () = stop.cancelled() => {}
@@ -153,6 +169,7 @@ impl Application {
         );
         shutdown.cancel();
         pruner.abort();
+        metrics.abort();
         let _ = pruner.await;
         let _ = dispatcher.await;
         attempts.close();

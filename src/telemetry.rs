@@ -69,16 +69,15 @@ fn is_probe(route: &str) -> bool {
 pub async fn log_request(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let route = match request.extensions().get::<MatchedPath>() {
-        Some(matched) => matched.as_str().to_owned(),
-        None => request.uri().path().to_owned(),
-    };
+    let matched = request.extensions().get::<MatchedPath>().map(|matched| matched.as_str().to_owned());
+    let route = matched.clone().unwrap_or_else(|| request.uri().path().to_owned());
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
     let span = tracing::info_span!("request", request_id = %request_id);
 
     let response = next.run(request).instrument(span).await;
 
     let status = response.status().as_u16();
+    crate::monitoring::http_request(matched.as_deref(), &method, status, started.elapsed());
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
     if let Some(InternalErrorDetail(detail)) = response.extensions().get() {
         tracing::error!(%request_id, %method, %route, status, latency_ms, error = %detail, "request");

@@ -207,6 +207,7 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - now_millis(), "paced");
+                crate::monitoring::attempt(job.direction, "paced", job.created_at);
                 self.record(job, Finish::Defer { progress, next_attempt_at: until }).await;
                 return;
             }
@@ -254,6 +255,10 @@ impl Worker {
     }
 
     async fn attempt_inbound(&self, job: &Job, event: WebhookEvent) {
+        let receipt = match &event {
+            WebhookEvent::MessageStatus { status, .. } => Some(status.value),
+            _ => None,
+        };
         let outcome = self.inbound.attempt(&job.contact, event, job.contact_introduced).await;
         let attempt = job.attempts + 1;
         let (finish, label, reason) = match outcome.result {
@@ -262,6 +267,9 @@ impl Worker {
                     && let Err(e) = self.store.mark_introduced(&job.contact).await
                 {
                     tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
+                }
+                if let Some(value) = receipt {
+                    crate::monitoring::receipt_posted(value);
                 }
                 (Finish::Delivered { progress: 1, sent_at: now_millis() }, "posted", None)
             }
@@ -284,6 +292,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
+        crate::monitoring::attempt(job.direction, "dead", job.created_at);
         self.record(job, finish).await;
     }
 
@@ -322,6 +331,7 @@ fn after_failure(
 }
 
 fn log_attempt(job: &Job, attempt: u32, outcome: &str, reason: Option<&str>) {
+    crate::monitoring::attempt(job.direction, outcome, job.created_at);
     let direction = job.direction.as_str();
     match reason {
         None => {

@@ -17,7 +17,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"})));
     }
-    match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
+    let pinged = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    crate::monitoring::store_writable(matches!(pinged, Ok(Ok(()))));
+    match pinged {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "store not answering");

@@ -68,11 +68,14 @@ pub async fn receive_events(
         tracing::info!(reason = %ignored.0, "webhook content acknowledged, not forwarded");
     }
     let received = envelope.events.len();
+    let ignored = envelope.ignored.len();
     let batch = InboundBatch { items: envelope.events.into_iter().map(to_item).collect(), now };
     let summary = state.store.enqueue_inbound(batch).await.map_err(ApiError::Store)?;
     if summary.queued + summary.receipts > 0 {
         state.wake.notify_one();
     }
+    // Counted once stored: a refused batch is redelivered by Meta and would count twice.
+    crate::monitoring::inbound_dropped(summary.duplicates, summary.own_echoes, ignored);
     tracing::info!(
         received,
         queued = summary.queued,

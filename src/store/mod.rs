@@ -347,6 +347,22 @@ pub trait Store: Send + Sync {
 
     /// How many jobs of each direction are queued (in flight included).
     fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>>;
+
+    /// Jobs of every direction by where they stand at `now`, for the queue gauges. Read at
+    /// scrape time, so it must stay cheap at the intake caps.
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>>;
+}
+
+/// Jobs of one direction by where they stand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Queued, not leased, due now (behind another job of their contact or not).
+    pub ready: u64,
+    /// Queued, not leased, due later: waiting for a retry or for pacing.
+    pub delayed: u64,
+    /// Leased by a worker.
+    pub in_flight: u64,
+    pub dead: u64,
 }
 
 #[derive(Debug, Clone)]

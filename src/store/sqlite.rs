@@ -27,14 +27,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{
     BeforeSend, Direction, Finish, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job, JobState, NewOutbound,
-    Payload, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
+    Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
@@ -508,8 +508,11 @@ impl Writer {
                 continue;
             }
             self.health.busy_since.store(now_millis(), Ordering::Relaxed);
+            let started = Instant::now();
+            let operations = batch.len();
             let mut answers = Vec::with_capacity(batch.len());
             let mut committed = run_batch(&mut self.conn, batch, &mut answers).map_err(|e| e.to_string());
+            crate::monitoring::store_commit(started.elapsed(), operations);
             match &committed {
                 Ok(()) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);
@@ -1211,6 +1214,42 @@ impl Store for SqliteStore {
 
     fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>> {
         self.run(|conn| Direction::ALL.into_iter().map(|d| Ok((d, queued(conn, d)?))).collect())
+    }
+
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+        self.run(move |conn| {
+            let mut counts = Direction::ALL.map(|d| (d, QueueCounts::default()));
+            let slot = |direction: &str| Direction::ALL.iter().position(|d| d.as_str() == direction);
+            // Both walk a partial index (`jobs_queued`, `jobs_dead`): the queued and dead jobs
+            // only, never the delivered history.
+            let queued = conn
+                .prepare_cached(
+                    "SELECT direction, \
+                     COALESCE(SUM(lease_owner IS NULL AND next_attempt_at <= ?1), 0), \
+                     COALESCE(SUM(lease_owner IS NULL AND next_attempt_at > ?1), 0), \
+                     COALESCE(SUM(lease_owner IS NOT NULL), 0) \
+                     FROM jobs WHERE state = 'queued' GROUP BY direction",
+                )?
+                .query_map([now], |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+                .collect::<rusqlite::Result<Vec<(String, i64, i64, i64)>>>()?;
+            for (direction, ready, delayed, in_flight) in queued {
+                if let Some((_, c)) = slot(&direction).map(|i| &mut counts[i]) {
+                    c.ready = u64::try_from(ready).unwrap_or(0);
+                    c.delayed = u64::try_from(delayed).unwrap_or(0);
+                    c.in_flight = u64::try_from(in_flight).unwrap_or(0);
+                }
+            }
+            let dead = conn
+                .prepare_cached("SELECT direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY direction")?
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+            for (direction, n) in dead {
+                if let Some((_, c)) = slot(&direction).map(|i| &mut counts[i]) {
+                    c.dead = u64::try_from(n).unwrap_or(0);
+                }
+            }
+            Ok(counts.to_vec())
+        })
     }
 }
 

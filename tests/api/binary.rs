@@ -172,6 +172,7 @@ async fn the_example_env_file_starts_the_relay() {
     let data = tempfile::tempdir().unwrap();
     let mut vars = vec![
         ("RELAY_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("RELAY_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("RELAY_DATABASE_URL".to_owned(), format!("sqlite://{}/relay.db", data.path().display())),
     ];
     json_logs(&mut vars);

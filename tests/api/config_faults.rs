@@ -210,6 +210,19 @@ async fn a_retry_delay_past_seven_days_stops_the_start_instead_of_overflowing_la
 }
 
 #[tokio::test]
+async fn a_metrics_port_already_in_use_stops_the_start_with_one_plain_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("RELAY_METRICS_ADDR", Some(&addr))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed
+        .assert_one_line(1, &[&format!("bonychat-relay: cannot start: RELAY_METRICS_ADDR: cannot listen on {addr}: ")]);
+}
+
+#[tokio::test]
 async fn a_port_already_in_use_stops_the_start_with_one_plain_line_in_every_log_format() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();

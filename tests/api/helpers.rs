@@ -39,6 +39,8 @@ pub const PAGE_TOKEN: &str = "EAAGpage-access-token";
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// `RELAY_METRICS_ADDR`, bound to a free port.
+    pub metrics_addr: SocketAddr,
     pub http: reqwest::Client,
     pub joinchat: StandIn,
     pub bonychat: StandIn,
@@ -90,10 +92,11 @@ async fn start(
     let config = Config::from_env(&Env::from_pairs(vars.clone())).expect("test configuration is valid");
     let app = Application::build(config).await.expect("relay starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let store = app.store();
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(stop.clone()));
-    TestApp { addr, http: http_client(), joinchat, bonychat, graph, store, vars, data_dir, stop, server }
+    TestApp { addr, metrics_addr, http: http_client(), joinchat, bonychat, graph, store, vars, data_dir, stop, server }
 }
 
 /// Every variable a test relay starts with: real defaults except for addresses, timeouts and
@@ -102,6 +105,7 @@ pub fn test_vars(joinchat_url: &str, data_dir: &std::path::Path) -> Vec<(String,
     let database_url = format!("sqlite://{}/relay.db", data_dir.display());
     [
         ("RELAY_ADDR", "127.0.0.1:0"),
+        ("RELAY_METRICS_ADDR", "127.0.0.1:0"),
         ("BONYCHAT_CHANNEL_ID", CHANNEL_ID),
         ("BONYCHAT_API_TOKEN", API_TOKEN),
         ("BONYCHAT_WEBHOOK_URL", "http://127.0.0.1:9/bonychat-webhook"),

@@ -13,6 +13,7 @@ mod message_limits;
 mod message_requests;
 mod message_translation;
 mod messenger_webhook;
+mod metrics;
 mod ordering_and_pacing;
 mod queue_safety;
 mod sandbox;

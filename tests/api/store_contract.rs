@@ -415,6 +415,38 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
 }
 
 #[tokio::test]
+async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direction() {
+    let Subject { store, _dir, .. } = store_under_test().await;
+    for contact in ["a", "b", "c"] {
+        store.enqueue_outbound(outbound(contact, &format!("{contact}1"), 1_000)).await.unwrap();
+    }
+    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let id = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().id;
+    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
+    store.finish(OWNER, id("b1"), retry, 1_100).await.unwrap();
+    let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+    store.finish(OWNER, id("c1"), dead, 1_100).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_200)).await.unwrap();
+    let batch = InboundBatch { items: vec![message_item("u", vec![text_event("in1")], None)], now: 1_200 };
+    store.enqueue_inbound(batch).await.unwrap();
+
+    let at = |now| {
+        let store = Arc::clone(&store);
+        async move {
+            let counts = store.queue_counts(now).await.unwrap();
+            Direction::ALL.map(|d| counts.iter().find(|(of, _)| *of == d).expect("every direction").1)
+        }
+    };
+    let [outbound_now, inbound_now] = at(2_000).await;
+    let [outbound_later, _] = at(6_000).await;
+
+    // a1 is leased; a2 waits behind it but is due; b1 waits for its retry; c1 is dead.
+    assert_eq!((outbound_now.ready, outbound_now.delayed, outbound_now.in_flight, outbound_now.dead), (1, 1, 1, 1));
+    assert_eq!((inbound_now.ready, inbound_now.delayed, inbound_now.in_flight, inbound_now.dead), (1, 0, 0, 0));
+    assert_eq!((outbound_later.ready, outbound_later.delayed), (2, 0));
+}
+
+#[tokio::test]
 async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
     let Subject { store, _dir, .. } = store_under_test().await;
     deliver_outbound(store.as_ref(), "u", "done", 1_000).await;

@@ -1,0 +1,231 @@
+//! Prometheus metrics: the series the relay records, and the listener that serves them on
+//! `RELAY_METRICS_ADDR`, never on the public port.
+//!
+//! The `metrics` facade takes one global recorder per process, so it is installed once and
+//! every [`Application`](crate::startup::Application) in the process shares it: the series are
+//! process-wide. A relay is one process in production; tests that start several relays in one
+//! process see their sums, and the queue gauges of whichever relay was scraped last.
+//!
+//! Labels carry only bounded values (route templates, directions, outcomes, states): a contact
+//! id or `mId` as a label would make one series per contact and exhaust Prometheus.
+
+use std::sync::{OnceLock, Weak};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{Method, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use crate::domain::bonychat::StatusValue;
+use crate::store::{Direction, QueueCounts, Store, now_millis};
+
+const HTTP_REQUESTS: &str = "bonychat_relay_http_requests_total";
+const HTTP_DURATION: &str = "bonychat_relay_http_request_duration_seconds";
+const ATTEMPTS: &str = "bonychat_relay_delivery_attempts_total";
+const DELIVERY_LATENCY: &str = "bonychat_relay_delivery_latency_seconds";
+const QUEUE_JOBS: &str = "bonychat_relay_queue_jobs";
+const DROPPED: &str = "bonychat_relay_inbound_events_dropped_total";
+const RECEIPTS_POSTED: &str = "bonychat_relay_receipts_posted_total";
+const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
+const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
+const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
+const BUILD_INFO: &str = "bonychat_relay_build_info";
+
+const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// From a send within the request to a message retried for a day.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0, 43200.0, 86400.0];
+const COMMIT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// Histograms are kept in buffers until a scrape or an upkeep drains them; without scrapes,
+/// only upkeep bounds their memory.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// A scrape reads the store; a stalled one must not hold the scrape past Prometheus' timeout.
+const SCRAPE_STORE_WAIT: Duration = Duration::from_secs(2);
+
+/// The process-wide recorder, installed on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(install)
+}
+
+fn install() -> PrometheusHandle {
+    let handle = match builder().and_then(PrometheusBuilder::install_recorder) {
+        Ok(handle) => handle,
+        Err(e) => {
+            // Someone else's recorder is in place (an embedding program): serve empty metrics
+            // rather than refuse to start.
+            tracing::warn!(error = %e, "cannot install the metrics recorder; /metrics will be empty");
+            PrometheusBuilder::new().build_recorder().handle()
+        }
+    };
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let upkept = handle.clone();
+    let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+        loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkept.run_upkeep();
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms grow between scrapes");
+    }
+    handle
+}
+
+fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    let full = |name: &str| Matcher::Full(name.to_owned());
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(full(HTTP_DURATION), HTTP_BUCKETS)?
+        .set_buckets_for_metric(full(DELIVERY_LATENCY), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(full(COMMIT_DURATION), COMMIT_BUCKETS)?
+        .set_buckets_for_metric(full(COMMIT_BATCH), BATCH_BUCKETS)
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests on the public port, by route template, method and status.");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time to answer a request on the public port.");
+    describe_counter!(ATTEMPTS, "Delivery attempts by direction and outcome (sent, retry, rejected, dead, paced).");
+    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
+    describe_gauge!(
+        QUEUE_JOBS,
+        "Jobs by direction and state (ready, delayed, in_flight, dead), as of the last scrape."
+    );
+    describe_counter!(DROPPED, "Inbound webhook content not forwarded, by reason (duplicate, own_echo, ignored).");
+    describe_counter!(RECEIPTS_POSTED, "Message status receipts BonyChat accepted, by value.");
+    describe_histogram!(COMMIT_DURATION, Unit::Seconds, "Duration of one store group commit.");
+    describe_histogram!(COMMIT_BATCH, Unit::Count, "Operations committed together in one store commit.");
+    describe_gauge!(STORE_WRITABLE, "1 when the store committed a probe write at the last check, else 0.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. The store is held weakly, so
+/// a scraper's open connection never keeps a stopped relay's store (and its file lock) alive.
+pub async fn serve(listener: TcpListener, store: Weak<dyn Store>) -> std::io::Result<()> {
+    handle();
+    let app = Router::new().route("/metrics", get(scrape)).with_state(store);
+    axum::serve(listener, app).await
+}
+
+async fn scrape(State(store): State<Weak<dyn Store>>) -> impl IntoResponse {
+    if let Some(store) = store.upgrade() {
+        refresh_store_gauges(store.as_ref()).await;
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle().render())
+}
+
+/// The queue gauges and writability are read at scrape time, never per request: one cheap
+/// count per scrape.
+async fn refresh_store_gauges(store: &dyn Store) {
+    let (writable, counts) = tokio::join!(
+        tokio::time::timeout(SCRAPE_STORE_WAIT, store.ping()),
+        tokio::time::timeout(SCRAPE_STORE_WAIT, store.queue_counts(now_millis())),
+    );
+    store_writable(matches!(writable, Ok(Ok(()))));
+    match counts {
+        Ok(Ok(counts)) => {
+            for (direction, counts) in counts {
+                queue_jobs(direction, counts);
+            }
+        }
+        // The gauges keep their last values; `store_writable` already says something is wrong.
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot count the queue for /metrics"),
+        Err(_) => tracing::warn!("counting the queue for /metrics took too long"),
+    }
+}
+
+fn queue_jobs(direction: Direction, counts: QueueCounts) {
+    let states =
+        [("ready", counts.ready), ("delayed", counts.delayed), ("in_flight", counts.in_flight), ("dead", counts.dead)];
+    for (state, jobs) in states {
+        gauge!(QUEUE_JOBS, "direction" => direction.as_str(), "state" => state).set(jobs as f64);
+    }
+}
+
+pub fn store_writable(writable: bool) {
+    gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+}
+
+/// One answered request. `route` is the matched route template; `None` (no route matched) is
+/// recorded as `unmatched`, since raw paths are unbounded.
+pub fn http_request(route: Option<&str>, method: &Method, status: u16, elapsed: Duration) {
+    let route = route.unwrap_or("unmatched").to_owned();
+    let method = method_label(method);
+    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status.to_string()).increment(1);
+    histogram!(HTTP_DURATION, "route" => route, "method" => method).record(elapsed.as_secs_f64());
+}
+
+/// Extension methods are any token a client sends: one series each would be unbounded.
+fn method_label(method: &Method) -> &'static str {
+    const KNOWN: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"];
+    KNOWN.into_iter().find(|known| *known == method.as_str()).unwrap_or("other")
+}
+
+/// One attempt's outcome as the job log names it. Both directions share the vocabulary of
+/// the metric: BonyChat accepting a post is `sent`, refusing it for good `rejected`.
+pub fn attempt(direction: Direction, logged: &str, created_at: i64) {
+    let outcome = match logged {
+        "sent" | "posted" => "sent",
+        "rejected" | "refused" => "rejected",
+        "retry" => "retry",
+        "paced" => "paced",
+        _ => "dead",
+    };
+    counter!(ATTEMPTS, "direction" => direction.as_str(), "outcome" => outcome).increment(1);
+    if outcome == "sent" {
+        let waited = now_millis().saturating_sub(created_at).max(0);
+        histogram!(DELIVERY_LATENCY, "direction" => direction.as_str()).record(waited as f64 / 1000.0);
+    }
+}
+
+/// What a stored webhook did not forward.
+pub fn inbound_dropped(duplicates: usize, own_echoes: usize, ignored: usize) {
+    for (reason, n) in [("duplicate", duplicates), ("own_echo", own_echoes), ("ignored", ignored)] {
+        if n > 0 {
+            counter!(DROPPED, "reason" => reason).increment(n as u64);
+        }
+    }
+}
+
+pub fn receipt_posted(value: StatusValue) {
+    let value = match value {
+        StatusValue::Delivered => "delivered",
+        StatusValue::Read => "read",
+        StatusValue::Failed => "failed",
+    };
+    counter!(RECEIPTS_POSTED, "value" => value).increment(1);
+}
+
+/// One group commit of the store's writer thread.
+pub fn store_commit(elapsed: Duration, operations: usize) {
+    histogram!(COMMIT_DURATION).record(elapsed.as_secs_f64());
+    histogram!(COMMIT_BATCH).record(operations as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_chosen_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"PATCH").unwrap()), "PATCH");
+        assert_eq!(method_label(&Method::from_bytes(b"X-CONTACT-1066835436691078").unwrap()), "other");
+    }
+
+    #[test]
+    fn the_bucket_configuration_is_accepted() {
+        assert!(builder().is_ok());
+        for buckets in [HTTP_BUCKETS, LATENCY_BUCKETS, COMMIT_BUCKETS, BATCH_BUCKETS] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "buckets must ascend: {buckets:?}");
+        }
+    }
+}
