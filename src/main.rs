@@ -72,6 +72,11 @@ async fn main() -> ExitCode {
     if let Some(path) = &cli.env_file {
         env = match env.with_env_file(path) {
             Ok(env) => env,
+            // Docker reserves exit code 2 in health checks.
+            Err(e) if matches!(cli.command, Some(Command::Healthcheck { .. })) => {
+                eprintln!("unhealthy: {e}");
+                return ExitCode::FAILURE;
+            }
             Err(e) => return config_error(&e),
         };
     }

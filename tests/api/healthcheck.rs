@@ -104,6 +104,8 @@ async fn a_url_it_cannot_probe_fails_with_exit_1() {
         let output = healthcheck(&[url], &[]).await;
         assert_eq!(output.status.code(), Some(1), "{url}: {}", describe(&output));
     }
+    let output = healthcheck(&["--env-file", "/nonexistent/relay.env"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     let output = healthcheck(&[], &[("RELAY_ADDR", "8080")]).await;
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     assert!(String::from_utf8_lossy(&output.stderr).contains("RELAY_ADDR"), "{}", describe(&output));
