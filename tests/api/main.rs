@@ -5,6 +5,7 @@ mod config_faults;
 mod contact_profiles;
 mod crash;
 mod durable_delivery;
+mod healthcheck;
 mod helpers;
 mod hostile_clients;
 mod hostile_webhooks;

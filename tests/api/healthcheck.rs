@@ -1,0 +1,112 @@
+//! `bonychat-relay healthcheck`, run as a container runtime runs it: the binary alone, with
+//! no configuration in its environment.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::process::Command;
+
+use crate::helpers::spawn_app;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+
+/// The binary with an empty environment plus `vars`. Async, so the relay under test keeps
+/// being served by this test's runtime meanwhile.
+async fn healthcheck(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    Command::new(BINARY)
+        .arg("healthcheck")
+        .args(args)
+        .env_clear()
+        .envs(vars.iter().copied())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("binary runs")
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A server on a free loopback port whose every path answers `status`.
+async fn answering(status: StatusCode) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(get(move || async move { (status, "{}") }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/readyz")
+}
+
+#[tokio::test]
+async fn a_ready_relay_passes() {
+    let app = spawn_app().await;
+    let output = healthcheck(&[&app.url("/readyz")], &[]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 1, "one short line: {stdout:?}");
+}
+
+#[tokio::test]
+async fn without_a_url_it_probes_readyz_at_the_port_of_relay_addr() {
+    let app = spawn_app().await;
+    // As in a container: the relay listens on the wildcard address, the probe goes to loopback.
+    let relay_addr = format!("0.0.0.0:{}", app.addr.port());
+    let output = healthcheck(&[], &[("RELAY_ADDR", &relay_addr)]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("/readyz"), "{}", describe(&output));
+}
+
+#[tokio::test]
+async fn a_closed_port_fails() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let output = healthcheck(&[&format!("http://127.0.0.1:{port}/readyz")], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one short line: {stderr:?}");
+    assert!(stderr.starts_with("unhealthy:"), "{stderr:?}");
+}
+
+#[tokio::test]
+async fn a_503_fails() {
+    let url = answering(StatusCode::SERVICE_UNAVAILABLE).await;
+    let output = healthcheck(&[&url], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("503"), "{}", describe(&output));
+}
+
+#[tokio::test]
+async fn a_relay_that_does_not_answer_fails_within_the_timeout() {
+    // Accepts the connection (the kernel does, from the backlog) but never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let started = Instant::now();
+    let output = healthcheck(&[&url], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    drop(listener);
+}
+
+#[tokio::test]
+async fn a_url_it_cannot_probe_fails_with_exit_1() {
+    for url in ["not a url", "https://127.0.0.1:9/readyz"] {
+        let output = healthcheck(&[url], &[]).await;
+        assert_eq!(output.status.code(), Some(1), "{url}: {}", describe(&output));
+    }
+    let output = healthcheck(&["--env-file", "/nonexistent/relay.env"], &[]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let output = healthcheck(&[], &[("RELAY_ADDR", "8080")]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("RELAY_ADDR"), "{}", describe(&output));
+}
