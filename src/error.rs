@@ -61,6 +61,11 @@ pub enum ApiError {
 #[derive(Debug, Clone)]
 pub struct InternalErrorDetail(pub String);
 
+/// Why work was turned away (a store that cannot write, a full queue), for the request log
+/// only: expected under overload, so logged as a warning, not an error.
+#[derive(Debug, Clone)]
+pub struct RefusalDetail(pub String);
+
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -140,7 +145,7 @@ impl IntoResponse for ApiError {
             Self::Store(e) => {
                 // Nothing was stored: the caller should come back, not give up.
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                response.extensions_mut().insert(InternalErrorDetail(e.to_string()));
+                response.extensions_mut().insert(RefusalDetail(e.to_string()));
             }
             Self::Overloaded => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -13,7 +13,7 @@ use tracing::Instrument;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, TelemetryConfig};
-use crate::error::InternalErrorDetail;
+use crate::error::{InternalErrorDetail, RefusalDetail};
 
 /// Installs the global subscriber; a second call (as in tests) leaves the first in place.
 pub fn init(config: &TelemetryConfig) {
@@ -81,6 +81,8 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
     if let Some(InternalErrorDetail(detail)) = response.extensions().get() {
         tracing::error!(%request_id, %method, %route, status, latency_ms, error = %detail, "request");
+    } else if let Some(RefusalDetail(reason)) = response.extensions().get() {
+        tracing::warn!(%request_id, %method, %route, status, latency_ms, reason = %reason, "request");
     } else if is_probe(&route) {
         tracing::debug!(%request_id, %method, %route, status, latency_ms, "request");
     } else {
