@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -56,8 +56,8 @@ pub const ENV_FILE_CAP: u64 = 1024 * 1024;
 /// memory, so the path is checked with `stat` first (which does not block on a FIFO, unlike
 /// `open`), checked again on the opened file (the path may have been swapped in between), and
 /// read through `take(cap + 1)` so that a file growing meanwhile is still refused, not slurped.
-/// (A FIFO swapped in between `stat` and `open` could still block the `open`: only someone who
-/// can already rewrite the secret's directory can set that up, and std has no `O_NONBLOCK`.)
+/// The file is opened with `O_NONBLOCK`, so that a FIFO swapped in between `stat` and `open`
+/// cannot block the `open` either (it is then refused by the second check).
 fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     let shown = path.display();
     let too_large = || format!("{shown} is larger than {} KiB", cap / 1024);
@@ -69,7 +69,11 @@ fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     if metadata.len() > cap {
         return Err(too_large());
     }
-    let file = File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
     let opened = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
     if !opened.is_file() {
         return Err(not_regular());
