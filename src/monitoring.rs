@@ -21,6 +21,7 @@ use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogra
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
 use crate::store::{Direction, QueueCounts, Store, now_millis};
 
@@ -107,12 +108,17 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. The store is held weakly, so
-/// a scraper's open connection never keeps a stopped relay's store (and its file lock) alive.
-pub async fn serve(listener: TcpListener, store: Weak<dyn Store>) -> std::io::Result<()> {
+/// Connections the metrics listener holds at most: scrapers are few.
+const MAX_SCRAPE_CONNECTIONS: usize = 16;
+
+/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's head
+/// and idle timeouts (a container publishes this port too). The store is held weakly, so a
+/// scraper's open connection never keeps a stopped relay's store (and its file lock) alive.
+pub async fn serve(listener: TcpListener, store: Weak<dyn Store>, limits: ServerLimits) -> std::io::Result<()> {
     handle();
     let app = Router::new().route("/metrics", get(scrape)).with_state(store);
-    axum::serve(listener, app).await
+    let limits = ServerLimits { max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS), ..limits };
+    crate::server::serve(listener, app, limits, tokio_util::sync::CancellationToken::new()).await
 }
 
 async fn scrape(State(store): State<Weak<dyn Store>>) -> impl IntoResponse {

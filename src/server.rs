@@ -68,7 +68,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let max_connections = fit_to_descriptor_limit(limits.max_connections, descriptor_limit());
-    tracing::info!(max_connections, "accepting connections");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(%addr, max_connections, "accepting connections"),
+        Err(_) => tracing::info!(max_connections, "accepting connections"),
+    }
     let permits = Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS)));
     let builder = Arc::new(builder(&limits));
     let limits = Arc::new(limits);

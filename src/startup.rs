@@ -145,7 +145,7 @@ impl Application {
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
         let Self { listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
         tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
-        let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store)));
+        let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store), limits.clone()));
 
         let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
         let attempts = TaskTracker::new();
