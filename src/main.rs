@@ -4,11 +4,10 @@
 //! Run with `bonychat-relay --env-file config/sandbox.env` to try it without any account, or
 //! `--env-file config/example.env` (edited) in production.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bonychat_relay::config::{Config, ConfigError, Env, Secret, StoreConfig};
 use bonychat_relay::startup::Application;
@@ -140,8 +139,7 @@ async fn main() -> ExitCode {
         },
         Command::CheckConfig => check_config(&env),
         Command::Simulate { upstream: SimulateCommand::Messenger(args) } => simulate_messenger(&env, args).await,
-        // Blocking I/O on purpose: nothing else runs in this process meanwhile.
-        Command::Healthcheck { url } => healthcheck(url, &env),
+        Command::Healthcheck { url } => healthcheck(url, &env).await,
     }
 }
 
@@ -191,12 +189,7 @@ async fn simulate_messenger(env: &Env, args: SimulateMessenger) -> ExitCode {
     {
         Ok(response) => response,
         Err(e) => {
-            // reqwest's own message is only "error sending request": the cause is at the bottom.
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(source) = cause.source() {
-                cause = source;
-            }
-            eprintln!("bonychat-relay: no answer from {url}: {cause}");
+            eprintln!("bonychat-relay: no answer from {url}: {}", root_cause(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -213,12 +206,7 @@ fn simulate_settings(env: &Env, url: Option<&str>) -> Result<(Secret, String, St
     let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
     let base = match url {
         Some(url) => url.to_owned(),
-        None => {
-            let port = env.parsed("RELAY_ADDR", 8080, |raw| {
-                raw.parse::<SocketAddr>().map(|addr| addr.port()).map_err(|_| format!("`{raw}` is not an address"))
-            })?;
-            format!("http://127.0.0.1:{port}")
-        }
+        None => local_base_url(env)?,
     };
     Ok((secret, page_id, base))
 }
@@ -342,7 +330,7 @@ async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) 
 /// a probe that gives up sooner reports why instead of being killed silently.
 const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn healthcheck(url: Option<String>, env: &Env) -> ExitCode {
+async fn healthcheck(url: Option<String>, env: &Env) -> ExitCode {
     // Docker reserves exit code 2 in health checks, so every failure, a bad URL included, is 1.
     let unhealthy = |reason: &str| {
         eprintln!("unhealthy: {reason}");
@@ -350,99 +338,44 @@ fn healthcheck(url: Option<String>, env: &Env) -> ExitCode {
     };
     let url = match url {
         Some(url) => url,
-        None => match default_health_url(env) {
-            Ok(url) => url,
-            Err(e) => return unhealthy(&e),
+        None => match local_base_url(env) {
+            Ok(base) => format!("{base}/readyz"),
+            Err(e) => return unhealthy(&e.to_string()),
         },
     };
-    match probe(&url, HEALTHCHECK_TIMEOUT) {
-        Ok(200) => {
+    let client = match bonychat_relay::clients::http::client(HEALTHCHECK_TIMEOUT, HEALTHCHECK_TIMEOUT) {
+        Ok(client) => client,
+        Err(e) => return unhealthy(&format!("cannot build the HTTP client: {e}")),
+    };
+    match client.get(&url).send().await {
+        Ok(response) if response.status() == reqwest::StatusCode::OK => {
             println!("healthy: {url} answered 200");
             ExitCode::SUCCESS
         }
-        Ok(status) => unhealthy(&format!("{url} answered {status}")),
-        Err(e) => unhealthy(&format!("{url}: {e}")),
+        Ok(response) => unhealthy(&format!("{url} answered {}", response.status().as_u16())),
+        Err(e) => unhealthy(&format!("{url}: {}", root_cause(&e))),
     }
 }
 
-/// `/readyz` on the relay's own port. The relay listens on a wildcard address in a container,
-/// which is not an address to connect to: the loopback of that family reaches it.
-fn default_health_url(env: &Env) -> Result<String, String> {
-    let addr = match env.get("RELAY_ADDR").map_err(|e| e.to_string())? {
-        None => return Ok("http://127.0.0.1:8080/readyz".to_owned()),
-        Some(raw) => raw
-            .trim()
-            .parse::<SocketAddr>()
-            .map_err(|_| format!("RELAY_ADDR: `{raw}` is not an address such as 0.0.0.0:8080"))?,
-    };
+/// The relay's own base URL on this machine, from `RELAY_ADDR` (default port 8080): the
+/// loopback when it listens on every interface, else the address it listens on.
+fn local_base_url(env: &Env) -> Result<String, ConfigError> {
+    let addr = env.parsed("RELAY_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)), |raw| {
+        raw.parse::<SocketAddr>().map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
+    })?;
     let ip = match addr.ip() {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
         ip => ip,
     };
-    Ok(format!("http://{}/readyz", SocketAddr::new(ip, addr.port())))
+    Ok(format!("http://{}", SocketAddr::new(ip, addr.port())))
 }
 
-/// One HTTP/1.1 GET, returning the status code. A plain socket rather than reqwest: the probe
-/// targets the relay's own plain-HTTP port, and so needs neither TLS nor a runtime.
-fn probe(raw_url: &str, timeout: Duration) -> Result<u16, String> {
-    let deadline = Instant::now() + timeout;
-    let url = url::Url::parse(raw_url).map_err(|e| format!("not a URL: {e}"))?;
-    if url.scheme() != "http" {
-        return Err("only http:// URLs can be probed".to_owned());
+/// reqwest's own message is only "error sending request": the cause is at the bottom.
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
     }
-    let addrs = url.socket_addrs(|| None).map_err(|e| format!("cannot resolve the host: {e}"))?;
-    let mut last_error = "the host has no address".to_owned();
-    let mut stream = None;
-    for addr in addrs {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            last_error = "no answer within 3 s".to_owned();
-            break;
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(connected) => {
-                stream = Some(connected);
-                break;
-            }
-            Err(e) => last_error = format!("cannot connect to {addr}: {e}"),
-        }
-    }
-    let mut stream = stream.ok_or(last_error)?;
-    let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
-    let host = &url[url::Position::BeforeHost..url::Position::AfterPort];
-    let request = format!(
-        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: bonychat-relay-healthcheck/{}\r\nConnection: close\r\n\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    let timed_out = || "no answer within 3 s".to_owned();
-    stream
-        .set_write_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))
-        .map_err(|e| e.to_string())?;
-    stream.write_all(request.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
-    // Only the status line matters; reading stops at its end, so a large or endless body
-    // cannot hold the probe, and the deadline bounds a server that trickles bytes.
-    let mut head = Vec::new();
-    let mut buf = [0u8; 256];
-    while !head.windows(2).any(|w| w == b"\r\n") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || head.len() > 4096 {
-            return Err(if left.is_zero() { timed_out() } else { "no HTTP status line".to_owned() });
-        }
-        stream.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-        match stream.read(&mut buf) {
-            Ok(0) => return Err("connection closed before an answer".to_owned()),
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return Err(timed_out());
-            }
-            Err(e) => return Err(format!("cannot read the answer: {e}")),
-        }
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next().and_then(|code| code.trim().parse::<u16>().ok())) {
-        (Some(version), Some(status)) if version.starts_with("HTTP/1.") => Ok(status),
-        _ => Err("no HTTP status line".to_owned()),
-    }
+    cause.to_string()
 }
