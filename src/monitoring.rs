@@ -175,18 +175,38 @@ fn method_label(method: &Method) -> &'static str {
     KNOWN.into_iter().find(|known| *known == method.as_str()).unwrap_or("other")
 }
 
-/// One attempt's outcome as the job log names it. Both directions share the vocabulary of
-/// the metric: BonyChat accepting a post is `sent`, refusing it for good `rejected`.
-pub fn attempt(direction: Direction, logged: &str, created_at: i64) {
-    let outcome = match logged {
-        "sent" | "posted" => "sent",
-        "rejected" | "refused" => "rejected",
-        "retry" => "retry",
-        "paced" => "paced",
-        _ => "dead",
-    };
-    counter!(ATTEMPTS, "direction" => direction.as_str(), "outcome" => outcome).increment(1);
-    if outcome == "sent" {
+/// How a delivery attempt ended, in both directions: the `outcome` of the attempt log line and
+/// of the attempts metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the upstream.
+    Sent,
+    /// A transient failure: tried again later.
+    Retry,
+    /// Refused for good by the upstream.
+    Rejected,
+    /// Out of retries, or a stored job that cannot be read.
+    Dead,
+    /// Deferred by pacing; not an attempt.
+    Paced,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Retry => "retry",
+            Self::Rejected => "rejected",
+            Self::Dead => "dead",
+            Self::Paced => "paced",
+        }
+    }
+}
+
+/// One attempt of a job stored at `created_at`.
+pub fn attempt(direction: Direction, outcome: Outcome, created_at: i64) {
+    counter!(ATTEMPTS, "direction" => direction.as_str(), "outcome" => outcome.as_str()).increment(1);
+    if outcome == Outcome::Sent {
         let waited = now_millis().saturating_sub(created_at).max(0);
         histogram!(DELIVERY_LATENCY, "direction" => direction.as_str()).record(waited as f64 / 1000.0);
     }

@@ -27,6 +27,10 @@ use crate::server;
 use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError, now_millis};
 
+/// Bounds each request of the routes that store nothing (probes, the handshake, the admin
+/// API), so a stuck one cannot hold up a shutdown; `/message` and the webhook bound their own
+/// phases (body read, store admission, `RELAY_SEND_WAIT_MS`).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often delivered jobs past their retention are deleted.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -90,13 +94,6 @@ impl Application {
         );
 
         let shutdown = CancellationToken::new();
-        // Bounds the routes that store nothing (probes, the handshake, the admin API), so a stuck
-        // one cannot hold up a shutdown; `/message` and the webhook bound their own phases.
-        let request_timeout = config
-            .delivery
-            .send_wait
-            .saturating_add(config.joinchat.request_timeout)
-            .saturating_add(Duration::from_secs(10));
         let state = AppState::new(Shared {
             bonychat_token: BearerToken::new(&config.bonychat.api_token),
             admin_token: config.server.admin_token.as_ref().map(BearerToken::new),
@@ -115,7 +112,7 @@ impl Application {
         Ok(Self {
             listener,
             metrics,
-            router: router(state.clone(), request_timeout),
+            router: router(state.clone(), REQUEST_TIMEOUT),
             store,
             worker: Arc::new(worker),
             grace: state.config.server.shutdown_grace,

@@ -53,22 +53,13 @@ pub const ENV_FILE_CAP: u64 = 1024 * 1024;
 /// Reads a regular file of at most `cap` bytes, or says why not.
 ///
 /// A FIFO, a device such as `/dev/zero` or a directory would make a naive read hang or eat
-/// memory, so the path is checked with `stat` first (which does not block on a FIFO, unlike
-/// `open`), checked again on the opened file (the path may have been swapped in between), and
-/// read through `take(cap + 1)` so that a file growing meanwhile is still refused, not slurped.
-/// The file is opened with `O_NONBLOCK`, so that a FIFO swapped in between `stat` and `open`
-/// cannot block the `open` either (it is then refused by the second check).
+/// memory. The file is opened with `O_NONBLOCK` (opening a FIFO then returns at once instead
+/// of waiting for a writer), the opened file itself is checked, so no path swapped in between
+/// can slip through, and it is read through `take(cap + 1)` so that a file growing meanwhile is
+/// still refused, not slurped.
 fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     let shown = path.display();
     let too_large = || format!("{shown} is larger than {} KiB", cap / 1024);
-    let not_regular = || format!("{shown} is not a regular file");
-    let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !metadata.is_file() {
-        return Err(not_regular());
-    }
-    if metadata.len() > cap {
-        return Err(too_large());
-    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -76,7 +67,10 @@ fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot read {shown}: {e}"))?;
     let opened = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
     if !opened.is_file() {
-        return Err(not_regular());
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if opened.len() > cap {
+        return Err(too_large());
     }
     let mut bytes = Vec::new();
     file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {shown}: {e}"))?;

@@ -462,8 +462,8 @@ impl ServerLimits {
             idle_timeout: env.parsed("RELAY_IDLE_TIMEOUT_SECS", Duration::from_secs(60), |raw| {
                 match parse_u64(raw)? {
                     0 => Err("must be greater than 0".into()),
-                    secs @ 1..=MAX_SHUTDOWN_GRACE_SECS => Ok(Duration::from_secs(secs)),
-                    _ => Err(format!("must be at most {MAX_SHUTDOWN_GRACE_SECS} seconds (an hour)")),
+                    secs @ 1..=MAX_IDLE_SECS => Ok(Duration::from_secs(secs)),
+                    _ => Err(format!("must be at most {MAX_IDLE_SECS} seconds (an hour)")),
                 }
             })?,
             body_read_timeout: env.parsed("RELAY_BODY_READ_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
@@ -503,6 +503,7 @@ fn positive_count(raw: &str) -> Result<u64, String> {
 /// Upper bounds of the duration variables. Beyond them a value is a slip (a unit mistaken, a
 /// zero too many), and far beyond them time arithmetic on it would overflow.
 const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
+const MAX_IDLE_SECS: u64 = 3600;
 const MAX_SEND_WAIT_MS: u64 = 60_000;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);

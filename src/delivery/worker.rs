@@ -23,6 +23,7 @@ use super::retry::RetrySchedule;
 use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
+use crate::monitoring::Outcome;
 use crate::store::{Direction, Finish, Job, Payload, Store, now_millis};
 
 /// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
@@ -207,7 +208,7 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - now_millis(), "paced");
-                crate::monitoring::attempt(job.direction, "paced", job.created_at);
+                crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at);
                 self.record(job, Finish::Defer { progress, next_attempt_at: until }).await;
                 return;
             }
@@ -218,17 +219,17 @@ impl Worker {
         let waiter = if job.attempts == 0 { self.waiters.take(&job.m_id) } else { None };
 
         let (finish, first, label, reason) = match result {
-            Ok(sent_at) => (Finish::Delivered { progress, sent_at }, FirstAttempt::Sent, "sent", None),
+            Ok(sent_at) => (Finish::Delivered { progress, sent_at }, FirstAttempt::Sent, Outcome::Sent, None),
             Err(SendError::Permanent { reason }) if waiter.is_some() => (
                 Finish::Rejected { progress, error: reason.clone() },
                 FirstAttempt::Rejected(reason.clone()),
-                "rejected",
+                Outcome::Rejected,
                 Some(reason),
             ),
             Err(SendError::Permanent { reason }) => (
                 Finish::Dead { progress, error: reason.clone(), failed_receipt: true },
                 FirstAttempt::Pending,
-                "rejected",
+                Outcome::Rejected,
                 Some(reason),
             ),
             Err(SendError::Transient { reason, retry_after }) => {
@@ -271,11 +272,13 @@ impl Worker {
                 if let Some(value) = receipt {
                     crate::monitoring::receipt_posted(value);
                 }
-                (Finish::Delivered { progress: 1, sent_at: now_millis() }, "posted", None)
+                (Finish::Delivered { progress: 1, sent_at: now_millis() }, Outcome::Sent, None)
             }
-            Err(SendError::Permanent { reason }) => {
-                (Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false }, "refused", Some(reason))
-            }
+            Err(SendError::Permanent { reason }) => (
+                Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false },
+                Outcome::Rejected,
+                Some(reason),
+            ),
             Err(SendError::Transient { reason, retry_after }) => {
                 let (finish, label) = after_failure(&self.retries.bonychat, attempt, 0, &reason, retry_after, false);
                 (finish, label, Some(reason))
@@ -292,7 +295,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
-        crate::monitoring::attempt(job.direction, "dead", job.created_at);
+        crate::monitoring::attempt(job.direction, Outcome::Dead, job.created_at);
         self.record(job, finish).await;
     }
 
@@ -317,22 +320,22 @@ fn after_failure(
     reason: &str,
     retry_after: Option<Duration>,
     failed_receipt: bool,
-) -> (Finish, &'static str) {
+) -> (Finish, Outcome) {
     match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
         Some(delay) => {
             let next_attempt_at = now_millis().saturating_add(millis(delay));
-            (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, "retry")
+            (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, Outcome::Retry)
         }
         None => {
             let error = format!("gave up after {attempt} attempts: {reason}");
-            (Finish::Dead { progress, error, failed_receipt }, "dead")
+            (Finish::Dead { progress, error, failed_receipt }, Outcome::Dead)
         }
     }
 }
 
-fn log_attempt(job: &Job, attempt: u32, outcome: &str, reason: Option<&str>) {
+fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>) {
     crate::monitoring::attempt(job.direction, outcome, job.created_at);
-    let direction = job.direction.as_str();
+    let (direction, outcome) = (job.direction.as_str(), outcome.as_str());
     match reason {
         None => {
             tracing::info!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");

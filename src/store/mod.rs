@@ -22,7 +22,7 @@ use crate::config::{DatabaseUrl, StoreConfig};
 use crate::domain::bonychat::{StatusValue, WebhookEvent};
 use crate::domain::joinchat::{Message, Recipient};
 
-pub use payload::{PAYLOAD_FORMAT, decode_payload, encode_payload};
+pub use payload::{decode_payload, encode_payload};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -50,13 +50,6 @@ pub struct IntakeCaps {
 
 impl IntakeCaps {
     pub const DEFAULT: Self = Self { outbound: 100_000, inbound: 100_000 };
-
-    pub fn of(self, direction: Direction) -> u64 {
-        match direction {
-            Direction::Outbound => self.outbound,
-            Direction::Inbound => self.inbound,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -345,9 +338,6 @@ pub trait Store: Send + Sync {
     /// and expired echo records; returns how many jobs went. Callers loop like for redrive.
     fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
 
-    /// How many jobs of each direction are queued (in flight included).
-    fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>>;
-
     /// Jobs of every direction by where they stand at `now`, for the queue gauges. Read at
     /// scrape time, so it must stay cheap at the intake caps.
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>>;
@@ -401,28 +391,24 @@ pub async fn open_existing(config: &StoreConfig) -> StoreResult<(Arc<dyn Store>,
 /// Makes every dead job due now, [`BATCH`] at a time so that ingestion goes on meanwhile;
 /// returns how many.
 pub async fn redrive_all_dead(store: &dyn Store, now: i64) -> StoreResult<u64> {
-    let mut total = 0;
-    loop {
-        let redriven = store.redrive_dead(now, BATCH).await?;
-        total += redriven;
-        if redriven < BATCH as u64 {
-            return Ok(total);
-        }
-        tokio::task::yield_now().await;
-    }
+    in_batches(|| store.redrive_dead(now, BATCH)).await
 }
 
 /// Deletes every delivered, rejected and dropped job last touched before `before`, [`BATCH`]
 /// at a time; returns how many.
 pub async fn prune_all(store: &dyn Store, before: i64, now: i64) -> StoreResult<u64> {
+    in_batches(|| store.prune(before, now, BATCH)).await
+}
+
+/// Runs `batch` until it handles fewer than [`BATCH`] jobs; returns how many it handled.
+async fn in_batches<'a>(mut batch: impl FnMut() -> BoxFuture<'a, StoreResult<u64>>) -> StoreResult<u64> {
     let mut total = 0;
     loop {
-        let pruned = store.prune(before, now, BATCH).await?;
-        total += pruned;
-        if pruned < BATCH as u64 {
+        let handled = batch().await?;
+        total += handled;
+        if handled < BATCH as u64 {
             return Ok(total);
         }
-        tokio::task::yield_now().await;
     }
 }
 

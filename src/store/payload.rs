@@ -13,7 +13,7 @@
 use super::Payload;
 
 /// The version this build writes.
-pub const PAYLOAD_FORMAT: u64 = 1;
+const PAYLOAD_FORMAT: u64 = 1;
 
 /// The stored text of `payload`.
 pub fn encode_payload(payload: &Payload) -> String {

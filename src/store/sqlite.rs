@@ -901,9 +901,6 @@ impl Store for SqliteStore {
     }
 
     fn enqueue_outbound(&self, job: NewOutbound) -> BoxFuture<'_, StoreResult<i64>> {
-        if let Some(reason) = self.health.broken() {
-            return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
-        }
         let payload = encode_payload(&Payload::Send { recipient: job.recipient, parts: job.parts });
         let (contact, m_id, now) = (job.contact, job.m_id, job.now);
         let cap = self.caps.outbound;
@@ -933,9 +930,6 @@ impl Store for SqliteStore {
                 InboundItem::Watermark { .. } => None,
             })
             .collect();
-        if let Some(reason) = self.health.broken() {
-            return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
-        }
         let bytes = prepared.iter().flatten().flatten().map(|event| event.payload.len()).sum();
         let cap = self.caps.inbound;
         self.run_for_caller(bytes, ADMISSION_TIMEOUT, move |conn| {
@@ -1210,10 +1204,6 @@ impl Store for SqliteStore {
             .execute(params![now, limit as i64])?;
             Ok(jobs as u64)
         })
-    }
-
-    fn queued(&self) -> BoxFuture<'_, StoreResult<Vec<(Direction, u64)>>> {
-        self.run(|conn| Direction::ALL.into_iter().map(|d| Ok((d, queued(conn, d)?))).collect())
     }
 
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
