@@ -114,6 +114,9 @@ pub struct SqliteStore {
     health: Arc<Health>,
     commits: Arc<AtomicU64>,
     caps: IntakeCaps,
+    /// A read-only connection for reads that scan (listing jobs, counting the queue): WAL lets
+    /// them run beside the writer instead of holding up its commits.
+    reader: Arc<Mutex<Connection>>,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -144,15 +147,16 @@ impl SqliteStore {
     }
 
     async fn start(path: &Path, caps: IntakeCaps, mode: Mode, lock: Option<File>) -> StoreResult<Self> {
-        let path = path.to_owned();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (ops, ops_rx) = mpsc::channel(QUEUE_OPS);
         let commits = Arc::new(AtomicU64::new(0));
         let health = Arc::new(Health::default());
         let (counted, watched) = (Arc::clone(&commits), Arc::clone(&health));
+        let owned_path = path.to_owned();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
+                let path = owned_path;
                 let _exit_on_panic = ExitOnPanic;
                 match open_connection(&path, mode) {
                     Ok((conn, identity)) => {
@@ -166,7 +170,19 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the store thread: {e}")))?;
         ready_rx.await.map_err(|_| StoreError::Unavailable("the store thread stopped".into()))??;
-        Ok(Self { ops, queue_bytes: Arc::new(Semaphore::new(QUEUE_BYTES)), health, commits, caps, _lock: lock })
+        let reader =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .and_then(|conn| conn.busy_timeout(Duration::from_secs(5)).map(|()| conn))
+                .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            ops,
+            queue_bytes: Arc::new(Semaphore::new(QUEUE_BYTES)),
+            health,
+            commits,
+            caps,
+            reader: Arc::new(Mutex::new(reader)),
+            _lock: lock,
+        })
     }
 
     /// How many transactions were committed so far: fewer than operations when they share.
@@ -189,6 +205,20 @@ impl SqliteStore {
         Box::pin(async move {
             self.ops.send(op).await.map_err(|_| Self::stopped())?;
             rx.await.map_err(|_| Self::stopped())?
+        })
+    }
+
+    /// Runs the read-only `f` on the reader connection, off the async runtime's threads.
+    fn read<T, F>(&self, f: F) -> BoxFuture<'_, StoreResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let reader = Arc::clone(&self.reader);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&reader.lock().expect("the reader connection lock")))
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("a store read failed: {e}")))?
         })
     }
 
@@ -1121,7 +1151,7 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        parsed(self.run(move |conn| {
+        parsed(self.read(move |conn| {
             let now = super::now_millis();
             let state = state.map(JobState::as_str);
             let jobs = conn
@@ -1207,7 +1237,7 @@ impl Store for SqliteStore {
     }
 
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut counts = Direction::ALL.map(|d| (d, QueueCounts::default()));
             let slot = |direction: &str| Direction::ALL.iter().position(|d| d.as_str() == direction);
             // Both walk a partial index (`jobs_queued`, `jobs_dead`): the queued and dead jobs
@@ -1361,6 +1391,20 @@ mod tests {
 
         assert!(refused >= 10, "only {refused} refused");
         assert!(matches!(too_big, Err(StoreError::Unavailable(reason)) if reason.contains("queue is full")));
+    }
+
+    #[tokio::test]
+    async fn listing_and_counting_jobs_do_not_wait_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
+        let release = block_writer(&store).await;
+
+        let listed = tokio::time::timeout(Duration::from_secs(2), store.list(None, 10)).await;
+        let counted = tokio::time::timeout(Duration::from_secs(2), store.queue_counts(0)).await;
+        drop(release);
+
+        assert!(matches!(listed, Ok(Ok(_))), "{listed:?}");
+        assert!(matches!(counted, Ok(Ok(_))), "{counted:?}");
     }
 
     #[tokio::test]
