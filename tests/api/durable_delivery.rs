@@ -7,13 +7,9 @@ use std::time::Duration;
 use bonychat_relay::store::JobState;
 use serde_json::{Value, json};
 
-use crate::helpers::{PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with, text};
 
 const ADMIN_TOKEN: &str = "admin-secret-token";
-
-fn text(t: &str) -> Value {
-    json!({"type": "text", "text": t})
-}
 
 async fn admin(app: &TestApp, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
     let mut request = app.http.request(method, app.url(path));

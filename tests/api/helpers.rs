@@ -19,7 +19,7 @@ use bonychat_relay::config::{Config, Env};
 use bonychat_relay::startup::Application;
 use bonychat_relay::store::{Job, JobState, Store};
 use hmac::{Hmac, KeyInit, Mac};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::Sha256;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -244,6 +244,20 @@ pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A BonyChat text message, as `/message` takes it.
+pub fn text(t: &str) -> Value {
+    json!({"type": "text", "text": t})
+}
+
+/// A user's text message from `sender`, as Meta posts it (unsigned: see `post_webhook`).
+pub fn webhook_message(sender: &str, mid: &str, text: &str) -> Vec<u8> {
+    let body = json!({"object": "page", "entry": [{"id": PAGE_ID, "time": 1_700_000_000_000_i64, "messaging": [
+        {"sender": {"id": sender}, "recipient": {"id": PAGE_ID}, "timestamp": 1_700_000_000_000_i64,
+         "message": {"mid": mid, "text": text}}
+    ]}]});
+    serde_json::to_vec(&body).unwrap()
 }
 
 /// Asserts the SPEC §2 error shape and returns the message.

@@ -259,9 +259,13 @@ async fn a_body_that_stops_arriving_gets_a_timeout_answer() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
 
-    let answer = read_until(&mut stream, "request_timeout", Duration::from_secs(3)).await;
+    // The JSON error body ends with `"}}`.
+    let answer = read_until(&mut stream, "\"}}", Duration::from_secs(3)).await;
 
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let (_, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    assert_error(reqwest::StatusCode::REQUEST_TIMEOUT, &body, 408, "request_timeout");
     assert_eq!(app.store.list(None, 10).await.unwrap().len(), 0, "nothing stored");
     app.stop().await;
 }

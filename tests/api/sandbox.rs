@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio::process::Command;
 
 use crate::binary::{RelayProcess, json_logs};
-use crate::helpers::{http_client, test_vars};
+use crate::helpers::{assert_error, http_client, test_vars};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 const SANDBOX_ENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.env");
@@ -204,9 +204,10 @@ async fn sandbox_routes_are_not_found_unless_relay_sandbox_is_true() {
     let webhook = http.post(relay.url("/sandbox/bonychat/webhook")).json(&json!({})).send().await.unwrap();
     let (_, output) = relay.terminate().await;
 
-    assert_eq!(requests.status(), 404);
-    assert_eq!(send.status(), 404);
-    assert_eq!(webhook.status(), 404);
+    for response in [requests, send, webhook] {
+        let status = response.status();
+        assert_error(status, &response.json().await.unwrap(), 404, "not_found");
+    }
     assert!(!output.join("\n").contains("SANDBOX"), "no sandbox warning: {output:?}");
 }
 
