@@ -11,7 +11,24 @@ use tokio::process::{Child, Command};
 
 use crate::helpers::{API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PSID, StandIn, VERIFY_TOKEN, test_vars};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+pub const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+
+/// Runs the binary with exactly `vars` and `args` to completion (at most 30 s: a hang fails
+/// the test); returns the exit code, standard output and standard error.
+pub async fn run_binary(vars: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BINARY).args(args).env_clear().envs(vars.iter().cloned()).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("the binary ends by itself")
+    .expect("the binary runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
 
 pub struct RelayProcess {
     child: Child,

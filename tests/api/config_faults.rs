@@ -13,7 +13,7 @@ use tokio::process::Command;
 
 use crate::helpers::{API_TOKEN, test_vars};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+use crate::binary::BINARY;
 const EXIT_CONFIG: i32 = 2;
 
 /// What the operator sees when the start fails.

@@ -240,25 +240,13 @@ async fn readiness_follows_the_store() {
 
 mod command_line {
     use super::*;
-    use tokio::process::Command;
-
-    const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 
     async fn jobs(app: &TestApp, args: &[&str]) -> (i32, String, String) {
-        let database_url = &app.vars.iter().find(|(k, _)| k == "RELAY_DATABASE_URL").unwrap().1;
-        let output = Command::new(BINARY)
-            .arg("jobs")
-            .args(args)
-            .env_clear()
-            .env("RELAY_DATABASE_URL", database_url)
-            .output()
-            .await
-            .unwrap();
-        (
-            output.status.code().unwrap(),
-            String::from_utf8(output.stdout).unwrap(),
-            String::from_utf8(output.stderr).unwrap(),
-        )
+        let store_only: Vec<(String, String)> =
+            app.vars.iter().filter(|(k, _)| k == "RELAY_DATABASE_URL").cloned().collect();
+        let args: Vec<&str> = ["jobs"].into_iter().chain(args.iter().copied()).collect();
+        let (code, stdout, stderr) = crate::binary::run_binary(&store_only, &args).await;
+        (code.expect("exits"), stdout, stderr)
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use tokio::process::Command;
 
 use crate::helpers::spawn_app;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
+use crate::binary::BINARY;
 
 /// The binary with an empty environment plus `vars`. Async, so the relay under test keeps
 /// being served by this test's runtime meanwhile.

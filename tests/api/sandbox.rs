@@ -5,12 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::process::Command;
 
-use crate::binary::{RelayProcess, json_logs};
+use crate::binary::{RelayProcess, json_logs, run_binary};
 use crate::helpers::{assert_error, http_client, test_vars};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 const SANDBOX_ENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/sandbox.env");
 /// The throwaway values of `config/sandbox.env`.
 const TOKEN: &str = "sandbox-bonychat-token";
@@ -57,19 +55,6 @@ async fn get_json(relay: &RelayProcess, path: &str) -> Value {
     http_client().get(relay.url(path)).send().await.unwrap().json().await.unwrap()
 }
 
-/// Runs the binary with exactly `vars` and `args`; returns the exit code, stdout and stderr.
-async fn run(vars: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(BINARY).args(args).env_clear().envs(vars.iter().map(|(k, v)| (k, v))).output(),
-    )
-    .await
-    .expect("the command ends by itself")
-    .unwrap();
-    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-    (output.status.code(), text(output.stdout), text(output.stderr))
-}
-
 #[tokio::test]
 async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
     // Arrange
@@ -80,12 +65,13 @@ async fn the_sandbox_relays_a_message_each_way_through_its_stand_ins() {
     let sent = post_message(&relay, "hello from BonyChat").await;
     assert_eq!(sent.status(), 200);
     let sent_m_id = sent.json::<Value>().await.unwrap()["mId"].clone();
-    let simulated = run(
+    let simulated = run_binary(
         &vars,
         &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi from Messenger", "--contact", CONTACT],
     )
     .await;
-    let read = run(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--read", "--contact", CONTACT]).await;
+    let read =
+        run_binary(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--read", "--contact", CONTACT]).await;
     let mut events = Value::Null;
     for _ in 0..100 {
         events = get_json(&relay, "/sandbox/bonychat/events").await;
@@ -175,7 +161,8 @@ async fn the_stand_ins_refuse_a_bad_signature_or_token_and_keep_the_verdict() {
     vars.retain(|(k, _)| k != "MESSENGER_APP_SECRET");
     vars.push(("MESSENGER_APP_SECRET".into(), "not-the-app-secret".into()));
     let badly_signed =
-        run(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi", "--contact", CONTACT]).await;
+        run_binary(&vars, &["--env-file", SANDBOX_ENV, "simulate", "messenger", "--text", "hi", "--contact", CONTACT])
+            .await;
     let requests = get_json(&relay, "/sandbox/joinchat/requests").await;
     let events = get_json(&relay, "/sandbox/bonychat/events").await;
     relay.terminate().await;
@@ -216,7 +203,7 @@ async fn check_config_prints_the_configuration_without_a_secret_and_exits_0() {
     let data = tempfile::tempdir().unwrap();
     let vars = overrides(data.path());
 
-    let (code, stdout, stderr) = run(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+    let (code, stdout, stderr) = run_binary(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
 
     assert_eq!(code, Some(0), "{stderr}");
     for line in
@@ -237,7 +224,7 @@ async fn check_config_names_the_bad_variable_in_one_line_and_exits_2() {
     let mut vars = overrides(data.path());
     vars.push(("JOINCHAT_PAGE_ID".into(), "my-page".into()));
 
-    let (code, stdout, stderr) = run(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+    let (code, stdout, stderr) = run_binary(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
 
     assert_eq!(code, Some(2));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

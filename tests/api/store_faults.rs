@@ -13,10 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use crate::binary::RelayProcess;
+use crate::binary::{RelayProcess, run_binary};
 use crate::helpers::{PSID, StandIn, TestApp, assert_error, spawn_app_with, test_vars, text, webhook_message};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_bonychat-relay");
 
 fn database_url(dir: &Path) -> String {
     format!("sqlite://{}/relay.db", dir.display())
@@ -252,23 +250,6 @@ async fn a_frozen_disk_refuses_new_work_in_seconds_and_never_delivers_what_it_re
     assert_eq!(readyz(&app).await, 200);
     drop(app);
     drop(mount);
-}
-
-/// Runs the binary with `vars` and `args` to completion (at most 20 s); returns the exit code,
-/// standard output and standard error.
-async fn run_binary(vars: &[(String, String)], args: &[&str]) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(20),
-        Command::new(BINARY).args(args).env_clear().envs(vars.iter().cloned()).kill_on_drop(true).output(),
-    )
-    .await
-    .expect("the binary ends by itself")
-    .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
