@@ -22,6 +22,7 @@ use subtle::ConstantTimeEq;
 
 use crate::auth::BearerToken;
 use crate::config::{Config, Secret};
+use crate::error::ApiError;
 use crate::routes::limits::BodyReader;
 use crate::signing::joinchat_signature;
 use crate::store::now_millis;
@@ -87,11 +88,8 @@ async fn joinchat_send_message(
     Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match reader.read(body, BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let body = reader.read(body, BODY_LIMIT).await?;
     let bytes = &body.bytes;
     let expected = joinchat_signature(sandbox.joinchat_secret.expose().as_bytes(), bytes);
     let presented = headers.get("x-joinchat-signature").map(|v| v.as_bytes()).unwrap_or_default();
@@ -117,7 +115,7 @@ async fn joinchat_send_message(
         "signatureValid": signature_valid,
         "status": status.as_u16(),
     }));
-    (status, Json(answer)).into_response()
+    Ok((status, Json(answer)).into_response())
 }
 
 /// BonyChat's Webhook URL: checks `Authorization: Bearer <BONYCHAT_API_TOKEN>` in constant time.
@@ -126,11 +124,8 @@ async fn bonychat_webhook(
     Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
-    let body = match reader.read(body, BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(e) => return e.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let body = reader.read(body, BODY_LIMIT).await?;
     let bytes = &body.bytes;
     let token_valid = sandbox.bonychat_token.is_presented_in(&headers);
     let (status, answer) = if token_valid {
@@ -153,7 +148,7 @@ async fn bonychat_webhook(
         "tokenValid": token_valid,
         "status": status.as_u16(),
     }));
-    (status, Json(answer)).into_response()
+    Ok((status, Json(answer)).into_response())
 }
 
 async fn joinchat_requests(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
