@@ -38,7 +38,7 @@ async fn main() {
                         parts: vec![Message::Text { text: format!("Benchmark message number {i} from writer {w}") }],
                         now: now_millis(),
                     };
-                    store.enqueue_outbound(job).await.expect("stored");
+                    store.enqueue_outbound(job, None).await.expect("stored");
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })

@@ -11,16 +11,14 @@ use std::time::Duration;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::{BearerToken, SecretDigest};
 use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::{Config, ServerLimits};
-use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Waiters, Worker};
+use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Worker};
 use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
 use crate::server;
@@ -63,35 +61,8 @@ impl Application {
         // Before anything records: the facade drops what arrives before a recorder is installed.
         monitoring::handle();
         let store = store::open(&config.store).await.map_err(StartupError::Store)?;
-        let recovered = store.recover().await.map_err(StartupError::Store)?;
-        if recovered > 0 {
-            tracing::info!(jobs = recovered, "taking over jobs a previous run left in flight");
-        }
 
-        let profiles = match &config.messenger.page_access_token {
-            Some(token) => {
-                let graph = GraphProfiles::new(&config.messenger, token.clone())?;
-                Some(Profiles::new(Arc::new(graph), config.messenger.graph_timeout))
-            }
-            None => None,
-        };
-        let waiters = Arc::new(Waiters::default());
-        let wake = Arc::new(Notify::new());
-        let worker = Worker::new(
-            Arc::clone(&store),
-            OutboundSender::new(Arc::new(HttpJoinChat::new(&config.joinchat)?), Arc::clone(&store), &config.joinchat),
-            InboundPoster::new(
-                Arc::new(HttpBonyChat::new(&config.bonychat)?),
-                config.bonychat.channel_id.clone(),
-                profiles,
-            ),
-            Arc::clone(&waiters),
-            Arc::clone(&wake),
-            Retries {
-                joinchat: RetrySchedule::new(config.delivery.retry_joinchat.clone()),
-                bonychat: RetrySchedule::new(config.delivery.retry_bonychat.clone()),
-            },
-        );
+        let worker = Arc::new(worker(&config, Arc::clone(&store))?);
 
         let shutdown = CancellationToken::new();
         let state = AppState::new(Shared {
@@ -100,8 +71,7 @@ impl Application {
             hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
             verify_token: SecretDigest::new(&config.messenger.verify_token),
             store: Arc::clone(&store),
-            waiters,
-            wake,
+            worker: Arc::clone(&worker),
             shutdown: shutdown.clone(),
             config,
         });
@@ -114,7 +84,7 @@ impl Application {
             metrics,
             router: router(state.clone(), REQUEST_TIMEOUT),
             store,
-            worker: Arc::new(worker),
+            worker,
             grace: state.config.server.shutdown_grace,
             retention: state.config.store.retention,
             limits: state.config.server.limits.clone(),
@@ -145,14 +115,13 @@ impl Application {
         let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store), limits.clone()));
 
         let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
-        let attempts = TaskTracker::new();
-        let abort = CancellationToken::new();
-        let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone(), attempts.clone(), abort.clone()));
+        let attempts = worker.attempts().clone();
+        let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
         let pruner = tokio::spawn(prune_forever(Arc::clone(&store), retention));
 
         tokio::select! {
             result = &mut server => {
-                abort.cancel();
+                worker.abort();
                 pruner.abort();
                 metrics.abort();
                 return result.unwrap_or_else(|e| Err(io::Error::other(e)));
@@ -180,7 +149,7 @@ impl Application {
             Ok(served) => served.unwrap_or_else(|e| Err(io::Error::other(e)))?,
             Err(_) => {
                 tracing::warn!(unfinished_attempts = attempts.len(), "grace period over; stopping the rest");
-                abort.cancel();
+                worker.abort();
                 server.abort();
                 attempts.wait().await;
             }
@@ -195,6 +164,30 @@ impl Application {
         tracing::info!("relay stopped");
         Ok(())
     }
+}
+
+/// The workers for `config`, delivering from `store`.
+pub(crate) fn worker(config: &Config, store: Arc<dyn Store>) -> Result<Worker, StartupError> {
+    let profiles = match &config.messenger.page_access_token {
+        Some(token) => {
+            let graph = GraphProfiles::new(&config.messenger, token.clone())?;
+            Some(Profiles::new(Arc::new(graph), config.messenger.graph_timeout))
+        }
+        None => None,
+    };
+    Ok(Worker::new(
+        store.clone(),
+        OutboundSender::new(Arc::new(HttpJoinChat::new(&config.joinchat)?), Arc::clone(&store), &config.joinchat),
+        InboundPoster::new(
+            Arc::new(HttpBonyChat::new(&config.bonychat)?),
+            config.bonychat.channel_id.clone(),
+            profiles,
+        ),
+        Retries {
+            joinchat: RetrySchedule::new(config.delivery.retry_joinchat.clone()),
+            bonychat: RetrySchedule::new(config.delivery.retry_bonychat.clone()),
+        },
+    ))
 }
 
 async fn prune_forever(store: Arc<dyn Store>, retention: Duration) {

@@ -119,6 +119,26 @@ pub struct StoreConfig {
     /// `RELAY_MAX_QUEUED_OUTBOUND`, `RELAY_MAX_QUEUED_INBOUND`, default 100000 each: queued
     /// jobs past which new work of that direction is refused with 503.
     pub intake: IntakeCaps,
+    /// How each replica talks to a Postgres store (unused for SQLite).
+    pub postgres: PostgresOptions,
+}
+
+/// Connections of one replica to a Postgres store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// `RELAY_DATABASE_POOL_SIZE`, default 10: connections per replica at most.
+    pub pool_size: u32,
+    /// `RELAY_DATABASE_CONNECT_TIMEOUT_MS`, default 5000: how long a connection (or a free one
+    /// from the pool) is waited for before the request gets 503.
+    pub connect_timeout: Duration,
+    /// `RELAY_DATABASE_STATEMENT_TIMEOUT_MS`, default 5000: the server cancels a statement
+    /// running longer.
+    pub statement_timeout: Duration,
+}
+
+impl PostgresOptions {
+    pub const DEFAULT: Self =
+        Self { pool_size: 10, connect_timeout: Duration::from_secs(5), statement_timeout: Duration::from_secs(5) };
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -192,6 +212,9 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_LOG_FORMAT",
     "RELAY_MAX_QUEUED_OUTBOUND",
     "RELAY_MAX_QUEUED_INBOUND",
+    "RELAY_DATABASE_POOL_SIZE",
+    "RELAY_DATABASE_CONNECT_TIMEOUT_MS",
+    "RELAY_DATABASE_STATEMENT_TIMEOUT_MS",
     "RELAY_MAX_CONNECTIONS",
     "RELAY_HEADER_READ_TIMEOUT_MS",
     "RELAY_IDLE_TIMEOUT_SECS",
@@ -374,6 +397,9 @@ impl Config {
             ("RELAY_RETENTION", format_duration(store.retention)),
             ("RELAY_MAX_QUEUED_OUTBOUND", store.intake.outbound.to_string()),
             ("RELAY_MAX_QUEUED_INBOUND", store.intake.inbound.to_string()),
+            ("RELAY_DATABASE_POOL_SIZE", store.postgres.pool_size.to_string()),
+            ("RELAY_DATABASE_CONNECT_TIMEOUT_MS", ms(store.postgres.connect_timeout)),
+            ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", ms(store.postgres.statement_timeout)),
             ("RELAY_SEND_WAIT_MS", ms(delivery.send_wait)),
             ("RELAY_RETRY_JOINCHAT", list(&delivery.retry_joinchat)),
             ("RELAY_RETRY_BONYCHAT", list(&delivery.retry_bonychat)),
@@ -444,6 +470,19 @@ impl StoreConfig {
                 outbound: env.parsed("RELAY_MAX_QUEUED_OUTBOUND", IntakeCaps::DEFAULT.outbound, positive_count)?,
                 inbound: env.parsed("RELAY_MAX_QUEUED_INBOUND", IntakeCaps::DEFAULT.inbound, positive_count)?,
             },
+            postgres: PostgresOptions {
+                pool_size: env.parsed("RELAY_DATABASE_POOL_SIZE", PostgresOptions::DEFAULT.pool_size, pool_size)?,
+                connect_timeout: env.parsed(
+                    "RELAY_DATABASE_CONNECT_TIMEOUT_MS",
+                    PostgresOptions::DEFAULT.connect_timeout,
+                    timeout_millis,
+                )?,
+                statement_timeout: env.parsed(
+                    "RELAY_DATABASE_STATEMENT_TIMEOUT_MS",
+                    PostgresOptions::DEFAULT.statement_timeout,
+                    timeout_millis,
+                )?,
+            },
         })
     }
 }
@@ -491,6 +530,15 @@ fn default_addr(ip: [u8; 4], port: u16) -> SocketAddr {
 
 fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
     raw.parse().map_err(|_| format!("`{raw}` is not an address such as 0.0.0.0:8080"))
+}
+
+/// Connections per replica: Postgres serves a few hundred in all by default.
+fn pool_size(raw: &str) -> Result<u32, String> {
+    match parse_u64(raw)? {
+        n @ 1..=100 => Ok(u32::try_from(n).unwrap_or(100)),
+        0 => Err("must be at least 1".into()),
+        _ => Err("must be at most 100 (connections per replica)".into()),
+    }
 }
 
 fn positive_count(raw: &str) -> Result<u64, String> {

@@ -11,4 +11,4 @@ pub use inbound::InboundPoster;
 pub use outbound::{OutboundSender, new_outbound_job};
 pub use profiles::Profiles;
 pub use retry::RetrySchedule;
-pub use worker::{FirstAttempt, Retries, Waiters, Worker};
+pub use worker::{FirstAttempt, Retries, Worker};

@@ -13,7 +13,7 @@ use crate::clients::{JoinChatApi, SendError};
 use crate::config::JoinChatConfig;
 use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, translate};
 use crate::domain::outbound::OutboundRequest;
-use crate::store::{BeforeSend, NewOutbound, Store, now_millis};
+use crate::store::{BeforeSend, Lease, NewOutbound, Store, now_millis};
 
 /// How long the relay recognises the echo of a message it sent (SPEC §4.3).
 pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
@@ -78,7 +78,7 @@ impl OutboundSender {
     /// caller holds the job's lease, so no other send to this contact runs meanwhile.
     pub async fn attempt(
         &self,
-        job_id: i64,
+        lease: Lease,
         contact: &str,
         recipient: &Recipient,
         parts: &[Message],
@@ -90,15 +90,15 @@ impl OutboundSender {
         let store_failed =
             |e: crate::store::StoreError| SendError::Transient { reason: e.to_string(), retry_after: None };
 
-        let mut last_sent_at = now_millis();
+        let mut last_sent_at = self.store.now();
         for (index, message) in parts.iter().enumerate().skip(first_part) {
-            let planned_at = now_millis();
+            let planned_at = self.store.now();
             let slot = pacing::plan(self.gap, last_effective_at, planned_at);
             if !slot.wait.is_zero() {
                 let until = planned_at.saturating_add(i64::try_from(slot.wait.as_millis()).unwrap_or(i64::MAX));
                 return AttemptOutcome { parts_sent: index, end: AttemptEnd::Paced { until } };
             }
-            let sent_at = now_millis();
+            let sent_at = self.store.now();
             last_sent_at = sent_at;
             let effective_at = slot.effective_at(sent_at);
             let before = BeforeSend {
@@ -118,7 +118,7 @@ impl OutboundSender {
                 return stopped(index, error);
             }
             tracing::debug!(
-                job = job_id,
+                job = lease.id,
                 part = index + 1,
                 parts = parts.len(),
                 delay = slot.delay,
@@ -126,8 +126,10 @@ impl OutboundSender {
             );
             let accepted = index + 1;
             if accepted < parts.len()
-                && let Err(e) =
-                    self.store.record_progress(job_id, u32::try_from(accepted).unwrap_or(u32::MAX), now_millis()).await
+                && let Err(e) = self
+                    .store
+                    .record_progress(lease, u32::try_from(accepted).unwrap_or(u32::MAX), self.store.now())
+                    .await
             {
                 return stopped(accepted, store_failed(e));
             }

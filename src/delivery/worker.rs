@@ -8,11 +8,11 @@
 //! running HTTP request: a job that must wait for pacing is rescheduled, not slept on. The
 //! dispatcher wakes when a job is stored or finished, and polls for retries coming due.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,44 +24,31 @@ use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
-use crate::store::{Direction, Finish, Job, Payload, Store, now_millis};
+use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
 
 /// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
-/// jobs ever see it run out.
-const LEASE: Duration = Duration::from_secs(60);
+/// jobs ever see it run out, and another replica takes them over after at most this long.
+pub const LEASE: Duration = Duration::from_secs(15);
 /// How often the dispatcher looks for retries coming due when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a waiting `/message` request tries to claim its job when nothing wakes it.
+const OWN_CLAIM_INTERVAL: Duration = Duration::from_millis(50);
 /// How long the dispatcher leaves a failing store alone.
 const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Attempts in flight at once per direction, all contacts together.
 const MAX_IN_FLIGHT_PER_DIRECTION: usize = 64;
 
-/// What the first attempt of an outbound job did, for the `/message` request still waiting.
+/// What the first attempt of an outbound job did, for the `/message` request waiting for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirstAttempt {
     Sent,
     /// Transient failure or not attempted yet: the relay keeps trying.
     Pending,
     Rejected(String),
-}
-
-/// `/message` requests waiting for their job's first attempt, by `mId`.
-#[derive(Default)]
-pub struct Waiters {
-    waiting: Mutex<HashMap<String, oneshot::Sender<FirstAttempt>>>,
-}
-
-impl Waiters {
-    pub fn register(&self, m_id: &str) -> oneshot::Receiver<FirstAttempt> {
-        let (tx, rx) = oneshot::channel();
-        self.waiting.lock().expect("waiters poisoned").insert(m_id.to_owned(), tx);
-        rx
-    }
-
-    /// Takes the waiter of `m_id`; whoever takes it decides what the request is answered.
-    pub fn take(&self, m_id: &str) -> Option<oneshot::Sender<FirstAttempt>> {
-        self.waiting.lock().expect("waiters poisoned").remove(m_id)
-    }
+    /// Pacing holds the message until `until` (ms, the store's clock): not an attempt yet.
+    Paced {
+        until: i64,
+    },
 }
 
 /// The retry schedules, per upstream.
@@ -75,29 +62,28 @@ pub struct Worker {
     store: Arc<dyn Store>,
     outbound: OutboundSender,
     inbound: InboundPoster,
-    waiters: Arc<Waiters>,
-    wake: Arc<Notify>,
     retries: Retries,
     owner: String,
+    /// Every attempt running, the dispatcher's and the requests' alike.
+    attempts: TaskTracker,
+    /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
+    /// queued to be attempted again.
+    abort: CancellationToken,
+    /// An attempt ended and gave its slot back.
+    slot_freed: Notify,
 }
 
 impl Worker {
-    pub fn new(
-        store: Arc<dyn Store>,
-        outbound: OutboundSender,
-        inbound: InboundPoster,
-        waiters: Arc<Waiters>,
-        wake: Arc<Notify>,
-        retries: Retries,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, outbound: OutboundSender, inbound: InboundPoster, retries: Retries) -> Self {
         Self {
             store,
             outbound,
             inbound,
-            waiters,
-            wake,
             retries,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            attempts: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            slot_freed: Notify::new(),
         }
     }
 
@@ -106,42 +92,48 @@ impl Worker {
         &self.owner
     }
 
-    /// Claims and runs jobs until `stop`; the attempts it started go on in `tasks` until they
-    /// end or `abort` is cancelled (their jobs then stay queued, to be attempted again).
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, tasks: TaskTracker, abort: CancellationToken) {
+    /// The attempts running, for the shutdown to wait for.
+    pub fn attempts(&self) -> &TaskTracker {
+        &self.attempts
+    }
+
+    /// Stops the attempts still running (their jobs stay queued).
+    pub fn abort(&self) {
+        self.abort.cancel();
+    }
+
+    /// Claims and runs jobs until `stop`; the attempts it started go on until they end or
+    /// [`Self::abort`].
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let slots = Direction::ALL.map(|direction| (direction, Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))));
+        let mut changes = self.store.changes();
         while !stop.is_cancelled() {
+            // Seen before claiming: a change during the claim wakes the next round.
+            changes.borrow_and_update();
             let mut claimed = Ok(());
             for (direction, slots) in &slots {
-                claimed = claimed.and(self.claim_into(*direction, slots, &tasks, &abort).await);
+                claimed = claimed.and(self.claim_into(*direction, slots).await);
             }
             // A failing store is not asked again at once: its error would fill the log.
-            let pause = match claimed {
-                Ok(()) => POLL_INTERVAL,
-                Err(()) => STORE_FAILURE_PAUSE,
-            };
+            let healthy = claimed.is_ok();
+            let pause = if healthy { POLL_INTERVAL } else { STORE_FAILURE_PAUSE };
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = self.wake.notified(), if pause == POLL_INTERVAL => {}
+                Ok(()) = changes.changed(), if healthy => {}
+                () = self.slot_freed.notified(), if healthy => {}
                 () = tokio::time::sleep(pause) => {}
             }
         }
         tracing::info!("workers stopped claiming");
     }
 
-    async fn claim_into(
-        self: &Arc<Self>,
-        direction: Direction,
-        slots: &Arc<Semaphore>,
-        tasks: &TaskTracker,
-        abort: &CancellationToken,
-    ) -> Result<(), ()> {
+    async fn claim_into(self: &Arc<Self>, direction: Direction, slots: &Arc<Semaphore>) -> Result<(), ()> {
         loop {
             let free = slots.available_permits();
             if free == 0 {
                 return Ok(());
             }
-            let now = now_millis();
+            let now = self.store.now();
             let lease_until = now.saturating_add(millis(LEASE));
             let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
                 Ok(jobs) => jobs,
@@ -156,26 +148,91 @@ impl Worker {
             for job in jobs {
                 let permit = Arc::clone(slots).try_acquire_owned().expect("claimed no more than the free slots");
                 let this = Arc::clone(self);
-                let abort = abort.clone();
-                tasks.spawn(async move {
-                    tokio::select! {
-                        () = this.run_attempt(job) => {}
-                        () = abort.cancelled() => {}
-                    }
+                self.spawn_attempt(async move {
+                    this.run_attempt(job, None).await;
                     drop(permit);
                     // The contact's next job, if any, is claimable now.
-                    this.wake.notify_one();
+                    this.slot_freed.notify_one();
                 });
             }
         }
     }
 
-    /// Runs one attempt while keeping its lease alive.
-    async fn run_attempt(&self, job: Job) {
+    fn spawn_attempt(&self, attempt: impl Future<Output = ()> + Send + 'static) {
+        let abort = self.abort.clone();
+        self.attempts.spawn(async move {
+            tokio::select! {
+                () = attempt => {}
+                () = abort.cancelled() => {}
+            }
+        });
+    }
+
+    /// How a `/message` request's job is claimed for its first attempt: at once when it heads
+    /// its contact's queue, else reserved for the request for `wait`.
+    pub fn first_claim(&self, now: i64, wait: Duration) -> FirstClaim {
+        FirstClaim {
+            owner: self.owner.clone(),
+            lease_until: now.saturating_add(millis(LEASE)),
+            reserved_until: now.saturating_add(millis(wait)),
+        }
+    }
+
+    /// Takes the first attempt of the job a `/message` request stored, within `wait`: at once
+    /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
+    /// by the store's changes, whichever replica made them). What the attempt did decides the
+    /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
+    pub async fn first_attempt(self: &Arc<Self>, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
+        let deadline = Instant::now() + wait;
+        let mut changes = self.store.changes();
+        let mut claimed = enqueued.claimed;
+        loop {
+            if let Some(job) = claimed.take() {
+                let (answer, outcome) = oneshot::channel();
+                let this = Arc::clone(self);
+                self.spawn_attempt(async move { this.run_attempt(job, Some(answer)).await });
+                match tokio::time::timeout_at(deadline, outcome).await {
+                    Ok(Ok(FirstAttempt::Paced { until })) => {
+                        let paced_for = Duration::from_millis(u64::try_from(until - self.store.now()).unwrap_or(0));
+                        if Instant::now() + paced_for >= deadline {
+                            return FirstAttempt::Pending;
+                        }
+                        tokio::time::sleep(paced_for).await;
+                    }
+                    Ok(Ok(outcome)) => return outcome,
+                    Ok(Err(_)) | Err(_) => return FirstAttempt::Pending,
+                }
+            }
+            if Instant::now() >= deadline {
+                return FirstAttempt::Pending;
+            }
+            changes.borrow_and_update();
+            let now = self.store.now();
+            match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(LEASE))).await {
+                Ok(Some(job)) => {
+                    claimed = Some(job);
+                    continue;
+                }
+                Ok(None) => {}
+                // Stored all the same: a worker attempts it once the reservation ends.
+                Err(_) => return FirstAttempt::Pending,
+            }
+            tokio::select! {
+                Ok(()) = changes.changed() => {}
+                () = tokio::time::sleep(OWN_CLAIM_INTERVAL) => {}
+                () = tokio::time::sleep_until(deadline) => return FirstAttempt::Pending,
+            }
+        }
+    }
+
+    /// Runs one attempt while keeping its lease alive; `answer` is the `/message` request
+    /// waiting for this first attempt, if one is.
+    async fn run_attempt(&self, job: Job, answer: Option<oneshot::Sender<FirstAttempt>>) {
         let heartbeat = async {
             loop {
                 tokio::time::sleep(LEASE / 3).await;
-                if let Err(e) = self.store.renew(&self.owner, vec![job.id], now_millis() + millis(LEASE)).await {
+                let lease_until = self.store.now().saturating_add(millis(LEASE));
+                if let Err(e) = self.store.renew(vec![job.lease()], lease_until).await {
                     tracing::warn!(job = job.id, error = %e, "cannot renew a lease");
                 }
             }
@@ -183,7 +240,7 @@ impl Worker {
         let attempt = async {
             match &job.payload {
                 Ok(Payload::Send { recipient, parts }) => {
-                    self.attempt_outbound(&job, recipient, parts).await;
+                    self.attempt_outbound(&job, recipient, parts, answer).await;
                 }
                 Ok(Payload::Event { event }) => self.attempt_inbound(&job, event.clone()).await,
                 Err(reason) => self.dead_letter_unreadable(&job, reason).await,
@@ -195,11 +252,17 @@ impl Worker {
         }
     }
 
-    async fn attempt_outbound(&self, job: &Job, recipient: &Recipient, parts: &[Message]) {
+    async fn attempt_outbound(
+        &self,
+        job: &Job,
+        recipient: &Recipient,
+        parts: &[Message],
+        answer: Option<oneshot::Sender<FirstAttempt>>,
+    ) {
         let first_part = usize::try_from(job.progress).unwrap_or(0);
         let outcome = self
             .outbound
-            .attempt(job.id, &job.contact, recipient, parts, first_part, job.contact_last_effective_at)
+            .attempt(job.lease(), &job.contact, recipient, parts, first_part, job.contact_last_effective_at)
             .await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
@@ -207,20 +270,25 @@ impl Worker {
             AttemptEnd::Paced { until } => {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
-                tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - now_millis(), "paced");
+                tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
                 crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at);
-                self.record(job, Finish::Defer { progress, next_attempt_at: until }).await;
+                if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
+                    && let Some(answer) = answer
+                {
+                    let _ = answer.send(FirstAttempt::Paced { until });
+                }
                 return;
             }
             AttemptEnd::Sent { last_sent_at } => Ok(last_sent_at),
             AttemptEnd::Failed(error) => Err(error),
         };
-        // Only the first attempt can still be answered to BonyChat's waiting request.
-        let waiter = if job.attempts == 0 { self.waiters.take(&job.m_id) } else { None };
+        // Only a request still waiting can be answered with JoinChat's refusal; once it has
+        // gone (answered 200 at the end of its wait, or hung up), BonyChat hears by receipt.
+        let waiting = answer.as_ref().is_some_and(|answer| !answer.is_closed());
 
         let (finish, first, label, reason) = match result {
             Ok(sent_at) => (Finish::Delivered { progress, sent_at }, FirstAttempt::Sent, Outcome::Sent, None),
-            Err(SendError::Permanent { reason }) if waiter.is_some() => (
+            Err(SendError::Permanent { reason }) if waiting => (
                 Finish::Rejected { progress, error: reason.clone() },
                 FirstAttempt::Rejected(reason.clone()),
                 Outcome::Rejected,
@@ -233,8 +301,15 @@ impl Worker {
                 Some(reason),
             ),
             Err(SendError::Transient { reason, retry_after }) => {
-                let (finish, label) =
-                    after_failure(&self.retries.joinchat, attempt, progress, &reason, retry_after, true);
+                let (finish, label) = after_failure(
+                    &self.retries.joinchat,
+                    self.store.now(),
+                    attempt,
+                    progress,
+                    &reason,
+                    retry_after,
+                    true,
+                );
                 (finish, FirstAttempt::Pending, label, Some(reason))
             }
         };
@@ -244,12 +319,13 @@ impl Worker {
             _ => None,
         };
         if self.record(job, finish).await
-            && let Some(waiter) = waiter
-            && waiter.send(first).is_err()
+            && let Some(answer) = answer
+            && answer.send(first).is_err()
             && let Some(reason) = rejected_reason
         {
-            // BonyChat hung up before hearing the 400: tell it by receipt instead.
-            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now_millis()).await {
+            // The request ended between the check and the answer: tell BonyChat by receipt.
+            let now = self.store.now();
+            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }
@@ -272,7 +348,7 @@ impl Worker {
                 if let Some(value) = receipt {
                     crate::monitoring::receipt_posted(value);
                 }
-                (Finish::Delivered { progress: 1, sent_at: now_millis() }, Outcome::Sent, None)
+                (Finish::Delivered { progress: 1, sent_at: self.store.now() }, Outcome::Sent, None)
             }
             Err(SendError::Permanent { reason }) => (
                 Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false },
@@ -280,7 +356,8 @@ impl Worker {
                 Some(reason),
             ),
             Err(SendError::Transient { reason, retry_after }) => {
-                let (finish, label) = after_failure(&self.retries.bonychat, attempt, 0, &reason, retry_after, false);
+                let (finish, label) =
+                    after_failure(&self.retries.bonychat, self.store.now(), attempt, 0, &reason, retry_after, false);
                 (finish, label, Some(reason))
             }
         };
@@ -301,7 +378,7 @@ impl Worker {
 
     /// Records the outcome; on failure the lease runs out and the job is attempted again.
     async fn record(&self, job: &Job, finish: Finish) -> bool {
-        match self.store.finish(&self.owner, job.id, finish, now_millis()).await {
+        match self.store.finish(job.lease(), finish, self.store.now()).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(job = job.id, error = %e, "cannot record an attempt; the job will be attempted again");
@@ -315,6 +392,7 @@ impl Worker {
 /// up (with a `failed` receipt for BonyChat when `failed_receipt`).
 fn after_failure(
     schedule: &RetrySchedule,
+    now: i64,
     attempt: u32,
     progress: u32,
     reason: &str,
@@ -323,7 +401,7 @@ fn after_failure(
 ) -> (Finish, Outcome) {
     match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
         Some(delay) => {
-            let next_attempt_at = now_millis().saturating_add(millis(delay));
+            let next_attempt_at = now.saturating_add(millis(delay));
             (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, Outcome::Retry)
         }
         None => {

@@ -73,7 +73,6 @@ pub async fn retry_job(
         StoreError::Conflict(reason) => ApiError::Conflict(reason),
         other => ApiError::Store(other),
     })?;
-    state.wake.notify_one();
     tracing::info!(job = id, "job queued again by an operator");
     Ok(Json(json!({ "job": JobView::from(&job) })))
 }
@@ -81,7 +80,6 @@ pub async fn retry_job(
 /// `POST /admin/dead/redrive`: makes every dead job due now.
 pub async fn redrive_dead(_: AdminCaller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let redriven = redrive_all_dead(state.store.as_ref(), now_millis()).await.map_err(ApiError::Store)?;
-    state.wake.notify_one();
     tracing::info!(redriven, "dead jobs queued again by an operator");
     Ok(Json(json!({ "redriven": redriven })))
 }

@@ -1,8 +1,9 @@
 //! `POST /message`: BonyChat hands over a message for a Messenger contact (SPEC §3, §5).
 //!
-//! The message is stored (on disk) before anything else; then the request waits up to
-//! `RELAY_SEND_WAIT_MS` for the first attempt: sent → 200, refused by JoinChat → 400,
-//! anything else → 200, and the relay keeps trying (a `failed` receipt follows if it gives up).
+//! The message is stored (on disk) before anything else; then, for up to `RELAY_SEND_WAIT_MS`,
+//! the request takes the first attempt itself, in this replica: sent → 200, refused by
+//! JoinChat → 400, anything else → 200, and the relay keeps trying (a `failed` receipt follows
+//! if it gives up).
 
 use axum::Json;
 use axum::body::Body;
@@ -13,10 +14,9 @@ use serde::Serialize;
 
 use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
-use crate::delivery::{FirstAttempt, Waiters, new_outbound_job};
+use crate::delivery::{FirstAttempt, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
 use crate::error::ApiError;
-use crate::store::now_millis;
 
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -34,35 +34,19 @@ pub async fn post_message(
     require_json(&headers)?;
     let body = reader.read(body, MESSAGE_BODY_LIMIT).await?;
     let request = OutboundRequest::parse(&body.bytes, &state.config.bonychat.channel_id)?;
-    let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now_millis());
+    let now = state.store.now();
+    let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now);
     let m_id = job.m_id.clone();
 
-    let mut first_attempt = state.waiters.register(&m_id);
-    let _unregister = Unregister { waiters: &state.waiters, m_id: &m_id };
-    state.store.enqueue_outbound(job).await.map_err(ApiError::Store)?;
-    state.wake.notify_one();
-
-    let outcome = match tokio::time::timeout(state.config.delivery.send_wait, &mut first_attempt).await {
-        Ok(outcome) => outcome.unwrap_or(FirstAttempt::Pending),
-        // Whoever takes the waiter decides: the worker may have taken it just now.
-        Err(_) if state.waiters.take(&m_id).is_some() => FirstAttempt::Pending,
-        Err(_) => first_attempt.await.unwrap_or(FirstAttempt::Pending),
-    };
-    match outcome {
-        FirstAttempt::Sent | FirstAttempt::Pending => Ok(Json(Accepted { m_id: m_id.clone() })),
-        FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
+    let wait = state.config.delivery.send_wait;
+    let first = (!wait.is_zero()).then(|| state.worker.first_claim(now, wait));
+    let enqueued = state.store.enqueue_outbound(job, first).await.map_err(ApiError::Store)?;
+    if wait.is_zero() {
+        return Ok(Json(Accepted { m_id }));
     }
-}
-
-/// Removes the waiter when the request ends early (BonyChat hung up), so the map never keeps it.
-struct Unregister<'a> {
-    waiters: &'a Waiters,
-    m_id: &'a str,
-}
-
-impl Drop for Unregister<'_> {
-    fn drop(&mut self) {
-        self.waiters.take(self.m_id);
+    match state.worker.first_attempt(enqueued, wait).await {
+        FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
+        FirstAttempt::Sent | FirstAttempt::Pending | FirstAttempt::Paced { .. } => Ok(Json(Accepted { m_id })),
     }
 }
 

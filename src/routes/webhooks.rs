@@ -15,7 +15,7 @@ use super::{AppState, WEBHOOK_BODY_LIMIT};
 use crate::domain::bonychat::StatusValue;
 use crate::domain::inbound::{MessengerEvent, parse_envelope};
 use crate::error::ApiError;
-use crate::store::{InboundBatch, InboundItem, now_millis};
+use crate::store::{InboundBatch, InboundItem};
 
 #[derive(Debug, Deserialize)]
 pub struct Handshake {
@@ -61,7 +61,7 @@ pub async fn receive_events(
     let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
     let verified = state.hub_signature.verify(signature, body.bytes.clone()).map_err(ApiError::InvalidSignature)?;
 
-    let now = now_millis();
+    let now = state.store.now();
     let envelope =
         parse_envelope(&verified, &state.config.joinchat.page_id, now).map_err(|e| ApiError::InvalidPayload(e.0))?;
     for ignored in &envelope.ignored {
@@ -71,9 +71,6 @@ pub async fn receive_events(
     let ignored = envelope.ignored.len();
     let batch = InboundBatch { items: envelope.events.into_iter().map(to_item).collect(), now };
     let summary = state.store.enqueue_inbound(batch).await.map_err(ApiError::Store)?;
-    if summary.queued + summary.receipts > 0 {
-        state.wake.notify_one();
-    }
     // Counted once stored: a refused batch is redelivered by Meta and would count twice.
     crate::monitoring::inbound_dropped(summary.duplicates, summary.own_echoes, ignored);
     tracing::info!(

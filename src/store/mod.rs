@@ -11,11 +11,14 @@
 //! methods are short database operations.
 
 mod payload;
+mod rules;
 pub mod sqlite;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use tokio::sync::watch;
 
 use crate::clients::BoxFuture;
 use crate::config::{DatabaseUrl, StoreConfig};
@@ -140,6 +143,9 @@ pub struct Job {
     pub updated_at: i64,
     /// Whether a worker holds the job right now.
     pub in_flight: bool,
+    /// The fencing token of the claim that handed out this job: every later write about the
+    /// attempt names it, and is refused once anyone has claimed the job since.
+    pub lease_token: i64,
     /// What to deliver, or why the stored payload cannot be read (such a job is dead-lettered
     /// by the worker that claims it, and listed like any other).
     pub payload: Result<Payload, String>,
@@ -147,6 +153,40 @@ pub struct Job {
     pub contact_last_effective_at: Option<i64>,
     /// Whether BonyChat already got a post about this contact (inbound), as of the claim.
     pub contact_introduced: bool,
+}
+
+impl Job {
+    /// The lease this job was claimed under.
+    pub fn lease(&self) -> Lease {
+        Lease { id: self.id, token: self.lease_token }
+    }
+}
+
+/// A claim on one job: the job and the fencing token its claim was given. A lease that ran out
+/// and was claimed again by anyone (another replica, or this one) has a newer token, so the
+/// old holder's progress, renewals and outcome are refused instead of overwriting the new one's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: i64,
+    pub token: i64,
+}
+
+/// How a `/message` request takes its own job's first attempt (SPEC §5: it waits for it): the
+/// job is leased to `owner` at once when it heads its contact's queue, and otherwise reserved
+/// for the request until `reserved_until`, so that no worker (of any replica) takes the first
+/// attempt from the request still waiting for it.
+#[derive(Debug, Clone)]
+pub struct FirstClaim {
+    pub owner: String,
+    pub lease_until: i64,
+    pub reserved_until: i64,
+}
+
+/// A stored outbound message, and its job when it was leased to the request at once.
+#[derive(Debug, Clone)]
+pub struct Enqueued {
+    pub id: i64,
+    pub claimed: Option<Job>,
 }
 
 /// The documented representation of a job for the admin API and `bonychat-relay jobs`: field
@@ -268,17 +308,27 @@ pub enum Finish {
     Rejected { progress: u32, error: String },
 }
 
+/// The durable store, as delivery sees it. The rules of the queue (deduplication, echoes,
+/// receipts by watermark, what a finished attempt does) are the same for every backend and
+/// live in `rules`; a backend provides storage and claims.
 pub trait Store: Send + Sync {
-    /// Answers when the store can durably write right now: a small write committed to disk
-    /// within a short deadline. Fails for a full disk, a removed file, a stalled disk or a
-    /// dead writer.
+    /// The store's clock, in milliseconds since the epoch. Every time written to the store or
+    /// compared with its leases is on it, so replicas sharing a store agree on what is due and
+    /// when a lease ends whatever their own clocks say.
+    fn now(&self) -> i64;
+
+    /// Changes whenever jobs may have become claimable: new work, a finished attempt, a
+    /// redrive, in this process or (for a shared store) in any replica.
+    fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Answers when the store can durably write right now: a small write committed within a
+    /// short deadline. Fails for a full disk, a removed file, a stalled disk, a dead writer or
+    /// a database that is away.
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Makes a freshly started relay take over its stores' in-flight jobs at once. For a store
-    /// that serves one replica only, every lease is a leftover of a previous process.
-    fn recover(&self) -> BoxFuture<'_, StoreResult<u64>>;
-
-    fn enqueue_outbound(&self, job: NewOutbound) -> BoxFuture<'_, StoreResult<i64>>;
+    /// Stores an outbound message; with `first`, it is leased to the request at once when it
+    /// heads its contact's queue (one round trip for the hot path), else reserved for it.
+    fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>>;
 
     /// Stores a webhook batch: events not seen before are queued, the echoes of the relay's own
     /// sends are dropped, and watermarks queue a receipt per outbound message they cover, once.
@@ -286,7 +336,8 @@ pub trait Store: Send + Sync {
 
     /// Claims up to `limit` due jobs of `direction`, each the oldest queued one of its contact,
     /// for `owner` until `lease_until`. Each direction is claimed on its own, so that a flood of
-    /// one never takes the capacity of the other.
+    /// one never takes the capacity of the other. Jobs reserved for a waiting request are left
+    /// to it until the reservation ends.
     fn claim(
         &self,
         owner: &str,
@@ -296,8 +347,12 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
-    /// Extends `owner`'s leases on `ids` while their attempts run.
-    fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>>;
+    /// Claims job `id` for the request that stored it, reserved or not, when it is due, heads
+    /// its contact's queue and nothing of that contact is in flight; `None` otherwise.
+    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>>;
+
+    /// Extends `leases` while their attempts run; a lease claimed by someone since is not.
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Gives up `owner`'s leases (at shutdown): the jobs are claimed again at once.
     fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>>;
@@ -308,11 +363,13 @@ pub trait Store: Send + Sync {
     /// echo recognition of that one send, never a message.
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Records that JoinChat accepted `progress` parts of job `id`.
-    fn record_progress(&self, id: i64, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>>;
+    /// Records that JoinChat accepted `progress` parts of the leased job: a
+    /// [`StoreError::Conflict`] when the lease was lost, so that the attempt stops.
+    fn record_progress(&self, lease: Lease, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Records how an attempt by `owner` ended and releases the lease.
-    fn finish(&self, owner: &str, id: i64, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
+    /// Records how the attempt under `lease` ended and releases it; a [`StoreError::Conflict`]
+    /// (nothing written) when the lease was claimed by someone since.
+    fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Notes that BonyChat got a post about `contact`: later posts go without a profile.
     fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
@@ -341,6 +398,26 @@ pub trait Store: Send + Sync {
     /// Jobs of every direction by where they stand at `now`, for the queue gauges. Read at
     /// scrape time, so it must stay cheap at the intake caps.
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>>;
+}
+
+/// The signal behind [`Store::changes`].
+#[derive(Debug)]
+pub(crate) struct Changes(watch::Sender<u64>);
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self(watch::Sender::new(0))
+    }
+}
+
+impl Changes {
+    pub(crate) fn signal(&self) {
+        self.0.send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 /// Jobs of one direction by where they stand.

@@ -32,15 +32,20 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
 use super::{
-    BeforeSend, Direction, Finish, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job, JobState, NewOutbound,
-    Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
+    BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
+    JobState, Lease, NewOutbound, Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload,
+    now_millis,
 };
 use crate::clients::BoxFuture;
-use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
+use crate::domain::bonychat::StatusValue;
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("../../migrations/sqlite/0001_init.sql"), include_str!("../../migrations/sqlite/0002_intake.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_intake.sql"),
+    include_str!("../../migrations/sqlite/0003_fencing.sql"),
+];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
 const MAX_BATCH: usize = 512;
@@ -117,6 +122,7 @@ pub struct SqliteStore {
     /// A read-only connection for reads that scan (listing jobs, counting the queue): WAL lets
     /// them run beside the writer instead of holding up its commits.
     reader: Arc<Mutex<Connection>>,
+    changes: Changes,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -181,6 +187,7 @@ impl SqliteStore {
             commits,
             caps,
             reader: Arc::new(Mutex::new(reader)),
+            changes: Changes::default(),
             _lock: lock,
         })
     }
@@ -420,7 +427,7 @@ fn open_connection(path: &Path, mode: Mode) -> rusqlite::Result<(Connection, Ide
     match mode {
         Mode::Relay => {
             migrate(&mut conn)?;
-            rebuild_heads(&conn)?;
+            take_over(&conn)?;
         }
         Mode::Tool => {
             let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
@@ -448,15 +455,22 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Rebuilds the ready queue from the jobs: at start, and after operations that reorder it.
-fn rebuild_heads(conn: &Connection) -> rusqlite::Result<()> {
+/// Takes over what a previous process left at start: a SQLite store serves one relay (its lock
+/// says so), so every lease and every reservation for a waiting request is a leftover of a
+/// process that is gone. Then rebuilds the ready queue from the jobs.
+fn take_over(conn: &Connection) -> rusqlite::Result<()> {
+    let leases = conn.execute(
+        "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE state = 'queued' AND lease_owner IS NOT NULL",
+        [],
+    )?;
+    conn.execute("UPDATE jobs SET reserved_until = NULL WHERE state = 'queued' AND reserved_until IS NOT NULL", [])?;
+    if leases > 0 {
+        tracing::info!(jobs = leases, "took over the jobs a previous process had in flight");
+    }
     conn.execute_batch(
         "DELETE FROM queue_heads;
          INSERT INTO queue_heads (direction, contact, job_id, due_at)
-         SELECT j.direction, j.contact, j.id,
-                MAX(j.next_attempt_at, COALESCE((SELECT MAX(l.lease_until) FROM jobs l
-                    WHERE l.lease_owner IS NOT NULL AND l.state = 'queued'
-                      AND l.direction = j.direction AND l.contact = j.contact), 0))
+         SELECT j.direction, j.contact, j.id, j.next_attempt_at
          FROM jobs j JOIN (SELECT MIN(id) AS id FROM jobs WHERE state = 'queued' GROUP BY direction, contact) h
            ON h.id = j.id;",
     )
@@ -464,11 +478,13 @@ fn rebuild_heads(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Puts the ready-queue row of one (direction, contact) right after its jobs changed: the
 /// oldest queued job is the head, claimable at its next attempt, but not while any queued job
-/// of the contact is leased (one in flight per contact).
+/// of the contact is leased (one in flight per contact), nor while it is reserved for the
+/// request that stored it.
 fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::Result<()> {
     let head: Option<(i64, i64)> = conn
         .prepare_cached(
-            "SELECT id, next_attempt_at FROM jobs WHERE state = 'queued' AND direction = ?1 AND contact = ?2 ORDER BY id LIMIT 1",
+            "SELECT id, MAX(next_attempt_at, COALESCE(reserved_until, 0)) FROM jobs \
+             WHERE state = 'queued' AND direction = ?1 AND contact = ?2 ORDER BY id LIMIT 1",
         )?
         .query_row(params![direction, contact], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
@@ -497,9 +513,9 @@ fn queue_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<(String, Stri
         .optional()
 }
 
-/// Clears the leases of `owner` (of everyone when `None`) and refreshes their queues.
-fn clear_leases(conn: &Connection, owner: Option<&str>) -> rusqlite::Result<u64> {
-    const MATCHING: &str = "lease_owner IS NOT NULL AND (?1 IS NULL OR lease_owner = ?1)";
+/// Clears the leases of `owner` and refreshes their queues.
+fn clear_leases(conn: &Connection, owner: &str) -> rusqlite::Result<u64> {
+    const MATCHING: &str = "lease_owner = ?1";
     let queues: Vec<(String, String)> = conn
         .prepare(&format!("SELECT DISTINCT direction, contact FROM jobs WHERE {MATCHING}"))?
         .query_map(params![owner], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -629,7 +645,7 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, j.next_attempt_at, \
-    j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload";
+    j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
 
 /// A job as read: its payload is still JSON, parsed off the writer thread by `into_job`.
 struct RawJob {
@@ -645,6 +661,7 @@ struct RawJob {
     created_at: i64,
     updated_at: i64,
     in_flight: bool,
+    lease_token: i64,
     payload: String,
     contact_last_effective_at: Option<i64>,
     contact_introduced: bool,
@@ -667,6 +684,7 @@ impl RawJob {
             created_at: self.created_at,
             updated_at: self.updated_at,
             in_flight: self.in_flight,
+            lease_token: self.lease_token,
             contact_last_effective_at: self.contact_last_effective_at,
             contact_introduced: self.contact_introduced,
         })
@@ -694,223 +712,284 @@ fn job_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
         updated_at: row.get(10)?,
         in_flight: lease_until.is_some_and(|until| until > now),
         payload: row.get(12)?,
+        lease_token: row.get(13)?,
         contact_last_effective_at: None,
         contact_introduced: false,
     })
 }
 
-/// A job row to insert.
-struct NewRow<'a> {
-    direction: Direction,
-    contact: &'a str,
-    m_id: &'a str,
-    dedup_key: Option<String>,
-    /// The payload as JSON, serialized before it reaches the writer thread.
-    payload: &'a str,
-    state: JobState,
+/// A job to be claimed, with what its attempt needs to know about its contact.
+const CLAIM_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, 0)";
+
+fn claimable_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
+    let mut job = job_from_row(row, now)?;
+    job.contact_last_effective_at = row.get(14)?;
+    job.contact_introduced = row.get::<_, i64>(15)? != 0;
+    Ok(job)
 }
 
-impl<'a> NewRow<'a> {
-    /// An inbound event, deduplicated on its `mId`.
-    fn event(contact: &'a str, event: &'a PreparedEvent, state: JobState) -> Self {
-        Self {
-            direction: Direction::Inbound,
-            contact,
-            m_id: &event.m_id,
-            dedup_key: Some(event_key(&event.m_id)),
-            payload: &event.payload,
-            state,
-        }
-    }
-}
-
-/// An inbound event ready to store: its payload serialized on the caller's thread.
-struct PreparedEvent {
-    m_id: String,
-    payload: String,
-}
-
-impl PreparedEvent {
-    fn new(event: &WebhookEvent) -> Self {
-        Self { m_id: event.m_id().to_owned(), payload: encode_payload(&Payload::Event { event: event.clone() }) }
-    }
-}
-
-/// Inserts `row` unless its dedup key is taken; returns the new job's id if it did.
-fn insert_job(conn: &Connection, row: NewRow<'_>, now: i64) -> rusqlite::Result<Option<i64>> {
-    let inserted = conn
+/// Leases job `id` (its queue known) and holds the queue's head for the lease; returns the
+/// new fencing token.
+fn lease(conn: &Connection, id: i64, owner: &str, lease_until: i64) -> rusqlite::Result<i64> {
+    let (token, direction, contact): (i64, String, String) = conn
         .prepare_cached(
-            "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7) ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+            "UPDATE jobs SET lease_owner = ?1, lease_until = ?2, lease_token = lease_token + 1 WHERE id = ?3 \
+             RETURNING lease_token, direction, contact",
         )?
-        .execute(params![
-            row.direction.as_str(),
-            row.contact,
-            row.m_id,
-            row.dedup_key,
-            row.payload,
-            row.state.as_str(),
-            now
-        ])?;
-    if inserted == 0 {
-        return Ok(None);
+        .query_row(params![owner, lease_until, id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    conn.prepare_cached("UPDATE queue_heads SET due_at = ?1 WHERE direction = ?2 AND contact = ?3")?
+        .execute(params![lease_until, direction, contact])?;
+    Ok(token)
+}
+
+/// Runs a rule of the queue to completion on the writer thread. SQLite's storage operations
+/// never wait, so the rule is done at its first poll.
+fn run_rule<F: Future>(rule: F) -> F::Output {
+    let mut rule = std::pin::pin!(rule);
+    match rule.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => unreachable!("a SQLite store operation waited"),
     }
-    let id = conn.last_insert_rowid();
-    if row.state == JobState::Queued {
-        // Heads the contact's queue unless an older job already does.
-        conn.prepare_cached(
-            "INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (direction, contact) DO NOTHING",
-        )?
-        .execute(params![row.direction.as_str(), row.contact, id, now])?;
+}
+
+/// The storage operations the rules of the queue run on, inside the writer's transaction.
+struct SqliteTx<'c>(&'c Connection);
+
+impl Tx for SqliteTx<'_> {
+    async fn lock_queues(&mut self, _direction: Direction, _contacts: &[&str]) -> StoreResult<()> {
+        // One writer thread runs every operation in turn: nothing to hold.
+        Ok(())
     }
-    Ok(Some(id))
-}
 
-fn event_key(m_id: &str) -> String {
-    format!("event:{m_id}")
-}
-
-fn receipt_key(value: StatusValue, m_id: &str) -> String {
-    let value = match value {
-        StatusValue::Delivered => "delivered",
-        StatusValue::Read => "read",
-        StatusValue::Failed => "failed",
-    };
-    format!("receipt:{value}:{m_id}")
-}
-
-/// Queues a receipt for outbound message `m_id`; a receipt is queued once per status.
-fn queue_receipt(
-    conn: &Connection,
-    contact: &str,
-    m_id: &str,
-    status: Status,
-    timestamp: i64,
-    now: i64,
-) -> rusqlite::Result<bool> {
-    // Receipts are few; their payload is made here.
-    let dedup_key = Some(receipt_key(status.value, m_id));
-    let payload = encode_payload(&Payload::Event {
-        event: WebhookEvent::MessageStatus { m_id: m_id.to_owned(), timestamp, status },
-    });
-    let row =
-        NewRow { direction: Direction::Inbound, contact, m_id, dedup_key, payload: &payload, state: JobState::Queued };
-    Ok(insert_job(conn, row, now)?.is_some())
-}
-
-fn already_stored(conn: &Connection, events: &[PreparedEvent]) -> rusqlite::Result<bool> {
-    let mut seen = conn.prepare_cached("SELECT 1 FROM jobs WHERE dedup_key = ?1")?;
-    for event in events {
-        if seen.exists([event_key(&event.m_id)])? {
-            return Ok(true);
-        }
+    async fn queued(&mut self, direction: Direction, _cap: u64) -> StoreResult<u64> {
+        // Kept by the triggers of migration 0002: one row, whatever the depth.
+        let queued: i64 = self
+            .0
+            .prepare_cached("SELECT queued FROM queue_depth WHERE direction = ?1")?
+            .query_row([direction.as_str()], |row| row.get(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(u64::try_from(queued).unwrap_or(0))
     }
-    Ok(false)
-}
 
-/// Queues the `failed` receipt of outbound message `m_id`.
-fn queue_failed_receipt(conn: &Connection, contact: &str, m_id: &str, reason: &str, now: i64) -> rusqlite::Result<()> {
-    let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    queue_receipt(conn, contact, m_id, status, now, now)?;
-    Ok(())
-}
-
-fn store_message(
-    conn: &Connection,
-    contact: &str,
-    events: &[PreparedEvent],
-    echo_fingerprint: Option<&str>,
-    now: i64,
-    summary: &mut InboundSummary,
-) -> rusqlite::Result<()> {
-    // An echo already stored (dropped or queued) must not consume another send's mark; other
-    // events are deduplicated by the insert itself.
-    if let Some(fingerprint) = echo_fingerprint
-        && !already_stored(conn, events)?
-    {
-        let mark: Option<i64> = conn
+    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
+        let inserted = self
+            .0
             .prepare_cached(
-                "SELECT id FROM echo_marks WHERE contact = ?1 AND fingerprint = ?2 AND expires_at > ?3 ORDER BY id LIMIT 1",
+                "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7) ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?
-            .query_row(params![contact, fingerprint, now], |row| row.get(0))
-            .optional()?;
-        if let Some(mark) = mark {
-            conn.prepare_cached("DELETE FROM echo_marks WHERE id = ?1")?.execute([mark])?;
-            for event in events {
-                insert_job(conn, NewRow::event(contact, event, JobState::Dropped), now)?;
+            .execute(params![
+                row.direction.as_str(),
+                row.contact,
+                row.m_id,
+                row.dedup_key,
+                row.payload,
+                row.state.as_str(),
+                now
+            ])?;
+        if inserted == 0 {
+            return Ok(None);
+        }
+        let id = self.0.last_insert_rowid();
+        let mut head = false;
+        if row.state == JobState::Queued {
+            // Heads the contact's queue unless an older job already does.
+            head = self
+                .0
+                .prepare_cached(
+                    "INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (direction, contact) DO NOTHING",
+                )?
+                .execute(params![row.direction.as_str(), row.contact, id, now])?
+                == 1;
+        }
+        Ok(Some(Inserted { id, head }))
+    }
+
+    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64> {
+        Ok(lease(self.0, id, owner, lease_until)?)
+    }
+
+    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()> {
+        // Not the head (else it would have been leased): its queue's row changes once it is.
+        self.0.prepare_cached("UPDATE jobs SET reserved_until = ?1 WHERE id = ?2")?.execute(params![until, id])?;
+        Ok(())
+    }
+
+    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
+        Ok(self
+            .0
+            .prepare_cached("SELECT last_effective_at FROM contacts WHERE direction = 'outbound' AND contact = ?1")?
+            .query_row([contact], |row| row.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool> {
+        let mut seen = self.0.prepare_cached("SELECT 1 FROM jobs WHERE dedup_key = ?1")?;
+        for key in dedup_keys {
+            if seen.exists([key])? {
+                return Ok(true);
             }
-            summary.own_echoes += 1;
-            return Ok(());
         }
+        Ok(false)
     }
-    for event in events {
-        if insert_job(conn, NewRow::event(contact, event, JobState::Queued), now)?.is_some() {
-            summary.queued += 1;
-        } else {
-            summary.duplicates += 1;
+
+    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
+        let taken = self
+            .0
+            .prepare_cached(
+                "DELETE FROM echo_marks WHERE id = (SELECT id FROM echo_marks \
+                 WHERE contact = ?1 AND fingerprint = ?2 AND expires_at > ?3 ORDER BY id LIMIT 1)",
+            )?
+            .execute(params![contact, fingerprint, now])?;
+        Ok(taken == 1)
+    }
+
+    async fn unreported(
+        &mut self,
+        contact: &str,
+        watermark: i64,
+        status: StatusValue,
+    ) -> StoreResult<Vec<(i64, String)>> {
+        let unreported = match status {
+            StatusValue::Read => "read_reported = 0",
+            _ => "delivered_reported = 0",
+        };
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT id, m_id FROM jobs WHERE contact = ?1 AND accepted_at IS NOT NULL AND accepted_at <= ?2 \
+                 AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
+            ))?
+            .query_map(params![contact, watermark], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?)
+    }
+
+    async fn mark_reported(&mut self, id: i64, status: StatusValue) -> StoreResult<()> {
+        let mark = match status {
+            StatusValue::Read => "read_reported = 1, delivered_reported = 1",
+            _ => "delivered_reported = 1",
+        };
+        self.0.prepare_cached(&format!("UPDATE jobs SET {mark} WHERE id = ?1"))?.execute([id])?;
+        Ok(())
+    }
+
+    async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
+        let settled: Option<(String, String, String)> = self
+            .0
+            .prepare_cached(
+                "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + ?3, \
+                 next_attempt_at = COALESCE(?4, next_attempt_at), \
+                 last_error = CASE WHEN ?3 = 0 THEN last_error ELSE ?5 END, \
+                 accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN COALESCE(?6, ?7) ELSE accepted_at END, \
+                 reserved_until = CASE WHEN ?8 THEN reserved_until END, \
+                 lease_owner = NULL, lease_until = NULL, updated_at = ?7 \
+                 WHERE id = ?9 AND lease_token = ?10 AND lease_owner IS NOT NULL RETURNING direction, contact, m_id",
+            )?
+            .query_row(
+                params![
+                    settle.state.as_str(),
+                    settle.progress,
+                    settle.attempted,
+                    settle.next_attempt_at,
+                    settle.error,
+                    settle.sent_at,
+                    now,
+                    settle.keep_reservation,
+                    lease.id,
+                    lease.token
+                ],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
+        refresh_head(self.0, &direction, &contact)?;
+        Ok(Some(Settled { contact, m_id }))
+    }
+
+    async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
+        let state: Option<String> = self
+            .0
+            .prepare_cached("SELECT state FROM jobs WHERE id = ?1")?
+            .query_row([id], |row| row.get(0))
+            .optional()?;
+        state
+            .map(|state| {
+                JobState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("job {id} has state {state}")))
+            })
+            .transpose()
+    }
+
+    async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()> {
+        let queue: Option<(String, String)> = self
+            .0
+            .prepare_cached(
+                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 \
+                 RETURNING direction, contact",
+            )?
+            .query_row(params![now, id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        if let Some((direction, contact)) = queue {
+            refresh_head(self.0, &direction, &contact)?;
         }
+        Ok(())
     }
-    Ok(())
+
+    async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
+        self.0
+            .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ?1"))?
+            .query_row([id], |row| job_from_row(row, now))?
+            .into_job()
+    }
+
+    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
+                 ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
+                 MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
+            )?
+            .execute(params![contact, at])?;
+        Ok(())
+    }
+
+    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()> {
+        self.0
+            .prepare_cached("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)")?
+            .execute(params![contact, fingerprint, expires_at])?;
+        Ok(())
+    }
 }
 
-fn store_watermark(
-    conn: &Connection,
-    contact: &str,
-    status: StatusValue,
-    watermark: i64,
-    timestamp: i64,
-    now: i64,
-    summary: &mut InboundSummary,
-) -> rusqlite::Result<()> {
-    // A read receipt settles "delivered" too: a later delivery watermark must not step back.
-    let (unreported, mark) = match status {
-        StatusValue::Read => ("read_reported = 0", "read_reported = 1, delivered_reported = 1"),
-        _ => ("delivered_reported = 0", "delivered_reported = 1"),
-    };
-    let covered: Vec<(i64, String)> = conn
-        .prepare_cached(&format!(
-            "SELECT id, m_id FROM jobs WHERE contact = ?1 AND accepted_at IS NOT NULL AND accepted_at <= ?2 \
-             AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
-        ))?
-        .query_map(params![contact, watermark], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut flag = conn.prepare_cached(&format!("UPDATE jobs SET {mark} WHERE id = ?1"))?;
-    for (id, m_id) in covered {
-        flag.execute([id])?;
-        if queue_receipt(conn, contact, &m_id, Status { value: status, message: None }, timestamp, now)? {
-            summary.receipts += 1;
-        }
+impl SqliteStore {
+    /// Runs `f` like [`Self::run`], then tells the workers that jobs may be claimable.
+    fn run_then_signal<T, F>(&self, f: F) -> BoxFuture<'_, StoreResult<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let done = self.run(f);
+        Box::pin(async move {
+            let result = done.await;
+            if result.is_ok() {
+                self.changes.signal();
+            }
+            result
+        })
     }
-    Ok(())
-}
-
-/// Records when a send to a contact takes effect and what its echo will look like.
-fn record_send(conn: &Connection, send: &BeforeSend) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
-         ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
-         MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
-    )?
-    .execute(params![send.contact, send.effective_at])?;
-    if let Some(fingerprint) = &send.echo_fingerprint {
-        conn.prepare_cached("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)")?
-            .execute(params![send.contact, fingerprint, send.echo_expires_at])?;
-    }
-    Ok(())
-}
-
-/// How many jobs of `direction` are queued, as the triggers of migration 0002 keep it.
-fn queued(conn: &Connection, direction: Direction) -> rusqlite::Result<u64> {
-    let queued: i64 = conn
-        .prepare_cached("SELECT queued FROM queue_depth WHERE direction = ?1")?
-        .query_row([direction.as_str()], |row| row.get(0))
-        .optional()?
-        .unwrap_or(0);
-    Ok(u64::try_from(queued).unwrap_or(0))
 }
 
 impl Store for SqliteStore {
+    fn now(&self) -> i64 {
+        now_millis()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
         if let Some(reason) = self.unfit() {
             return Box::pin(std::future::ready(Err(StoreError::Unavailable(reason))));
@@ -918,67 +997,40 @@ impl Store for SqliteStore {
         // A real write, committed and fsync'd like any other: a full disk or a lost file fails it.
         self.run_for_caller(0, PING_ADMISSION, |conn| {
             conn.prepare_cached(
-                "INSERT INTO relay_health (id, checked_at) VALUES (1, ?1)                  ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+                "INSERT INTO relay_health (id, checked_at) VALUES (1, ?1) \
+                 ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
             )?
             .execute([now_millis()])?;
             Ok(())
         })
     }
 
-    fn recover(&self) -> BoxFuture<'_, StoreResult<u64>> {
-        // SQLite serves one replica: any lease left is from a process that is gone.
-        self.run(|conn| Ok(clear_leases(conn, None)?))
-    }
-
-    fn enqueue_outbound(&self, job: NewOutbound) -> BoxFuture<'_, StoreResult<i64>> {
-        let payload = encode_payload(&Payload::Send { recipient: job.recipient, parts: job.parts });
-        let (contact, m_id, now) = (job.contact, job.m_id, job.now);
+    fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
+        let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
         let cap = self.caps.outbound;
-        self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
-            if queued(conn, Direction::Outbound)? >= cap {
-                return Err(StoreError::Full { direction: Direction::Outbound, cap });
+        let stored = self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
+            run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), cap))
+        });
+        Box::pin(async move {
+            let enqueued = stored.await?;
+            // A job its request took at once needs no worker.
+            if enqueued.claimed.is_none() {
+                self.changes.signal();
             }
-            let row = NewRow {
-                direction: Direction::Outbound,
-                contact: &contact,
-                m_id: &m_id,
-                dedup_key: None,
-                payload: &payload,
-                state: JobState::Queued,
-            };
-            let id = insert_job(conn, row, now)?;
-            Ok(id.expect("a job without a dedup key is always inserted"))
+            Ok(enqueued)
         })
     }
 
     fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>> {
-        let prepared: Vec<Option<Vec<PreparedEvent>>> = batch
-            .items
-            .iter()
-            .map(|item| match item {
-                InboundItem::Message { events, .. } => Some(events.iter().map(PreparedEvent::new).collect()),
-                InboundItem::Watermark { .. } => None,
-            })
-            .collect();
-        let bytes = prepared.iter().flatten().flatten().map(|event| event.payload.len()).sum();
+        let prepared = PreparedBatch::new(batch);
         let cap = self.caps.inbound;
-        self.run_for_caller(bytes, ADMISSION_TIMEOUT, move |conn| {
-            let mut summary = InboundSummary::default();
-            for (item, prepared) in batch.items.iter().zip(&prepared) {
-                match item {
-                    InboundItem::Message { contact, echo_fingerprint, .. } => {
-                        let events = prepared.as_deref().unwrap_or_default();
-                        store_message(conn, contact, events, echo_fingerprint.as_deref(), batch.now, &mut summary)?;
-                    }
-                    InboundItem::Watermark { contact, status, watermark, timestamp } => {
-                        store_watermark(conn, contact, *status, *watermark, *timestamp, batch.now, &mut summary)?;
-                    }
-                }
-            }
-            // Checked after the inserts so that duplicates and dropped echoes, which queue
-            // nothing, never count; a refusal rolls the whole batch back (Meta redelivers it).
-            if summary.queued + summary.receipts > 0 && queued(conn, Direction::Inbound)? > cap {
-                return Err(StoreError::Full { direction: Direction::Inbound, cap });
+        let stored = self.run_for_caller(prepared.bytes(), ADMISSION_TIMEOUT, move |conn| {
+            run_rule(rules::enqueue_inbound(&mut SqliteTx(conn), &prepared, cap))
+        });
+        Box::pin(async move {
+            let summary = stored.await?;
+            if summary.queued + summary.receipts > 0 {
+                self.changes.signal();
             }
             Ok(summary)
         })
@@ -1001,32 +1053,20 @@ impl Store for SqliteStore {
                 .query_map(params![direction.as_str(), now, limit as i64], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             let mut load = conn.prepare_cached(&format!(
-                "SELECT {JOB_COLUMNS}, c.last_effective_at, COALESCE(c.introduced, 0) FROM jobs j \
+                "SELECT {JOB_COLUMNS}, {CLAIM_COLUMNS} FROM jobs j \
                  LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact \
                  WHERE j.id = ?1 AND j.state = 'queued'"
             ))?;
-            let mut lease = conn.prepare_cached("UPDATE jobs SET lease_owner = ?1, lease_until = ?2 WHERE id = ?3")?;
-            let mut hold =
-                conn.prepare_cached("UPDATE queue_heads SET due_at = ?1 WHERE direction = ?2 AND contact = ?3")?;
             let mut jobs = Vec::with_capacity(heads.len());
             for id in heads {
-                let job = load
-                    .query_row([id], |row| {
-                        let mut job = job_from_row(row, now)?;
-                        job.contact_last_effective_at = row.get(13)?;
-                        job.contact_introduced = row.get::<_, i64>(14)? != 0;
-                        Ok(job)
-                    })
-                    .optional()?;
-                let Some(mut job) = job else {
+                let Some(mut job) = load.query_row([id], |row| claimable_from_row(row, now)).optional()? else {
                     // A head that is no longer queued: put the queue right and move on.
                     if let Some((direction, contact)) = queue_of(conn, id)? {
                         refresh_head(conn, &direction, &contact)?;
                     }
                     continue;
                 };
-                lease.execute(params![owner, lease_until, job.id])?;
-                hold.execute(params![lease_until, job.direction, job.contact])?;
+                job.lease_token = lease(conn, job.id, &owner, lease_until)?;
                 job.in_flight = true;
                 jobs.push(job);
             }
@@ -1034,15 +1074,40 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn renew(&self, owner: &str, ids: Vec<i64>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
         let owner = owner.to_owned();
+        let claimed = self.run(move |conn| {
+            // Its reservation is for this very claim: only being due, heading the queue and
+            // nothing of the contact in flight count.
+            let job = conn
+                .prepare_cached(&format!(
+                    "SELECT {JOB_COLUMNS}, {CLAIM_COLUMNS} FROM jobs j \
+                     LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact \
+                     WHERE j.id = ?1 AND j.state = 'queued' AND j.next_attempt_at <= ?2 \
+                     AND j.id = (SELECT MIN(q.id) FROM jobs q WHERE q.state = 'queued' \
+                                 AND q.direction = j.direction AND q.contact = j.contact) \
+                     AND NOT EXISTS (SELECT 1 FROM jobs l WHERE l.lease_owner IS NOT NULL AND l.lease_until > ?2 \
+                                     AND l.state = 'queued' AND l.direction = j.direction AND l.contact = j.contact)"
+                ))?
+                .query_row(params![id, now], |row| claimable_from_row(row, now))
+                .optional()?;
+            let Some(mut job) = job else { return Ok(None) };
+            job.lease_token = lease(conn, job.id, &owner, lease_until)?;
+            job.in_flight = true;
+            Ok(Some(job))
+        });
+        Box::pin(async move { claimed.await?.map(RawJob::into_job).transpose() })
+    }
+
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
         self.run(move |conn| {
             let mut renew = conn.prepare_cached(
-                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_owner = ?3 RETURNING direction, contact",
+                "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_token = ?3 AND lease_owner IS NOT NULL \
+                 RETURNING direction, contact",
             )?;
-            for id in ids {
+            for lease in leases {
                 let renewed: Option<(String, String)> = renew
-                    .query_row(params![lease_until, id, owner], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .query_row(params![lease_until, lease.id, lease.token], |row| Ok((row.get(0)?, row.get(1)?)))
                     .optional()?;
                 if let Some((direction, contact)) = renewed {
                     refresh_head(conn, &direction, &contact)?;
@@ -1054,7 +1119,7 @@ impl Store for SqliteStore {
 
     fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>> {
         let owner = owner.to_owned();
-        self.run(move |conn| Ok(clear_leases(conn, Some(&owner))?))
+        self.run_then_signal(move |conn| Ok(clear_leases(conn, &owner)?))
     }
 
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
@@ -1062,7 +1127,7 @@ impl Store for SqliteStore {
         // such as the echo of this very send, sees the record even before it is committed.
         // Queued is enough (see the trait): a failure to commit it later is only logged.
         let work: Work = Box::new(move |conn| {
-            let result = record_send(conn, &send);
+            let result = run_rule(rules::record_send(&mut SqliteTx(conn), &send));
             let ok = result.is_ok();
             let answer: Answer = Box::new(move |committed| {
                 if let Err(e) = result.map_err(|e| e.to_string()).and(committed) {
@@ -1075,56 +1140,23 @@ impl Store for SqliteStore {
         Box::pin(async move { self.ops.send(op).await.map_err(|_| Self::stopped()) })
     }
 
-    fn record_progress(&self, id: i64, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+    fn record_progress(&self, lease: Lease, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         self.run(move |conn| {
-            conn.prepare_cached("UPDATE jobs SET progress = ?1, updated_at = ?2 WHERE id = ?3")?
-                .execute(params![progress, now, id])?;
+            let recorded = conn
+                .prepare_cached(
+                    "UPDATE jobs SET progress = ?1, updated_at = ?2 \
+                     WHERE id = ?3 AND lease_token = ?4 AND lease_owner IS NOT NULL",
+                )?
+                .execute(params![progress, now, lease.id, lease.token])?;
+            if recorded == 0 {
+                return Err(StoreError::Conflict(format!("job {} is no longer leased under this claim", lease.id)));
+            }
             Ok(())
         })
     }
 
-    fn finish(&self, owner: &str, id: i64, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
-        let owner = owner.to_owned();
-        self.run(move |conn| {
-            let (state, progress, next_attempt_at, error) = match &finish {
-                Finish::Delivered { progress, .. } => (JobState::Delivered, *progress, None, None),
-                Finish::Defer { progress, next_attempt_at } => {
-                    (JobState::Queued, *progress, Some(*next_attempt_at), None)
-                }
-                Finish::Retry { progress, next_attempt_at, error } => {
-                    (JobState::Queued, *progress, Some(*next_attempt_at), Some(error.as_str()))
-                }
-                Finish::Dead { progress, error, .. } => (JobState::Dead, *progress, None, Some(error.as_str())),
-                Finish::Rejected { progress, error } => (JobState::Rejected, *progress, None, Some(error.as_str())),
-            };
-            let (attempted, sent_at) = match &finish {
-                Finish::Defer { .. } => (0, None),
-                Finish::Delivered { sent_at, .. } => (1, Some(*sent_at)),
-                _ => (1, None),
-            };
-            let finished: Option<(String, String, String)> = conn
-                .prepare_cached(
-                    "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + ?8, \
-                     next_attempt_at = COALESCE(?3, next_attempt_at), \
-                     last_error = CASE WHEN ?8 = 0 THEN last_error ELSE ?4 END, \
-                     accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN COALESCE(?9, ?5) ELSE accepted_at END, \
-                     lease_owner = NULL, lease_until = NULL, updated_at = ?5 \
-                     WHERE id = ?6 AND lease_owner = ?7 RETURNING direction, contact, m_id",
-                )?
-                .query_row(
-                    params![state.as_str(), progress, next_attempt_at, error, now, id, owner, attempted, sent_at],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-                )
-                .optional()?;
-            let Some((direction, contact, m_id)) = finished else {
-                return Err(StoreError::Conflict(format!("job {id} is no longer leased to this worker")));
-            };
-            refresh_head(conn, &direction, &contact)?;
-            if let Finish::Dead { error, failed_receipt: true, .. } = &finish {
-                queue_failed_receipt(conn, &contact, &m_id, error, now)?;
-            }
-            Ok(())
-        })
+    fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+        self.run_then_signal(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)))
     }
 
     fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
@@ -1147,7 +1179,9 @@ impl Store for SqliteStore {
         now: i64,
     ) -> BoxFuture<'_, StoreResult<()>> {
         let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
-        self.run(move |conn| Ok(queue_failed_receipt(conn, &contact, &m_id, &reason, now)?))
+        self.run_then_signal(move |conn| {
+            run_rule(rules::queue_failed_receipt(&mut SqliteTx(conn), &contact, &m_id, &reason, now))
+        })
     }
 
     fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
@@ -1165,42 +1199,11 @@ impl Store for SqliteStore {
     }
 
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
-        let retried = self.run(move |conn| {
-            let state: Option<String> =
-                conn.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |row| row.get(0)).optional()?;
-            match state.as_deref() {
-                None => return Err(StoreError::NotFound(id)),
-                Some("dead" | "queued") => {}
-                Some("delivered") => return Err(StoreError::Conflict(format!("job {id} was already delivered"))),
-                Some("rejected") => {
-                    return Err(StoreError::Conflict(format!(
-                        "job {id} was rejected by JoinChat while BonyChat waited: BonyChat got the 400 and shows the failure; sending it again would surprise the contact"
-                    )));
-                }
-                Some("dropped") => {
-                    return Err(StoreError::Conflict(format!(
-                        "job {id} is Messenger's echo of a message this relay sent itself: BonyChat already has that message"
-                    )));
-                }
-                Some(other) => return Err(StoreError::Conflict(format!("job {id} is {other}: it cannot be retried"))),
-            }
-            // A job in flight keeps its lease: retrying it only makes it due again afterwards.
-            conn.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2",
-                params![now, id],
-            )?;
-            if let Some((direction, contact)) = queue_of(conn, id)? {
-                refresh_head(conn, &direction, &contact)?;
-            }
-            Ok(conn.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = ?1"), [id], |row| {
-                job_from_row(row, now)
-            })?)
-        });
-        Box::pin(async move { retried.await?.into_job() })
+        self.run_then_signal(move |conn| run_rule(rules::retry(&mut SqliteTx(conn), id, now)))
     }
 
     fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
-        self.run(move |conn| {
+        self.run_then_signal(move |conn| {
             let queues: Vec<(String, String)> = conn
                 .prepare_cached(
                     "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 \
@@ -1446,7 +1449,7 @@ mod tests {
                         parts: vec![Message::Text { text: "hi".into() }],
                         now: 1,
                     };
-                    store.enqueue_outbound(job).await.unwrap();
+                    store.enqueue_outbound(job, None).await.unwrap();
                 })
             })
             .collect();

@@ -1,15 +1,17 @@
 //! The contract every store implementation keeps (SPEC §5), tested through the `Store` trait
 //! only, so that another implementation runs the same suite unchanged.
 //!
-//! The store under test comes from `store_under_test()`: a fresh SQLite file per test.
+//! Each test takes a `Backend`: a fresh SQLite file, or a fresh database on a Postgres server.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use bonychat_relay::config::{DatabaseUrl, StoreConfig};
+use bonychat_relay::config::{DatabaseUrl, PostgresOptions, Secret, StoreConfig};
 use bonychat_relay::domain::bonychat::{BonyMessage, StatusValue, WebhookEvent};
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::{
-    self, BeforeSend, Direction, Finish, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store, StoreError,
+    self, BeforeSend, Direction, Finish, FirstClaim, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store,
+    StoreError,
 };
 use tempfile::TempDir;
 
@@ -21,18 +23,56 @@ const SENT_AT: i64 = 1;
 struct Subject {
     store: Arc<dyn Store>,
     config: StoreConfig,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
-async fn store_under_test() -> Subject {
-    let dir = tempfile::tempdir().unwrap();
-    let config = StoreConfig {
-        database_url: DatabaseUrl::Sqlite(dir.path().join("nested/dir/relay.db")),
+/// Opens a fresh store of one backend with these intake caps; `None` when that backend is not
+/// at hand (a developer machine without Postgres).
+type Backend = fn(store::IntakeCaps) -> Pin<Box<dyn Future<Output = Option<Subject>> + Send>>;
+
+fn config(database_url: DatabaseUrl, intake: store::IntakeCaps) -> StoreConfig {
+    StoreConfig {
+        database_url,
         retention: std::time::Duration::from_secs(7 * 86_400),
-        intake: store::IntakeCaps::DEFAULT,
-    };
+        intake,
+        postgres: PostgresOptions::DEFAULT,
+    }
+}
+
+/// A fresh SQLite file.
+async fn sqlite(intake: store::IntakeCaps) -> Option<Subject> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(DatabaseUrl::Sqlite(dir.path().join("nested/dir/relay.db")), intake);
     let store = store::open(&config).await.expect("store opens");
-    Subject { store, config, _dir: dir }
+    Some(Subject { store, config, _dir: Some(dir) })
+}
+
+/// A fresh Postgres database, when a server is at hand (see `postgres.rs`).
+async fn postgres(intake: store::IntakeCaps) -> Option<Subject> {
+    let url = crate::postgres::fresh_database().await?;
+    let config = config(DatabaseUrl::Postgres(Secret::new(url)), intake);
+    let store = store::open(&config).await.expect("store opens");
+    Some(Subject { store, config, _dir: None })
+}
+
+/// Runs each contract test against every store: `store_contract::sqlite::…` and
+/// `store_contract::postgres::…` (skipped with a notice where no Postgres server is at hand,
+/// never under CI).
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(|caps| Box::pin(super::sqlite(caps))).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(|caps| Box::pin(super::postgres(caps))).await;
+            })*
+        }
+    };
 }
 
 fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
@@ -77,17 +117,16 @@ async fn deliver_outbound(store: &dyn Store, contact: &str, m_id: &str, at: i64)
 
 /// An outbound message that left at `sent_at` and that JoinChat answered at `answered_at`.
 async fn deliver_outbound_answered_later(store: &dyn Store, contact: &str, m_id: &str, sent_at: i64, answered_at: i64) {
-    store.enqueue_outbound(outbound(contact, m_id, sent_at)).await.unwrap();
+    store.enqueue_outbound(outbound(contact, m_id, sent_at), None).await.unwrap();
     let jobs = store.claim(OWNER, Direction::Outbound, sent_at, sent_at + LEASE, 100).await.unwrap();
     let job = jobs.iter().find(|j| j.m_id == m_id).expect("claimed");
-    store.finish(OWNER, job.id, Finish::Delivered { progress: 1, sent_at }, answered_at).await.unwrap();
+    store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at }, answered_at).await.unwrap();
 }
 
-#[tokio::test]
-async fn only_the_oldest_queued_job_of_each_contact_is_claimed() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn only_the_oldest_queued_job_of_each_contact_is_claimed(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     for (contact, m_id) in [("a", "a1"), ("a", "a2"), ("b", "b1"), ("a", "a3")] {
-        store.enqueue_outbound(outbound(contact, m_id, 1_000)).await.unwrap();
+        store.enqueue_outbound(outbound(contact, m_id, 1_000), None).await.unwrap();
     }
 
     let first = claim_ids(store.as_ref(), 1_000).await;
@@ -97,15 +136,14 @@ async fn only_the_oldest_queued_job_of_each_contact_is_claimed() {
     assert!(while_leased.is_empty(), "one job in flight per contact");
 }
 
-#[tokio::test]
-async fn a_retry_keeps_its_place_ahead_of_newer_jobs() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+async fn a_retry_keeps_its_place_ahead_of_newer_jobs(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
-    store.finish(OWNER, job.id, retry, 1_100).await.unwrap();
+    store.finish(job.lease(), retry, 1_100).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 2_000).await.is_empty(), "a2 waits for a1's retry");
     let due = store.claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10).await.unwrap();
@@ -113,14 +151,13 @@ async fn a_retry_keeps_its_place_ahead_of_newer_jobs() {
     assert_eq!((due[0].m_id.as_str(), due[0].attempts, due[0].last_error.as_deref()), ("a1", 1, Some("503")));
 }
 
-#[tokio::test]
-async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
+        .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
 
@@ -133,14 +170,13 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
     assert_eq!((a1.attempts, a1.next_attempt_at), (0, 1_300), "a fresh schedule, due now");
 }
 
-#[tokio::test]
-async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.enqueue_outbound(outbound("a", "a2", 1_000)).await.unwrap();
+async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .finish(OWNER, a1.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
+        .finish(a1.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
     let a2 = store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap().remove(0);
@@ -148,68 +184,155 @@ async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight() {
 
     store.redrive_dead(1_300, store::BATCH).await.unwrap();
     let while_a2_in_flight = claim_ids(store.as_ref(), 1_400).await;
-    store.finish(OWNER, a2.id, Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_500).await.unwrap();
+    store.finish(a2.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_500).await.unwrap();
     let after = claim_ids(store.as_ref(), 1_600).await;
 
     assert!(while_a2_in_flight.is_empty(), "still one job in flight per contact");
     assert_eq!(after, [("a".to_owned(), "a1".to_owned())]);
 }
 
-#[tokio::test]
-async fn a_backlog_does_not_hide_other_contacts() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn a_backlog_does_not_hide_other_contacts(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     for i in 0..300 {
-        store.enqueue_outbound(outbound("busy", &format!("busy{i}"), 1_000)).await.unwrap();
+        store.enqueue_outbound(outbound("busy", &format!("busy{i}"), 1_000), None).await.unwrap();
     }
-    store.enqueue_outbound(outbound("quiet", "quiet1", 2_000)).await.unwrap();
+    store.enqueue_outbound(outbound("quiet", "quiet1", 2_000), None).await.unwrap();
 
     let claimed = claim_ids(store.as_ref(), 2_000).await;
 
     assert_eq!(claimed, [("busy".to_owned(), "busy0".to_owned()), ("quiet".to_owned(), "quiet1".to_owned())]);
 }
 
-#[tokio::test]
-async fn an_expired_lease_makes_the_job_claimable_again() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+async fn an_expired_lease_makes_the_job_claimable_again(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.claim("crashed-worker", Direction::Outbound, 1_000, 2_000, 10).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 1_500).await.is_empty());
     let taken_over = store.claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10).await.unwrap();
 
     assert_eq!(taken_over.len(), 1);
-    let late = store
-        .finish("crashed-worker", taken_over[0].id, Finish::Delivered { progress: 1, sent_at: SENT_AT }, 2_100)
-        .await;
-    assert!(matches!(late, Err(StoreError::Conflict(_))), "the old owner cannot record over the new one");
 }
 
-#[tokio::test]
-async fn renewed_leases_hold_and_released_ones_are_claimable_at_once() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+/// Fencing: whoever held a lease that ran out and was claimed again (by another replica, or by
+/// the same one) can no longer write anything about the job.
+async fn a_lost_lease_can_record_nothing_over_the_new_claim(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
+    let stale = store.claim(OWNER, Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
+    // The same owner name: only the token tells the two claims apart.
+    let current = store.claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10).await.unwrap().remove(0);
+    assert_eq!((stale.id, stale.m_id.as_str()), (current.id, "a1"));
+    assert_ne!(stale.lease_token, current.lease_token);
+
+    let progress = store.record_progress(stale.lease(), 3, 2_100).await;
+    store.renew(vec![stale.lease()], 1_000_000).await.unwrap();
+    let late = store.finish(stale.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 2_100).await;
+
+    assert!(matches!(progress, Err(StoreError::Conflict(_))), "{progress:?}");
+    assert!(matches!(late, Err(StoreError::Conflict(_))), "{late:?}");
+    let a1 = store.list(Some(JobState::Queued), 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
+    assert_eq!((a1.progress, a1.attempts), (0, 0), "nothing of the stale holder was written");
+    // The stale renewal did not extend the current lease: it runs out when it was going to.
+    assert_eq!(claim_ids(store.as_ref(), 2_000 + LEASE).await, [("a".to_owned(), "a1".to_owned())]);
+    let retaken = store.claim(OWNER, Direction::Outbound, 2_000 + LEASE, 3_000 + LEASE, 10).await.unwrap();
+    assert!(retaken.is_empty(), "claimed once more just above, so in flight again");
+    let again = store.finish(current.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 2_200).await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "the claim above superseded `current` too");
+}
+
+/// `/message` takes its own job's first attempt: leased with the insert when nothing of the
+/// contact is queued, and workers do not see it.
+async fn a_message_heading_its_queue_is_leased_to_its_request_with_the_insert(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 4_000 };
+
+    let enqueued = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap();
+
+    let job = enqueued.claimed.expect("leased at once");
+    assert_eq!((job.id, job.m_id.as_str(), job.attempts, job.in_flight), (enqueued.id, "a1", 0, true));
+    assert!(claim_ids(store.as_ref(), 1_000).await.is_empty(), "one in flight per contact");
+    store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_100).await.unwrap();
+    assert_eq!(store.list(Some(JobState::Delivered), 10).await.unwrap().len(), 1);
+}
+
+/// Behind another job of its contact, a request's job is reserved for the request until its
+/// wait ends: the request claims it once it heads the queue, a worker only after the wait.
+async fn a_message_behind_others_is_left_to_its_request_until_its_wait_ends(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 5_000 };
+    let enqueued = store.enqueue_outbound(outbound("a", "a2", 1_000), Some(first)).await.unwrap();
+    assert!(enqueued.claimed.is_none(), "a1 heads the queue");
+
+    assert_eq!(store.claim_own("request", enqueued.id, 1_000, 1_000 + LEASE).await.unwrap(), None);
+    let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    assert_eq!(store.claim_own("request", enqueued.id, 1_100, 1_100 + LEASE).await.unwrap(), None, "a1 in flight");
+    store.finish(a1.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_200).await.unwrap();
+
+    assert!(claim_ids(store.as_ref(), 1_300).await.is_empty(), "reserved for the request");
+    let own = store.claim_own("request", enqueued.id, 1_300, 1_300 + LEASE).await.unwrap().expect("its turn");
+    assert_eq!(own.m_id, "a2");
+    // Paced: no attempt; it stays the request's until its wait ends, then any worker's.
+    store.finish(own.lease(), Finish::Defer { progress: 0, next_attempt_at: 2_000 }, 1_400).await.unwrap();
+    assert!(claim_ids(store.as_ref(), 2_500).await.is_empty(), "still reserved");
+    assert_eq!(claim_ids(store.as_ref(), 5_000).await, [("a".to_owned(), "a2".to_owned())]);
+}
+
+/// Workers of several replicas claiming at once never get the same job, nor two jobs of one
+/// contact.
+async fn concurrent_claims_hand_out_each_job_once_and_one_per_contact(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    for i in 0..200 {
+        store.enqueue_outbound(outbound(&format!("c{}", i % 40), &format!("m{i}"), 1_000), None).await.unwrap();
+    }
+
+    let claims = (0..8).map(|worker| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            store.claim(&format!("worker-{worker}"), Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap()
+        })
+    });
+    let mut claimed = Vec::new();
+    for claim in claims.collect::<Vec<_>>() {
+        claimed.extend(claim.await.unwrap());
+    }
+
+    let mut contacts: Vec<&str> = claimed.iter().map(|job| job.contact.as_str()).collect();
+    contacts.sort_unstable();
+    contacts.dedup();
+    assert_eq!(contacts.len(), claimed.len(), "one job per contact, each once");
+    assert_eq!(claimed.len(), 40, "every contact's head is claimed by someone");
+    assert!(claimed.iter().all(|job| job.m_id.trim_start_matches('m').parse::<usize>().unwrap() < 40));
+}
+
+async fn the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps { outbound: 3, inbound: 3 }).await else { return };
+    for i in 0..3 {
+        store.enqueue_outbound(outbound("a", &format!("a{i}"), 1_000), None).await.unwrap();
+    }
+
+    let refused = store.enqueue_outbound(outbound("b", "b1", 1_000), None).await;
+
+    assert!(matches!(refused, Err(StoreError::Full { direction: Direction::Outbound, cap: 3 })), "{refused:?}");
+    assert_eq!(store.list(None, 10).await.unwrap().len(), 3);
+}
+
+async fn renewed_leases_hold_and_released_ones_are_claimable_at_once(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
 
-    store.renew(OWNER, vec![job.id], 10_000).await.unwrap();
+    store.renew(vec![job.lease()], 10_000).await.unwrap();
     assert!(claim_ids(store.as_ref(), 5_000).await.is_empty());
     assert_eq!(store.release(OWNER).await.unwrap(), 1);
     assert_eq!(claim_ids(store.as_ref(), 5_000).await.len(), 1);
 }
 
-#[tokio::test]
-async fn recovery_takes_over_every_lease_of_a_single_replica_store() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
-    store.claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
-
-    assert_eq!(store.recover().await.unwrap(), 1);
-    assert_eq!(claim_ids(store.as_ref(), 1_001).await.len(), 1);
-}
-
-#[tokio::test]
-async fn stored_jobs_survive_reopening_the_store() {
-    let Subject { store, config, _dir } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+async fn stored_jobs_survive_reopening_the_store(backend: Backend) {
+    let Some(Subject { store, config, _dir }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     drop(store);
 
     let reopened = store::open(&config).await.unwrap();
@@ -225,35 +348,32 @@ async fn stored_jobs_survive_reopening_the_store() {
     );
 }
 
-#[tokio::test]
-async fn progress_is_kept_for_the_next_attempt() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+async fn progress_is_kept_for_the_next_attempt(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
-    store.record_progress(job.id, 2, 1_100).await.unwrap();
+    store.record_progress(job.lease(), 2, 1_100).await.unwrap();
     store.release(OWNER).await.unwrap();
 
     assert_eq!(store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress, 2);
 }
 
-#[tokio::test]
-async fn pacing_remembers_the_latest_send_to_a_contact() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn pacing_remembers_the_latest_send_to_a_contact(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let send =
         |effective_at| BeforeSend { contact: "a".into(), effective_at, echo_fingerprint: None, echo_expires_at: 0 };
     store.before_send(send(5_000)).await.unwrap();
     store.before_send(send(4_000)).await.unwrap();
-    store.enqueue_outbound(outbound("a", "a1", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
 
     let job = store.claim(OWNER, Direction::Outbound, 6_000, 6_000 + LEASE, 10).await.unwrap().remove(0);
 
     assert_eq!(job.contact_last_effective_at, Some(5_000), "never moves backwards");
 }
 
-#[tokio::test]
-async fn inbound_events_are_deduplicated_by_m_id() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn inbound_events_are_deduplicated_by_m_id(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let batch =
         || InboundBatch { items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)], now: 1_000 };
 
@@ -264,9 +384,8 @@ async fn inbound_events_are_deduplicated_by_m_id() {
     assert_eq!((again.queued, again.duplicates), (0, 2));
 }
 
-#[tokio::test]
-async fn an_echo_of_a_recorded_send_is_dropped_once() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let mark = BeforeSend {
         contact: "u".into(),
         effective_at: 1_000,
@@ -303,9 +422,8 @@ async fn an_echo_of_a_recorded_send_is_dropped_once() {
     assert_eq!(store.list(Some(JobState::Dropped), 10).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn echo_records_expire() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn echo_records_expire(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let mark = BeforeSend {
         contact: "u".into(),
         effective_at: 1_000,
@@ -325,9 +443,8 @@ async fn echo_records_expire() {
     assert_eq!((late.own_echoes, late.queued), (0, 1));
 }
 
-#[tokio::test]
-async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_answered() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_answered(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     // JoinChat took 900 ms to answer; Meta's watermark came 100 ms after the send.
     deliver_outbound_answered_later(store.as_ref(), "u", "slow", 1_000, 1_900).await;
 
@@ -345,9 +462,8 @@ async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_
     assert_eq!(summary.receipts, 1, "the newest message's receipt is not lost");
 }
 
-#[tokio::test]
-async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn watermarks_queue_one_receipt_per_covered_message_and_status(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     deliver_outbound(store.as_ref(), "u", "out1", 1_000).await;
     deliver_outbound(store.as_ref(), "u", "out2", 2_000).await;
     deliver_outbound(store.as_ref(), "someone-else", "out3", 1_500).await;
@@ -388,14 +504,13 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status() {
     );
 }
 
-#[tokio::test]
-async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
-    let Subject { store, _dir, .. } = store_under_test().await;
-    store.enqueue_outbound(outbound("u", "out1", 1_000)).await.unwrap();
+async fn a_dead_outbound_job_can_queue_its_failed_receipt(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("u", "out1", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
 
     store
-        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
+        .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
         .await
         .unwrap();
 
@@ -414,19 +529,18 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt() {
     assert_eq!(store.list(Some(JobState::Queued), 10).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direction() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direction(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     for contact in ["a", "b", "c"] {
-        store.enqueue_outbound(outbound(contact, &format!("{contact}1"), 1_000)).await.unwrap();
+        store.enqueue_outbound(outbound(contact, &format!("{contact}1"), 1_000), None).await.unwrap();
     }
     let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
-    let id = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().id;
+    let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
     let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
-    store.finish(OWNER, id("b1"), retry, 1_100).await.unwrap();
+    store.finish(lease("b1"), retry, 1_100).await.unwrap();
     let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
-    store.finish(OWNER, id("c1"), dead, 1_100).await.unwrap();
-    store.enqueue_outbound(outbound("a", "a2", 1_200)).await.unwrap();
+    store.finish(lease("c1"), dead, 1_100).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 1_200), None).await.unwrap();
     let batch = InboundBatch { items: vec![message_item("u", vec![text_event("in1")], None)], now: 1_200 };
     store.enqueue_inbound(batch).await.unwrap();
 
@@ -446,14 +560,13 @@ async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direc
     assert_eq!((outbound_later.ready, outbound_later.delayed), (2, 0));
 }
 
-#[tokio::test]
-async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     deliver_outbound(store.as_ref(), "u", "done", 1_000).await;
-    store.enqueue_outbound(outbound("u", "dead", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("u", "dead", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
+        .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
     let delivered_id = store.list(Some(JobState::Delivered), 1).await.unwrap()[0].id;
@@ -465,14 +578,13 @@ async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones() {
     assert!(matches!(store.retry(999_999, 2_000).await, Err(StoreError::NotFound(999_999))));
 }
 
-#[tokio::test]
-async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     deliver_outbound(store.as_ref(), "u", "old", 1_000).await;
-    store.enqueue_outbound(outbound("v", "dead", 1_000)).await.unwrap();
+    store.enqueue_outbound(outbound("v", "dead", 1_000), None).await.unwrap();
     let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
     store
-        .finish(OWNER, job.id, Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
+        .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
         .await
         .unwrap();
     deliver_outbound(store.as_ref(), "w", "recent", 9_000).await;
@@ -484,15 +596,15 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters() {
     assert_eq!(left, ["recent", "dead"]);
 }
 
-#[tokio::test]
-async fn concurrent_writes_are_all_committed() {
-    let Subject { store, _dir, .. } = store_under_test().await;
+async fn concurrent_writes_are_all_committed(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
 
     let writes = (0..500).map(|i| {
         let store = Arc::clone(&store);
-        tokio::spawn(
-            async move { store.enqueue_outbound(outbound(&format!("c{}", i % 50), &format!("m{i}"), 1_000)).await },
-        )
+        tokio::spawn(async move {
+            let enqueued = store.enqueue_outbound(outbound(&format!("c{}", i % 50), &format!("m{i}"), 1_000), None);
+            enqueued.await.map(|enqueued| enqueued.id)
+        })
     });
     let ids: Vec<i64> = futures_join(writes).await;
 
@@ -510,3 +622,50 @@ async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Resu
     }
     ids
 }
+
+/// A SQLite store serves one relay: every lease and reservation found at start is a leftover
+/// of a process that is gone, and is taken over at once.
+#[tokio::test]
+async fn reopening_a_sqlite_store_takes_over_its_leases_and_reservations() {
+    let Subject { store, config, _dir } = sqlite(store::IntakeCaps::DEFAULT).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let first =
+        FirstClaim { owner: "previous-process".into(), lease_until: 1_000 + LEASE, reserved_until: 1_000 + LEASE };
+    store.enqueue_outbound(outbound("b", "b1", 1_000), Some(first)).await.unwrap();
+    drop(store);
+
+    let reopened = store::open(&config).await.unwrap();
+
+    let mut claimed = claim_ids(reopened.as_ref(), 1_001).await;
+    claimed.sort();
+    assert_eq!(claimed, [("a".to_owned(), "a1".to_owned()), ("b".to_owned(), "b1".to_owned())]);
+}
+
+contract!(
+    only_the_oldest_queued_job_of_each_contact_is_claimed,
+    a_retry_keeps_its_place_ahead_of_newer_jobs,
+    a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again,
+    a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight,
+    a_backlog_does_not_hide_other_contacts,
+    an_expired_lease_makes_the_job_claimable_again,
+    a_lost_lease_can_record_nothing_over_the_new_claim,
+    a_message_heading_its_queue_is_leased_to_its_request_with_the_insert,
+    a_message_behind_others_is_left_to_its_request_until_its_wait_ends,
+    concurrent_claims_hand_out_each_job_once_and_one_per_contact,
+    the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them,
+    renewed_leases_hold_and_released_ones_are_claimable_at_once,
+    stored_jobs_survive_reopening_the_store,
+    progress_is_kept_for_the_next_attempt,
+    pacing_remembers_the_latest_send_to_a_contact,
+    inbound_events_are_deduplicated_by_m_id,
+    an_echo_of_a_recorded_send_is_dropped_once,
+    echo_records_expire,
+    a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_answered,
+    watermarks_queue_one_receipt_per_covered_message_and_status,
+    a_dead_outbound_job_can_queue_its_failed_receipt,
+    queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direction,
+    retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones,
+    pruning_removes_old_finished_jobs_and_keeps_dead_letters,
+    concurrent_writes_are_all_committed,
+);

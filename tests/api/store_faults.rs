@@ -330,7 +330,7 @@ async fn the_jobs_command_works_beside_a_running_relay_and_says_which_store_it_o
 
 #[tokio::test]
 async fn a_second_relay_reaching_the_same_store_by_another_path_is_refused_too() {
-    use bonychat_relay::config::{DatabaseUrl, StoreConfig};
+    use bonychat_relay::config::{DatabaseUrl, PostgresOptions, StoreConfig};
     use bonychat_relay::store::{self, IntakeCaps};
     let dir = tempfile::tempdir().unwrap();
     let real = dir.path().join("volume");
@@ -340,6 +340,7 @@ async fn a_second_relay_reaching_the_same_store_by_another_path_is_refused_too()
         database_url: DatabaseUrl::Sqlite(path),
         retention: Duration::from_secs(86_400),
         intake: IntakeCaps::DEFAULT,
+        postgres: PostgresOptions::DEFAULT,
     };
     let _first = store::open(&config(real.join("relay.db"))).await.expect("the first relay opens the store");
 

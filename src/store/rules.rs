@@ -1,0 +1,431 @@
+//! The rules of the queue, written once for every backend: what an accepted message or webhook
+//! stores, how echoes of the relay's own sends and Messenger's redeliveries are recognised,
+//! which outbound messages a watermark covers, and what a finished attempt leaves behind.
+//!
+//! A backend runs each rule inside one transaction of its own, through [`Tx`]: plain storage
+//! operations that know nothing of these rules. SQLite's operations never wait (its writer
+//! thread owns the connection), Postgres's are round trips; the rules read the same either way.
+
+use super::{
+    BeforeSend, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, Job, JobState,
+    Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
+};
+use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
+
+/// A job row to insert.
+pub(crate) struct NewRow<'a> {
+    pub direction: Direction,
+    pub contact: &'a str,
+    pub m_id: &'a str,
+    /// Inbound events and receipts: what makes a redelivery a duplicate (unique).
+    pub dedup_key: Option<String>,
+    /// The payload in the stored format (`encode_payload`).
+    pub payload: &'a str,
+    pub state: JobState,
+}
+
+/// A row [`Tx::insert_job`] inserted.
+pub(crate) struct Inserted {
+    pub id: i64,
+    /// The job heads a queue that was empty: nothing else of its contact is queued or in flight.
+    pub head: bool,
+}
+
+/// What a finished attempt writes on its job.
+pub(crate) struct Settle<'a> {
+    pub state: JobState,
+    pub progress: u32,
+    /// 1 for an attempt, 0 for a deferral (pacing), which is no attempt.
+    pub attempted: u32,
+    /// For a job that stays queued: when it is due again.
+    pub next_attempt_at: Option<i64>,
+    /// The attempt's error (only written for an attempt).
+    pub error: Option<&'a str>,
+    /// For a delivered outbound job: when its last request left, which watermarks cover.
+    pub sent_at: Option<i64>,
+    /// A deferred job keeps its reservation for the request still waiting for it.
+    pub keep_reservation: bool,
+}
+
+impl<'a> Settle<'a> {
+    fn of(finish: &'a Finish) -> Self {
+        let base = |state, progress| Settle {
+            state,
+            progress,
+            attempted: 1,
+            next_attempt_at: None,
+            error: None,
+            sent_at: None,
+            keep_reservation: false,
+        };
+        match finish {
+            Finish::Delivered { progress, sent_at } => {
+                Settle { sent_at: Some(*sent_at), ..base(JobState::Delivered, *progress) }
+            }
+            Finish::Defer { progress, next_attempt_at } => Settle {
+                attempted: 0,
+                next_attempt_at: Some(*next_attempt_at),
+                keep_reservation: true,
+                ..base(JobState::Queued, *progress)
+            },
+            Finish::Retry { progress, next_attempt_at, error } => Settle {
+                next_attempt_at: Some(*next_attempt_at),
+                error: Some(error),
+                ..base(JobState::Queued, *progress)
+            },
+            Finish::Dead { progress, error, .. } => Settle { error: Some(error), ..base(JobState::Dead, *progress) },
+            Finish::Rejected { progress, error } => {
+                Settle { error: Some(error), ..base(JobState::Rejected, *progress) }
+            }
+        }
+    }
+}
+
+/// The job a settled lease was on.
+pub(crate) struct Settled {
+    pub contact: String,
+    pub m_id: String,
+}
+
+/// Storage operations inside one transaction. None of them applies a rule of this module; each
+/// keeps the backend's own claim structures (ready queues, heads) right for what it changed.
+pub(crate) trait Tx {
+    /// Holds the queues of `contacts` (sorted, distinct) until the transaction ends, so that
+    /// concurrent writers of one contact (other replicas) go one after the other. A backend
+    /// with a single writer has nothing to do.
+    async fn lock_queues(&mut self, direction: Direction, contacts: &[&str]) -> StoreResult<()>;
+
+    /// Queued jobs of `direction`, counted up to `cap + 1` at most.
+    async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64>;
+
+    /// Inserts `row` at `now`; `None` when its dedup key is taken.
+    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>>;
+
+    /// Leases job `id`, which heads its queue with nothing of its contact in flight, to `owner`;
+    /// returns the new fencing token.
+    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64>;
+
+    /// Keeps job `id` from workers' claims until `until` (see [`FirstClaim`]).
+    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()>;
+
+    /// When the last send to `contact` takes effect (outbound pacing).
+    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>>;
+
+    /// Whether a job with any of these dedup keys exists.
+    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool>;
+
+    /// Removes the oldest unexpired echo record of `fingerprint` to `contact`; whether there was one.
+    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool>;
+
+    /// Delivered outbound messages to `contact` that left at or before `watermark` and whose
+    /// `status` was not reported yet: (job id, mId), oldest first.
+    async fn unreported(
+        &mut self,
+        contact: &str,
+        watermark: i64,
+        status: StatusValue,
+    ) -> StoreResult<Vec<(i64, String)>>;
+
+    /// Notes that `status` of outbound job `id` was reported; a read one was delivered too.
+    async fn mark_reported(&mut self, id: i64, status: StatusValue) -> StoreResult<()>;
+
+    /// Writes `settle` on the job of `lease` and ends the lease, if the lease is still the
+    /// job's current one; `None` (nothing written) otherwise.
+    async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>>;
+
+    async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>>;
+
+    /// Makes job `id` queued, due at `now`, with a fresh attempt count.
+    async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()>;
+
+    async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job>;
+
+    /// Moves `contact`'s last effective send to `at`, never backwards.
+    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()>;
+
+    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()>;
+}
+
+/// Stores an outbound message, refused past `cap` queued ones. With `first`, the request that
+/// brought it takes its first attempt: leased at once when the contact has nothing queued (the
+/// usual case, and one round trip), else reserved until the request can claim it in turn.
+pub(crate) async fn enqueue_outbound<T: Tx>(
+    tx: &mut T,
+    job: &NewOutbound,
+    payload: &str,
+    first: Option<&FirstClaim>,
+    cap: u64,
+) -> StoreResult<Enqueued> {
+    tx.lock_queues(Direction::Outbound, &[&job.contact]).await?;
+    if tx.queued(Direction::Outbound, cap).await? >= cap {
+        return Err(StoreError::Full { direction: Direction::Outbound, cap });
+    }
+    let row = NewRow {
+        direction: Direction::Outbound,
+        contact: &job.contact,
+        m_id: &job.m_id,
+        dedup_key: None,
+        payload,
+        state: JobState::Queued,
+    };
+    let inserted = tx
+        .insert_job(&row, job.now)
+        .await?
+        .ok_or_else(|| StoreError::Unavailable("an outbound job was taken for a duplicate".into()))?;
+    let Some(first) = first else { return Ok(Enqueued { id: inserted.id, claimed: None }) };
+    if !inserted.head {
+        tx.reserve(inserted.id, first.reserved_until).await?;
+        return Ok(Enqueued { id: inserted.id, claimed: None });
+    }
+    let lease_token = tx.lease_head(inserted.id, &first.owner, first.lease_until).await?;
+    let contact_last_effective_at = tx.last_effective_at(&job.contact).await?;
+    let claimed = Job {
+        id: inserted.id,
+        direction: Direction::Outbound,
+        contact: job.contact.clone(),
+        m_id: job.m_id.clone(),
+        state: JobState::Queued,
+        attempts: 0,
+        progress: 0,
+        next_attempt_at: job.now,
+        last_error: None,
+        created_at: job.now,
+        updated_at: job.now,
+        in_flight: true,
+        lease_token,
+        payload: Ok(Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() }),
+        contact_last_effective_at,
+        contact_introduced: false,
+    };
+    Ok(Enqueued { id: inserted.id, claimed: Some(claimed) })
+}
+
+/// An inbound event ready to store: its payload encoded before the transaction.
+pub(crate) struct PreparedEvent {
+    m_id: String,
+    payload: String,
+}
+
+impl PreparedEvent {
+    fn new(event: &WebhookEvent) -> Self {
+        Self { m_id: event.m_id().to_owned(), payload: encode_payload(&Payload::Event { event: event.clone() }) }
+    }
+}
+
+/// A webhook batch with its events encoded, ready for [`enqueue_inbound`].
+pub(crate) struct PreparedBatch {
+    batch: InboundBatch,
+    events: Vec<Vec<PreparedEvent>>,
+}
+
+impl PreparedBatch {
+    pub(crate) fn new(batch: InboundBatch) -> Self {
+        let events = batch
+            .items
+            .iter()
+            .map(|item| match item {
+                InboundItem::Message { events, .. } => events.iter().map(PreparedEvent::new).collect(),
+                InboundItem::Watermark { .. } => Vec::new(),
+            })
+            .collect();
+        Self { batch, events }
+    }
+
+    /// Payload bytes the batch holds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.events.iter().flatten().map(|event| event.payload.len()).sum()
+    }
+}
+
+/// Stores a webhook batch, all or nothing: new events queued, redeliveries and the echoes of
+/// the relay's own sends recognised, receipts queued for what watermarks cover; refused when
+/// it would take the inbound queue past `cap`.
+pub(crate) async fn enqueue_inbound<T: Tx>(
+    tx: &mut T,
+    prepared: &PreparedBatch,
+    cap: u64,
+) -> StoreResult<InboundSummary> {
+    let mut contacts: Vec<&str> = prepared
+        .batch
+        .items
+        .iter()
+        .map(|item| match item {
+            InboundItem::Message { contact, .. } | InboundItem::Watermark { contact, .. } => contact.as_str(),
+        })
+        .collect();
+    contacts.sort_unstable();
+    contacts.dedup();
+    tx.lock_queues(Direction::Inbound, &contacts).await?;
+
+    let now = prepared.batch.now;
+    let mut summary = InboundSummary::default();
+    for (item, events) in prepared.batch.items.iter().zip(&prepared.events) {
+        match item {
+            InboundItem::Message { contact, echo_fingerprint, .. } => {
+                store_message(tx, contact, events, echo_fingerprint.as_deref(), now, &mut summary).await?;
+            }
+            InboundItem::Watermark { contact, status, watermark, timestamp } => {
+                store_watermark(tx, contact, *status, *watermark, *timestamp, now, &mut summary).await?;
+            }
+        }
+    }
+    // Checked after the inserts so that duplicates and dropped echoes, which queue nothing,
+    // never count; a refusal rolls the whole batch back (Meta redelivers it).
+    if summary.queued + summary.receipts > 0 && tx.queued(Direction::Inbound, cap).await? > cap {
+        return Err(StoreError::Full { direction: Direction::Inbound, cap });
+    }
+    Ok(summary)
+}
+
+async fn store_message<T: Tx>(
+    tx: &mut T,
+    contact: &str,
+    events: &[PreparedEvent],
+    echo_fingerprint: Option<&str>,
+    now: i64,
+    summary: &mut InboundSummary,
+) -> StoreResult<()> {
+    let keys: Vec<String> = events.iter().map(|event| event_key(&event.m_id)).collect();
+    // An echo already stored (dropped or queued) must not consume another send's record; other
+    // events are deduplicated by the insert itself.
+    if let Some(fingerprint) = echo_fingerprint
+        && !tx.any_stored(&keys).await?
+        && tx.take_echo_mark(contact, fingerprint, now).await?
+    {
+        for (event, key) in events.iter().zip(keys) {
+            tx.insert_job(&event_row(contact, event, key, JobState::Dropped), now).await?;
+        }
+        summary.own_echoes += 1;
+        return Ok(());
+    }
+    for (event, key) in events.iter().zip(keys) {
+        if tx.insert_job(&event_row(contact, event, key, JobState::Queued), now).await?.is_some() {
+            summary.queued += 1;
+        } else {
+            summary.duplicates += 1;
+        }
+    }
+    Ok(())
+}
+
+fn event_row<'a>(contact: &'a str, event: &'a PreparedEvent, dedup_key: String, state: JobState) -> NewRow<'a> {
+    NewRow {
+        direction: Direction::Inbound,
+        contact,
+        m_id: &event.m_id,
+        dedup_key: Some(dedup_key),
+        payload: &event.payload,
+        state,
+    }
+}
+
+async fn store_watermark<T: Tx>(
+    tx: &mut T,
+    contact: &str,
+    status: StatusValue,
+    watermark: i64,
+    timestamp: i64,
+    now: i64,
+    summary: &mut InboundSummary,
+) -> StoreResult<()> {
+    for (id, m_id) in tx.unreported(contact, watermark, status).await? {
+        // A read receipt settles "delivered" too: a later delivery watermark must not step back.
+        tx.mark_reported(id, status).await?;
+        if queue_receipt(tx, contact, &m_id, Status { value: status, message: None }, timestamp, now).await? {
+            summary.receipts += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Queues a receipt for outbound message `m_id`, once per status; whether it was new.
+async fn queue_receipt<T: Tx>(
+    tx: &mut T,
+    contact: &str,
+    m_id: &str,
+    status: Status,
+    timestamp: i64,
+    now: i64,
+) -> StoreResult<bool> {
+    let dedup_key = Some(receipt_key(status.value, m_id));
+    let payload = encode_payload(&Payload::Event {
+        event: WebhookEvent::MessageStatus { m_id: m_id.to_owned(), timestamp, status },
+    });
+    let row =
+        NewRow { direction: Direction::Inbound, contact, m_id, dedup_key, payload: &payload, state: JobState::Queued };
+    Ok(tx.insert_job(&row, now).await?.is_some())
+}
+
+/// Queues the `failed` receipt of outbound message `m_id` to `contact`, once.
+pub(crate) async fn queue_failed_receipt<T: Tx>(
+    tx: &mut T,
+    contact: &str,
+    m_id: &str,
+    reason: &str,
+    now: i64,
+) -> StoreResult<()> {
+    tx.lock_queues(Direction::Inbound, &[contact]).await?;
+    let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
+    queue_receipt(tx, contact, m_id, status, now, now).await?;
+    Ok(())
+}
+
+/// Records how the attempt under `lease` ended: refused when the lease is no longer current; a
+/// dead outbound message that BonyChat must hear about gets its `failed` receipt.
+pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now: i64) -> StoreResult<()> {
+    let Some(settled) = tx.settle(lease, &Settle::of(finish), now).await? else {
+        return Err(StoreError::Conflict(format!(
+            "job {} is no longer leased under token {}: another worker claimed it since",
+            lease.id, lease.token
+        )));
+    };
+    if let Finish::Dead { error, failed_receipt: true, .. } = finish {
+        queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
+    }
+    Ok(())
+}
+
+/// Makes one `dead` or `queued` job due now with a fresh retry schedule; the other states say
+/// why not.
+pub(crate) async fn retry<T: Tx>(tx: &mut T, id: i64, now: i64) -> StoreResult<Job> {
+    match tx.state_of(id).await? {
+        None => return Err(StoreError::NotFound(id)),
+        Some(JobState::Dead | JobState::Queued) => {}
+        Some(JobState::Delivered) => return Err(StoreError::Conflict(format!("job {id} was already delivered"))),
+        Some(JobState::Rejected) => {
+            return Err(StoreError::Conflict(format!(
+                "job {id} was rejected by JoinChat while BonyChat waited: BonyChat got the 400 and shows the failure; sending it again would surprise the contact"
+            )));
+        }
+        Some(JobState::Dropped) => {
+            return Err(StoreError::Conflict(format!(
+                "job {id} is Messenger's echo of a message this relay sent itself: BonyChat already has that message"
+            )));
+        }
+    }
+    // A job in flight keeps its lease: retrying it only makes it due again afterwards.
+    tx.requeue(id, now).await?;
+    tx.load(id, now).await
+}
+
+/// Records when a send takes effect (pacing never moves backwards) and its echo's fingerprint.
+pub(crate) async fn record_send<T: Tx>(tx: &mut T, send: &BeforeSend) -> StoreResult<()> {
+    tx.raise_last_effective(&send.contact, send.effective_at).await?;
+    if let Some(fingerprint) = &send.echo_fingerprint {
+        tx.add_echo_mark(&send.contact, fingerprint, send.echo_expires_at).await?;
+    }
+    Ok(())
+}
+
+fn event_key(m_id: &str) -> String {
+    format!("event:{m_id}")
+}
+
+fn receipt_key(value: StatusValue, m_id: &str) -> String {
+    let value = match value {
+        StatusValue::Delivered => "delivered",
+        StatusValue::Read => "read",
+        StatusValue::Failed => "failed",
+    };
+    format!("receipt:{value}:{m_id}")
+}

@@ -1,0 +1,4 @@
+//! Placeholder until the Postgres test helpers land.
+pub async fn fresh_database() -> Option<String> {
+    None
+}
