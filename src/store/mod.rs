@@ -11,6 +11,7 @@
 //! methods are short database operations.
 
 mod payload;
+pub mod postgres;
 mod rules;
 pub mod sqlite;
 
@@ -448,7 +449,9 @@ pub const BATCH: usize = 500;
 pub async fn open(config: &StoreConfig) -> StoreResult<Arc<dyn Store>> {
     match &config.database_url {
         DatabaseUrl::Sqlite(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, config.intake).await?)),
-        DatabaseUrl::Postgres(_) => Err(postgres_unsupported()),
+        DatabaseUrl::Postgres(url) => {
+            Ok(Arc::new(postgres::PostgresStore::open(url.expose(), config.postgres, config.intake).await?))
+        }
     }
 }
 
@@ -461,7 +464,10 @@ pub async fn open_existing(config: &StoreConfig) -> StoreResult<(Arc<dyn Store>,
             let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
             Ok((Arc::new(store), format!("sqlite://{}", shown.display())))
         }
-        DatabaseUrl::Postgres(_) => Err(postgres_unsupported()),
+        DatabaseUrl::Postgres(url) => {
+            let store = postgres::PostgresStore::open_existing(url.expose(), config.postgres, config.intake).await?;
+            Ok((Arc::new(store), shown_without_credentials(url.expose())))
+        }
     }
 }
 
@@ -489,8 +495,19 @@ async fn in_batches<'a>(mut batch: impl FnMut() -> BoxFuture<'a, StoreResult<u64
     }
 }
 
-fn postgres_unsupported() -> StoreError {
-    StoreError::Unavailable("postgres:// is not supported by this build yet; use sqlite://PATH".into())
+/// A database URL as it may be shown: scheme, host, port and database, never credentials or
+/// parameters.
+fn shown_without_credentials(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(url) => format!(
+            "{}://{}{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.port().map(|port| format!(":{port}")).unwrap_or_default(),
+            url.path()
+        ),
+        Err(_) => "postgres://[redacted]".into(),
+    }
 }
 
 /// Milliseconds since the epoch: the store's clock.

@@ -308,7 +308,9 @@ async fn concurrent_claims_hand_out_each_job_once_and_one_per_contact(backend: B
 }
 
 async fn the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them(backend: Backend) {
-    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps { outbound: 3, inbound: 3 }).await else { return };
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps { outbound: 3, inbound: 3 }).await else {
+        return;
+    };
     for i in 0..3 {
         store.enqueue_outbound(outbound("a", &format!("a{i}"), 1_000), None).await.unwrap();
     }

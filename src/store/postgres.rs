@@ -1,0 +1,1006 @@
+//! The shared store: PostgreSQL, for several replicas at once (SPEC §5).
+//!
+//! Every operation is one short transaction on a pooled connection; none is held across an
+//! HTTP call. What several replicas need is in the database, not in any one of them:
+//! - **One claim wins.** Each (direction, contact) has a row in `queues`: its oldest queued job
+//!   and when that one is due. Every change to a contact's queue takes that row's lock first,
+//!   and claims take due rows with `FOR UPDATE SKIP LOCKED`, so two replicas never both claim a
+//!   contact, and a contact's jobs go one at a time, in order.
+//! - **Fencing.** Each claim gives the job a new `lease_token`; progress, renewals and outcomes
+//!   name the token they were claimed under and are refused once anyone has claimed the job
+//!   since. Lease times are on the database's clock ([`Store::now`]).
+//! - **Uniqueness in the database.** Messenger's redeliveries and receipts are deduplicated by a
+//!   unique key, whichever replica receives them; echo records are taken by one transaction.
+//! - **Wake-ups.** Transactions that make work claimable send a `NOTIFY`; every replica listens
+//!   and claims at once, and polls as a backstop (a lost connection loses notifications).
+//! - **The database away.** Acquiring a connection is bounded by the connect timeout, each
+//!   statement by the statement timeout, so requests get 503 and workers back off; the pool
+//!   reconnects by itself once the database is back.
+//!
+//! Lock order, the same everywhere so that transactions never deadlock: a contact's `queues`
+//! row, then its job rows; outbound before inbound.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
+
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
+use super::{
+    BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
+    JobState, Lease, NewOutbound, Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload,
+    now_millis,
+};
+use crate::clients::BoxFuture;
+use crate::config::PostgresOptions;
+use crate::domain::bonychat::StatusValue;
+
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+/// Held while migrating, so that replicas starting together migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
+/// The channel new work is announced on.
+const CHANNEL: &str = "bonychat_relay_jobs";
+/// How often each replica measures its clock against the database's.
+const CLOCK_REFRESH: Duration = Duration::from_secs(10);
+/// How long readiness waits for its probe write.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to keep trying to learn whether a commit whose answer was lost took effect.
+const CONFIRM_FOR: Duration = Duration::from_secs(5);
+
+pub struct PostgresStore {
+    pool: PgPool,
+    caps: IntakeCaps,
+    changes: Arc<Changes>,
+    /// The database's clock minus this machine's, in milliseconds.
+    clock_offset: Arc<AtomicI64>,
+    /// This process's row in `relay_health`.
+    replica: String,
+    /// Bounds a whole operation from the client side: a database that stopped answering (a
+    /// network partition) never answers a statement timeout either.
+    operation_timeout: Duration,
+    _background: Vec<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How the store was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A replica: migrates the schema, listens for new work.
+    Relay,
+    /// `bonychat-relay jobs …`: an existing schema of the current version, used as it is.
+    Tool,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Unavailable(format!("the database failed: {e}"))
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, migrates it (one replica at a time), and starts
+    /// listening for other replicas' new work.
+    pub async fn open(url: &str, options: PostgresOptions, caps: IntakeCaps) -> StoreResult<Self> {
+        Self::start(url, options, caps, Mode::Relay).await
+    }
+
+    /// Connects to an existing, current database for tools that run beside the relays.
+    pub async fn open_existing(url: &str, options: PostgresOptions, caps: IntakeCaps) -> StoreResult<Self> {
+        Self::start(url, options, caps, Mode::Tool).await
+    }
+
+    async fn start(url: &str, options: PostgresOptions, caps: IntakeCaps, mode: Mode) -> StoreResult<Self> {
+        let statement_timeout = options.statement_timeout.as_millis().to_string();
+        let connect = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Unavailable(format!("not a usable postgres:// URL: {}", scrub(&e.to_string()))))?
+            .application_name("bonychat-relay")
+            .options([("statement_timeout", statement_timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size)
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to the database: {e}")))?;
+        match mode {
+            Mode::Relay => migrate(&pool).await?,
+            Mode::Tool => check_version(&pool).await?,
+        }
+        let clock_offset = Arc::new(AtomicI64::new(measure_offset(&pool).await?));
+        let changes = Arc::new(Changes::default());
+        let mut background = vec![AbortOnDrop(tokio::spawn(keep_clock(pool.clone(), Arc::clone(&clock_offset))))];
+        if mode == Mode::Relay {
+            let listener = PgListener::connect_with(&pool).await?;
+            background.push(AbortOnDrop(tokio::spawn(listen(listener, Arc::clone(&changes)))));
+        }
+        Ok(Self {
+            pool,
+            caps,
+            changes,
+            clock_offset,
+            replica: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            operation_timeout: options.connect_timeout + options.statement_timeout * 2,
+            _background: background,
+        })
+    }
+
+    /// Runs `op` within the operation timeout.
+    async fn bounded<T>(&self, op: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        tokio::time::timeout(self.operation_timeout, op).await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer within {} ms",
+                self.operation_timeout.as_millis()
+            )))
+        })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Commits `tx`, announcing new work to every replica first when `notify`, and to this one
+    /// once committed.
+    async fn commit(&self, mut tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
+        if notify {
+            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        if notify {
+            self.changes.signal();
+        }
+        Ok(())
+    }
+
+    /// After a commit whose answer was lost (the connection dropped during `COMMIT`): whether
+    /// outbound message `m_id` is stored. Until the database answers that, nobody knows.
+    async fn confirm_stored(&self, m_id: &str) -> StoreResult<bool> {
+        let deadline = tokio::time::Instant::now() + CONFIRM_FOR;
+        loop {
+            let found = sqlx::query("SELECT 1 FROM jobs WHERE m_id = $1 AND direction = 'outbound'")
+                .bind(m_id)
+                .fetch_optional(&self.pool)
+                .await;
+            match found {
+                Ok(found) => return Ok(found.is_some()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+}
+
+/// An error text with any URL's credentials left out.
+fn scrub(text: &str) -> String {
+    text.split_whitespace()
+        .map(|word| match url::Url::parse(word.trim_matches(|c| c == '`' || c == '"' || c == '\'')) {
+            Ok(url) if !url.password().unwrap_or("").is_empty() || !url.username().is_empty() => "[a URL]",
+            _ => word,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn migrate(pool: &PgPool) -> StoreResult<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS relay_schema (version INTEGER NOT NULL)").execute(&mut *tx).await?;
+    let version: i32 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_schema").fetch_one(&mut *tx).await?;
+    let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+    if version > known {
+        return Err(StoreError::Unavailable(format!(
+            "the database has schema version {version}, newer than this bonychat-relay knows ({known}); run the newer relay"
+        )));
+    }
+    for (number, migration) in (1..).zip(MIGRATIONS).skip(usize::try_from(version).unwrap_or(0)) {
+        sqlx::raw_sql(AssertSqlSafe(*migration)).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO relay_schema (version) VALUES ($1)").bind(number).execute(&mut *tx).await?;
+        tracing::info!(version = number, "database schema migrated");
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn check_version(pool: &PgPool) -> StoreResult<()> {
+    let version: Option<i32> = sqlx::query_scalar("SELECT MAX(version) FROM relay_schema")
+        .fetch_one(pool)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("no relay store in this database ({e}); a relay creates it")))?;
+    let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
+    match version {
+        Some(version) if version == known => Ok(()),
+        other => Err(StoreError::Unavailable(format!(
+            "the store has schema version {}, this bonychat-relay expects {known}; start the matching relay once first",
+            other.unwrap_or(0)
+        ))),
+    }
+}
+
+/// The database's clock minus this machine's, measured across one round trip.
+async fn measure_offset(pool: &PgPool) -> StoreResult<i64> {
+    let before = now_millis();
+    let database: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint").fetch_one(pool).await?;
+    let after = now_millis();
+    Ok(database - (before + (after - before) / 2))
+}
+
+async fn keep_clock(pool: PgPool, offset: Arc<AtomicI64>) {
+    loop {
+        tokio::time::sleep(CLOCK_REFRESH).await;
+        if let Ok(measured) = measure_offset(&pool).await {
+            offset.store(measured, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Signals `changes` for every notification of new work. A lost connection may have lost
+/// notifications, so a reconnection signals too.
+async fn listen(mut listener: PgListener, changes: Arc<Changes>) {
+    if let Err(e) = listener.listen(CHANNEL).await {
+        tracing::warn!(error = %e, "cannot listen for other replicas' work; polling only");
+    }
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(_)) => changes.signal(),
+            // The connection was lost; the next call reconnects and listens again.
+            Ok(None) => changes.signal(),
+            Err(e) => {
+                tracing::debug!(error = %e, "listening for new work failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
+    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
+/// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
+const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
+
+fn job_from_row(row: &PgRow, now: i64, with_contact: bool) -> StoreResult<Job> {
+    let id: i64 = row.try_get("id")?;
+    let corrupt = |what: &str| StoreError::Unavailable(format!("job {id} has an unreadable {what}"));
+    let direction: String = row.try_get("direction")?;
+    let state: String = row.try_get("state")?;
+    let payload: String = row.try_get("payload")?;
+    let lease_until: Option<i64> = row.try_get("lease_until")?;
+    let count = |column: &str| -> StoreResult<u32> { Ok(u32::try_from(row.try_get::<i32, _>(column)?).unwrap_or(0)) };
+    Ok(Job {
+        id,
+        direction: Direction::parse(&direction).ok_or_else(|| corrupt("direction"))?,
+        contact: row.try_get("contact")?,
+        m_id: row.try_get("m_id")?,
+        state: JobState::parse(&state).ok_or_else(|| corrupt("state"))?,
+        attempts: count("attempts")?,
+        progress: count("progress")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        in_flight: lease_until.is_some_and(|until| until > now),
+        lease_token: row.try_get("lease_token")?,
+        payload: decode_payload(&payload),
+        contact_last_effective_at: if with_contact { row.try_get("last_effective_at")? } else { None },
+        contact_introduced: with_contact && row.try_get::<bool, _>("introduced")?,
+    })
+}
+
+fn progress_value(progress: u32) -> i32 {
+    i32::try_from(progress).unwrap_or(i32::MAX)
+}
+
+/// The storage operations the rules of the queue run on, inside one transaction.
+struct PgTx<'t>(&'t mut PgConnection);
+
+impl PgTx<'_> {
+    /// Takes the lock of job `id`'s queue; returns the queue, `None` for no such job.
+    async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<(String, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT q.direction, q.contact FROM jobs j \
+             JOIN queues q ON q.direction = j.direction AND q.contact = j.contact \
+             WHERE j.id = $1 FOR UPDATE OF q",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
+    /// Puts the queue row of one (direction, contact), whose lock this transaction holds,
+    /// right after its jobs changed: its oldest queued job heads it, due at its next attempt
+    /// (or its reservation's end), and not while any queued job of the contact is leased.
+    async fn refresh_head(&mut self, direction: &str, contact: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
+                (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
+                 AND l.direction = q.direction AND l.contact = q.contact)), 0) \
+             FROM (SELECT $1::text AS direction, $2::text AS contact) k \
+             LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
+                 FROM jobs j WHERE j.state = 'queued' AND j.direction = k.direction AND j.contact = k.contact \
+                 ORDER BY j.id LIMIT 1) h ON true \
+             WHERE q.direction = k.direction AND q.contact = k.contact",
+        )
+        .bind(direction)
+        .bind(contact)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
+    /// lease; returns the new token.
+    async fn lease(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64> {
+        let (token, direction, contact): (i64, String, String) = sqlx::query_as(
+            "UPDATE jobs SET lease_owner = $1, lease_until = $2, lease_token = lease_token + 1 WHERE id = $3 \
+             RETURNING lease_token, direction, contact",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(id)
+        .fetch_one(&mut *self.0)
+        .await?;
+        sqlx::query("UPDATE queues SET due_at = $1 WHERE direction = $2 AND contact = $3")
+            .bind(lease_until)
+            .bind(direction)
+            .bind(contact)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(token)
+    }
+}
+
+impl Tx for PgTx<'_> {
+    async fn lock_queues(&mut self, direction: Direction, contacts: &[&str]) -> StoreResult<()> {
+        // An upsert both creates a contact's first queue row and locks it, atomically.
+        for contact in contacts {
+            sqlx::query(
+                "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, NULL, 0) \
+                 ON CONFLICT (direction, contact) DO UPDATE SET head_id = queues.head_id",
+            )
+            .bind(direction.as_str())
+            .bind(contact)
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64> {
+        // Bounded by the cap: cheap while the queue is short, and never a scan of more.
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 LIMIT $2) q",
+        )
+        .bind(direction.as_str())
+        .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(u64::try_from(counted).unwrap_or(0))
+    }
+
+    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+        )
+        .bind(row.direction.as_str())
+        .bind(row.contact)
+        .bind(row.m_id)
+        .bind(row.dedup_key.as_deref())
+        .bind(row.payload)
+        .bind(row.state.as_str())
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        let Some(id) = id else { return Ok(None) };
+        let mut head = false;
+        if row.state == JobState::Queued {
+            // Heads the contact's queue unless an older job already does.
+            let head_id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (direction, contact) DO UPDATE SET \
+                 due_at = CASE WHEN queues.head_id IS NULL THEN excluded.due_at ELSE queues.due_at END, \
+                 head_id = COALESCE(queues.head_id, excluded.head_id) \
+                 RETURNING head_id",
+            )
+            .bind(row.direction.as_str())
+            .bind(row.contact)
+            .bind(id)
+            .bind(now)
+            .fetch_one(&mut *self.0)
+            .await?;
+            head = head_id == Some(id);
+        }
+        Ok(Some(Inserted { id, head }))
+    }
+
+    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64> {
+        self.lease(id, owner, lease_until).await
+    }
+
+    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()> {
+        // Not the head (else it would have been leased): its queue's row changes once it is.
+        sqlx::query("UPDATE jobs SET reserved_until = $1 WHERE id = $2")
+            .bind(until)
+            .bind(id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT last_effective_at FROM contacts WHERE direction = 'outbound' AND contact = $1",
+        )
+        .bind(contact)
+        .fetch_optional(&mut *self.0)
+        .await?
+        .flatten())
+    }
+
+    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool> {
+        Ok(sqlx::query("SELECT 1 FROM jobs WHERE dedup_key = ANY($1) LIMIT 1")
+            .bind(dedup_keys)
+            .fetch_optional(&mut *self.0)
+            .await?
+            .is_some())
+    }
+
+    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
+        Ok(sqlx::query(
+            "DELETE FROM echo_marks WHERE id = (SELECT id FROM echo_marks \
+             WHERE contact = $1 AND fingerprint = $2 AND expires_at > $3 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id",
+        )
+        .bind(contact)
+        .bind(fingerprint)
+        .bind(now)
+        .fetch_optional(&mut *self.0)
+        .await?
+        .is_some())
+    }
+
+    async fn unreported(
+        &mut self,
+        contact: &str,
+        watermark: i64,
+        status: StatusValue,
+    ) -> StoreResult<Vec<(i64, String)>> {
+        let unreported = match status {
+            StatusValue::Read => "NOT read_reported",
+            _ => "NOT delivered_reported",
+        };
+        Ok(sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT id, m_id FROM jobs WHERE contact = $1 AND accepted_at IS NOT NULL AND accepted_at <= $2 \
+             AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
+        )))
+        .bind(contact)
+        .bind(watermark)
+        .fetch_all(&mut *self.0)
+        .await?)
+    }
+
+    async fn mark_reported(&mut self, id: i64, status: StatusValue) -> StoreResult<()> {
+        let mark = match status {
+            StatusValue::Read => "read_reported = true, delivered_reported = true",
+            _ => "delivered_reported = true",
+        };
+        sqlx::query(AssertSqlSafe(format!("UPDATE jobs SET {mark} WHERE id = $1")))
+            .bind(id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
+        if self.lock_queue_of(lease.id).await?.is_none() {
+            return Ok(None);
+        }
+        let settled: Option<(String, String, String)> = sqlx::query_as(
+            "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
+             next_attempt_at = COALESCE($4, next_attempt_at), \
+             last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
+             accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
+             reserved_until = CASE WHEN $8 THEN reserved_until END, \
+             lease_owner = NULL, lease_until = NULL, updated_at = $7 \
+             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL RETURNING direction, contact, m_id",
+        )
+        .bind(settle.state.as_str())
+        .bind(progress_value(settle.progress))
+        .bind(i32::try_from(settle.attempted).unwrap_or(1))
+        .bind(settle.next_attempt_at)
+        .bind(settle.error)
+        .bind(settle.sent_at)
+        .bind(now)
+        .bind(settle.keep_reservation)
+        .bind(lease.id)
+        .bind(lease.token)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
+        self.refresh_head(&direction, &contact).await?;
+        Ok(Some(Settled { contact, m_id }))
+    }
+
+    async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.0).await?;
+        state
+            .map(|state| {
+                JobState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("job {id} has state {state}")))
+            })
+            .transpose()
+    }
+
+    async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()> {
+        let Some((direction, contact)) = self.lock_queue_of(id).await? else { return Ok(()) };
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *self.0)
+        .await?;
+        self.refresh_head(&direction, &contact).await
+    }
+
+    async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1")))
+            .bind(id)
+            .fetch_one(&mut *self.0)
+            .await?;
+        job_from_row(&row, now, false)
+    }
+
+    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', $1, $2) \
+             ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
+             GREATEST(COALESCE(contacts.last_effective_at, 0), excluded.last_effective_at)",
+        )
+        .bind(contact)
+        .bind(at)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()> {
+        sqlx::query("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES ($1, $2, $3)")
+            .bind(contact)
+            .bind(fingerprint)
+            .bind(expires_at)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Queues touched by one operation, in lock order (sorted, distinct).
+fn lock_order(mut queues: Vec<(String, String)>) -> Vec<(String, String)> {
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+}
+
+impl Store for PostgresStore {
+    fn now(&self) -> i64 {
+        now_millis().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async move {
+            let probe = async {
+                let database_now: i64 = sqlx::query_scalar(
+                    "INSERT INTO relay_health (replica, checked_at) \
+                     VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
+                     ON CONFLICT (replica) DO UPDATE SET checked_at = excluded.checked_at RETURNING checked_at",
+                )
+                .bind(&self.replica)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok::<_, StoreError>(database_now)
+            };
+            match tokio::time::timeout(PING_TIMEOUT, probe).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "the database did not take a write within {} ms",
+                    PING_TIMEOUT.as_millis()
+                ))),
+            }
+        })
+    }
+
+    fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
+        let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
+        let cap = self.caps.outbound;
+        Box::pin(async move {
+            let prepared = self
+                .bounded(async {
+                    let mut tx = self.begin().await?;
+                    let enqueued =
+                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), cap).await?;
+                    Ok((tx, enqueued))
+                })
+                .await;
+            let (tx, enqueued) = prepared?;
+            // Only a job nobody took needs a worker: one the request took, or reserved for it,
+            // does not.
+            let notify = first.is_none();
+            match self.bounded(self.commit(tx, notify)).await {
+                Ok(()) => Ok(enqueued),
+                Err(e) => {
+                    // The answer to COMMIT was lost: the job may be stored. BonyChat must hear
+                    // 200 if it is (a 503 would make it send the message again), 503 if not.
+                    tracing::warn!(m_id = %job.m_id, error = %e, "a commit's outcome is unknown; checking");
+                    match self.confirm_stored(&job.m_id).await {
+                        Ok(true) => Ok(enqueued),
+                        Ok(false) => Err(e),
+                        Err(unknown) => {
+                            tracing::error!(m_id = %job.m_id, error = %unknown,
+                                "cannot tell whether a message was stored; answering 503 (it may be delivered as well)");
+                            Err(e)
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>> {
+        let prepared = PreparedBatch::new(batch);
+        let cap = self.caps.inbound;
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            let summary = rules::enqueue_inbound(&mut PgTx(&mut tx), &prepared, cap).await?;
+            // Meta redelivers a batch answered 503: a lost commit answer costs nothing but a
+            // duplicate the unique keys drop.
+            self.commit(tx, summary.queued + summary.receipts > 0).await?;
+            Ok(summary)
+        }))
+    }
+
+    fn claim(
+        &self,
+        owner: &str,
+        direction: Direction,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let owner = owner.to_owned();
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "WITH due AS ( \
+                     SELECT direction, contact, head_id FROM queues \
+                     WHERE direction = $1 AND head_id IS NOT NULL AND due_at <= $2 \
+                     ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
+                 leased AS ( \
+                     UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
+                     FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
+                 held AS ( \
+                     UPDATE queues q SET due_at = $5 FROM leased \
+                     WHERE q.direction = leased.direction AND q.contact = leased.contact) \
+                 SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM leased j \
+                 LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact ORDER BY j.id"
+            )))
+            .bind(direction.as_str())
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(&owner)
+            .bind(lease_until)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            rows.iter()
+                .map(|row| {
+                    let mut job = job_from_row(row, now, true)?;
+                    job.in_flight = true;
+                    Ok(job)
+                })
+                .collect()
+        }))
+    }
+
+    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+        let owner = owner.to_owned();
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            // Its queue's lock, unless another transaction holds it: then it is not our turn yet.
+            let head: Option<(Option<i64>, String, String)> = sqlx::query_as(
+                "SELECT q.head_id, q.direction, q.contact FROM jobs j \
+                 JOIN queues q ON q.direction = j.direction AND q.contact = j.contact \
+                 WHERE j.id = $1 AND j.state = 'queued' AND j.next_attempt_at <= $2 FOR UPDATE OF q SKIP LOCKED",
+            )
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((Some(head_id), direction, contact)) = head else { return Ok(None) };
+            if head_id != id {
+                return Ok(None);
+            }
+            let in_flight = sqlx::query(
+                "SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 AND contact = $2 \
+                 AND lease_owner IS NOT NULL AND lease_until > $3 LIMIT 1",
+            )
+            .bind(&direction)
+            .bind(&contact)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if in_flight.is_some() {
+                return Ok(None);
+            }
+            PgTx(&mut tx).lease(id, &owner, lease_until).await?;
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM jobs j \
+                 LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact WHERE j.id = $1"
+            )))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(job_from_row(&row, now, true)?))
+        }))
+    }
+
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            for lease in leases {
+                let Some((direction, contact)) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
+                let renewed = sqlx::query(
+                    "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_token = $3 AND lease_owner IS NOT NULL",
+                )
+                .bind(lease_until)
+                .bind(lease.id)
+                .bind(lease.token)
+                .execute(&mut *tx)
+                .await?;
+                if renewed.rows_affected() == 1 {
+                    PgTx(&mut tx).refresh_head(&direction, &contact).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        }))
+    }
+
+    fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>> {
+        let owner = owner.to_owned();
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            let queues: Vec<(String, String)> =
+                sqlx::query_as("SELECT DISTINCT direction, contact FROM jobs WHERE lease_owner = $1")
+                    .bind(&owner)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let mut released = 0;
+            for (direction, contact) in lock_order(queues) {
+                sqlx::query("SELECT 1 FROM queues WHERE direction = $1 AND contact = $2 FOR UPDATE")
+                    .bind(&direction)
+                    .bind(&contact)
+                    .execute(&mut *tx)
+                    .await?;
+                released += sqlx::query(
+                    "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner = $1 AND direction = $2 AND contact = $3",
+                )
+                .bind(&owner)
+                .bind(&direction)
+                .bind(&contact)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                PgTx(&mut tx).refresh_head(&direction, &contact).await?;
+            }
+            self.commit(tx, released > 0).await?;
+            Ok(released)
+        }))
+    }
+
+    fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            rules::record_send(&mut PgTx(&mut tx), &send).await?;
+            tx.commit().await?;
+            Ok(())
+        }))
+    }
+
+    fn record_progress(&self, lease: Lease, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.bounded(async move {
+            let recorded = sqlx::query(
+                "UPDATE jobs SET progress = $1, updated_at = $2 \
+                 WHERE id = $3 AND lease_token = $4 AND lease_owner IS NOT NULL",
+            )
+            .bind(progress_value(progress))
+            .bind(now)
+            .bind(lease.id)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+            if recorded.rows_affected() == 0 {
+                return Err(StoreError::Conflict(format!("job {} is no longer leased under this claim", lease.id)));
+            }
+            Ok(())
+        }))
+    }
+
+    fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
+            // The contact's next job is claimable now, by any replica.
+            self.commit(tx, true).await
+        }))
+    }
+
+    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let contact = contact.to_owned();
+        Box::pin(self.bounded(async move {
+            sqlx::query(
+                "INSERT INTO contacts (direction, contact, introduced) VALUES ('inbound', $1, true) \
+                 ON CONFLICT (direction, contact) DO UPDATE SET introduced = true",
+            )
+            .bind(&contact)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        }))
+    }
+
+    fn queue_failed_receipt(
+        &self,
+        contact: &str,
+        m_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, StoreResult<()>> {
+        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            rules::queue_failed_receipt(&mut PgTx(&mut tx), &contact, &m_id, &reason, now).await?;
+            self.commit(tx, true).await
+        }))
+    }
+
+    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        Box::pin(self.bounded(async move {
+            let now = self.now();
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs j WHERE $1::text IS NULL OR j.state = $1 ORDER BY j.id DESC LIMIT $2"
+            )))
+            .bind(state.map(JobState::as_str))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(|row| job_from_row(row, now, false)).collect()
+        }))
+    }
+
+    fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            let job = rules::retry(&mut PgTx(&mut tx), id, now).await?;
+            self.commit(tx, true).await?;
+            Ok(job)
+        }))
+    }
+
+    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            let dead: Vec<(i64, String, String)> =
+                sqlx::query_as("SELECT id, direction, contact FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1")
+                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let ids: Vec<i64> = dead.iter().map(|(id, _, _)| *id).collect();
+            let queues = lock_order(dead.into_iter().map(|(_, direction, contact)| (direction, contact)).collect());
+            for (direction, contact) in &queues {
+                sqlx::query("SELECT 1 FROM queues WHERE direction = $1 AND contact = $2 FOR UPDATE")
+                    .bind(direction)
+                    .bind(contact)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let redriven = sqlx::query(
+                "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \
+                 WHERE id = ANY($2) AND state = 'dead'",
+            )
+            .bind(now)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            for (direction, contact) in &queues {
+                PgTx(&mut tx).refresh_head(direction, contact).await?;
+            }
+            self.commit(tx, redriven > 0).await?;
+            Ok(redriven)
+        }))
+    }
+
+    fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Box::pin(self.bounded(async move {
+            let mut tx = self.begin().await?;
+            // SKIP LOCKED throughout: pruning never waits for, nor holds up, live work.
+            let jobs = sqlx::query(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                 WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "DELETE FROM echo_marks WHERE id IN (SELECT id FROM echo_marks WHERE expires_at <= $1 \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(now)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM queues WHERE (direction, contact) IN (SELECT direction, contact FROM queues \
+                 WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(jobs)
+        }))
+    }
+
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+        Box::pin(self.bounded(async move {
+            let queued: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+                "SELECT direction, \
+                 COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= $1), \
+                 COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at > $1), \
+                 COUNT(*) FILTER (WHERE lease_owner IS NOT NULL) \
+                 FROM jobs WHERE state = 'queued' GROUP BY direction",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+            let dead: Vec<(String, i64)> =
+                sqlx::query_as("SELECT direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY direction")
+                    .fetch_all(&self.pool)
+                    .await?;
+            let count = |n: i64| u64::try_from(n).unwrap_or(0);
+            Ok(Direction::ALL
+                .map(|direction| {
+                    let mut counts = QueueCounts::default();
+                    if let Some((_, ready, delayed, in_flight)) = queued.iter().find(|q| q.0 == direction.as_str()) {
+                        (counts.ready, counts.delayed, counts.in_flight) =
+                            (count(*ready), count(*delayed), count(*in_flight));
+                    }
+                    if let Some((_, n)) = dead.iter().find(|d| d.0 == direction.as_str()) {
+                        counts.dead = count(*n);
+                    }
+                    (direction, counts)
+                })
+                .to_vec())
+        }))
+    }
+}
