@@ -6,7 +6,11 @@
 //! at a time in order. Each direction has slots of its own, so a flood towards BonyChat never
 //! delays messages towards JoinChat, or the other way round. A slot is only ever held by a
 //! running HTTP request: a job that must wait for pacing is rescheduled, not slept on. The
-//! dispatcher wakes when a job is stored or finished, and polls for retries coming due.
+//! dispatcher wakes on the store's change signal (a job stored or finished, in this replica or,
+//! for a shared store, in any), and polls for retries coming due.
+//!
+//! A `/message` request takes its own job's first attempt here too ([`Worker::first_attempt`]),
+//! in the replica that took the request, so its answer can say what JoinChat did.
 
 use std::sync::Arc;
 use std::time::Duration;
