@@ -16,6 +16,7 @@ mod message_translation;
 mod messenger_webhook;
 mod metrics;
 mod ordering_and_pacing;
+mod postgres;
 mod queue_safety;
 mod sandbox;
 mod serving;
