@@ -204,17 +204,17 @@ async fn three_replicas_on_one_database_deliver_everything_in_order_through_a_si
         (0..CONCURRENT_CONTACTS).map(|_| tokio::spawn(sender(Arc::clone(&replicas), Arc::clone(&load)))).collect();
 
     wait_for_acknowledgements(&load, MESSAGES / 3, &senders, Duration::from_secs(300)).await;
+    let acknowledged_at_kill = load.acknowledgements.load(Ordering::Relaxed);
     let victim = relays.remove(1);
     victim.kill().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let again = RelayProcess::start(&vars, &[]).await;
     replicas.write().unwrap()[1] = again.url("");
     relays.insert(1, again);
-    let acknowledged_at_kill = load.acknowledgements.load(Ordering::Relaxed);
 
     wait_for_acknowledgements(&load, 2 * MESSAGES / 3, &senders, Duration::from_secs(300)).await;
-    postgres.restart().await;
     let acknowledged_at_restart = load.acknowledgements.load(Ordering::Relaxed);
+    postgres.restart().await;
 
     for sender in senders {
         sender.await.expect("a sender failed");
