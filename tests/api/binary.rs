@@ -68,10 +68,13 @@ impl RelayProcess {
                 }
             });
         }
+        // Only the readers hold a sender now: when the process exits without listening, both
+        // end and `recv` gives `None` at once, instead of after the timeout.
+        drop(listening_tx);
         let addr = tokio::time::timeout(Duration::from_secs(30), listening_rx.recv())
             .await
             .unwrap_or_else(|_| panic!("relay did not start: {:?}", output.lock().unwrap()))
-            .unwrap();
+            .unwrap_or_else(|| panic!("relay exited before listening: {:?}", output.lock().unwrap()));
         Self { child, addr, output }
     }
 

@@ -18,6 +18,7 @@ mod metrics;
 mod ordering_and_pacing;
 mod postgres;
 mod queue_safety;
+mod replicas;
 mod sandbox;
 mod serving;
 mod store_contract;
