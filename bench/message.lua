@@ -3,6 +3,8 @@
 local token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
 local channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
 local counter = 0
+-- Several wrk processes at once (one per replica) each take their own contacts.
+local offset = tonumber(os.getenv("CONTACT_OFFSET") or "0")
 
 function setup(thread)
   thread:set("id", counter)
@@ -15,7 +17,7 @@ end
 
 request = function()
   n = n + 1
-  local contact = string.format("%d", 1000000000000000 + (id * 1000003 + n) % 100000)
+  local contact = string.format("%d", 1000000000000000 + offset + (id * 1000003 + n) % 100000)
   local body = '{"channelId":"' .. channel .. '","contactId":"' .. contact ..
     '","message":{"type":"text","text":"Benchmark message number ' .. n .. ' from thread ' .. id .. '"}}'
   return wrk.format("POST", "/message", {

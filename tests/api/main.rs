@@ -4,6 +4,7 @@ mod binary;
 mod config_faults;
 mod contact_profiles;
 mod crash;
+mod database_away;
 mod durable_delivery;
 mod healthcheck;
 mod helpers;

@@ -66,7 +66,8 @@ pub async fn connect(url: &str) -> PgConnection {
     }
 }
 
-/// A PostgreSQL cluster of one test's own, on a free port, stopped and removed on drop.
+/// A PostgreSQL cluster of one test's own, on a free port, stopped and removed on drop. It is
+/// durable (fsync and synchronous commits on), so a test may crash it.
 pub struct DedicatedPostgres {
     dir: PathBuf,
     port: u16,
@@ -113,6 +114,17 @@ impl DedicatedPostgres {
         assert!(output.status.success(), "scripts/test-postgres restart: {}", describe(&output));
     }
 
+    /// Stops the server (fast shutdown): the database is away until [`Self::start_again`].
+    pub async fn stop(&self) {
+        let output = self.script("stop").await;
+        assert!(output.status.success(), "scripts/test-postgres stop: {}", describe(&output));
+    }
+
+    pub async fn start_again(&self) {
+        let output = self.script("start").await;
+        assert!(output.status.success(), "scripts/test-postgres start: {}", describe(&output));
+    }
+
     /// Kills the server without a shutdown (`pg_ctl stop -m immediate`), then starts it again.
     pub async fn crash_restart(&self) {
         let output = self.script("crash-restart").await;
@@ -128,7 +140,11 @@ impl DedicatedPostgres {
 
     fn command(&self, command: &str) -> tokio::process::Command {
         let mut script = tokio::process::Command::new(SCRIPT);
-        script.arg(command).env("RELAY_TEST_PG_DIR", &self.dir).env("RELAY_TEST_PG_PORT", self.port.to_string());
+        script
+            .arg(command)
+            .env("RELAY_TEST_PG_DIR", &self.dir)
+            .env("RELAY_TEST_PG_PORT", self.port.to_string())
+            .env("RELAY_TEST_PG_DURABLE", "1");
         script.kill_on_drop(true);
         script
     }
