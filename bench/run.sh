@@ -4,6 +4,8 @@
 #
 #   bash bench/run.sh            # 15 s per run
 #   DURATION=30 bash bench/run.sh
+#   ONLY=postgres bash bench/run.sh   # the Postgres part alone
+#   POOL_SIZE=32 ONLY=postgres bash bench/run.sh   # RELAY_DATABASE_POOL_SIZE (default 10)
 #
 # Everything runs on this machine: wrk, the servers, and for the relay runs an instant JoinChat
 # (the same bare server on another port) that every stored message is delivered to.
@@ -49,7 +51,7 @@ relay() { # relay SEND_WAIT_MS [DATABASE_URL [ADDR [METRICS_ADDR]]]: a fresh SQL
     JOINCHAT_API_URL=http://$JOINCHAT_ADDR/api/send_message JOINCHAT_PAGE_ID=510249619162304 \
     JOINCHAT_API_SECRET=bench-secret MESSENGER_APP_SECRET=bench MESSENGER_VERIFY_TOKEN=bench \
     RELAY_DATABASE_URL="${2:-sqlite://$data/relay.db}" RELAY_SEND_WAIT_MS="$1" \
-    RELAY_MAX_QUEUED_OUTBOUND=100000000 \
+    RELAY_MAX_QUEUED_OUTBOUND=100000000 RELAY_DATABASE_POOL_SIZE="${POOL_SIZE:-10}" \
     ./target/release/bonychat-relay &
   pids+=($!)
   wait_for "$addr"
@@ -62,6 +64,7 @@ stop_relay() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset
 wait_for $CEILING_ADDR
 wait_for $JOINCHAT_ADDR
 
+if [[ ${ONLY:-} != postgres ]]; then
 echo "| server | connections | requests/s | p50 | p99 | non-200 |"
 echo "|---|---|---|---|---|---|"
 for c in 64 256; do run "ceiling: bare axum handler" "$c" "http://$CEILING_ADDR"; done
@@ -81,12 +84,14 @@ echo
 echo "The store alone (SQLite, synchronous=FULL), concurrent writers enqueueing jobs:"
 cargo build --release --locked --quiet --example bench_store
 for writers in 1 64 256; do ./target/release/examples/bench_store "$writers" "$DURATION"; done
+fi
 
 # Postgres: one replica, then three sharing one database, each replica loaded by its own wrk
 # (its own contacts) at a third of the connections; the figures are the sums and the worst p99.
 # The cluster is a throwaway one with the durable defaults (fsync, synchronous_commit on).
 echo
 pg_dir=$(mktemp -d)
+chmod 755 "$pg_dir" # the server runs as an unprivileged user
 export RELAY_TEST_PG_DIR=$pg_dir/cluster RELAY_TEST_PG_PORT=54398 RELAY_TEST_PG_DURABLE=1
 if ! scripts/test-postgres start >/dev/null; then
   echo "Postgres: skipped (scripts/test-postgres cannot start a cluster here)"

@@ -35,8 +35,9 @@ use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store}
 pub const LEASE: Duration = Duration::from_secs(15);
 /// How often the dispatcher looks for retries coming due when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How often a waiting `/message` request tries to claim its job when nothing wakes it.
-const OWN_CLAIM_INTERVAL: Duration = Duration::from_millis(50);
+/// How often a waiting `/message` request tries to claim its job when nothing wakes it: the
+/// previous job of its contact ended without a signal (its replica died and the lease ran out).
+const OWN_CLAIM_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the dispatcher leaves a failing store alone.
 const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Attempts in flight at once per direction, all contacts together.
@@ -184,12 +185,13 @@ impl Worker {
 
     /// Takes the first attempt of the job a `/message` request stored, within `wait`: at once
     /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
-    /// by the store's changes, whichever replica made them). What the attempt did decides the
+    /// when an attempt of that contact ends, whichever replica made it). What the attempt did decides the
     /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
-    pub async fn first_attempt(self: &Arc<Self>, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
+    pub async fn first_attempt(self: &Arc<Self>, contact: &str, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
         let deadline = Instant::now() + wait;
-        let mut changes = self.store.changes();
         let mut claimed = enqueued.claimed;
+        // Only watched when the job waits behind another: the usual request takes its job at once.
+        let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
         loop {
             if let Some(job) = claimed.take() {
                 let (answer, outcome) = oneshot::channel();
@@ -210,7 +212,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return FirstAttempt::Pending;
             }
-            changes.borrow_and_update();
+            let moved = moved.get_or_insert_with(|| self.store.watch_queue(contact));
             let now = self.store.now();
             match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(LEASE))).await {
                 Ok(Some(job)) => {
@@ -222,7 +224,7 @@ impl Worker {
                 Err(_) => return FirstAttempt::Pending,
             }
             tokio::select! {
-                Ok(()) = changes.changed() => {}
+                () = moved.moved() => {}
                 () = tokio::time::sleep(OWN_CLAIM_INTERVAL) => {}
                 () = tokio::time::sleep_until(deadline) => return FirstAttempt::Pending,
             }

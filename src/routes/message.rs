@@ -36,7 +36,7 @@ pub async fn post_message(
     let request = OutboundRequest::parse(&body.bytes, &state.config.bonychat.channel_id)?;
     let now = state.store.now();
     let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now);
-    let m_id = job.m_id.clone();
+    let (m_id, contact) = (job.m_id.clone(), job.contact.clone());
 
     let wait = state.config.delivery.send_wait;
     let first = (!wait.is_zero()).then(|| state.worker.first_claim(now, wait));
@@ -44,7 +44,7 @@ pub async fn post_message(
     if wait.is_zero() {
         return Ok(Json(Accepted { m_id }));
     }
-    match state.worker.first_attempt(enqueued, wait).await {
+    match state.worker.first_attempt(&contact, enqueued, wait).await {
         FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
         FirstAttempt::Sent | FirstAttempt::Pending | FirstAttempt::Paced { .. } => Ok(Json(Accepted { m_id })),
     }

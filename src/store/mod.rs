@@ -322,6 +322,10 @@ pub trait Store: Send + Sync {
     /// redrive, in this process or (for a shared store) in any replica.
     fn changes(&self) -> watch::Receiver<u64>;
 
+    /// Wakes whoever holds it when `contact`'s outbound queue moves on (an attempt ended), in
+    /// this process or, for a shared store, in any replica.
+    fn watch_queue(&self, contact: &str) -> QueueWatch;
+
     /// Answers when the store can durably write right now: a small write committed within a
     /// short deadline. Fails for a full disk, a removed file, a stalled disk, a dead writer or
     /// a database that is away.
@@ -401,23 +405,74 @@ pub trait Store: Send + Sync {
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>>;
 }
 
-/// The signal behind [`Store::changes`].
+/// The signals behind [`Store::changes`] and [`Store::watch_queue`].
 #[derive(Debug)]
-pub(crate) struct Changes(watch::Sender<u64>);
+pub(crate) struct Changes {
+    any: watch::Sender<u64>,
+    /// Per contact with a `/message` request waiting for its outbound queue to move on.
+    queues: std::sync::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+}
 
 impl Default for Changes {
     fn default() -> Self {
-        Self(watch::Sender::new(0))
+        Self { any: watch::Sender::new(0), queues: std::sync::Mutex::default() }
     }
 }
 
 impl Changes {
     pub(crate) fn signal(&self) {
-        self.0.send_modify(|version| *version = version.wrapping_add(1));
+        self.any.send_modify(|version| *version = version.wrapping_add(1));
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.0.subscribe()
+        self.any.subscribe()
+    }
+
+    /// The outbound queue of `contact` moved on (an attempt of its ended): the requests
+    /// waiting for it try again. Everyone else is left alone.
+    pub(crate) fn queue_moved(&self, contact: &str) {
+        if let Some(queue) = self.queues.lock().expect("queue watches").get(contact) {
+            queue.send_modify(|version| *version = version.wrapping_add(1));
+        }
+    }
+
+    pub(crate) fn watch_queue(self: &Arc<Self>, contact: &str) -> QueueWatch {
+        let moved = self
+            .queues
+            .lock()
+            .expect("queue watches")
+            .entry(contact.to_owned())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        QueueWatch { changes: Arc::clone(self), contact: contact.to_owned(), moved }
+    }
+}
+
+/// Wakes a `/message` request when its contact's outbound queue moves on, in this replica or
+/// (for a shared store) in another.
+#[derive(Debug)]
+pub struct QueueWatch {
+    changes: Arc<Changes>,
+    contact: String,
+    moved: watch::Receiver<u64>,
+}
+
+impl QueueWatch {
+    /// Returns once the queue moved on since the last call (or since the watch began).
+    pub async fn moved(&mut self) {
+        if self.moved.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for QueueWatch {
+    fn drop(&mut self) {
+        let mut queues = self.changes.queues.lock().expect("queue watches");
+        // This watch's receiver is the last one: nobody waits on the contact any more.
+        if queues.get(&self.contact).is_some_and(|queue| queue.receiver_count() <= 1) {
+            queues.remove(&self.contact);
+        }
     }
 }
 

@@ -31,8 +31,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, NewOutbound, Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload,
-    now_millis,
+    JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
+    encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
@@ -51,17 +51,23 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const CONFIRM_FOR: Duration = Duration::from_secs(5);
 
 pub struct PostgresStore {
+    shared: Shared,
+    _background: Vec<AbortOnDrop>,
+}
+
+/// What every operation needs, cheap to clone into the task that runs it.
+#[derive(Clone)]
+struct Shared {
     pool: PgPool,
     caps: IntakeCaps,
     changes: Arc<Changes>,
     /// The database's clock minus this machine's, in milliseconds.
     clock_offset: Arc<AtomicI64>,
     /// This process's row in `relay_health`.
-    replica: String,
+    replica: Arc<str>,
     /// Bounds a whole operation from the client side: a database that stopped answering (a
     /// network partition) never answers a statement timeout either.
     operation_timeout: Duration,
-    _background: Vec<AbortOnDrop>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -108,6 +114,9 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size)
             .acquire_timeout(options.connect_timeout)
+            // A ping before every transaction would cost a round trip each; a connection that
+            // a database restart cut fails its one transaction instead (503), and is dropped.
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to the database: {e}")))?;
@@ -122,17 +131,19 @@ impl PostgresStore {
             let listener = PgListener::connect_with(&pool).await?;
             background.push(AbortOnDrop(tokio::spawn(listen(listener, Arc::clone(&changes)))));
         }
-        Ok(Self {
+        let shared = Shared {
             pool,
             caps,
             changes,
             clock_offset,
-            replica: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            replica: format!("relay-{}", uuid::Uuid::new_v4().simple()).into(),
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
-            _background: background,
-        })
+        };
+        Ok(Self { shared, _background: background })
     }
+}
 
+impl Shared {
     /// Runs `op` within the operation timeout.
     async fn bounded<T>(&self, op: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
         tokio::time::timeout(self.operation_timeout, op).await.unwrap_or_else(|_| {
@@ -149,13 +160,22 @@ impl PostgresStore {
 
     /// Commits `tx`, announcing new work to every replica first when `notify`, and to this one
     /// once committed.
-    async fn commit(&self, mut tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
-        if notify {
-            sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
+    async fn commit(&self, tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
+        self.commit_announcing(tx, notify.then_some("")).await
+    }
+
+    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed:
+    /// new work, and with a contact, that its outbound queue moved on.
+    async fn commit_announcing(&self, mut tx: Transaction<'static, Postgres>, news: Option<&str>) -> StoreResult<()> {
+        if let Some(contact) = news {
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(contact).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        if notify {
+        if let Some(contact) = news {
             self.changes.signal();
+            if !contact.is_empty() {
+                self.changes.queue_moved(contact);
+            }
         }
         Ok(())
     }
@@ -251,7 +271,12 @@ async fn listen(mut listener: PgListener, changes: Arc<Changes>) {
     }
     loop {
         match listener.try_recv().await {
-            Ok(Some(_)) => changes.signal(),
+            Ok(Some(notification)) => {
+                changes.signal();
+                if !notification.payload().is_empty() {
+                    changes.queue_moved(notification.payload());
+                }
+            }
             // The connection was lost; the next call reconnects and listens again.
             Ok(None) => changes.signal(),
             Err(e) => {
@@ -527,7 +552,9 @@ impl Tx for PgTx<'_> {
         .await?;
         let Some((direction, contact, m_id)) = settled else { return Ok(None) };
         self.refresh_head(&direction, &contact).await?;
-        Ok(Some(Settled { contact, m_id }))
+        let direction = Direction::parse(&direction)
+            .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
+        Ok(Some(Settled { direction, contact, m_id }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
@@ -591,13 +618,17 @@ fn lock_order(mut queues: Vec<(String, String)>) -> Vec<(String, String)> {
     queues
 }
 
-impl Store for PostgresStore {
+impl Store for Shared {
     fn now(&self) -> i64 {
         now_millis().saturating_add(self.clock_offset.load(Ordering::Relaxed))
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn watch_queue(&self, contact: &str) -> QueueWatch {
+        self.changes.watch_queue(contact)
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -608,7 +639,7 @@ impl Store for PostgresStore {
                      VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
                      ON CONFLICT (replica) DO UPDATE SET checked_at = excluded.checked_at RETURNING checked_at",
                 )
-                .bind(&self.replica)
+                .bind(&*self.replica)
                 .fetch_one(&self.pool)
                 .await?;
                 Ok::<_, StoreError>(database_now)
@@ -817,6 +848,8 @@ impl Store for PostgresStore {
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
+            // Need not be on disk (see the trait): the commit does not wait for the WAL flush.
+            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
             rules::record_send(&mut PgTx(&mut tx), &send).await?;
             tx.commit().await?;
             Ok(())
@@ -845,9 +878,11 @@ impl Store for PostgresStore {
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
-            // The contact's next job is claimable now, by any replica.
-            self.commit(tx, true).await
+            let settled = rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
+            // The contact's next job is claimable now, by any replica, and a request waiting
+            // for it may take it.
+            let moved = (settled.direction == Direction::Outbound).then_some(settled.contact.as_str());
+            self.commit_announcing(tx, Some(moved.unwrap_or(""))).await
         }))
     }
 
@@ -1002,5 +1037,131 @@ impl Store for PostgresStore {
                 })
                 .to_vec())
         }))
+    }
+}
+
+/// Runs a store operation in a task of its own: a caller that goes away (a client hanging up)
+/// never cuts a transaction short between two statements, so a connection goes back to the
+/// pool only after its COMMIT or ROLLBACK. Like the SQLite writer's operations once started,
+/// the operation finishes whether or not anyone still waits for it.
+fn detached<T: Send + 'static>(
+    operation: impl Future<Output = StoreResult<T>> + Send + 'static,
+) -> BoxFuture<'static, StoreResult<T>> {
+    let task = tokio::spawn(operation);
+    Box::pin(async move {
+        task.await.unwrap_or_else(|e| Err(StoreError::Unavailable(format!("a store operation failed: {e}"))))
+    })
+}
+
+impl Store for PostgresStore {
+    fn now(&self) -> i64 {
+        self.shared.now()
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes()
+    }
+
+    fn watch_queue(&self, contact: &str) -> QueueWatch {
+        self.shared.watch_queue(contact)
+    }
+
+    fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.ping().await })
+    }
+
+    fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.enqueue_outbound(job, first).await })
+    }
+
+    fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.enqueue_inbound(batch).await })
+    }
+
+    fn claim(
+        &self,
+        owner: &str,
+        direction: Direction,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let (shared, owner) = (self.shared.clone(), owner.to_owned());
+        detached(async move { shared.claim(&owner, direction, now, lease_until, limit).await })
+    }
+
+    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+        let (shared, owner) = (self.shared.clone(), owner.to_owned());
+        detached(async move { shared.claim_own(&owner, id, now, lease_until).await })
+    }
+
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.renew(leases, lease_until).await })
+    }
+
+    fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>> {
+        let (shared, owner) = (self.shared.clone(), owner.to_owned());
+        detached(async move { shared.release(&owner).await })
+    }
+
+    fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.before_send(send).await })
+    }
+
+    fn record_progress(&self, lease: Lease, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.record_progress(lease, progress, now).await })
+    }
+
+    fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.finish(lease, finish, now).await })
+    }
+
+    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let (shared, contact) = (self.shared.clone(), contact.to_owned());
+        detached(async move { shared.mark_introduced(&contact).await })
+    }
+
+    fn queue_failed_receipt(
+        &self,
+        contact: &str,
+        m_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, StoreResult<()>> {
+        let shared = self.shared.clone();
+        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
+        detached(async move { shared.queue_failed_receipt(&contact, &m_id, &reason, now).await })
+    }
+
+    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.list(state, limit).await })
+    }
+
+    fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.retry(id, now).await })
+    }
+
+    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.redrive_dead(now, limit).await })
+    }
+
+    fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.prune(before, now, limit).await })
+    }
+
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.queue_counts(now).await })
     }
 }

@@ -83,6 +83,7 @@ impl<'a> Settle<'a> {
 
 /// The job a settled lease was on.
 pub(crate) struct Settled {
+    pub direction: Direction,
     pub contact: String,
     pub m_id: String,
 }
@@ -372,7 +373,7 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 
 /// Records how the attempt under `lease` ended: refused when the lease is no longer current; a
 /// dead outbound message that BonyChat must hear about gets its `failed` receipt.
-pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now: i64) -> StoreResult<()> {
+pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now: i64) -> StoreResult<Settled> {
     let Some(settled) = tx.settle(lease, &Settle::of(finish), now).await? else {
         return Err(StoreError::Conflict(format!(
             "job {} is no longer leased under token {}: another worker claimed it since",
@@ -382,7 +383,7 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
     if let Finish::Dead { error, failed_receipt: true, .. } = finish {
         queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
     }
-    Ok(())
+    Ok(settled)
 }
 
 /// Makes one `dead` or `queued` job due now with a fresh retry schedule; the other states say

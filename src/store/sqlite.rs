@@ -35,8 +35,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, NewOutbound, Payload, QueueCounts, Store, StoreError, StoreResult, decode_payload, encode_payload,
-    now_millis,
+    JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
+    encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::StatusValue;
@@ -122,7 +122,7 @@ pub struct SqliteStore {
     /// A read-only connection for reads that scan (listing jobs, counting the queue): WAL lets
     /// them run beside the writer instead of holding up its commits.
     reader: Arc<Mutex<Connection>>,
-    changes: Changes,
+    changes: Arc<Changes>,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -187,7 +187,7 @@ impl SqliteStore {
             commits,
             caps,
             reader: Arc::new(Mutex::new(reader)),
-            changes: Changes::default(),
+            changes: Arc::new(Changes::default()),
             _lock: lock,
         })
     }
@@ -906,7 +906,9 @@ impl Tx for SqliteTx<'_> {
             .optional()?;
         let Some((direction, contact, m_id)) = settled else { return Ok(None) };
         refresh_head(self.0, &direction, &contact)?;
-        Ok(Some(Settled { contact, m_id }))
+        let direction = Direction::parse(&direction)
+            .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
+        Ok(Some(Settled { direction, contact, m_id }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
@@ -988,6 +990,10 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn watch_queue(&self, contact: &str) -> QueueWatch {
+        self.changes.watch_queue(contact)
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -1156,7 +1162,15 @@ impl Store for SqliteStore {
     }
 
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
-        self.run_then_signal(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)))
+        let settled =
+            self.run_then_signal(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)));
+        Box::pin(async move {
+            let settled = settled.await?;
+            if settled.direction == Direction::Outbound {
+                self.changes.queue_moved(&settled.contact);
+            }
+            Ok(())
+        })
     }
 
     fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {

@@ -249,3 +249,20 @@ async fn a_store_that_cannot_be_opened_stops_the_start_with_one_plain_line() {
 
     failed.assert_one_line(1, &["bonychat-relay: cannot start: RELAY_DATABASE_URL: "]);
 }
+
+/// `sslmode` in the URL is honoured: a database that offers no TLS is refused when the URL
+/// requires it (the test cluster has none), with one line and no password.
+#[tokio::test]
+async fn a_postgres_url_requiring_tls_refuses_a_database_without_it() {
+    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let with_password = url.replacen("postgres://relay@", "postgres://relay:pa55word@", 1);
+    let required = format!("{with_password}?sslmode=require");
+    let vars = vars_with(dir.path(), &[("RELAY_DATABASE_URL", Some(&required))]);
+
+    let failed = run(&vars, &[]).await;
+
+    failed.assert_one_line(1, &["RELAY_DATABASE_URL: ", "cannot connect to the database"]);
+    assert!(failed.stderr.to_lowercase().contains("tls"), "{}", failed.stderr);
+    failed.assert_hides("pa55word");
+}
