@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::binary::{RelayProcess, json_logs};
 use crate::helpers::{
-    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PAGE_ID, StandIn, http_client, hub_signature, test_vars,
+    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PAGE_ID, Reply, StandIn, http_client, hub_signature, test_vars,
 };
 use crate::postgres::DedicatedPostgres;
 
@@ -311,4 +311,45 @@ async fn three_replicas_on_one_database_deliver_everything_in_order_through_a_si
     for relay in relays {
         relay.kill().await;
     }
+}
+
+/// `/message` takes its own job's first attempt in the replica that took it, even behind a job
+/// of the same contact that another replica has in flight: that replica's finish wakes it
+/// (`NOTIFY`), so JoinChat's refusal still reaches BonyChat as a 400 within the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_behind_another_replicas_job_takes_its_own_first_attempt_when_that_one_ends() {
+    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    joinchat.script([
+        Reply::ok().after(Duration::from_millis(800)),
+        Reply::status(400, r#"{"success": false, "errors": {"msg": "blocked by the page"}}"#),
+    ]);
+    let unused = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat.url, unused.path());
+    set(&mut vars, "RELAY_DATABASE_URL", &url);
+    set(&mut vars, "JOINCHAT_ORDER_GAP_SECS", "0");
+    set(&mut vars, "RELAY_SEND_WAIT_MS", "5000");
+    json_logs(&mut vars);
+    let (first, second) = (RelayProcess::start(&vars, &[]).await, RelayProcess::start(&vars, &[]).await);
+    let send = |relay: &RelayProcess, text: &str| {
+        let body = json!({"channelId": CHANNEL_ID, "contactId": contact(0), "message": {"type": "text", "text": text}});
+        http_client().post(relay.url("/message")).bearer_auth(API_TOKEN).json(&body).send()
+    };
+
+    let slow = tokio::spawn(send(&first, "first"));
+    joinchat.wait_for(1).await;
+    let asked = Instant::now();
+    let refused = send(&second, "second").await.unwrap();
+    let waited = asked.elapsed();
+
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    assert_eq!(refused.status(), 400, "the second replica heard JoinChat's refusal itself");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rejected_by_joinchat");
+    assert!(waited < Duration::from_secs(3), "woken when the first ended, not at the end of its wait: {waited:?}");
+    let texts: Vec<String> =
+        joinchat.bodies().iter().map(|b| b["message"]["text"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(texts, ["first", "second"], "in order, each once");
+    first.kill().await;
+    second.kill().await;
 }
