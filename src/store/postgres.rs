@@ -343,8 +343,9 @@ impl PgTx<'_> {
     /// Puts the queue row of one (direction, contact), whose lock this transaction holds,
     /// right after its jobs changed: its oldest queued job heads it, due at its next attempt
     /// (or its reservation's end), and not while any queued job of the contact is leased.
-    async fn refresh_head(&mut self, direction: &str, contact: &str) -> StoreResult<()> {
-        sqlx::query(
+    /// Returns whether the contact still has queued jobs.
+    async fn refresh_head(&mut self, direction: &str, contact: &str) -> StoreResult<bool> {
+        let queued: Option<bool> = sqlx::query_scalar(
             "UPDATE queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
                 (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
                  AND l.direction = q.direction AND l.contact = q.contact)), 0) \
@@ -352,13 +353,13 @@ impl PgTx<'_> {
              LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
                  FROM jobs j WHERE j.state = 'queued' AND j.direction = k.direction AND j.contact = k.contact \
                  ORDER BY j.id LIMIT 1) h ON true \
-             WHERE q.direction = k.direction AND q.contact = k.contact",
+             WHERE q.direction = k.direction AND q.contact = k.contact RETURNING q.head_id IS NOT NULL",
         )
         .bind(direction)
         .bind(contact)
-        .execute(&mut *self.0)
+        .fetch_optional(&mut *self.0)
         .await?;
-        Ok(())
+        Ok(queued.unwrap_or(false))
     }
 
     /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
@@ -551,10 +552,10 @@ impl Tx for PgTx<'_> {
         .fetch_optional(&mut *self.0)
         .await?;
         let Some((direction, contact, m_id)) = settled else { return Ok(None) };
-        self.refresh_head(&direction, &contact).await?;
+        let queued = self.refresh_head(&direction, &contact).await?;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
-        Ok(Some(Settled { direction, contact, m_id }))
+        Ok(Some(Settled { direction, contact, m_id, queued, receipt: false }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
@@ -576,7 +577,7 @@ impl Tx for PgTx<'_> {
         .bind(id)
         .execute(&mut *self.0)
         .await?;
-        self.refresh_head(&direction, &contact).await
+        self.refresh_head(&direction, &contact).await.map(drop)
     }
 
     async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
@@ -879,10 +880,14 @@ impl Store for Shared {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
             let settled = rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
-            // The contact's next job is claimable now, by any replica, and a request waiting
-            // for it may take it.
-            let moved = (settled.direction == Direction::Outbound).then_some(settled.contact.as_str());
-            self.commit_announcing(tx, Some(moved.unwrap_or(""))).await
+            // A contact with more queued has its next job claimable now, by any replica, and a
+            // request waiting for it may take it; the usual finish has no news for anyone.
+            let news = match (settled.queued || settled.receipt, settled.direction) {
+                (false, _) => None,
+                (true, Direction::Outbound) => Some(settled.contact.as_str()),
+                (true, Direction::Inbound) => Some(""),
+            };
+            self.commit_announcing(tx, news).await
         }))
     }
 

@@ -86,6 +86,10 @@ pub(crate) struct Settled {
     pub direction: Direction,
     pub contact: String,
     pub m_id: String,
+    /// Whether its contact still has queued jobs in that direction (this one included).
+    pub queued: bool,
+    /// Whether settling it queued a `failed` receipt.
+    pub receipt: bool,
 }
 
 /// Storage operations inside one transaction. None of them applies a rule of this module; each
@@ -374,7 +378,7 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 /// Records how the attempt under `lease` ended: refused when the lease is no longer current; a
 /// dead outbound message that BonyChat must hear about gets its `failed` receipt.
 pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now: i64) -> StoreResult<Settled> {
-    let Some(settled) = tx.settle(lease, &Settle::of(finish), now).await? else {
+    let Some(mut settled) = tx.settle(lease, &Settle::of(finish), now).await? else {
         return Err(StoreError::Conflict(format!(
             "job {} is no longer leased under token {}: another worker claimed it since",
             lease.id, lease.token
@@ -382,6 +386,7 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
     };
     if let Finish::Dead { error, failed_receipt: true, .. } = finish {
         queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
+        settled.receipt = true;
     }
     Ok(settled)
 }

@@ -418,6 +418,9 @@ fn open_connection(path: &Path, mode: Mode) -> rusqlite::Result<(Connection, Ide
     let mut conn = Connection::open_with_flags(path, flags)?;
     // The `jobs` command line may write beside the relay; each waits for the other's commit.
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Every statement the writer runs stays prepared: with rusqlite's default of 16, the 30 or
+    // so in rotation evicted each other and were parsed again all the time.
+    conn.set_prepared_statement_cache_capacity(64);
     let mode_set: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode_set.eq_ignore_ascii_case("wal") {
         return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode stayed {mode_set}, not WAL")));
@@ -480,7 +483,8 @@ fn take_over(conn: &Connection) -> rusqlite::Result<()> {
 /// oldest queued job is the head, claimable at its next attempt, but not while any queued job
 /// of the contact is leased (one in flight per contact), nor while it is reserved for the
 /// request that stored it.
-fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::Result<()> {
+/// Returns whether the contact still has queued jobs.
+fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::Result<bool> {
     let head: Option<(i64, i64)> = conn
         .prepare_cached(
             "SELECT id, MAX(next_attempt_at, COALESCE(reserved_until, 0)) FROM jobs \
@@ -491,7 +495,7 @@ fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::
     let Some((head, next_attempt_at)) = head else {
         conn.prepare_cached("DELETE FROM queue_heads WHERE direction = ?1 AND contact = ?2")?
             .execute(params![direction, contact])?;
-        return Ok(());
+        return Ok(false);
     };
     let leased_until: Option<i64> = conn
         .prepare_cached(
@@ -503,7 +507,7 @@ fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::
          ON CONFLICT (direction, contact) DO UPDATE SET job_id = excluded.job_id, due_at = excluded.due_at",
     )?
     .execute(params![direction, contact, head, next_attempt_at.max(leased_until.unwrap_or(0))])?;
-    Ok(())
+    Ok(true)
 }
 
 /// The (direction, contact) of job `id`.
@@ -609,8 +613,9 @@ impl Writer {
 /// outcome is known.
 fn run_batch(conn: &mut Connection, batch: Vec<Op>, answers: &mut Vec<Answer>) -> rusqlite::Result<()> {
     let mut pending = batch.into_iter();
-    let result = (|| {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // BEGIN, COMMIT and savepoints through cached statements: rusqlite's `Transaction` parses
+    // its SQL again for every batch.
+    let result = conn.prepare_cached("BEGIN IMMEDIATE")?.execute([]).and_then(|_| {
         for op in pending.by_ref() {
             if let Some(state) = &op.admission
                 && state.compare_exchange(WAITING, STARTED, Ordering::AcqRel, Ordering::Acquire).is_err()
@@ -619,18 +624,21 @@ fn run_batch(conn: &mut Connection, batch: Vec<Op>, answers: &mut Vec<Answer>) -
                 (op.refuse)("abandoned by its caller".into());
                 continue;
             }
-            // Savepoints through cached statements: rusqlite's own re-parse their SQL every time.
-            tx.prepare_cached("SAVEPOINT op")?.execute([])?;
-            let (ok, answer) = (op.work)(&tx);
+            conn.prepare_cached("SAVEPOINT op")?.execute([])?;
+            let (ok, answer) = (op.work)(conn);
             answers.push(answer);
             if !ok {
-                tx.prepare_cached("ROLLBACK TO op")?.execute([])?;
+                conn.prepare_cached("ROLLBACK TO op")?.execute([])?;
             }
-            tx.prepare_cached("RELEASE op")?.execute([])?;
+            conn.prepare_cached("RELEASE op")?.execute([])?;
         }
-        tx.commit()
-    })();
+        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
+    });
     if let Err(e) = &result {
+        // A failed COMMIT may leave the transaction open (SQLITE_BUSY, a full disk): undo it.
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
         for op in pending {
             (op.refuse)(format!("commit failed: {e}"));
         }
@@ -905,10 +913,10 @@ impl Tx for SqliteTx<'_> {
             )
             .optional()?;
         let Some((direction, contact, m_id)) = settled else { return Ok(None) };
-        refresh_head(self.0, &direction, &contact)?;
+        let queued = refresh_head(self.0, &direction, &contact)?;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
-        Ok(Some(Settled { direction, contact, m_id }))
+        Ok(Some(Settled { direction, contact, m_id, queued, receipt: false }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
