@@ -106,9 +106,10 @@ pub(crate) trait Tx {
     /// Inserts `row` at `now`; `None` when its dedup key is taken.
     async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>>;
 
-    /// Leases job `id`, which heads its queue with nothing of its contact in flight, to `owner`;
-    /// returns the new fencing token.
-    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64>;
+    /// Leases job `id`, which heads its queue with nothing of its contact in flight, to `owner`,
+    /// and reserves it for `owner`'s request until `reserved_until` (a deferral keeps it); returns
+    /// the new fencing token.
+    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64, reserved_until: i64) -> StoreResult<i64>;
 
     /// Keeps job `id` from workers' claims until `until` (see [`FirstClaim`]).
     async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()>;
@@ -182,7 +183,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         tx.reserve(inserted.id, first.reserved_until).await?;
         return Ok(Enqueued { id: inserted.id, claimed: None });
     }
-    let lease_token = tx.lease_head(inserted.id, &first.owner, first.lease_until).await?;
+    let lease_token = tx.lease_head(inserted.id, &first.owner, first.lease_until, first.reserved_until).await?;
     let contact_last_effective_at = tx.last_effective_at(&job.contact).await?;
     let claimed = Job {
         id: inserted.id,

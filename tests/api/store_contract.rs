@@ -257,6 +257,20 @@ async fn a_message_heading_its_queue_is_leased_to_its_request_with_the_insert(ba
     assert_eq!(store.list(Some(JobState::Delivered), 10).await.unwrap().len(), 1);
 }
 
+/// A request's job leased with the insert and then held back by pacing stays its request's
+/// until the wait ends: no worker takes the send the request is waiting for.
+async fn a_paced_first_attempt_stays_with_its_request_until_its_wait_ends(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 5_000 };
+    let job = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap().claimed.unwrap();
+
+    store.finish(job.lease(), Finish::Defer { progress: 0, next_attempt_at: 2_000 }, 1_100).await.unwrap();
+
+    assert!(claim_ids(store.as_ref(), 3_000).await.is_empty(), "reserved for the request");
+    let own = store.claim_own("request", job.id, 3_000, 3_000 + LEASE).await.unwrap();
+    assert_eq!(own.map(|job| job.m_id), Some("a1".to_owned()));
+}
+
 /// Behind another job of its contact, a request's job is reserved for the request until its
 /// wait ends: the request claims it once it heads the queue, a worker only after the wait.
 async fn a_message_behind_others_is_left_to_its_request_until_its_wait_ends(backend: Backend) {
@@ -653,6 +667,7 @@ contract!(
     an_expired_lease_makes_the_job_claimable_again,
     a_lost_lease_can_record_nothing_over_the_new_claim,
     a_message_heading_its_queue_is_leased_to_its_request_with_the_insert,
+    a_paced_first_attempt_stays_with_its_request_until_its_wait_ends,
     a_message_behind_others_is_left_to_its_request_until_its_wait_ends,
     concurrent_claims_hand_out_each_job_once_and_one_per_contact,
     the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them,
