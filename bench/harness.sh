@@ -57,7 +57,7 @@ if [[ $(stat -f -c %T "$data") == tmpfs ]]; then
 fi
 logs=${LOG_DIR:-$data}
 mkdir -p "$logs" bench/results
-report=bench/results/harness-$(date -u +%Y-%m-%d).md
+report=${REPORT:-bench/results/harness-$(date -u +%Y-%m-%d).md}
 : >"$report"
 
 pids=()
@@ -179,12 +179,16 @@ load() {
 row() { say "| $1 | $2 | $RPS | $P50 | $P99 | $P999 | $NON200 |"; }
 
 commit=$(git rev-parse --short HEAD)
-git diff --quiet HEAD -- src examples Cargo.toml Cargo.lock || commit="$commit + uncommitted changes"
+git diff --quiet HEAD -- src examples bench/*.sh bench/*.lua Cargo.toml Cargo.lock || commit="$commit + uncommitted changes"
 say "# Relay harness, $(date -u '+%Y-%m-%d %H:%M UTC')"
 say
 say "Commit $commit; $(nproc --all) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)); \
 $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); stores in $(dirname "$data") \
 ($(stat -f -c %T "$data")); release build; ${DURATION} s per load run; \`bash bench/harness.sh\`."
+fsync_ms=$(dd if=/dev/zero of="$data/dd" bs=4k count=200 oflag=dsync 2>&1 |
+  awk '/copied/ {for (i = 1; i < NF; i++) if ($(i + 1) == "s,") printf "%.2f", $i * 1000 / 200}')
+rm -f "$data/dd"
+say "Before the run: load average $(cut -d' ' -f1-3 /proc/loadavg); a 4 KiB write with \`oflag=dsync\` in the store's directory takes $fsync_ms ms."
 say "Server under test on CPU 0; wrk (\`-t2\`, \`-t1\` for one connection), the stand-ins and the script on CPU 1."
 say "The relay: SQLite (a fresh store for each row), \`JOINCHAT_ORDER_GAP_SECS=0\`, intake caps lifted, logs at warn."
 say
@@ -212,7 +216,7 @@ taskset -c 0 ./target/release/examples/bench_ceiling $REFERENCE >>"$logs/example
 pids+=($!)
 wait_for $REFERENCE
 load bench/message.lua 64 "http://$REFERENCE"
-row "reference: bench_ceiling (200 at once, body not read)" 64
+row "reference: bench_ceiling (200 at once, body not read): about what wrk on one CPU can drive" 64
 stop "${pids[-1]}"
 
 for mode in handler forwarder; do
@@ -342,17 +346,18 @@ t0=$EPOCHREALTIME
 start_relay $ORDERED 3000
 backlog_ready=$READY_MS
 backlog_idle_kb=$IDLE_KB
-# Delivered count once a second (from the fork of the relay) until all arrived, up to 600 s.
+# The delivered count every 0.1 s (kept about once a second: a read takes a few ms) until all arrived, up to 600 s.
 counts=()
 half_at=
+tick=0
 while :; do
   n=$(stat_of "$(stats)" delivered)
   now=$EPOCHREALTIME
-  counts+=("$n")
+  ((tick++ % 10 == 0)) && counts+=("$n")
   [[ -z $half_at ]] && ((n >= BACKLOG / 2)) && half_at=$now
   ((n >= BACKLOG)) && break
   if (($(awk -v a="$t0" -v b="$now" 'BEGIN {print (b - a > 600)}'))); then break; fi
-  sleep 1
+  sleep 0.1
 done
 t_end=$EPOCHREALTIME
 after=$(stats)
@@ -368,9 +373,9 @@ say "- delivered: $(stat_of "$after" delivered) in $(awk -v a="$t0" -v b="$t_end
 out of order $(stat_of "$after" out_of_order), duplicates $(stat_of "$after" duplicates), missing $(stat_of "$after" missing)"
 if [[ -n $half_at ]]; then
   say "- first half ($((BACKLOG / 2)) jobs): $(awk -v n=$((BACKLOG / 2)) -v a="$t0" -v b="$half_at" 'BEGIN {printf "%d/s", n / (b - a)}'); \
-second half: $(awk -v n=$((BACKLOG - BACKLOG / 2)) -v a="$half_at" -v b="$t_end" 'BEGIN {printf "%d/s", n / (b - a)}') (times from the relay's start)"
+second half: $(awk -v n=$((BACKLOG - BACKLOG / 2)) -v a="$half_at" -v b="$t_end" 'BEGIN {printf "%d/s", n / (b - a)}') (times from the relay's start, read every 0.1 s)"
 fi
-say "- delivered per second (counted by the stand-in, sampled every second from the start): \
+say "- delivered in each sample of about 1 s (counted by the stand-in; the first figure covers the start and the 1 s after ready, the last the remainder): \
 $(prev=0; out=(); for n in "${counts[@]}"; do out+=($((n - prev))); prev=$n; done; echo "${out[*]}")"
 say "- peak resident while draining (VmHWM): $(mb "$drain_peak_kb")"
 say
@@ -421,5 +426,7 @@ target "start to ready, $BACKLOG queued" "${backlog_ready:-?} ms" "< 1 s" "${bac
 target "end to end: out of order, duplicates" "${e2e_out_of_order:-?}, ${e2e_duplicates:-?}" "0, 0" "${e2e_out_of_order:-0} + ${e2e_duplicates:-0} == 0"
 say
 [[ -n ${webhook_rps:-} ]] && say "Signed webhooks acknowledged at 64 connections: $webhook_rps batches/s."
-say "MB are MiB (kB of /proc ÷ 1024)."
+say "MB are MiB (kB of /proc ÷ 1024). After the run: load average $(cut -d' ' -f1-3 /proc/loadavg); CPU pressure \
+$(awk '/^some/ {print $4}' /proc/pressure/cpu 2>/dev/null || echo '(no PSI)'), I/O pressure $(awk '/^some/ {print $4}' /proc/pressure/io 2>/dev/null || echo '(no PSI)') \
+(the harness alone keeps both CPUs busy; figures far from an earlier run's mean another load shared the machine)."
 echo "written to $report" >&2
