@@ -33,3 +33,11 @@ response = function(status, headers, body)
     if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
   end
 end
+
+-- One parseable line for bench/harness.sh; wrk's own --latency table stops at 99 %.
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end

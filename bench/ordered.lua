@@ -1,0 +1,66 @@
+-- wrk script: per-contact ordered messages for bench/harness.sh. Run with one connection per
+-- thread (-tN -cN): each thread owns the contacts c with c % N == its id and waits for each
+-- answer before its next request, so a contact never has two requests in flight and its
+-- messages "c<c> n<k>" (k = 1, 2, …) are accepted in order. CONTACTS (default 1000) contacts.
+local counter = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  local total = tonumber(args[1] or "1")
+  local contacts = tonumber(os.getenv("CONTACTS") or "1000")
+  owned, sent, next_one, accepted = {}, {}, 0, 0
+  -- wrk calls thread 0's request() once in its main thread, to check the script, before the
+  -- thread starts: that request is never sent, so it must not take a number.
+  checking = id == 0
+  for c = id, contacts - 1, total do
+    table.insert(owned, c)
+    sent[c] = 0
+  end
+  token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
+  channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
+end
+
+request = function()
+  local c, k
+  if checking then
+    checking = false
+    c = owned[1]
+    k = sent[c] + 1
+  else
+    next_one = next_one % #owned + 1
+    c = owned[next_one]
+    sent[c] = sent[c] + 1
+    k = sent[c]
+  end
+  local body = '{"channelId":"' .. channel .. '","contactId":"' .. string.format("%d", 1000000000000000 + c) ..
+    '","message":{"type":"text","text":"c' .. c .. ' n' .. k .. '"}}'
+  return wrk.format("POST", "/message", {
+    ["Authorization"] = "Bearer " .. token,
+    ["Content-Type"] = "application/json",
+  }, body)
+end
+
+-- A refused message would leave a hole the stand-in reports as out of order: say so.
+response = function(status, headers, body)
+  if status == 200 then
+    accepted = accepted + 1
+  else
+    errors = (errors or 0) + 1
+    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
+  end
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get("accepted") end
+  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d accepted %d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.status, e.connect + e.read + e.write + e.timeout, total))
+end

@@ -1,0 +1,63 @@
+-- wrk script: signed Messenger webhook batches from the file WEBHOOK_FILE (made by
+-- `bench_prepare webhooks`), one `<X-Hub-Signature-256> <body>` a line. Thread t of T (the
+-- argument after `--` is T) sends the lines i with i % T == t, in order, reading them as it
+-- goes; if a run outlasts the file it starts over, and the repeats are duplicates to the relay
+-- (counted in `wraps`).
+local counter = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  total = tonumber(args[1] or "1")
+  file = assert(io.open(os.getenv("WEBHOOK_FILE")))
+  wraps = 0
+  skip(id)
+end
+
+-- Skips n lines, starting over at the end of the file.
+function skip(n)
+  for _ = 1, n do
+    if not file:read("*l") then
+      file:seek("set", 0)
+      wraps = wraps + 1
+      file:read("*l")
+    end
+  end
+end
+
+request = function()
+  local line = file:read("*l")
+  if not line then
+    file:seek("set", 0)
+    wraps = wraps + 1
+    skip(id)
+    line = file:read("*l")
+  end
+  skip(total - 1)
+  local space = line:find(" ", 1, true)
+  return wrk.format("POST", "/webhooks/messenger", {
+    ["Content-Type"] = "application/json",
+    ["X-Hub-Signature-256"] = line:sub(1, space - 1),
+  }, line:sub(space + 1))
+end
+
+response = function(status, headers, body)
+  if status ~= 200 then
+    errors = (errors or 0) + 1
+    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
+  end
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  local wrapped = 0
+  for _, thread in ipairs(threads) do wrapped = wrapped + thread:get("wraps") end
+  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d wraps %d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.status, e.connect + e.read + e.write + e.timeout, wrapped))
+end
