@@ -6,6 +6,8 @@ local counter = 0
 -- Several wrk processes at once (one per replica) each take their own contacts.
 local offset = tonumber(os.getenv("CONTACT_OFFSET") or "0")
 
+dofile("bench/report.lua")
+
 function setup(thread)
   thread:set("id", counter)
   counter = counter + 1
@@ -28,16 +30,9 @@ end
 
 -- Any answer other than 200 is an error for the benchmark.
 response = function(status, headers, body)
-  if status ~= 200 then
-    errors = (errors or 0) + 1
-    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
-  end
+  count_unexpected(status, body)
 end
 
--- One parseable line for bench/harness.sh; wrk's own --latency table stops at 99 %.
 done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.status, e.connect + e.read + e.write + e.timeout))
+  harness_line(summary, latency)
 end

@@ -5,6 +5,8 @@
 local counter = 0
 local threads = {}
 
+dofile("bench/report.lua")
+
 function setup(thread)
   thread:set("id", counter)
   counter = counter + 1
@@ -48,19 +50,12 @@ end
 
 -- A refused message would leave a hole the stand-in reports as out of order: say so.
 response = function(status, headers, body)
-  if status == 200 then
-    accepted = accepted + 1
-  else
-    errors = (errors or 0) + 1
-    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
-  end
+  if status == 200 then accepted = accepted + 1 end
+  count_unexpected(status, body)
 end
 
 done = function(summary, latency, requests)
-  local e = summary.errors
   local total = 0
   for _, thread in ipairs(threads) do total = total + thread:get("accepted") end
-  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d accepted %d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.status, e.connect + e.read + e.write + e.timeout, total))
+  harness_line(summary, latency, string.format(" accepted %d", total))
 end

@@ -6,6 +6,8 @@
 local counter = 0
 local threads = {}
 
+dofile("bench/report.lua")
+
 function setup(thread)
   thread:set("id", counter)
   counter = counter + 1
@@ -47,17 +49,11 @@ request = function()
 end
 
 response = function(status, headers, body)
-  if status ~= 200 then
-    errors = (errors or 0) + 1
-    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
-  end
+  count_unexpected(status, body)
 end
 
 done = function(summary, latency, requests)
-  local e = summary.errors
-  local wrapped = 0
-  for _, thread in ipairs(threads) do wrapped = wrapped + thread:get("wraps") end
-  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d wraps %d\n",
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.status, e.connect + e.read + e.write + e.timeout, wrapped))
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get("wraps") end
+  harness_line(summary, latency, string.format(" wraps %d", total))
 end

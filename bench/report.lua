@@ -1,0 +1,17 @@
+-- Shared by the wrk scripts: one parseable line for bench/harness.sh (wrk's own --latency
+-- table stops at 99 %), then `extra` ("name value" pairs the script adds). Loaded with
+-- dofile, so wrk runs from the repository's root.
+function harness_line(summary, latency, extra)
+  local e = summary.errors
+  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d%s\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.status, e.connect + e.read + e.write + e.timeout, extra or ""))
+end
+
+-- Counts and shows (the first three) answers other than 200.
+function count_unexpected(status, body)
+  if status ~= 200 then
+    errors = (errors or 0) + 1
+    if errors <= 3 then print("unexpected " .. status .. ": " .. body) end
+  end
+end
