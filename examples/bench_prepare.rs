@@ -65,7 +65,7 @@ fn webhooks(config: &Config, file: &str, batches: u64, per_batch: u64) {
 
 async fn backlog(config: Config, jobs: u64, contacts: u64) {
     let DatabaseUrl::Sqlite(path) = &config.store.database_url else { panic!("RELAY_DATABASE_URL is not SQLite") };
-    let caps = IntakeCaps { outbound: u64::MAX, inbound: u64::MAX };
+    let caps = IntakeCaps { outbound: u64::MAX, inbound: u64::MAX, per_contact: u64::MAX };
     let store = Arc::new(SqliteStore::open(path, caps).await.expect("store opens"));
     let config = Arc::new(config);
     let started = Instant::now();

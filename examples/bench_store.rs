@@ -17,9 +17,12 @@ async fn main() {
     let seconds: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let dir = std::env::temp_dir().join(format!("bench-store-{}", std::process::id()));
     let store = Arc::new(
-        SqliteStore::open(&dir.join("relay.db"), IntakeCaps { outbound: u64::MAX, inbound: u64::MAX })
-            .await
-            .expect("store opens"),
+        SqliteStore::open(
+            &dir.join("relay.db"),
+            IntakeCaps { outbound: u64::MAX, inbound: u64::MAX, per_contact: u64::MAX },
+        )
+        .await
+        .expect("store opens"),
     );
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);

@@ -103,7 +103,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
-            Self::Store(StoreError::Full { .. }) => "queue_full",
+            Self::Store(StoreError::Full { .. } | StoreError::ContactFull { .. }) => "queue_full",
             Self::UriTooLong { .. } => "uri_too_long",
             Self::HeadersTooLarge(_) => "headers_too_large",
             Self::Overloaded => "overloaded",
@@ -119,7 +119,7 @@ impl ApiError {
 /// (paths, SQLite errors) goes to the log, not to callers.
 fn store_message(error: &StoreError) -> String {
     match error {
-        StoreError::Full { .. } => format!("{error}; nothing was stored"),
+        StoreError::Full { .. } | StoreError::ContactFull { .. } => format!("{error}; nothing was stored"),
         _ => "the relay cannot store work right now; nothing was stored, try again".into(),
     }
 }

@@ -117,7 +117,8 @@ pub struct StoreConfig {
     /// `RELAY_RETENTION`, default `7d`: how long delivered jobs are kept.
     pub retention: Duration,
     /// `RELAY_MAX_QUEUED_OUTBOUND`, `RELAY_MAX_QUEUED_INBOUND`, default 100000 each: queued
-    /// jobs past which new work of that direction is refused with 503.
+    /// jobs past which new work of that direction is refused with 503;
+    /// `RELAY_MAX_QUEUED_PER_CONTACT`, default 1000: the same for one contact's messages.
     pub intake: IntakeCaps,
     /// How each replica talks to a Postgres store (unused for SQLite).
     pub postgres: PostgresOptions,
@@ -212,6 +213,7 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_LOG_FORMAT",
     "RELAY_MAX_QUEUED_OUTBOUND",
     "RELAY_MAX_QUEUED_INBOUND",
+    "RELAY_MAX_QUEUED_PER_CONTACT",
     "RELAY_DATABASE_POOL_SIZE",
     "RELAY_DATABASE_CONNECT_TIMEOUT_MS",
     "RELAY_DATABASE_STATEMENT_TIMEOUT_MS",
@@ -397,6 +399,7 @@ impl Config {
             ("RELAY_RETENTION", format_duration(store.retention)),
             ("RELAY_MAX_QUEUED_OUTBOUND", store.intake.outbound.to_string()),
             ("RELAY_MAX_QUEUED_INBOUND", store.intake.inbound.to_string()),
+            ("RELAY_MAX_QUEUED_PER_CONTACT", store.intake.per_contact.to_string()),
             ("RELAY_DATABASE_POOL_SIZE", store.postgres.pool_size.to_string()),
             ("RELAY_DATABASE_CONNECT_TIMEOUT_MS", ms(store.postgres.connect_timeout)),
             ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", ms(store.postgres.statement_timeout)),
@@ -469,6 +472,11 @@ impl StoreConfig {
             intake: IntakeCaps {
                 outbound: env.parsed("RELAY_MAX_QUEUED_OUTBOUND", IntakeCaps::DEFAULT.outbound, positive_count)?,
                 inbound: env.parsed("RELAY_MAX_QUEUED_INBOUND", IntakeCaps::DEFAULT.inbound, positive_count)?,
+                per_contact: env.parsed(
+                    "RELAY_MAX_QUEUED_PER_CONTACT",
+                    IntakeCaps::DEFAULT.per_contact,
+                    positive_count,
+                )?,
             },
             postgres: PostgresOptions {
                 pool_size: env.parsed("RELAY_DATABASE_POOL_SIZE", PostgresOptions::DEFAULT.pool_size, pool_size)?,

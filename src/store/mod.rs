@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The direction already holds its cap of queued jobs: new work is refused, not stored.
     #[error("{} queue is full ({cap} jobs waiting); try again later", direction.as_str())]
     Full { direction: Direction, cap: u64 },
+    /// The contact already has its cap of queued outbound messages: one contact never takes
+    /// the capacity the others need.
+    #[error("this contact already has {cap} messages waiting to be sent; try again once they are delivered")]
+    ContactFull { cap: u64 },
     #[error("no job {0}")]
     NotFound(i64),
     #[error("{0}")]
@@ -50,10 +54,12 @@ pub struct IntakeCaps {
     pub outbound: u64,
     /// Queued inbound jobs (events and receipts) past which webhooks get 503.
     pub inbound: u64,
+    /// Queued outbound messages to one contact past which `/message` gets 503 for that contact.
+    pub per_contact: u64,
 }
 
 impl IntakeCaps {
-    pub const DEFAULT: Self = Self { outbound: 100_000, inbound: 100_000 };
+    pub const DEFAULT: Self = Self { outbound: 100_000, inbound: 100_000, per_contact: 1_000 };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -415,6 +415,19 @@ impl Tx for PgTx<'_> {
         Ok(u64::try_from(counted).unwrap_or(0))
     }
 
+    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 AND contact = $2 \
+             LIMIT $3) q",
+        )
+        .bind(direction.as_str())
+        .bind(contact)
+        .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(u64::try_from(counted).unwrap_or(0))
+    }
+
     async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
@@ -661,13 +674,13 @@ impl Store for Shared {
 
     fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
         let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
-        let cap = self.caps.outbound;
+        let caps = self.caps;
         Box::pin(async move {
             let prepared = self
                 .bounded(async {
                     let mut tx = self.begin().await?;
                     let enqueued =
-                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), cap).await?;
+                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), caps).await?;
                     Ok((tx, enqueued))
                 })
                 .await;

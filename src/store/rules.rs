@@ -7,8 +7,8 @@
 //! thread owns the connection), Postgres's are round trips; the rules read the same either way.
 
 use super::{
-    BeforeSend, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, Job, JobState,
-    Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
+    BeforeSend, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job,
+    JobState, Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
 };
 use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
 
@@ -103,6 +103,9 @@ pub(crate) trait Tx {
     /// Queued jobs of `direction`, counted up to `cap + 1` at most.
     async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64>;
 
+    /// Queued jobs of `direction` to `contact`, counted up to `cap + 1` at most.
+    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64>;
+
     /// Inserts `row` at `now`; `None` when its dedup key is taken.
     async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>>;
 
@@ -152,7 +155,8 @@ pub(crate) trait Tx {
     async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()>;
 }
 
-/// Stores an outbound message, refused past `cap` queued ones. With `first`, the request that
+/// Stores an outbound message, refused past `caps` queued ones (in all, or to its contact). With
+/// `first`, the request that
 /// brought it takes its first attempt: leased at once when the contact has nothing queued (the
 /// usual case, and one round trip), else reserved until the request can claim it in turn.
 pub(crate) async fn enqueue_outbound<T: Tx>(
@@ -160,11 +164,14 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
     job: &NewOutbound,
     payload: &str,
     first: Option<&FirstClaim>,
-    cap: u64,
+    caps: IntakeCaps,
 ) -> StoreResult<Enqueued> {
     tx.lock_queues(Direction::Outbound, &[&job.contact]).await?;
-    if tx.queued(Direction::Outbound, cap).await? >= cap {
-        return Err(StoreError::Full { direction: Direction::Outbound, cap });
+    if tx.queued(Direction::Outbound, caps.outbound).await? >= caps.outbound {
+        return Err(StoreError::Full { direction: Direction::Outbound, cap: caps.outbound });
+    }
+    if tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? >= caps.per_contact {
+        return Err(StoreError::ContactFull { cap: caps.per_contact });
     }
     let row = NewRow {
         direction: Direction::Outbound,

@@ -789,6 +789,21 @@ impl Tx for SqliteTx<'_> {
         Ok(u64::try_from(queued).unwrap_or(0))
     }
 
+    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
+        // The contact's queued jobs through `jobs_queued`, no more than one past the cap.
+        let counted: i64 = self
+            .0
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = ?1 AND contact = ?2 \
+                 LIMIT ?3)",
+            )?
+            .query_row(
+                params![direction.as_str(), contact, i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX)],
+                |row| row.get(0),
+            )?;
+        Ok(u64::try_from(counted).unwrap_or(0))
+    }
+
     async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
         let inserted = self
             .0
@@ -1030,9 +1045,9 @@ impl Store for SqliteStore {
 
     fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
         let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
-        let cap = self.caps.outbound;
+        let caps = self.caps;
         let stored = self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
-            run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), cap))
+            run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), caps))
         });
         Box::pin(async move {
             let enqueued = stored.await?;

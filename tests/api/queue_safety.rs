@@ -86,6 +86,26 @@ async fn new_messages_past_the_outbound_cap_get_503_and_are_not_stored() {
 }
 
 #[tokio::test]
+async fn a_contact_past_its_own_cap_gets_503_while_other_contacts_are_served() {
+    let app = spawn_app_with(&[("RELAY_MAX_QUEUED_PER_CONTACT", "2"), ("RELAY_RETRY_JOINCHAT", "30s")]).await;
+    app.joinchat.script((0..1).map(|_| Reply::status(502, "")));
+    for i in 0..2 {
+        let (status, _) = app.send("flooding", text(&format!("flood {i}"))).await;
+        assert_eq!(status, 200);
+    }
+
+    let (status, body) = app.send("flooding", text("flood 2")).await;
+    let (other, _) = app.send("quiet", text("hello")).await;
+
+    let message = assert_error(status, &body, 503, "queue_full");
+    assert!(message.contains("this contact already has 2 messages waiting"), "{message}");
+    assert_eq!(other, 200, "another contact is served");
+    let stored: Vec<String> = app.jobs(JobState::Queued).await.into_iter().map(|job| job.contact).collect();
+    assert!(stored.iter().all(|contact| contact == "flooding"), "{stored:?}");
+    assert_eq!(stored.len(), 2, "nothing stored for the refused message");
+}
+
+#[tokio::test]
 async fn a_webhook_past_the_inbound_cap_gets_503_and_none_of_its_events_are_stored() {
     let app = spawn_app_with(&[("RELAY_MAX_QUEUED_INBOUND", "2"), ("RELAY_RETRY_BONYCHAT", "30s")]).await;
     app.bonychat.script((0..2).map(|_| Reply::status(502, "")));

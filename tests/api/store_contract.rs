@@ -321,8 +321,33 @@ async fn concurrent_claims_hand_out_each_job_once_and_one_per_contact(backend: B
     assert!(claimed.iter().all(|job| job.m_id.trim_start_matches('m').parse::<usize>().unwrap() < 40));
 }
 
+/// One contact never takes the capacity the others need (SPEC §5): past its own cap, only that
+/// contact's new messages are refused.
+async fn a_contact_past_its_cap_is_refused_while_the_others_are_not(backend: Backend) {
+    let caps = store::IntakeCaps { per_contact: 2, ..store::IntakeCaps::DEFAULT };
+    let Some(Subject { store, _dir, .. }) = backend(caps).await else { return };
+    for i in 0..2 {
+        store.enqueue_outbound(outbound("busy", &format!("busy{i}"), 1_000), None).await.unwrap();
+    }
+
+    let refused = store.enqueue_outbound(outbound("busy", "busy2", 1_000), None).await;
+    let other = store.enqueue_outbound(outbound("quiet", "quiet1", 1_000), None).await;
+
+    assert!(matches!(refused, Err(StoreError::ContactFull { cap: 2 })), "{refused:?}");
+    assert!(other.is_ok(), "{other:?}");
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let busy = job.into_iter().find(|job| job.contact == "busy").unwrap();
+    store.finish(busy.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_100).await.unwrap();
+    assert!(
+        store.enqueue_outbound(outbound("busy", "busy3", 1_200), None).await.is_ok(),
+        "room again once one was delivered"
+    );
+}
+
 async fn the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them(backend: Backend) {
-    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps { outbound: 3, inbound: 3 }).await else {
+    let Some(Subject { store, _dir, .. }) =
+        backend(store::IntakeCaps { outbound: 3, inbound: 3, per_contact: 3 }).await
+    else {
         return;
     };
     for i in 0..3 {
@@ -671,6 +696,7 @@ contract!(
     a_message_behind_others_is_left_to_its_request_until_its_wait_ends,
     concurrent_claims_hand_out_each_job_once_and_one_per_contact,
     the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them,
+    a_contact_past_its_cap_is_refused_while_the_others_are_not,
     renewed_leases_hold_and_released_ones_are_claimable_at_once,
     stored_jobs_survive_reopening_the_store,
     progress_is_kept_for_the_next_attempt,
