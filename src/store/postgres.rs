@@ -328,16 +328,31 @@ fn progress_value(progress: u32) -> i32 {
 struct PgTx<'t>(&'t mut PgConnection);
 
 impl PgTx<'_> {
+    /// Takes the lock of one contact's queue until the transaction ends. An upsert: the row of
+    /// a contact seen for the first time, or pruned since its queue emptied, is made and locked
+    /// in one step, so every writer of a contact has a row to wait on.
+    async fn lock_queue(&mut self, direction: &str, contact: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, NULL, 0) \
+             ON CONFLICT (direction, contact) DO UPDATE SET head_id = queues.head_id",
+        )
+        .bind(direction)
+        .bind(contact)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
     /// Takes the lock of job `id`'s queue; returns the queue, `None` for no such job.
     async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<(String, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT q.direction, q.contact FROM jobs j \
-             JOIN queues q ON q.direction = j.direction AND q.contact = j.contact \
-             WHERE j.id = $1 FOR UPDATE OF q",
-        )
-        .bind(id)
-        .fetch_optional(&mut *self.0)
-        .await?)
+        let queue: Option<(String, String)> = sqlx::query_as("SELECT direction, contact FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *self.0)
+            .await?;
+        if let Some((direction, contact)) = &queue {
+            self.lock_queue(direction, contact).await?;
+        }
+        Ok(queue)
     }
 
     /// Puts the queue row of one (direction, contact), whose lock this transaction holds,
@@ -389,16 +404,8 @@ impl PgTx<'_> {
 
 impl Tx for PgTx<'_> {
     async fn lock_queues(&mut self, direction: Direction, contacts: &[&str]) -> StoreResult<()> {
-        // An upsert both creates a contact's first queue row and locks it, atomically.
         for contact in contacts {
-            sqlx::query(
-                "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, NULL, 0) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET head_id = queues.head_id",
-            )
-            .bind(direction.as_str())
-            .bind(contact)
-            .execute(&mut *self.0)
-            .await?;
+            self.lock_queue(direction.as_str(), contact).await?;
         }
         Ok(())
     }
@@ -649,21 +656,17 @@ impl Store for Shared {
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
+        // A real write, committed like any other: a database that cannot write fails it.
+        let probe = sqlx::query(
+            "INSERT INTO relay_health (replica, checked_at) \
+             VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
+             ON CONFLICT (replica) DO UPDATE SET checked_at = excluded.checked_at",
+        )
+        .bind(&*self.replica)
+        .execute(&self.pool);
         Box::pin(async move {
-            let probe = async {
-                let database_now: i64 = sqlx::query_scalar(
-                    "INSERT INTO relay_health (replica, checked_at) \
-                     VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
-                     ON CONFLICT (replica) DO UPDATE SET checked_at = excluded.checked_at RETURNING checked_at",
-                )
-                .bind(&*self.replica)
-                .fetch_one(&self.pool)
-                .await?;
-                Ok::<_, StoreError>(database_now)
-            };
             match tokio::time::timeout(PING_TIMEOUT, probe).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e),
+                Ok(done) => done.map(drop).map_err(StoreError::from),
                 Err(_) => Err(StoreError::Unavailable(format!(
                     "the database did not take a write within {} ms",
                     PING_TIMEOUT.as_millis()
@@ -840,11 +843,7 @@ impl Store for Shared {
                     .await?;
             let mut released = 0;
             for (direction, contact) in lock_order(queues) {
-                sqlx::query("SELECT 1 FROM queues WHERE direction = $1 AND contact = $2 FOR UPDATE")
-                    .bind(&direction)
-                    .bind(&contact)
-                    .execute(&mut *tx)
-                    .await?;
+                PgTx(&mut tx).lock_queue(&direction, &contact).await?;
                 released += sqlx::query(
                     "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
                      WHERE lease_owner = $1 AND direction = $2 AND contact = $3",
@@ -970,11 +969,7 @@ impl Store for Shared {
             let ids: Vec<i64> = dead.iter().map(|(id, _, _)| *id).collect();
             let queues = lock_order(dead.into_iter().map(|(_, direction, contact)| (direction, contact)).collect());
             for (direction, contact) in &queues {
-                sqlx::query("SELECT 1 FROM queues WHERE direction = $1 AND contact = $2 FOR UPDATE")
-                    .bind(direction)
-                    .bind(contact)
-                    .execute(&mut *tx)
-                    .await?;
+                PgTx(&mut tx).lock_queue(direction, contact).await?;
             }
             let redriven = sqlx::query(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \

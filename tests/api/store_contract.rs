@@ -170,6 +170,28 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
     assert_eq!((a1.attempts, a1.next_attempt_at), (0, 1_300), "a fresh schedule, due now");
 }
 
+/// A dead letter outlives its contact's emptied queue (pruned meanwhile): redriven or retried,
+/// it is claimable again all the same.
+async fn dead_letters_come_back_after_their_queue_was_pruned(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    for (contact, m_id) in [("a", "a1"), ("b", "b1")] {
+        store.enqueue_outbound(outbound(contact, m_id, 1_000), None).await.unwrap();
+    }
+    for job in store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap() {
+        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+        store.finish(job.lease(), dead, 1_100).await.unwrap();
+    }
+    store.prune(1_000_000, 1_000_000, store::BATCH).await.unwrap();
+
+    let a1 = store.list(Some(JobState::Dead), 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
+    store.retry(a1.id, 2_000).await.unwrap();
+    assert_eq!(store.redrive_dead(2_000, store::BATCH).await.unwrap(), 1);
+
+    let mut claimed = claim_ids(store.as_ref(), 2_000).await;
+    claimed.sort();
+    assert_eq!(claimed, [("a".to_owned(), "a1".to_owned()), ("b".to_owned(), "b1".to_owned())]);
+}
+
 async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
@@ -688,6 +710,7 @@ contract!(
     a_retry_keeps_its_place_ahead_of_newer_jobs,
     a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again,
     a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight,
+    dead_letters_come_back_after_their_queue_was_pruned,
     a_backlog_does_not_hide_other_contacts,
     an_expired_lease_makes_the_job_claimable_again,
     a_lost_lease_can_record_nothing_over_the_new_claim,
