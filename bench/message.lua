@@ -2,16 +2,10 @@
 -- served in parallel as in a real workspace (one contact's messages go one at a time).
 local token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
 local channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
-local counter = 0
 -- Several wrk processes at once (one per replica) each take their own contacts.
 local offset = tonumber(os.getenv("CONTACT_OFFSET") or "0")
 
 dofile("bench/report.lua")
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-end
 
 function init(args)
   n = 0

@@ -2,16 +2,8 @@
 -- thread (-tN -cN): each thread owns the contacts c with c % N == its id and waits for each
 -- answer before its next request, so a contact never has two requests in flight and its
 -- messages "c<c> n<k>" (k = 1, 2, …) are accepted in order. CONTACTS (default 1000) contacts.
-local counter = 0
-local threads = {}
 
 dofile("bench/report.lua")
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-  table.insert(threads, thread)
-end
 
 function init(args)
   local total = tonumber(args[1] or "1")

@@ -1,6 +1,17 @@
--- Shared by the wrk scripts: one parseable line for bench/harness.sh (wrk's own --latency
--- table stops at 99 %), then `extra` ("name value" pairs the script adds). Loaded with
--- dofile, so wrk runs from the repository's root.
+-- Shared by the wrk scripts, loaded with dofile (so wrk runs from the repository's root).
+
+-- Numbers the threads 0, 1, … (each sees its own as `id`) and keeps them for `done()`.
+threads = {}
+local counter = 0
+
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+  table.insert(threads, thread)
+end
+
+-- One parseable line for bench/harness.sh (wrk's own --latency table stops at 99 %), then
+-- `extra` ("name value" pairs the script adds).
 function harness_line(summary, latency, extra)
   local e = summary.errors
   io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d%s\n",

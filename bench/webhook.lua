@@ -3,16 +3,8 @@
 -- argument after `--` is T) sends the lines i with i % T == t, in order, reading them as it
 -- goes; if a run outlasts the file it starts over, and the repeats are duplicates to the relay
 -- (counted in `wraps`).
-local counter = 0
-local threads = {}
 
 dofile("bench/report.lua")
-
-function setup(thread)
-  thread:set("id", counter)
-  counter = counter + 1
-  table.insert(threads, thread)
-end
 
 function init(args)
   total = tonumber(args[1] or "1")

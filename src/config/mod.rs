@@ -863,6 +863,9 @@ mod tests {
             ("JOINCHAT_TIMEOUT_MS", "600000", "600001"),
             ("BONYCHAT_TIMEOUT_MS", "600000", "18446744073709551615"),
             ("MESSENGER_GRAPH_TIMEOUT_MS", "600000", "600001"),
+            ("RELAY_DATABASE_CONNECT_TIMEOUT_MS", "600000", "600001"),
+            ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "600000", "600001"),
+            ("RELAY_DATABASE_POOL_SIZE", "100", "101"),
             ("RELAY_RETRY_JOINCHAT", "1s,7d", "1s,7d,169h"),
             ("RELAY_RETRY_BONYCHAT", "168h", "5s,213503982334d"),
             ("RELAY_RETENTION", "3650d", "3651d"),
@@ -873,6 +876,20 @@ mod tests {
             let err = Config::from_env(&with(&[(var, too_large)])).unwrap_err();
             assert_eq!(&err.var, var, "{err}");
             assert!(err.problem.contains("at most") || err.problem.contains("maximum"), "{err}");
+        }
+    }
+
+    #[test]
+    fn counts_that_would_stop_all_work_are_refused() {
+        for var in [
+            "RELAY_DATABASE_POOL_SIZE",
+            "RELAY_MAX_QUEUED_OUTBOUND",
+            "RELAY_MAX_QUEUED_INBOUND",
+            "RELAY_MAX_QUEUED_PER_CONTACT",
+        ] {
+            assert!(Config::from_env(&with(&[(var, "1")])).is_ok(), "{var}=1 is allowed");
+            let err = Config::from_env(&with(&[(var, "0")])).unwrap_err();
+            assert_eq!((err.var.as_str(), err.problem.as_str()), (var, "must be at least 1"));
         }
     }
 

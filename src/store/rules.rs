@@ -103,7 +103,8 @@ pub(crate) trait Tx {
     /// Queued jobs of `direction`, counted up to `cap + 1` at most.
     async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64>;
 
-    /// Queued jobs of `direction` to `contact`, counted up to `cap + 1` at most.
+    /// Queued jobs of `direction` to `contact`, counted up to `cap + 1` at most (the job just
+    /// inserted included).
     async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64>;
 
     /// Inserts `row` at `now`; `None` when its dedup key is taken.
@@ -170,9 +171,6 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
     if tx.queued(Direction::Outbound, caps.outbound).await? >= caps.outbound {
         return Err(StoreError::Full { direction: Direction::Outbound, cap: caps.outbound });
     }
-    if tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? >= caps.per_contact {
-        return Err(StoreError::ContactFull { cap: caps.per_contact });
-    }
     let row = NewRow {
         direction: Direction::Outbound,
         contact: &job.contact,
@@ -185,6 +183,11 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         .insert_job(&row, job.now)
         .await?
         .ok_or_else(|| StoreError::Unavailable("an outbound job was taken for a duplicate".into()))?;
+    // Only a job behind others can take its contact past the cap: the usual message, heading an
+    // empty queue, costs no count. A refusal undoes the insert with the rest of the operation.
+    if !inserted.head && tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? > caps.per_contact {
+        return Err(StoreError::ContactFull { cap: caps.per_contact });
+    }
     let Some(first) = first else { return Ok(Enqueued { id: inserted.id, claimed: None }) };
     if !inserted.head {
         tx.reserve(inserted.id, first.reserved_until).await?;
