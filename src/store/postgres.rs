@@ -435,10 +435,15 @@ impl Tx for PgTx<'_> {
         Ok(u64::try_from(counted).unwrap_or(0))
     }
 
-    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
+    async fn insert_job(
+        &mut self,
+        row: &NewRow<'_>,
+        now: i64,
+        first: Option<&FirstClaim>,
+    ) -> StoreResult<Option<Inserted>> {
         let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at, \
+             reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
         )
         .bind(row.direction.as_str())
         .bind(row.contact)
@@ -447,6 +452,7 @@ impl Tx for PgTx<'_> {
         .bind(row.payload)
         .bind(row.state.as_str())
         .bind(now)
+        .bind(first.map(|first| first.reserved_until))
         .fetch_optional(&mut *self.0)
         .await?;
         let Some(id) = id else { return Ok(None) };
@@ -468,21 +474,11 @@ impl Tx for PgTx<'_> {
             .await?;
             head = head_id == Some(id);
         }
-        Ok(Some(Inserted { id, head }))
-    }
-
-    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64, reserved_until: i64) -> StoreResult<i64> {
-        self.lease(id, owner, lease_until, Some(reserved_until)).await
-    }
-
-    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()> {
-        // Not the head (else it would have been leased): its queue's row changes once it is.
-        sqlx::query("UPDATE jobs SET reserved_until = $1 WHERE id = $2")
-            .bind(until)
-            .bind(id)
-            .execute(&mut *self.0)
-            .await?;
-        Ok(())
+        let lease_token = match first {
+            Some(first) if head => Some(self.lease(id, &first.owner, first.lease_until, None).await?),
+            _ => None,
+        };
+        Ok(Some(Inserted { id, head, lease_token }))
     }
 
     async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {

@@ -29,6 +29,8 @@ pub(crate) struct Inserted {
     pub id: i64,
     /// The job heads a queue that was empty: nothing else of its contact is queued or in flight.
     pub head: bool,
+    /// Its fencing token, when it was leased with the insert (see [`Tx::insert_job`]).
+    pub lease_token: Option<i64>,
 }
 
 /// What a finished attempt writes on its job.
@@ -107,16 +109,15 @@ pub(crate) trait Tx {
     /// inserted included).
     async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64>;
 
-    /// Inserts `row` at `now`; `None` when its dedup key is taken.
-    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>>;
-
-    /// Leases job `id`, which heads its queue with nothing of its contact in flight, to `owner`,
-    /// and reserves it for `owner`'s request until `reserved_until` (a deferral keeps it); returns
-    /// the new fencing token.
-    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64, reserved_until: i64) -> StoreResult<i64>;
-
-    /// Keeps job `id` from workers' claims until `until` (see [`FirstClaim`]).
-    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()>;
+    /// Inserts `row` at `now`; `None` when its dedup key is taken. With `first`, the job is kept
+    /// from workers' claims until `first.reserved_until` (see [`FirstClaim`]; a deferral keeps
+    /// that), and when it heads its queue it is also leased to `first.owner` in the same write.
+    async fn insert_job(
+        &mut self,
+        row: &NewRow<'_>,
+        now: i64,
+        first: Option<&FirstClaim>,
+    ) -> StoreResult<Option<Inserted>>;
 
     /// When the last send to `contact` takes effect (outbound pacing).
     async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>>;
@@ -180,7 +181,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         state: JobState::Queued,
     };
     let inserted = tx
-        .insert_job(&row, job.now)
+        .insert_job(&row, job.now, first)
         .await?
         .ok_or_else(|| StoreError::Unavailable("an outbound job was taken for a duplicate".into()))?;
     // Only a job behind others can take its contact past the cap: the usual message, heading an
@@ -188,12 +189,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
     if !inserted.head && tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? > caps.per_contact {
         return Err(StoreError::ContactFull { cap: caps.per_contact });
     }
-    let Some(first) = first else { return Ok(Enqueued { id: inserted.id, claimed: None }) };
-    if !inserted.head {
-        tx.reserve(inserted.id, first.reserved_until).await?;
-        return Ok(Enqueued { id: inserted.id, claimed: None });
-    }
-    let lease_token = tx.lease_head(inserted.id, &first.owner, first.lease_until, first.reserved_until).await?;
+    let Some(lease_token) = inserted.lease_token else { return Ok(Enqueued { id: inserted.id, claimed: None }) };
     let contact_last_effective_at = tx.last_effective_at(&job.contact).await?;
     let claimed = Job {
         id: inserted.id,
@@ -309,13 +305,13 @@ async fn store_message<T: Tx>(
         && tx.take_echo_mark(contact, fingerprint, now).await?
     {
         for (event, key) in events.iter().zip(keys) {
-            tx.insert_job(&event_row(contact, event, key, JobState::Dropped), now).await?;
+            tx.insert_job(&event_row(contact, event, key, JobState::Dropped), now, None).await?;
         }
         summary.own_echoes += 1;
         return Ok(());
     }
     for (event, key) in events.iter().zip(keys) {
-        if tx.insert_job(&event_row(contact, event, key, JobState::Queued), now).await?.is_some() {
+        if tx.insert_job(&event_row(contact, event, key, JobState::Queued), now, None).await?.is_some() {
             summary.queued += 1;
         } else {
             summary.duplicates += 1;
@@ -369,7 +365,7 @@ async fn queue_receipt<T: Tx>(
     });
     let row =
         NewRow { direction: Direction::Inbound, contact, m_id, dedup_key, payload: &payload, state: JobState::Queued };
-    Ok(tx.insert_job(&row, now).await?.is_some())
+    Ok(tx.insert_job(&row, now, None).await?.is_some())
 }
 
 /// Queues the `failed` receipt of outbound message `m_id` to `contact`, once.

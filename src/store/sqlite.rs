@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_intake.sql"),
     include_str!("../../migrations/sqlite/0003_fencing.sql"),
+    include_str!("../../migrations/sqlite/0004_lean_writes.sql"),
 ];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
@@ -804,49 +805,54 @@ impl Tx for SqliteTx<'_> {
         Ok(u64::try_from(counted).unwrap_or(0))
     }
 
-    async fn insert_job(&mut self, row: &NewRow<'_>, now: i64) -> StoreResult<Option<Inserted>> {
+    async fn insert_job(
+        &mut self,
+        row: &NewRow<'_>,
+        now: i64,
+        first: Option<&FirstClaim>,
+    ) -> StoreResult<Option<Inserted>> {
+        let direction = row.direction.as_str();
+        // The one writer decides whether the job heads its queue before inserting it, so that a
+        // head leased with the insert is written once, lease and all.
+        let head = row.state == JobState::Queued
+            && !self
+                .0
+                .prepare_cached("SELECT 1 FROM queue_heads WHERE direction = ?1 AND contact = ?2")?
+                .exists(params![direction, row.contact])?;
+        let lease = first.filter(|_| head);
         let inserted = self
             .0
             .prepare_cached(
-                "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7) ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at, \
+                 reserved_until, lease_owner, lease_until, lease_token) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?
             .execute(params![
-                row.direction.as_str(),
+                direction,
                 row.contact,
                 row.m_id,
                 row.dedup_key,
                 row.payload,
                 row.state.as_str(),
-                now
+                now,
+                first.map(|first| first.reserved_until),
+                lease.map(|lease| lease.owner.as_str()),
+                lease.map(|lease| lease.lease_until),
+                i64::from(lease.is_some()),
             ])?;
         if inserted == 0 {
             return Ok(None);
         }
         let id = self.0.last_insert_rowid();
-        let mut head = false;
-        if row.state == JobState::Queued {
-            // Heads the contact's queue unless an older job already does.
-            head = self
-                .0
-                .prepare_cached(
-                    "INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT (direction, contact) DO NOTHING",
-                )?
-                .execute(params![row.direction.as_str(), row.contact, id, now])?
-                == 1;
+        if head {
+            // Due when its lease and its reservation have ended, as `refresh_head` has it.
+            let due_at = lease.map_or(now, |lease| now.max(lease.lease_until).max(lease.reserved_until));
+            self.0
+                .prepare_cached("INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![direction, row.contact, id, due_at])?;
         }
-        Ok(Some(Inserted { id, head }))
-    }
-
-    async fn lease_head(&mut self, id: i64, owner: &str, lease_until: i64, reserved_until: i64) -> StoreResult<i64> {
-        Ok(lease(self.0, id, owner, lease_until, Some(reserved_until))?)
-    }
-
-    async fn reserve(&mut self, id: i64, until: i64) -> StoreResult<()> {
-        // Not the head (else it would have been leased): its queue's row changes once it is.
-        self.0.prepare_cached("UPDATE jobs SET reserved_until = ?1 WHERE id = ?2")?.execute(params![until, id])?;
-        Ok(())
+        Ok(Some(Inserted { id, head, lease_token: lease.map(|_| 1) }))
     }
 
     async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
@@ -909,8 +915,17 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
+        // Read, then written by primary key: SQLite runs `RETURNING` through a temporary table
+        // it creates and drops for every statement.
         let settled: Option<(String, String, String)> = self
             .0
+            .prepare_cached(
+                "SELECT direction, contact, m_id FROM jobs WHERE id = ?1 AND lease_token = ?2 AND lease_owner IS NOT NULL",
+            )?
+            .query_row(params![lease.id, lease.token], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .optional()?;
+        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
+        self.0
             .prepare_cached(
                 "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + ?3, \
                  next_attempt_at = COALESCE(?4, next_attempt_at), \
@@ -918,25 +933,19 @@ impl Tx for SqliteTx<'_> {
                  accepted_at = CASE WHEN ?1 = 'delivered' AND direction = 'outbound' THEN COALESCE(?6, ?7) ELSE accepted_at END, \
                  reserved_until = CASE WHEN ?8 THEN reserved_until END, \
                  lease_owner = NULL, lease_until = NULL, updated_at = ?7 \
-                 WHERE id = ?9 AND lease_token = ?10 AND lease_owner IS NOT NULL RETURNING direction, contact, m_id",
+                 WHERE id = ?9",
             )?
-            .query_row(
-                params![
-                    settle.state.as_str(),
-                    settle.progress,
-                    settle.attempted,
-                    settle.next_attempt_at,
-                    settle.error,
-                    settle.sent_at,
-                    now,
-                    settle.keep_reservation,
-                    lease.id,
-                    lease.token
-                ],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-            )
-            .optional()?;
-        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
+            .execute(params![
+                settle.state.as_str(),
+                settle.progress,
+                settle.attempted,
+                settle.next_attempt_at,
+                settle.error,
+                settle.sent_at,
+                now,
+                settle.keep_reservation,
+                lease.id,
+            ])?;
         let queued = refresh_head(self.0, &direction, &contact)?;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
