@@ -151,14 +151,18 @@ start_on() { # CPU ADDR MODE-ARGS…: a bench example, with the relay's variable
 stats() { curl -sf "http://$ORDERED/stats"; } # bench_joinchat's counts
 stat_of() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}' <<<"$1"; }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # PID: user + system time, in 1/100 s
+
 # load SCRIPT CONNECTIONS URL [SCRIPT-ARGS…]: one wrk run; sets RPS P50 P99 P999 NON200 and the
 # script's extra figures as W_<name>. Non-200 counts non-2xx answers and socket errors (timeouts
-# at 10 s included).
+# at 10 s included). With SERVER_PID set, also CPU_US: the CPU time that process spent per
+# request answered during the run (what the rate would be if the server had its core alone).
 load() {
   local script=$1 c=$2 url=$3; shift 3
   local threads=$((c < 2 ? 1 : 2))
   [[ $script == bench/ordered.lua ]] && threads=$c
-  local out
+  local out ticks=0
+  [[ -n ${SERVER_PID:-} ]] && ticks=$(cpu_ticks "$SERVER_PID")
   out=$(wrk -t"$threads" -c"$c" -d"${DURATION}s" --timeout 10s -s "$script" "$url" -- "$@" 2>&1) || {
     echo "$out" >&2
     exit 1
@@ -166,6 +170,8 @@ load() {
   local line
   line=$(grep '^HARNESS ' <<<"$out") || { echo "$out" >&2; exit 1; }
   RPS=$(awk '{print int($3 * 1000000 / $5)}' <<<"$line")
+  CPU_US=-
+  [[ -n ${SERVER_PID:-} ]] && CPU_US=$(awk -v t="$(($(cpu_ticks "$SERVER_PID") - ticks))" '{printf "%.0f µs", t * 10000 / $3}' <<<"$line")
   P50=$(ms "$(stat_of "$line" p50_us)")
   P99=$(ms "$(stat_of "$line" p99_us)")
   P999=$(ms "$(stat_of "$line" p999_us)")
@@ -176,7 +182,7 @@ load() {
   grep '^unexpected' <<<"$out" | head -3 >&2 || true
 }
 
-row() { say "| $1 | $2 | $RPS | $P50 | $P99 | $P999 | $NON200 |"; }
+row() { say "| $1 | $2 | $RPS | $P50 | $P99 | $P999 | $NON200 | $CPU_US |"; }
 
 commit=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- src examples bench/*.sh bench/*.lua Cargo.toml Cargo.lock || commit="$commit + uncommitted changes"
@@ -194,7 +200,7 @@ say "The relay: SQLite (a fresh store for each row), \`JOINCHAT_ORDER_GAP_SECS=0
 say
 
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
-declare -A rps_of p99_of
+declare -A rps_of p99_of cpu_of
 starts=() # "label|ready ms|idle kB|end kB|peak kB", one per start of the relay on an empty store
 
 # ---------------------------------------------------------------------------------------------
@@ -206,15 +212,18 @@ if want message; then
 say "## POST /message"
 say
 say "BonyChat text messages spread over 100 000 contacts (\`bench/message.lua\`); JoinChat is the"
-say "instant stand-in (\`bench_ceiling\`). p99.9 from wrk's histogram (\`done()\` in the script)."
+say "instant stand-in (\`bench_ceiling\`). p99.9 from wrk's histogram (\`done()\` in the script). CPU per"
+say "request: the user and system time of the server under test over the run, divided by the requests it"
+say "answered (from \`/proc/<pid>/stat\`): the cost of a request whether or not the server filled its core."
 say
-say "| server | connections | requests/s | p50 | p99 | p99.9 | non-200 |"
-say "|---|---|---|---|---|---|---|"
+say "| server | connections | requests/s | p50 | p99 | p99.9 | non-200 | server CPU per request |"
+say "|---|---|---|---|---|---|---|---|"
 
 note "reference: bench_ceiling under test"
 taskset -c 0 ./target/release/examples/bench_ceiling $REFERENCE >>"$logs/examples.log" 2>&1 &
 pids+=($!)
 wait_for $REFERENCE
+SERVER_PID=${pids[-1]}
 load bench/message.lua 64 "http://$REFERENCE"
 row "reference: bench_ceiling (200 at once, body not read): about what wrk on one CPU can drive" 64
 stop "${pids[-1]}"
@@ -222,10 +231,12 @@ stop "${pids[-1]}"
 for mode in handler forwarder; do
   note "bare $mode"
   start_on 0 $BARE ./target/release/examples/bench_bare $mode $BARE
+  SERVER_PID=$LAST_PID
   for c in $CONNECTIONS; do
     load bench/message.lua "$c" "http://$BARE"
     row "ceiling: bare $mode" "$c"
     rps_of[$mode.$c]=$RPS
+    cpu_of[$mode.$c]=$CPU_US
   done
   stop "$LAST_PID"
 done
@@ -237,14 +248,17 @@ for wait_ms in 3000 0; do
     note "$label, $c connections"
     rm -f "$data"/relay.db*
     start_relay $STANDIN $wait_ms
+    SERVER_PID=$RELAY_PID
     load bench/message.lua "$c" "http://$RELAY"
     row "$label" "$c"
     rps_of[relay$wait_ms.$c]=$RPS
+    cpu_of[relay$wait_ms.$c]=$CPU_US
     p99_of[relay$wait_ms.$c]=$P99_US
     starts+=("$label, $c connections|$READY_MS|$IDLE_KB|$(kb_of "$RELAY_PID" VmRSS)|$(kb_of "$RELAY_PID" VmHWM)")
     stop "$RELAY_PID"
   done
 done
+SERVER_PID=
 say
 fi
 
@@ -425,6 +439,11 @@ target "start to ready, empty store (median; largest)" "$ready_median ms; $ready
 target "start to ready, $BACKLOG queued" "${backlog_ready:-?} ms" "< 1 s" "${backlog_ready:-0} < 1000"
 target "end to end: out of order, duplicates" "${e2e_out_of_order:-?}, ${e2e_duplicates:-?}" "0, 0" "${e2e_out_of_order:-0} + ${e2e_duplicates:-0} == 0"
 say
+if [[ -n ${cpu_of[relay3000.64]:-} && -n ${cpu_of[forwarder.64]:-} ]]; then
+  say "CPU per request at 64 connections: relay default ${cpu_of[relay3000.64]}, bare forwarder ${cpu_of[forwarder.64]}, \
+bare handler ${cpu_of[handler.64]:-?}. The relay reaches 0.8 of the forwarder's rate only once its CPU per request is \
+within 1.25× the forwarder's."
+fi
 [[ -n ${webhook_rps:-} ]] && say "Signed webhooks acknowledged at 64 connections: $webhook_rps batches/s."
 say "MB are MiB (kB of /proc ÷ 1024). After the run: load average $(cut -d' ' -f1-3 /proc/loadavg); CPU pressure \
 $(awk '/^some/ {print $4}' /proc/pressure/cpu 2>/dev/null || echo '(no PSI)'), I/O pressure $(awk '/^some/ {print $4}' /proc/pressure/io 2>/dev/null || echo '(no PSI)') \
