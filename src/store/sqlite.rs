@@ -1542,4 +1542,47 @@ mod tests {
             .unwrap();
         assert_eq!(tables, ["kept"]);
     }
+
+    /// A store last written by the previous schema, with a message in flight when that relay
+    /// died, is upgraded in place: the message is handed out again, and the index the upgrade
+    /// drops is gone.
+    #[tokio::test]
+    async fn a_store_of_the_previous_schema_is_upgraded_with_its_message_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        let now = now_millis();
+        let first = FirstClaim { owner: "gone".into(), lease_until: now + 60_000, reserved_until: now + 1 };
+        let job = crate::store::NewOutbound {
+            m_id: "m1".into(),
+            contact: "c1".into(),
+            recipient: Recipient::Id("c1".into()),
+            parts: vec![Message::Text { text: "hi".into() }],
+            now,
+        };
+        {
+            let store = SqliteStore::open(&path, IntakeCaps::DEFAULT).await.unwrap();
+            let enqueued = store.enqueue_outbound(job, Some(first)).await.unwrap();
+            assert!(enqueued.claimed.is_some(), "leased to the request that stored it");
+        }
+        // Back to schema 3, as the previous release left it.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE INDEX jobs_leased ON jobs (direction, contact) WHERE lease_owner IS NOT NULL; PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = SqliteStore::open(&path, IntakeCaps::DEFAULT).await.unwrap();
+        let claimed = store.claim("next", Direction::Outbound, now, now + 60_000, 10).await.unwrap();
+
+        assert_eq!(claimed.iter().map(|job| job.m_id.as_str()).collect::<Vec<_>>(), ["m1"]);
+        let indexes: i64 = store
+            .run(|conn| {
+                Ok(conn
+                    .query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'jobs_leased'", [], |row| row.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(indexes, 0);
+    }
 }
