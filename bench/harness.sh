@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The relay against its own ceilings, in one run, with the server under test on CPU 0 and
 # everything else (wrk, the JoinChat and BonyChat stand-ins, this script) on CPU 1. Prints a
-# Markdown report and writes it to bench/results/harness-<date>.md.
+# Markdown report and writes it to bench/results/harness-<date>-<HHMM>.md (UTC).
 #
 #   bash bench/harness.sh               # 10 s per load run, about 5 minutes in all
 #   DURATION=30 bash bench/harness.sh
@@ -57,7 +57,7 @@ if [[ $(stat -f -c %T "$data") == tmpfs ]]; then
 fi
 logs=${LOG_DIR:-$data}
 mkdir -p "$logs" bench/results
-report=${REPORT:-bench/results/harness-$(date -u +%Y-%m-%d).md}
+report=${REPORT:-bench/results/harness-$(date -u +%Y-%m-%d-%H%M).md} # never overwrites an earlier run
 : >"$report"
 
 pids=()
