@@ -378,18 +378,15 @@ impl PgTx<'_> {
     }
 
     /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
-    /// lease, and reserving the job for its request until `reserved_until` when given; returns
-    /// the new token.
-    async fn lease(&mut self, id: i64, owner: &str, lease_until: i64, reserved_until: Option<i64>) -> StoreResult<i64> {
+    /// lease; returns the new token.
+    async fn lease(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64> {
         let (token, direction, contact): (i64, String, String) = sqlx::query_as(
-            "UPDATE jobs SET lease_owner = $1, lease_until = $2, lease_token = lease_token + 1, \
-             reserved_until = COALESCE($4, reserved_until) WHERE id = $3 \
+            "UPDATE jobs SET lease_owner = $1, lease_until = $2, lease_token = lease_token + 1 WHERE id = $3 \
              RETURNING lease_token, direction, contact",
         )
         .bind(owner)
         .bind(lease_until)
         .bind(id)
-        .bind(reserved_until)
         .fetch_one(&mut *self.0)
         .await?;
         sqlx::query("UPDATE queues SET due_at = $1 WHERE direction = $2 AND contact = $3")
@@ -475,7 +472,7 @@ impl Tx for PgTx<'_> {
             head = head_id == Some(id);
         }
         let lease_token = match first {
-            Some(first) if head => Some(self.lease(id, &first.owner, first.lease_until, None).await?),
+            Some(first) if head => Some(self.lease(id, &first.owner, first.lease_until).await?),
             _ => None,
         };
         Ok(Some(Inserted { id, head, lease_token }))
@@ -793,7 +790,7 @@ impl Store for Shared {
             if in_flight.is_some() {
                 return Ok(None);
             }
-            PgTx(&mut tx).lease(id, &owner, lease_until, None).await?;
+            PgTx(&mut tx).lease(id, &owner, lease_until).await?;
             let row = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM jobs j \
                  LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact WHERE j.id = $1"

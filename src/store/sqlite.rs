@@ -737,24 +737,14 @@ fn claimable_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
     Ok(job)
 }
 
-/// Leases job `id` and holds its queue's head for the lease (reserving the job for its request
-/// until `reserved_until`, when given); returns the new fencing token.
-fn lease(
-    conn: &Connection,
-    id: i64,
-    owner: &str,
-    lease_until: i64,
-    reserved_until: Option<i64>,
-) -> rusqlite::Result<i64> {
+/// Leases job `id` and holds its queue's head for the lease; returns the new fencing token.
+fn lease(conn: &Connection, id: i64, owner: &str, lease_until: i64) -> rusqlite::Result<i64> {
     let (token, direction, contact): (i64, String, String) = conn
         .prepare_cached(
-            "UPDATE jobs SET lease_owner = ?1, lease_until = ?2, lease_token = lease_token + 1, \
-             reserved_until = COALESCE(?4, reserved_until) WHERE id = ?3 \
+            "UPDATE jobs SET lease_owner = ?1, lease_until = ?2, lease_token = lease_token + 1 WHERE id = ?3 \
              RETURNING lease_token, direction, contact",
         )?
-        .query_row(params![owner, lease_until, id, reserved_until], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })?;
+        .query_row(params![owner, lease_until, id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     conn.prepare_cached("UPDATE queue_heads SET due_at = ?1 WHERE direction = ?2 AND contact = ?3")?
         .execute(params![lease_until, direction, contact])?;
     Ok(token)
@@ -1113,7 +1103,7 @@ impl Store for SqliteStore {
                     }
                     continue;
                 };
-                job.lease_token = lease(conn, job.id, &owner, lease_until, None)?;
+                job.lease_token = lease(conn, job.id, &owner, lease_until)?;
                 job.in_flight = true;
                 jobs.push(job);
             }
@@ -1139,7 +1129,7 @@ impl Store for SqliteStore {
                 .query_row(params![id, now], |row| claimable_from_row(row, now))
                 .optional()?;
             let Some(mut job) = job else { return Ok(None) };
-            job.lease_token = lease(conn, job.id, &owner, lease_until, None)?;
+            job.lease_token = lease(conn, job.id, &owner, lease_until)?;
             job.in_flight = true;
             Ok(Some(job))
         });
