@@ -1,7 +1,5 @@
 -- wrk script: BonyChat's POST /message, spread over 100 000 contacts so that contacts are
 -- served in parallel as in a real workspace (one contact's messages go one at a time).
-local token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
-local channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
 -- Several wrk processes at once (one per replica) each take their own contacts.
 local offset = tonumber(os.getenv("CONTACT_OFFSET") or "0")
 
@@ -14,12 +12,7 @@ end
 request = function()
   n = n + 1
   local contact = string.format("%d", 1000000000000000 + offset + (id * 1000003 + n) % 100000)
-  local body = '{"channelId":"' .. channel .. '","contactId":"' .. contact ..
-    '","message":{"type":"text","text":"Benchmark message number ' .. n .. ' from thread ' .. id .. '"}}'
-  return wrk.format("POST", "/message", {
-    ["Authorization"] = "Bearer " .. token,
-    ["Content-Type"] = "application/json",
-  }, body)
+  return message_request(contact, "Benchmark message number " .. n .. " from thread " .. id)
 end
 
 -- Any answer other than 200 is an error for the benchmark.

@@ -16,8 +16,6 @@ function init(args)
     table.insert(owned, c)
     sent[c] = 0
   end
-  token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
-  channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
 end
 
 request = function()
@@ -32,12 +30,7 @@ request = function()
     sent[c] = sent[c] + 1
     k = sent[c]
   end
-  local body = '{"channelId":"' .. channel .. '","contactId":"' .. string.format("%d", 1000000000000000 + c) ..
-    '","message":{"type":"text","text":"c' .. c .. ' n' .. k .. '"}}'
-  return wrk.format("POST", "/message", {
-    ["Authorization"] = "Bearer " .. token,
-    ["Content-Type"] = "application/json",
-  }, body)
+  return message_request(string.format("%d", 1000000000000000 + c), "c" .. c .. " n" .. k)
 end
 
 -- A refused message would leave a hole the stand-in reports as out of order: say so.
@@ -47,7 +40,5 @@ response = function(status, headers, body)
 end
 
 done = function(summary, latency, requests)
-  local total = 0
-  for _, thread in ipairs(threads) do total = total + thread:get("accepted") end
-  harness_line(summary, latency, string.format(" accepted %d", total))
+  harness_line(summary, latency, string.format(" accepted %d", sum_over_threads("accepted")))
 end

@@ -19,6 +19,26 @@ function harness_line(summary, latency, extra)
     e.status, e.connect + e.read + e.write + e.timeout, extra or ""))
 end
 
+-- The sum of the per-thread counter `name` (each thread keeps its own in its Lua state).
+function sum_over_threads(name)
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get(name) end
+  return total
+end
+
+-- BonyChat's POST /message of `text` to `contact`, with the channel's token (both from the
+-- relay's variables when set).
+local token = os.getenv("BONYCHAT_API_TOKEN") or "bench-token"
+local channel = os.getenv("BONYCHAT_CHANNEL_ID") or "bench-channel"
+function message_request(contact, text)
+  local body = '{"channelId":"' .. channel .. '","contactId":"' .. contact ..
+    '","message":{"type":"text","text":"' .. text .. '"}}'
+  return wrk.format("POST", "/message", {
+    ["Authorization"] = "Bearer " .. token,
+    ["Content-Type"] = "application/json",
+  }, body)
+end
+
 -- Counts and shows (the first three) answers other than 200.
 function count_unexpected(status, body)
   if status ~= 200 then

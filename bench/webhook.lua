@@ -45,7 +45,5 @@ response = function(status, headers, body)
 end
 
 done = function(summary, latency, requests)
-  local total = 0
-  for _, thread in ipairs(threads) do total = total + thread:get("wraps") end
-  harness_line(summary, latency, string.format(" wraps %d", total))
+  harness_line(summary, latency, string.format(" wraps %d", sum_over_threads("wraps")))
 end
