@@ -110,25 +110,27 @@ impl DedicatedPostgres {
 
     /// Restarts the server (fast shutdown, then start): every connection to it is cut.
     pub async fn restart(&self) {
-        let output = self.script("restart").await;
-        assert!(output.status.success(), "scripts/test-postgres restart: {}", describe(&output));
+        self.must("restart").await;
     }
 
     /// Stops the server (fast shutdown): the database is away until [`Self::start_again`].
     pub async fn stop(&self) {
-        let output = self.script("stop").await;
-        assert!(output.status.success(), "scripts/test-postgres stop: {}", describe(&output));
+        self.must("stop").await;
     }
 
     pub async fn start_again(&self) {
-        let output = self.script("start").await;
-        assert!(output.status.success(), "scripts/test-postgres start: {}", describe(&output));
+        self.must("start").await;
     }
 
     /// Kills the server without a shutdown (`pg_ctl stop -m immediate`), then starts it again.
     pub async fn crash_restart(&self) {
-        let output = self.script("crash-restart").await;
-        assert!(output.status.success(), "scripts/test-postgres crash-restart: {}", describe(&output));
+        self.must("crash-restart").await;
+    }
+
+    /// Runs `scripts/test-postgres <command>` on this cluster; the test fails if it fails.
+    async fn must(&self, command: &str) {
+        let output = self.script(command).await;
+        assert!(output.status.success(), "scripts/test-postgres {command}: {}", describe(&output));
     }
 
     async fn script(&self, command: &str) -> Output {
