@@ -810,6 +810,8 @@ impl Tx for SqliteTx<'_> {
                 .prepare_cached("SELECT 1 FROM queue_heads WHERE direction = ?1 AND contact = ?2")?
                 .exists(params![direction, row.contact])?;
         let lease = first.filter(|_| head);
+        // A new row's token starts at 0; its first claim, this one, makes it 1.
+        let lease_token = lease.map(|_| 1);
         let inserted = self
             .0
             .prepare_cached(
@@ -829,7 +831,7 @@ impl Tx for SqliteTx<'_> {
                 first.map(|first| first.reserved_until),
                 lease.map(|lease| lease.owner.as_str()),
                 lease.map(|lease| lease.lease_until),
-                i64::from(lease.is_some()),
+                lease_token.unwrap_or(0),
             ])?;
         if inserted == 0 {
             return Ok(None);
@@ -842,7 +844,7 @@ impl Tx for SqliteTx<'_> {
                 .prepare_cached("INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![direction, row.contact, id, due_at])?;
         }
-        Ok(Some(Inserted { id, head, lease_token: lease.map(|_| 1) }))
+        Ok(Some(Inserted { id, head, lease_token }))
     }
 
     async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
