@@ -23,7 +23,7 @@ use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
 use crate::server;
 use crate::signing::HubSignature;
-use crate::store::{self, Store, StoreError, now_millis};
+use crate::store::{self, Store, StoreError};
 
 /// Bounds each request of the routes that store nothing (probes, the handshake, the admin
 /// API), so a stuck one cannot hold up a shutdown; `/message` and the webhook bound their own
@@ -192,7 +192,9 @@ pub(crate) fn worker(config: &Config, store: Arc<dyn Store>) -> Result<Worker, S
 
 async fn prune_forever(store: Arc<dyn Store>, retention: Duration) {
     loop {
-        let now = now_millis();
+        // The store's clock: on a shared store, a replica whose own clock runs ahead must not
+        // delete the history (and the receipts it carries) of every replica.
+        let now = store.now();
         let before = now.saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
         match store::prune_all(store.as_ref(), before, now).await {
             Ok(0) => {}

@@ -150,6 +150,8 @@ pub struct Job {
     pub updated_at: i64,
     /// Whether a worker holds the job right now.
     pub in_flight: bool,
+    /// When the current lease ends (the store's clock), if the job is leased.
+    pub lease_until: Option<i64>,
     /// The fencing token of the claim that handed out this job: every later write about the
     /// attempt names it, and is refused once anyone has claimed the job since.
     pub lease_token: i64,
@@ -313,6 +315,9 @@ pub enum Finish {
     Dead { progress: u32, error: String, failed_receipt: bool },
     /// Refused by JoinChat while BonyChat waited.
     Rejected { progress: u32, error: String },
+    /// Not attempted (no free slot, or the attempt stopped unsure of its claim): handed back,
+    /// due now, for any worker to claim. The attempt count stays.
+    Release { progress: u32, now: i64 },
 }
 
 /// The durable store, as delivery sees it. The rules of the queue (deduplication, echoes,
@@ -362,8 +367,9 @@ pub trait Store: Send + Sync {
     /// its contact's queue and nothing of that contact is in flight; `None` otherwise.
     fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>>;
 
-    /// Extends `leases` while their attempts run; a lease claimed by someone since is not.
-    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>>;
+    /// Extends `leases` while their attempts run; returns those it extended. A lease claimed by
+    /// someone since is not: its holder has lost the claim and must stop.
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<Vec<Lease>>>;
 
     /// Gives up `owner`'s leases (at shutdown): the jobs are claimed again at once.
     fn release(&self, owner: &str) -> BoxFuture<'_, StoreResult<u64>>;
@@ -539,9 +545,20 @@ pub async fn redrive_all_dead(store: &dyn Store, now: i64) -> StoreResult<u64> {
 }
 
 /// Deletes every delivered, rejected and dropped job last touched before `before`, [`BATCH`]
-/// at a time; returns how many.
+/// at a time; returns how many. After each batch it rests as long as the batch took, so that
+/// pruning a long history takes at most about half of the store's time and live work never
+/// waits behind more than one batch.
 pub async fn prune_all(store: &dyn Store, before: i64, now: i64) -> StoreResult<u64> {
-    in_batches(|| store.prune(before, now, BATCH)).await
+    let mut total = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let pruned = store.prune(before, now, BATCH).await?;
+        total += pruned;
+        if pruned < BATCH as u64 {
+            return Ok(total);
+        }
+        tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
+    }
 }
 
 /// Runs `batch` until it handles fewer than [`BATCH`] jobs; returns how many it handled.

@@ -28,7 +28,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 
-use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
     JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
@@ -38,7 +38,10 @@ use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
 use crate::domain::bonychat::StatusValue;
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_init.sql"),
+    include_str!("../../migrations/postgres/0002_watermarks_and_depth.sql"),
+];
 /// Held while migrating, so that replicas starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
 /// The channel new work is announced on.
@@ -47,6 +50,12 @@ const CHANNEL: &str = "bonychat_relay_jobs";
 const CLOCK_REFRESH: Duration = Duration::from_secs(10);
 /// How long readiness waits for its probe write.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a transaction may sit idle between two statements before the server ends its
+/// session and releases its locks (`idle_in_transaction_session_timeout`, in ms).
+const DEAD_SESSION_AFTER_MS: &str = "3000";
+/// How long readiness waits for the locks intake takes (ms): a table locked by a migration or a
+/// `VACUUM FULL` makes the replica not ready, as it makes intake fail.
+const PING_LOCK_TIMEOUT_MS: &str = "1000";
 /// How long to keep trying to learn whether a commit whose answer was lost took effect.
 const CONFIRM_FOR: Duration = Duration::from_secs(5);
 
@@ -63,8 +72,6 @@ struct Shared {
     changes: Arc<Changes>,
     /// The database's clock minus this machine's, in milliseconds.
     clock_offset: Arc<AtomicI64>,
-    /// This process's row in `relay_health`.
-    replica: Arc<str>,
     /// Bounds a whole operation from the client side: a database that stopped answering (a
     /// network partition) never answers a statement timeout either.
     operation_timeout: Duration,
@@ -110,7 +117,18 @@ impl PostgresStore {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Unavailable(format!("not a usable postgres:// URL: {}", scrub(&e.to_string()))))?
             .application_name("bonychat-relay")
-            .options([("statement_timeout", statement_timeout.as_str())]);
+            .options([
+                ("statement_timeout", statement_timeout.as_str()),
+                // A replica that vanished mid-transaction (its host gone, the network cut, a
+                // SIGSTOP) would hold its contacts' locks until the kernel gave up on the
+                // socket, about two hours: the server ends such a session itself. The relay's
+                // own transactions never sit idle between statements for anything near this.
+                ("idle_in_transaction_session_timeout", DEAD_SESSION_AFTER_MS),
+                // And notices a vanished peer of an idle connection within about a minute.
+                ("tcp_keepalives_idle", "30"),
+                ("tcp_keepalives_interval", "10"),
+                ("tcp_keepalives_count", "3"),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size)
             .acquire_timeout(options.connect_timeout)
@@ -136,7 +154,6 @@ impl PostgresStore {
             caps,
             changes,
             clock_offset,
-            replica: format!("relay-{}", uuid::Uuid::new_v4().simple()).into(),
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
         };
         Ok(Self { shared, _background: background })
@@ -313,6 +330,7 @@ fn job_from_row(row: &PgRow, now: i64, with_contact: bool) -> StoreResult<Job> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         in_flight: lease_until.is_some_and(|until| until > now),
+        lease_until,
         lease_token: row.try_get("lease_token")?,
         payload: decode_payload(&payload),
         contact_last_effective_at: if with_contact { row.try_get("last_effective_at")? } else { None },
@@ -407,15 +425,13 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64> {
-        // Bounded by the cap: cheap while the queue is short, and never a scan of more.
-        let counted: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 LIMIT $2) q",
-        )
-        .bind(direction.as_str())
-        .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
-        .fetch_one(&mut *self.0)
-        .await?;
+    async fn queued(&mut self, direction: Direction, _cap: u64) -> StoreResult<u64> {
+        // Kept by the triggers of migration 0002: a few rows, whatever the depth.
+        let counted: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(queued), 0)::bigint FROM queue_depth WHERE direction = $1")
+                .bind(direction.as_str())
+                .fetch_one(&mut *self.0)
+                .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
 
@@ -542,6 +558,42 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn raise_watermark(
+        &mut self,
+        contact: &str,
+        status: StatusValue,
+        watermark: i64,
+        timestamp: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO watermarks (contact, status, watermark, timestamp, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (contact, status) DO UPDATE SET watermark = excluded.watermark, \
+             timestamp = excluded.timestamp, updated_at = excluded.updated_at \
+             WHERE excluded.watermark > watermarks.watermark",
+        )
+        .bind(contact)
+        .bind(status_name(status))
+        .bind(watermark)
+        .bind(timestamp)
+        .bind(now)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE contact = $1")
+                .bind(contact)
+                .fetch_all(&mut *self.0)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, watermark, timestamp)| Some((watermark_status(&status)?, watermark, timestamp)))
+            .collect())
+    }
+
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
         if self.lock_queue_of(lease.id).await?.is_none() {
             return Ok(None);
@@ -649,17 +701,24 @@ impl Store for Shared {
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
-        // A real write, committed like any other: a database that cannot write fails it.
-        let probe = sqlx::query(
-            "INSERT INTO relay_health (replica, checked_at) \
-             VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint) \
-             ON CONFLICT (replica) DO UPDATE SET checked_at = excluded.checked_at",
-        )
-        .bind(&*self.replica)
-        .execute(&self.pool);
+        // Ready means intake works: the locks every write of intake and delivery takes (a table
+        // a migration, `CREATE INDEX` or `VACUUM FULL` holds makes intake wait, and readiness
+        // fail with it), then a real write on a table intake writes, committed like any other.
+        let probe = async {
+            let mut tx = self.begin().await?;
+            sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = {PING_LOCK_TIMEOUT_MS}")))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("LOCK TABLE jobs, queues, contacts, queue_depth, watermarks, echo_marks IN ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("SELECT relay_count_queued('outbound', 0)").execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        };
         Box::pin(async move {
             match tokio::time::timeout(PING_TIMEOUT, probe).await {
-                Ok(done) => done.map(drop).map_err(StoreError::from),
+                Ok(done) => done,
                 Err(_) => Err(StoreError::Unavailable(format!(
                     "the database did not take a write within {} ms",
                     PING_TIMEOUT.as_millis()
@@ -803,9 +862,10 @@ impl Store for Shared {
         }))
     }
 
-    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<Vec<Lease>>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
+            let mut renewed_leases = Vec::with_capacity(leases.len());
             for lease in leases {
                 let Some((direction, contact)) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
                 let renewed = sqlx::query(
@@ -818,10 +878,11 @@ impl Store for Shared {
                 .await?;
                 if renewed.rows_affected() == 1 {
                     PgTx(&mut tx).refresh_head(&direction, &contact).await?;
+                    renewed_leases.push(lease);
                 }
             }
             tx.commit().await?;
-            Ok(())
+            Ok(renewed_leases)
         }))
     }
 
@@ -1004,6 +1065,14 @@ impl Store for Shared {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
+                "DELETE FROM watermarks WHERE (contact, status) IN (SELECT contact, status FROM watermarks \
+                 WHERE updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
                 "DELETE FROM queues WHERE (direction, contact) IN (SELECT direction, contact FROM queues \
                  WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
             )
@@ -1107,7 +1176,7 @@ impl Store for PostgresStore {
         detached(async move { shared.claim_own(&owner, id, now, lease_until).await })
     }
 
-    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<Vec<Lease>>> {
         let shared = self.shared.clone();
         detached(async move { shared.renew(leases, lease_until).await })
     }

@@ -75,6 +75,9 @@ impl<'a> Settle<'a> {
                 error: Some(error),
                 ..base(JobState::Queued, *progress)
             },
+            Finish::Release { progress, now } => {
+                Settle { attempted: 0, next_attempt_at: Some(*now), ..base(JobState::Queued, *progress) }
+            }
             Finish::Dead { progress, error, .. } => Settle { error: Some(error), ..base(JobState::Dead, *progress) },
             Finish::Rejected { progress, error } => {
                 Settle { error: Some(error), ..base(JobState::Rejected, *progress) }
@@ -140,6 +143,20 @@ pub(crate) trait Tx {
     /// Notes that `status` of outbound job `id` was reported; a read one was delivered too.
     async fn mark_reported(&mut self, id: i64, status: StatusValue) -> StoreResult<()>;
 
+    /// Keeps `watermark` as `contact`'s highest of `status` (with its event's `timestamp`),
+    /// unless a higher one is already kept.
+    async fn raise_watermark(
+        &mut self,
+        contact: &str,
+        status: StatusValue,
+        watermark: i64,
+        timestamp: i64,
+        now: i64,
+    ) -> StoreResult<()>;
+
+    /// The highest watermarks kept for `contact`: (status, watermark, the event's timestamp).
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>>;
+
     /// Writes `settle` on the job of `lease` and ends the lease, if the lease is still the
     /// job's current one; `None` (nothing written) otherwise.
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>>;
@@ -204,6 +221,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         created_at: job.now,
         updated_at: job.now,
         in_flight: true,
+        lease_until: first.map(|first| first.lease_until),
         lease_token,
         payload: Ok(Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() }),
         contact_last_effective_at,
@@ -267,6 +285,23 @@ pub(crate) async fn enqueue_inbound<T: Tx>(
         .collect();
     contacts.sort_unstable();
     contacts.dedup();
+    // A watermark and the end of a send to the same contact must not interleave, or each would
+    // miss the other (the receipt never sent): both hold the contact's outbound queue. Lock
+    // order is outbound before inbound, as in `finish`.
+    let mut watermarked: Vec<&str> = prepared
+        .batch
+        .items
+        .iter()
+        .filter_map(|item| match item {
+            InboundItem::Watermark { contact, .. } => Some(contact.as_str()),
+            InboundItem::Message { .. } => None,
+        })
+        .collect();
+    watermarked.sort_unstable();
+    watermarked.dedup();
+    if !watermarked.is_empty() {
+        tx.lock_queues(Direction::Outbound, &watermarked).await?;
+    }
     tx.lock_queues(Direction::Inbound, &contacts).await?;
 
     let now = prepared.batch.now;
@@ -347,7 +382,39 @@ async fn store_watermark<T: Tx>(
             summary.receipts += 1;
         }
     }
-    Ok(())
+    // Kept for the messages still waiting for JoinChat's answer: their receipt follows once
+    // JoinChat accepts them (`receipts_on_delivery`).
+    tx.raise_watermark(contact, status, watermark, timestamp, now).await
+}
+
+/// The receipts a just-delivered outbound message is owed: Messenger's watermarks can arrive
+/// while its last request waited for JoinChat's answer (SPEC §4.3). Delivered before read,
+/// as Messenger reports them.
+async fn receipts_on_delivery<T: Tx>(
+    tx: &mut T,
+    settled: &Settled,
+    id: i64,
+    sent_at: i64,
+    now: i64,
+) -> StoreResult<bool> {
+    let mut covering: Vec<(StatusValue, i64)> = tx
+        .watermarks(&settled.contact)
+        .await?
+        .into_iter()
+        .filter(|&(_, watermark, _)| watermark >= sent_at)
+        .map(|(status, _, timestamp)| (status, timestamp))
+        .collect();
+    if covering.is_empty() {
+        return Ok(false);
+    }
+    covering.sort_by_key(|&(status, _)| status != StatusValue::Delivered);
+    tx.lock_queues(Direction::Inbound, &[&settled.contact]).await?;
+    for (status, timestamp) in covering {
+        tx.mark_reported(id, status).await?;
+        queue_receipt(tx, &settled.contact, &settled.m_id, Status { value: status, message: None }, timestamp, now)
+            .await?;
+    }
+    Ok(true)
 }
 
 /// Queues a receipt for outbound message `m_id`, once per status; whether it was new.
@@ -391,9 +458,15 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
             lease.id, lease.token
         )));
     };
-    if let Finish::Dead { error, failed_receipt: true, .. } = finish {
-        queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
-        settled.receipt = true;
+    match finish {
+        Finish::Dead { error, failed_receipt: true, .. } => {
+            queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
+            settled.receipt = true;
+        }
+        Finish::Delivered { sent_at, .. } if settled.direction == Direction::Outbound => {
+            settled.receipt = receipts_on_delivery(tx, &settled, lease.id, *sent_at, now).await?;
+        }
+        _ => {}
     }
     Ok(settled)
 }
@@ -435,10 +508,19 @@ fn event_key(m_id: &str) -> String {
 }
 
 fn receipt_key(value: StatusValue, m_id: &str) -> String {
-    let value = match value {
+    format!("receipt:{}:{m_id}", status_name(value))
+}
+
+/// How a receipt's status is written in the store.
+pub(crate) fn status_name(value: StatusValue) -> &'static str {
+    match value {
         StatusValue::Delivered => "delivered",
         StatusValue::Read => "read",
         StatusValue::Failed => "failed",
-    };
-    format!("receipt:{value}:{m_id}")
+    }
+}
+
+/// The status of a kept watermark, as [`status_name`] wrote it.
+pub(crate) fn watermark_status(name: &str) -> Option<StatusValue> {
+    [StatusValue::Delivered, StatusValue::Read].into_iter().find(|&value| status_name(value) == name)
 }

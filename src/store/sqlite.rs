@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx};
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
     JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
@@ -46,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_intake.sql"),
     include_str!("../../migrations/sqlite/0003_fencing.sql"),
     include_str!("../../migrations/sqlite/0004_lean_writes.sql"),
+    include_str!("../../migrations/sqlite/0005_history_and_watermarks.sql"),
 ];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
@@ -670,6 +671,7 @@ struct RawJob {
     created_at: i64,
     updated_at: i64,
     in_flight: bool,
+    lease_until: Option<i64>,
     lease_token: i64,
     payload: String,
     contact_last_effective_at: Option<i64>,
@@ -693,6 +695,7 @@ impl RawJob {
             created_at: self.created_at,
             updated_at: self.updated_at,
             in_flight: self.in_flight,
+            lease_until: self.lease_until,
             lease_token: self.lease_token,
             contact_last_effective_at: self.contact_last_effective_at,
             contact_introduced: self.contact_introduced,
@@ -720,6 +723,7 @@ fn job_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
         created_at: row.get(9)?,
         updated_at: row.get(10)?,
         in_flight: lease_until.is_some_and(|until| until > now),
+        lease_until,
         payload: row.get(12)?,
         lease_token: row.get(13)?,
         contact_last_effective_at: None,
@@ -904,6 +908,37 @@ impl Tx for SqliteTx<'_> {
         };
         self.0.prepare_cached(&format!("UPDATE jobs SET {mark} WHERE id = ?1"))?.execute([id])?;
         Ok(())
+    }
+
+    async fn raise_watermark(
+        &mut self,
+        contact: &str,
+        status: StatusValue,
+        watermark: i64,
+        timestamp: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO watermarks (contact, status, watermark, timestamp, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (contact, status) DO UPDATE SET watermark = excluded.watermark, \
+                 timestamp = excluded.timestamp, updated_at = excluded.updated_at \
+                 WHERE excluded.watermark > watermarks.watermark",
+            )?
+            .execute(params![contact, status_name(status), watermark, timestamp, now])?;
+        Ok(())
+    }
+
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>> {
+        let rows: Vec<(String, i64, i64)> = self
+            .0
+            .prepare_cached("SELECT status, watermark, timestamp FROM watermarks WHERE contact = ?1")?
+            .query_map([contact], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(status, watermark, timestamp)| Some((watermark_status(&status)?, watermark, timestamp)))
+            .collect())
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
@@ -1107,6 +1142,7 @@ impl Store for SqliteStore {
                 };
                 job.lease_token = lease(conn, job.id, &owner, lease_until)?;
                 job.in_flight = true;
+                job.lease_until = Some(lease_until);
                 jobs.push(job);
             }
             Ok(jobs)
@@ -1133,13 +1169,15 @@ impl Store for SqliteStore {
             let Some(mut job) = job else { return Ok(None) };
             job.lease_token = lease(conn, job.id, &owner, lease_until)?;
             job.in_flight = true;
+            job.lease_until = Some(lease_until);
             Ok(Some(job))
         });
         Box::pin(async move { claimed.await?.map(RawJob::into_job).transpose() })
     }
 
-    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<()>> {
+    fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<Vec<Lease>>> {
         self.run(move |conn| {
+            let mut renewed_leases = Vec::with_capacity(leases.len());
             let mut renew = conn.prepare_cached(
                 "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_token = ?3 AND lease_owner IS NOT NULL \
                  RETURNING direction, contact",
@@ -1150,9 +1188,10 @@ impl Store for SqliteStore {
                     .optional()?;
                 if let Some((direction, contact)) = renewed {
                     refresh_head(conn, &direction, &contact)?;
+                    renewed_leases.push(lease);
                 }
             }
-            Ok(())
+            Ok(renewed_leases)
         })
     }
 
@@ -1272,16 +1311,23 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
         self.run(move |conn| {
+            // Each through its own index (migration 0005): a batch reads what it deletes and
+            // nothing else, however much history the store holds.
             let jobs = conn
                 .prepare_cached(
                     "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                 WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < ?1 LIMIT ?2)",
+                     WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![before, limit as i64])?;
             conn.prepare_cached(
                 "DELETE FROM echo_marks WHERE id IN (SELECT id FROM echo_marks WHERE expires_at <= ?1 LIMIT ?2)",
             )?
             .execute(params![now, limit as i64])?;
+            conn.prepare_cached(
+                "DELETE FROM watermarks WHERE (contact, status) IN \
+                 (SELECT contact, status FROM watermarks WHERE updated_at < ?1 LIMIT ?2)",
+            )?
+            .execute(params![before, limit as i64])?;
             Ok(jobs as u64)
         })
     }
@@ -1559,7 +1605,8 @@ mod tests {
         // Back to schema 3, as the previous release left it.
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
-            "CREATE INDEX jobs_leased ON jobs (direction, contact) WHERE lease_owner IS NOT NULL; PRAGMA user_version = 3;",
+            "DROP INDEX jobs_finished; DROP INDEX echo_marks_expiry; DROP TABLE watermarks; \
+             CREATE INDEX jobs_leased ON jobs (direction, contact) WHERE lease_owner IS NOT NULL; PRAGMA user_version = 3;",
         )
         .unwrap();
         drop(conn);

@@ -192,6 +192,34 @@ async fn delivery_and_read_watermarks_become_receipts_each_reported_once() {
     app.stop().await;
 }
 
+/// Meta can report a message delivered before JoinChat has answered the relay: the receipt
+/// follows once JoinChat accepts the message (SPEC §4.3).
+#[tokio::test]
+async fn a_delivery_watermark_that_comes_before_joinchat_answers_is_reported_once_it_does() {
+    let app = spawn_app().await;
+    app.joinchat.script([Reply::ok().after(Duration::from_millis(800))]);
+    let left = bonychat_relay::store::now_millis();
+    let message = app.send(PSID, text("answered slowly"));
+    let watermark = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let body = json!({"object": "page", "entry": [{"id": PAGE_ID, "time": 5, "messaging": [
+            {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": 1_700_000_000_000_i64,
+             "delivery": {"watermark": left + 300}}
+        ]}]});
+        let response = app.post_webhook(body.to_string()).await;
+        assert_eq!(response.status(), 200);
+        tokio::time::Instant::now()
+    };
+    let ((status, sent), watermark_stored) = tokio::join!(message, watermark);
+    assert_eq!(status, 200);
+    let request_left = app.joinchat.received()[0].at;
+    assert!(watermark_stored < request_left + Duration::from_millis(800), "JoinChat had not answered yet");
+    app.settle().await;
+
+    assert_eq!(receipts(&app).await, [(sent["mId"].as_str().unwrap().to_owned(), "delivered".to_owned())]);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_echo_of_a_send_is_recognised_across_a_restart() {
     let app = spawn_app().await;

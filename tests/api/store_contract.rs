@@ -686,6 +686,163 @@ async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Resu
     ids
 }
 
+/// The receipts queued so far, oldest first: (mId, status).
+async fn queued_receipts(store: &dyn Store) -> Vec<(String, StatusValue)> {
+    store
+        .list(Some(JobState::Queued), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .filter_map(|job| match job.payload {
+            Ok(Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } }) => {
+                Some((m_id, status.value))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn watermark_batch(contact: &str, status: StatusValue, watermark: i64, now: i64) -> InboundBatch {
+    InboundBatch {
+        items: vec![InboundItem::Watermark { contact: contact.to_owned(), status, watermark, timestamp: watermark }],
+        now,
+    }
+}
+
+async fn a_watermark_that_comes_while_the_send_waits_for_joinchat_is_applied_once_joinchat_accepts(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("u", "slow", 1_000), None).await.unwrap();
+    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    // The request left at 1 000; Meta delivered it at 1 300 and the contact read it at 1 400,
+    // while JoinChat took until 1 800 to answer.
+    let delivered = store.enqueue_inbound(watermark_batch("u", StatusValue::Delivered, 1_300, 1_310)).await.unwrap();
+    let read = store.enqueue_inbound(watermark_batch("u", StatusValue::Read, 1_400, 1_410)).await.unwrap();
+    assert_eq!((delivered.receipts, read.receipts), (0, 0), "nothing delivered yet to report");
+
+    store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_800).await.unwrap();
+
+    assert_eq!(
+        queued_receipts(store.as_ref()).await,
+        [("slow".to_owned(), StatusValue::Delivered), ("slow".to_owned(), StatusValue::Read)]
+    );
+    // Meta's next delivery of the same watermarks reports nothing twice.
+    let again = store.enqueue_inbound(watermark_batch("u", StatusValue::Read, 1_400, 2_000)).await.unwrap();
+    assert_eq!(again.receipts, 0);
+}
+
+async fn a_watermark_racing_the_end_of_its_send_is_never_missed(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    const CONTACTS: usize = 40;
+    for i in 0..CONTACTS {
+        store.enqueue_outbound(outbound(&format!("c{i}"), &format!("m{i}"), 1_000), None).await.unwrap();
+    }
+    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 100).await.unwrap();
+    assert_eq!(claimed.len(), CONTACTS);
+
+    // Each send ends at the very moment its delivery watermark arrives (two replicas, say).
+    let races = claimed.into_iter().map(|job| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let finished = store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_800);
+            let watermark = store.enqueue_inbound(watermark_batch(&job.contact, StatusValue::Delivered, 1_500, 1_800));
+            let (finished, watermark) = tokio::join!(finished, watermark);
+            finished.unwrap();
+            watermark.unwrap();
+        })
+    });
+    for race in races.collect::<Vec<_>>() {
+        race.await.unwrap();
+    }
+
+    let mut receipts: Vec<String> = queued_receipts(store.as_ref()).await.into_iter().map(|(m_id, _)| m_id).collect();
+    receipts.sort();
+    let mut expected: Vec<String> = (0..CONTACTS).map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(receipts, expected, "one delivered receipt per message, whichever came first");
+}
+
+async fn a_kept_watermark_covers_only_what_left_before_it(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_inbound(watermark_batch("u", StatusValue::Delivered, 1_500, 1_500)).await.unwrap();
+    // A lower watermark arriving late never lowers the one kept.
+    store.enqueue_inbound(watermark_batch("u", StatusValue::Delivered, 1_200, 1_600)).await.unwrap();
+
+    deliver_outbound_answered_later(store.as_ref(), "u", "before", 1_400, 1_700).await;
+    deliver_outbound_answered_later(store.as_ref(), "u", "after", 1_600, 1_700).await;
+    deliver_outbound_answered_later(store.as_ref(), "someone-else", "other", 1_000, 1_700).await;
+
+    assert_eq!(queued_receipts(store.as_ref()).await, [("before".to_owned(), StatusValue::Delivered)]);
+}
+
+async fn pruning_forgets_watermarks_past_the_retention(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_inbound(watermark_batch("u", StatusValue::Read, 1_500, 1_500)).await.unwrap();
+
+    store.prune(5_000, 9_000, store::BATCH).await.unwrap();
+    deliver_outbound_answered_later(store.as_ref(), "u", "late", 1_000, 9_100).await;
+
+    assert_eq!(queued_receipts(store.as_ref()).await, []);
+}
+
+async fn a_renewal_reports_a_lease_someone_else_claimed_since(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    let paused = store.claim("paused", Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
+    let taken_over = store.claim("other", Direction::Outbound, 3_000, 3_000 + LEASE, 10).await.unwrap().remove(0);
+
+    let renewed_late = store.renew(vec![paused.lease()], 4_000 + LEASE).await.unwrap();
+    let renewed_current = store.renew(vec![taken_over.lease()], 4_000 + LEASE).await.unwrap();
+
+    assert_eq!(renewed_late, [], "the paused worker learns it lost its claim");
+    assert_eq!(renewed_current, [taken_over.lease()]);
+    assert!(matches!(store.record_progress(paused.lease(), 1, 4_000).await, Err(StoreError::Conflict(_))));
+}
+
+async fn a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts_kept(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 4_000 };
+    let enqueued = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap();
+    let job = enqueued.claimed.expect("leased with the insert");
+
+    store.finish(job.lease(), Finish::Release { progress: 0, now: 1_050 }, 1_050).await.unwrap();
+
+    let claimed = store.claim(OWNER, Direction::Outbound, 1_100, 1_100 + LEASE, 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|job| (job.m_id.as_str(), job.attempts)).collect::<Vec<_>>(), [("a1", 0)]);
+}
+
+async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) =
+        backend(store::IntakeCaps { outbound: 2, inbound: 100, per_contact: 100 }).await
+    else {
+        return;
+    };
+    let is_full = |result: Result<store::Enqueued, StoreError>| matches!(result, Err(StoreError::Full { .. }));
+    store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
+    store.enqueue_outbound(outbound("b", "b1", 1_000), None).await.unwrap();
+    assert!(is_full(store.enqueue_outbound(outbound("c", "c1", 1_000), None).await));
+
+    // Delivered and dead jobs leave room; a redrive takes it again; pruning is no change.
+    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
+    store.finish(lease("a1"), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_100).await.unwrap();
+    let dead = Finish::Dead { progress: 0, error: "refused".into(), failed_receipt: false };
+    store.finish(lease("b1"), dead, 1_100).await.unwrap();
+    store.enqueue_outbound(outbound("c", "c1", 1_200), None).await.unwrap();
+    store.enqueue_outbound(outbound("d", "d1", 1_200), None).await.unwrap();
+    assert!(is_full(store.enqueue_outbound(outbound("e", "e1", 1_200), None).await));
+    store.prune(5_000, 5_000, store::BATCH).await.unwrap();
+    assert!(is_full(store.enqueue_outbound(outbound("e", "e1", 5_000), None).await));
+    let dead_id = store.list(Some(JobState::Dead), 1).await.unwrap()[0].id;
+    let claimed = store.claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10).await.unwrap();
+    for job in &claimed {
+        store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: 5_000 }, 5_000).await.unwrap();
+    }
+    store.retry(dead_id, 5_100).await.unwrap();
+    store.enqueue_outbound(outbound("e", "e1", 5_200), None).await.unwrap();
+    assert!(is_full(store.enqueue_outbound(outbound("f", "f1", 5_200), None).await));
+}
+
 /// A SQLite store serves one relay: every lease and reservation found at start is a leftover
 /// of a process that is gone, and is taken over at once.
 #[tokio::test]
@@ -734,4 +891,11 @@ contract!(
     retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones,
     pruning_removes_old_finished_jobs_and_keeps_dead_letters,
     concurrent_writes_are_all_committed,
+    a_watermark_that_comes_while_the_send_waits_for_joinchat_is_applied_once_joinchat_accepts,
+    a_kept_watermark_covers_only_what_left_before_it,
+    a_watermark_racing_the_end_of_its_send_is_never_missed,
+    pruning_forgets_watermarks_past_the_retention,
+    a_renewal_reports_a_lease_someone_else_claimed_since,
+    a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts_kept,
+    the_intake_cap_follows_every_change_of_the_queue,
 );
