@@ -187,6 +187,7 @@ pub(crate) fn worker(config: &Config, store: Arc<dyn Store>) -> Result<Worker, S
             joinchat: RetrySchedule::new(config.delivery.retry_joinchat.clone()),
             bonychat: RetrySchedule::new(config.delivery.retry_bonychat.clone()),
         },
+        config.delivery.lease,
     ))
 }
 

@@ -166,6 +166,9 @@ pub struct DeliveryConfig {
     pub retry_joinchat: Vec<Duration>,
     /// `RELAY_RETRY_BONYCHAT`: delays between attempts towards BonyChat.
     pub retry_bonychat: Vec<Duration>,
+    /// `RELAY_LEASE_SECS`, default 15: how long a claim holds a job without being renewed; the
+    /// longest another replica waits to take over the jobs of one that died.
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +209,7 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_SEND_WAIT_MS",
     "RELAY_RETRY_JOINCHAT",
     "RELAY_RETRY_BONYCHAT",
+    "RELAY_LEASE_SECS",
     "RELAY_RETENTION",
     "RELAY_SHUTDOWN_GRACE_SECS",
     "RELAY_ADMIN_TOKEN",
@@ -311,6 +315,7 @@ impl Config {
                 parse_duration_list("5s,30s,2m,5m,30m,2h,5h,10h,10h").expect("default schedule is valid"),
                 retry_schedule,
             )?,
+            lease: env.parsed("RELAY_LEASE_SECS", Duration::from_secs(15), lease_secs)?,
         };
 
         let telemetry = TelemetryConfig {
@@ -406,6 +411,7 @@ impl Config {
             ("RELAY_SEND_WAIT_MS", ms(delivery.send_wait)),
             ("RELAY_RETRY_JOINCHAT", list(&delivery.retry_joinchat)),
             ("RELAY_RETRY_BONYCHAT", list(&delivery.retry_bonychat)),
+            ("RELAY_LEASE_SECS", delivery.lease.as_secs().to_string()),
         ]
     }
 }
@@ -561,6 +567,8 @@ fn positive_count(raw: &str) -> Result<u64, String> {
 const MAX_SHUTDOWN_GRACE_SECS: u64 = 3600;
 const MAX_IDLE_SECS: u64 = 3600;
 const MAX_SEND_WAIT_MS: u64 = 60_000;
+const MIN_LEASE_SECS: u64 = 2;
+const MAX_LEASE_SECS: u64 = 300;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(7 * 86_400);
 const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
@@ -579,6 +587,16 @@ fn send_wait_millis(raw: &str) -> Result<Duration, String> {
         _ => {
             Err(format!("must be at most {MAX_SEND_WAIT_MS} (a minute): BonyChat should not wait longer for an answer"))
         }
+    }
+}
+
+/// A lease is renewed every third of it: under 2 s, a renewal would compete with the attempt
+/// it keeps alive; past 5 minutes, a dead replica's contacts would wait that long.
+fn lease_secs(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        secs @ MIN_LEASE_SECS..=MAX_LEASE_SECS => Ok(Duration::from_secs(secs)),
+        secs if secs < MIN_LEASE_SECS => Err(format!("must be at least {MIN_LEASE_SECS} seconds")),
+        _ => Err(format!("must be at most {MAX_LEASE_SECS} seconds (five minutes)")),
     }
 }
 
@@ -859,6 +877,7 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("RELAY_SHUTDOWN_GRACE_SECS", "3600", "3601"),
             ("RELAY_SEND_WAIT_MS", "60000", "60001"),
+            ("RELAY_LEASE_SECS", "300", "301"),
             ("JOINCHAT_CONNECT_TIMEOUT_MS", "5000", "600001"),
             ("JOINCHAT_TIMEOUT_MS", "600000", "600001"),
             ("BONYCHAT_TIMEOUT_MS", "600000", "18446744073709551615"),
@@ -891,6 +910,17 @@ mod tests {
             let err = Config::from_env(&with(&[(var, "0")])).unwrap_err();
             assert_eq!((err.var.as_str(), err.problem.as_str()), (var, "must be at least 1"));
         }
+    }
+
+    #[test]
+    fn a_lease_too_short_to_renew_is_refused() {
+        assert_eq!(
+            Config::from_env(&with(&[("RELAY_LEASE_SECS", "2")])).unwrap().delivery.lease,
+            Duration::from_secs(2)
+        );
+        let err = Config::from_env(&with(&[("RELAY_LEASE_SECS", "1")])).unwrap_err();
+        assert_eq!(err.var, "RELAY_LEASE_SECS");
+        assert!(err.problem.contains("at least 2"), "{err}");
     }
 
     #[test]

@@ -26,8 +26,15 @@ impl InboundPoster {
     }
 
     /// Posts `event` about `contact`; the first message of a contact BonyChat does not know yet
-    /// carries its profile when look-ups are on.
-    pub async fn attempt(&self, contact: &str, event: WebhookEvent, contact_introduced: bool) -> PostOutcome {
+    /// carries its profile when look-ups are on. `None`, nothing posted, when `claim_held` no
+    /// longer says so once the post is ready to leave.
+    pub async fn attempt(
+        &self,
+        contact: &str,
+        event: WebhookEvent,
+        contact_introduced: bool,
+        claim_held: &(dyn Fn() -> bool + Sync),
+    ) -> Option<PostOutcome> {
         let introduces = self.profiles.is_some()
             && !contact_introduced
             && matches!(event, WebhookEvent::Message { .. } | WebhookEvent::MessageEcho { .. });
@@ -41,6 +48,9 @@ impl InboundPoster {
             events: vec![event],
             contact: profile,
         };
-        PostOutcome { result: self.bonychat.post(&post).await, introduced: introduces }
+        if !claim_held() {
+            return None;
+        }
+        Some(PostOutcome { result: self.bonychat.post(&post).await, introduced: introduces })
     }
 }

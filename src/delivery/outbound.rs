@@ -58,6 +58,9 @@ pub enum AttemptEnd {
     Paced {
         until: i64,
     },
+    /// The attempt was no longer sure to hold the job when the next part was due to leave: it
+    /// stopped before sending it.
+    ClaimUnsure,
 }
 
 pub struct OutboundSender {
@@ -75,10 +78,13 @@ impl OutboundSender {
 
     /// Sends `parts` from `first_part` on to `contact`, stopping at the first one JoinChat does
     /// not accept. `last_effective_at` is when the contact's previous send takes effect. The
-    /// caller holds the job's lease, so no other send to this contact runs meanwhile.
+    /// caller holds the job's lease, so no other send to this contact runs meanwhile, as long
+    /// as `claim_held` says so: it is asked before each part leaves.
+    #[allow(clippy::too_many_arguments)]
     pub async fn attempt(
         &self,
         lease: Lease,
+        claim_held: &(dyn Fn() -> bool + Sync),
         contact: &str,
         recipient: &Recipient,
         parts: &[Message],
@@ -111,6 +117,9 @@ impl OutboundSender {
                 return stopped(index, store_failed(e));
             }
             last_effective_at = Some(effective_at);
+            if !claim_held() {
+                return AttemptOutcome { parts_sent: index, end: AttemptEnd::ClaimUnsure };
+            }
 
             let request =
                 SendRequest { page_id: &self.page_id, recipient, message, tag: self.tag.as_deref(), delay: slot.delay };

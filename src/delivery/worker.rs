@@ -10,7 +10,14 @@
 //! for a shared store, in any), and polls for retries coming due.
 //!
 //! A `/message` request takes its own job's first attempt here too ([`Worker::first_attempt`]),
-//! in the replica that took the request, so its answer can say what JoinChat did.
+//! in the replica that took the request, so its answer can say what JoinChat did. That attempt
+//! takes a slot like any other: when none is free, the job is handed to the dispatcher and the
+//! request answers as for a job it could not attempt in time, so a burst of requests never
+//! becomes as many simultaneous upstream calls.
+//!
+//! An attempt holds its job by a lease, renewed while it runs. A renewal that finds the job
+//! claimed by someone else, or a lease that may have run out unrenewed (a replica paused past
+//! it), stops the attempt before its next upstream request ([`ClaimHold`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::hold::ClaimHold;
 use super::inbound::InboundPoster;
 use super::outbound::AttemptEnd;
 use super::outbound::OutboundSender;
@@ -30,9 +38,9 @@ use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
 use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
 
-/// How long a claim holds a job; renewed while the attempt runs, so only a dead worker's
-/// jobs ever see it run out, and another replica takes them over after at most this long.
-pub const LEASE: Duration = Duration::from_secs(15);
+/// The most an attempt trusts its own reading of the store's clock: it stops this long before
+/// its lease ends unrenewed (a quarter of the lease when that is shorter).
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
 /// How often the dispatcher looks for retries coming due when nothing wakes it.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a waiting `/message` request tries to claim its job when nothing wakes it: the
@@ -40,7 +48,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 const OWN_CLAIM_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the dispatcher leaves a failing store alone.
 const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
-/// Attempts in flight at once per direction, all contacts together.
+/// Attempts in flight at once per direction, all contacts together: the dispatcher's and the
+/// `/message` requests' first attempts alike.
 const MAX_IN_FLIGHT_PER_DIRECTION: usize = 64;
 
 /// What the first attempt of an outbound job did, for the `/message` request waiting for it.
@@ -68,7 +77,13 @@ pub struct Worker {
     outbound: OutboundSender,
     inbound: InboundPoster,
     retries: Retries,
+    /// How long a claim holds a job unrenewed (`RELAY_LEASE_SECS`): renewed every third of it
+    /// while the attempt runs, so only a dead worker's jobs see it run out, and another replica
+    /// takes them over after at most this long.
+    lease: Duration,
     owner: String,
+    /// Attempts in flight per direction ([`Direction::ALL`]'s order).
+    slots: [Arc<Semaphore>; 2],
     /// Every attempt running, the dispatcher's and the requests' alike.
     attempts: TaskTracker,
     /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
@@ -79,13 +94,21 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(store: Arc<dyn Store>, outbound: OutboundSender, inbound: InboundPoster, retries: Retries) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        outbound: OutboundSender,
+        inbound: InboundPoster,
+        retries: Retries,
+        lease: Duration,
+    ) -> Self {
         Self {
             store,
             outbound,
             inbound,
             retries,
+            lease,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
+            slots: Direction::ALL.map(|_| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))),
             attempts: TaskTracker::new(),
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
@@ -110,14 +133,13 @@ impl Worker {
     /// Claims and runs jobs until `stop`; the attempts it started go on until they end or
     /// [`Self::abort`].
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let slots = Direction::ALL.map(|direction| (direction, Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))));
         let mut changes = self.store.changes();
         while !stop.is_cancelled() {
             // Seen before claiming: a change during the claim wakes the next round.
             changes.borrow_and_update();
             let mut claimed = Ok(());
-            for (direction, slots) in &slots {
-                claimed = claimed.and(self.claim_into(*direction, slots).await);
+            for direction in Direction::ALL {
+                claimed = claimed.and(self.claim_into(direction).await);
             }
             // A failing store is not asked again at once: its error would fill the log.
             let healthy = claimed.is_ok();
@@ -132,14 +154,22 @@ impl Worker {
         tracing::info!("workers stopped claiming");
     }
 
-    async fn claim_into(self: &Arc<Self>, direction: Direction, slots: &Arc<Semaphore>) -> Result<(), ()> {
+    fn slots(&self, direction: Direction) -> &Arc<Semaphore> {
+        match direction {
+            Direction::Outbound => &self.slots[0],
+            Direction::Inbound => &self.slots[1],
+        }
+    }
+
+    async fn claim_into(self: &Arc<Self>, direction: Direction) -> Result<(), ()> {
+        let slots = self.slots(direction);
         loop {
             let free = slots.available_permits();
             if free == 0 {
                 return Ok(());
             }
             let now = self.store.now();
-            let lease_until = now.saturating_add(millis(LEASE));
+            let lease_until = now.saturating_add(millis(self.lease));
             let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
@@ -178,7 +208,7 @@ impl Worker {
     pub fn first_claim(&self, now: i64, wait: Duration) -> FirstClaim {
         FirstClaim {
             owner: self.owner.clone(),
-            lease_until: now.saturating_add(millis(LEASE)),
+            lease_until: now.saturating_add(millis(self.lease)),
             reserved_until: now.saturating_add(millis(wait)),
         }
     }
@@ -194,9 +224,18 @@ impl Worker {
         let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
         loop {
             if let Some(job) = claimed.take() {
+                let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
+                    // Every slot is busy: the dispatcher takes the job when one is free.
+                    self.hand_back(&job).await;
+                    return FirstAttempt::Pending;
+                };
                 let (answer, outcome) = oneshot::channel();
                 let this = Arc::clone(self);
-                self.spawn_attempt(async move { this.run_attempt(job, Some(answer)).await });
+                self.spawn_attempt(async move {
+                    this.run_attempt(job, Some(answer)).await;
+                    drop(permit);
+                    this.slot_freed.notify_one();
+                });
                 match tokio::time::timeout_at(deadline, outcome).await {
                     Ok(Ok(FirstAttempt::Paced { until })) => {
                         let paced_for = Duration::from_millis(u64::try_from(until - self.store.now()).unwrap_or(0));
@@ -214,7 +253,7 @@ impl Worker {
             }
             let moved = moved.get_or_insert_with(|| self.store.watch_queue(contact));
             let now = self.store.now();
-            match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(LEASE))).await {
+            match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(self.lease))).await {
                 Ok(Some(job)) => {
                     claimed = Some(job);
                     continue;
@@ -231,24 +270,47 @@ impl Worker {
         }
     }
 
+    /// Gives a leased job back, not attempted, for the dispatcher to claim; if that fails, the
+    /// lease runs out and the job is claimed again all the same.
+    async fn hand_back(&self, job: &Job) {
+        let now = self.store.now();
+        if let Err(e) = self.store.finish(job.lease(), Finish::Release { progress: job.progress, now }, now).await {
+            tracing::warn!(job = job.id, error = %e, "cannot hand a job back; it is attempted once its lease runs out");
+        }
+    }
+
     /// Runs one attempt while keeping its lease alive; `answer` is the `/message` request
     /// waiting for this first attempt, if one is.
     async fn run_attempt(&self, job: Job, answer: Option<oneshot::Sender<FirstAttempt>>) {
+        let lease_until = job.lease_until.unwrap_or_else(|| self.store.now().saturating_add(millis(self.lease)));
+        let hold = ClaimHold::new(lease_until, LEASE_MARGIN.min(self.lease / 4));
         let heartbeat = async {
             loop {
-                tokio::time::sleep(LEASE / 3).await;
-                let lease_until = self.store.now().saturating_add(millis(LEASE));
-                if let Err(e) = self.store.renew(vec![job.lease()], lease_until).await {
-                    tracing::warn!(job = job.id, error = %e, "cannot renew a lease");
+                tokio::time::sleep(self.lease / 3).await;
+                let lease_until = self.store.now().saturating_add(millis(self.lease));
+                match self.store.renew(vec![job.lease()], lease_until).await {
+                    Ok(renewed) if renewed.contains(&job.lease()) => hold.renewed(lease_until),
+                    Ok(_) => {
+                        hold.lose();
+                        // Nothing of this attempt can be recorded any more; the new holder
+                        // attempts the job from what was recorded.
+                        tracing::warn!(
+                            job = job.id,
+                            direction = job.direction.as_str(),
+                            "another worker took this job over (this lease ran out); stopping the attempt"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::warn!(job = job.id, error = %e, "cannot renew a lease"),
                 }
             }
         };
         let attempt = async {
             match &job.payload {
                 Ok(Payload::Send { recipient, parts }) => {
-                    self.attempt_outbound(&job, recipient, parts, answer).await;
+                    self.attempt_outbound(&job, &hold, recipient, parts, answer).await;
                 }
-                Ok(Payload::Event { event }) => self.attempt_inbound(&job, event.clone()).await,
+                Ok(Payload::Event { event }) => self.attempt_inbound(&job, &hold, event.clone()).await,
                 Err(reason) => self.dead_letter_unreadable(&job, reason).await,
             }
         };
@@ -258,21 +320,53 @@ impl Worker {
         }
     }
 
+    /// An attempt stopped before a request because it was no longer sure to hold its claim.
+    async fn stopped_unsure_of_claim(&self, job: &Job, hold: &ClaimHold, progress: u32) {
+        if hold.is_lost() {
+            return;
+        }
+        // The lease may have run out while this process was paused or the store away: whoever
+        // claims the job next resumes it from what was recorded.
+        tracing::warn!(
+            job = job.id,
+            direction = job.direction.as_str(),
+            "the lease may have run out; stopping the attempt"
+        );
+        let now = self.store.now();
+        if let Err(e) = self.store.finish(job.lease(), Finish::Release { progress, now }, now).await {
+            tracing::info!(job = job.id, error = %e, "the job was taken over meanwhile");
+        }
+    }
+
     async fn attempt_outbound(
         &self,
         job: &Job,
+        hold: &ClaimHold,
         recipient: &Recipient,
         parts: &[Message],
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
         let first_part = usize::try_from(job.progress).unwrap_or(0);
+        let claim_held = || hold.is_held(self.store.now());
         let outcome = self
             .outbound
-            .attempt(job.lease(), &job.contact, recipient, parts, first_part, job.contact_last_effective_at)
+            .attempt(
+                job.lease(),
+                &claim_held,
+                &job.contact,
+                recipient,
+                parts,
+                first_part,
+                job.contact_last_effective_at,
+            )
             .await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
         let result = match outcome.end {
+            AttemptEnd::ClaimUnsure => {
+                self.stopped_unsure_of_claim(job, hold, progress).await;
+                return;
+            }
             AttemptEnd::Paced { until } => {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
@@ -337,12 +431,16 @@ impl Worker {
         }
     }
 
-    async fn attempt_inbound(&self, job: &Job, event: WebhookEvent) {
+    async fn attempt_inbound(&self, job: &Job, hold: &ClaimHold, event: WebhookEvent) {
         let receipt = match &event {
             WebhookEvent::MessageStatus { status, .. } => Some(status.value),
             _ => None,
         };
-        let outcome = self.inbound.attempt(&job.contact, event, job.contact_introduced).await;
+        let claim_held = || hold.is_held(self.store.now());
+        let Some(outcome) = self.inbound.attempt(&job.contact, event, job.contact_introduced, &claim_held).await else {
+            self.stopped_unsure_of_claim(job, hold, 0).await;
+            return;
+        };
         let attempt = job.attempts + 1;
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {

@@ -82,6 +82,18 @@ impl RelayProcess {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Sends `signal` (a name `kill` knows: STOP, CONT, HUP…) to the process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the relay is running").to_string();
+        let sent = Command::new("sh").args(["-c", &format!("kill -{signal} {pid}")]).status().await.unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
+    /// What the process wrote so far, a line each.
+    pub fn output(&self) -> Vec<String> {
+        self.output.lock().unwrap().clone()
+    }
+
     /// SIGKILL: no shutdown, no flush, as a crash or an OOM kill would do.
     pub async fn kill(mut self) {
         self.child.start_kill().expect("the relay can be killed");

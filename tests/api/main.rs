@@ -11,6 +11,7 @@ mod helpers;
 mod hostile_clients;
 mod hostile_webhooks;
 mod joinchat_answers;
+mod lost_claims;
 mod message_limits;
 mod message_requests;
 mod message_translation;

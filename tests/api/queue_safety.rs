@@ -7,7 +7,9 @@ use std::time::Duration;
 use bonychat_relay::store::JobState;
 use serde_json::{Value, json};
 
-use crate::helpers::{PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app_with, text, webhook_message};
+use crate::helpers::{
+    API_TOKEN, CHANNEL_ID, PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app_with, text, webhook_message,
+};
 
 const ADMIN_TOKEN: &str = "admin-secret-token";
 
@@ -147,6 +149,34 @@ async fn a_flood_towards_bonychat_does_not_hold_up_messages_towards_joinchat() {
     assert_eq!(status, 200);
     assert_eq!(app.joinchat.received().len(), 1, "sent before answering");
     assert!(answered_in < Duration::from_millis(2500), "the outbound message waited {answered_in:?}");
+}
+
+/// A burst of `/message` requests never becomes as many simultaneous JoinChat calls: each
+/// request's own first attempt takes one of the outbound slots (64) like any other, and without
+/// a free one its message goes to the dispatcher.
+#[tokio::test]
+async fn a_burst_of_requests_to_a_hanging_joinchat_holds_no_more_calls_than_the_slots() {
+    const REQUESTS: usize = 150;
+    let app = spawn_app_with(&[("RELAY_SEND_WAIT_MS", "500"), ("JOINCHAT_TIMEOUT_MS", "5000")]).await;
+    app.joinchat.script((0..REQUESTS).map(|_| Reply::ok().after(Duration::from_millis(1500))));
+
+    let started = tokio::time::Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..REQUESTS {
+        let (http, url) = (app.http.clone(), app.url("/message"));
+        let contact = format!("{}", 4_000_000_000_000_000_u64 + i as u64);
+        let body = json!({"channelId": CHANNEL_ID, "contactId": contact, "message": text("burst")});
+        requests.spawn(async move { http.post(url).bearer_auth(API_TOKEN).json(&body).send().await.unwrap().status() });
+    }
+    let statuses = requests.join_all().await;
+    let answered_in = started.elapsed();
+    let calls_while_hanging = app.joinchat.received().len();
+
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+    assert!(answered_in < Duration::from_millis(1500), "every request answered within its wait: {answered_in:?}");
+    assert_eq!(calls_while_hanging, 64, "one JoinChat call per outbound slot while JoinChat hangs");
+    app.settle().await;
+    assert_eq!(app.joinchat.received().len(), REQUESTS, "the rest went out as slots freed, each once");
 }
 
 #[tokio::test]
