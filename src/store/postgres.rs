@@ -711,7 +711,14 @@ impl Store for Shared {
                 .await?;
             sqlx::query("LOCK TABLE jobs, queues, contacts, queue_depth, watermarks, echo_marks IN ROW EXCLUSIVE MODE")
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .map_err(|e| match e.as_database_error().and_then(|e| e.code()) {
+                    Some(code) if code == "55P03" => StoreError::Unavailable(format!(
+                        "another session holds a lock on the relay's tables for more than {PING_LOCK_TIMEOUT_MS} ms \
+                         (a migration, CREATE INDEX or VACUUM FULL?): intake waits for it too"
+                    )),
+                    _ => e.into(),
+                })?;
             sqlx::query("SELECT relay_count_queued('outbound', 0)").execute(&mut *tx).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())

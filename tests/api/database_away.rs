@@ -87,3 +87,35 @@ async fn while_the_database_is_away_nothing_is_accepted_and_everything_resumes_w
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     app.stop().await;
 }
+
+/// Readiness says what intake can do: a table intake writes locked by a migration or a
+/// `VACUUM FULL` makes the replica not ready while it lasts, and a lock on anything intake does
+/// not touch does not.
+#[tokio::test]
+async fn readiness_follows_what_intake_can_do_when_tables_are_locked() {
+    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let app = spawn_app_with(&[("RELAY_DATABASE_URL", &url), ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "1500")]).await;
+    assert_eq!(ready(&app).await, StatusCode::OK);
+    let mut admin = crate::postgres::connect(&url).await;
+
+    for table in ["jobs", "queues", "contacts"] {
+        sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let (status, body) = app.send(PSID, text("while locked")).await;
+        let readiness = ready(&app).await;
+        sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+        assert_error(status, &body, 503, "store_unavailable");
+        assert_eq!(readiness, StatusCode::SERVICE_UNAVAILABLE, "{table} locked: intake fails, so not ready");
+    }
+
+    sqlx::query("CREATE TABLE unrelated (n int)").execute(&mut admin).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
+    sqlx::query("LOCK TABLE unrelated, relay_health IN ACCESS EXCLUSIVE MODE").execute(&mut admin).await.unwrap();
+    let (status, _) = app.send(PSID, text("unrelated lock")).await;
+    let readiness = ready(&app).await;
+    sqlx::query("ROLLBACK").execute(&mut admin).await.unwrap();
+    assert_eq!((status, readiness), (StatusCode::OK, StatusCode::OK), "intake works, so ready");
+}

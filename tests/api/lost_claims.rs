@@ -111,3 +111,153 @@ async fn a_replica_paused_past_its_lease_sends_nothing_more_of_the_job_it_lost()
     drop(request);
     replica.kill().await;
 }
+
+/// A TCP relay to the database that can go silent both ways at once, as a network cut or a lost
+/// host does: nothing crosses any more and nothing is closed, so the database never hears that
+/// the client is gone.
+struct CuttableLink {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableLink {
+    async fn to(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let watching = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, watching.subscribe()));
+                tokio::spawn(pump(server_read, client_write, watching.subscribe()));
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+/// Copies `from` to `to` until the link is cut; after that, swallows everything and keeps `to`
+/// open for good (a FIN must not cross either).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    cut: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await.unwrap_or(0);
+        if *cut.borrow() {
+            if read == 0 {
+                // The client end closed after the cut: hold the other end open, silent.
+                std::future::pending::<()>().await;
+            }
+            continue;
+        }
+        if read == 0 || to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A replica whose packets to the database are dropped mid-transaction, then killed: the
+/// database never sees its connection close, and the contact whose lock its transaction holds
+/// must not stay blocked for the others (the kernel's keepalive would take about two hours).
+/// The surviving replica serves that contact within seconds, every other contact at once, and
+/// takes over the dead replica's message in flight within the lease.
+#[tokio::test]
+async fn a_replica_lost_mid_transaction_holds_up_no_other_replica() {
+    let Some(database) = fresh_database().await else { return };
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    // The lost replica's message in flight: JoinChat holds it until after the replica is gone.
+    joinchat.script([Reply::ok().after(Duration::from_secs(30))]);
+    let database_url = url::Url::parse(&database).unwrap();
+    let server = tokio::net::lookup_host((database_url.host_str().unwrap(), database_url.port().unwrap_or(5432)))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let link = CuttableLink::to(server).await;
+    let mut through_link = database_url.clone();
+    through_link.set_host(Some("127.0.0.1")).unwrap();
+    through_link.set_port(Some(link.addr.port())).unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat.url, data.path());
+    json_logs(&mut vars);
+    for (key, value) in [("RELAY_LEASE_SECS", "3"), ("JOINCHAT_TIMEOUT_MS", "60000"), ("JOINCHAT_ORDER_GAP_SECS", "0")]
+    {
+        set(&mut vars, key, value);
+    }
+    let mut lost_vars = vars.clone();
+    set(&mut lost_vars, "RELAY_DATABASE_URL", through_link.as_str());
+    set(&mut vars, "RELAY_DATABASE_URL", &database);
+    let lost = RelayProcess::start(&lost_vars, &[]).await;
+    let survivor = RelayProcess::start(&vars, &[]).await;
+    let http = http_client();
+    let send = |relay: &RelayProcess, contact: &str, text: &str| {
+        let body = json!({"channelId": CHANNEL_ID, "contactId": contact, "message": {"type": "text", "text": text}});
+        http.post(relay.url("/message")).bearer_auth(API_TOKEN).json(&body).timeout(Duration::from_secs(30)).send()
+    };
+
+    // 1. A message in flight on the replica about to be lost.
+    let in_flight = tokio::spawn(send(&lost, "6000000000000001", "in flight when lost"));
+    joinchat.wait_for(1).await;
+    // 2. Its transaction storing another contact's message holds that contact's queue, stopped
+    //    (by the test's table lock) just before its insert, when the link goes down.
+    let mut holder = connect(&database).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN SHARE MODE").execute(&mut holder).await.unwrap();
+    let stuck = tokio::spawn(send(&lost, "6000000000000002", "stored when lost"));
+    until_a_session_waits_for_a_lock(&database).await;
+    link.cut();
+    lost.kill().await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let cut_at = tokio::time::Instant::now();
+
+    // The survivor: the locked contact within a few seconds (the dead session's end), others at once.
+    let others = futures_of((3..13).map(|i| send(&survivor, &format!("60000000000000{i:02}"), "another contact")));
+    let (locked_contact, others) =
+        tokio::join!(send(&survivor, "6000000000000002", "same contact, other replica"), others);
+    let locked_contact_in = cut_at.elapsed();
+    for answer in others {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
+    let locked_contact = locked_contact.unwrap();
+    assert_eq!(locked_contact.status(), 200, "{}", locked_contact.text().await.unwrap());
+    assert!(locked_contact_in < Duration::from_secs(5), "held up for {locked_contact_in:?}");
+
+    // The message in flight is taken over within the lease and delivered.
+    let deadline = cut_at + Duration::from_secs(3 + 3);
+    loop {
+        let again = joinchat.bodies().iter().filter(|body| body["message"]["text"] == "in flight when lost").count();
+        if again >= 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the lost replica's message was not taken over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    in_flight.abort();
+    stuck.abort();
+    survivor.kill().await;
+}
+
+/// Runs every future to its end, side by side.
+async fn futures_of<F: Future + Send + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}
