@@ -103,8 +103,9 @@ enum JobsCommand {
     Redrive,
 }
 
-/// Exit code for a configuration the relay cannot start with.
-const EXIT_CONFIG: u8 = 2;
+/// Exit code for a start the relay refuses: a configuration it cannot start with, or a store a
+/// newer relay migrated. Unlike 1 (a port taken, a database away), trying again will not help.
+const EXIT_REFUSED: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -233,7 +234,7 @@ fn messenger_envelope(args: &SimulateMessenger, page_id: &str, now: i64) -> serd
 
 fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("bonychat-relay: configuration error: {error}");
-    ExitCode::from(EXIT_CONFIG)
+    ExitCode::from(EXIT_REFUSED)
 }
 
 async fn serve(config: Config) -> ExitCode {
@@ -244,7 +245,7 @@ async fn serve(config: Config) -> ExitCode {
             // The log line may be pretty or JSON (and goes to stdout): the operator also gets
             // one plain line on stderr, as for a configuration error.
             eprintln!("bonychat-relay: cannot start: {}", e.to_string().replace(['\n', '\r'], " "));
-            return ExitCode::FAILURE;
+            return if e.is_refusal() { ExitCode::from(EXIT_REFUSED) } else { ExitCode::FAILURE };
         }
     };
     let stop = CancellationToken::new();
@@ -271,7 +272,11 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         }
         Err(e) => {
             eprintln!("bonychat-relay: RELAY_DATABASE_URL: {e}");
-            return ExitCode::FAILURE;
+            return if matches!(e, store::StoreError::SchemaTooNew { .. }) {
+                ExitCode::from(EXIT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     let result = match action {

@@ -45,6 +45,12 @@ pub enum StoreError {
     NotFound(i64),
     #[error("{0}")]
     Conflict(String),
+    /// The store was migrated by a newer relay: this one does not know its schema, and writing
+    /// to it (or serving from it) could corrupt what the newer one stored. Refused at once.
+    #[error(
+        "the store has schema version {found}, newer than the {known} this bonychat-relay knows: a newer relay migrated it; run that newer relay (or restore the backup taken before the upgrade)"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Limits the store enforces on new work (SPEC §5: intake is bounded).

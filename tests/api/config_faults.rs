@@ -266,3 +266,57 @@ async fn a_postgres_url_requiring_tls_refuses_a_database_without_it() {
     assert!(failed.stderr.to_lowercase().contains("tls"), "{}", failed.stderr);
     failed.assert_hides("pa55word");
 }
+
+/// The store as a relay opens it, at `url`.
+fn store_config(url: &str) -> bonychat_relay::config::StoreConfig {
+    let env = bonychat_relay::config::Env::from_pairs([("RELAY_DATABASE_URL", url)]);
+    bonychat_relay::config::StoreConfig::from_env(&env).unwrap()
+}
+
+/// A downgrade gone wrong: the store was migrated by a newer relay (its `user_version` is past
+/// what this binary knows). Both the relay and `jobs` refuse it with one line naming both
+/// versions, exit 2 like any refused start, and leave the file as it was.
+#[tokio::test]
+async fn a_sqlite_store_migrated_by_a_newer_relay_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("relay.db");
+    let url = format!("sqlite://{}", db.display());
+    drop(bonychat_relay::store::open(&store_config(&url)).await.expect("this relay's store"));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let known: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+    let newer = known + 1;
+    conn.pragma_update(None, "user_version", newer).unwrap();
+    drop(conn);
+    let vars = vars_with(dir.path(), &[]);
+
+    let relay = run(&vars, &[]).await;
+    let jobs = run(&vars, &["jobs", "list"]).await;
+
+    let found = format!("schema version {newer}, newer than the {known} this bonychat-relay knows");
+    relay.assert_one_line(EXIT_CONFIG, &["cannot start: RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    jobs.assert_one_line(EXIT_CONFIG, &["RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+    assert_eq!(version, newer, "the newer relay's store is left alone");
+}
+
+#[tokio::test]
+async fn a_postgres_store_migrated_by_a_newer_relay_is_refused_with_exit_2() {
+    let Some(url) = crate::postgres::fresh_database().await else { return };
+    drop(bonychat_relay::store::open(&store_config(&url)).await.expect("this relay's store"));
+    let mut connection = crate::postgres::connect(&url).await;
+    let known: i32 =
+        sqlx::query_scalar("SELECT MAX(version) FROM relay_schema").fetch_one(&mut connection).await.unwrap();
+    let newer = known + 1;
+    sqlx::query("INSERT INTO relay_schema (version) VALUES ($1)").bind(newer).execute(&mut connection).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("RELAY_DATABASE_URL", Some(&url))]);
+
+    let relay = run(&vars, &[]).await;
+    let jobs = run(&vars, &["jobs", "list"]).await;
+
+    let found = format!("schema version {newer}, newer than the {known} this bonychat-relay knows");
+    relay.assert_one_line(EXIT_CONFIG, &["cannot start: RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    jobs.assert_one_line(EXIT_CONFIG, &["RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+}
