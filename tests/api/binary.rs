@@ -82,6 +82,18 @@ impl RelayProcess {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The most memory the process has held so far (its peak resident set), in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        let pid = self.child.id().expect("the relay runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
+    }
+
     /// SIGKILL: no shutdown, no flush, as a crash or an OOM kill would do.
     pub async fn kill(mut self) {
         self.child.start_kill().expect("the relay can be killed");
