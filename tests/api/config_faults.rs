@@ -166,6 +166,41 @@ async fn a_secret_file_of_two_lines_stops_the_start_without_echoing_it() {
     failed.assert_hides("second-half");
 }
 
+/// A secret with a space around it never authenticates (BonyChat sends the token without it):
+/// refused at start like a blank one, instead of a relay that answers 401 to everyone.
+#[tokio::test]
+async fn a_secret_with_a_leading_or_trailing_space_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in [format!("{API_TOKEN} "), format!(" {API_TOKEN}")] {
+        let vars = vars_with(dir.path(), &[("BONYCHAT_API_TOKEN", Some(&value))]);
+
+        let failed = run(&vars, &[]).await;
+
+        failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_API_TOKEN: starts or ends with whitespace"]);
+        failed.assert_hides(API_TOKEN);
+    }
+}
+
+/// In a secret file, the one line break `echo value > file` writes is not part of the secret;
+/// any other whitespace around it is refused, naming the `_FILE` variable.
+#[tokio::test]
+async fn a_secret_file_with_whitespace_besides_its_final_line_break_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app_secret");
+    for content in ["app-secret-value \n", " app-secret-value\n", "app-secret-value \r\n"] {
+        std::fs::write(&file, content).unwrap();
+        let vars = vars_with(
+            dir.path(),
+            &[("MESSENGER_APP_SECRET", None), ("MESSENGER_APP_SECRET_FILE", Some(path_str(&file)))],
+        );
+
+        let failed = run(&vars, &[]).await;
+
+        failed.assert_one_line(EXIT_CONFIG, &["MESSENGER_APP_SECRET_FILE: starts or ends with whitespace"]);
+        failed.assert_hides("app-secret-value");
+    }
+}
+
 #[tokio::test]
 async fn a_blank_variable_stops_the_start_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
