@@ -238,6 +238,9 @@ fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    if let Err(e) = shutdown::ignore_hangups() {
+        tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain");
+    }
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
