@@ -661,6 +661,31 @@ mod batches {
         app.stop().await;
     }
 
+    /// Events Meta sends without a `mid` and without a time (a postback, a message) in an entry
+    /// without a time: the relay stands in the time of receipt, which differs at a redelivery;
+    /// their identity must not, or the redelivery is forwarded a second time.
+    #[tokio::test]
+    async fn a_redelivered_batch_of_events_without_mid_or_time_is_forwarded_once() {
+        let app = spawn_app().await;
+        let body = json!({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [
+            {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "postback": {"title": "Yes", "payload": "YES_PLEASE"}},
+            {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "message": {"text": "sent without a mid"}}
+        ]}]})
+        .to_string()
+        .into_bytes();
+
+        let first = deliver(&app, &body).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let again = deliver(&app, &body).await;
+        let forwarded = events(&app).await;
+
+        assert_eq!(first["queued"], 2, "{first}");
+        assert_eq!((again["queued"].clone(), again["duplicates"].clone()), (json!(0), json!(2)), "{again}");
+        let texts: Vec<&str> = forwarded.iter().map(|(_, event)| event["message"]["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["YES_PLEASE", "sent without a mid"], "each forwarded once");
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn meta_is_answered_once_the_batch_is_stored_even_while_bonychat_hangs() {
         let app = spawn_app().await;
