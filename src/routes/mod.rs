@@ -80,13 +80,21 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
     let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
+    // Likewise `/admin/*` without a token: mounted, its paths would answer 405 to other methods
+    // and so tell that they exist.
+    let admin = if state.admin_token.is_some() {
+        Router::new()
+            .route("/admin/jobs", get(admin::list_jobs))
+            .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+            .route("/admin/dead/redrive", post(admin::redrive_dead))
+    } else {
+        Router::new()
+    };
     let bounded = Router::new()
         .merge(sandbox)
+        .merge(admin)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/admin/jobs", get(admin::list_jobs))
-        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/admin/dead/redrive", post(admin::redrive_dead))
         .fallback(|| async { ApiError::NotFound })
         .layer(timeout());
 

@@ -120,6 +120,35 @@ async fn one_job_can_be_retried_by_id() {
     app.stop().await;
 }
 
+/// Without `RELAY_ADMIN_TOKEN` the admin API does not exist: every method on every admin path
+/// is the JSON 404 of an unknown path (a 405 would tell the path is there).
+#[tokio::test]
+async fn every_method_on_every_admin_path_is_404_without_a_token() {
+    let app = spawn_app().await;
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+    let mut answers = Vec::new();
+    for path in ["/admin/jobs", "/admin/jobs/1/retry", "/admin/dead/redrive", "/admin", "/admin/anything"] {
+        for method in methods {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let response = app.http.request(method.clone(), app.url(path)).send().await.unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            answers.push((format!("{method} {path}"), status, body));
+        }
+    }
+    app.stop().await;
+
+    for (request, status, body) in answers {
+        assert_eq!(status, 404, "{request}: {body}");
+        if request.starts_with("HEAD") {
+            continue;
+        }
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{request}: {body}"));
+        assert_error(status, &body, 404, "not_found");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_api_is_absent_without_a_token_and_guarded_with_one() {
     let without = spawn_app().await;
