@@ -85,6 +85,33 @@ mod handshake {
         app.stop().await;
     }
 
+    /// The challenge is caller input echoed back: no browser may sniff it into HTML. Nor any
+    /// other answer of the public port, errors and unknown paths included.
+    #[tokio::test]
+    async fn the_challenge_and_every_other_answer_forbid_content_sniffing() {
+        let app = spawn_app().await;
+        let challenge = "%3Cscript%3Ealert(1)%3C%2Fscript%3E";
+
+        let echoed =
+            handshake(&app, &format!("?hub.mode=subscribe&hub.challenge={challenge}&hub.verify_token={VERIFY_TOKEN}"))
+                .await;
+        let others = [
+            handshake(&app, "?hub.mode=subscribe&hub.challenge=1&hub.verify_token=wrong").await,
+            app.http.get(app.url("/healthz")).send().await.unwrap(),
+            app.http.get(app.url("/no/such/path")).send().await.unwrap(),
+            app.http.post(app.url("/message")).send().await.unwrap(),
+        ];
+
+        assert_eq!(echoed.status(), 200);
+        assert_eq!(echoed.headers().get("x-content-type-options").map(|v| v.as_bytes()), Some(&b"nosniff"[..]));
+        assert_eq!(echoed.text().await.unwrap(), "<script>alert(1)</script>");
+        for response in others {
+            let nosniff = response.headers().get("x-content-type-options").map(|v| v.as_bytes());
+            assert_eq!(nosniff, Some(&b"nosniff"[..]), "{} {}", response.url(), response.status());
+        }
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn a_wrong_token_or_mode_is_forbidden() {
         let app = spawn_app().await;
