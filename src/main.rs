@@ -91,7 +91,12 @@ enum JobsCommand {
         /// queued, delivered, dead, rejected or dropped; all states when left out.
         #[arg(long)]
         state: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        /// How many jobs at most, 1 to 1000 (as the admin API).
+        #[arg(
+            long,
+            default_value_t = 100,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=store::LIST_LIMIT_MAX as u64)
+        )]
         limit: usize,
         /// One JSON object per line instead of a table.
         #[arg(long)]

@@ -511,6 +511,10 @@ pub struct BeforeSend {
 /// Jobs redriven or pruned per store operation: small enough that ingestion interleaves.
 pub const BATCH: usize = 500;
 
+/// The most jobs one listing returns, in the admin API and `bonychat-relay jobs list` alike:
+/// a page for an operator to read, not an export that holds the store.
+pub const LIST_LIMIT_MAX: usize = 1000;
+
 /// Opens the store `config` names for a relay: creating and migrating it as needed, and
 /// holding it for this process alone.
 pub async fn open(config: &StoreConfig) -> StoreResult<Arc<dyn Store>> {

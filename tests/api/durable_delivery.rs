@@ -304,6 +304,28 @@ mod command_line {
         app.stop().await;
     }
 
+    /// `--limit 0` listed nothing and said nothing; past the admin API's 1000 it would read
+    /// the whole store. Both are refused by the argument parser before the store is opened.
+    #[tokio::test]
+    async fn jobs_list_takes_a_limit_of_1_to_1000_only() {
+        let data = tempfile::tempdir().unwrap();
+        let vars = vec![("RELAY_DATABASE_URL".to_owned(), format!("sqlite://{}/none.db", data.path().display()))];
+
+        let mut refused = Vec::new();
+        for limit in ["0", "1001"] {
+            refused.push((limit, crate::binary::run_binary(&vars, &["jobs", "list", "--limit", limit]).await));
+        }
+        let (accepted, _, past_parsing) = crate::binary::run_binary(&vars, &["jobs", "list", "--limit", "1000"]).await;
+
+        for (limit, (code, _, stderr)) in refused {
+            assert_eq!(code, Some(2), "--limit {limit}: {stderr}");
+            assert!(stderr.contains(&format!("invalid value '{limit}' for '--limit <LIMIT>'")), "{stderr}");
+            assert!(stderr.contains("1..=1000"), "the allowed range is named: {stderr}");
+        }
+        assert_eq!(accepted, Some(1), "1000 is a limit; then no store is found: {past_parsing}");
+        assert!(past_parsing.contains("no store at"), "{past_parsing}");
+    }
+
     #[tokio::test]
     async fn one_job_is_retried_from_the_command_line_and_unknown_ones_are_reported() {
         let app = spawn_app().await;
