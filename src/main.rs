@@ -356,6 +356,18 @@ async fn healthcheck(url: Option<String>, env: &Env) -> ExitCode {
             Err(e) => return unhealthy(&e.to_string()),
         },
     };
+    // Refused before connecting: the relay's own port serves plain HTTP, and that port is what
+    // a container health check is about (a TLS proxy in front of it has health of its own).
+    match url::Url::parse(&url) {
+        Ok(parsed) if parsed.scheme() == "http" => {}
+        Ok(parsed) => {
+            return unhealthy(&format!(
+                "{url}: only http:// is supported, not {}:// (the health check probes the relay's own port, which serves plain HTTP)",
+                parsed.scheme()
+            ));
+        }
+        Err(e) => return unhealthy(&format!("{url} is not a URL ({e}); give an http:// URL")),
+    }
     let client = match bonychat_relay::clients::http::client(HEALTHCHECK_TIMEOUT, HEALTHCHECK_TIMEOUT) {
         Ok(client) => client,
         Err(e) => return unhealthy(&format!("cannot build the HTTP client: {e}")),
