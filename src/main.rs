@@ -91,7 +91,12 @@ enum JobsCommand {
         /// queued, delivered, dead, rejected or dropped; all states when left out.
         #[arg(long)]
         state: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        /// How many jobs at most, 1 to 1000 (as the admin API).
+        #[arg(
+            long,
+            default_value_t = 100,
+            value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=store::LIST_LIMIT_MAX as u64)
+        )]
         limit: usize,
         /// One JSON object per line instead of a table.
         #[arg(long)]
@@ -103,8 +108,9 @@ enum JobsCommand {
     Redrive,
 }
 
-/// Exit code for a configuration the relay cannot start with.
-const EXIT_CONFIG: u8 = 2;
+/// Exit code for a start the relay refuses: a configuration it cannot start with, or a store a
+/// newer relay migrated. Unlike 1 (a port taken, a database away), trying again will not help.
+const EXIT_REFUSED: u8 = 2;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -233,10 +239,13 @@ fn messenger_envelope(args: &SimulateMessenger, page_id: &str, now: i64) -> serd
 
 fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("bonychat-relay: configuration error: {error}");
-    ExitCode::from(EXIT_CONFIG)
+    ExitCode::from(EXIT_REFUSED)
 }
 
 async fn serve(config: Config) -> ExitCode {
+    if let Err(e) = shutdown::ignore_hangups() {
+        tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain");
+    }
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -244,7 +253,7 @@ async fn serve(config: Config) -> ExitCode {
             // The log line may be pretty or JSON (and goes to stdout): the operator also gets
             // one plain line on stderr, as for a configuration error.
             eprintln!("bonychat-relay: cannot start: {}", e.to_string().replace(['\n', '\r'], " "));
-            return ExitCode::FAILURE;
+            return if e.is_refusal() { ExitCode::from(EXIT_REFUSED) } else { ExitCode::FAILURE };
         }
     };
     let stop = CancellationToken::new();
@@ -271,7 +280,11 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         }
         Err(e) => {
             eprintln!("bonychat-relay: RELAY_DATABASE_URL: {e}");
-            return ExitCode::FAILURE;
+            return if matches!(e, store::StoreError::SchemaTooNew { .. }) {
+                ExitCode::from(EXIT_REFUSED)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     let result = match action {
@@ -343,6 +356,18 @@ async fn healthcheck(url: Option<String>, env: &Env) -> ExitCode {
             Err(e) => return unhealthy(&e.to_string()),
         },
     };
+    // Refused before connecting: the relay's own port serves plain HTTP, and that port is what
+    // a container health check is about (a TLS proxy in front of it has health of its own).
+    match url::Url::parse(&url) {
+        Ok(parsed) if parsed.scheme() == "http" => {}
+        Ok(parsed) => {
+            return unhealthy(&format!(
+                "{url}: only http:// is supported, not {}:// (the health check probes the relay's own port, which serves plain HTTP)",
+                parsed.scheme()
+            ));
+        }
+        Err(e) => return unhealthy(&format!("{url} is not a URL ({e}); give an http:// URL")),
+    }
     let client = match bonychat_relay::clients::http::client(HEALTHCHECK_TIMEOUT, HEALTHCHECK_TIMEOUT) {
         Ok(client) => client,
         Err(e) => return unhealthy(&format!("cannot build the HTTP client: {e}")),

@@ -7,11 +7,16 @@
 //! stand-in checks what the real upstream checks and keeps the last [`KEPT`] requests, readable
 //! as JSON, with the check's verdict. They keep what they received in memory and let anyone who
 //! reaches the port read it, which is why they are never mounted unless asked for.
+//!
+//! A sandbox left on by mistake is posted to by anyone: what the stand-ins keep is bounded in
+//! bytes, not only in entries ([`KEPT_BODY_BYTES`] of each body, [`KEPT_BYTES`] in all), and
+//! each entry is kept as the JSON text it is served as, so reading the log copies at most
+//! [`KEPT_BYTES`] instead of building and serialising a tree of everything received.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -30,6 +35,14 @@ use crate::store::now_millis;
 /// How many requests each stand-in keeps: enough to follow a session, bounded so that a
 /// sandbox left running cannot grow without end.
 pub const KEPT: usize = 100;
+/// How much of a body an entry keeps. What the relay sends is smaller (a JoinChat request or a
+/// BonyChat post is a few KiB at most), so a bigger body is no relay's: it is kept cut, with
+/// its size, instead of a megabyte per entry.
+pub const KEPT_BODY_BYTES: usize = 16 * 1024;
+/// How many bytes of entries each stand-in keeps at most, as served: the oldest go first.
+pub const KEPT_BYTES: usize = 1024 * 1024;
+/// How much of a header value an entry shows (a signature is 44 characters).
+const KEPT_HEADER_BYTES: usize = 256;
 /// The text that makes the JoinChat stand-in refuse a request, to show `rejected_by_joinchat`.
 pub const REJECT_MARKER: &str = "#reject";
 /// Both upstreams' bodies are small; this is the relay's own webhook limit.
@@ -42,21 +55,47 @@ struct Sandbox {
     bonychat: Received,
 }
 
-/// The last [`KEPT`] requests a stand-in received, oldest first.
+/// The last requests a stand-in received, oldest first: at most [`KEPT`] of them and
+/// [`KEPT_BYTES`] in all, each as its JSON text.
 #[derive(Default)]
-struct Received(Mutex<VecDeque<Value>>);
+struct Received(Mutex<Kept>);
+
+#[derive(Default)]
+struct Kept {
+    entries: VecDeque<Bytes>,
+    bytes: usize,
+}
 
 impl Received {
-    fn keep(&self, entry: Value) {
-        let mut entries = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if entries.len() == KEPT {
-            entries.pop_front();
+    fn keep(&self, entry: &Value) {
+        // Serialised before taking the lock: readers and other writers never wait on it.
+        let entry = Bytes::from(serde_json::to_vec(entry).expect("JSON values serialize"));
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while kept.entries.len() >= KEPT || (!kept.entries.is_empty() && kept.bytes + entry.len() > KEPT_BYTES) {
+            let oldest = kept.entries.pop_front().expect("not empty");
+            kept.bytes -= oldest.len();
         }
-        entries.push_back(entry);
+        kept.bytes += entry.len();
+        kept.entries.push_back(entry);
     }
 
-    fn all(&self) -> Vec<Value> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().cloned().collect()
+    /// `{"<key>": [entries…]}`, written from the kept text: the lock is held only to count
+    /// references, and nothing is parsed or serialised again.
+    fn serve(&self, key: &str) -> Response {
+        let (entries, bytes) = {
+            let kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            (kept.entries.iter().cloned().collect::<Vec<Bytes>>(), kept.bytes)
+        };
+        let mut body = Vec::with_capacity(bytes + entries.len() + key.len() + 8);
+        body.extend_from_slice(format!("{{\"{key}\":[").as_bytes());
+        for (index, entry) in entries.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(entry);
+        }
+        body.extend_from_slice(b"]}");
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
     }
 }
 
@@ -94,7 +133,6 @@ async fn joinchat_send_message(
     let expected = joinchat_signature(sandbox.joinchat_secret.expose().as_bytes(), bytes);
     let presented = headers.get("x-joinchat-signature").map(|v| v.as_bytes()).unwrap_or_default();
     let signature_valid: bool = presented.ct_eq(expected.as_bytes()).into();
-    let parsed = as_json(bytes);
 
     let (status, answer) = if !signature_valid {
         (StatusCode::UNAUTHORIZED, json!({"success": false, "errors": {"msg": "signature mismatch"}}))
@@ -102,16 +140,19 @@ async fn joinchat_send_message(
         let msg = format!("refused by the sandbox: the request contains {REJECT_MARKER}");
         (StatusCode::BAD_REQUEST, json!({"success": false, "errors": {"msg": msg}}))
     } else {
-        let recipient = parsed["recipient"].as_object().and_then(|r| r.values().next()).cloned().unwrap_or(Value::Null);
+        // Only a signed body is parsed whole: it comes from the relay, and is small.
+        let recipient =
+            as_json(bytes)["recipient"].as_object().and_then(|r| r.values().next()).cloned().unwrap_or(Value::Null);
         (StatusCode::OK, json!({"success": true, "recipient_id": recipient}))
     };
-    sandbox.joinchat.keep(json!({
+    sandbox.joinchat.keep(&json!({
         "receivedAt": now_millis(),
         "headers": {
             "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
             "x-joinchat-signature": header_text(&headers, "x-joinchat-signature"),
         },
-        "body": parsed,
+        "body": kept_body(bytes),
+        "bodyBytes": bytes.len(),
         "signatureValid": signature_valid,
         "status": status.as_u16(),
     }));
@@ -138,25 +179,26 @@ async fn bonychat_webhook(
         let scheme = value.as_bytes().split(|&b| b == b' ').next().unwrap_or_default();
         format!("{} [redacted]", String::from_utf8_lossy(scheme))
     });
-    sandbox.bonychat.keep(json!({
+    sandbox.bonychat.keep(&json!({
         "receivedAt": now_millis(),
         "headers": {
             "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
-            "authorization": authorization,
+            "authorization": authorization.map(|shown| cut(&shown, KEPT_HEADER_BYTES)),
         },
-        "body": as_json(bytes),
+        "body": kept_body(bytes),
+        "bodyBytes": bytes.len(),
         "tokenValid": token_valid,
         "status": status.as_u16(),
     }));
     Ok((status, Json(answer)).into_response())
 }
 
-async fn joinchat_requests(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
-    Json(json!({"requests": sandbox.joinchat.all()}))
+async fn joinchat_requests(State(sandbox): State<Arc<Sandbox>>) -> Response {
+    sandbox.joinchat.serve("requests")
 }
 
-async fn bonychat_events(State(sandbox): State<Arc<Sandbox>>) -> Json<Value> {
-    Json(json!({"events": sandbox.bonychat.all()}))
+async fn bonychat_events(State(sandbox): State<Arc<Sandbox>>) -> Response {
+    sandbox.bonychat.serve("events")
 }
 
 /// The body as JSON, or as text when it is not JSON (a stand-in shows what it got either way).
@@ -164,8 +206,38 @@ fn as_json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }
 
+/// What an entry keeps of a body: [`as_json`] up to [`KEPT_BODY_BYTES`]; beyond, the start of
+/// it as text and how big it was (a cut JSON body no longer parses).
+fn kept_body(bytes: &[u8]) -> Value {
+    if bytes.len() <= KEPT_BODY_BYTES {
+        return as_json(bytes);
+    }
+    Value::String(format!(
+        "{}… [truncated: {} bytes received, the first {KEPT_BODY_BYTES} kept]",
+        cut_utf8(&bytes[..KEPT_BODY_BYTES]),
+        bytes.len()
+    ))
+}
+
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    headers.get(name).map(|v| cut(&String::from_utf8_lossy(v.as_bytes()), KEPT_HEADER_BYTES))
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary, `…` marking a cut.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    format!("{}…", cut_utf8(&text.as_bytes()[..max]))
+}
+
+/// `bytes` as text, without the partial character a cut may have left at its end.
+fn cut_utf8(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.into(),
+        Err(e) if e.error_len().is_none() => String::from_utf8_lossy(&bytes[..e.valid_up_to()]),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -176,18 +248,56 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_stand_in_keeps_only_the_latest_requests() {
+    async fn served(received: &Received) -> Vec<Value> {
+        let body = axum::body::to_bytes(received.serve("entries").into_body(), usize::MAX).await.unwrap();
+        let served: Value = serde_json::from_slice(&body).unwrap();
+        served["entries"].as_array().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_stand_in_keeps_only_the_latest_requests() {
         let received = Received::default();
 
         for n in 0..KEPT + 50 {
-            received.keep(json!(n));
+            received.keep(&json!(n));
         }
 
-        let kept = received.all();
+        let kept = served(&received).await;
         assert_eq!(kept.len(), KEPT);
         assert_eq!(kept[0], json!(50), "the oldest go first");
         assert_eq!(kept[KEPT - 1], json!(KEPT + 49));
+    }
+
+    #[tokio::test]
+    async fn a_stand_in_keeps_at_most_its_byte_budget_of_the_latest_requests() {
+        let received = Received::default();
+        let big = |n: usize| json!({"n": n, "body": kept_body(&vec![b'x'; 1024 * 1024])});
+
+        for n in 0..KEPT {
+            received.keep(&big(n));
+        }
+
+        let kept = served(&received).await;
+        let bytes: usize = kept.iter().map(|entry| entry.to_string().len()).sum();
+        assert!(bytes <= KEPT_BYTES, "{bytes} bytes kept");
+        assert!(kept.len() >= KEPT_BYTES / (KEPT_BODY_BYTES + 200), "as many as fit: {}", kept.len());
+        assert_eq!(kept.last().unwrap()["n"], KEPT - 1, "the newest stays");
+    }
+
+    #[test]
+    fn a_body_past_the_cap_is_kept_cut_and_says_how_big_it_was() {
+        let small = json!({"text": "é".repeat(100)}).to_string();
+        assert_eq!(kept_body(small.as_bytes()), serde_json::from_str::<Value>(&small).unwrap());
+
+        // A two-byte character straddles the cut.
+        let big = format!("x{}", "é".repeat(KEPT_BODY_BYTES));
+        let Value::String(kept) = kept_body(big.as_bytes()) else { panic!("kept as text") };
+        assert!(kept.len() < KEPT_BODY_BYTES + 100, "{}", kept.len());
+        assert!(kept.starts_with("xéé"), "the start is kept");
+        assert!(!kept.contains('\u{fffd}'), "no broken character at the cut");
+        assert!(
+            kept.ends_with(&format!("… [truncated: {} bytes received, the first {KEPT_BODY_BYTES} kept]", big.len()))
+        );
     }
 
     #[test]

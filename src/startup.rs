@@ -44,6 +44,14 @@ pub enum StartupError {
     HttpClient(#[from] reqwest::Error),
 }
 
+impl StartupError {
+    /// Whether the start was refused rather than failed: the store was migrated by a newer
+    /// relay, which no retry of this one can change.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Store(StoreError::SchemaTooNew { .. }))
+    }
+}
+
 pub struct Application {
     listener: TcpListener,
     metrics: TcpListener,

@@ -182,13 +182,15 @@ impl Env {
         let file_key = format!("{key}_FILE");
         match (self.get(key)?, self.get(&file_key)?) {
             (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
-            (Some(value), None) => Ok(Some(Secret::new(printable_secret(key, value)?))),
+            (Some(value), None) => Ok(Some(Secret::new(usable_secret(key, value)?))),
             (None, Some(path)) => {
                 let bytes = read_small_file(Path::new(path), SECRET_FILE_CAP)
                     .map_err(|problem| ConfigError::new(&file_key, problem))?;
                 let content = String::from_utf8(bytes)
                     .map_err(|_| ConfigError::new(&file_key, format!("{path} is not UTF-8 text")))?;
-                // Files written by editors and `echo` end with a newline that is not part of the secret.
+                // Files written by editors and `echo` end with a newline that is not part of the
+                // secret: exactly one is removed. Anything more is refused below, not trimmed:
+                // a second line break or a space is a slip the operator should see.
                 let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
                 if value.is_empty() {
                     return Err(ConfigError::new(&file_key, format!("{path} is empty")));
@@ -196,7 +198,7 @@ impl Env {
                 if value.trim().is_empty() {
                     return Err(ConfigError::new(&file_key, format!("{path} is blank (only whitespace)")));
                 }
-                Ok(Some(Secret::new(printable_secret(&file_key, value)?)))
+                Ok(Some(Secret::new(usable_secret(&file_key, value)?)))
             }
             (None, None) => Ok(None),
         }
@@ -210,12 +212,21 @@ impl Env {
 /// A secret holding a control character (a line break most often: a second line pasted in, a
 /// file with two lines) would go out in headers and signatures as something else than the
 /// operator meant, or be refused by the HTTP client at the first request; refused at start
-/// instead. The value is never shown.
-fn printable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> {
+/// instead. So is one starting or ending with whitespace (a space pasted with it, a quoted
+/// value with a space inside the quotes): the other side never sends or signs with it, so it
+/// would never match, and trimming it silently would hide the slip. The value is never shown.
+fn usable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> {
     if value.chars().any(char::is_control) {
         return Err(ConfigError::new(
             var,
             "holds a control character or line break (value not shown); a secret is one line of printable text",
+        ));
+    }
+    if value.trim() != value {
+        return Err(ConfigError::new(
+            var,
+            "starts or ends with whitespace (value not shown); a secret never does, and with it nothing would \
+             match: remove the spaces",
         ));
     }
     Ok(value)
@@ -422,6 +433,33 @@ mod tests {
             Env::from_pairs([("TOKEN", "spaces are fine")]).secret("TOKEN").unwrap().unwrap().expose(),
             "spaces are fine"
         );
+    }
+
+    #[test]
+    fn a_secret_with_leading_or_trailing_whitespace_is_refused_without_showing_it() {
+        for value in [" s3cret", "s3cret ", "  s3cret  ", "s3cret\u{a0}", "\u{3000}s3cret"] {
+            let err = Env::from_pairs([("TOKEN", value)]).secret("TOKEN").unwrap_err();
+            assert_eq!(err.var, "TOKEN", "{value:?}");
+            assert!(err.problem.contains("starts or ends with whitespace"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_secret_file_keeps_one_final_line_break_off_and_refuses_any_other_outer_whitespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for content in ["s3cret", "s3cret\n", "s3cret\r\n", "s3 cret\n"] {
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(secret_from(&path).unwrap().unwrap().expose(), content.trim_end(), "{content:?}");
+        }
+        for content in [" s3cret\n", "s3cret \n", "s3cret \r\n", "s3cret\n \n", "\u{2003}s3cret\n"] {
+            std::fs::write(&path, content).unwrap();
+            let err = secret_from(&path).unwrap_err();
+            assert_eq!(err.var, "TOKEN_FILE", "{content:?}");
+            assert!(err.problem.contains("whitespace") || err.problem.contains("control character"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -443,8 +443,19 @@ fn parse_bool(raw: &str) -> Result<bool, String> {
 
 /// The sandbox's stand-ins answer on the relay's own port: upstream URLs that point at
 /// `/sandbox/` elsewhere, or with the sandbox off, would fail every delivery, and only later.
+/// And whoever reaches that port reads and fills the stand-ins' logs: a sandbox listening
+/// beyond the loopback is most likely one left on by mistake.
 fn sandbox_warnings(server: &ServerConfig, bonychat: &BonyChatConfig, joinchat: &JoinChatConfig) -> Vec<String> {
     let mut warnings = Vec::new();
+    if server.sandbox && !server.addr.ip().to_canonical().is_loopback() {
+        warnings.push(format!(
+            "RELAY_SANDBOX=true ON A NON-LOOPBACK ADDRESS: RELAY_ADDR={} is not a loopback address, so anyone \
+             who can reach it can read what the stand-ins under /sandbox/ received and post to them. Listen on \
+             127.0.0.1 (or publish the port on the host's loopback only, as docker-compose's sandbox profile \
+             does), and never turn the sandbox on in production",
+            server.addr
+        ));
+    }
     for (var, endpoint) in [("JOINCHAT_API_URL", &joinchat.api_url), ("BONYCHAT_WEBHOOK_URL", &bonychat.webhook_url)] {
         let url = endpoint.url();
         if !url.path().starts_with("/sandbox/") {
@@ -982,7 +993,27 @@ mod tests {
                 .any(|w| w.starts_with("JOINCHAT_API_URL points at /sandbox/ on port 8080"))
         );
         assert!(off.unwrap().warnings.iter().any(|w| w.contains("RELAY_SANDBOX is not true")));
-        assert!(right.unwrap().warnings.is_empty());
+        let right = right.unwrap();
+        assert!(right.warnings.iter().all(|w| !w.contains("points at /sandbox/")), "{:?}", right.warnings);
+    }
+
+    #[test]
+    fn a_sandbox_beyond_the_loopback_is_warned_about_and_one_on_it_is_not() {
+        let sandbox_on = |addr: &'static str| {
+            Config::from_env(&with(&[("RELAY_SANDBOX", "true"), ("RELAY_ADDR", addr)])).unwrap().warnings
+        };
+        let exposed = |warnings: &[String]| warnings.iter().any(|w| w.contains("NON-LOOPBACK"));
+
+        for addr in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:8080"] {
+            let warnings = sandbox_on(addr);
+            assert!(exposed(&warnings), "{addr}: {warnings:?}");
+            assert!(warnings.iter().any(|w| w.contains(&format!("RELAY_ADDR={addr} "))), "{warnings:?}");
+        }
+        for addr in ["127.0.0.1:8080", "127.0.0.2:8080", "[::1]:8080", "[::ffff:127.0.0.1]:8080"] {
+            assert!(!exposed(&sandbox_on(addr)), "{addr}");
+        }
+        let production = Config::from_env(&with(&[("RELAY_ADDR", "0.0.0.0:8080")])).unwrap();
+        assert!(!exposed(&production.warnings), "no sandbox, no warning");
     }
 
     #[test]

@@ -128,7 +128,7 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
         let clock = Clock { received_at, fallback: entry_time.unwrap_or(received_at) };
         for channel in ["messaging", "standby"] {
             for item in entry.get(channel).and_then(Value::as_array).into_iter().flatten() {
-                match item.as_object().map(|event| parse_event(event, clock)) {
+                match item.as_object().map(|event| parse_event(event, page_id, clock)) {
                     Some(Ok(event)) => envelope.events.push(event),
                     Some(Err(ignored)) => envelope.ignored.push(ignored),
                     None => envelope.ignored.push(Ignored(format!("a {channel} item that is not an object"))),
@@ -152,9 +152,10 @@ fn is_event_time(millis: i64, received_at: i64) -> bool {
     (EARLIEST_EVENT_MILLIS..=received_at.saturating_add(FUTURE_SLACK_MILLIS)).contains(&millis)
 }
 
-fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEvent, Ignored> {
+fn parse_event(event: &Map<String, Value>, page_id: &str, clock: Clock) -> Result<MessengerEvent, Ignored> {
     let sender = participant(event.get("sender"));
     let recipient = participant(event.get("recipient"));
+    let id_without_mid = || id_of_event_without_mid(page_id, sender.as_deref(), recipient.as_deref(), event);
     let timestamp = event
         .get("timestamp")
         .and_then(millis_of)
@@ -167,12 +168,13 @@ fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEven
 
     if let Some(message) = event.get("message").and_then(Value::as_object) {
         let echo = message.get("is_echo").and_then(Value::as_bool) == Some(true);
+        let mid = message
+            .get("mid")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+            .map_or_else(id_without_mid, str::to_owned);
         let contact = if echo { contact(recipient, "recipient")? } else { contact(sender, "sender")? };
         let contents = message_contents(message);
-        let mid = message.get("mid").and_then(Value::as_str).filter(|m| !m.is_empty()).map_or_else(
-            || derived_id(&format!("message|{contact}|{timestamp}|{}", content_key(&contents))),
-            str::to_owned,
-        );
         return Ok(MessengerEvent::Message(MessageEvent {
             echo,
             fingerprint: echo.then(|| echo_fingerprint(message)).flatten(),
@@ -183,13 +185,13 @@ fn parse_event(event: &Map<String, Value>, clock: Clock) -> Result<MessengerEven
         }));
     }
     if let Some(postback) = event.get("postback").and_then(Value::as_object) {
-        let contact = contact(sender, "sender")?;
-        let text = postback_text(postback);
         let mid = postback
             .get("mid")
             .and_then(Value::as_str)
             .filter(|m| !m.is_empty())
-            .map_or_else(|| derived_id(&format!("postback|{contact}|{timestamp}|{text}")), str::to_owned);
+            .map_or_else(id_without_mid, str::to_owned);
+        let contact = contact(sender, "sender")?;
+        let text = postback_text(postback);
         return Ok(MessengerEvent::Message(MessageEvent {
             echo: false,
             contact,
@@ -251,9 +253,60 @@ fn watermark_of(receipt: &Map<String, Value>, kind: &str, clock: Clock) -> Resul
     }
 }
 
-/// A stable rendering of contents for a derived id: JSON, not `Debug`, whose format may change.
-fn content_key(contents: &[BonyMessage]) -> String {
-    serde_json::to_string(contents).expect("contents serialize")
+/// The id of a message or postback Meta sent without a `mid`. A redelivery must get the same id,
+/// or it is forwarded twice: so it is derived only from what Meta resends unchanged (the event as
+/// Meta sent it, keys sorted, with the page it came for, its sender and its recipient), never
+/// from a time the relay filled in for a missing one (the entry's, or the time of receipt).
+fn id_of_event_without_mid(
+    page_id: &str,
+    sender: Option<&str>,
+    recipient: Option<&str>,
+    event: &Map<String, Value>,
+) -> String {
+    let mut identity = String::from("event");
+    for part in [Some(page_id), sender, recipient] {
+        identity.push('|');
+        // As JSON strings, so that no id can pass for a separator.
+        canonical_json(&Value::from(part), &mut identity);
+    }
+    identity.push('|');
+    canonical_json_object(event, &mut identity);
+    derived_id(&identity)
+}
+
+/// `value` as compact JSON with the keys of every object sorted: the same event gives the same
+/// text whatever order its keys came in, and whatever map type `serde_json` is built with.
+fn canonical_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => canonical_json_object(map, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        // Strings escaped, numbers as parsed: both as serde_json writes them.
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+fn canonical_json_object(map: &Map<String, Value>, out: &mut String) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_unstable();
+    out.push('{');
+    for (index, key) in keys.into_iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).expect("strings serialize"));
+        out.push(':');
+        canonical_json(&map[key], out);
+    }
+    out.push('}');
 }
 
 /// A participant's id: `id` as a string or a number, or a chat plugin's `user_ref`.
@@ -608,9 +661,77 @@ mod tests {
         assert_eq!(first, single_message(item).mid);
         assert_eq!(
             first,
-            derived_id(r#"message|7|1468152703534|[{"type":"text","text":"no mid"}]"#),
+            derived_id(&format!(
+                r#"event|"{PAGE}"|"7"|"{PAGE}"|{{"message":{{"text":"no mid"}},"recipient":{{"id":"{PAGE}"}},"sender":{{"id":"7"}},"timestamp":1468152703534}}"#
+            )),
             "a documented, stable input"
         );
+    }
+
+    /// Meta redelivers a webhook it got no 200 for, unchanged; what the relay fills in for a
+    /// missing time (the time of receipt) is not. An event without a `mid` must get the same id
+    /// both times, or the store cannot tell the redelivery and it is forwarded twice.
+    #[test]
+    fn an_event_without_a_mid_or_a_time_gets_the_same_id_whenever_it_is_received() {
+        let body = |items: Value| json!({"object": "page", "entry": [{"id": PAGE, "messaging": items}]});
+        let items = json!([
+            {"sender": {"id": "1066835436691078"}, "recipient": {"id": PAGE}, "postback": {"title": "Yes", "payload": "YES"}},
+            {"sender": {"id": "1066835436691078"}, "recipient": {"id": PAGE}, "message": {"text": "no mid, no time"}}
+        ]);
+        let ids = |received_at: i64| -> Vec<(String, i64)> {
+            events_at(body(items.clone()), received_at)
+                .events
+                .iter()
+                .map(|event| match event {
+                    MessengerEvent::Message(message) => (message.mid.clone(), message.timestamp),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+
+        let first = ids(1_700_000_000_000);
+        let redelivered = ids(1_700_000_001_234);
+
+        assert_eq!(first.len(), 2);
+        assert_ne!(first[0].1, redelivered[0].1, "the times are the receipts', and differ");
+        assert_eq!(first[0].0, redelivered[0].0, "the postback keeps its id");
+        assert_eq!(first[1].0, redelivered[1].0, "the message keeps its id");
+        assert_ne!(first[0].0, first[1].0);
+        for (id, _) in &first {
+            assert!(id.starts_with("mid_") && id.len() <= M_ID_MAX, "{id}");
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'), "{id}");
+        }
+    }
+
+    #[test]
+    fn the_id_of_an_event_without_a_mid_follows_what_meta_sent_not_how_it_was_written() {
+        let postback = |item: &str| {
+            let body = format!(r#"{{"object":"page","entry":[{{"id":"{PAGE}","messaging":[{item}]}}]}}"#);
+            let body = crate::signing::tests_support::verified(body.as_bytes());
+            let envelope = parse_envelope(&body, PAGE, 1_700_000_000_000).unwrap();
+            let [MessengerEvent::Message(message)] = envelope.events.as_slice() else { panic!("{envelope:?}") };
+            message.mid.clone()
+        };
+        let id = postback(r#"{"sender":{"id":"1"},"recipient":{"id":"2"},"postback":{"title":"Yes","payload":"YES"}}"#);
+
+        let reordered =
+            postback(r#"{"postback":{"payload":"YES","title":"Yes"}, "recipient":{"id":"2"},"sender":{"id":"1"}}"#);
+        let other_payload =
+            postback(r#"{"sender":{"id":"1"},"recipient":{"id":"2"},"postback":{"title":"Yes","payload":"NO"}}"#);
+        let other_sender =
+            postback(r#"{"sender":{"id":"3"},"recipient":{"id":"2"},"postback":{"title":"Yes","payload":"YES"}}"#);
+        let with_time = postback(
+            r#"{"sender":{"id":"1"},"recipient":{"id":"2"},"timestamp":1699999999999,"postback":{"title":"Yes","payload":"YES"}}"#,
+        );
+        let with_mid = postback(
+            r#"{"sender":{"id":"1"},"recipient":{"id":"2"},"postback":{"mid":"m_1","title":"Yes","payload":"YES"}}"#,
+        );
+
+        assert_eq!(id, reordered, "key order and spacing are not part of the event");
+        for other in [&other_payload, &other_sender, &with_time] {
+            assert_ne!(&id, other, "a different event, a different id");
+        }
+        assert_eq!(with_mid, "m_1", "a mid is kept as it is");
     }
 
     #[test]

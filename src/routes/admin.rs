@@ -12,10 +12,9 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{JobState, JobView, StoreError, now_millis, redrive_all_dead};
+use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, now_millis, redrive_all_dead};
 
 const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 pub struct AdminCaller;
 
@@ -52,8 +51,8 @@ pub async fn list_jobs(
         })?),
     };
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::InvalidRequest(format!("limit: must be between 1 and {MAX_LIMIT}")));
+    if !(1..=LIST_LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::InvalidRequest(format!("limit: must be between 1 and {LIST_LIMIT_MAX}")));
     }
     let jobs = state.store.list(job_state, limit).await.map_err(ApiError::Store)?;
     let jobs: Vec<JobView> = jobs.iter().map(JobView::from).collect();

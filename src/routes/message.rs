@@ -16,6 +16,7 @@ use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
 use crate::delivery::{FirstAttempt, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
+use crate::domain::text::truncate;
 use crate::error::ApiError;
 
 #[derive(Debug, Serialize)]
@@ -62,14 +63,20 @@ impl FromRequestParts<AppState> for BonyChatCaller {
     }
 }
 
+/// How much of a refused `Content-Type` the answer quotes back: enough to recognise it.
+const SHOWN_CONTENT_TYPE_MAX: usize = 100;
+
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(content_type) = headers.get(header::CONTENT_TYPE) else {
+        return Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none given)".into()));
+    };
+    // Read lossily: a value with bytes past ASCII is still the caller's Content-Type, not a
+    // missing one, and the answer should say what was refused.
+    let content_type = String::from_utf8_lossy(content_type.as_bytes());
     let media_type = content_type.split(';').next().unwrap_or("").trim();
     if media_type.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else if content_type.is_empty() {
-        Err(ApiError::UnsupportedMediaType("Content-Type must be application/json (none given)".into()))
-    } else {
-        Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not {content_type}")))
+        return Ok(());
     }
+    let shown = truncate(content_type.trim(), SHOWN_CONTENT_TYPE_MAX);
+    Err(ApiError::UnsupportedMediaType(format!("Content-Type must be application/json, not \"{shown}\"")))
 }

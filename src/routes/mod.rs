@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::Extension;
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -80,13 +81,21 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
     let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
+    // Likewise `/admin/*` without a token: mounted, its paths would answer 405 to other methods
+    // and so tell that they exist.
+    let admin = if state.admin_token.is_some() {
+        Router::new()
+            .route("/admin/jobs", get(admin::list_jobs))
+            .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+            .route("/admin/dead/redrive", post(admin::redrive_dead))
+    } else {
+        Router::new()
+    };
     let bounded = Router::new()
         .merge(sandbox)
+        .merge(admin)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/admin/jobs", get(admin::list_jobs))
-        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/admin/dead/redrive", post(admin::redrive_dead))
         .fallback(|| async { ApiError::NotFound })
         .layer(timeout());
 
@@ -95,11 +104,12 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(stores_work)
         .merge(bounded)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        // Outermost first: a caller's request id is checked before it is kept, the id exists
-        // before the request is logged, and the log line sees the final status, including
-        // refused heads, timeouts and panics turned into errors.
+        // Outermost first: every answer gets `nosniff`, a caller's request id is checked before
+        // it is kept, the id exists before the request is logged, and the log line sees the
+        // final status, including refused heads, timeouts and panics turned into errors.
         .layer(
             ServiceBuilder::new()
+                .map_response(no_sniff)
                 .map_request(telemetry::drop_unfit_request_id)
                 .set_x_request_id(telemetry::MakeRequestId)
                 .propagate_x_request_id()
@@ -109,6 +119,13 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .layer(Extension(body_reader)),
         )
         .with_state(state)
+}
+
+/// No answer of the public port may be sniffed into another type by a browser: the handshake
+/// echoes `hub.challenge`, caller input, as `text/plain`, and errors quote what callers sent.
+fn no_sniff(mut response: Response) -> Response {
+    response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
 }
 
 async fn timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {

@@ -45,6 +45,12 @@ pub enum StoreError {
     NotFound(i64),
     #[error("{0}")]
     Conflict(String),
+    /// The store was migrated by a newer relay: this one does not know its schema, and writing
+    /// to it (or serving from it) could corrupt what the newer one stored. Refused at once.
+    #[error(
+        "the store has schema version {found}, newer than the {known} this bonychat-relay knows: a newer relay migrated it; run that newer relay (or restore the backup taken before the upgrade)"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 /// Limits the store enforces on new work (SPEC §5: intake is bounded).
@@ -510,6 +516,10 @@ pub struct BeforeSend {
 
 /// Jobs redriven or pruned per store operation: small enough that ingestion interleaves.
 pub const BATCH: usize = 500;
+
+/// The most jobs one listing returns, in the admin API and `bonychat-relay jobs list` alike:
+/// a page for an operator to read, not an export that holds the store.
+pub const LIST_LIMIT_MAX: usize = 1000;
 
 /// Opens the store `config` names for a relay: creating and migrating it as needed, and
 /// holding it for this process alone.

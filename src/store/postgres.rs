@@ -234,9 +234,7 @@ async fn migrate(pool: &PgPool) -> StoreResult<()> {
         sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM relay_schema").fetch_one(&mut *tx).await?;
     let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
     if version > known {
-        return Err(StoreError::Unavailable(format!(
-            "the database has schema version {version}, newer than this bonychat-relay knows ({known}); run the newer relay"
-        )));
+        return Err(StoreError::SchemaTooNew { found: version.into(), known: known.into() });
     }
     for (number, migration) in (1..).zip(MIGRATIONS).skip(usize::try_from(version).unwrap_or(0)) {
         sqlx::raw_sql(AssertSqlSafe(*migration)).execute(&mut *tx).await?;
@@ -255,6 +253,9 @@ async fn check_version(pool: &PgPool) -> StoreResult<()> {
     let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
     match version {
         Some(version) if version == known => Ok(()),
+        Some(version) if version > known => {
+            Err(StoreError::SchemaTooNew { found: version.into(), known: known.into() })
+        }
         other => Err(StoreError::Unavailable(format!(
             "the store has schema version {}, this bonychat-relay expects {known}; start the matching relay once first",
             other.unwrap_or(0)

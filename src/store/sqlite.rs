@@ -171,8 +171,11 @@ impl SqliteStore {
                         let _ = ready_tx.send(Ok(()));
                         Writer { conn, path, identity, health: watched, commits: counted }.run(ops_rx);
                     }
-                    Err(e) => {
+                    Err(OpenError::Sqlite(e)) => {
                         let _ = ready_tx.send(Err(StoreError::Unavailable(format!("{}: {e}", path.display()))));
+                    }
+                    Err(OpenError::Refused(e)) => {
+                        let _ = ready_tx.send(Err(e));
                     }
                 }
             })
@@ -412,7 +415,20 @@ struct Identity {
     wal: Option<FileId>,
 }
 
-fn open_connection(path: &Path, mode: Mode) -> rusqlite::Result<(Connection, Identity)> {
+/// Why the writer's connection could not be opened.
+enum OpenError {
+    Sqlite(rusqlite::Error),
+    /// The file is sound but this relay must not use it (a schema it does not know).
+    Refused(StoreError),
+}
+
+impl From<rusqlite::Error> for OpenError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Sqlite(e)
+    }
+}
+
+fn open_connection(path: &Path, mode: Mode) -> Result<(Connection, Identity), OpenError> {
     let flags = match mode {
         Mode::Relay => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
         Mode::Tool => OpenFlags::SQLITE_OPEN_READ_WRITE,
@@ -425,24 +441,29 @@ fn open_connection(path: &Path, mode: Mode) -> rusqlite::Result<(Connection, Ide
     conn.set_prepared_statement_cache_capacity(64);
     let mode_set: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode_set.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode stayed {mode_set}, not WAL")));
+        return Err(rusqlite::Error::InvalidParameterName(format!("journal_mode stayed {mode_set}, not WAL")).into());
     }
     // FULL: every commit fsyncs the WAL, so it survives power loss, not just a crash.
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    // Checked before anything is written: a relay that went on would take over leases and
+    // write rows in a layout it does not know.
+    if version > known {
+        return Err(OpenError::Refused(StoreError::SchemaTooNew { found: version, known }));
+    }
     match mode {
         Mode::Relay => {
             migrate(&mut conn)?;
             take_over(&conn)?;
         }
-        Mode::Tool => {
-            let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-            if version != i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX) {
-                return Err(rusqlite::Error::InvalidParameterName(format!(
-                    "the store has schema version {version}, this bonychat-relay expects {}; start the matching relay once first",
-                    MIGRATIONS.len()
-                )));
-            }
+        Mode::Tool if version != known => {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "the store has schema version {version}, this bonychat-relay expects {known}; start the matching relay once first"
+            ))
+            .into());
         }
+        Mode::Tool => {}
     }
     let not_a_file = |e: std::io::Error| rusqlite::Error::InvalidParameterName(format!("cannot stat the file: {e}"));
     let identity = Identity { db: FileId::of(path).map_err(not_a_file)?, wal: FileId::of(&wal_path(path)).ok() };

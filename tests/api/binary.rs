@@ -82,16 +82,16 @@ impl RelayProcess {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Sends `signal` (a name `kill` knows: STOP, CONT, HUP…) to the process.
-    pub async fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("the relay is running").to_string();
-        let sent = Command::new("sh").args(["-c", &format!("kill -{signal} {pid}")]).status().await.unwrap();
-        assert!(sent.success(), "kill -{signal} {pid}");
-    }
-
-    /// What the process wrote so far, a line each.
-    pub fn output(&self) -> Vec<String> {
-        self.output.lock().unwrap().clone()
+    /// The most memory the process has held so far (its peak resident set), in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        let pid = self.child.id().expect("the relay runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("Linux /proc");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
     }
 
     /// SIGKILL: no shutdown, no flush, as a crash or an OOM kill would do.
@@ -100,12 +100,22 @@ impl RelayProcess {
         self.child.wait().await.expect("the relay is reaped");
     }
 
+    /// Sends `signal` (`TERM`, `HUP`, `STOP`, `CONT`, …) to the relay.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the relay runs").to_string();
+        // The shell's builtin `kill`: present wherever /bin/sh is, unlike /usr/bin/kill.
+        let sent = Command::new("sh").args(["-c", &format!("kill -{signal} {pid}")]).status().await.unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
+    /// The lines the relay wrote so far, stdout and stderr.
+    pub fn output(&self) -> Vec<String> {
+        self.output.lock().unwrap().clone()
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub async fn terminate(mut self) -> (i32, Vec<String>) {
-        let pid = self.child.id().unwrap().to_string();
-        // The shell's builtin `kill`: present wherever /bin/sh is, unlike /usr/bin/kill.
-        let killed = Command::new("sh").args(["-c", &format!("kill -TERM {pid}")]).status().await.unwrap();
-        assert!(killed.success());
+        self.signal("TERM").await;
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
             .await
             .expect("exits after SIGTERM")
@@ -242,4 +252,41 @@ async fn secrets_can_come_from_files() {
 
     assert_eq!(answer.status(), 200);
     assert!(joinchat.received()[0].authentic);
+}
+
+/// SIGHUP (a reload request, a closed terminal) used to end the relay at once, without a drain.
+/// Until reloading exists it is logged and ignored: the relay keeps serving, and still stops
+/// cleanly on SIGTERM afterwards.
+#[tokio::test]
+async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_the_relay_cleanly() {
+    // Arrange
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = crate::helpers::http_client();
+
+    // Act
+    relay.signal("HUP").await;
+    relay.signal("HUP").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let logged = |relay: &RelayProcess| {
+        relay.output().iter().filter(|line| line.contains("SIGHUP received; reloading is not supported yet")).count()
+    };
+    while logged(&relay) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let health = http.get(relay.url("/healthz")).send().await;
+    let (code, output) = relay.terminate().await;
+
+    // Assert
+    assert_eq!(health.expect("the relay still serves after SIGHUP").status(), 200);
+    let hangups: Vec<Value> = output
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["message"].as_str().is_some_and(|m| m.starts_with("SIGHUP received")))
+        .collect();
+    assert_eq!(hangups.len(), 2, "one line per SIGHUP: {output:?}");
+    assert_eq!(hangups[0]["level"], "INFO");
+    assert_eq!(code, 0, "SIGTERM after SIGHUP is still a clean exit: {output:?}");
 }

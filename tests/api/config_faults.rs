@@ -166,6 +166,41 @@ async fn a_secret_file_of_two_lines_stops_the_start_without_echoing_it() {
     failed.assert_hides("second-half");
 }
 
+/// A secret with a space around it never authenticates (BonyChat sends the token without it):
+/// refused at start like a blank one, instead of a relay that answers 401 to everyone.
+#[tokio::test]
+async fn a_secret_with_a_leading_or_trailing_space_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for value in [format!("{API_TOKEN} "), format!(" {API_TOKEN}")] {
+        let vars = vars_with(dir.path(), &[("BONYCHAT_API_TOKEN", Some(&value))]);
+
+        let failed = run(&vars, &[]).await;
+
+        failed.assert_one_line(EXIT_CONFIG, &["BONYCHAT_API_TOKEN: starts or ends with whitespace"]);
+        failed.assert_hides(API_TOKEN);
+    }
+}
+
+/// In a secret file, the one line break `echo value > file` writes is not part of the secret;
+/// any other whitespace around it is refused, naming the `_FILE` variable.
+#[tokio::test]
+async fn a_secret_file_with_whitespace_besides_its_final_line_break_stops_the_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app_secret");
+    for content in ["app-secret-value \n", " app-secret-value\n", "app-secret-value \r\n"] {
+        std::fs::write(&file, content).unwrap();
+        let vars = vars_with(
+            dir.path(),
+            &[("MESSENGER_APP_SECRET", None), ("MESSENGER_APP_SECRET_FILE", Some(path_str(&file)))],
+        );
+
+        let failed = run(&vars, &[]).await;
+
+        failed.assert_one_line(EXIT_CONFIG, &["MESSENGER_APP_SECRET_FILE: starts or ends with whitespace"]);
+        failed.assert_hides("app-secret-value");
+    }
+}
+
 #[tokio::test]
 async fn a_blank_variable_stops_the_start_with_one_line_naming_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -265,4 +300,58 @@ async fn a_postgres_url_requiring_tls_refuses_a_database_without_it() {
     failed.assert_one_line(1, &["RELAY_DATABASE_URL: ", "cannot connect to the database"]);
     assert!(failed.stderr.to_lowercase().contains("tls"), "{}", failed.stderr);
     failed.assert_hides("pa55word");
+}
+
+/// The store as a relay opens it, at `url`.
+fn store_config(url: &str) -> bonychat_relay::config::StoreConfig {
+    let env = bonychat_relay::config::Env::from_pairs([("RELAY_DATABASE_URL", url)]);
+    bonychat_relay::config::StoreConfig::from_env(&env).unwrap()
+}
+
+/// A downgrade gone wrong: the store was migrated by a newer relay (its `user_version` is past
+/// what this binary knows). Both the relay and `jobs` refuse it with one line naming both
+/// versions, exit 2 like any refused start, and leave the file as it was.
+#[tokio::test]
+async fn a_sqlite_store_migrated_by_a_newer_relay_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("relay.db");
+    let url = format!("sqlite://{}", db.display());
+    drop(bonychat_relay::store::open(&store_config(&url)).await.expect("this relay's store"));
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let known: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+    let newer = known + 1;
+    conn.pragma_update(None, "user_version", newer).unwrap();
+    drop(conn);
+    let vars = vars_with(dir.path(), &[]);
+
+    let relay = run(&vars, &[]).await;
+    let jobs = run(&vars, &["jobs", "list"]).await;
+
+    let found = format!("schema version {newer}, newer than the {known} this bonychat-relay knows");
+    relay.assert_one_line(EXIT_CONFIG, &["cannot start: RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    jobs.assert_one_line(EXIT_CONFIG, &["RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).unwrap();
+    assert_eq!(version, newer, "the newer relay's store is left alone");
+}
+
+#[tokio::test]
+async fn a_postgres_store_migrated_by_a_newer_relay_is_refused_with_exit_2() {
+    let Some(url) = crate::postgres::fresh_database().await else { return };
+    drop(bonychat_relay::store::open(&store_config(&url)).await.expect("this relay's store"));
+    let mut connection = crate::postgres::connect(&url).await;
+    let known: i32 =
+        sqlx::query_scalar("SELECT MAX(version) FROM relay_schema").fetch_one(&mut connection).await.unwrap();
+    let newer = known + 1;
+    sqlx::query("INSERT INTO relay_schema (version) VALUES ($1)").bind(newer).execute(&mut connection).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let vars = vars_with(dir.path(), &[("RELAY_DATABASE_URL", Some(&url))]);
+
+    let relay = run(&vars, &[]).await;
+    let jobs = run(&vars, &["jobs", "list"]).await;
+
+    let found = format!("schema version {newer}, newer than the {known} this bonychat-relay knows");
+    relay.assert_one_line(EXIT_CONFIG, &["cannot start: RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
+    jobs.assert_one_line(EXIT_CONFIG, &["RELAY_DATABASE_URL: ", &found, "run that newer relay"]);
 }

@@ -120,6 +120,35 @@ async fn one_job_can_be_retried_by_id() {
     app.stop().await;
 }
 
+/// Without `RELAY_ADMIN_TOKEN` the admin API does not exist: every method on every admin path
+/// is the JSON 404 of an unknown path (a 405 would tell the path is there).
+#[tokio::test]
+async fn every_method_on_every_admin_path_is_404_without_a_token() {
+    let app = spawn_app().await;
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+
+    let mut answers = Vec::new();
+    for path in ["/admin/jobs", "/admin/jobs/1/retry", "/admin/dead/redrive", "/admin", "/admin/anything"] {
+        for method in methods {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let response = app.http.request(method.clone(), app.url(path)).send().await.unwrap();
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            answers.push((format!("{method} {path}"), status, body));
+        }
+    }
+    app.stop().await;
+
+    for (request, status, body) in answers {
+        assert_eq!(status, 404, "{request}: {body}");
+        if request.starts_with("HEAD") {
+            continue;
+        }
+        let body: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{request}: {body}"));
+        assert_error(status, &body, 404, "not_found");
+    }
+}
+
 #[tokio::test]
 async fn the_admin_api_is_absent_without_a_token_and_guarded_with_one() {
     let without = spawn_app().await;
@@ -301,6 +330,28 @@ mod command_line {
         assert_eq!(app.joinchat.received().len(), 5);
         assert!(app.jobs(JobState::Dead).await.is_empty());
         app.stop().await;
+    }
+
+    /// `--limit 0` listed nothing and said nothing; past the admin API's 1000 it would read
+    /// the whole store. Both are refused by the argument parser before the store is opened.
+    #[tokio::test]
+    async fn jobs_list_takes_a_limit_of_1_to_1000_only() {
+        let data = tempfile::tempdir().unwrap();
+        let vars = vec![("RELAY_DATABASE_URL".to_owned(), format!("sqlite://{}/none.db", data.path().display()))];
+
+        let mut refused = Vec::new();
+        for limit in ["0", "1001"] {
+            refused.push((limit, crate::binary::run_binary(&vars, &["jobs", "list", "--limit", limit]).await));
+        }
+        let (accepted, _, past_parsing) = crate::binary::run_binary(&vars, &["jobs", "list", "--limit", "1000"]).await;
+
+        for (limit, (code, _, stderr)) in refused {
+            assert_eq!(code, Some(2), "--limit {limit}: {stderr}");
+            assert!(stderr.contains(&format!("invalid value '{limit}' for '--limit <LIMIT>'")), "{stderr}");
+            assert!(stderr.contains("1..=1000"), "the allowed range is named: {stderr}");
+        }
+        assert_eq!(accepted, Some(1), "1000 is a limit; then no store is found: {past_parsing}");
+        assert!(past_parsing.contains("no store at"), "{past_parsing}");
     }
 
     #[tokio::test]

@@ -110,3 +110,20 @@ async fn a_url_it_cannot_probe_fails_with_exit_1() {
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     assert!(String::from_utf8_lossy(&output.stderr).contains("RELAY_ADDR"), "{}", describe(&output));
 }
+
+/// Only plain HTTP is probed: an https:// URL (or any other scheme) is refused at once, with one
+/// line saying so, and nothing is even connected to.
+#[tokio::test]
+async fn an_https_url_is_refused_at_once_without_connecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/readyz", listener.local_addr().unwrap());
+
+    let output = healthcheck(&[&url], &[]).await;
+    let connected = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await.is_ok();
+
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one short line: {stderr:?}");
+    assert!(stderr.starts_with(&format!("unhealthy: {url}: only http:// is supported, not https://")), "{stderr:?}");
+    assert!(!connected, "the probe connected to an https:// URL it cannot speak to");
+}

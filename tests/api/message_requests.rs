@@ -119,6 +119,30 @@ async fn a_wrong_content_type_is_refused_with_415() {
     app.stop().await;
 }
 
+/// A `Content-Type` with bytes past ASCII was reported as missing ("none given"): the answer
+/// must say what was refused.
+#[tokio::test]
+async fn a_non_ascii_content_type_is_refused_as_not_json_and_shown_not_called_missing() {
+    let app = spawn_app().await;
+    let not_ascii = reqwest::header::HeaderValue::from_bytes("application/jsön".as_bytes()).unwrap();
+
+    let response = app
+        .http
+        .post(app.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .header(CONTENT_TYPE, not_ascii)
+        .body(text_message().to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let message = assert_error(status, &response.json().await.unwrap(), 415, "unsupported_media_type");
+
+    assert_eq!(message, "Content-Type must be application/json, not \"application/jsön\"");
+    assert!(app.joinchat.received().is_empty());
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_json_content_type_with_parameters_is_accepted() {
     let app = spawn_app().await;

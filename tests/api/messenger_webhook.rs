@@ -85,6 +85,33 @@ mod handshake {
         app.stop().await;
     }
 
+    /// The challenge is caller input echoed back: no browser may sniff it into HTML. Nor any
+    /// other answer of the public port, errors and unknown paths included.
+    #[tokio::test]
+    async fn the_challenge_and_every_other_answer_forbid_content_sniffing() {
+        let app = spawn_app().await;
+        let challenge = "%3Cscript%3Ealert(1)%3C%2Fscript%3E";
+
+        let echoed =
+            handshake(&app, &format!("?hub.mode=subscribe&hub.challenge={challenge}&hub.verify_token={VERIFY_TOKEN}"))
+                .await;
+        let others = [
+            handshake(&app, "?hub.mode=subscribe&hub.challenge=1&hub.verify_token=wrong").await,
+            app.http.get(app.url("/healthz")).send().await.unwrap(),
+            app.http.get(app.url("/no/such/path")).send().await.unwrap(),
+            app.http.post(app.url("/message")).send().await.unwrap(),
+        ];
+
+        assert_eq!(echoed.status(), 200);
+        assert_eq!(echoed.headers().get("x-content-type-options").map(|v| v.as_bytes()), Some(&b"nosniff"[..]));
+        assert_eq!(echoed.text().await.unwrap(), "<script>alert(1)</script>");
+        for response in others {
+            let nosniff = response.headers().get("x-content-type-options").map(|v| v.as_bytes());
+            assert_eq!(nosniff, Some(&b"nosniff"[..]), "{} {}", response.url(), response.status());
+        }
+        app.stop().await;
+    }
+
     #[tokio::test]
     async fn a_wrong_token_or_mode_is_forbidden() {
         let app = spawn_app().await;
@@ -658,6 +685,31 @@ mod batches {
         assert_eq!(again["queued"], 0);
         assert_eq!(again["duplicates"], 3);
         assert_eq!(settled(&app).await.len(), 3);
+        app.stop().await;
+    }
+
+    /// Events Meta sends without a `mid` and without a time (a postback, a message) in an entry
+    /// without a time: the relay stands in the time of receipt, which differs at a redelivery;
+    /// their identity must not, or the redelivery is forwarded a second time.
+    #[tokio::test]
+    async fn a_redelivered_batch_of_events_without_mid_or_time_is_forwarded_once() {
+        let app = spawn_app().await;
+        let body = json!({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [
+            {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "postback": {"title": "Yes", "payload": "YES_PLEASE"}},
+            {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "message": {"text": "sent without a mid"}}
+        ]}]})
+        .to_string()
+        .into_bytes();
+
+        let first = deliver(&app, &body).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let again = deliver(&app, &body).await;
+        let forwarded = events(&app).await;
+
+        assert_eq!(first["queued"], 2, "{first}");
+        assert_eq!((again["queued"].clone(), again["duplicates"].clone()), (json!(0), json!(2)), "{again}");
+        let texts: Vec<&str> = forwarded.iter().map(|(_, event)| event["message"]["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["YES_PLEASE", "sent without a mid"], "each forwarded once");
         app.stop().await;
     }
 

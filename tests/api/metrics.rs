@@ -229,7 +229,8 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
     assert_eq!(moved(requests, &[("route", "/message"), ("method", "POST"), ("status", "200")]), 2.0);
     assert_eq!(moved(requests, &[("route", "/message"), ("method", "POST"), ("status", "401")]), 1.0);
     assert_eq!(moved(requests, &[("route", "/webhooks/messenger"), ("method", "POST"), ("status", "200")]), 2.0);
-    assert_eq!(moved(requests, &[("route", "/admin/jobs/{id}/retry"), ("method", "POST"), ("status", "404")]), 1.0);
+    // Without a token the admin API is not mounted: its paths are unknown ones.
+    assert_eq!(moved(requests, &[("route", "unmatched"), ("method", "POST"), ("status", "404")]), 1.0);
     assert_eq!(moved(requests, &[("route", "unmatched"), ("method", "GET"), ("status", "404")]), 1.0);
     let duration = "bonychat_relay_http_request_duration_seconds_count";
     assert_eq!(moved(duration, &[("route", "/message"), ("method", "POST")]), 3.0);

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use bonychat_relay::sandbox::{KEPT, KEPT_BODY_BYTES, KEPT_BYTES};
 use serde_json::{Value, json};
 
 use crate::binary::{RelayProcess, json_logs, run_binary};
@@ -16,6 +17,8 @@ const CHANNEL: &str = "sandbox-channel";
 const SECRETS: [&str; 4] =
     ["sandbox-bonychat-token", "sandbox-joinchat-secret", "sandbox-messenger-app-secret", "sandbox-verify-token"];
 const CONTACT: &str = "1234567890";
+/// What a stand-in's log may hold at most: its kept entries and the wrapping around them.
+const KEPT_BYTES_SERVED: usize = KEPT_BYTES + 64;
 
 /// The overrides a test needs on top of the env file: its own port (the file names 8080, and the
 /// stand-in URLs must follow the port), its own store, JSON logs. The environment wins over the
@@ -230,4 +233,80 @@ async fn check_config_names_the_bad_variable_in_one_line_and_exits_2() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("bonychat-relay: configuration error: JOINCHAT_PAGE_ID: "), "{stderr}");
     assert!(stdout.is_empty(), "{stdout}");
+}
+
+/// A sandbox left on by mistake, flooded: more unsigned 1 MiB posts to each stand-in than it
+/// keeps. What the stand-ins keep and serve stays bounded: the logs are small and quick to read,
+/// each flooded entry is cut and says how big the body was, the process holds tens of MiB
+/// rather than the gigabytes a kept megabyte per entry cost, and `/healthz` answers meanwhile.
+#[tokio::test]
+async fn a_flood_of_large_posts_leaves_the_stand_ins_logs_small_and_the_relay_responsive() {
+    // Arrange
+    let data = tempfile::tempdir().unwrap();
+    let (relay, _) = start_sandbox(data.path()).await;
+    let http = http_client();
+    const MIB: usize = 1024 * 1024;
+    let posts = KEPT + 20;
+    let joinchat_body =
+        json!({"page_id": "1", "recipient": {"id": CONTACT}, "message": {"text": "j".repeat(MIB - 100)}}).to_string();
+    let bonychat_body = "b".repeat(MIB);
+
+    // Act
+    for round in 0..posts {
+        let joinchat = http
+            .post(relay.url("/sandbox/joinchat/api/send_message"))
+            .header("x-joinchat-signature", "bm90IGEgc2lnbmF0dXJl")
+            .header("content-type", "application/json")
+            .body(joinchat_body.clone())
+            .send();
+        let bonychat =
+            http.post(relay.url("/sandbox/bonychat/webhook")).bearer_auth("guessed").body(bonychat_body.clone()).send();
+        let (joinchat, bonychat) = tokio::join!(joinchat, bonychat);
+        assert_eq!(joinchat.unwrap().status(), 401, "post {round}");
+        assert_eq!(bonychat.unwrap().status(), 401, "post {round}");
+    }
+    let started = std::time::Instant::now();
+    let health = http.get(relay.url("/healthz")).timeout(Duration::from_secs(2)).send();
+    let requests = http.get(relay.url("/sandbox/joinchat/requests")).send();
+    let events = http.get(relay.url("/sandbox/bonychat/events")).send();
+    let (health, requests, events) = tokio::join!(health, requests, events);
+    let (requests, events) = (requests.unwrap().bytes().await.unwrap(), events.unwrap().bytes().await.unwrap());
+    let read_in = started.elapsed();
+    let peak = relay.peak_memory();
+    relay.terminate().await;
+
+    // Assert
+    assert_eq!(health.expect("/healthz answers within 2 s").status(), 200);
+    assert!(read_in < Duration::from_secs(2), "both logs read in {read_in:?}");
+    for (log, key, size) in [(&requests, "requests", joinchat_body.len()), (&events, "events", bonychat_body.len())] {
+        assert!(log.len() <= KEPT_BYTES_SERVED, "{key}: {} bytes served", log.len());
+        let entries = serde_json::from_slice::<Value>(log).unwrap()[key].as_array().unwrap().clone();
+        assert!(!entries.is_empty() && entries.len() <= KEPT, "{key}: {} entries", entries.len());
+        let newest = entries.last().unwrap();
+        assert_eq!(newest["bodyBytes"], size, "{key}");
+        let body = newest["body"].as_str().unwrap();
+        assert!(
+            body.ends_with(&format!("[truncated: {size} bytes received, the first {KEPT_BODY_BYTES} kept]")),
+            "{key}"
+        );
+    }
+    assert!(peak < 200 * MIB as u64, "the relay peaked at {} MiB", peak / MIB as u64);
+}
+
+#[tokio::test]
+async fn check_config_warns_about_a_sandbox_listening_beyond_the_loopback() {
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = overrides(data.path());
+    let port = vars.iter().find(|(k, _)| k == "RELAY_ADDR").unwrap().1.rsplit(':').next().unwrap().to_owned();
+
+    let (local_code, _, on_loopback) = run_binary(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+    vars.retain(|(k, _)| k != "RELAY_ADDR");
+    vars.push(("RELAY_ADDR".into(), format!("0.0.0.0:{port}")));
+    let (code, _, exposed) = run_binary(&vars, &["--env-file", SANDBOX_ENV, "check-config"]).await;
+
+    assert_eq!((local_code, code), (Some(0), Some(0)), "a warning, not a refusal: {exposed}");
+    assert!(!on_loopback.contains("NON-LOOPBACK"), "{on_loopback}");
+    let warning = exposed.lines().find(|line| line.contains("NON-LOOPBACK")).unwrap_or_else(|| panic!("{exposed}"));
+    assert!(warning.starts_with("bonychat-relay: warning: RELAY_SANDBOX=true"), "{warning}");
+    assert!(warning.contains(&format!("RELAY_ADDR=0.0.0.0:{port} is not a loopback address")), "{warning}");
 }
