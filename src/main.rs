@@ -289,12 +289,12 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
     };
     let result = match action {
         JobsCommand::List { state, limit, json } => list(store.as_ref(), state.as_deref(), limit, json).await,
-        JobsCommand::Retry { id } => store.retry(id, now_millis()).await.map(|job| {
+        JobsCommand::Retry { id } => store.retry(id, store.now()).await.map(|job| {
             println!("job {} queued again ({} {} to {})", job.id, job.direction.as_str(), job.m_id, job.contact);
         }),
-        JobsCommand::Redrive => store::redrive_all_dead(store.as_ref(), now_millis())
-            .await
-            .map(|n| println!("{n} dead job(s) queued again")),
+        JobsCommand::Redrive => {
+            store::redrive_all_dead(store.as_ref(), store.now()).await.map(|n| println!("{n} dead job(s) queued again"))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

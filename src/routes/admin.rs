@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, now_millis, redrive_all_dead};
+use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, redrive_all_dead};
 
 const DEFAULT_LIMIT: usize = 100;
 
@@ -67,7 +67,8 @@ pub async fn retry_job(
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id.map_err(|_| ApiError::NoSuchJob("no such job".into()))?;
-    let job = state.store.retry(id, now_millis()).await.map_err(|e| match e {
+    // The store's clock: a replica whose own clock is off must not delay what it makes due.
+    let job = state.store.retry(id, state.store.now()).await.map_err(|e| match e {
         StoreError::NotFound(id) => ApiError::NoSuchJob(format!("no job {id}")),
         StoreError::Conflict(reason) => ApiError::Conflict(reason),
         other => ApiError::Store(other),
@@ -78,7 +79,7 @@ pub async fn retry_job(
 
 /// `POST /admin/dead/redrive`: makes every dead job due now.
 pub async fn redrive_dead(_: AdminCaller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let redriven = redrive_all_dead(state.store.as_ref(), now_millis()).await.map_err(ApiError::Store)?;
+    let redriven = redrive_all_dead(state.store.as_ref(), state.store.now()).await.map_err(ApiError::Store)?;
     tracing::info!(redriven, "dead jobs queued again by an operator");
     Ok(Json(json!({ "redriven": redriven })))
 }

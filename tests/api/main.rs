@@ -20,6 +20,7 @@ mod metrics;
 mod ordering_and_pacing;
 mod postgres;
 mod queue_safety;
+mod replica_clocks;
 mod replicas;
 mod sandbox;
 mod serving;

@@ -1,0 +1,56 @@
+//! One clock for a shared store (SPEC §5): every time written to a Postgres store or compared
+//! with it is the database's, never a replica's own. A replica whose machine clock is wrong (here
+//! by libfaketime) neither delays what it makes due nor deletes what is not yet past retention.
+
+use std::time::Duration;
+
+use bonychat_relay::store::{Direction, JobState};
+
+use crate::binary::{RelayProcess, clock_off_by, json_logs, run_command};
+use crate::helpers::{PSID, Reply, spawn_app_with, text};
+use crate::postgres::fresh_database;
+
+#[tokio::test]
+async fn a_replica_whose_clock_runs_eight_days_ahead_deletes_no_history_at_start() {
+    let Some(database) = fresh_database().await else { return };
+    let app = spawn_app_with(&[("RELAY_DATABASE_URL", &database)]).await;
+    let (status, _) = app.send(PSID, text("delivered just now")).await;
+    assert_eq!(status, 200);
+    app.settle().await;
+
+    let mut vars = app.vars.clone();
+    vars.retain(|(key, _)| key != "RELAY_RETENTION");
+    json_logs(&mut vars);
+    let Some(ahead) = RelayProcess::start_with_clock(&vars, "+8d").await else { return };
+    // The pruner runs as the relay starts; give it time to do its worst.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    assert_eq!(app.jobs(JobState::Delivered).await.len(), 1, "a delivered job of a minute ago is kept 7 days");
+    ahead.kill().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_redriven_from_a_machine_an_hour_ahead_are_due_at_once() {
+    let Some(database) = fresh_database().await else { return };
+    let app = spawn_app_with(&[("RELAY_DATABASE_URL", &database), ("RELAY_RETRY_JOINCHAT", "50ms")]).await;
+    app.joinchat.script([Reply::status(503, "down"), Reply::status(503, "down")]);
+    app.send(PSID, text("dead, then redriven")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.jobs(JobState::Dead).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the message never ran out of retries");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let Some(command) = clock_off_by("+1h") else { return };
+    let mut command = command;
+    command.args(["jobs", "redrive"]);
+    let (code, stdout, stderr) = run_command(command, &app.vars).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+
+    app.settle().await;
+    let delivered: Vec<_> =
+        app.jobs(JobState::Delivered).await.into_iter().filter(|job| job.direction == Direction::Outbound).collect();
+    assert_eq!(delivered.len(), 1, "redriven for now on the database's clock, not in an hour");
+    app.stop().await;
+}
