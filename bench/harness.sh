@@ -6,9 +6,10 @@
 #   bash bench/harness.sh               # 10 s per load run, about 5 minutes in all
 #   DURATION=30 bash bench/harness.sh
 #
-# Knobs: CONNECTIONS ("1 64 512"), BACKLOG (100000 jobs), BACKLOG_CONTACTS (1000),
+# Knobs: CONNECTIONS ("1 64 512"), BACKLOG (100000 jobs), BACKLOG_CONTACTS (1000), the idle-pause
+# section's COLD_CONTACTS (1000), COLD_IDLE (10 s) and COLD_ROUND (8 s),
 # E2E_CONTACTS (1000), WEBHOOK_BATCHES (DURATION × 20000), HARNESS_TMP (where the stores live:
-# must be a real disk, default /var/tmp), SECTIONS (a subset of "message webhooks e2e backlog"),
+# must be a real disk, default /var/tmp), SECTIONS (a subset of "message cold webhooks e2e backlog"),
 # LOG_DIR (keep the logs of the relay and the examples there; by default they go with the run).
 #
 # Ceilings (examples built on the relay's library): bench_bare `handler` (token, parse and
@@ -24,8 +25,11 @@ CONNECTIONS=${CONNECTIONS:-"1 64 512"}
 BACKLOG=${BACKLOG:-100000}
 BACKLOG_CONTACTS=${BACKLOG_CONTACTS:-1000}
 E2E_CONTACTS=${E2E_CONTACTS:-1000}
+COLD_CONTACTS=${COLD_CONTACTS:-1000}
+COLD_IDLE=${COLD_IDLE:-10}
+COLD_ROUND=${COLD_ROUND:-8}
 WEBHOOK_BATCHES=${WEBHOOK_BATCHES:-$((DURATION * 20000))}
-SECTIONS=${SECTIONS:-"message webhooks e2e backlog"}
+SECTIONS=${SECTIONS:-"message cold webhooks e2e backlog"}
 
 STANDIN=127.0.0.1:18081   # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
 RELAY=127.0.0.1:18083     # the relay (CPU 0)
@@ -153,7 +157,7 @@ stat_of() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # PID: user + system time, in 1/100 s
 
-# load SCRIPT CONNECTIONS URL [SCRIPT-ARGS…]: one wrk run; sets RPS P50 P99 P999 NON200 and the
+# load SCRIPT CONNECTIONS URL [SCRIPT-ARGS…]: one wrk run; sets RPS P50 P99 P999 MAX NON200 and the
 # script's extra figures as W_<name>. Non-200 counts non-2xx answers and socket errors (timeouts
 # at 10 s included). With SERVER_PID set, also CPU_US: the CPU time that process spent per
 # request answered during the run (what the rate would be if the server had its core alone).
@@ -175,6 +179,7 @@ load() {
   P50=$(ms "$(stat_of "$line" p50_us)")
   P99=$(ms "$(stat_of "$line" p99_us)")
   P999=$(ms "$(stat_of "$line" p999_us)")
+  MAX=$(ms "$(stat_of "$line" max_us)")
   P99_US=$(stat_of "$line" p99_us)
   NON200=$(($(stat_of "$line" non2xx) + $(stat_of "$line" socket_errors)))
   W_wraps=$(stat_of "$line" wraps)
@@ -259,6 +264,33 @@ for wait_ms in 3000 0; do
   done
 done
 SERVER_PID=
+say
+fi
+
+# ---------------------------------------------------------------------------------------------
+if want cold; then
+say "## A round after an idle pause"
+say
+say "What a request waits for besides its own work shows after a pause: \`bench/message.lua\` over"
+say "$COLD_CONTACTS contacts (so requests to one contact overlap), 64 connections, default"
+say "\`RELAY_SEND_WAIT_MS=3000\`, JoinChat the instant stand-in. A 2 s warm-up (its end cuts 64 requests off"
+say "mid-flight, as clients that hang up do), ${COLD_IDLE} s idle, then two rounds of ${COLD_ROUND} s back to back."
+say
+say "| round | requests/s | p50 | p99 | p99.9 | max | non-200 |"
+say "|---|---|---|---|---|---|---|"
+rm -f "$data"/relay.db*
+start_relay $STANDIN 3000
+SERVER_PID=
+export CONTACTS=$COLD_CONTACTS
+DURATION=2 load bench/message.lua 64 "http://$RELAY"
+say "| warm-up (2 s) | $RPS | $P50 | $P99 | $P999 | $MAX | $NON200 |"
+sleep "$COLD_IDLE"
+DURATION=$COLD_ROUND load bench/message.lua 64 "http://$RELAY"
+say "| after ${COLD_IDLE} s idle | $RPS | $P50 | $P99 | $P999 | $MAX | $NON200 |"
+DURATION=$COLD_ROUND load bench/message.lua 64 "http://$RELAY"
+say "| warm, right after | $RPS | $P50 | $P99 | $P999 | $MAX | $NON200 |"
+unset CONTACTS
+stop "$RELAY_PID"
 say
 fi
 

@@ -14,9 +14,9 @@ end
 -- `extra` ("name value" pairs the script adds).
 function harness_line(summary, latency, extra)
   local e = summary.errors
-  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d non2xx %d socket_errors %d%s\n",
+  io.write(string.format("HARNESS requests %d duration_us %d p50_us %d p99_us %d p999_us %d max_us %d non2xx %d socket_errors %d%s\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
-    e.status, e.connect + e.read + e.write + e.timeout, extra or ""))
+    latency.max, e.status, e.connect + e.read + e.write + e.timeout, extra or ""))
 end
 
 -- The sum of the per-thread counter `name` (each thread keeps its own in its Lua state).

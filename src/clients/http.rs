@@ -13,6 +13,8 @@ use crate::domain::text::truncate;
 /// An error page can be large; the reason shown to a person needs only its start.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 const MAX_REASON_CHARS: usize = 300;
+/// How long an idle upstream connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The relay's HTTP client settings, shared by every upstream.
 pub fn client(connect_timeout: Duration, request_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
@@ -23,6 +25,11 @@ pub fn client(connect_timeout: Duration, request_timeout: Duration) -> Result<re
         .user_agent(concat!("bonychat-relay/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(connect_timeout.min(request_timeout))
         .timeout(request_timeout)
+        // A pooled connection idle for long may have been dropped silently on the way (a NAT or
+        // a firewall forgets idle flows, AWS's NAT gateway after 350 s): reused, its request
+        // would hang until the timeout. Thirty seconds also stays under the usual keep-alive of
+        // load balancers (60 s) and nginx (75 s), so the server rarely closes one under a request.
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         // A redirected POST turns into a GET and loses its body: report it instead.
         .redirect(redirect::Policy::none())
         .build()

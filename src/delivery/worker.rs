@@ -181,7 +181,11 @@ impl Worker {
                 return Ok(());
             }
             for job in jobs {
-                let permit = Arc::clone(slots).try_acquire_owned().expect("claimed no more than the free slots");
+                let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+                    // A `/message` request took the slot meanwhile: the job waits for the next.
+                    self.hand_back(&job).await;
+                    continue;
+                };
                 let this = Arc::clone(self);
                 self.spawn_attempt(async move {
                     this.run_attempt(job, None).await;
@@ -223,7 +227,10 @@ impl Worker {
         // Only watched when the job waits behind another: the usual request takes its job at once.
         let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
         loop {
-            if let Some(job) = claimed.take() {
+            if let Some(leased) = claimed.take() {
+                // From here on the job is this request's to attempt or hand back: if the client
+                // hung up earlier, dropping the lease gave the job back already.
+                let job = leased.take();
                 let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
                     // Every slot is busy: the dispatcher takes the job when one is free.
                     self.hand_back(&job).await;

@@ -198,10 +198,72 @@ pub struct FirstClaim {
 }
 
 /// A stored outbound message, and its job when it was leased to the request at once.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Enqueued {
     pub id: i64,
-    pub claimed: Option<Job>,
+    pub claimed: Option<LeasedJob>,
+}
+
+/// A job leased to a caller that may go away before attempting it: a `/message` request whose
+/// client hung up while the store committed its lease. Dropped without [`LeasedJob::take`]
+/// (wherever that happens: in the caller, or in the channel the store answered through), it
+/// hands the job back, due now, so that its contact waits for nobody instead of for the lease
+/// to run out.
+#[derive(Debug)]
+pub struct LeasedJob {
+    job: Job,
+    release: ReleaseOnDrop,
+}
+
+impl LeasedJob {
+    pub(crate) fn new(job: Job, release: ReleaseOnDrop) -> Self {
+        Self { job, release }
+    }
+
+    /// The job, for an attempt that now holds its lease.
+    pub fn take(self) -> Job {
+        let Self { job, mut release } = self;
+        release.defuse();
+        job
+    }
+}
+
+impl std::ops::Deref for LeasedJob {
+    type Target = Job;
+
+    fn deref(&self) -> &Job {
+        &self.job
+    }
+}
+
+/// Gives a lease back to the store that granted it.
+type HandBack = Box<dyn FnOnce(Lease) + Send>;
+
+/// Hands a lease back when dropped, unless defused.
+pub(crate) struct ReleaseOnDrop(Option<(Lease, HandBack)>);
+
+impl ReleaseOnDrop {
+    pub(crate) fn new(lease: Lease, hand_back: impl FnOnce(Lease) + Send + 'static) -> Self {
+        Self(Some((lease, Box::new(hand_back))))
+    }
+
+    fn defuse(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some((lease, hand_back)) = self.0.take() {
+            hand_back(lease);
+        }
+    }
+}
+
+impl std::fmt::Debug for ReleaseOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "ReleaseOnDrop(armed)" } else { "ReleaseOnDrop(defused)" })
+    }
 }
 
 /// The documented representation of a job for the admin API and `bonychat-relay jobs`: field
@@ -371,7 +433,13 @@ pub trait Store: Send + Sync {
 
     /// Claims job `id` for the request that stored it, reserved or not, when it is due, heads
     /// its contact's queue and nothing of that contact is in flight; `None` otherwise.
-    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>>;
+    fn claim_own(
+        &self,
+        owner: &str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'_, StoreResult<Option<LeasedJob>>>;
 
     /// Extends `leases` while their attempts run; returns those it extended. A lease claimed by
     /// someone since is not: its holder has lost the claim and must stop.

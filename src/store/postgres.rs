@@ -31,8 +31,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
-    encode_payload, now_millis,
+    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
+    StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
@@ -161,6 +161,20 @@ impl PostgresStore {
 }
 
 impl Shared {
+    /// Hands `lease` back, due now, when dropped unused (see [`LeasedJob`]): from a task of its
+    /// own, since it may be dropped anywhere.
+    fn release_on_drop(&self, lease: Lease) -> ReleaseOnDrop {
+        let (shared, runtime) = (self.clone(), tokio::runtime::Handle::current());
+        ReleaseOnDrop::new(lease, move |lease| {
+            runtime.spawn(async move {
+                let now = shared.now();
+                if let Err(e) = shared.finish(lease, Finish::Release { progress: 0, now }, now).await {
+                    tracing::debug!(job = lease.id, error = %e, "a lease its caller left could not be handed back");
+                }
+            });
+        })
+    }
+
     /// Runs `op` within the operation timeout.
     async fn bounded<T>(&self, op: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
         tokio::time::timeout(self.operation_timeout, op).await.unwrap_or_else(|_| {
@@ -747,7 +761,14 @@ impl Store for Shared {
                     Ok((tx, enqueued))
                 })
                 .await;
-            let (tx, enqueued) = prepared?;
+            let (tx, stored) = prepared?;
+            let enqueued = Enqueued {
+                id: stored.id,
+                claimed: stored.claimed.map(|job| {
+                    let release = self.release_on_drop(job.lease());
+                    LeasedJob::new(job, release)
+                }),
+            };
             // Only a job nobody took needs a worker: one the request took, or reserved for it,
             // does not.
             let notify = first.is_none();
@@ -827,7 +848,13 @@ impl Store for Shared {
         }))
     }
 
-    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+    fn claim_own(
+        &self,
+        owner: &str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'_, StoreResult<Option<LeasedJob>>> {
         let owner = owner.to_owned();
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
@@ -865,8 +892,10 @@ impl Store for Shared {
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
+            let job = job_from_row(&row, now, true)?;
             tx.commit().await?;
-            Ok(Some(job_from_row(&row, now, true)?))
+            let release = self.release_on_drop(job.lease());
+            Ok(Some(LeasedJob::new(job, release)))
         }))
     }
 
@@ -1179,7 +1208,13 @@ impl Store for PostgresStore {
         detached(async move { shared.claim(&owner, direction, now, lease_until, limit).await })
     }
 
-    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+    fn claim_own(
+        &self,
+        owner: &str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'_, StoreResult<Option<LeasedJob>>> {
         let (shared, owner) = (self.shared.clone(), owner.to_owned());
         detached(async move { shared.claim_own(&owner, id, now, lease_until).await })
     }

@@ -7,8 +7,8 @@
 //! thread owns the connection), Postgres's are round trips; the rules read the same either way.
 
 use super::{
-    BeforeSend, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
+    BeforeSend, Direction, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job, JobState,
+    Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
 };
 use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
 
@@ -174,6 +174,13 @@ pub(crate) trait Tx {
     async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()>;
 }
 
+/// A stored outbound message, and its job when it was leased with the insert (the backend
+/// makes it a [`super::LeasedJob`]).
+pub(crate) struct Stored {
+    pub id: i64,
+    pub claimed: Option<Job>,
+}
+
 /// Stores an outbound message, refused past `caps` queued ones (in all, or to its contact). With
 /// `first`, the request that
 /// brought it takes its first attempt: leased at once when the contact has nothing queued (the
@@ -184,7 +191,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
     payload: &str,
     first: Option<&FirstClaim>,
     caps: IntakeCaps,
-) -> StoreResult<Enqueued> {
+) -> StoreResult<Stored> {
     tx.lock_queues(Direction::Outbound, &[&job.contact]).await?;
     if tx.queued(Direction::Outbound, caps.outbound).await? >= caps.outbound {
         return Err(StoreError::Full { direction: Direction::Outbound, cap: caps.outbound });
@@ -206,7 +213,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
     if !inserted.head && tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? > caps.per_contact {
         return Err(StoreError::ContactFull { cap: caps.per_contact });
     }
-    let Some(lease_token) = inserted.lease_token else { return Ok(Enqueued { id: inserted.id, claimed: None }) };
+    let Some(lease_token) = inserted.lease_token else { return Ok(Stored { id: inserted.id, claimed: None }) };
     let contact_last_effective_at = tx.last_effective_at(&job.contact).await?;
     let claimed = Job {
         id: inserted.id,
@@ -227,7 +234,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         contact_last_effective_at,
         contact_introduced: false,
     };
-    Ok(Enqueued { id: inserted.id, claimed: Some(claimed) })
+    Ok(Stored { id: inserted.id, claimed: Some(claimed) })
 }
 
 /// An inbound event ready to store: its payload encoded before the transaction.

@@ -35,8 +35,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, NewOutbound, Payload, QueueCounts, QueueWatch, Store, StoreError, StoreResult, decode_payload,
-    encode_payload, now_millis,
+    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
+    StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::StatusValue;
@@ -1054,7 +1054,44 @@ impl Tx for SqliteTx<'_> {
     }
 }
 
+/// Hands leases back through the writer, from wherever a [`LeasedJob`] is dropped (the writer
+/// thread itself included: it never waits).
+#[derive(Clone)]
+struct Releaser {
+    ops: mpsc::Sender<Op>,
+    changes: Arc<Changes>,
+}
+
+impl Releaser {
+    fn on_drop(&self, lease: Lease) -> ReleaseOnDrop {
+        let this = self.clone();
+        ReleaseOnDrop::new(lease, move |lease| this.release(lease))
+    }
+
+    fn release(&self, lease: Lease) {
+        let changes = Arc::clone(&self.changes);
+        let work: Work = Box::new(move |conn| {
+            let now = now_millis();
+            let result =
+                run_rule(rules::finish(&mut SqliteTx(conn), lease, &Finish::Release { progress: 0, now }, now));
+            let ok = result.is_ok();
+            let answer: Answer = Box::new(move |committed| {
+                if ok && committed.is_ok() {
+                    changes.signal();
+                }
+            });
+            (ok, answer)
+        });
+        // A full queue means a stalled store: the lease then runs out on its own.
+        let _ = self.ops.try_send(Op { work, admission: None, refuse: Box::new(|_| {}), _bytes: None });
+    }
+}
+
 impl SqliteStore {
+    fn releaser(&self) -> Releaser {
+        Releaser { ops: self.ops.clone(), changes: Arc::clone(&self.changes) }
+    }
+
     /// Runs `f` like [`Self::run`], then tells the workers that jobs may be claimable.
     fn run_then_signal<T, F>(&self, f: F) -> BoxFuture<'_, StoreResult<T>>
     where
@@ -1103,8 +1140,16 @@ impl Store for SqliteStore {
     fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
         let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
         let caps = self.caps;
+        let release = self.releaser();
         let stored = self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
-            run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), caps))
+            let stored = run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), caps))?;
+            Ok(Enqueued {
+                id: stored.id,
+                claimed: stored.claimed.map(|job| {
+                    let release = release.on_drop(job.lease());
+                    LeasedJob::new(job, release)
+                }),
+            })
         });
         Box::pin(async move {
             let enqueued = stored.await?;
@@ -1170,8 +1215,15 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn claim_own(&self, owner: &str, id: i64, now: i64, lease_until: i64) -> BoxFuture<'_, StoreResult<Option<Job>>> {
+    fn claim_own(
+        &self,
+        owner: &str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'_, StoreResult<Option<LeasedJob>>> {
         let owner = owner.to_owned();
+        let release = self.releaser();
         let claimed = self.run(move |conn| {
             // Its reservation is for this very claim: only being due, heading the queue and
             // nothing of the contact in flight count.
@@ -1191,9 +1243,15 @@ impl Store for SqliteStore {
             job.lease_token = lease(conn, job.id, &owner, lease_until)?;
             job.in_flight = true;
             job.lease_until = Some(lease_until);
-            Ok(Some(job))
+            // Armed here, on the writer: a caller gone by the time the answer comes still gives
+            // the lease back.
+            let release = release.on_drop(Lease { id: job.id, token: job.lease_token });
+            Ok(Some((job, release)))
         });
-        Box::pin(async move { claimed.await?.map(RawJob::into_job).transpose() })
+        Box::pin(async move {
+            let Some((job, release)) = claimed.await? else { return Ok(None) };
+            Ok(Some(LeasedJob::new(job.into_job()?, release)))
+        })
     }
 
     fn renew(&self, leases: Vec<Lease>, lease_until: i64) -> BoxFuture<'_, StoreResult<Vec<Lease>>> {
@@ -1621,7 +1679,8 @@ mod tests {
         {
             let store = SqliteStore::open(&path, IntakeCaps::DEFAULT).await.unwrap();
             let enqueued = store.enqueue_outbound(job, Some(first)).await.unwrap();
-            assert!(enqueued.claimed.is_some(), "leased to the request that stored it");
+            // Kept leased, as by an attempt still running when the relay died.
+            let _in_flight = enqueued.claimed.expect("leased to the request that stored it").take();
         }
         // Back to schema 3, as the previous release left it.
         let conn = Connection::open(&path).unwrap();

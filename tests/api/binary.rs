@@ -30,36 +30,21 @@ pub async fn run_binary(vars: &[(String, String)], args: &[&str]) -> (Option<i32
     )
 }
 
-/// The binary under libfaketime with its clocks `offset` off (a constant offset changes no
-/// duration, so only the wall clock is wrong to the process); `None` (after a NOTICE) where faketime is not installed, outside CI.
-pub fn clock_off_by(offset: &str) -> Option<Command> {
-    const FAKETIME: &str = "/usr/bin/faketime";
-    if !std::path::Path::new(FAKETIME).exists() {
+/// The variables that put the binary's clocks `offset` off (`+8d`, `-1h`: the machine's clock is
+/// wrong) by preloading libfaketime, so that the process is the relay itself (the `faketime`
+/// wrapper would fork it, and a kill would leave it running); a constant offset changes no
+/// duration, so only the wall clock is wrong to the process. `None` (after a NOTICE) where
+/// libfaketime is not installed, outside CI.
+pub fn clock_off_by(offset: &str) -> Option<Vec<(String, String)>> {
+    const LIBRARIES: [&str; 2] =
+        ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"];
+    let Some(library) = LIBRARIES.into_iter().find(|path| std::path::Path::new(path).exists()) else {
         let under_ci = std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false" && value != "0");
-        assert!(!under_ci, "clock tests need faketime (apt-get install faketime)");
-        eprintln!("NOTICE: faketime is missing, skipping a clock test (apt-get install faketime)");
+        assert!(!under_ci, "clock tests need libfaketime (apt-get install faketime)");
+        eprintln!("NOTICE: libfaketime is missing, skipping a clock test (apt-get install faketime)");
         return None;
-    }
-    let mut command = Command::new(FAKETIME);
-    command.args(["-f", offset, BINARY]);
-    Some(command)
-}
-
-/// Runs `command` (the binary, perhaps wrapped) with exactly `vars` to completion, as
-/// [`run_binary`] does.
-pub async fn run_command(mut command: Command, vars: &[(String, String)]) -> (Option<i32>, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        command.env_clear().envs(vars.iter().cloned()).kill_on_drop(true).output(),
-    )
-    .await
-    .expect("the binary ends by itself")
-    .expect("the binary runs");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    };
+    Some(vec![("LD_PRELOAD".into(), library.into()), ("FAKETIME".into(), offset.into())])
 }
 
 pub struct RelayProcess {
@@ -71,17 +56,7 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts the binary with exactly `vars` (plus `args`) and waits until it listens.
     pub async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
-        Self::start_command(Command::new(BINARY), vars, args).await
-    }
-
-    /// Like [`Self::start`], with the process's wall clock `offset` off (`+8d`, `-1h`: the
-    /// machine's clock is wrong), by libfaketime; `None` where faketime is not installed.
-    pub async fn start_with_clock(vars: &[(String, String)], offset: &str) -> Option<Self> {
-        Some(Self::start_command(clock_off_by(offset)?, vars, &[]).await)
-    }
-
-    async fn start_command(mut command: Command, vars: &[(String, String)], args: &[&str]) -> Self {
-        let mut child = command
+        let mut child = Command::new(BINARY)
             .args(args)
             .env_clear()
             .envs(vars.iter().map(|(k, v)| (k, v)))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bonychat_relay::config::{DatabaseUrl, PostgresOptions, Secret, StoreConfig};
 use bonychat_relay::store::{self, Direction, IntakeCaps};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::binary::{RelayProcess, json_logs};
 use crate::helpers::{API_TOKEN, CHANNEL_ID, JOINCHAT_SECRET, Reply, StandIn, http_client, test_vars};
@@ -260,4 +260,41 @@ where
         outputs.push(task.await.unwrap());
     }
     outputs
+}
+
+/// A client that hangs up while its message is being stored leaves a job leased to a request
+/// that is gone: the lease is handed back at once, so the message goes out and the contact's next
+/// message waits for nothing, instead of both waiting for the lease to run out.
+#[tokio::test]
+async fn a_message_whose_client_hung_up_while_it_was_stored_holds_up_nothing() {
+    let Some(database) = fresh_database().await else { return };
+    let app = crate::helpers::spawn_app_with(&[("RELAY_DATABASE_URL", &database)]).await;
+    let contact = "7000000000000001";
+    let body =
+        |text: &str| json!({"channelId": CHANNEL_ID, "contactId": contact, "message": {"type": "text", "text": text}});
+    // The store is held up (a lock on the jobs table), so the client gives up before it commits.
+    let mut holder = connect(&database).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE jobs IN SHARE MODE").execute(&mut holder).await.unwrap();
+    let hung_up = app
+        .http
+        .post(app.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .json(&body("stored after its client left"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client gave up: {hung_up:?}");
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let next = app.post_message(&body("the next message")).await;
+    let answered_in = started.elapsed();
+
+    assert_eq!(next.status(), 200);
+    let sent = app.joinchat.wait_for(2).await;
+    let texts: Vec<Value> = sent.iter().map(|r| r.json()["message"]["text"].clone()).collect();
+    assert_eq!(texts, [json!("stored after its client left"), json!("the next message")], "both, in order");
+    assert!(answered_in < Duration::from_secs(2), "the next message waited {answered_in:?} for a request long gone");
+    app.stop().await;
 }

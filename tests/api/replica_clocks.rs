@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bonychat_relay::store::{Direction, JobState};
 
-use crate::binary::{RelayProcess, clock_off_by, json_logs, run_command};
+use crate::binary::{RelayProcess, clock_off_by, json_logs, run_binary};
 use crate::helpers::{PSID, Reply, spawn_app_with, text};
 use crate::postgres::fresh_database;
 
@@ -21,7 +21,9 @@ async fn a_replica_whose_clock_runs_eight_days_ahead_deletes_no_history_at_start
     let mut vars = app.vars.clone();
     vars.retain(|(key, _)| key != "RELAY_RETENTION");
     json_logs(&mut vars);
-    let Some(ahead) = RelayProcess::start_with_clock(&vars, "+8d").await else { return };
+    let Some(clock) = clock_off_by("+8d") else { return };
+    vars.extend(clock);
+    let ahead = RelayProcess::start(&vars, &[]).await;
     // The pruner runs as the relay starts; give it time to do its worst.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -42,10 +44,9 @@ async fn dead_letters_redriven_from_a_machine_an_hour_ahead_are_due_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let Some(command) = clock_off_by("+1h") else { return };
-    let mut command = command;
-    command.args(["jobs", "redrive"]);
-    let (code, stdout, stderr) = run_command(command, &app.vars).await;
+    let Some(clock) = clock_off_by("+1h") else { return };
+    let vars: Vec<(String, String)> = app.vars.iter().cloned().chain(clock).collect();
+    let (code, stdout, stderr) = run_binary(&vars, &["jobs", "redrive"]).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
 
     app.settle().await;

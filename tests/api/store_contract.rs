@@ -272,7 +272,7 @@ async fn a_message_heading_its_queue_is_leased_to_its_request_with_the_insert(ba
 
     let enqueued = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap();
 
-    let job = enqueued.claimed.expect("leased at once");
+    let job = enqueued.claimed.expect("leased at once").take();
     assert_eq!((job.id, job.m_id.as_str(), job.attempts, job.in_flight), (enqueued.id, "a1", 0, true));
     assert!(claim_ids(store.as_ref(), 1_000).await.is_empty(), "one in flight per contact");
     store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_100).await.unwrap();
@@ -284,13 +284,13 @@ async fn a_message_heading_its_queue_is_leased_to_its_request_with_the_insert(ba
 async fn a_paced_first_attempt_stays_with_its_request_until_its_wait_ends(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 5_000 };
-    let job = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap().claimed.unwrap();
+    let job = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap().claimed.unwrap().take();
 
     store.finish(job.lease(), Finish::Defer { progress: 0, next_attempt_at: 2_000 }, 1_100).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 3_000).await.is_empty(), "reserved for the request");
     let own = store.claim_own("request", job.id, 3_000, 3_000 + LEASE).await.unwrap();
-    assert_eq!(own.map(|job| job.m_id), Some("a1".to_owned()));
+    assert_eq!(own.map(|job| job.take().m_id), Some("a1".to_owned()));
 }
 
 /// Behind another job of its contact, a request's job is reserved for the request until its
@@ -302,13 +302,13 @@ async fn a_message_behind_others_is_left_to_its_request_until_its_wait_ends(back
     let enqueued = store.enqueue_outbound(outbound("a", "a2", 1_000), Some(first)).await.unwrap();
     assert!(enqueued.claimed.is_none(), "a1 heads the queue");
 
-    assert_eq!(store.claim_own("request", enqueued.id, 1_000, 1_000 + LEASE).await.unwrap(), None);
+    assert!(store.claim_own("request", enqueued.id, 1_000, 1_000 + LEASE).await.unwrap().is_none());
     let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
-    assert_eq!(store.claim_own("request", enqueued.id, 1_100, 1_100 + LEASE).await.unwrap(), None, "a1 in flight");
+    assert!(store.claim_own("request", enqueued.id, 1_100, 1_100 + LEASE).await.unwrap().is_none(), "a1 in flight");
     store.finish(a1.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_200).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 1_300).await.is_empty(), "reserved for the request");
-    let own = store.claim_own("request", enqueued.id, 1_300, 1_300 + LEASE).await.unwrap().expect("its turn");
+    let own = store.claim_own("request", enqueued.id, 1_300, 1_300 + LEASE).await.unwrap().expect("its turn").take();
     assert_eq!(own.m_id, "a2");
     // Paced: no attempt; it stays the request's until its wait ends, then any worker's.
     store.finish(own.lease(), Finish::Defer { progress: 0, next_attempt_at: 2_000 }, 1_400).await.unwrap();
@@ -803,12 +803,35 @@ async fn a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 4_000 };
     let enqueued = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap();
-    let job = enqueued.claimed.expect("leased with the insert");
+    let job = enqueued.claimed.expect("leased with the insert").take();
 
     store.finish(job.lease(), Finish::Release { progress: 0, now: 1_050 }, 1_050).await.unwrap();
 
     let claimed = store.claim(OWNER, Direction::Outbound, 1_100, 1_100 + LEASE, 10).await.unwrap();
     assert_eq!(claimed.iter().map(|job| (job.m_id.as_str(), job.attempts)).collect::<Vec<_>>(), [("a1", 0)]);
+}
+
+async fn a_lease_its_request_dropped_unused_is_handed_back_at_once(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let now = store.now();
+    let first = FirstClaim { owner: "request".into(), lease_until: now + LEASE, reserved_until: now + LEASE };
+    let enqueued = store.enqueue_outbound(outbound("a", "a1", now), Some(first)).await.unwrap();
+    assert!(enqueued.claimed.is_some());
+
+    // The request is gone (its client hung up) before it attempted the job.
+    drop(enqueued);
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let now = store.now();
+        let claimed = store.claim(OWNER, Direction::Outbound, now, now + LEASE, 10).await.unwrap();
+        if let Some(job) = claimed.first() {
+            assert_eq!((job.m_id.as_str(), job.attempts), ("a1", 0), "handed back unattempted");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still leased to a request that is gone");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
@@ -897,5 +920,6 @@ contract!(
     pruning_forgets_watermarks_past_the_retention,
     a_renewal_reports_a_lease_someone_else_claimed_since,
     a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts_kept,
+    a_lease_its_request_dropped_unused_is_handed_back_at_once,
     the_intake_cap_follows_every_change_of_the_queue,
 );
