@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
+use crate::server::ConnectionLimits;
 use crate::store::{Direction, QueueCounts, Store, now_millis};
 
 const HTTP_REQUESTS: &str = "bonychat_relay_http_requests_total";
@@ -36,6 +37,7 @@ const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
 const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
 const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
 const BUILD_INFO: &str = "bonychat_relay_build_info";
+const CONNECTIONS_EVICTED: &str = "bonychat_relay_connections_evicted_total";
 
 const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// From a send within the request to a message retried for a day.
@@ -106,6 +108,10 @@ fn describe() {
     describe_histogram!(COMMIT_BATCH, Unit::Count, "Operations committed together in one store commit.");
     describe_gauge!(STORE_WRITABLE, "1 when the store committed a probe write at the last check, else 0.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_counter!(
+        CONNECTIONS_EVICTED,
+        "Connections closed to keep a full listener (public, metrics) under its cap, by reason (silent, idle, over_fair_share, busy)."
+    );
 }
 
 /// Connections the metrics listener holds at most: scrapers are few.
@@ -117,7 +123,12 @@ const MAX_SCRAPE_CONNECTIONS: usize = 16;
 pub async fn serve(listener: TcpListener, store: Weak<dyn Store>, limits: ServerLimits) -> std::io::Result<()> {
     handle();
     let app = Router::new().route("/metrics", get(scrape)).with_state(store);
-    let limits = ServerLimits { max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS), ..limits };
+    let limits = ConnectionLimits {
+        listener: "metrics",
+        max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS),
+        header_read_timeout: limits.header_read_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
     crate::server::serve(listener, app, limits, tokio_util::sync::CancellationToken::new()).await
 }
 
@@ -158,6 +169,12 @@ fn queue_jobs(direction: Direction, counts: QueueCounts) {
 
 pub fn store_writable(writable: bool) {
     gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+}
+
+/// A connection the listener named `listener` closed to stay under its cap (see
+/// [`crate::server`]).
+pub fn connection_evicted(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_EVICTED, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// One answered request. `route` is the matched route template; `None` (no route matched) is
