@@ -8,6 +8,10 @@
 //!
 //! Labels carry only bounded values (route templates, directions, outcomes, states): a contact
 //! id or `mId` as a label would make one series per contact and exhaust Prometheus.
+//!
+//! The listener is the public port's accept loop ([`crate::server`]) with limits of its own: few
+//! connections, shared fairly between peers with silent ones closed first, and a short head
+//! timeout, so idle sockets cannot keep Prometheus out.
 
 use std::sync::{OnceLock, Weak};
 use std::time::Duration;
@@ -116,17 +120,22 @@ fn describe() {
 
 /// Connections the metrics listener holds at most: scrapers are few.
 const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// Prometheus sends its request as soon as it has connected: a socket that has not within
+/// this is not a scraper.
+const SCRAPE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's head
-/// and idle timeouts (a container publishes this port too). The store is held weakly, so a
-/// scraper's open connection never keeps a stopped relay's store (and its file lock) alive.
+/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's idle
+/// timeout, a cap of `MAX_SCRAPE_CONNECTIONS` and a head timeout of at most
+/// `SCRAPE_HEADER_READ_TIMEOUT` (a container publishes this port too). The store is held
+/// weakly, so a scraper's open connection never keeps a stopped relay's store (and its file
+/// lock) alive.
 pub async fn serve(listener: TcpListener, store: Weak<dyn Store>, limits: ServerLimits) -> std::io::Result<()> {
     handle();
     let app = Router::new().route("/metrics", get(scrape)).with_state(store);
     let limits = ConnectionLimits {
         listener: "metrics",
         max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS),
-        header_read_timeout: limits.header_read_timeout,
+        header_read_timeout: limits.header_read_timeout.min(SCRAPE_HEADER_READ_TIMEOUT),
         idle_timeout: limits.idle_timeout,
     };
     crate::server::serve(listener, app, limits, tokio_util::sync::CancellationToken::new()).await

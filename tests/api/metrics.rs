@@ -1,14 +1,20 @@
 //! SPEC §6: `GET /metrics` on `RELAY_METRICS_ADDR`, in the Prometheus text format, moving by
-//! what the relay did, with no contact or message id as a label.
+//! what the relay did, with no contact or message id as a label; served to Prometheus despite
+//! idle sockets on its port.
 //!
 //! The series are process-wide and the other tests of this binary run relays in parallel, so
 //! the test that checks exact amounts runs itself again in a child process, alone.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use serde_json::json;
+use tokio::time::Instant;
 
-use crate::helpers::{PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{
+    PAGE_ID, PSID, Reply, SilentFlood, TestApp, assert_error, http_client_from, spawn_app, spawn_app_with,
+};
 
 /// A second contact, for the message that ends dead.
 const OTHER_CONTACT: &str = "2066835436691078";
@@ -277,6 +283,31 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
             .unwrap_or(family);
         assert!(after.helps.contains_key(base), "{base} has a HELP line");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sockets_on_the_metrics_port_do_not_hold_up_a_scrape() {
+    let app = spawn_app().await;
+    // More than the listener's 16 connections, from the scraper's own address.
+    let flood = SilentFlood::start(app.metrics_addr, 24).await;
+    let scraper = http_client_from(Ipv4Addr::LOCALHOST.into());
+
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let scraped =
+            scraper.get(format!("http://{}/metrics", app.metrics_addr)).timeout(Duration::from_secs(5)).send();
+        let scraped = scraped.await.expect("the scrape is answered");
+        assert_eq!(scraped.status(), 200);
+        let page = parse(&scraped.text().await.unwrap()).unwrap();
+        assert_eq!(page.value("bonychat_relay_build_info", &[]), 1.0);
+        waits.push(started.elapsed());
+    }
+
+    let closed = flood.stop().await;
+    assert!(waits.iter().all(|waited| *waited < Duration::from_secs(1)), "each scrape at once: {waits:?}");
+    assert!(closed >= 8, "the idle sockets filled the listener ({closed} closed)");
     app.stop().await;
 }
 
