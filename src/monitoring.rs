@@ -8,11 +8,19 @@
 //!
 //! Labels carry only bounded values (route templates, directions, outcomes, states): a contact
 //! id or `mId` as a label would make one series per contact and exhaust Prometheus.
+//!
+//! The listener is the public port's accept loop ([`crate::server`]) with limits of its own: few
+//! connections, shared fairly between peers with silent ones closed first, and a short head
+//! timeout, so idle sockets cannot keep Prometheus out. A scrape renders every series and
+//! reads the store (a probe write and the queue counts), so scrapes within
+//! [`SCRAPE_CACHE_PERIOD`] of a render share it: a storm of scrapes costs one render a period,
+//! not one each, and cannot take the store's time from `/message`.
 
-use std::sync::{OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, header};
 use axum::response::IntoResponse;
@@ -20,9 +28,12 @@ use axum::routing::get;
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
+use crate::server::ConnectionLimits;
 use crate::store::{Direction, QueueCounts, Store, now_millis};
 
 const HTTP_REQUESTS: &str = "bonychat_relay_http_requests_total";
@@ -36,6 +47,8 @@ const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
 const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
 const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
 const BUILD_INFO: &str = "bonychat_relay_build_info";
+const CONNECTIONS_EVICTED: &str = "bonychat_relay_connections_evicted_total";
+const RENDERS: &str = "bonychat_relay_metrics_renders_total";
 
 const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// From a send within the request to a message retried for a day.
@@ -98,7 +111,7 @@ fn describe() {
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
     describe_gauge!(
         QUEUE_JOBS,
-        "Jobs by direction and state (ready, delayed, in_flight, dead), as of the last scrape."
+        "Jobs by direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
     );
     describe_counter!(DROPPED, "Inbound webhook content not forwarded, by reason (duplicate, own_echo, ignored).");
     describe_counter!(RECEIPTS_POSTED, "Message status receipts BonyChat accepted, by value.");
@@ -106,30 +119,77 @@ fn describe() {
     describe_histogram!(COMMIT_BATCH, Unit::Count, "Operations committed together in one store commit.");
     describe_gauge!(STORE_WRITABLE, "1 when the store committed a probe write at the last check, else 0.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_counter!(
+        CONNECTIONS_EVICTED,
+        "Connections closed to keep a full listener (public, metrics) under its cap, by reason (silent, idle, over_fair_share, busy)."
+    );
+    describe_counter!(
+        RENDERS,
+        "Renders of /metrics, each with one read of the store; scrapes within a second of one share it."
+    );
 }
 
 /// Connections the metrics listener holds at most: scrapers are few.
 const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// Prometheus sends its request as soon as it has connected: a socket that has not within
+/// this is not a scraper.
+const SCRAPE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Scrapes within this of a render get that render. Far below any scrape interval, so one
+/// Prometheus never sees a stale page; what it bounds is a storm of scrapes.
+pub const SCRAPE_CACHE_PERIOD: Duration = Duration::from_secs(1);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's head
-/// and idle timeouts (a container publishes this port too). The store is held weakly, so a
-/// scraper's open connection never keeps a stopped relay's store (and its file lock) alive.
+/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's idle
+/// timeout, a cap of `MAX_SCRAPE_CONNECTIONS` and a head timeout of at most
+/// `SCRAPE_HEADER_READ_TIMEOUT` (a container publishes this port too). The store is held
+/// weakly, so a scraper's open connection never keeps a stopped relay's store (and its file
+/// lock) alive.
 pub async fn serve(listener: TcpListener, store: Weak<dyn Store>, limits: ServerLimits) -> std::io::Result<()> {
     handle();
-    let app = Router::new().route("/metrics", get(scrape)).with_state(store);
-    let limits = ServerLimits { max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS), ..limits };
+    let exposition = Arc::new(Exposition { store, last: Mutex::new(None) });
+    let app = Router::new().route("/metrics", get(scrape)).with_state(exposition);
+    let limits = ConnectionLimits {
+        listener: "metrics",
+        max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS),
+        header_read_timeout: limits.header_read_timeout.min(SCRAPE_HEADER_READ_TIMEOUT),
+        idle_timeout: limits.idle_timeout,
+    };
     crate::server::serve(listener, app, limits, tokio_util::sync::CancellationToken::new()).await
 }
 
-async fn scrape(State(store): State<Weak<dyn Store>>) -> impl IntoResponse {
-    if let Some(store) = store.upgrade() {
-        refresh_store_gauges(store.as_ref()).await;
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle().render())
+async fn scrape(State(exposition): State<Arc<Exposition>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], exposition.current().await)
 }
 
-/// The queue gauges and writability are read at scrape time, never per request: one cheap
-/// count per scrape.
+/// The last render of one listener's `/metrics`, and the store its gauges are read from.
+struct Exposition {
+    store: Weak<dyn Store>,
+    /// When the render was finished, and the page. The lock is held through a render, so
+    /// scrapes that arrive meanwhile wait for it and share it instead of rendering again.
+    last: Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Exposition {
+    async fn current(&self) -> Bytes {
+        let mut last = self.last.lock().await;
+        if let Some((rendered, page)) = &*last
+            && rendered.elapsed() < SCRAPE_CACHE_PERIOD
+        {
+            return page.clone();
+        }
+        if let Some(store) = self.store.upgrade() {
+            refresh_store_gauges(store.as_ref()).await;
+        }
+        counter!(RENDERS).increment(1);
+        let page = Bytes::from(handle().render());
+        // Aged from the end of the render: after a slow store the waiting scrapes take this
+        // page instead of each reading the store again.
+        *last = Some((Instant::now(), page.clone()));
+        page
+    }
+}
+
+/// The queue gauges and writability are read when the page is rendered, never per request:
+/// one cheap count per render.
 async fn refresh_store_gauges(store: &dyn Store) {
     let (writable, counts) = tokio::join!(
         tokio::time::timeout(SCRAPE_STORE_WAIT, store.ping()),
@@ -158,6 +218,12 @@ fn queue_jobs(direction: Direction, counts: QueueCounts) {
 
 pub fn store_writable(writable: bool) {
     gauge!(STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+}
+
+/// A connection the listener named `listener` closed to stay under its cap (see
+/// [`crate::server`]).
+pub fn connection_evicted(listener: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_EVICTED, "listener" => listener, "reason" => reason).increment(1);
 }
 
 /// One answered request. `route` is the matched route template; `None` (no route matched) is

@@ -122,6 +122,7 @@ impl Application {
         tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
         let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store), limits.clone()));
 
+        let limits = server::ConnectionLimits::public(&limits);
         let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));
         let attempts = worker.attempts().clone();
         let dispatcher = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));

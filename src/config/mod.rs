@@ -52,7 +52,9 @@ pub struct ServerConfig {
 /// What one client, or many, may hold of the relay: connections, time and body memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerLimits {
-    /// `RELAY_MAX_CONNECTIONS`, default 1024; clamped at start to fit the file-descriptor limit.
+    /// `RELAY_MAX_CONNECTIONS`, default 1024: shared fairly between client addresses, silent
+    /// connections closed first when full (see [`crate::server`]); clamped at start to fit the
+    /// file-descriptor limit.
     pub max_connections: usize,
     /// `RELAY_HEADER_READ_TIMEOUT_MS`, default 10000: a request's head must arrive within it.
     pub header_read_timeout: Duration,

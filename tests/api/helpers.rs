@@ -494,3 +494,80 @@ async fn receive(
     }
     response
 }
+
+/// A second loopback address: Linux routes all of 127.0.0.0/8 to `lo`, so a client bound to
+/// it is, to the relay, another peer than everything else a test sends from 127.0.0.1.
+pub const OTHER_PEER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+/// A client whose every request opens a new connection from `source`: each one goes through
+/// the relay's `accept` and connection cap.
+pub fn http_client_from(source: std::net::IpAddr) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().local_address(source).pool_max_idle_per_host(0).build().unwrap()
+}
+
+/// A TCP connection to `addr` from the address `source`.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Sockets that connect from 127.0.0.1 and never send a byte, each opened again as soon as
+/// the relay closes it: the probe that held the relay's connection cap.
+pub struct SilentFlood {
+    connects: Arc<std::sync::atomic::AtomicU64>,
+    closes: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+    sockets: tokio::task::JoinSet<()>,
+}
+
+impl SilentFlood {
+    /// Starts `sockets` silent sockets against `addr` and waits until each has connected once.
+    pub async fn start(addr: SocketAddr, sockets: usize) -> Self {
+        let mut flood = Self {
+            connects: Arc::default(),
+            closes: Arc::default(),
+            stop: CancellationToken::new(),
+            sockets: tokio::task::JoinSet::new(),
+        };
+        for _ in 0..sockets {
+            let (connects, closes, stop) = (Arc::clone(&flood.connects), Arc::clone(&flood.closes), flood.stop.clone());
+            flood.sockets.spawn(async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                use tokio::io::AsyncReadExt;
+                while !stop.is_cancelled() {
+                    let Ok(mut stream) = connect_from(std::net::Ipv4Addr::LOCALHOST.into(), addr).await else {
+                        // Out of ports or a full backlog: the next attempt a moment later.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    connects.fetch_add(1, Relaxed);
+                    let mut buf = [0_u8; 64];
+                    tokio::select! {
+                        _ = stream.read(&mut buf) => { closes.fetch_add(1, Relaxed); }
+                        () = stop.cancelled() => {}
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while flood.connects() < sockets as u64 {
+            assert!(Instant::now() < deadline, "only {} of {sockets} silent sockets connected", flood.connects());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        flood
+    }
+
+    /// How many times its sockets have connected.
+    pub fn connects(&self) -> u64 {
+        self.connects.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the flood and returns how many of its connections the relay closed.
+    pub async fn stop(mut self) -> u64 {
+        self.stop.cancel();
+        while self.sockets.join_next().await.is_some() {}
+        self.closes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -1,5 +1,6 @@
-//! Slow and hostile clients: silent and half-sent connections, idling, the connection cap,
-//! unfinished bodies over HTTP/1.1 and HTTP/2, oversized heads and request ids.
+//! Slow and hostile clients: silent and half-sent connections, idling, the connection cap and
+//! who gives way when it is reached, unfinished bodies over HTTP/1.1 and HTTP/2, oversized
+//! heads and request ids.
 //!
 //! Every test runs the relay with small limits so that it finishes in seconds, and bounds each
 //! wait, so a relay that never closes or never answers fails the test instead of hanging it.
@@ -14,7 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-use crate::helpers::{API_TOKEN, CHANNEL_ID, PSID, TestApp, assert_error, spawn_app_with};
+use crate::helpers::{
+    API_TOKEN, CHANNEL_ID, OTHER_PEER, PSID, Reply, SilentFlood, TestApp, assert_error, connect_from, http_client_from,
+    spawn_app_with,
+};
 
 /// Reads until the server closes the connection (EOF or reset); `None` when it is still open
 /// after `limit`.
@@ -134,27 +138,109 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
-async fn connections_past_the_cap_wait_until_a_slot_frees_up() {
-    let app = spawn_app_with(&[("RELAY_MAX_CONNECTIONS", "3"), ("RELAY_HEADER_READ_TIMEOUT_MS", "1000")]).await;
+async fn a_full_listener_closes_its_oldest_silent_connection_for_a_newcomer() {
+    let app = spawn_app_with(&[("RELAY_MAX_CONNECTIONS", "3")]).await;
     let mut silent = Vec::new();
     for _ in 0..3 {
         silent.push(connect(app.addr).await);
+        // Accepted and read one at a time: the first is the oldest, and each is known to be
+        // silent by the time the newcomer arrives.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let started = Instant::now();
-    let mut extra = connect(app.addr).await;
-    extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut early = [0_u8; 64];
-    let answered_early = timeout(Duration::from_millis(500), extra.read(&mut early)).await;
-    assert!(answered_early.is_err(), "the fourth connection waits while three are open");
+    let mut newcomer = connect(app.addr).await;
+    newcomer.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").await.unwrap();
+    let answer = read_until(&mut newcomer, r#"{"status":"ok"}"#, Duration::from_secs(3)).await;
 
-    let answer = read_until(&mut extra, r#"{"status":"ok"}"#, Duration::from_secs(5)).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(started.elapsed() >= Duration::from_millis(700), "served once the silent ones timed out");
-    for stream in &mut silent {
-        assert!(closed_within(stream, Duration::from_secs(1)).await.is_some(), "silent connection closed");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once: {:?}", started.elapsed());
+    assert!(closed_within(&mut silent[0], Duration::from_secs(1)).await.is_some(), "the oldest silent one is closed");
+    for younger in &mut silent[1..] {
+        assert!(closed_within(younger, Duration::from_millis(300)).await.is_none(), "the younger ones stay");
     }
+    app.stop().await;
+}
+
+/// The probe opened 1 100 silent sockets against a cap of 1 024; twice the cap keeps the relay
+/// full and closing connections the whole time, at a size a test machine handles in a second.
+const FLOODED_CAP: &str = "50";
+const FLOOD_SOCKETS: usize = 100;
+/// What a client of another address may wait for an answer while the flood goes on. Without
+/// eviction it waits for the flood's sockets to time out (10 s here, as by default).
+const PROMPT: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn a_flood_of_silent_sockets_from_one_address_does_not_delay_clients_of_another() {
+    let app = spawn_app_with(&[("RELAY_MAX_CONNECTIONS", FLOODED_CAP)]).await;
+    let flood = SilentFlood::start(app.addr, FLOOD_SOCKETS).await;
+    let client = http_client_from(OTHER_PEER);
+
+    let mut waits = Vec::new();
+    for round in 0..5 {
+        let started = Instant::now();
+        let health = client.get(app.url("/healthz")).timeout(Duration::from_secs(5)).send().await;
+        let health = health.unwrap_or_else(|e| panic!("round {round}: /healthz unanswered: {e}"));
+        assert_eq!(health.status(), 200);
+        let sent =
+            client.post(app.url("/message")).bearer_auth(API_TOKEN).json(&message_body(&format!("round {round}")));
+        let sent = sent.timeout(Duration::from_secs(5)).send().await;
+        let sent = sent.unwrap_or_else(|e| panic!("round {round}: /message unanswered: {e}"));
+        assert_eq!(sent.status(), 200);
+        waits.push(started.elapsed());
+    }
+
+    let closed = flood.stop().await;
+    assert!(waits.iter().all(|waited| *waited < PROMPT), "each round answered within {PROMPT:?}: {waits:?}");
+    assert!(closed >= FLOOD_SOCKETS as u64, "the flood kept the relay full ({closed} of its sockets closed)");
+    assert_eq!(app.joinchat.received().len(), 5);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn requests_in_progress_and_idle_connections_are_not_closed_for_silent_ones() {
+    let app = spawn_app_with(&[("RELAY_MAX_CONNECTIONS", "10")]).await;
+    app.joinchat.script([Reply::ok().after(Duration::from_millis(1500))]);
+    let client = http_client_from(OTHER_PEER);
+    let slow = client.post(app.url("/message")).bearer_auth(API_TOKEN).json(&message_body("slow"));
+    let slow = tokio::spawn(slow.timeout(Duration::from_secs(10)).send());
+    app.joinchat.wait_for(1).await;
+    let mut keep_alive = connect_from(OTHER_PEER, app.addr).await.unwrap();
+    keep_alive.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n").await.unwrap();
+    read_until(&mut keep_alive, r#"{"status":"ok"}"#, Duration::from_secs(3)).await;
+
+    let flood = SilentFlood::start(app.addr, 30).await;
+    let answer = slow.await.unwrap().expect("the request in progress is answered");
+    keep_alive.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n").await.unwrap();
+    let again = read_until(&mut keep_alive, r#"{"status":"ok"}"#, Duration::from_secs(3)).await;
+    let closed = flood.stop().await;
+
+    assert_eq!(answer.status(), 200);
+    assert!(again.starts_with("HTTP/1.1 200"), "the idle keep-alive connection still serves: {again}");
+    assert!(closed >= 20, "the flood kept the relay full ({closed} of its sockets closed)");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_peer_holding_its_share_is_refused_while_another_takes_one_of_its_idle_slots() {
+    let app = spawn_app_with(&[("RELAY_MAX_CONNECTIONS", "4"), ("RELAY_HEADER_READ_TIMEOUT_MS", "30000")]).await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut stream = connect(app.addr).await;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n").await.unwrap();
+        read_until(&mut stream, r#"{"status":"ok"}"#, Duration::from_secs(3)).await;
+        idle.push(stream);
+    }
+
+    let mut fifth = connect(app.addr).await;
+    let refused = closed_within(&mut fifth, PROMPT).await;
+    let started = Instant::now();
+    let other = http_client_from(OTHER_PEER).get(app.url("/healthz")).timeout(Duration::from_secs(5)).send().await;
+
+    assert!(refused.is_some(), "a fifth connection of a peer holding all four slots is closed at once");
+    assert_eq!(other.expect("another peer is served").status(), 200);
+    assert!(started.elapsed() < PROMPT, "at once: {:?}", started.elapsed());
+    assert!(closed_within(&mut idle[0], Duration::from_secs(1)).await.is_some(), "its oldest idle one made room");
     app.stop().await;
 }
 

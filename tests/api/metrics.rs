@@ -1,14 +1,21 @@
 //! SPEC §6: `GET /metrics` on `RELAY_METRICS_ADDR`, in the Prometheus text format, moving by
-//! what the relay did, with no contact or message id as a label.
+//! what the relay did, with no contact or message id as a label; served to Prometheus despite
+//! idle sockets on its port, and at the cost of one render a second however often it is asked.
 //!
 //! The series are process-wide and the other tests of this binary run relays in parallel, so
-//! the test that checks exact amounts runs itself again in a child process, alone.
+//! the tests that check exact amounts run themselves again in a child process, alone.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
 
+use bonychat_relay::monitoring::SCRAPE_CACHE_PERIOD;
 use serde_json::json;
+use tokio::time::Instant;
 
-use crate::helpers::{PAGE_ID, PSID, Reply, TestApp, assert_error, spawn_app, spawn_app_with};
+use crate::helpers::{
+    PAGE_ID, PSID, Reply, SilentFlood, TestApp, assert_error, http_client_from, spawn_app, spawn_app_with,
+};
 
 /// A second contact, for the message that ends dead.
 const OTHER_CONTACT: &str = "2066835436691078";
@@ -206,6 +213,7 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
     // No pacing: the retries below would otherwise be deferred, and their count would depend on timing.
     let app = spawn_app_with(&[("JOINCHAT_ORDER_GAP_SECS", "0")]).await;
     let before = scrape(&app).await;
+    let rendered = Instant::now();
 
     let (status, sent) = app.send(PSID, json!({"type": "text", "text": "hello"})).await;
     assert_eq!(status, 200);
@@ -222,6 +230,8 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
     assert_eq!(admin.status(), 404);
     assert_eq!(app.http.get(app.url("/no/such/path/1066835436691078")).send().await.unwrap().status(), 404);
     app.settle().await;
+    // A scrape within a second of a render gets that render.
+    tokio::time::sleep_until(rendered + SCRAPE_CACHE_PERIOD).await;
     let after = scrape(&app).await;
 
     let moved = |name: &str, labels: &[(&str, &str)]| after.value(name, labels) - before.value(name, labels);
@@ -278,6 +288,82 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
             .unwrap_or(family);
         assert!(after.helps.contains_key(base), "{base} has a HELP line");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn idle_sockets_on_the_metrics_port_do_not_hold_up_a_scrape() {
+    let app = spawn_app().await;
+    // More than the listener's 16 connections, from the scraper's own address.
+    let flood = SilentFlood::start(app.metrics_addr, 24).await;
+    let scraper = http_client_from(Ipv4Addr::LOCALHOST.into());
+
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let scraped =
+            scraper.get(format!("http://{}/metrics", app.metrics_addr)).timeout(Duration::from_secs(5)).send();
+        let scraped = scraped.await.expect("the scrape is answered");
+        assert_eq!(scraped.status(), 200);
+        let page = parse(&scraped.text().await.unwrap()).unwrap();
+        assert_eq!(page.value("bonychat_relay_build_info", &[]), 1.0);
+        waits.push(started.elapsed());
+    }
+
+    let closed = flood.stop().await;
+    assert!(waits.iter().all(|waited| *waited < Duration::from_secs(1)), "each scrape at once: {waits:?}");
+    assert!(closed >= 8, "the idle sockets filled the listener ({closed} closed)");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_storm_of_scrapes_shares_one_fresh_render_a_second() {
+    if std::env::var_os(CHILD).is_none() {
+        return tokio::task::spawn_blocking(|| alone("metrics::a_storm_of_scrapes_shares_one_fresh_render_a_second"))
+            .await
+            .unwrap();
+    }
+    const RENDERS: &str = "bonychat_relay_metrics_renders_total";
+    const REQUESTS: &str = "bonychat_relay_http_requests_total";
+    const HEALTHZ: &[(&str, &str)] = &[("route", "/healthz"), ("method", "GET"), ("status", "200")];
+    let app = spawn_app().await;
+    let before = scrape(&app).await;
+    assert_eq!(app.http.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    tokio::time::sleep(SCRAPE_CACHE_PERIOD + Duration::from_millis(100)).await;
+
+    // Twelve scrapers, under the listener's cap of 16, each scraping again as soon as answered.
+    let started = Instant::now();
+    let storm = Duration::from_secs(2);
+    let mut scrapers = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let (client, url) = (app.http.clone(), format!("http://{}/metrics", app.metrics_addr));
+        scrapers.spawn(async move {
+            let mut pages = Vec::new();
+            while started.elapsed() < storm {
+                let answer = client.get(&url).timeout(Duration::from_secs(5)).send().await.expect("scrape answered");
+                assert_eq!(answer.status(), 200);
+                pages.push(answer.text().await.unwrap());
+            }
+            pages
+        });
+    }
+    let pages: Vec<String> = scrapers.join_all().await.into_iter().flatten().collect();
+    let took = started.elapsed();
+
+    // Each render counts itself, so a page tells which render it is.
+    let distinct: std::collections::BTreeSet<&String> = pages.iter().collect();
+    let mut by_render: BTreeMap<u64, &String> = BTreeMap::new();
+    for page in distinct {
+        let scraped = parse(page).unwrap_or_else(|e| panic!("{e}\n{page}"));
+        assert_eq!(scraped.value(REQUESTS, HEALTHZ), before.value(REQUESTS, HEALTHZ) + 1.0, "fresh");
+        let render = scraped.value(RENDERS, &[]) as u64;
+        assert!(by_render.insert(render, page).is_none(), "render {render} gave two different pages");
+    }
+    let last = *by_render.keys().last().expect("pages") as f64;
+    let renders = last - before.value(RENDERS, &[]);
+    let periods = took.as_secs_f64() / SCRAPE_CACHE_PERIOD.as_secs_f64();
+    assert!(pages.len() >= 100, "a storm: {} scrapes in {took:?}", pages.len());
+    assert!(renders <= periods.ceil() + 1.0, "{renders} renders (store reads) for {} scrapes in {took:?}", pages.len());
     app.stop().await;
 }
 
