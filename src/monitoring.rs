@@ -34,7 +34,7 @@ use tokio::time::Instant;
 use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
 use crate::server::ConnectionLimits;
-use crate::store::{Direction, QueueCounts, Store, now_millis};
+use crate::store::{Direction, QueueCounts, Store};
 
 const HTTP_REQUESTS: &str = "bonychat_relay_http_requests_total";
 const HTTP_DURATION: &str = "bonychat_relay_http_request_duration_seconds";
@@ -193,7 +193,7 @@ impl Exposition {
 async fn refresh_store_gauges(store: &dyn Store) {
     let (writable, counts) = tokio::join!(
         tokio::time::timeout(SCRAPE_STORE_WAIT, store.ping()),
-        tokio::time::timeout(SCRAPE_STORE_WAIT, store.queue_counts(now_millis())),
+        tokio::time::timeout(SCRAPE_STORE_WAIT, store.queue_counts(store.now())),
     );
     store_writable(matches!(writable, Ok(Ok(()))));
     match counts {
@@ -269,11 +269,11 @@ impl Outcome {
     }
 }
 
-/// One attempt of a job stored at `created_at`.
-pub fn attempt(direction: Direction, outcome: Outcome, created_at: i64) {
+/// One attempt, at `now`, of a job stored at `created_at` (both on the store's clock).
+pub fn attempt(direction: Direction, outcome: Outcome, created_at: i64, now: i64) {
     counter!(ATTEMPTS, "direction" => direction.as_str(), "outcome" => outcome.as_str()).increment(1);
     if outcome == Outcome::Sent {
-        let waited = now_millis().saturating_sub(created_at).max(0);
+        let waited = now.saturating_sub(created_at).max(0);
         histogram!(DELIVERY_LATENCY, "direction" => direction.as_str()).record(waited as f64 / 1000.0);
     }
 }

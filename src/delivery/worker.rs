@@ -378,7 +378,7 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
-                crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at);
+                crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at, self.store.now());
                 if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
                     && let Some(answer) = answer
                 {
@@ -420,7 +420,7 @@ impl Worker {
                 (finish, FirstAttempt::Pending, label, Some(reason))
             }
         };
-        log_attempt(job, attempt, label, reason.as_deref());
+        log_attempt(job, attempt, label, reason.as_deref(), self.store.now());
         let rejected_reason = match &first {
             FirstAttempt::Rejected(reason) => Some(reason.clone()),
             _ => None,
@@ -472,7 +472,7 @@ impl Worker {
                 (finish, label, Some(reason))
             }
         };
-        log_attempt(job, attempt, label, reason.as_deref());
+        log_attempt(job, attempt, label, reason.as_deref(), self.store.now());
         self.record(job, finish).await;
     }
 
@@ -483,7 +483,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
-        crate::monitoring::attempt(job.direction, Outcome::Dead, job.created_at);
+        crate::monitoring::attempt(job.direction, Outcome::Dead, job.created_at, self.store.now());
         self.record(job, finish).await;
     }
 
@@ -522,8 +522,8 @@ fn after_failure(
     }
 }
 
-fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>) {
-    crate::monitoring::attempt(job.direction, outcome, job.created_at);
+fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>, now: i64) {
+    crate::monitoring::attempt(job.direction, outcome, job.created_at, now);
     let (direction, outcome) = (job.direction.as_str(), outcome.as_str());
     match reason {
         None => {

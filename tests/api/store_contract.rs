@@ -875,7 +875,13 @@ async fn reopening_a_sqlite_store_takes_over_its_leases_and_reservations() {
     store.claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
     let first =
         FirstClaim { owner: "previous-process".into(), lease_until: 1_000 + LEASE, reserved_until: 1_000 + LEASE };
-    store.enqueue_outbound(outbound("b", "b1", 1_000), Some(first)).await.unwrap();
+    // Kept leased, as by an attempt still running when that process died.
+    let _in_flight = store
+        .enqueue_outbound(outbound("b", "b1", 1_000), Some(first))
+        .await
+        .unwrap()
+        .claimed
+        .map(store::LeasedJob::take);
     drop(store);
 
     let reopened = store::open(&config).await.unwrap();
