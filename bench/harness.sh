@@ -10,7 +10,8 @@
 # section's COLD_CONTACTS (1000), COLD_IDLE (10 s) and COLD_ROUND (8 s),
 # E2E_CONTACTS (1000), WEBHOOK_BATCHES (DURATION × 20000), HARNESS_TMP (where the stores live:
 # must be a real disk, default /var/tmp), SECTIONS (a subset of "message cold webhooks e2e backlog"),
-# LOG_DIR (keep the logs of the relay and the examples there; by default they go with the run).
+# LOG_DIR (keep the logs of the relay and the examples there; by default they go with the run),
+# RELAY_BIN (another build of the relay to measure: an earlier release, say).
 #
 # Ceilings (examples built on the relay's library): bench_bare `handler` (token, parse and
 # validation, translation, serialization and signature of each JoinChat request, then 200) and
@@ -30,6 +31,9 @@ COLD_IDLE=${COLD_IDLE:-10}
 COLD_ROUND=${COLD_ROUND:-8}
 WEBHOOK_BATCHES=${WEBHOOK_BATCHES:-$((DURATION * 20000))}
 SECTIONS=${SECTIONS:-"message cold webhooks e2e backlog"}
+# Another build of the relay for the relay's rows (an earlier release, say); the ceilings and
+# stand-ins stay this checkout's.
+RELAY_BIN=${RELAY_BIN:-./target/release/bonychat-relay}
 
 STANDIN=127.0.0.1:18081   # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
 RELAY=127.0.0.1:18083     # the relay (CPU 0)
@@ -120,7 +124,7 @@ start_relay() {
   local port=${RELAY#*:} line t0
   t0=$EPOCHREALTIME
   # shellcheck disable=SC2046
-  env -i $(relay_env "$1" "$2") taskset -c 0 ./target/release/bonychat-relay >>"$logs/relay.log" 2>&1 &
+  env -i $(relay_env "$1" "$2") taskset -c 0 "$RELAY_BIN" >>"$logs/relay.log" 2>&1 &
   RELAY_PID=$!
   pids+=("$RELAY_PID")
   while :; do
@@ -191,6 +195,7 @@ row() { say "| $1 | $2 | $RPS | $P50 | $P99 | $P999 | $NON200 | $CPU_US |"; }
 
 commit=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- src examples bench/*.sh bench/*.lua Cargo.toml Cargo.lock || commit="$commit + uncommitted changes"
+[[ $RELAY_BIN == ./target/release/bonychat-relay ]] || commit="$commit, with the relay $RELAY_BIN"
 say "# Relay harness, $(date -u '+%Y-%m-%d %H:%M UTC')"
 say
 say "Commit $commit; $(nproc --all) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)); \

@@ -167,13 +167,30 @@ async fn pump(
     }
 }
 
-/// A replica whose packets to the database are dropped mid-transaction, then killed: the
-/// database never sees its connection close, and the contact whose lock its transaction holds
-/// must not stay blocked for the others (the kernel's keepalive would take about two hours).
-/// The surviving replica serves that contact within seconds, every other contact at once, and
-/// takes over the dead replica's message in flight within the lease.
+/// How a replica goes away in the middle of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Gone {
+    /// Its host lost: its packets to the database dropped, then the process killed. The database
+    /// never sees the connection close (the kernel's keepalive would take about two hours).
+    HostLost,
+    /// Frozen (SIGSTOP) and not resumed: the connection stays open and silent.
+    Frozen,
+}
+
 #[tokio::test]
-async fn a_replica_lost_mid_transaction_holds_up_no_other_replica() {
+async fn a_replica_whose_host_is_lost_mid_transaction_holds_up_no_other_replica() {
+    replica_gone_mid_transaction(Gone::HostLost).await;
+}
+
+#[tokio::test]
+async fn a_replica_frozen_mid_transaction_holds_up_no_other_replica() {
+    replica_gone_mid_transaction(Gone::Frozen).await;
+}
+
+/// The contact whose lock the gone replica's transaction holds must not stay blocked for the
+/// others: the surviving replica serves that contact within seconds, every other contact at
+/// once, and takes over the gone replica's message in flight within the lease.
+async fn replica_gone_mid_transaction(how: Gone) {
     let Some(database) = fresh_database().await else { return };
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     // The lost replica's message in flight: JoinChat holds it until after the replica is gone.
@@ -217,8 +234,13 @@ async fn a_replica_lost_mid_transaction_holds_up_no_other_replica() {
     sqlx::query("LOCK TABLE jobs IN SHARE MODE").execute(&mut holder).await.unwrap();
     let stuck = tokio::spawn(send(&lost, "6000000000000002", "stored when lost"));
     until_a_session_waits_for_a_lock(&database).await;
-    link.cut();
-    lost.kill().await;
+    match how {
+        Gone::HostLost => {
+            link.cut();
+            lost.signal("KILL").await;
+        }
+        Gone::Frozen => lost.signal("STOP").await,
+    }
     sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
     let cut_at = tokio::time::Instant::now();
 
@@ -247,6 +269,7 @@ async fn a_replica_lost_mid_transaction_holds_up_no_other_replica() {
     in_flight.abort();
     stuck.abort();
     survivor.kill().await;
+    lost.kill().await;
 }
 
 /// Runs every future to its end, side by side.
