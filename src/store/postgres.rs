@@ -28,7 +28,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 
-use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
     JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
@@ -597,16 +597,11 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>> {
-        let rows: Vec<(String, i64, i64)> =
-            sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE contact = $1")
-                .bind(contact)
-                .fetch_all(&mut *self.0)
-                .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(status, watermark, timestamp)| Some((watermark_status(&status)?, watermark, timestamp)))
-            .collect())
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+        Ok(sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE contact = $1")
+            .bind(contact)
+            .fetch_all(&mut *self.0)
+            .await?)
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {

@@ -154,8 +154,9 @@ pub(crate) trait Tx {
         now: i64,
     ) -> StoreResult<()>;
 
-    /// The highest watermarks kept for `contact`: (status, watermark, the event's timestamp).
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>>;
+    /// The highest watermarks kept for `contact`: (status as [`status_name`] wrote it, watermark,
+    /// the event's timestamp).
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>>;
 
     /// Writes `settle` on the job of `lease` and ends the lease, if the lease is still the
     /// job's current one; `None` (nothing written) otherwise.
@@ -409,7 +410,7 @@ async fn receipts_on_delivery<T: Tx>(
         .await?
         .into_iter()
         .filter(|&(_, watermark, _)| watermark >= sent_at)
-        .map(|(status, _, timestamp)| (status, timestamp))
+        .filter_map(|(status, _, timestamp)| Some((watermark_status(&status)?, timestamp)))
         .collect();
     if covering.is_empty() {
         return Ok(false);
@@ -528,6 +529,6 @@ pub(crate) fn status_name(value: StatusValue) -> &'static str {
 }
 
 /// The status of a kept watermark, as [`status_name`] wrote it.
-pub(crate) fn watermark_status(name: &str) -> Option<StatusValue> {
+fn watermark_status(name: &str) -> Option<StatusValue> {
     [StatusValue::Delivered, StatusValue::Read].into_iter().find(|&value| status_name(value) == name)
 }

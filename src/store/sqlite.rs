@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name, watermark_status};
+use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
     BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
     JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
@@ -950,16 +950,12 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(StatusValue, i64, i64)>> {
-        let rows: Vec<(String, i64, i64)> = self
+    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+        Ok(self
             .0
             .prepare_cached("SELECT status, watermark, timestamp FROM watermarks WHERE contact = ?1")?
             .query_map([contact], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(status, watermark, timestamp)| Some((watermark_status(&status)?, watermark, timestamp)))
-            .collect())
+            .collect::<rusqlite::Result<_>>()?)
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
