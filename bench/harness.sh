@@ -78,18 +78,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say() { printf '%s\n' "$*" | tee -a "$report"; }
-note() { printf '… %s\n' "$*" >&2; }
-
-wait_for() { # ADDR: until something listens there
-  local _
-  for _ in $(seq 200); do
-    { : >&3; } 2>/dev/null 3<>"/dev/tcp/${1%:*}/${1#*:}" && return
-    sleep 0.05
-  done
-  echo "no server on $1" >&2
-  exit 1
-}
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 stop() { # PID: SIGTERM, then SIGKILL after 10 s
   local pid=$1 i
@@ -116,7 +106,6 @@ relay_env() { # JOINCHAT_ADDR SEND_WAIT_MS
 
 kb_of() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # PID VmRSS|VmHWM
 mb() { awk -v kb="$1" 'BEGIN {printf "%.1f MB", kb / 1024}'; }
-ms() { awk -v us="$1" 'BEGIN {printf "%.2f ms", us / 1000}'; }
 
 # start_relay JOINCHAT_ADDR SEND_WAIT_MS: sets RELAY_PID and READY_MS (from the fork to the first
 # 200 of /readyz, polled without a pause over /dev/tcp), and IDLE_KB (VmRSS 1 s later).
@@ -157,7 +146,6 @@ start_on() { # CPU ADDR MODE-ARGS…: a bench example, with the relay's variable
 }
 
 stats() { curl -sf "http://$ORDERED/stats"; } # bench_joinchat's counts
-stat_of() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}' <<<"$1"; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # PID: user + system time, in 1/100 s
 

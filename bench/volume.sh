@@ -68,20 +68,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-say() { printf '%s\n' "$*" | tee -a "$report"; }
-note() { printf '… %s\n' "$*" >&2; }
-ms() { awk -v us="$1" 'BEGIN {printf "%.1f ms", us / 1000}'; }
-stat_of() { awk -v k="$2" '{for (i = 1; i < NF; i++) if ($i == k) print $(i + 1)}' <<<"$1"; }
-
-wait_for() { # ADDR
-  local _
-  for _ in $(seq 200); do
-    { : >&3; } 2>/dev/null 3<>"/dev/tcp/${1%:*}/${1#*:}" && return
-    sleep 0.05
-  done
-  echo "no server on $1" >&2
-  exit 1
-}
+# shellcheck source=bench/common.sh
+. bench/common.sh
 
 standin() { # STATUS: the JoinChat stand-in, answering every send with STATUS
   [[ -n ${STANDIN_PID:-} ]] && { kill "$STANDIN_PID"; wait "$STANDIN_PID" 2>/dev/null || true; }

@@ -13,7 +13,7 @@ use crate::clients::{JoinChatApi, SendError};
 use crate::config::JoinChatConfig;
 use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, translate};
 use crate::domain::outbound::OutboundRequest;
-use crate::store::{BeforeSend, Lease, NewOutbound, Store, now_millis};
+use crate::store::{BeforeSend, Job, NewOutbound, Store, now_millis};
 
 /// How long the relay recognises the echo of a message it sent (SPEC §4.3).
 pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
@@ -76,21 +76,21 @@ impl OutboundSender {
         Self { api, store, page_id: config.page_id.clone(), tag: config.message_tag.clone(), gap: config.order_gap }
     }
 
-    /// Sends `parts` from `first_part` on to `contact`, stopping at the first one JoinChat does
-    /// not accept. `last_effective_at` is when the contact's previous send takes effect. The
-    /// caller holds the job's lease, so no other send to this contact runs meanwhile, as long
-    /// as `claim_held` says so: it is asked before each part leaves.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends `job`'s `parts` to `recipient`, from the first one JoinChat has not accepted yet,
+    /// stopping at the first one it does not accept; pacing starts from when the contact's
+    /// previous send takes effect, as of the claim. The caller holds the job's lease, so no
+    /// other send to this contact runs meanwhile, as long as `claim_held` says so: it is asked
+    /// before each part leaves.
     pub async fn attempt(
         &self,
-        lease: Lease,
-        claim_held: &(dyn Fn() -> bool + Sync),
-        contact: &str,
+        job: &Job,
         recipient: &Recipient,
         parts: &[Message],
-        first_part: usize,
-        mut last_effective_at: Option<i64>,
+        claim_held: &(dyn Fn() -> bool + Sync),
     ) -> AttemptOutcome {
+        let (lease, contact) = (job.lease(), job.contact.as_str());
+        let first_part = usize::try_from(job.progress).unwrap_or(0);
+        let mut last_effective_at = job.contact_last_effective_at;
         let stopped =
             |index: usize, error: SendError| AttemptOutcome { parts_sent: index, end: AttemptEnd::Failed(error) };
         let store_failed =

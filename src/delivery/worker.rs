@@ -183,7 +183,7 @@ impl Worker {
             for job in jobs {
                 let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
                     // A `/message` request took the slot meanwhile: the job waits for the next.
-                    self.hand_back(&job).await;
+                    self.hand_back(&job, job.progress).await;
                     continue;
                 };
                 let this = Arc::clone(self);
@@ -228,14 +228,13 @@ impl Worker {
         let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
         loop {
             if let Some(leased) = claimed.take() {
-                // From here on the job is this request's to attempt or hand back: if the client
-                // hung up earlier, dropping the lease gave the job back already.
-                let job = leased.take();
                 let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
-                    // Every slot is busy: the dispatcher takes the job when one is free.
-                    self.hand_back(&job).await;
+                    // Every slot is busy: the lease goes back as when a client hangs up, and the
+                    // dispatcher takes the job once a slot is free.
+                    drop(leased);
                     return FirstAttempt::Pending;
                 };
+                let job = leased.take();
                 let (answer, outcome) = oneshot::channel();
                 let this = Arc::clone(self);
                 self.spawn_attempt(async move {
@@ -277,12 +276,13 @@ impl Worker {
         }
     }
 
-    /// Gives a leased job back, not attempted, for the dispatcher to claim; if that fails, the
-    /// lease runs out and the job is claimed again all the same.
-    async fn hand_back(&self, job: &Job) {
+    /// Gives a leased job back, with `progress` parts sent, for any worker to claim at once; if
+    /// that fails (the lease was taken over meanwhile, or the store is away), the job is
+    /// claimed again all the same.
+    async fn hand_back(&self, job: &Job, progress: u32) {
         let now = self.store.now();
-        if let Err(e) = self.store.finish(job.lease(), Finish::Release { progress: job.progress, now }, now).await {
-            tracing::warn!(job = job.id, error = %e, "cannot hand a job back; it is attempted once its lease runs out");
+        if let Err(e) = self.store.finish(job.lease(), Finish::Release { progress }, now).await {
+            tracing::info!(job = job.id, error = %e, "cannot hand a job back; it is claimed again all the same");
         }
     }
 
@@ -339,10 +339,7 @@ impl Worker {
             direction = job.direction.as_str(),
             "the lease may have run out; stopping the attempt"
         );
-        let now = self.store.now();
-        if let Err(e) = self.store.finish(job.lease(), Finish::Release { progress, now }, now).await {
-            tracing::info!(job = job.id, error = %e, "the job was taken over meanwhile");
-        }
+        self.hand_back(job, progress).await;
     }
 
     async fn attempt_outbound(
@@ -353,20 +350,8 @@ impl Worker {
         parts: &[Message],
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
-        let first_part = usize::try_from(job.progress).unwrap_or(0);
         let claim_held = || hold.is_held(self.store.now());
-        let outcome = self
-            .outbound
-            .attempt(
-                job.lease(),
-                &claim_held,
-                &job.contact,
-                recipient,
-                parts,
-                first_part,
-                job.contact_last_effective_at,
-            )
-            .await;
+        let outcome = self.outbound.attempt(job, recipient, parts, &claim_held).await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
         let result = match outcome.end {

@@ -236,15 +236,12 @@ impl std::ops::Deref for LeasedJob {
     }
 }
 
-/// Gives a lease back to the store that granted it.
-type HandBack = Box<dyn FnOnce(Lease) + Send>;
-
 /// Hands a lease back when dropped, unless defused.
-pub(crate) struct ReleaseOnDrop(Option<(Lease, HandBack)>);
+pub(crate) struct ReleaseOnDrop(Option<Box<dyn FnOnce() + Send>>);
 
 impl ReleaseOnDrop {
     pub(crate) fn new(lease: Lease, hand_back: impl FnOnce(Lease) + Send + 'static) -> Self {
-        Self(Some((lease, Box::new(hand_back))))
+        Self(Some(Box::new(move || hand_back(lease))))
     }
 
     fn defuse(&mut self) {
@@ -254,8 +251,8 @@ impl ReleaseOnDrop {
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        if let Some((lease, hand_back)) = self.0.take() {
-            hand_back(lease);
+        if let Some(hand_back) = self.0.take() {
+            hand_back();
         }
     }
 }
@@ -384,8 +381,8 @@ pub enum Finish {
     /// Refused by JoinChat while BonyChat waited.
     Rejected { progress: u32, error: String },
     /// Not attempted (no free slot, or the attempt stopped unsure of its claim): handed back,
-    /// due now, for any worker to claim. The attempt count stays.
-    Release { progress: u32, now: i64 },
+    /// due at once, for any worker to claim. The attempt count stays.
+    Release { progress: u32 },
 }
 
 /// The durable store, as delivery sees it. The rules of the queue (deduplication, echoes,

@@ -168,7 +168,7 @@ impl Shared {
         ReleaseOnDrop::new(lease, move |lease| {
             runtime.spawn(async move {
                 let now = shared.now();
-                if let Err(e) = shared.finish(lease, Finish::Release { progress: 0, now }, now).await {
+                if let Err(e) = shared.finish(lease, Finish::Release { progress: 0 }, now).await {
                     tracing::debug!(job = lease.id, error = %e, "a lease its caller left could not be handed back");
                 }
             });

@@ -50,7 +50,7 @@ pub(crate) struct Settle<'a> {
 }
 
 impl<'a> Settle<'a> {
-    fn of(finish: &'a Finish) -> Self {
+    fn of(finish: &'a Finish, now: i64) -> Self {
         let base = |state, progress| Settle {
             state,
             progress,
@@ -75,8 +75,8 @@ impl<'a> Settle<'a> {
                 error: Some(error),
                 ..base(JobState::Queued, *progress)
             },
-            Finish::Release { progress, now } => {
-                Settle { attempted: 0, next_attempt_at: Some(*now), ..base(JobState::Queued, *progress) }
+            Finish::Release { progress } => {
+                Settle { attempted: 0, next_attempt_at: Some(now), ..base(JobState::Queued, *progress) }
             }
             Finish::Dead { progress, error, .. } => Settle { error: Some(error), ..base(JobState::Dead, *progress) },
             Finish::Rejected { progress, error } => {
@@ -269,6 +269,22 @@ impl PreparedBatch {
         Self { batch, events }
     }
 
+    /// The contacts of the items `which` picks, sorted and distinct: the lock order.
+    fn contacts(&self, which: impl Fn(&InboundItem) -> bool) -> Vec<&str> {
+        let mut contacts: Vec<&str> = self
+            .batch
+            .items
+            .iter()
+            .filter(|item| which(item))
+            .map(|item| match item {
+                InboundItem::Message { contact, .. } | InboundItem::Watermark { contact, .. } => contact.as_str(),
+            })
+            .collect();
+        contacts.sort_unstable();
+        contacts.dedup();
+        contacts
+    }
+
     /// Payload bytes the batch holds.
     pub(crate) fn bytes(&self) -> usize {
         self.events.iter().flatten().map(|event| event.payload.len()).sum()
@@ -283,34 +299,14 @@ pub(crate) async fn enqueue_inbound<T: Tx>(
     prepared: &PreparedBatch,
     cap: u64,
 ) -> StoreResult<InboundSummary> {
-    let mut contacts: Vec<&str> = prepared
-        .batch
-        .items
-        .iter()
-        .map(|item| match item {
-            InboundItem::Message { contact, .. } | InboundItem::Watermark { contact, .. } => contact.as_str(),
-        })
-        .collect();
-    contacts.sort_unstable();
-    contacts.dedup();
     // A watermark and the end of a send to the same contact must not interleave, or each would
     // miss the other (the receipt never sent): both hold the contact's outbound queue. Lock
     // order is outbound before inbound, as in `finish`.
-    let mut watermarked: Vec<&str> = prepared
-        .batch
-        .items
-        .iter()
-        .filter_map(|item| match item {
-            InboundItem::Watermark { contact, .. } => Some(contact.as_str()),
-            InboundItem::Message { .. } => None,
-        })
-        .collect();
-    watermarked.sort_unstable();
-    watermarked.dedup();
+    let watermarked = prepared.contacts(|item| matches!(item, InboundItem::Watermark { .. }));
     if !watermarked.is_empty() {
         tx.lock_queues(Direction::Outbound, &watermarked).await?;
     }
-    tx.lock_queues(Direction::Inbound, &contacts).await?;
+    tx.lock_queues(Direction::Inbound, &prepared.contacts(|_| true)).await?;
 
     let now = prepared.batch.now;
     let mut summary = InboundSummary::default();
@@ -460,7 +456,7 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 /// Records how the attempt under `lease` ended: refused when the lease is no longer current; a
 /// dead outbound message that BonyChat must hear about gets its `failed` receipt.
 pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now: i64) -> StoreResult<Settled> {
-    let Some(mut settled) = tx.settle(lease, &Settle::of(finish), now).await? else {
+    let Some(mut settled) = tx.settle(lease, &Settle::of(finish, now), now).await? else {
         return Err(StoreError::Conflict(format!(
             "job {} is no longer leased under token {}: another worker claimed it since",
             lease.id, lease.token

@@ -1066,21 +1066,34 @@ impl Releaser {
 
     fn release(&self, lease: Lease) {
         let changes = Arc::clone(&self.changes);
-        let work: Work = Box::new(move |conn| {
-            let now = now_millis();
-            let result =
-                run_rule(rules::finish(&mut SqliteTx(conn), lease, &Finish::Release { progress: 0, now }, now));
-            let ok = result.is_ok();
-            let answer: Answer = Box::new(move |committed| {
-                if ok && committed.is_ok() {
+        let op = unawaited_op(
+            move |conn| {
+                let now = now_millis();
+                run_rule(rules::finish(&mut SqliteTx(conn), lease, &Finish::Release { progress: 0 }, now)).map(drop)
+            },
+            move |outcome| {
+                if outcome.is_ok() {
                     changes.signal();
                 }
-            });
-            (ok, answer)
-        });
+            },
+        );
         // A full queue means a stalled store: the lease then runs out on its own.
-        let _ = self.ops.try_send(Op { work, admission: None, refuse: Box::new(|_| {}), _bytes: None });
+        let _ = self.ops.try_send(op);
     }
+}
+
+/// An operation nobody waits for: `then` gets its outcome, its own error or the commit's.
+fn unawaited_op(
+    work: impl FnOnce(&Connection) -> StoreResult<()> + Send + 'static,
+    then: impl FnOnce(Result<(), String>) + Send + 'static,
+) -> Op {
+    let work: Work = Box::new(move |conn| {
+        let result = work(conn);
+        let ok = result.is_ok();
+        let answer: Answer = Box::new(move |committed| then(result.map_err(|e| e.to_string()).and(committed)));
+        (ok, answer)
+    });
+    Op { work, admission: None, refuse: Box::new(|_| {}), _bytes: None }
 }
 
 impl SqliteStore {
@@ -1279,17 +1292,14 @@ impl Store for SqliteStore {
         // The one writer thread runs operations in order: anything stored after this call,
         // such as the echo of this very send, sees the record even before it is committed.
         // Queued is enough (see the trait): a failure to commit it later is only logged.
-        let work: Work = Box::new(move |conn| {
-            let result = run_rule(rules::record_send(&mut SqliteTx(conn), &send));
-            let ok = result.is_ok();
-            let answer: Answer = Box::new(move |committed| {
-                if let Err(e) = result.map_err(|e| e.to_string()).and(committed) {
+        let op = unawaited_op(
+            move |conn| run_rule(rules::record_send(&mut SqliteTx(conn), &send)),
+            |outcome| {
+                if let Err(e) = outcome {
                     tracing::warn!(error = %e, "a pacing and echo record could not be stored");
                 }
-            });
-            (ok, answer)
-        });
-        let op = Op { work, admission: None, refuse: Box::new(|_| {}), _bytes: None };
+            },
+        );
         Box::pin(async move { self.ops.send(op).await.map_err(|_| Self::stopped()) })
     }
 

@@ -805,7 +805,7 @@ async fn a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts
     let enqueued = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first)).await.unwrap();
     let job = enqueued.claimed.expect("leased with the insert").take();
 
-    store.finish(job.lease(), Finish::Release { progress: 0, now: 1_050 }, 1_050).await.unwrap();
+    store.finish(job.lease(), Finish::Release { progress: 0 }, 1_050).await.unwrap();
 
     let claimed = store.claim(OWNER, Direction::Outbound, 1_100, 1_100 + LEASE, 10).await.unwrap();
     assert_eq!(claimed.iter().map(|job| (job.m_id.as_str(), job.attempts)).collect::<Vec<_>>(), [("a1", 0)]);
