@@ -28,15 +28,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::hold::ClaimHold;
-use super::inbound::InboundPoster;
 use super::outbound::AttemptEnd;
-use super::outbound::OutboundSender;
 use super::retry::RetrySchedule;
+use crate::channels::{Channel, Live};
 use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
-use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
+use crate::store::{Claim, Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
 
 /// The most an attempt trusts its own reading of the store's clock: it stops this long before
 /// its lease ends unrenewed (a quarter of the lease when that is shorter).
@@ -51,6 +50,10 @@ const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Attempts in flight at once per direction, all contacts together: the dispatcher's and the
 /// `/message` requests' first attempts alike.
 const MAX_IN_FLIGHT_PER_DIRECTION: usize = 64;
+/// The most of a direction's slots one channel holds when the relay serves several: the rest
+/// stay free for the others, so one channel's flood or hanging upstream never delays another's
+/// messages (SPEC §5). A single channel has them all.
+const CHANNEL_SHARE: usize = MAX_IN_FLIGHT_PER_DIRECTION / 2;
 
 /// What the first attempt of an outbound job did, for the `/message` request waiting for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +77,8 @@ pub struct Retries {
 
 pub struct Worker {
     store: Arc<dyn Store>,
-    outbound: OutboundSender,
-    inbound: InboundPoster,
+    /// The channels served: each attempt uses its job's channel as it was when the attempt began.
+    channels: Arc<Live>,
     retries: Retries,
     /// How long a claim holds a job unrenewed (`RELAY_LEASE_SECS`): renewed every third of it
     /// while the attempt runs, so only a dead worker's jobs see it run out, and another replica
@@ -84,6 +87,8 @@ pub struct Worker {
     owner: String,
     /// Attempts in flight per direction ([`Direction::ALL`]'s order).
     slots: [Arc<Semaphore>; 2],
+    /// Attempts in flight per channel and direction, for [`CHANNEL_SHARE`].
+    shares: Arc<Shares>,
     /// Every attempt running, the dispatcher's and the requests' alike.
     attempts: TaskTracker,
     /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
@@ -94,21 +99,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(
-        store: Arc<dyn Store>,
-        outbound: OutboundSender,
-        inbound: InboundPoster,
-        retries: Retries,
-        lease: Duration,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, channels: Arc<Live>, retries: Retries, lease: Duration) -> Self {
         Self {
             store,
-            outbound,
-            inbound,
+            channels,
             retries,
             lease,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             slots: Direction::ALL.map(|_| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))),
+            shares: Arc::default(),
             attempts: TaskTracker::new(),
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
@@ -161,6 +160,14 @@ impl Worker {
         }
     }
 
+    /// A slot of `direction` for an attempt of `channel`, unless every slot is busy or the
+    /// channel holds its share already.
+    fn slot(&self, direction: Direction, channel: &str, share: usize) -> Option<Slot> {
+        let channel_held = self.shares.take(channel, direction, share)?;
+        let permit = Arc::clone(self.slots(direction)).try_acquire_owned().ok()?;
+        Some(Slot { _permit: permit, _channel_held: channel_held })
+    }
+
     async fn claim_into(self: &Arc<Self>, direction: Direction) -> Result<(), ()> {
         let slots = self.slots(direction);
         loop {
@@ -168,9 +175,23 @@ impl Worker {
             if free == 0 {
                 return Ok(());
             }
+            let directory = self.channels.current();
+            let share = share_of(directory.len());
+            let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share) else {
+                return Ok(());
+            };
             let now = self.store.now();
             let lease_until = now.saturating_add(millis(self.lease));
-            let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
+            let claim = Claim {
+                owner: self.owner.clone(),
+                direction,
+                now,
+                lease_until,
+                limit: free,
+                channels,
+                per_channel: per_channel.min(free),
+            };
+            let jobs = match self.store.claim(claim).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim jobs");
@@ -181,15 +202,20 @@ impl Worker {
                 return Ok(());
             }
             for job in jobs {
-                let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+                let Some(channel) = directory.channel(&job.channel).cloned() else {
+                    // Claimed as the channel was being removed: it waits, queued, for its return.
+                    self.hand_back(&job, job.progress).await;
+                    continue;
+                };
+                let Some(slot) = self.slot(direction, &job.channel, share) else {
                     // A `/message` request took the slot meanwhile: the job waits for the next.
                     self.hand_back(&job, job.progress).await;
                     continue;
                 };
                 let this = Arc::clone(self);
                 self.spawn_attempt(async move {
-                    this.run_attempt(job, None).await;
-                    drop(permit);
+                    this.run_attempt(job, channel, None).await;
+                    drop(slot);
                     // The contact's next job, if any, is claimable now.
                     this.slot_freed.notify_one();
                 });
@@ -221,14 +247,21 @@ impl Worker {
     /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
     /// when an attempt of that contact ends, whichever replica made it). What the attempt did decides the
     /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
-    pub async fn first_attempt(self: &Arc<Self>, contact: &str, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
+    pub async fn first_attempt(
+        self: &Arc<Self>,
+        channel: &Arc<Channel>,
+        share: usize,
+        contact: &str,
+        enqueued: Enqueued,
+        wait: Duration,
+    ) -> FirstAttempt {
         let deadline = Instant::now() + wait;
         let mut claimed = enqueued.claimed;
         // Only watched when the job waits behind another: the usual request takes its job at once.
-        let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
+        let mut moved = claimed.is_none().then(|| self.store.watch_queue(&channel.name, contact));
         loop {
             if let Some(leased) = claimed.take() {
-                let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
+                let Some(slot) = self.slot(Direction::Outbound, &channel.name, share) else {
                     // Every slot is busy: the lease goes back as when a client hangs up, and the
                     // dispatcher takes the job once a slot is free.
                     drop(leased);
@@ -237,9 +270,10 @@ impl Worker {
                 let job = leased.take();
                 let (answer, outcome) = oneshot::channel();
                 let this = Arc::clone(self);
+                let channel = Arc::clone(channel);
                 self.spawn_attempt(async move {
-                    this.run_attempt(job, Some(answer)).await;
-                    drop(permit);
+                    this.run_attempt(job, channel, Some(answer)).await;
+                    drop(slot);
                     this.slot_freed.notify_one();
                 });
                 match tokio::time::timeout_at(deadline, outcome).await {
@@ -257,7 +291,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return FirstAttempt::Pending;
             }
-            let moved = moved.get_or_insert_with(|| self.store.watch_queue(contact));
+            let moved = moved.get_or_insert_with(|| self.store.watch_queue(&channel.name, contact));
             let now = self.store.now();
             match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(self.lease))).await {
                 Ok(Some(job)) => {
@@ -288,7 +322,7 @@ impl Worker {
 
     /// Runs one attempt while keeping its lease alive; `answer` is the `/message` request
     /// waiting for this first attempt, if one is.
-    async fn run_attempt(&self, job: Job, answer: Option<oneshot::Sender<FirstAttempt>>) {
+    async fn run_attempt(&self, job: Job, channel: Arc<Channel>, answer: Option<oneshot::Sender<FirstAttempt>>) {
         let lease_until = job.lease_until.unwrap_or_else(|| self.store.now().saturating_add(millis(self.lease)));
         let hold = ClaimHold::new(lease_until, LEASE_MARGIN.min(self.lease / 4));
         let heartbeat = async {
@@ -315,9 +349,9 @@ impl Worker {
         let attempt = async {
             match &job.payload {
                 Ok(Payload::Send { recipient, parts }) => {
-                    self.attempt_outbound(&job, &hold, recipient, parts, answer).await;
+                    self.attempt_outbound(&job, &channel, &hold, recipient, parts, answer).await;
                 }
-                Ok(Payload::Event { event }) => self.attempt_inbound(&job, &hold, event.clone()).await,
+                Ok(Payload::Event { event }) => self.attempt_inbound(&job, &channel, &hold, event.clone()).await,
                 Err(reason) => self.dead_letter_unreadable(&job, reason).await,
             }
         };
@@ -345,13 +379,14 @@ impl Worker {
     async fn attempt_outbound(
         &self,
         job: &Job,
+        channel: &Channel,
         hold: &ClaimHold,
         recipient: &Recipient,
         parts: &[Message],
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
         let claim_held = || hold.is_held(self.store.now());
-        let outcome = self.outbound.attempt(job, recipient, parts, &claim_held).await;
+        let outcome = channel.outbound.attempt(job, recipient, parts, &claim_held).await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
         let result = match outcome.end {
@@ -363,7 +398,7 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
-                crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at, self.store.now());
+                crate::monitoring::attempt(&job.channel, job.direction, Outcome::Paced, job.created_at, self.store.now());
                 if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
                     && let Some(answer) = answer
                 {
@@ -417,19 +452,20 @@ impl Worker {
         {
             // The request ended between the check and the answer: tell BonyChat by receipt.
             let now = self.store.now();
-            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now).await {
+            if let Err(e) = self.store.queue_failed_receipt(&job.channel, &job.contact, &job.m_id, &reason, now).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }
     }
 
-    async fn attempt_inbound(&self, job: &Job, hold: &ClaimHold, event: WebhookEvent) {
+    async fn attempt_inbound(&self, job: &Job, channel: &Channel, hold: &ClaimHold, event: WebhookEvent) {
         let receipt = match &event {
             WebhookEvent::MessageStatus { status, .. } => Some(status.value),
             _ => None,
         };
         let claim_held = || hold.is_held(self.store.now());
-        let Some(outcome) = self.inbound.attempt(&job.contact, event, job.contact_introduced, &claim_held).await else {
+        let Some(outcome) = channel.inbound.attempt(&job.contact, event, job.contact_introduced, &claim_held).await
+        else {
             self.stopped_unsure_of_claim(job, hold, 0).await;
             return;
         };
@@ -437,12 +473,12 @@ impl Worker {
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
                 if outcome.introduced
-                    && let Err(e) = self.store.mark_introduced(&job.contact).await
+                    && let Err(e) = self.store.mark_introduced(&job.channel, &job.contact).await
                 {
                     tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
                 }
                 if let Some(value) = receipt {
-                    crate::monitoring::receipt_posted(value);
+                    crate::monitoring::receipt_posted(&job.channel, value);
                 }
                 (Finish::Delivered { progress: 1, sent_at: self.store.now() }, Outcome::Sent, None)
             }
@@ -468,7 +504,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
-        crate::monitoring::attempt(job.direction, Outcome::Dead, job.created_at, self.store.now());
+        crate::monitoring::attempt(&job.channel, job.direction, Outcome::Dead, job.created_at, self.store.now());
         self.record(job, finish).await;
     }
 
@@ -508,16 +544,79 @@ fn after_failure(
 }
 
 fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>, now: i64) {
-    crate::monitoring::attempt(job.direction, outcome, job.created_at, now);
-    let (direction, outcome) = (job.direction.as_str(), outcome.as_str());
+    crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, now);
+    let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
     match reason {
         None => {
-            tracing::info!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
+            tracing::info!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
         }
         Some(reason) => {
-            tracing::warn!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
+            tracing::warn!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
         }
     }
+}
+
+/// How many of a direction's slots one channel may hold when `channels` are served.
+pub fn share_of(channels: usize) -> usize {
+    if channels <= 1 { MAX_IN_FLIGHT_PER_DIRECTION } else { CHANNEL_SHARE }
+}
+
+/// Attempts in flight per (channel, direction).
+#[derive(Debug, Default)]
+struct Shares {
+    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), usize>>,
+}
+
+impl Shares {
+    /// One more attempt of `channel`, unless it holds `share` already.
+    fn take(self: &Arc<Self>, channel: &str, direction: Direction, share: usize) -> Option<ChannelHeld> {
+        let mut held = self.held.lock().expect("shares");
+        let count = held.entry((channel.to_owned(), direction)).or_insert(0);
+        if *count >= share {
+            return None;
+        }
+        *count += 1;
+        Some(ChannelHeld { shares: Arc::clone(self), key: (channel.to_owned(), direction) })
+    }
+
+    /// The channels a claim may take jobs of, and how many of one channel at most: every
+    /// channel below its share, no more than the busiest of them has left. `None` when none may.
+    fn eligible(&self, names: &Arc<[String]>, direction: Direction, share: usize) -> Option<(Arc<[String]>, usize)> {
+        let held = self.held.lock().expect("shares");
+        let busy = held.iter().filter(|((_, d), count)| *d == direction && **count > 0);
+        let least_left = busy.clone().map(|(_, count)| share.saturating_sub(*count)).filter(|left| *left > 0).min();
+        let full: Vec<&str> =
+            busy.filter(|(_, count)| **count >= share).map(|((channel, _), _)| channel.as_str()).collect();
+        if full.is_empty() {
+            return Some((Arc::clone(names), least_left.unwrap_or(share)));
+        }
+        let open: Arc<[String]> = names.iter().filter(|name| !full.contains(&name.as_str())).cloned().collect();
+        (!open.is_empty()).then(|| (open, least_left.unwrap_or(share)))
+    }
+}
+
+/// One attempt counted against its channel's share until dropped.
+struct ChannelHeld {
+    shares: Arc<Shares>,
+    key: (String, Direction),
+}
+
+impl Drop for ChannelHeld {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().expect("shares");
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A slot of a direction and of its channel's share, for one attempt.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _channel_held: ChannelHeld,
 }
 
 fn millis(duration: Duration) -> i64 {

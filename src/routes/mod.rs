@@ -22,11 +22,11 @@ use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::auth::{BearerToken, SecretDigest};
+use crate::auth::BearerToken;
+use crate::channels::Live;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::error::ApiError;
-use crate::signing::HubSignature;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -40,12 +40,12 @@ pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
+    /// The configuration at start; the channels in effect are [`Self::channels`].
     pub config: Config,
-    pub bonychat_token: BearerToken,
+    /// The channels and apps served now, replaced on `SIGHUP`.
+    pub channels: Arc<Live>,
     /// `None` switches `/admin/*` off.
     pub admin_token: Option<BearerToken>,
-    pub hub_signature: HubSignature,
-    pub verify_token: SecretDigest,
     pub store: Arc<dyn Store>,
     /// Takes the first attempt of each `/message` request's job.
     pub worker: Arc<Worker>,
@@ -74,10 +74,17 @@ impl std::ops::Deref for AppState {
 /// store bounds its own wait, and `/message` waits at most `RELAY_SEND_WAIT_MS` after that.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let timeout = || middleware::from_fn_with_state(request_timeout, timeout);
-    let stores_work = Router::new().route("/message", post(message::post_message)).route(
-        "/webhooks/messenger",
-        get(webhooks::verify_subscription).layer(timeout()).post(webhooks::receive_events),
-    );
+    let stores_work = Router::new()
+        .route("/message", post(message::post_default_message))
+        .route("/channels/{channel}/message", post(message::post_channel_message))
+        .route(
+            "/webhooks/messenger",
+            get(webhooks::verify_default_subscription).layer(timeout()).post(webhooks::receive_default_events),
+        )
+        .route(
+            "/webhooks/messenger/{app}",
+            get(webhooks::verify_app_subscription).layer(timeout()).post(webhooks::receive_app_events),
+        );
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
     let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
@@ -172,12 +179,15 @@ mod tests {
         ]);
         let config = Config::from_env(&env).unwrap();
         let store = crate::store::open(&config.store).await.unwrap();
+        let channels = Arc::new(Live::new(
+            &config.channels,
+            crate::channels::Clients::new(&config.upstreams).unwrap(),
+            Arc::clone(&store),
+        ));
         AppState::new(Shared {
-            bonychat_token: BearerToken::new(&config.bonychat.api_token),
             admin_token: None,
-            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
-            verify_token: SecretDigest::new(&config.messenger.verify_token),
-            worker: Arc::new(crate::startup::worker(&config, Arc::clone(&store)).unwrap()),
+            worker: Arc::new(crate::startup::worker(&config, Arc::clone(&store), Arc::clone(&channels))),
+            channels,
             store,
             shutdown: CancellationToken::new(),
             config,

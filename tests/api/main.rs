@@ -1,6 +1,7 @@
 //! Integration tests: the real relay on a random port, real HTTP stand-ins for its upstreams.
 
 mod binary;
+mod channels;
 mod config_faults;
 mod contact_profiles;
 mod crash;
