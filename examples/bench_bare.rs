@@ -28,7 +28,7 @@ use bonychat_relay::domain::inbound::parse_envelope;
 use bonychat_relay::domain::joinchat::SendRequest;
 use bonychat_relay::domain::outbound::OutboundRequest;
 use bonychat_relay::signing::{HubSignature, joinchat_signature};
-use bonychat_relay::store::now_millis;
+use bonychat_relay::store::{DEFAULT_CHANNEL, now_millis};
 
 struct Bare {
     config: Config,
@@ -70,7 +70,7 @@ async fn message(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
     };
     let joinchat = &bare.config.joinchat;
-    let job = new_outbound_job(&request, joinchat.recipient_field, now_millis());
+    let job = new_outbound_job(&request, DEFAULT_CHANNEL, u64::MAX, joinchat.recipient_field, now_millis());
     for message in &job.parts {
         let send = SendRequest {
             page_id: &joinchat.page_id,

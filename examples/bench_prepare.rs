@@ -18,7 +18,7 @@ use bonychat_relay::delivery::new_outbound_job;
 use bonychat_relay::domain::outbound::OutboundRequest;
 use bonychat_relay::signing::hub_signature;
 use bonychat_relay::store::sqlite::SqliteStore;
-use bonychat_relay::store::{IntakeCaps, Store, now_millis};
+use bonychat_relay::store::{DEFAULT_CHANNEL, IntakeCaps, Store, now_millis};
 
 /// Contact ids as the Lua scripts make them: numeric, so the recipient is an `id`.
 const CONTACT_BASE: u64 = 1_000_000_000_000_000;
@@ -88,7 +88,13 @@ async fn backlog(config: Config, jobs: u64, contacts: u64) {
                         );
                         let request = OutboundRequest::parse(body.as_bytes(), &config.bonychat.channel_id)
                             .expect("a valid request");
-                        let job = new_outbound_job(&request, config.joinchat.recipient_field, now_millis());
+                        let job = new_outbound_job(
+                            &request,
+                            DEFAULT_CHANNEL,
+                            u64::MAX,
+                            config.joinchat.recipient_field,
+                            now_millis(),
+                        );
                         store.enqueue_outbound(job, None).await.expect("stored");
                     }
                 }

@@ -27,9 +27,18 @@ pub fn new_message_id() -> String {
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid().simple().to_string()
 }
 
-/// The job to store for a validated `/message` request.
-pub fn new_outbound_job(request: &OutboundRequest, recipient_field: RecipientField, now: i64) -> NewOutbound {
+/// The job to store for a validated `/message` request to `channel`, whose queue holds
+/// `max_queued` outbound jobs at most.
+pub fn new_outbound_job(
+    request: &OutboundRequest,
+    channel: &str,
+    max_queued: u64,
+    recipient_field: RecipientField,
+    now: i64,
+) -> NewOutbound {
     NewOutbound {
+        channel: channel.to_owned(),
+        max_queued,
         m_id: new_message_id(),
         contact: request.contact_id.as_str().to_owned(),
         recipient: Recipient::for_contact(&request.contact_id, recipient_field),
@@ -108,6 +117,7 @@ impl OutboundSender {
             last_sent_at = sent_at;
             let effective_at = slot.effective_at(sent_at);
             let before = BeforeSend {
+                channel: job.channel.clone(),
                 contact: contact.to_owned(),
                 effective_at,
                 echo_fingerprint: message.echo_fingerprint(),

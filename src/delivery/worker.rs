@@ -36,7 +36,7 @@ use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
-use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
+use crate::store::{Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
 
 /// The most an attempt trusts its own reading of the store's clock: it stops this long before
 /// its lease ends unrenewed (a quarter of the lease when that is shorter).
@@ -170,7 +170,15 @@ impl Worker {
             }
             let now = self.store.now();
             let lease_until = now.saturating_add(millis(self.lease));
-            let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
+            let claim = Claim {
+                owner: self.owner.clone(),
+                direction,
+                now,
+                lease_until,
+                limit: free,
+                channels: Arc::from([DEFAULT_CHANNEL.to_owned()]),
+            };
+            let jobs = match self.store.claim(claim).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim jobs");
@@ -217,15 +225,22 @@ impl Worker {
         }
     }
 
-    /// Takes the first attempt of the job a `/message` request stored, within `wait`: at once
-    /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
+    /// Takes the first attempt of the job a `/message` request stored for `contact` of `channel`,
+    /// within `wait`: at once when it was leased with the insert, else as soon as it heads its
+    /// contact's queue (woken
     /// when an attempt of that contact ends, whichever replica made it). What the attempt did decides the
     /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
-    pub async fn first_attempt(self: &Arc<Self>, contact: &str, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
+    pub async fn first_attempt(
+        self: &Arc<Self>,
+        channel: &str,
+        contact: &str,
+        enqueued: Enqueued,
+        wait: Duration,
+    ) -> FirstAttempt {
         let deadline = Instant::now() + wait;
         let mut claimed = enqueued.claimed;
         // Only watched when the job waits behind another: the usual request takes its job at once.
-        let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
+        let mut moved = claimed.is_none().then(|| self.store.watch_queue(channel, contact));
         loop {
             if let Some(leased) = claimed.take() {
                 let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
@@ -257,7 +272,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return FirstAttempt::Pending;
             }
-            let moved = moved.get_or_insert_with(|| self.store.watch_queue(contact));
+            let moved = moved.get_or_insert_with(|| self.store.watch_queue(channel, contact));
             let now = self.store.now();
             match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(self.lease))).await {
                 Ok(Some(job)) => {
@@ -417,7 +432,7 @@ impl Worker {
         {
             // The request ended between the check and the answer: tell BonyChat by receipt.
             let now = self.store.now();
-            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now).await {
+            if let Err(e) = self.store.queue_failed_receipt(&job.channel, &job.contact, &job.m_id, &reason, now).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }
@@ -437,7 +452,7 @@ impl Worker {
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
                 if outcome.introduced
-                    && let Err(e) = self.store.mark_introduced(&job.contact).await
+                    && let Err(e) = self.store.mark_introduced(&job.channel, &job.contact).await
                 {
                     tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
                 }

@@ -18,6 +18,7 @@ use crate::delivery::{FirstAttempt, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
 use crate::domain::text::truncate;
 use crate::error::ApiError;
+use crate::store::DEFAULT_CHANNEL;
 
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -36,7 +37,8 @@ pub async fn post_message(
     let body = reader.read(body, MESSAGE_BODY_LIMIT).await?;
     let request = OutboundRequest::parse(&body.bytes, &state.config.bonychat.channel_id)?;
     let now = state.store.now();
-    let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now);
+    let max_queued = state.config.store.intake.outbound;
+    let job = new_outbound_job(&request, DEFAULT_CHANNEL, max_queued, state.config.joinchat.recipient_field, now);
     let (m_id, contact) = (job.m_id.clone(), job.contact.clone());
 
     let wait = state.config.delivery.send_wait;
@@ -45,7 +47,7 @@ pub async fn post_message(
     if wait.is_zero() {
         return Ok(Json(Accepted { m_id }));
     }
-    match state.worker.first_attempt(&contact, enqueued, wait).await {
+    match state.worker.first_attempt(DEFAULT_CHANNEL, &contact, enqueued, wait).await {
         FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
         FirstAttempt::Sent | FirstAttempt::Pending | FirstAttempt::Paced { .. } => Ok(Json(Accepted { m_id })),
     }

@@ -15,7 +15,7 @@ use super::{AppState, WEBHOOK_BODY_LIMIT};
 use crate::domain::bonychat::StatusValue;
 use crate::domain::inbound::{MessengerEvent, parse_envelope};
 use crate::error::ApiError;
-use crate::store::{InboundBatch, InboundItem};
+use crate::store::{DEFAULT_CHANNEL, InboundBatch, InboundItem};
 
 #[derive(Debug, Deserialize)]
 pub struct Handshake {
@@ -69,7 +69,12 @@ pub async fn receive_events(
     }
     let received = envelope.events.len();
     let ignored = envelope.ignored.len();
-    let batch = InboundBatch { items: envelope.events.into_iter().map(to_item).collect(), now };
+    let batch = InboundBatch {
+        channel: DEFAULT_CHANNEL.to_owned(),
+        max_queued: state.config.store.intake.inbound,
+        items: envelope.events.into_iter().map(to_item).collect(),
+        now,
+    };
     let summary = state.store.enqueue_inbound(batch).await.map_err(ApiError::Store)?;
     // Counted once stored: a refused batch is redelivered by Meta and would count twice.
     crate::monitoring::inbound_dropped(summary.duplicates, summary.own_echoes, ignored);

@@ -10,8 +10,8 @@ use bonychat_relay::config::{DatabaseUrl, PostgresOptions, Secret, StoreConfig};
 use bonychat_relay::domain::bonychat::{BonyMessage, StatusValue, WebhookEvent};
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::{
-    self, BeforeSend, Direction, Finish, FirstClaim, InboundBatch, InboundItem, JobState, NewOutbound, Payload, Store,
-    StoreError,
+    self, BeforeSend, Claim, Direction, Finish, FirstClaim, InboundBatch, InboundItem, JobState, NewOutbound, Payload,
+    Store, StoreError,
 };
 use tempfile::TempDir;
 
@@ -77,6 +77,8 @@ macro_rules! contract {
 
 fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
     NewOutbound {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.outbound,
         m_id: m_id.to_owned(),
         contact: contact.to_owned(),
         recipient: Recipient::Id(contact.to_owned()),
@@ -101,9 +103,26 @@ fn message_item(contact: &str, events: Vec<WebhookEvent>, echo_fingerprint: Opti
     InboundItem::Message { contact: contact.to_owned(), events, echo_fingerprint: echo_fingerprint.map(str::to_owned) }
 }
 
+/// A claim of the default channel's jobs.
+fn claim(owner: &str, direction: Direction, now: i64, lease_until: i64, limit: usize) -> Claim {
+    claim_of(&[store::DEFAULT_CHANNEL], owner, direction, now, lease_until, limit)
+}
+
+/// A claim of the jobs of `channels`.
+fn claim_of(channels: &[&str], owner: &str, direction: Direction, now: i64, lease_until: i64, limit: usize) -> Claim {
+    Claim {
+        owner: owner.to_owned(),
+        direction,
+        now,
+        lease_until,
+        limit,
+        channels: channels.iter().map(|&channel| channel.to_owned()).collect(),
+    }
+}
+
 async fn claim_ids(store: &dyn Store, now: i64) -> Vec<(String, String)> {
     store
-        .claim(OWNER, Direction::Outbound, now, now + LEASE, 100)
+        .claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 100))
         .await
         .unwrap()
         .into_iter()
@@ -118,7 +137,7 @@ async fn deliver_outbound(store: &dyn Store, contact: &str, m_id: &str, at: i64)
 /// An outbound message that left at `sent_at` and that JoinChat answered at `answered_at`.
 async fn deliver_outbound_answered_later(store: &dyn Store, contact: &str, m_id: &str, sent_at: i64, answered_at: i64) {
     store.enqueue_outbound(outbound(contact, m_id, sent_at), None).await.unwrap();
-    let jobs = store.claim(OWNER, Direction::Outbound, sent_at, sent_at + LEASE, 100).await.unwrap();
+    let jobs = store.claim(claim(OWNER, Direction::Outbound, sent_at, sent_at + LEASE, 100)).await.unwrap();
     let job = jobs.iter().find(|j| j.m_id == m_id).expect("claimed");
     store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at }, answered_at).await.unwrap();
 }
@@ -140,13 +159,13 @@ async fn a_retry_keeps_its_place_ahead_of_newer_jobs(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
 
     let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
     store.finish(job.lease(), retry, 1_100).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 2_000).await.is_empty(), "a2 waits for a1's retry");
-    let due = store.claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10).await.unwrap();
+    let due = store.claim(claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10)).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].m_id.as_str(), due[0].attempts, due[0].last_error.as_deref()), ("a1", 1, Some("503")));
 }
@@ -155,17 +174,17 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
         .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
 
     assert_eq!(claim_ids(store.as_ref(), 1_200).await, [("a".to_owned(), "a2".to_owned())]);
-    let dead = store.list(Some(JobState::Dead), 10).await.unwrap();
+    let dead = store.list(Some(JobState::Dead), None, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(store.redrive_dead(1_300, store::BATCH).await.unwrap(), 1);
-    let redriven = store.list(Some(JobState::Queued), 10).await.unwrap();
+    assert_eq!(store.redrive_dead(1_300, None, store::BATCH).await.unwrap(), 1);
+    let redriven = store.list(Some(JobState::Queued), None, 10).await.unwrap();
     let a1 = redriven.iter().find(|j| j.m_id == "a1").unwrap();
     assert_eq!((a1.attempts, a1.next_attempt_at), (0, 1_300), "a fresh schedule, due now");
 }
@@ -177,15 +196,15 @@ async fn dead_letters_come_back_after_their_queue_was_pruned(backend: Backend) {
     for (contact, m_id) in [("a", "a1"), ("b", "b1")] {
         store.enqueue_outbound(outbound(contact, m_id, 1_000), None).await.unwrap();
     }
-    for job in store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap() {
+    for job in store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap() {
         let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
         store.finish(job.lease(), dead, 1_100).await.unwrap();
     }
     store.prune(1_000_000, 1_000_000, store::BATCH).await.unwrap();
 
-    let a1 = store.list(Some(JobState::Dead), 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
+    let a1 = store.list(Some(JobState::Dead), None, 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
     store.retry(a1.id, 2_000).await.unwrap();
-    assert_eq!(store.redrive_dead(2_000, store::BATCH).await.unwrap(), 1);
+    assert_eq!(store.redrive_dead(2_000, None, store::BATCH).await.unwrap(), 1);
 
     let mut claimed = claim_ids(store.as_ref(), 2_000).await;
     claimed.sort();
@@ -196,15 +215,15 @@ async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight(back
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
-    let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let a1 = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
         .finish(a1.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
-    let a2 = store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap().remove(0);
+    let a2 = store.claim(claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10)).await.unwrap().remove(0);
     assert_eq!(a2.m_id, "a2");
 
-    store.redrive_dead(1_300, store::BATCH).await.unwrap();
+    store.redrive_dead(1_300, None, store::BATCH).await.unwrap();
     let while_a2_in_flight = claim_ids(store.as_ref(), 1_400).await;
     store.finish(a2.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_500).await.unwrap();
     let after = claim_ids(store.as_ref(), 1_600).await;
@@ -228,10 +247,10 @@ async fn a_backlog_does_not_hide_other_contacts(backend: Backend) {
 async fn an_expired_lease_makes_the_job_claimable_again(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
-    store.claim("crashed-worker", Direction::Outbound, 1_000, 2_000, 10).await.unwrap();
+    store.claim(claim("crashed-worker", Direction::Outbound, 1_000, 2_000, 10)).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 1_500).await.is_empty());
-    let taken_over = store.claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10).await.unwrap();
+    let taken_over = store.claim(claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10)).await.unwrap();
 
     assert_eq!(taken_over.len(), 1);
 }
@@ -242,9 +261,9 @@ async fn a_lost_lease_can_record_nothing_over_the_new_claim(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
-    let stale = store.claim(OWNER, Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
+    let stale = store.claim(claim(OWNER, Direction::Outbound, 1_000, 2_000, 10)).await.unwrap().remove(0);
     // The same owner name: only the token tells the two claims apart.
-    let current = store.claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10).await.unwrap().remove(0);
+    let current = store.claim(claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10)).await.unwrap().remove(0);
     assert_eq!((stale.id, stale.m_id.as_str()), (current.id, "a1"));
     assert_ne!(stale.lease_token, current.lease_token);
 
@@ -254,11 +273,11 @@ async fn a_lost_lease_can_record_nothing_over_the_new_claim(backend: Backend) {
 
     assert!(matches!(progress, Err(StoreError::Conflict(_))), "{progress:?}");
     assert!(matches!(late, Err(StoreError::Conflict(_))), "{late:?}");
-    let a1 = store.list(Some(JobState::Queued), 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
+    let a1 = store.list(Some(JobState::Queued), None, 10).await.unwrap().into_iter().find(|j| j.m_id == "a1").unwrap();
     assert_eq!((a1.progress, a1.attempts), (0, 0), "nothing of the stale holder was written");
     // The stale renewal did not extend the current lease: it runs out when it was going to.
     assert_eq!(claim_ids(store.as_ref(), 2_000 + LEASE).await, [("a".to_owned(), "a1".to_owned())]);
-    let retaken = store.claim(OWNER, Direction::Outbound, 2_000 + LEASE, 3_000 + LEASE, 10).await.unwrap();
+    let retaken = store.claim(claim(OWNER, Direction::Outbound, 2_000 + LEASE, 3_000 + LEASE, 10)).await.unwrap();
     assert!(retaken.is_empty(), "claimed once more just above, so in flight again");
     let again = store.finish(current.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 2_200).await;
     assert!(matches!(again, Err(StoreError::Conflict(_))), "the claim above superseded `current` too");
@@ -276,7 +295,7 @@ async fn a_message_heading_its_queue_is_leased_to_its_request_with_the_insert(ba
     assert_eq!((job.id, job.m_id.as_str(), job.attempts, job.in_flight), (enqueued.id, "a1", 0, true));
     assert!(claim_ids(store.as_ref(), 1_000).await.is_empty(), "one in flight per contact");
     store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_100).await.unwrap();
-    assert_eq!(store.list(Some(JobState::Delivered), 10).await.unwrap().len(), 1);
+    assert_eq!(store.list(Some(JobState::Delivered), None, 10).await.unwrap().len(), 1);
 }
 
 /// A request's job leased with the insert and then held back by pacing stays its request's
@@ -303,7 +322,7 @@ async fn a_message_behind_others_is_left_to_its_request_until_its_wait_ends(back
     assert!(enqueued.claimed.is_none(), "a1 heads the queue");
 
     assert!(store.claim_own("request", enqueued.id, 1_000, 1_000 + LEASE).await.unwrap().is_none());
-    let a1 = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let a1 = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     assert!(store.claim_own("request", enqueued.id, 1_100, 1_100 + LEASE).await.unwrap().is_none(), "a1 in flight");
     store.finish(a1.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_200).await.unwrap();
 
@@ -327,7 +346,10 @@ async fn concurrent_claims_hand_out_each_job_once_and_one_per_contact(backend: B
     let claims = (0..8).map(|worker| {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
-            store.claim(&format!("worker-{worker}"), Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap()
+            store
+                .claim(claim(&format!("worker-{worker}"), Direction::Outbound, 1_000, 1_000 + LEASE, 10))
+                .await
+                .unwrap()
         })
     });
     let mut claimed = Vec::new();
@@ -357,7 +379,7 @@ async fn a_contact_past_its_cap_is_refused_while_the_others_are_not(backend: Bac
 
     assert!(matches!(refused, Err(StoreError::ContactFull { cap: 2 })), "{refused:?}");
     assert!(other.is_ok(), "{other:?}");
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let busy = job.into_iter().find(|job| job.contact == "busy").unwrap();
     store.finish(busy.lease(), Finish::Delivered { progress: 1, sent_at: SENT_AT }, 1_100).await.unwrap();
     assert!(
@@ -366,26 +388,30 @@ async fn a_contact_past_its_cap_is_refused_while_the_others_are_not(backend: Bac
     );
 }
 
+/// An outbound message to `contact` of a channel whose outbound queue holds `cap` jobs at most.
+fn capped(channel: &str, contact: &str, m_id: &str, now: i64, cap: u64) -> NewOutbound {
+    NewOutbound { channel: channel.to_owned(), max_queued: cap, ..outbound(contact, m_id, now) }
+}
+
 async fn the_outbound_cap_refuses_new_messages_and_stores_nothing_of_them(backend: Backend) {
-    let Some(Subject { store, _dir, .. }) =
-        backend(store::IntakeCaps { outbound: 3, inbound: 3, per_contact: 3 }).await
-    else {
-        return;
-    };
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     for i in 0..3 {
-        store.enqueue_outbound(outbound("a", &format!("a{i}"), 1_000), None).await.unwrap();
+        store.enqueue_outbound(capped("default", "a", &format!("a{i}"), 1_000, 3), None).await.unwrap();
     }
 
-    let refused = store.enqueue_outbound(outbound("b", "b1", 1_000), None).await;
+    let refused = store.enqueue_outbound(capped("default", "b", "b1", 1_000, 3), None).await;
 
-    assert!(matches!(refused, Err(StoreError::Full { direction: Direction::Outbound, cap: 3 })), "{refused:?}");
-    assert_eq!(store.list(None, 10).await.unwrap().len(), 3);
+    let full = StoreError::Full { channel: "default".into(), direction: Direction::Outbound, cap: 3 };
+    assert_eq!(refused.as_ref().err(), Some(&full), "{refused:?}");
+    let said = full.to_string();
+    assert_eq!(said, "outbound queue of channel default is full (3 jobs waiting); try again later");
+    assert_eq!(store.list(None, None, 10).await.unwrap().len(), 3);
 }
 
 async fn renewed_leases_hold_and_released_ones_are_claimable_at_once(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 2_000, 10)).await.unwrap().remove(0);
 
     store.renew(vec![job.lease()], 10_000).await.unwrap();
     assert!(claim_ids(store.as_ref(), 5_000).await.is_empty());
@@ -400,7 +426,7 @@ async fn stored_jobs_survive_reopening_the_store(backend: Backend) {
 
     let reopened = store::open(&config).await.unwrap();
 
-    let jobs = reopened.list(Some(JobState::Queued), 10).await.unwrap();
+    let jobs = reopened.list(Some(JobState::Queued), None, 10).await.unwrap();
     assert_eq!(jobs.len(), 1);
     assert_eq!(
         jobs[0].payload,
@@ -414,31 +440,40 @@ async fn stored_jobs_survive_reopening_the_store(backend: Backend) {
 async fn progress_is_kept_for_the_next_attempt(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
 
     store.record_progress(job.lease(), 2, 1_100).await.unwrap();
     store.release(OWNER).await.unwrap();
 
-    assert_eq!(store.claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10).await.unwrap()[0].progress, 2);
+    assert_eq!(store.claim(claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10)).await.unwrap()[0].progress, 2);
 }
 
 async fn pacing_remembers_the_latest_send_to_a_contact(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
-    let send =
-        |effective_at| BeforeSend { contact: "a".into(), effective_at, echo_fingerprint: None, echo_expires_at: 0 };
+    let send = |effective_at| BeforeSend {
+        channel: store::DEFAULT_CHANNEL.into(),
+        contact: "a".into(),
+        effective_at,
+        echo_fingerprint: None,
+        echo_expires_at: 0,
+    };
     store.before_send(send(5_000)).await.unwrap();
     store.before_send(send(4_000)).await.unwrap();
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
 
-    let job = store.claim(OWNER, Direction::Outbound, 6_000, 6_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 6_000, 6_000 + LEASE, 10)).await.unwrap().remove(0);
 
     assert_eq!(job.contact_last_effective_at, Some(5_000), "never moves backwards");
 }
 
 async fn inbound_events_are_deduplicated_by_m_id(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
-    let batch =
-        || InboundBatch { items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)], now: 1_000 };
+    let batch = || InboundBatch {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
+        items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)],
+        now: 1_000,
+    };
 
     let first = store.enqueue_inbound(batch()).await.unwrap();
     let again = store.enqueue_inbound(batch()).await.unwrap();
@@ -450,6 +485,7 @@ async fn inbound_events_are_deduplicated_by_m_id(backend: Backend) {
 async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let mark = BeforeSend {
+        channel: store::DEFAULT_CHANNEL.into(),
         contact: "u".into(),
         effective_at: 1_000,
         echo_fingerprint: Some("Hello".into()),
@@ -459,6 +495,8 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
 
     let own = store
         .enqueue_inbound(InboundBatch {
+            channel: store::DEFAULT_CHANNEL.into(),
+            max_queued: store::IntakeCaps::DEFAULT.inbound,
             items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
             now: 2_000,
         })
@@ -466,6 +504,8 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
         .unwrap();
     let redelivered = store
         .enqueue_inbound(InboundBatch {
+            channel: store::DEFAULT_CHANNEL.into(),
+            max_queued: store::IntakeCaps::DEFAULT.inbound,
             items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
             now: 2_000,
         })
@@ -473,6 +513,8 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
         .unwrap();
     let typed_again = store
         .enqueue_inbound(InboundBatch {
+            channel: store::DEFAULT_CHANNEL.into(),
+            max_queued: store::IntakeCaps::DEFAULT.inbound,
             items: vec![message_item("u", vec![echo_event("e2")], Some("Hello"))],
             now: 3_000,
         })
@@ -482,12 +524,13 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
     assert_eq!((own.own_echoes, own.queued), (1, 0));
     assert_eq!((redelivered.own_echoes, redelivered.duplicates), (0, 1), "a dropped echo stays dropped");
     assert_eq!((typed_again.own_echoes, typed_again.queued), (0, 1), "one send matches one echo");
-    assert_eq!(store.list(Some(JobState::Dropped), 10).await.unwrap().len(), 1);
+    assert_eq!(store.list(Some(JobState::Dropped), None, 10).await.unwrap().len(), 1);
 }
 
 async fn echo_records_expire(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     let mark = BeforeSend {
+        channel: store::DEFAULT_CHANNEL.into(),
         contact: "u".into(),
         effective_at: 1_000,
         echo_fingerprint: Some("Hello".into()),
@@ -497,6 +540,8 @@ async fn echo_records_expire(backend: Backend) {
 
     let late = store
         .enqueue_inbound(InboundBatch {
+            channel: store::DEFAULT_CHANNEL.into(),
+            max_queued: store::IntakeCaps::DEFAULT.inbound,
             items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
             now: 2_000,
         })
@@ -512,6 +557,8 @@ async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_
     deliver_outbound_answered_later(store.as_ref(), "u", "slow", 1_000, 1_900).await;
 
     let batch = InboundBatch {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
         items: vec![InboundItem::Watermark {
             contact: "u".into(),
             status: StatusValue::Delivered,
@@ -531,6 +578,8 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status(backend: Ba
     deliver_outbound(store.as_ref(), "u", "out2", 2_000).await;
     deliver_outbound(store.as_ref(), "someone-else", "out3", 1_500).await;
     let watermark = |status, watermark| InboundBatch {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
         items: vec![InboundItem::Watermark { contact: "u".into(), status, watermark, timestamp: 9_000 }],
         now: 9_000,
     };
@@ -546,7 +595,7 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status(backend: Ba
         [1, 0, 1, 2, 0]
     );
     let receipts: Vec<(String, StatusValue)> = store
-        .list(Some(JobState::Queued), 100)
+        .list(Some(JobState::Queued), None, 100)
         .await
         .unwrap()
         .into_iter()
@@ -570,14 +619,14 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status(backend: Ba
 async fn a_dead_outbound_job_can_queue_its_failed_receipt(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("u", "out1", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
 
     store
         .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
         .await
         .unwrap();
 
-    let queued = store.list(Some(JobState::Queued), 10).await.unwrap();
+    let queued = store.list(Some(JobState::Queued), None, 10).await.unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!(queued[0].contact, "u");
     let Ok(Payload::Event { event: WebhookEvent::MessageStatus { m_id, status, .. } }) = &queued[0].payload else {
@@ -588,8 +637,8 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt(backend: Backend) {
         ("out1", StatusValue::Failed, Some("gave up"))
     );
     // Queued twice (a retried record), it is still one receipt.
-    store.queue_failed_receipt("u", "out1", "gave up", 1_200).await.unwrap();
-    assert_eq!(store.list(Some(JobState::Queued), 10).await.unwrap().len(), 1);
+    store.queue_failed_receipt(store::DEFAULT_CHANNEL, "u", "out1", "gave up", 1_200).await.unwrap();
+    assert_eq!(store.list(Some(JobState::Queued), None, 10).await.unwrap().len(), 1);
 }
 
 async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direction(backend: Backend) {
@@ -597,21 +646,27 @@ async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direc
     for contact in ["a", "b", "c"] {
         store.enqueue_outbound(outbound(contact, &format!("{contact}1"), 1_000), None).await.unwrap();
     }
-    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
     let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
     store.finish(lease("b1"), retry, 1_100).await.unwrap();
     let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
     store.finish(lease("c1"), dead, 1_100).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_200), None).await.unwrap();
-    let batch = InboundBatch { items: vec![message_item("u", vec![text_event("in1")], None)], now: 1_200 };
+    let batch = InboundBatch {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
+        items: vec![message_item("u", vec![text_event("in1")], None)],
+        now: 1_200,
+    };
     store.enqueue_inbound(batch).await.unwrap();
 
     let at = |now| {
         let store = Arc::clone(&store);
         async move {
             let counts = store.queue_counts(now).await.unwrap();
-            Direction::ALL.map(|d| counts.iter().find(|(of, _)| *of == d).expect("every direction").1)
+            assert!(counts.iter().all(|(channel, ..)| channel == "default"), "{counts:?}");
+            Direction::ALL.map(|d| counts.iter().find(|(_, of, _)| *of == d).expect("every direction").2)
         }
     };
     let [outbound_now, inbound_now] = at(2_000).await;
@@ -627,12 +682,12 @@ async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones(bac
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     deliver_outbound(store.as_ref(), "u", "done", 1_000).await;
     store.enqueue_outbound(outbound("u", "dead", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
         .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
         .await
         .unwrap();
-    let delivered_id = store.list(Some(JobState::Delivered), 1).await.unwrap()[0].id;
+    let delivered_id = store.list(Some(JobState::Delivered), None, 1).await.unwrap()[0].id;
 
     let retried = store.retry(job.id, 2_000).await.unwrap();
 
@@ -645,7 +700,7 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters(backend: Backe
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     deliver_outbound(store.as_ref(), "u", "old", 1_000).await;
     store.enqueue_outbound(outbound("v", "dead", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
         .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
         .await
@@ -655,7 +710,7 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters(backend: Backe
     let pruned = store.prune(5_000, 9_000, store::BATCH).await.unwrap();
 
     assert_eq!(pruned, 1);
-    let left: Vec<String> = store.list(None, 10).await.unwrap().into_iter().map(|j| j.m_id).collect();
+    let left: Vec<String> = store.list(None, None, 10).await.unwrap().into_iter().map(|j| j.m_id).collect();
     assert_eq!(left, ["recent", "dead"]);
 }
 
@@ -675,7 +730,7 @@ async fn concurrent_writes_are_all_committed(backend: Backend) {
     unique.sort_unstable();
     unique.dedup();
     assert_eq!(unique.len(), 500);
-    assert_eq!(store.list(Some(JobState::Queued), 1000).await.unwrap().len(), 500);
+    assert_eq!(store.list(Some(JobState::Queued), None, 1000).await.unwrap().len(), 500);
 }
 
 async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Result<i64, StoreError>>>) -> Vec<i64> {
@@ -689,7 +744,7 @@ async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Resu
 /// The receipts queued so far, oldest first: (mId, status).
 async fn queued_receipts(store: &dyn Store) -> Vec<(String, StatusValue)> {
     store
-        .list(Some(JobState::Queued), 100)
+        .list(Some(JobState::Queued), None, 100)
         .await
         .unwrap()
         .into_iter()
@@ -705,6 +760,8 @@ async fn queued_receipts(store: &dyn Store) -> Vec<(String, StatusValue)> {
 
 fn watermark_batch(contact: &str, status: StatusValue, watermark: i64, now: i64) -> InboundBatch {
     InboundBatch {
+        channel: store::DEFAULT_CHANNEL.into(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
         items: vec![InboundItem::Watermark { contact: contact.to_owned(), status, watermark, timestamp: watermark }],
         now,
     }
@@ -713,7 +770,7 @@ fn watermark_batch(contact: &str, status: StatusValue, watermark: i64, now: i64)
 async fn a_watermark_that_comes_while_the_send_waits_for_joinchat_is_applied_once_joinchat_accepts(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("u", "slow", 1_000), None).await.unwrap();
-    let job = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap().remove(0);
+    let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     // The request left at 1 000; Meta delivered it at 1 300 and the contact read it at 1 400,
     // while JoinChat took until 1 800 to answer.
     let delivered = store.enqueue_inbound(watermark_batch("u", StatusValue::Delivered, 1_300, 1_310)).await.unwrap();
@@ -737,7 +794,7 @@ async fn a_watermark_racing_the_end_of_its_send_is_never_missed(backend: Backend
     for i in 0..CONTACTS {
         store.enqueue_outbound(outbound(&format!("c{i}"), &format!("m{i}"), 1_000), None).await.unwrap();
     }
-    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 100).await.unwrap();
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 100)).await.unwrap();
     assert_eq!(claimed.len(), CONTACTS);
 
     // Each send ends at the very moment its delivery watermark arrives (two replicas, say).
@@ -788,8 +845,9 @@ async fn pruning_forgets_watermarks_past_the_retention(backend: Backend) {
 async fn a_renewal_reports_a_lease_someone_else_claimed_since(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
-    let paused = store.claim("paused", Direction::Outbound, 1_000, 2_000, 10).await.unwrap().remove(0);
-    let taken_over = store.claim("other", Direction::Outbound, 3_000, 3_000 + LEASE, 10).await.unwrap().remove(0);
+    let paused = store.claim(claim("paused", Direction::Outbound, 1_000, 2_000, 10)).await.unwrap().remove(0);
+    let taken_over =
+        store.claim(claim("other", Direction::Outbound, 3_000, 3_000 + LEASE, 10)).await.unwrap().remove(0);
 
     let renewed_late = store.renew(vec![paused.lease()], 4_000 + LEASE).await.unwrap();
     let renewed_current = store.renew(vec![taken_over.lease()], 4_000 + LEASE).await.unwrap();
@@ -807,7 +865,7 @@ async fn a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts
 
     store.finish(job.lease(), Finish::Release { progress: 0 }, 1_050).await.unwrap();
 
-    let claimed = store.claim(OWNER, Direction::Outbound, 1_100, 1_100 + LEASE, 10).await.unwrap();
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_100, 1_100 + LEASE, 10)).await.unwrap();
     assert_eq!(claimed.iter().map(|job| (job.m_id.as_str(), job.attempts)).collect::<Vec<_>>(), [("a1", 0)]);
 }
 
@@ -824,7 +882,7 @@ async fn a_lease_its_request_dropped_unused_is_handed_back_at_once(backend: Back
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let now = store.now();
-        let claimed = store.claim(OWNER, Direction::Outbound, now, now + LEASE, 10).await.unwrap();
+        let claimed = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap();
         if let Some(job) = claimed.first() {
             assert_eq!((job.m_id.as_str(), job.attempts), ("a1", 0), "handed back unattempted");
             break;
@@ -835,18 +893,15 @@ async fn a_lease_its_request_dropped_unused_is_handed_back_at_once(backend: Back
 }
 
 async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
-    let Some(Subject { store, _dir, .. }) =
-        backend(store::IntakeCaps { outbound: 2, inbound: 100, per_contact: 100 }).await
-    else {
-        return;
-    };
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let outbound = |contact: &str, m_id: &str, now| capped("default", contact, m_id, now, 2);
     let is_full = |result: Result<store::Enqueued, StoreError>| matches!(result, Err(StoreError::Full { .. }));
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
     store.enqueue_outbound(outbound("b", "b1", 1_000), None).await.unwrap();
     assert!(is_full(store.enqueue_outbound(outbound("c", "c1", 1_000), None).await));
 
     // Delivered and dead jobs leave room; a redrive takes it again; pruning is no change.
-    let claimed = store.claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
     store.finish(lease("a1"), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_100).await.unwrap();
     let dead = Finish::Dead { progress: 0, error: "refused".into(), failed_receipt: false };
@@ -856,8 +911,8 @@ async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
     assert!(is_full(store.enqueue_outbound(outbound("e", "e1", 1_200), None).await));
     store.prune(5_000, 5_000, store::BATCH).await.unwrap();
     assert!(is_full(store.enqueue_outbound(outbound("e", "e1", 5_000), None).await));
-    let dead_id = store.list(Some(JobState::Dead), 1).await.unwrap()[0].id;
-    let claimed = store.claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10).await.unwrap();
+    let dead_id = store.list(Some(JobState::Dead), None, 1).await.unwrap()[0].id;
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 5_000, 5_000 + LEASE, 10)).await.unwrap();
     for job in &claimed {
         store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: 5_000 }, 5_000).await.unwrap();
     }
@@ -872,7 +927,7 @@ async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
 async fn reopening_a_sqlite_store_takes_over_its_leases_and_reservations() {
     let Subject { store, config, _dir } = sqlite(store::IntakeCaps::DEFAULT).await.unwrap();
     store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap();
-    store.claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10).await.unwrap();
+    store.claim(claim("previous-process", Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let first =
         FirstClaim { owner: "previous-process".into(), lease_until: 1_000 + LEASE, reserved_until: 1_000 + LEASE };
     // Kept leased, as by an attempt still running when that process died.
