@@ -87,6 +87,15 @@ fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
     }
 }
 
+/// A webhook batch of the default channel.
+fn batch(items: Vec<InboundItem>, now: i64) -> InboundBatch {
+    batch_in(store::DEFAULT_CHANNEL, items, now)
+}
+
+fn batch_in(channel: &str, items: Vec<InboundItem>, now: i64) -> InboundBatch {
+    InboundBatch { channel: channel.to_owned(), max_queued: store::IntakeCaps::DEFAULT.inbound, items, now }
+}
+
 fn text_event(m_id: &str) -> WebhookEvent {
     WebhookEvent::Message { m_id: m_id.to_owned(), timestamp: 1, message: BonyMessage::Text { text: m_id.to_owned() } }
 }
@@ -468,12 +477,7 @@ async fn pacing_remembers_the_latest_send_to_a_contact(backend: Backend) {
 
 async fn inbound_events_are_deduplicated_by_m_id(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
-    let batch = || InboundBatch {
-        channel: store::DEFAULT_CHANNEL.into(),
-        max_queued: store::IntakeCaps::DEFAULT.inbound,
-        items: vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)],
-        now: 1_000,
-    };
+    let batch = || batch(vec![message_item("u", vec![text_event("m1"), text_event("m2")], None)], 1_000);
 
     let first = store.enqueue_inbound(batch()).await.unwrap();
     let again = store.enqueue_inbound(batch()).await.unwrap();
@@ -494,30 +498,15 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
     store.before_send(mark).await.unwrap();
 
     let own = store
-        .enqueue_inbound(InboundBatch {
-            channel: store::DEFAULT_CHANNEL.into(),
-            max_queued: store::IntakeCaps::DEFAULT.inbound,
-            items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
-            now: 2_000,
-        })
+        .enqueue_inbound(batch(vec![message_item("u", vec![echo_event("e1")], Some("Hello"))], 2_000))
         .await
         .unwrap();
     let redelivered = store
-        .enqueue_inbound(InboundBatch {
-            channel: store::DEFAULT_CHANNEL.into(),
-            max_queued: store::IntakeCaps::DEFAULT.inbound,
-            items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
-            now: 2_000,
-        })
+        .enqueue_inbound(batch(vec![message_item("u", vec![echo_event("e1")], Some("Hello"))], 2_000))
         .await
         .unwrap();
     let typed_again = store
-        .enqueue_inbound(InboundBatch {
-            channel: store::DEFAULT_CHANNEL.into(),
-            max_queued: store::IntakeCaps::DEFAULT.inbound,
-            items: vec![message_item("u", vec![echo_event("e2")], Some("Hello"))],
-            now: 3_000,
-        })
+        .enqueue_inbound(batch(vec![message_item("u", vec![echo_event("e2")], Some("Hello"))], 3_000))
         .await
         .unwrap();
 
@@ -539,12 +528,7 @@ async fn echo_records_expire(backend: Backend) {
     store.before_send(mark).await.unwrap();
 
     let late = store
-        .enqueue_inbound(InboundBatch {
-            channel: store::DEFAULT_CHANNEL.into(),
-            max_queued: store::IntakeCaps::DEFAULT.inbound,
-            items: vec![message_item("u", vec![echo_event("e1")], Some("Hello"))],
-            now: 2_000,
-        })
+        .enqueue_inbound(batch(vec![message_item("u", vec![echo_event("e1")], Some("Hello"))], 2_000))
         .await
         .unwrap();
 
@@ -556,17 +540,15 @@ async fn a_watermark_covers_a_message_by_the_time_it_left_not_the_time_joinchat_
     // JoinChat took 900 ms to answer; Meta's watermark came 100 ms after the send.
     deliver_outbound_answered_later(store.as_ref(), "u", "slow", 1_000, 1_900).await;
 
-    let batch = InboundBatch {
-        channel: store::DEFAULT_CHANNEL.into(),
-        max_queued: store::IntakeCaps::DEFAULT.inbound,
-        items: vec![InboundItem::Watermark {
+    let batch = batch(
+        vec![InboundItem::Watermark {
             contact: "u".into(),
             status: StatusValue::Delivered,
             watermark: 1_100,
             timestamp: 1_100,
         }],
-        now: 2_000,
-    };
+        2_000,
+    );
     let summary = store.enqueue_inbound(batch).await.unwrap();
 
     assert_eq!(summary.receipts, 1, "the newest message's receipt is not lost");
@@ -577,11 +559,8 @@ async fn watermarks_queue_one_receipt_per_covered_message_and_status(backend: Ba
     deliver_outbound(store.as_ref(), "u", "out1", 1_000).await;
     deliver_outbound(store.as_ref(), "u", "out2", 2_000).await;
     deliver_outbound(store.as_ref(), "someone-else", "out3", 1_500).await;
-    let watermark = |status, watermark| InboundBatch {
-        channel: store::DEFAULT_CHANNEL.into(),
-        max_queued: store::IntakeCaps::DEFAULT.inbound,
-        items: vec![InboundItem::Watermark { contact: "u".into(), status, watermark, timestamp: 9_000 }],
-        now: 9_000,
+    let watermark = |status, watermark| {
+        batch(vec![InboundItem::Watermark { contact: "u".into(), status, watermark, timestamp: 9_000 }], 9_000)
     };
 
     let first = store.enqueue_inbound(watermark(StatusValue::Delivered, 1_500)).await.unwrap();
@@ -653,12 +632,7 @@ async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direc
     let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
     store.finish(lease("c1"), dead, 1_100).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_200), None).await.unwrap();
-    let batch = InboundBatch {
-        channel: store::DEFAULT_CHANNEL.into(),
-        max_queued: store::IntakeCaps::DEFAULT.inbound,
-        items: vec![message_item("u", vec![text_event("in1")], None)],
-        now: 1_200,
-    };
+    let batch = batch(vec![message_item("u", vec![text_event("in1")], None)], 1_200);
     store.enqueue_inbound(batch).await.unwrap();
 
     let at = |now| {
@@ -759,12 +733,7 @@ async fn queued_receipts(store: &dyn Store) -> Vec<(String, StatusValue)> {
 }
 
 fn watermark_batch(contact: &str, status: StatusValue, watermark: i64, now: i64) -> InboundBatch {
-    InboundBatch {
-        channel: store::DEFAULT_CHANNEL.into(),
-        max_queued: store::IntakeCaps::DEFAULT.inbound,
-        items: vec![InboundItem::Watermark { contact: contact.to_owned(), status, watermark, timestamp: watermark }],
-        now,
-    }
+    batch(vec![InboundItem::Watermark { contact: contact.to_owned(), status, watermark, timestamp: watermark }], now)
 }
 
 async fn a_watermark_that_comes_while_the_send_waits_for_joinchat_is_applied_once_joinchat_accepts(backend: Backend) {
@@ -921,6 +890,231 @@ async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
     assert!(is_full(store.enqueue_outbound(outbound("f", "f1", 5_200), None).await));
 }
 
+// Channels (SPEC §7): a job belongs to one channel, and the same contact id in two channels is
+// two unrelated contacts.
+
+fn in_channel(channel: &str, contact: &str, m_id: &str, now: i64) -> NewOutbound {
+    NewOutbound { channel: channel.to_owned(), ..outbound(contact, m_id, now) }
+}
+
+fn send_record(channel: &str, contact: &str, effective_at: i64, echo_fingerprint: Option<&str>) -> BeforeSend {
+    BeforeSend {
+        channel: channel.to_owned(),
+        contact: contact.to_owned(),
+        effective_at,
+        echo_fingerprint: echo_fingerprint.map(str::to_owned),
+        echo_expires_at: 600_000,
+    }
+}
+
+/// (channel, mId) of the jobs claimed from `channels` at `now`, sorted.
+async fn claimed_in(store: &dyn Store, channels: &[&str], direction: Direction, now: i64) -> Vec<(String, String)> {
+    let claimed = store.claim(claim_of(channels, OWNER, direction, now, now + LEASE, 100)).await.unwrap();
+    let mut claimed: Vec<(String, String)> = claimed.into_iter().map(|job| (job.channel, job.m_id)).collect();
+    claimed.sort();
+    claimed
+}
+
+fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    expected.iter().map(|&(a, b)| (a.to_owned(), b.to_owned())).collect()
+}
+
+async fn one_contact_id_in_two_channels_is_two_queues_each_in_order(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    for (channel, m_id) in [("shoes", "s1"), ("hats", "h1"), ("shoes", "s2"), ("hats", "h2")] {
+        store.enqueue_outbound(in_channel(channel, "u", m_id, 1_000), None).await.unwrap();
+    }
+
+    let both_heads = store.claim(claim_of(&["hats", "shoes"], OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10));
+    let both_heads = both_heads.await.unwrap();
+    let while_in_flight = claimed_in(store.as_ref(), &["hats", "shoes"], Direction::Outbound, 1_001).await;
+    let shoes_head = both_heads.iter().find(|job| job.channel == "shoes").unwrap();
+    store.finish(shoes_head.lease(), Finish::Delivered { progress: 1, sent_at: 1_002 }, 1_002).await.unwrap();
+    let after_shoes_moved_on = claimed_in(store.as_ref(), &["hats", "shoes"], Direction::Outbound, 1_003).await;
+
+    let mut heads: Vec<(&str, &str)> = both_heads.iter().map(|job| (job.channel.as_str(), job.m_id.as_str())).collect();
+    heads.sort_unstable();
+    assert_eq!(heads, [("hats", "h1"), ("shoes", "s1")], "both heads at once");
+    assert!(while_in_flight.is_empty(), "one in flight per (channel, contact): {while_in_flight:?}");
+    assert_eq!(after_shoes_moved_on, pairs(&[("shoes", "s2")]), "hats' u still has h1 in flight");
+}
+
+async fn dedup_echoes_and_watermarks_are_per_channel(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let event = |channel| batch_in(channel, vec![message_item("u", vec![text_event("m1")], None)], 1_000);
+    let echo = |channel, m_id| batch_in(channel, vec![message_item("u", vec![echo_event(m_id)], Some("Hello"))], 2_000);
+
+    // The same Messenger mid in two channels: two events.
+    let first = store.enqueue_inbound(event("shoes")).await.unwrap();
+    let other = store.enqueue_inbound(event("hats")).await.unwrap();
+    let again = store.enqueue_inbound(event("shoes")).await.unwrap();
+    // The relay's own send in shoes: its echo in hats is someone else's message.
+    store.before_send(send_record("shoes", "u", 1_500, Some("Hello"))).await.unwrap();
+    let echo_elsewhere = store.enqueue_inbound(echo("hats", "e1")).await.unwrap();
+    let echo_of_own = store.enqueue_inbound(echo("shoes", "e2")).await.unwrap();
+
+    assert_eq!((first.queued, other.queued, again.duplicates), (1, 1, 1));
+    assert_eq!((echo_elsewhere.own_echoes, echo_elsewhere.queued), (0, 1));
+    assert_eq!((echo_of_own.own_echoes, echo_of_own.queued), (1, 0), "the mark was left for shoes' echo");
+
+    // A message delivered in shoes; a watermark for u in hats covers nothing of it.
+    store.enqueue_outbound(in_channel("shoes", "u", "out1", 3_000), None).await.unwrap();
+    let job = store.claim(claim_of(&["shoes"], OWNER, Direction::Outbound, 3_000, 3_000 + LEASE, 1)).await.unwrap();
+    store.finish(job[0].lease(), Finish::Delivered { progress: 1, sent_at: 3_000 }, 3_100).await.unwrap();
+    let mark = |channel| {
+        let items = vec![InboundItem::Watermark {
+            contact: "u".into(),
+            status: StatusValue::Delivered,
+            watermark: 3_500,
+            timestamp: 3_500,
+        }];
+        batch_in(channel, items, 3_600)
+    };
+    let in_hats = store.enqueue_inbound(mark("hats")).await.unwrap();
+    let in_shoes = store.enqueue_inbound(mark("shoes")).await.unwrap();
+    assert_eq!((in_hats.receipts, in_shoes.receipts), (0, 1));
+
+    // A watermark kept in hats is not applied to a later delivery in shoes.
+    store.enqueue_outbound(in_channel("shoes", "u", "out2", 4_000), None).await.unwrap();
+    let kept =
+        InboundItem::Watermark { contact: "u".into(), status: StatusValue::Read, watermark: 9_000, timestamp: 9_000 };
+    store.enqueue_inbound(batch_in("hats", vec![kept], 4_100)).await.unwrap();
+    let job = store.claim(claim_of(&["shoes"], OWNER, Direction::Outbound, 4_200, 4_200 + LEASE, 1)).await.unwrap();
+    store.finish(job[0].lease(), Finish::Delivered { progress: 1, sent_at: 4_200 }, 4_300).await.unwrap();
+    let receipts: Vec<(String, String)> = store
+        .list(Some(JobState::Queued), None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|job| match job.payload {
+            Ok(Payload::Event { event: WebhookEvent::MessageStatus { m_id, .. } }) => Some((job.channel, m_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(receipts, pairs(&[("shoes", "out1")]), "only shoes' own watermark made a receipt");
+}
+
+async fn pacing_and_introductions_are_per_channel(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.before_send(send_record("shoes", "u", 5_000, None)).await.unwrap();
+    store.mark_introduced("shoes", "u").await.unwrap();
+    for channel in ["shoes", "hats"] {
+        store.enqueue_outbound(in_channel(channel, "u", &format!("{channel}-out"), 1_000), None).await.unwrap();
+        let event = vec![message_item("u", vec![text_event(&format!("{channel}-in"))], None)];
+        store.enqueue_inbound(batch_in(channel, event, 1_000)).await.unwrap();
+    }
+
+    let both = ["hats", "shoes"];
+    let outbound = store.claim(claim_of(&both, OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
+    let inbound = store.claim(claim_of(&both, OWNER, Direction::Inbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
+
+    let of = |jobs: &[store::Job], channel: &str| jobs.iter().find(|job| job.channel == channel).unwrap().clone();
+    assert_eq!(of(&outbound, "shoes").contact_last_effective_at, Some(5_000));
+    assert_eq!(of(&outbound, "hats").contact_last_effective_at, None, "hats' u was never sent to");
+    assert!(of(&inbound, "shoes").contact_introduced);
+    assert!(!of(&inbound, "hats").contact_introduced, "BonyChat's hats channel never heard of u");
+}
+
+async fn a_full_channel_refuses_new_work_while_the_others_take_it(backend: Backend) {
+    let caps = store::IntakeCaps { per_contact: 100, ..store::IntakeCaps::DEFAULT };
+    let Some(Subject { store, _dir, .. }) = backend(caps).await else { return };
+    for i in 0..2 {
+        store.enqueue_outbound(capped("shoes", &format!("c{i}"), &format!("s{i}"), 1_000, 2), None).await.unwrap();
+    }
+    let events = |n: usize, prefix: &str| {
+        (0..n).map(|i| message_item(&format!("c{i}"), vec![text_event(&format!("{prefix}{i}"))], None)).collect()
+    };
+    let inbound_capped =
+        |channel: &str, items, cap| InboundBatch { max_queued: cap, ..batch_in(channel, items, 1_000) };
+    store.enqueue_inbound(inbound_capped("shoes", events(2, "in-shoes"), 2)).await.unwrap();
+
+    let outbound_full = store.enqueue_outbound(capped("shoes", "c9", "s9", 1_000, 2), None).await;
+    let outbound_other = store.enqueue_outbound(capped("hats", "c9", "h9", 1_000, 2), None).await;
+    let inbound_full = store.enqueue_inbound(inbound_capped("shoes", events(1, "more-shoes"), 2)).await;
+    let inbound_other = store.enqueue_inbound(inbound_capped("hats", events(2, "in-hats"), 2)).await;
+
+    let full = |direction| StoreError::Full { channel: "shoes".into(), direction, cap: 2 };
+    assert_eq!(outbound_full.err(), Some(full(Direction::Outbound)));
+    assert_eq!(inbound_full, Err(full(Direction::Inbound)));
+    assert!(outbound_other.is_ok(), "{outbound_other:?}");
+    assert_eq!(inbound_other.map(|summary| summary.queued), Ok(2));
+    assert_eq!(
+        full(Direction::Inbound).to_string(),
+        "inbound queue of channel shoes is full (2 jobs waiting); try again later"
+    );
+    assert_eq!(store.list(None, Some("shoes"), 100).await.unwrap().len(), 4, "nothing of the refused work stored");
+}
+
+/// SPEC §5: one channel's backlog never delays another channel's messages.
+async fn claims_take_the_channels_in_turns_and_leave_ineligible_ones_untouched(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    // A flood in busy, 2 000 contacts due since 1 000, then three messages in quiet due at 2 000.
+    let flood: Vec<InboundItem> =
+        (0..2_000).map(|i| message_item(&format!("b{i}"), vec![text_event(&format!("busy{i}"))], None)).collect();
+    store.enqueue_inbound(batch_in("busy", flood, 1_000)).await.unwrap();
+    for i in 0..3 {
+        let quiet = vec![message_item(&format!("q{i}"), vec![text_event(&format!("quiet{i}"))], None)];
+        store.enqueue_inbound(batch_in("quiet", quiet, 2_000 + i)).await.unwrap();
+    }
+
+    // Busy is not eligible (a channel removed from the configuration): its jobs stay as they are.
+    let only_quiet = claimed_in(store.as_ref(), &["quiet"], Direction::Inbound, 3_000).await;
+    assert_eq!(only_quiet, pairs(&[("quiet", "quiet0"), ("quiet", "quiet1"), ("quiet", "quiet2")]));
+    let busy = store.list(None, Some("busy"), 5_000).await.unwrap();
+    assert_eq!(busy.len(), 2_000);
+    assert!(
+        busy.iter().all(|job| job.state == JobState::Queued
+            && job.attempts == 0
+            && job.next_attempt_at == 1_000
+            && !job.in_flight
+            && job.lease_until.is_none()),
+        "busy's jobs untouched"
+    );
+    store.release(OWNER).await.unwrap();
+
+    // Both eligible: quiet gets one job a turn however much busy has waiting, and longer.
+    let both = store.claim(claim_of(&["busy", "quiet"], OWNER, Direction::Inbound, 3_000, 3_000 + LEASE, 4)).await;
+    let both = both.unwrap();
+    let quiet = both.iter().filter(|job| job.channel == "quiet").count();
+    assert_eq!((both.len(), quiet), (4, 2), "in turns: busy, quiet, busy, quiet");
+    let next = store.claim(claim_of(&["busy", "quiet"], OWNER, Direction::Inbound, 3_000, 3_000 + LEASE, 4)).await;
+    assert_eq!(next.unwrap().iter().filter(|job| job.channel == "quiet").count(), 1, "quiet's last one");
+}
+
+async fn listing_redriving_and_counting_by_channel(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    for channel in ["shoes", "hats"] {
+        store.enqueue_outbound(in_channel(channel, "u", &format!("{channel}-dead"), 1_000), None).await.unwrap();
+    }
+    let claimed = store.claim(claim_of(&["hats", "shoes"], OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10));
+    for job in claimed.await.unwrap() {
+        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+        store.finish(job.lease(), dead, 1_100).await.unwrap();
+    }
+    store.enqueue_outbound(in_channel("shoes", "v", "shoes-queued", 1_200), None).await.unwrap();
+
+    let m_ids = |jobs: Vec<store::Job>| jobs.into_iter().map(|job| job.m_id).collect::<Vec<_>>();
+    assert_eq!(m_ids(store.list(None, Some("shoes"), 10).await.unwrap()), ["shoes-queued", "shoes-dead"]);
+    assert_eq!(m_ids(store.list(Some(JobState::Dead), Some("hats"), 10).await.unwrap()), ["hats-dead"]);
+    assert_eq!(store.list(None, Some("socks"), 10).await.unwrap(), []);
+    assert_eq!(store.list(Some(JobState::Dead), None, 10).await.unwrap().len(), 2);
+
+    let counts = store.queue_counts(2_000).await.unwrap();
+    let count = |channel: &str, direction| {
+        counts.iter().find(|(c, d, _)| c == channel && *d == direction).map(|(.., counts)| *counts)
+    };
+    assert_eq!(count("shoes", Direction::Outbound).map(|c| (c.ready, c.dead)), Some((1, 1)));
+    assert_eq!(count("hats", Direction::Outbound).map(|c| (c.ready, c.dead)), Some((0, 1)));
+    assert_eq!(count("default", Direction::Inbound), Some(store::QueueCounts::default()), "always there");
+    assert_eq!(count("hats", Direction::Inbound), None, "nothing of hats came in");
+
+    assert_eq!(store.redrive_dead(2_000, Some("socks"), store::BATCH).await.unwrap(), 0);
+    assert_eq!(store::redrive_all_dead(store.as_ref(), 2_000, Some("hats")).await.unwrap(), 1);
+    let dead = m_ids(store.list(Some(JobState::Dead), None, 10).await.unwrap());
+    assert_eq!(dead, ["shoes-dead"], "only hats' dead job was redriven");
+    assert_eq!(store::redrive_all_dead(store.as_ref(), 2_000, None).await.unwrap(), 1);
+}
+
 /// A SQLite store serves one relay: every lease and reservation found at start is a leftover
 /// of a process that is gone, and is taken over at once.
 #[tokio::test]
@@ -944,6 +1138,137 @@ async fn reopening_a_sqlite_store_takes_over_its_leases_and_reservations() {
     let mut claimed = claim_ids(reopened.as_ref(), 1_001).await;
     claimed.sort();
     assert_eq!(claimed, [("a".to_owned(), "a1".to_owned()), ("b".to_owned(), "b1".to_owned())]);
+}
+
+/// A store written by the relay before channels (SQLite schema 5, Postgres schema 2) opens
+/// under this one with its work in flight, all of it in `default` (SPEC §7).
+mod upgrade {
+    use super::*;
+
+    /// Work in flight as the previous relay left it, in its own layout: c1 has o1 (leased by a
+    /// replica still running, one part sent) then o2; c2 has o3; w has ow, and a delivery
+    /// watermark that came while ow waited for JoinChat; c3's d1 is dead; u has an event queued
+    /// (with its dedup key), was introduced to BonyChat, and the relay's last send to u left an
+    /// echo mark. c1 has a pacing record.
+    const JOBS: &str = "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, attempts, progress, \
+        next_attempt_at, lease_owner, lease_until, lease_token, last_error, created_at, updated_at) VALUES \
+        ('outbound', 'c1', 'o1', NULL, $1, 'queued', 1, 1, 1000, 'old-replica', 1000000, 3, '503', 1000, 1000), \
+        ('outbound', 'c1', 'o2', NULL, $1, 'queued', 0, 0, 1000, NULL, NULL, 0, NULL, 1000, 1000), \
+        ('outbound', 'c2', 'o3', NULL, $1, 'queued', 0, 0, 1000, NULL, NULL, 0, NULL, 1000, 1000), \
+        ('outbound', 'w', 'ow', NULL, $1, 'queued', 0, 0, 1000, NULL, NULL, 0, NULL, 1000, 1000), \
+        ('outbound', 'c3', 'd1', NULL, $1, 'dead', 8, 0, 1000, NULL, NULL, 8, 'gave up', 1000, 1000), \
+        ('inbound', 'u', 'mid-old', 'event:mid-old', $2, 'queued', 0, 0, 1000, NULL, NULL, 0, NULL, 1000, 1000)";
+    const HEADS: &str = "SELECT direction, contact, id, CASE WHEN lease_until IS NULL THEN next_attempt_at ELSE lease_until END \
+        FROM jobs WHERE m_id IN ('o1', 'o3', 'ow', 'mid-old')";
+    const ECHO: &str = "INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES ('u', 'Hello', 10000000)";
+    const WATERMARK: &str = "INSERT INTO watermarks (contact, status, watermark, timestamp, updated_at) VALUES ('w', 'delivered', 5000, 5000, 1000)";
+
+    fn payloads() -> (String, String) {
+        let send = Payload::Send {
+            recipient: Recipient::Id("c1".into()),
+            parts: vec![Message::Text { text: "a".into() }, Message::Text { text: "b".into() }],
+        };
+        (store::encode_payload(&send), store::encode_payload(&Payload::Event { event: text_event("mid-old") }))
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_store_of_the_previous_schema_opens_with_its_work_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.db");
+        store::sqlite::SqliteStore::create_with_schema_version(&path, 5).unwrap();
+        let (send, event) = payloads();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(&JOBS.replace('$', "?"), [&send, &event]).unwrap();
+        conn.execute(&format!("INSERT INTO queue_heads (direction, contact, job_id, due_at) {HEADS}"), []).unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO contacts (direction, contact, last_effective_at, introduced) VALUES \
+             ('outbound', 'c1', 9000000, 0), ('inbound', 'u', NULL, 1); {ECHO}; {WATERMARK};"
+        ))
+        .unwrap();
+        drop(conn);
+
+        let config = config(DatabaseUrl::Sqlite(path), store::IntakeCaps::DEFAULT);
+        let store = store::open(&config).await.expect("the store opens and is migrated");
+
+        // One relay per SQLite file: the previous relay's lease is a leftover, taken over at start.
+        upgraded_work_is_in_default_and_goes_on(store.as_ref(), false).await;
+    }
+
+    #[tokio::test]
+    async fn a_postgres_store_of_the_previous_schema_opens_with_its_work_in_flight() {
+        let Some(url) = crate::postgres::fresh_database().await else { return };
+        store::postgres::PostgresStore::create_with_schema_version(&url, 2).await.unwrap();
+        let (send, event) = payloads();
+        let mut connection = crate::postgres::connect(&url).await;
+        sqlx::query(JOBS).bind(&send).bind(&event).execute(&mut connection).await.unwrap();
+        let heads = format!("INSERT INTO queues (direction, contact, head_id, due_at) {HEADS}");
+        sqlx::query(sqlx::AssertSqlSafe(heads)).execute(&mut connection).await.unwrap();
+        let rest = format!(
+            "INSERT INTO contacts (direction, contact, last_effective_at, introduced) VALUES \
+             ('outbound', 'c1', 9000000, false), ('inbound', 'u', NULL, true); {ECHO}; {WATERMARK};"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(rest)).execute(&mut connection).await.unwrap();
+
+        let config = config(DatabaseUrl::Postgres(Secret::new(url)), store::IntakeCaps::DEFAULT);
+        let store = store::open(&config).await.expect("the store opens and is migrated");
+
+        // Shared by replicas: the lease of one still running holds.
+        upgraded_work_is_in_default_and_goes_on(store.as_ref(), true).await;
+    }
+
+    async fn upgraded_work_is_in_default_and_goes_on(store: &dyn Store, lease_held: bool) {
+        let listed = store.list(None, None, 100).await.unwrap();
+        assert_eq!(listed.len(), 6);
+        assert!(listed.iter().all(|job| job.channel == "default"), "{listed:?}");
+        let dead = store.list(Some(JobState::Dead), Some("default"), 10).await.unwrap();
+        assert_eq!(dead.iter().map(|job| job.m_id.as_str()).collect::<Vec<_>>(), ["d1"]);
+
+        // The intake counts came along: 4 outbound and 1 inbound job queued.
+        let full = store.enqueue_outbound(capped("default", "z", "z1", 2_000, 4), None).await;
+        assert!(matches!(full, Err(StoreError::Full { .. })), "{full:?}");
+        store.enqueue_outbound(capped("default", "z", "z1", 2_000, 5), None).await.unwrap();
+        let one_more =
+            InboundBatch { max_queued: 1, ..batch(vec![message_item("z", vec![text_event("z")], None)], 2_000) };
+        assert!(matches!(store.enqueue_inbound(one_more).await, Err(StoreError::Full { .. })));
+
+        // Each contact's oldest job, in order; o1 only once its lease is free.
+        let claimed = store.claim(claim(OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 10)).await.unwrap();
+        let mut m_ids: Vec<&str> = claimed.iter().map(|job| job.m_id.as_str()).collect();
+        m_ids.sort_unstable();
+        let o1 = if lease_held {
+            assert_eq!(m_ids, ["o3", "ow", "z1"], "o1 is still leased, o2 waits behind it");
+            // The replica that held o1 before the upgrade finishes it under its token.
+            store::Lease { id: listed.iter().find(|job| job.m_id == "o1").unwrap().id, token: 3 }
+        } else {
+            assert_eq!(m_ids, ["o1", "o3", "ow", "z1"]);
+            let o1 = claimed.iter().find(|job| job.m_id == "o1").unwrap();
+            assert_eq!((o1.progress, o1.attempts), (1, 1), "its progress kept");
+            assert_eq!(o1.contact_last_effective_at, Some(9_000_000), "the pacing record kept");
+            o1.lease()
+        };
+        store.finish(o1, Finish::Delivered { progress: 2, sent_at: 2_100 }, 2_100).await.unwrap();
+        let next = store.claim(claim(OWNER, Direction::Outbound, 2_200, 2_200 + LEASE, 10)).await.unwrap();
+        assert_eq!(next.iter().map(|job| job.m_id.as_str()).collect::<Vec<_>>(), ["o2"]);
+        assert_eq!(next[0].contact_last_effective_at, Some(9_000_000), "the pacing record kept");
+
+        // The watermark that came while ow waited covers it once JoinChat accepts it.
+        let ow = claimed.iter().find(|job| job.m_id == "ow").unwrap();
+        store.finish(ow.lease(), Finish::Delivered { progress: 2, sent_at: 4_000 }, 4_100).await.unwrap();
+        assert_eq!(queued_receipts(store).await, [("ow".to_owned(), StatusValue::Delivered)]);
+
+        // Messenger's redelivery of the stored event is a duplicate; the echo of the last send
+        // is recognised; u is known to BonyChat.
+        let redelivered = batch(vec![message_item("u", vec![text_event("mid-old")], None)], 5_000);
+        let redelivered = store.enqueue_inbound(redelivered).await.unwrap();
+        assert_eq!((redelivered.queued, redelivered.duplicates), (0, 1));
+        let echo = batch(vec![message_item("u", vec![echo_event("e-new")], Some("Hello"))], 5_000);
+        assert_eq!(store.enqueue_inbound(echo).await.unwrap().own_echoes, 1);
+        let inbound = store.claim(claim(OWNER, Direction::Inbound, 5_000, 5_000 + LEASE, 10)).await.unwrap();
+        let event = inbound.iter().find(|job| job.m_id == "mid-old").expect("the stored event is claimable");
+        assert!(event.contact_introduced, "the introduction kept");
+
+        assert_eq!(store.redrive_dead(6_000, Some("default"), store::BATCH).await.unwrap(), 1);
+    }
 }
 
 contract!(
@@ -983,4 +1308,10 @@ contract!(
     a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts_kept,
     a_lease_its_request_dropped_unused_is_handed_back_at_once,
     the_intake_cap_follows_every_change_of_the_queue,
+    one_contact_id_in_two_channels_is_two_queues_each_in_order,
+    dedup_echoes_and_watermarks_are_per_channel,
+    pacing_and_introductions_are_per_channel,
+    a_full_channel_refuses_new_work_while_the_others_take_it,
+    claims_take_the_channels_in_turns_and_leave_ineligible_ones_untouched,
+    listing_redriving_and_counting_by_channel,
 );
