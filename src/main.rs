@@ -95,6 +95,9 @@ enum JobsCommand {
         /// queued, delivered, dead, rejected or dropped; all states when left out.
         #[arg(long)]
         state: Option<String>,
+        /// Only the jobs of this channel; every channel's when left out.
+        #[arg(long, value_name = "NAME", value_parser = channel_name)]
+        channel: Option<String>,
         /// How many jobs at most, 1 to 1000 (as the admin API).
         #[arg(
             long,
@@ -109,7 +112,20 @@ enum JobsCommand {
     /// Queue one dead or queued job again, due now, with a fresh retry schedule.
     Retry { id: i64 },
     /// Queue every dead job again, due now.
-    Redrive,
+    Redrive {
+        /// Only the dead jobs of this channel; every channel's when left out.
+        #[arg(long, value_name = "NAME", value_parser = channel_name)]
+        channel: Option<String>,
+    },
+}
+
+/// A `--channel` value: refused at once when no channel can have that name.
+fn channel_name(raw: &str) -> Result<String, String> {
+    if store::is_channel_name(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err("a channel's name is 1 to 32 of a-z, 0-9 and -, starting with a letter or digit".into())
+    }
 }
 
 /// Exit code for a start the relay refuses: a configuration it cannot start with, or a store a
@@ -326,13 +342,22 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         }
     };
     let result = match action {
-        JobsCommand::List { state, limit, json } => list(store.as_ref(), state.as_deref(), limit, json).await,
-        JobsCommand::Retry { id } => store.retry(id, store.now()).await.map(|job| {
-            println!("job {} queued again ({} {} to {})", job.id, job.direction.as_str(), job.m_id, job.contact);
-        }),
-        JobsCommand::Redrive => {
-            store::redrive_all_dead(store.as_ref(), store.now()).await.map(|n| println!("{n} dead job(s) queued again"))
+        JobsCommand::List { state, channel, limit, json } => {
+            list(store.as_ref(), state.as_deref(), channel.as_deref(), limit, json).await
         }
+        JobsCommand::Retry { id } => store.retry(id, store.now()).await.map(|job| {
+            println!(
+                "job {} queued again ({} {} to {} of channel {})",
+                job.id,
+                job.direction.as_str(),
+                job.m_id,
+                job.contact,
+                job.channel
+            );
+        }),
+        JobsCommand::Redrive { channel } => store::redrive_all_dead(store.as_ref(), store.now(), channel.as_deref())
+            .await
+            .map(|n| println!("{n} dead job(s) queued again")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -343,14 +368,20 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
     }
 }
 
-async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) -> Result<(), store::StoreError> {
+async fn list(
+    store: &dyn Store,
+    state: Option<&str>,
+    channel: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<(), store::StoreError> {
     let state = match state {
         None => None,
         Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
             store::StoreError::Conflict(format!("--state {raw}: must be queued, delivered, dead, rejected or dropped"))
         })?),
     };
-    let jobs: Vec<JobView> = store.list(state, limit).await?.iter().map(JobView::from).collect();
+    let jobs: Vec<JobView> = store.list(state, channel, limit).await?.iter().map(JobView::from).collect();
     if json {
         for job in &jobs {
             println!("{}", serde_json::to_string(job).expect("jobs serialize"));
@@ -358,15 +389,16 @@ async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) 
         return Ok(());
     }
     println!(
-        "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
-        "id", "dir", "state", "attempts", "contact", "mId"
+        "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
+        "id", "channel", "dir", "state", "attempts", "contact", "mId"
     );
     for job in &jobs {
         let error = job.last_error.as_deref().unwrap_or("");
         let error: String = error.chars().take(60).collect();
         println!(
-            "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
+            "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
             job.id,
+            job.channel,
             job.direction.as_str(),
             job.state.as_str(),
             job.attempts,

@@ -6,8 +6,9 @@
 //! process-wide. A relay is one process in production; tests that start several relays in one
 //! process see their sums, and the queue gauges of whichever relay was scraped last.
 //!
-//! Labels carry only bounded values (route templates, directions, outcomes, states): a contact
-//! id or `mId` as a label would make one series per contact and exhaust Prometheus.
+//! Labels carry only bounded values (route templates, channel names the operator chose,
+//! directions, outcomes, states): a contact id or `mId` as a label would make one series per
+//! contact and exhaust Prometheus.
 //!
 //! The listener is the public port's accept loop ([`crate::server`]) with limits of its own: few
 //! connections, shared fairly between peers with silent ones closed first, and a short head
@@ -112,7 +113,7 @@ fn describe() {
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
     describe_gauge!(
         QUEUE_JOBS,
-        "Jobs by direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
+        "Jobs by channel, direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
     );
     describe_counter!(
         DROPPED,
@@ -202,22 +203,36 @@ async fn refresh_store_gauges(store: &dyn Store) {
     );
     store_writable(matches!(writable, Ok(Ok(()))));
     match counts {
-        Ok(Ok(counts)) => {
-            for (direction, counts) in counts {
-                queue_jobs(direction, counts);
-            }
-        }
+        Ok(Ok(counts)) => queue_gauges(counts),
         // The gauges keep their last values; `store_writable` already says something is wrong.
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot count the queue for /metrics"),
         Err(_) => tracing::warn!("counting the queue for /metrics took too long"),
     }
 }
 
-fn queue_jobs(direction: Direction, counts: QueueCounts) {
+/// Sets the queue gauges to `counts`. A (channel, direction) the store no longer counts (its
+/// jobs all delivered, or pruned) had its gauges set before: they go to zero rather than keep
+/// their last values.
+fn queue_gauges(counts: Vec<(String, Direction, QueueCounts)>) {
+    static SHOWN: std::sync::Mutex<Vec<(String, Direction)>> = std::sync::Mutex::new(Vec::new());
+    let mut shown = SHOWN.lock().expect("queue gauges");
+    for (channel, direction) in shown.iter() {
+        if !counts.iter().any(|(c, d, _)| c == channel && d == direction) {
+            queue_jobs(channel, *direction, QueueCounts::default());
+        }
+    }
+    *shown = counts.iter().map(|(channel, direction, _)| (channel.clone(), *direction)).collect();
+    for (channel, direction, counts) in counts {
+        queue_jobs(&channel, direction, counts);
+    }
+}
+
+fn queue_jobs(channel: &str, direction: Direction, counts: QueueCounts) {
     let states =
         [("ready", counts.ready), ("delayed", counts.delayed), ("in_flight", counts.in_flight), ("dead", counts.dead)];
     for (state, jobs) in states {
-        gauge!(QUEUE_JOBS, "direction" => direction.as_str(), "state" => state).set(jobs as f64);
+        gauge!(QUEUE_JOBS, "channel" => channel.to_owned(), "direction" => direction.as_str(), "state" => state)
+            .set(jobs as f64);
     }
 }
 

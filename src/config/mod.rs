@@ -783,14 +783,14 @@ mod tests {
         assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert!(config.server.admin_token.is_none());
-        assert_eq!(config.joinchat.api_url.url().as_str(), "https://joinchat.ai/api/send_message");
-        assert_eq!(config.joinchat.recipient_field, RecipientField::Auto);
-        assert_eq!(config.joinchat.message_tag, None);
-        assert_eq!(config.joinchat.order_gap, Duration::from_secs(1));
-        assert_eq!(config.joinchat.connect_timeout, Duration::from_secs(5));
-        assert_eq!(config.joinchat.request_timeout, Duration::from_secs(15));
-        assert!(config.messenger.page_access_token.is_none());
-        assert_eq!(config.messenger.graph_url.url().as_str(), "https://graph.facebook.com/v21.0");
+        assert_eq!(config.channels.channels["default"].joinchat.api_url.url().as_str(), "https://joinchat.ai/api/send_message");
+        assert_eq!(config.channels.channels["default"].joinchat.recipient_field, RecipientField::Auto);
+        assert_eq!(config.channels.channels["default"].joinchat.message_tag, None);
+        assert_eq!(config.channels.channels["default"].joinchat.order_gap, Duration::from_secs(1));
+        assert_eq!(config.upstreams.joinchat_connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.upstreams.joinchat_timeout, Duration::from_secs(15));
+        assert!(config.channels.channels["default"].page_access_token.is_none());
+        assert_eq!(config.upstreams.graph_url.url().as_str(), "https://graph.facebook.com/v21.0");
         assert_eq!(config.store.database_url, DatabaseUrl::Sqlite("data/relay.db".into()));
         assert_eq!(config.store.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.delivery.send_wait, Duration::from_secs(3));
@@ -893,9 +893,9 @@ mod tests {
         ]);
         let config = Config::from_env(&env).unwrap();
         assert_eq!(config.server.addr.port(), 0);
-        assert_eq!(config.joinchat.recipient_field, RecipientField::Uuid);
-        assert_eq!(config.joinchat.message_tag.as_deref(), Some("ACCOUNT_UPDATE"));
-        assert_eq!(config.joinchat.order_gap, Duration::ZERO);
+        assert_eq!(config.channels.channels["default"].joinchat.recipient_field, RecipientField::Uuid);
+        assert_eq!(config.channels.channels["default"].joinchat.message_tag.as_deref(), Some("ACCOUNT_UPDATE"));
+        assert_eq!(config.channels.channels["default"].joinchat.order_gap, Duration::ZERO);
         assert_eq!(config.delivery.retry_joinchat, vec![Duration::from_millis(100), Duration::from_secs(1)]);
         assert_eq!(config.telemetry.log_format, LogFormat::Json);
         assert!(config.warnings.is_empty());
@@ -1060,7 +1060,7 @@ mod tests {
         let effective = Config::from_env(&env).unwrap().effective();
         let value = |name: &str| effective.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
 
-        let listed: Vec<&str> = effective.iter().map(|(name, _)| *name).collect();
+        let listed: Vec<&str> = effective.iter().map(|(name, _)| name.as_str()).collect();
         for known in KNOWN_VARS {
             assert!(listed.contains(known), "{known} missing from {listed:?}");
         }

@@ -214,7 +214,7 @@ mod tests {
         let answer = app.clone().oneshot(request).await.unwrap();
 
         assert_eq!(answer.status(), StatusCode::OK);
-        assert_eq!(store.list(None, 10).await.unwrap().len(), 1);
+        assert_eq!(store.list(None, None, 10).await.unwrap().len(), 1);
         let probe = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(probe.status(), StatusCode::OK, "other routes keep their timeout, and answer well within it");
     }
