@@ -47,8 +47,11 @@ async fn main() {
     let joinchat = match mode.as_str() {
         "handler" => None,
         "forwarder" => Some(HttpJoinChat::new(
-            bonychat_relay::clients::http::client(config.upstreams.joinchat_connect_timeout, config.upstreams.joinchat_timeout)
-                .expect("HTTP client builds"),
+            bonychat_relay::clients::http::client(
+                config.upstreams.joinchat_connect_timeout,
+                config.upstreams.joinchat_timeout,
+            )
+            .expect("HTTP client builds"),
             &config.channels.channels[DEFAULT_CHANNEL].joinchat,
         )),
         other => panic!("unknown mode {other}: handler or forwarder"),
@@ -69,10 +72,11 @@ async fn message(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
     if !bare.token.is_presented_in(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let request = match OutboundRequest::parse(&body, &bare.config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id) {
-        Ok(request) => request,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
-    };
+    let request =
+        match OutboundRequest::parse(&body, &bare.config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id) {
+            Ok(request) => request,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
+        };
     let joinchat = &bare.config.channels.channels[DEFAULT_CHANNEL].joinchat;
     let job = new_outbound_job(DEFAULT_CHANNEL, u64::MAX, &request, joinchat.recipient_field, now_millis());
     for message in &job.parts {

@@ -86,8 +86,11 @@ async fn backlog(config: Config, jobs: u64, contacts: u64) {
                             config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id,
                             CONTACT_BASE + c
                         );
-                        let request = OutboundRequest::parse(body.as_bytes(), &config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id)
-                            .expect("a valid request");
+                        let request = OutboundRequest::parse(
+                            body.as_bytes(),
+                            &config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id,
+                        )
+                        .expect("a valid request");
                         let job = new_outbound_job(
                             DEFAULT_CHANNEL,
                             u64::MAX,

@@ -239,7 +239,10 @@ fn simulate_settings(
     };
     if env.get(CHANNELS_FILE_VAR)?.is_none() {
         if channel.is_some_and(|name| name != DEFAULT_CHANNEL) {
-            return Err(ConfigError::new("--channel", "needs RELAY_CHANNELS_FILE (without it, the only channel is default)"));
+            return Err(ConfigError::new(
+                "--channel",
+                "needs RELAY_CHANNELS_FILE (without it, the only channel is default)",
+            ));
         }
         let secret = env.required_secret("MESSENGER_APP_SECRET")?;
         let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
@@ -251,7 +254,10 @@ fn simulate_settings(
         None if channels.channels.len() == 1 => channels.channels.keys().next().expect("one").clone(),
         None => {
             let names: Vec<&str> = channels.channels.keys().map(String::as_str).collect();
-            return Err(ConfigError::new("--channel", format!("required with several channels ({})", names.join(", "))));
+            return Err(ConfigError::new(
+                "--channel",
+                format!("required with several channels ({})", names.join(", ")),
+            ));
         }
     };
     let config = channels
@@ -290,7 +296,9 @@ fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     let hangups = shutdown::hangups()
-        .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain"))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain"),
+        )
         .ok();
     let app = match Application::build(config).await {
         Ok(app) => app,

@@ -148,22 +148,26 @@ fn from_environment(env: &Env, defaults: IntakeCaps) -> Result<Channels, ConfigE
         bonychat: BonyChatConfig {
             channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
             api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
-            webhook_url: env.parsed("BONYCHAT_WEBHOOK_URL", None, |raw| http_url(raw).map(Endpoint).map(Some))?.ok_or_else(
-                || ConfigError::new("BONYCHAT_WEBHOOK_URL", "required but not set"),
-            )?,
+            webhook_url: env
+                .parsed("BONYCHAT_WEBHOOK_URL", None, |raw| http_url(raw).map(Endpoint).map(Some))?
+                .ok_or_else(|| ConfigError::new("BONYCHAT_WEBHOOK_URL", "required but not set"))?,
         },
         joinchat: JoinChatConfig {
             api_url: env.parsed("JOINCHAT_API_URL", Endpoint::default_of(JOINCHAT_DEFAULT_URL), |raw| {
                 http_url(raw).map(Endpoint)
             })?,
-            page_id: env.parsed("JOINCHAT_PAGE_ID", None, |raw| page_id_problem(raw).map(Some))?.ok_or_else(|| {
-                ConfigError::new("JOINCHAT_PAGE_ID", "required but not set")
-            })?,
+            page_id: env
+                .parsed("JOINCHAT_PAGE_ID", None, |raw| page_id_problem(raw).map(Some))?
+                .ok_or_else(|| ConfigError::new("JOINCHAT_PAGE_ID", "required but not set"))?,
             api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
             recipient_field: env.parsed("JOINCHAT_RECIPIENT_FIELD", RecipientField::Auto, parse_recipient_field)?,
             message_tag,
             order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), order_gap)?,
-            max_sends_per_sec: env.parsed("JOINCHAT_MAX_SENDS_PER_SEC", DEFAULT_MAX_SENDS_PER_SEC, max_sends_per_sec)?,
+            max_sends_per_sec: env.parsed(
+                "JOINCHAT_MAX_SENDS_PER_SEC",
+                DEFAULT_MAX_SENDS_PER_SEC,
+                max_sends_per_sec,
+            )?,
         },
         messenger_app: DEFAULT_APP.to_owned(),
         page_access_token: env.secret("MESSENGER_PAGE_ACCESS_TOKEN")?,
@@ -217,9 +221,9 @@ impl TableReader<'_> {
             if known.contains(&key.as_str()) {
                 continue;
             }
-            let secret = secrets.iter().find(|s| {
-                key == *s || key.strip_prefix(*s).is_some_and(|rest| SECRET_SUFFIXES.contains(&rest))
-            });
+            let secret = secrets
+                .iter()
+                .find(|s| key == *s || key.strip_prefix(*s).is_some_and(|rest| SECRET_SUFFIXES.contains(&rest)));
             match secret {
                 Some(base) if key == base || key == &format!("{base}_previous") => {
                     return Err(self.error(
@@ -362,13 +366,16 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
     let mut apps = BTreeMap::new();
     for (name, value) in section("apps")?.into_iter().flatten() {
         reader("apps", name, value)?;
-        let table = TableReader { file: path, table: format!("apps.{name}"), values: value.as_table().expect("checked"), env };
+        let table =
+            TableReader { file: path, table: format!("apps.{name}"), values: value.as_table().expect("checked"), env };
         table.refuse_unknown_keys(&[], APP_SECRETS)?;
         // Read to validate now: the rotation that uses them checks the same rules.
         table.previous_secret("app_secret")?;
         table.previous_secret("verify_token")?;
-        let app =
-            AppConfig { app_secret: table.required_secret("app_secret")?, verify_token: table.required_secret("verify_token")? };
+        let app = AppConfig {
+            app_secret: table.required_secret("app_secret")?,
+            verify_token: table.required_secret("verify_token")?,
+        };
         apps.insert(name.clone(), app);
     }
 
@@ -378,8 +385,12 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
     let mut pages: HashMap<(String, String), String> = HashMap::new();
     for (name, value) in section("channels")?.into_iter().flatten() {
         reader("channels", name, value)?;
-        let table =
-            TableReader { file: path, table: format!("channels.{name}"), values: value.as_table().expect("checked"), env };
+        let table = TableReader {
+            file: path,
+            table: format!("channels.{name}"),
+            values: value.as_table().expect("checked"),
+            env,
+        };
         table.refuse_unknown_keys(CHANNEL_KEYS, CHANNEL_SECRETS)?;
         let message_tag = table.string("joinchat_message_tag")?.map(str::to_owned);
         if let Some(tag) = &message_tag {
@@ -408,9 +419,9 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
                 api_url: table
                     .parsed("joinchat_api_url", |raw| http_url(raw).map(Endpoint))?
                     .unwrap_or_else(|| Endpoint::default_of(JOINCHAT_DEFAULT_URL)),
-                page_id: table.number("joinchat_page_id", page_id_problem)?.ok_or_else(|| {
-                    table.error("joinchat_page_id", "required but not set")
-                })?,
+                page_id: table
+                    .number("joinchat_page_id", page_id_problem)?
+                    .ok_or_else(|| table.error("joinchat_page_id", "required but not set"))?,
                 api_secret: table.required_secret("joinchat_api_secret")?,
                 recipient_field: table
                     .parsed("joinchat_recipient_field", parse_recipient_field)?
@@ -574,16 +585,43 @@ joinchat_order_gap_secs = 0
         let file = fixture.dir.path().join("channels.toml").display().to_string();
         let cases = [
             (valid.replace("max_queued = 500", "max_queue = 500"), "[channels.hats] max_queue: unknown key"),
-            (valid.replace("bonychat_channel_id = \"shoes-channel\"\n", ""), "[channels.shoes] bonychat_channel_id: required"),
-            (valid.replace("\"104857600123456\"", "\"10485x\""), "[channels.shoes] joinchat_page_id: `10485x` is not a Page id"),
-            (valid.replace("messenger_app = \"acme\"\nmax_queued", "messenger_app = \"other\"\nmax_queued"), "[channels.hats] messenger_app: `other` is not an app"),
+            (
+                valid.replace("bonychat_channel_id = \"shoes-channel\"\n", ""),
+                "[channels.shoes] bonychat_channel_id: required",
+            ),
+            (
+                valid.replace("\"104857600123456\"", "\"10485x\""),
+                "[channels.shoes] joinchat_page_id: `10485x` is not a Page id",
+            ),
+            (
+                valid.replace("messenger_app = \"acme\"\nmax_queued", "messenger_app = \"other\"\nmax_queued"),
+                "[channels.hats] messenger_app: `other` is not an app",
+            ),
             (valid.replace("max_queued = 500", "max_queued = 0"), "[channels.hats] max_queued: must be at least 1"),
-            (valid.replace("https://app.bonychat.example/custom/channel/webhook/\"\njoinchat_page_id = 2", "ftp://x\"\njoinchat_page_id = 2"), "[channels.hats] bonychat_webhook_url:"),
-            (valid.replace("verify_token_env = \"ACME_VERIFY_TOKEN\"", "verify_token_env = \"UNSET_VARIABLE\""), "[apps.acme] verify_token_env: the variable UNSET_VARIABLE is not set"),
+            (
+                valid.replace(
+                    "https://app.bonychat.example/custom/channel/webhook/\"\njoinchat_page_id = 2",
+                    "ftp://x\"\njoinchat_page_id = 2",
+                ),
+                "[channels.hats] bonychat_webhook_url:",
+            ),
+            (
+                valid.replace("verify_token_env = \"ACME_VERIFY_TOKEN\"", "verify_token_env = \"UNSET_VARIABLE\""),
+                "[apps.acme] verify_token_env: the variable UNSET_VARIABLE is not set",
+            ),
             (valid.replace("[channels.hats]", "[channels.Hats]"), "[channels.Hats]: `Hats` is not a name"),
-            (valid.replace(&fixture.path("hats-token"), &fixture.path("shoes-token")), "[channels.hats] bonychat_api_token: is the same token as channel shoes's"),
-            (valid.replace("204857600123456", "104857600123456"), "[channels.shoes] joinchat_page_id: channel hats already has Page 104857600123456 in app acme"),
-            (valid.replace(&fixture.path("shoes-joinchat"), &fixture.path("missing")), "[channels.shoes] joinchat_api_secret_file: cannot read"),
+            (
+                valid.replace(&fixture.path("hats-token"), &fixture.path("shoes-token")),
+                "[channels.shoes] bonychat_api_token: is the same token as channel hats's",
+            ),
+            (
+                valid.replace("204857600123456", "104857600123456"),
+                "[channels.shoes] joinchat_page_id: channel hats already has Page 104857600123456 in app acme",
+            ),
+            (
+                valid.replace(&fixture.path("shoes-joinchat"), &fixture.path("missing")),
+                "[channels.shoes] joinchat_api_secret_file: cannot read",
+            ),
         ];
         for (content, expected) in cases {
             let refusal = fixture.refusal(&content);
@@ -596,7 +634,8 @@ joinchat_order_gap_secs = 0
     #[test]
     fn a_toml_error_gives_its_line_but_never_the_line_itself() {
         let fixture = Fixture::new();
-        let refusal = fixture.refusal("[apps.acme]\napp_secret_file = \"/x\"\nverify_token_env = \"unterminated-secret-ish\n");
+        let refusal =
+            fixture.refusal("[apps.acme]\napp_secret_file = \"/x\"\nverify_token_env = \"unterminated-secret-ish\n");
         assert!(refusal.contains("line 3"), "{refusal}");
         assert!(!refusal.contains("unterminated-secret-ish"), "{refusal}");
         assert!(!refusal.contains('\n'), "{refusal}");
@@ -609,7 +648,10 @@ joinchat_order_gap_secs = 0
             .load_with(&fixture.valid(), &[("JOINCHAT_PAGE_ID", "1"), ("MESSENGER_APP_SECRET_FILE", "/x")])
             .expect_err("refused")
             .to_string();
-        assert!(refusal.starts_with("RELAY_CHANNELS_FILE: is set, and so is JOINCHAT_PAGE_ID, MESSENGER_APP_SECRET"), "{refusal}");
+        assert!(
+            refusal.starts_with("RELAY_CHANNELS_FILE: is set, and so is JOINCHAT_PAGE_ID, MESSENGER_APP_SECRET"),
+            "{refusal}"
+        );
     }
 
     #[test]

@@ -229,11 +229,15 @@ fn usable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> 
 /// Why `value` cannot be a secret, if it cannot (see [`usable_secret`]); never quotes it.
 pub(super) fn secret_problem(value: &str) -> Result<(), &'static str> {
     if value.chars().any(char::is_control) {
-        return Err("holds a control character or line break (value not shown); a secret is one line of printable text");
+        return Err(
+            "holds a control character or line break (value not shown); a secret is one line of printable text",
+        );
     }
     if value.trim() != value {
-        return Err("starts or ends with whitespace (value not shown); a secret never does, and with it nothing would \
-             match: remove the spaces");
+        return Err(
+            "starts or ends with whitespace (value not shown); a secret never does, and with it nothing would \
+             match: remove the spaces",
+        );
     }
     Ok(())
 }

@@ -266,7 +266,11 @@ impl Config {
 
         let upstreams = UpstreamConfig {
             bonychat_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
-            joinchat_connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), timeout_millis)?,
+            joinchat_connect_timeout: env.parsed(
+                "JOINCHAT_CONNECT_TIMEOUT_MS",
+                Duration::from_secs(5),
+                timeout_millis,
+            )?,
             joinchat_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), timeout_millis)?,
             graph_url: env.parsed(
                 "MESSENGER_GRAPH_URL",
@@ -410,9 +414,15 @@ impl Config {
                     key("joinchat_recipient_field", "JOINCHAT_RECIPIENT_FIELD"),
                     format!("{:?}", joinchat.recipient_field).to_lowercase(),
                 ),
-                (key("joinchat_message_tag", "JOINCHAT_MESSAGE_TAG"), joinchat.message_tag.clone().unwrap_or_else(unset)),
+                (
+                    key("joinchat_message_tag", "JOINCHAT_MESSAGE_TAG"),
+                    joinchat.message_tag.clone().unwrap_or_else(unset),
+                ),
                 (key("joinchat_order_gap_secs", "JOINCHAT_ORDER_GAP_SECS"), secs(joinchat.order_gap)),
-                (key("joinchat_max_sends_per_sec", "JOINCHAT_MAX_SENDS_PER_SEC"), joinchat.max_sends_per_sec.to_string()),
+                (
+                    key("joinchat_max_sends_per_sec", "JOINCHAT_MAX_SENDS_PER_SEC"),
+                    joinchat.max_sends_per_sec.to_string(),
+                ),
                 (key("messenger_page_access_token", "MESSENGER_PAGE_ACCESS_TOKEN"), secret(page_access_token)),
             ]);
             if by_file {
@@ -686,10 +696,6 @@ fn redact_userinfo(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn parse_http_url(var: &str, raw: &str) -> Result<Endpoint, ConfigError> {
-    http_url(raw.trim()).map(Endpoint).map_err(|problem| ConfigError::new(var, problem))
-}
-
 /// An upstream's URL. It may carry credentials (`user:password@`), so its `Debug` hides them
 /// like every other secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -783,7 +789,10 @@ mod tests {
         assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert!(config.server.admin_token.is_none());
-        assert_eq!(config.channels.channels["default"].joinchat.api_url.url().as_str(), "https://joinchat.ai/api/send_message");
+        assert_eq!(
+            config.channels.channels["default"].joinchat.api_url.url().as_str(),
+            "https://joinchat.ai/api/send_message"
+        );
         assert_eq!(config.channels.channels["default"].joinchat.recipient_field, RecipientField::Auto);
         assert_eq!(config.channels.channels["default"].joinchat.message_tag, None);
         assert_eq!(config.channels.channels["default"].joinchat.order_gap, Duration::from_secs(1));

@@ -398,7 +398,13 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
-                crate::monitoring::attempt(&job.channel, job.direction, Outcome::Paced, job.created_at, self.store.now());
+                crate::monitoring::attempt(
+                    &job.channel,
+                    job.direction,
+                    Outcome::Paced,
+                    job.created_at,
+                    self.store.now(),
+                );
                 if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
                     && let Some(answer) = answer
                 {

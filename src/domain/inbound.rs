@@ -101,7 +101,9 @@ pub struct EnvelopeError(pub String);
 pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> Result<Envelope, EnvelopeError> {
     let routed = parse_routed(body, |page| (page == page_id).then_some(()), received_at)?;
     let mut ignored = routed.ignored;
-    ignored.extend(routed.unknown_pages.iter().map(|page| Ignored(format!("entry for page {}, not {page_id}", shown(page)))));
+    ignored.extend(
+        routed.unknown_pages.iter().map(|page| Ignored(format!("entry for page {}, not {page_id}", shown(page)))),
+    );
     Ok(Envelope { events: routed.events.into_iter().map(|((), event)| event).collect(), ignored })
 }
 

@@ -76,7 +76,8 @@ async fn post_message(
     let config = &channel.config;
     let request = OutboundRequest::parse(&body.bytes, &config.bonychat.channel_id)?;
     let now = state.store.now();
-    let job = new_outbound_job(&channel.name, config.max_queued.outbound, &request, config.joinchat.recipient_field, now);
+    let job =
+        new_outbound_job(&channel.name, config.max_queued.outbound, &request, config.joinchat.recipient_field, now);
     let (m_id, contact) = (job.m_id.clone(), job.contact.clone());
 
     let wait = state.config.delivery.send_wait;

@@ -11,11 +11,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::limits::BodyReader;
-use super::{AppState, WEBHOOK_BODY_LIMIT};
-use crate::domain::bonychat::StatusValue;
 use super::message::shown_name;
+use super::{AppState, WEBHOOK_BODY_LIMIT};
 use crate::channels::Channel;
 use crate::config::DEFAULT_APP;
+use crate::domain::bonychat::StatusValue;
 use crate::domain::inbound::{MessengerEvent, parse_routed};
 use crate::error::ApiError;
 use crate::store::{InboundBatch, InboundItem, InboundSummary};
@@ -136,7 +136,8 @@ async fn receive_events(
     let mut total = InboundSummary::default();
     let mut refused = None;
     for (channel, items) in batches {
-        let batch = InboundBatch { channel: channel.name.clone(), max_queued: channel.config.max_queued.inbound, items, now };
+        let batch =
+            InboundBatch { channel: channel.name.clone(), max_queued: channel.config.max_queued.inbound, items, now };
         match state.store.enqueue_inbound(batch).await {
             Ok(summary) => {
                 // Counted once stored: a refused batch is redelivered by Meta and would count twice.

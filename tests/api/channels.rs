@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{StandIn, hub_signature, http_client, test_vars};
+use crate::helpers::{StandIn, http_client, hub_signature, test_vars};
 
 const APP_SECRET: &str = "acme-app-secret";
 const VERIFY_TOKEN: &str = "acme-verify-token";
@@ -118,7 +118,14 @@ impl Deployment {
         self.reloader.reload();
     }
 
-    async fn send_as(&self, path: &str, token: &str, channel_id: &str, contact: &str, text: &str) -> (StatusCode, Value) {
+    async fn send_as(
+        &self,
+        path: &str,
+        token: &str,
+        channel_id: &str,
+        contact: &str,
+        text: &str,
+    ) -> (StatusCode, Value) {
         let body = json!({"channelId": channel_id, "contactId": contact, "message": {"type": "text", "text": text}});
         let answer = self.http.post(self.url(path)).bearer_auth(token).json(&body).send().await.unwrap();
         let status = answer.status();
@@ -260,11 +267,12 @@ async fn a_channel_answers_only_its_own_token_and_unknown_names_get_404() {
         .unwrap();
     assert_eq!(forged.status(), 401, "signed with another app's secret");
 
-    let handshake = |token: &str| {
-        relay.http.get(relay.url(&format!(
-            "/webhooks/messenger/acme?hub.mode=subscribe&hub.verify_token={token}&hub.challenge=c123"
-        )))
-    };
+    let handshake =
+        |token: &str| {
+            relay.http.get(relay.url(&format!(
+                "/webhooks/messenger/acme?hub.mode=subscribe&hub.verify_token={token}&hub.challenge=c123"
+            )))
+        };
     let ok = handshake(VERIFY_TOKEN).send().await.unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(ok.text().await.unwrap(), "c123");
@@ -351,12 +359,8 @@ async fn reloads_under_load_lose_or_duplicate_nothing() {
     assert_eq!(accepted.len(), 150, "the kept channel refused nothing during reloads");
     let received = shoes.joinchat.wait_for(150).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let texts: Vec<String> = shoes
-        .joinchat
-        .bodies()
-        .iter()
-        .map(|body| body["message"]["text"].as_str().unwrap().to_owned())
-        .collect();
+    let texts: Vec<String> =
+        shoes.joinchat.bodies().iter().map(|body| body["message"]["text"].as_str().unwrap().to_owned()).collect();
     assert_eq!(received.len(), 150);
     let mut unique = texts.clone();
     unique.sort();
@@ -380,14 +384,16 @@ async fn a_flooded_channel_with_its_joinchat_down_never_holds_up_another() {
     let flooded = TestChannel::new("flooded", "104857600123456").await;
     let calm = TestChannel::new("calm", "204857600123456").await;
     flooded.joinchat.fail_randomly(100);
-    let relay = Deployment::start(&[&flooded, &calm], &[("RELAY_RETRY_JOINCHAT", "50ms,50ms,50ms,50ms,50ms,50ms")]).await;
+    let relay =
+        Deployment::start(&[&flooded, &calm], &[("RELAY_RETRY_JOINCHAT", "50ms,50ms,50ms,50ms,50ms,50ms")]).await;
 
     let flood: Vec<_> = (0..400)
         .map(|n| {
             let relay = relay.url("/channels/flooded/message");
             let (token, id, http) = (flooded.token.clone(), flooded.channel_id.clone(), relay_http());
             tokio::spawn(async move {
-                let body = json!({"channelId": id, "contactId": format!("c{n}"), "message": {"type": "text", "text": "x"}});
+                let body =
+                    json!({"channelId": id, "contactId": format!("c{n}"), "message": {"type": "text", "text": "x"}});
                 http.post(relay).bearer_auth(token).json(&body).send().await.map(|r| r.status())
             })
         })
