@@ -131,11 +131,10 @@ impl Channels {
     }
 }
 
-/// SPEC §7: 1–32 of `a-z 0-9 -`, starting with a letter or a digit.
+/// SPEC §7: 1–32 of `a-z 0-9 -`, starting with a letter or a digit (the same rule as the
+/// store's, which checks names given to the admin API and the command line).
 pub fn valid_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
+    crate::store::is_channel_name(name)
 }
 
 fn from_environment(env: &Env, defaults: IntakeCaps) -> Result<Channels, ConfigError> {

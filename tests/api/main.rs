@@ -24,6 +24,7 @@ mod queue_safety;
 mod replica_clocks;
 mod replicas;
 mod sandbox;
+mod sandbox_channels;
 mod serving;
 mod store_contract;
 mod store_faults;
