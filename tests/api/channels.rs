@@ -378,44 +378,47 @@ async fn reloads_under_load_lose_or_duplicate_nothing() {
     }
 }
 
-/// One channel flooded, its JoinChat down: another channel's messages still go out at once.
+/// One channel flooded while its JoinChat hangs (accepts connections, never answers): its
+/// attempts hold their slots until the timeout, yet another channel's messages still go out at
+/// once, because no channel holds more than its share of the slots.
 #[tokio::test]
-async fn a_flooded_channel_with_its_joinchat_down_never_holds_up_another() {
-    let flooded = TestChannel::new("flooded", "104857600123456").await;
+async fn a_flooded_channel_whose_joinchat_hangs_never_holds_up_another() {
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_url = format!("http://{}/api/send_message", hanging.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hanging.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut flooded = TestChannel::new("flooded", "104857600123456").await;
+    flooded.joinchat.url = hanging_url;
     let calm = TestChannel::new("calm", "204857600123456").await;
-    flooded.joinchat.fail_randomly(100);
-    let relay =
-        Deployment::start(&[&flooded, &calm], &[("RELAY_RETRY_JOINCHAT", "50ms,50ms,50ms,50ms,50ms,50ms")]).await;
+    let relay = Deployment::start(
+        &[&flooded, &calm],
+        &[("RELAY_SEND_WAIT_MS", "0"), ("JOINCHAT_TIMEOUT_MS", "20000"), ("RELAY_SHUTDOWN_GRACE_SECS", "0")],
+    )
+    .await;
 
-    let flood: Vec<_> = (0..400)
-        .map(|n| {
-            let relay = relay.url("/channels/flooded/message");
-            let (token, id, http) = (flooded.token.clone(), flooded.channel_id.clone(), relay_http());
-            tokio::spawn(async move {
-                let body =
-                    json!({"channelId": id, "contactId": format!("c{n}"), "message": {"type": "text", "text": "x"}});
-                http.post(relay).bearer_auth(token).json(&body).send().await.map(|r| r.status())
-            })
-        })
-        .collect();
-    for request in flood {
-        assert_eq!(request.await.unwrap().unwrap(), 200);
-    }
-
-    let mut slowest = Duration::ZERO;
-    for n in 0..20 {
-        let started = tokio::time::Instant::now();
-        let (status, _) = relay.send(&calm, "1066835436691078", &format!("calm {n}")).await;
-        slowest = slowest.max(started.elapsed());
+    for n in 0..300 {
+        let (status, _) = relay.send(&flooded, &format!("c{n}"), "flood").await;
         assert_eq!(status, StatusCode::OK);
     }
+    // Every slot the flooded channel may hold is taken by an attempt that hangs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let received = calm.joinchat.received();
-    assert_eq!(received.len(), 20, "each calm message was sent within its own request");
-    assert!(slowest < Duration::from_secs(2), "a calm message waited {slowest:?}");
+    let started = tokio::time::Instant::now();
+    for n in 0..20 {
+        let (status, _) = relay.send(&calm, &format!("calm{n}"), &format!("calm {n}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let received = calm.joinchat.wait_for(20).await;
+
+    assert_eq!(received.len(), 20);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the calm channel's messages waited {:?} for the flooded one's hanging attempts",
+        started.elapsed()
+    );
     relay.stop().await;
-}
-
-fn relay_http() -> reqwest::Client {
-    http_client()
 }
