@@ -16,7 +16,7 @@ use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::http;
 use crate::clients::joinchat::HttpJoinChat;
-use crate::config::{ChannelConfig, Channels, UpstreamConfig};
+use crate::config::{ChannelConfig, Channels, Secret, UpstreamConfig};
 use crate::delivery::{InboundPoster, OutboundSender, Profiles};
 use crate::signing::HubSignature;
 use crate::store::Store;
@@ -48,6 +48,8 @@ impl App {
 
 /// One configuration of channels and apps, immutable once built.
 pub struct Directory {
+    /// `RELAY_ADMIN_TOKEN`, as of this directory (it follows its `_FILE` on reload).
+    admin_token: Option<BearerToken>,
     channels: HashMap<String, Arc<Channel>>,
     apps: HashMap<String, Arc<App>>,
     /// Every channel name, for claims: jobs of a channel not here stay queued, untouched.
@@ -61,6 +63,10 @@ impl Directory {
 
     pub fn app(&self, name: &str) -> Option<&Arc<App>> {
         self.apps.get(name)
+    }
+
+    pub fn admin_token(&self) -> Option<&BearerToken> {
+        self.admin_token.as_ref()
     }
 
     pub fn names(&self) -> &Arc<[String]> {
@@ -114,8 +120,8 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(channels: &Channels, clients: Clients, store: Arc<dyn Store>) -> Self {
-        let directory = build(channels, &clients, &store);
+    pub fn new(channels: &Channels, admin_token: Option<&Secret>, clients: Clients, store: Arc<dyn Store>) -> Self {
+        let directory = build(channels, admin_token, &clients, &store);
         Self { current: RwLock::new(Arc::new(directory)), clients, store }
     }
 
@@ -125,8 +131,8 @@ impl Live {
     }
 
     /// Puts `channels` in effect for everything that starts from now on.
-    pub fn replace(&self, channels: &Channels) -> Changes {
-        let next = Arc::new(build(channels, &self.clients, &self.store));
+    pub fn replace(&self, channels: &Channels, admin_token: Option<&Secret>) -> Changes {
+        let next = Arc::new(build(channels, admin_token, &self.clients, &self.store));
         let previous = std::mem::replace(&mut *self.current.write().expect("directory lock"), Arc::clone(&next));
         let mut changes = Changes::default();
         for name in next.names.iter() {
@@ -141,7 +147,7 @@ impl Live {
     }
 }
 
-fn build(channels: &Channels, clients: &Clients, store: &Arc<dyn Store>) -> Directory {
+fn build(channels: &Channels, admin_token: Option<&Secret>, clients: &Clients, store: &Arc<dyn Store>) -> Directory {
     let built: HashMap<String, Arc<Channel>> = channels
         .channels
         .iter()
@@ -187,5 +193,5 @@ fn build(channels: &Channels, clients: &Clients, store: &Arc<dyn Store>) -> Dire
         })
         .collect();
     let names: Arc<[String]> = channels.channels.keys().cloned().collect();
-    Directory { channels: built, apps, names }
+    Directory { admin_token: admin_token.map(BearerToken::new), channels: built, apps, names }
 }

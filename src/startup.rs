@@ -13,9 +13,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::BearerToken;
 use crate::channels::{Clients, Live};
-use crate::config::{Config, ServerLimits};
+use crate::config::{Config, Reloaded, ServerLimits};
 use crate::delivery::{Retries, RetrySchedule, Worker};
 use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
@@ -69,12 +68,13 @@ impl Application {
         let store = store::open(&config.store).await.map_err(StartupError::Store)?;
 
         let clients = Clients::new(&config.upstreams)?;
-        let channels = Arc::new(Live::new(&config.channels, clients, Arc::clone(&store)));
+        let channels =
+            Arc::new(Live::new(&config.channels, config.server.admin_token.as_ref(), clients, Arc::clone(&store)));
         let worker = Arc::new(worker(&config, Arc::clone(&store), Arc::clone(&channels)));
 
         let shutdown = CancellationToken::new();
         let state = AppState::new(Shared {
-            admin_token: config.server.admin_token.as_ref().map(BearerToken::new),
+            admin_enabled: config.server.admin_token.is_some(),
             channels: Arc::clone(&channels),
             store: Arc::clone(&store),
             worker: Arc::clone(&worker),
@@ -190,12 +190,12 @@ impl Reloader {
     /// A valid configuration takes over for everything that starts from now on; an invalid one
     /// changes nothing and is logged with the reason. Either way the reloads counter tells.
     pub fn reload(&self) {
-        match self.config.reload_channels() {
-            Ok(channels) => {
+        match self.config.reload() {
+            Ok(Reloaded { channels, admin_token }) => {
                 for warning in &channels.warnings {
                     tracing::warn!("{warning}");
                 }
-                let changes = self.channels.replace(&channels);
+                let changes = self.channels.replace(&channels, admin_token.as_ref());
                 crate::monitoring::config_reload("applied");
                 tracing::info!(
                     channels = changes.added.len() + changes.kept,

@@ -320,13 +320,23 @@ impl Config {
         Ok(Self { server, upstreams, channels, store, delivery, telemetry, warnings, env: env.clone() })
     }
 
-    /// The channels as the environment and the files it names describe them now: what `SIGHUP`
-    /// applies. Refused like at start, and for the same reasons; the running configuration is
-    /// left alone by the caller when it is.
-    pub fn reload_channels(&self) -> Result<Channels, ConfigError> {
+    /// The channels and the admin token as the environment and the files it names describe
+    /// them now: what `SIGHUP` applies. Refused like at start, and for the same reasons; the
+    /// running configuration is left alone by the caller when it is.
+    ///
+    /// The admin API is switched on or off by a restart (its routes exist or not), so a reload
+    /// may change the token it takes but not take it away.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let channels = Channels::load(&self.env, self.store.intake)?;
-        check_admin_token(self.server.admin_token.as_ref(), &channels)?;
-        Ok(channels)
+        let admin_token = self.env.secret("RELAY_ADMIN_TOKEN")?;
+        if self.server.admin_token.is_some() && admin_token.is_none() {
+            return Err(ConfigError::new(
+                "RELAY_ADMIN_TOKEN",
+                "is no longer set: the admin API is switched off by a restart, not by a reload",
+            ));
+        }
+        check_admin_token(admin_token.as_ref(), &channels)?;
+        Ok(Reloaded { channels, admin_token })
     }
 
     /// Every variable with the value in effect, defaults included, for `check-config`. Secrets
@@ -432,6 +442,13 @@ impl Config {
         }
         lines
     }
+}
+
+/// What a reload read: every channel and app, and the admin token.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub channels: Channels,
+    pub admin_token: Option<Secret>,
 }
 
 /// The admin token must not be a token BonyChat holds: with it, BonyChat could also use /admin.

@@ -22,7 +22,10 @@ impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        match &state.admin_token {
+        if !state.admin_enabled {
+            return Err(ApiError::NotFound);
+        }
+        match state.channels.current().admin_token() {
             None => Err(ApiError::NotFound),
             Some(token) if token.is_presented_in(&parts.headers) => Ok(Self),
             Some(_) => Err(ApiError::Unauthorized),

@@ -22,7 +22,6 @@ use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::auth::BearerToken;
 use crate::channels::Live;
 use crate::config::Config;
 use crate::delivery::Worker;
@@ -44,8 +43,9 @@ pub struct Shared {
     pub config: Config,
     /// The channels and apps served now, replaced on `SIGHUP`.
     pub channels: Arc<Live>,
-    /// `None` switches `/admin/*` off.
-    pub admin_token: Option<BearerToken>,
+    /// Whether `/admin/*` exists (`RELAY_ADMIN_TOKEN` set at start); the token it takes is the
+    /// directory's, which follows its file on reload.
+    pub admin_enabled: bool,
     pub store: Arc<dyn Store>,
     /// Takes the first attempt of each `/message` request's job.
     pub worker: Arc<Worker>,
@@ -90,7 +90,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
     // Likewise `/admin/*` without a token: mounted, its paths would answer 405 to other methods
     // and so tell that they exist.
-    let admin = if state.admin_token.is_some() {
+    let admin = if state.admin_enabled {
         Router::new()
             .route("/admin/jobs", get(admin::list_jobs))
             .route("/admin/jobs/{id}/retry", post(admin::retry_job))
@@ -181,11 +181,12 @@ mod tests {
         let store = crate::store::open(&config.store).await.unwrap();
         let channels = Arc::new(Live::new(
             &config.channels,
+            None,
             crate::channels::Clients::new(&config.upstreams).unwrap(),
             Arc::clone(&store),
         ));
         AppState::new(Shared {
-            admin_token: None,
+            admin_enabled: false,
             worker: Arc::new(crate::startup::worker(&config, Arc::clone(&store), Arc::clone(&channels))),
             channels,
             store,

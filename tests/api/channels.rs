@@ -422,3 +422,24 @@ async fn a_flooded_channel_whose_joinchat_hangs_never_holds_up_another() {
     );
     relay.stop().await;
 }
+
+/// `SIGHUP` re-reads every secret file, the admin token's too: the new token is taken at once
+/// and the old one no longer is.
+#[tokio::test]
+async fn a_reload_takes_the_admin_token_from_its_file_again() {
+    let shoes = TestChannel::new("shoes", "104857600123456").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let admin_file = secrets.path().join("admin-token");
+    std::fs::write(&admin_file, "first-admin-token\n").unwrap();
+    let relay = Deployment::start(&[&shoes], &[("RELAY_ADMIN_TOKEN_FILE", admin_file.to_str().unwrap())]).await;
+    let jobs = |token: &'static str| relay.http.get(relay.url("/admin/jobs")).bearer_auth(token).send();
+
+    let before = jobs("first-admin-token").await.unwrap().status();
+    std::fs::write(&admin_file, "second-admin-token\n").unwrap();
+    relay.reloader.reload();
+    let old = jobs("first-admin-token").await.unwrap().status();
+    let new = jobs("second-admin-token").await.unwrap().status();
+
+    assert_eq!((before, old, new), (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK));
+    relay.stop().await;
+}
