@@ -358,18 +358,20 @@ const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.st
 /// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
 /// channels.
 ///
-/// `present` walks the channels that have queue rows in the direction, one index seek each (a
-/// skip-scan of `channel_queues_claim`). `turns` ranks each eligible channel's earliest due rows
-/// (`limit` at most, read from the index, without locks), and `quotas` says how many of each
-/// the claim takes in turns. `due` then locks that many due rows of each channel, skipping rows
+/// `present` walks the channels that have queue rows in the direction, one seek of the primary
+/// key each (a skip-scan). `turns` ranks each eligible channel's earliest due rows (`limit` at
+/// most, read from `channel_queues_claim`, without locks), and `quotas` says how many of each the
+/// claim takes in turns. `due` then locks that many due rows of each channel, skipping rows
 /// other transactions hold (another replica's claim, a writer of that contact) for the next ones
 /// of the same channel, so a busy channel never takes another's share. The cost follows the
-/// number of channels with queued work and `limit`, never the depth of any channel's queue.
+/// number of channels with queued work and `limit`, never the depth of any channel's queue:
+/// `due` says `LIMIT $3` and `leased` looks its jobs up by key, so that the planner, which cannot
+/// see through the per-channel quotas, never estimates a long queue and scans `jobs` for it.
 const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
-        (SELECT channel FROM channel_queues WHERE direction = $1 AND head_id IS NOT NULL ORDER BY channel LIMIT 1) \
+        (SELECT channel FROM channel_queues WHERE direction = $1 ORDER BY channel LIMIT 1) \
         UNION ALL \
         SELECT (SELECT q.channel FROM channel_queues q \
-                WHERE q.direction = $1 AND q.head_id IS NOT NULL AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
+                WHERE q.direction = $1 AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
         FROM present p WHERE p.channel IS NOT NULL), \
     turns AS ( \
         SELECT e.channel, e.due_at, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
@@ -382,16 +384,17 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         SELECT channel, COUNT(*) AS quota FROM (SELECT channel FROM turns ORDER BY turn, due_at LIMIT $3) taken \
         GROUP BY channel), \
     due AS ( \
-        SELECT d.channel, d.direction, d.contact, d.head_id FROM quotas CROSS JOIN LATERAL ( \
-            SELECT q.channel, q.direction, q.contact, q.head_id FROM channel_queues q \
+        SELECT d.head_id FROM quotas CROSS JOIN LATERAL ( \
+            SELECT q.head_id FROM channel_queues q \
             WHERE q.direction = $1 AND q.channel = quotas.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
-            ORDER BY q.due_at, q.contact LIMIT quotas.quota FOR UPDATE SKIP LOCKED) d), \
+            ORDER BY q.due_at, q.contact LIMIT quotas.quota FOR UPDATE SKIP LOCKED) d \
+        LIMIT $3), \
     leased AS ( \
         UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
-        FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
+        WHERE j.id = ANY(ARRAY(SELECT head_id FROM due)) AND j.state = 'queued' RETURNING j.*), \
     held AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
-        WHERE q.channel = leased.channel AND q.direction = leased.direction AND q.contact = leased.contact)";
+        WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
 
 /// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
 const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
