@@ -208,24 +208,26 @@ impl Shared {
     /// Commits `tx`, announcing new work to every replica first when `notify`, and to this one
     /// once committed.
     async fn commit(&self, tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
-        self.commit_announcing(tx, notify.then_some(None)).await
+        self.commit_announcing(tx, notify.then_some(News::Work)).await
     }
 
-    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed:
-    /// new work, and with a (channel, contact), that its outbound queue moved on.
+    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed.
     async fn commit_announcing(
         &self,
         mut tx: Transaction<'static, Postgres>,
-        news: Option<Option<(&str, &str)>>,
+        news: Option<News<'_>>,
     ) -> StoreResult<()> {
-        if let Some(queue) = news {
-            let payload = queue.map(|(channel, contact)| moved_payload(channel, contact)).unwrap_or_default();
+        if let Some(news) = &news {
+            let payload = match news {
+                News::Work => String::new(),
+                News::QueueMoved { channel, contact } => moved_payload(channel, contact),
+            };
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        if let Some(queue) = news {
+        if let Some(news) = news {
             self.changes.signal();
-            if let Some((channel, contact)) = queue {
+            if let News::QueueMoved { channel, contact } = news {
                 self.changes.queue_moved(channel, contact);
             }
         }
@@ -320,6 +322,15 @@ async fn keep_clock(pool: PgPool, offset: Arc<AtomicI64>) {
             offset.store(measured, Ordering::Relaxed);
         }
     }
+}
+
+/// What a commit announces to every replica.
+enum News<'a> {
+    /// Jobs may have become claimable.
+    Work,
+    /// That too, and the outbound queue of `contact` in `channel` moved on: a `/message` request
+    /// waiting for it may take its job.
+    QueueMoved { channel: &'a str, contact: &'a str },
 }
 
 /// The payload of a notification that the outbound queue of `contact` in `channel` moved on.
@@ -1090,8 +1101,10 @@ impl Store for Shared {
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
                 (false, _) => None,
-                (true, Direction::Outbound) => Some(Some((settled.channel.as_str(), settled.contact.as_str()))),
-                (true, Direction::Inbound) => Some(None),
+                (true, Direction::Outbound) => {
+                    Some(News::QueueMoved { channel: &settled.channel, contact: &settled.contact })
+                }
+                (true, Direction::Inbound) => Some(News::Work),
             };
             self.commit_announcing(tx, news).await
         }))
