@@ -31,8 +31,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
     BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
-    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store,
-    StoreError, StoreResult, decode_payload, encode_payload, now_millis,
+    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
+    Rotation, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
@@ -71,6 +71,7 @@ struct Shared {
     pool: PgPool,
     caps: IntakeCaps,
     changes: Arc<Changes>,
+    rotation: Arc<Rotation>,
     /// The database's clock minus this machine's, in milliseconds.
     clock_offset: Arc<AtomicI64>,
     /// Bounds a whole operation from the client side: a database that stopped answering (a
@@ -169,6 +170,7 @@ impl PostgresStore {
             pool,
             caps,
             changes,
+            rotation: Arc::default(),
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
         };
@@ -367,12 +369,12 @@ const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.st
     j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
 /// The common table expressions of a claim (see [`Claim`]), ending with `leased`: the jobs it
 /// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
-/// channels.
+/// channels, `$7` the channel the last claim ended with (`Rotation`), or NULL.
 ///
 /// `present` walks the channels that have queue rows in the direction, one seek of the primary
 /// key each (a skip-scan). `turns` ranks each eligible channel's earliest due rows (`limit` at
 /// most, read from `channel_queues_claim`, without locks), and `quotas` says how many of each the
-/// claim takes in turns. `due` then locks that many due rows of each channel, skipping rows
+/// claim takes in turns, each turn going round the channels after `$7`. `due` then locks that many due rows of each channel, skipping rows
 /// other transactions hold (another replica's claim, a writer of that contact) for the next ones
 /// of the same channel, so a busy channel never takes another's share. The cost follows the
 /// number of channels with queued work and `limit`, never the depth of any channel's queue:
@@ -385,14 +387,15 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
                 WHERE q.direction = $1 AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
         FROM present p WHERE p.channel IS NOT NULL), \
     turns AS ( \
-        SELECT e.channel, e.due_at, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
+        SELECT e.channel, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
         FROM present p CROSS JOIN LATERAL ( \
             SELECT q.channel, q.contact, q.due_at FROM channel_queues q \
             WHERE q.direction = $1 AND q.channel = p.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
             ORDER BY q.due_at, q.contact LIMIT $3) e \
         WHERE p.channel = ANY($6::text[])), \
     quotas AS ( \
-        SELECT channel, COUNT(*) AS quota FROM (SELECT channel FROM turns ORDER BY turn, due_at LIMIT $3) taken \
+        SELECT channel, COUNT(*) AS quota FROM ( \
+            SELECT channel FROM turns ORDER BY turn, COALESCE(channel <= $7::text, false), channel LIMIT $3) taken \
         GROUP BY channel), \
     due AS ( \
         SELECT d.head_id FROM quotas CROSS JOIN LATERAL ( \
@@ -929,6 +932,7 @@ impl Store for Shared {
                 return Ok(Vec::new());
             }
             let channels: Vec<&str> = claim.channels.iter().map(String::as_str).collect();
+            let after = self.rotation.after(claim.direction);
             let mut tx = self.begin().await?;
             let rows = sqlx::query(AssertSqlSafe(format!(
                 "{CLAIM_IN_TURNS} \
@@ -942,16 +946,21 @@ impl Store for Shared {
             .bind(&claim.owner)
             .bind(claim.lease_until)
             .bind(&channels)
+            .bind(&after)
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            rows.iter()
+            let jobs = rows
+                .iter()
                 .map(|row| {
                     let mut job = job_from_row(row, claim.now, true)?;
                     job.in_flight = true;
                     Ok(job)
                 })
-                .collect()
+                .collect::<StoreResult<Vec<Job>>>()?;
+            let last = super::last_in_turns(jobs.iter().map(|job| job.channel.as_str()), after.as_deref());
+            self.rotation.left_off(claim.direction, last);
+            Ok(jobs)
         }))
     }
 
