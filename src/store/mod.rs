@@ -840,3 +840,55 @@ pub fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_queue_watch_wakes_for_its_own_channel_and_contact_only() {
+        let changes = Arc::new(Changes::default());
+        let mut shoes = changes.watch_queue("shoes", "u");
+        let mut hats = changes.watch_queue("hats", "u");
+
+        changes.queue_moved("hats", "u");
+
+        let wait = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, hats.moved()).await.is_ok());
+        assert!(tokio::time::timeout(wait, shoes.moved()).await.is_err(), "u of shoes is another contact");
+        drop((shoes, hats));
+        assert!(changes.queues.lock().unwrap().is_empty(), "nobody waits any more");
+    }
+
+    #[test]
+    fn channel_names_are_those_spec_7_allows() {
+        for good in ["default", "shoes", "a", "0", "eu-west-2", &"x".repeat(32)] {
+            assert!(is_channel_name(good), "{good}");
+        }
+        for bad in ["", "-shoes", "Shoes", "shoes_2", "shö", "a b", "a/b", &"x".repeat(33)] {
+            assert!(!is_channel_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_counts_show_the_default_channel_always_and_the_others_with_jobs() {
+        let counts = assemble_counts(
+            vec![("shoes".into(), "outbound".into(), [3, 2, 1])],
+            vec![("hats".into(), "inbound".into(), 4)],
+        );
+
+        let shown: Vec<(&str, Direction, [u64; 4])> = counts
+            .iter()
+            .map(|(channel, direction, c)| (channel.as_str(), *direction, [c.ready, c.delayed, c.in_flight, c.dead]))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("default", Direction::Outbound, [0, 0, 0, 0]),
+                ("default", Direction::Inbound, [0, 0, 0, 0]),
+                ("hats", Direction::Inbound, [0, 0, 0, 4]),
+                ("shoes", Direction::Outbound, [3, 2, 1, 0]),
+            ]
+        );
+    }
+}
