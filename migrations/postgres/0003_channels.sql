@@ -26,14 +26,16 @@ CREATE INDEX jobs_queued ON jobs (channel, direction, contact, id) WHERE state =
 -- practically none. Rebuilding it would read the whole delivered history.
 
 -- The ready queue and the contacts' locks, per (channel, direction, contact). Claims walk the
--- channels of a direction through `channel_queues_claim` and take each one's earliest due rows.
+-- channels of a direction through the primary key (direction first, so that the walk never
+-- reads the other direction's rows) and take each one's earliest due rows through
+-- `channel_queues_claim`.
 CREATE TABLE channel_queues (
-    channel   TEXT   NOT NULL,
     direction TEXT   NOT NULL,
+    channel   TEXT   NOT NULL,
     contact   TEXT   NOT NULL,
     head_id   BIGINT,
     due_at    BIGINT NOT NULL,
-    PRIMARY KEY (channel, direction, contact)
+    PRIMARY KEY (direction, channel, contact)
 );
 INSERT INTO channel_queues (channel, direction, contact, head_id, due_at)
 SELECT 'default', direction, contact, head_id, due_at FROM queues;

@@ -243,10 +243,11 @@ impl Worker {
         }
     }
 
-    /// Takes the first attempt of the job a `/message` request stored, within `wait`: at once
-    /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
-    /// when an attempt of that contact ends, whichever replica made it). What the attempt did decides the
-    /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
+    /// Takes the first attempt of the job a `/message` request stored for `contact` of `channel`,
+    /// within `wait`: at once when it was leased with the insert, else as soon as it heads its
+    /// contact's queue (woken when an attempt of that contact ends, whichever replica made it).
+    /// What the attempt did decides the answer; past `wait`, the request is answered `Pending`
+    /// and the attempt goes on.
     pub async fn first_attempt(
         self: &Arc<Self>,
         channel: &Arc<Channel>,

@@ -525,8 +525,10 @@ pub trait Store: Send + Sync {
 ///
 /// Fairness (SPEC §5): the channels in `channels` with due work are taken in turns, the
 /// earliest due head of each, then the second of each, and so on, each channel's heads in due
-/// order, until `limit`. A channel's backlog thus costs the others one job a turn at most, and
-/// the claim costs about the same whatever one channel has queued.
+/// order, until `limit`. Within a turn the channels go round from one claim to the next (see
+/// `Rotation`), so claims of a single job serve them one after the other too. A channel's
+/// backlog thus costs the others one job a turn at most, and the claim costs about the same
+/// whatever one channel has queued.
 #[derive(Debug, Clone)]
 pub struct Claim {
     pub owner: String,
@@ -731,16 +733,73 @@ fn shown_without_credentials(url: &str) -> String {
     }
 }
 
+/// Where each direction's last claim left off among the channels. A turn starts with the
+/// channel after it by name, not with the channel whose head is the oldest: a worker claims as
+/// its slots free up, often one job at a time, and such claims would otherwise all go to the
+/// channel with the oldest backlog until it is through (SPEC §5: one channel's backlog never
+/// delays another's). Each process keeps its own; replicas go round independently.
+#[derive(Debug, Default)]
+pub(crate) struct Rotation(std::sync::Mutex<[Option<String>; 2]>);
+
+impl Rotation {
+    pub(crate) fn after(&self, direction: Direction) -> Option<String> {
+        self.0.lock().expect("rotation")[Self::slot(direction)].clone()
+    }
+
+    /// The last claim of `direction` ended with a job of `channel`; a claim that took nothing
+    /// leaves the rotation where it was.
+    pub(crate) fn left_off(&self, direction: Direction, channel: Option<String>) {
+        if let Some(channel) = channel {
+            self.0.lock().expect("rotation")[Self::slot(direction)] = Some(channel);
+        }
+    }
+
+    fn slot(direction: Direction) -> usize {
+        match direction {
+            Direction::Outbound => 0,
+            Direction::Inbound => 1,
+        }
+    }
+}
+
+/// Where `channel` comes in a turn that starts after `after`: the channels after it by name,
+/// then the others, by name.
+pub(crate) fn turn_order<'a>(channel: &'a str, after: Option<&str>) -> (bool, &'a str) {
+    (after.is_some_and(|after| channel <= after), channel)
+}
+
 /// Takes `limit` of `channels`' heads in turns: the first of each channel, then the second of
-/// each, and so on; within a turn, the earlier due first. Each channel's heads are `(job id,
-/// due at)` in its own due order.
-pub(crate) fn in_turns(channels: Vec<Vec<(i64, i64)>>, limit: usize) -> Vec<i64> {
-    let mut heads: Vec<(usize, i64, i64)> = channels
-        .into_iter()
-        .flat_map(|heads| heads.into_iter().enumerate().map(|(turn, (id, due_at))| (turn, due_at, id)))
+/// each, and so on, each turn in [`turn_order`] after `after`. Each channel's heads are job ids
+/// in its own due order. Returns the ids taken, in that order, and the channel of the last one.
+pub(crate) fn in_turns(
+    channels: Vec<(String, Vec<i64>)>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<i64>, Option<String>) {
+    let mut heads: Vec<(usize, (bool, &str), i64)> = channels
+        .iter()
+        .flat_map(|(channel, heads)| {
+            let order = turn_order(channel, after);
+            heads.iter().enumerate().map(move |(turn, &id)| (turn, order, id))
+        })
         .collect();
     heads.sort_unstable();
-    heads.into_iter().take(limit).map(|(_, _, id)| id).collect()
+    heads.truncate(limit);
+    let last = heads.last().map(|(_, (_, channel), _)| (*channel).to_owned());
+    (heads.into_iter().map(|(_, _, id)| id).collect(), last)
+}
+
+/// The channel of the last job a claim in turns took, from the channels of all it took: the
+/// last turn's last channel in [`turn_order`] after `after`.
+pub(crate) fn last_in_turns<'a>(taken: impl Iterator<Item = &'a str>, after: Option<&str>) -> Option<String> {
+    let mut per_channel: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for channel in taken {
+        *per_channel.entry(channel).or_default() += 1;
+    }
+    per_channel
+        .into_iter()
+        .max_by_key(|&(channel, turns)| (turns, turn_order(channel, after)))
+        .map(|(c, _)| c.to_owned())
 }
 
 /// The queue counts as [`Store::queue_counts`] returns them, from the counts of queued jobs
@@ -783,4 +842,56 @@ pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_queue_watch_wakes_for_its_own_channel_and_contact_only() {
+        let changes = Arc::new(Changes::default());
+        let mut shoes = changes.watch_queue("shoes", "u");
+        let mut hats = changes.watch_queue("hats", "u");
+
+        changes.queue_moved("hats", "u");
+
+        let wait = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, hats.moved()).await.is_ok());
+        assert!(tokio::time::timeout(wait, shoes.moved()).await.is_err(), "u of shoes is another contact");
+        drop((shoes, hats));
+        assert!(changes.queues.lock().unwrap().is_empty(), "nobody waits any more");
+    }
+
+    #[test]
+    fn channel_names_are_those_spec_7_allows() {
+        for good in ["default", "shoes", "a", "0", "eu-west-2", &"x".repeat(32)] {
+            assert!(is_channel_name(good), "{good}");
+        }
+        for bad in ["", "-shoes", "Shoes", "shoes_2", "shö", "a b", "a/b", &"x".repeat(33)] {
+            assert!(!is_channel_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_counts_show_the_default_channel_always_and_the_others_with_jobs() {
+        let counts = assemble_counts(
+            vec![("shoes".into(), "outbound".into(), [3, 2, 1])],
+            vec![("hats".into(), "inbound".into(), 4)],
+        );
+
+        let shown: Vec<(&str, Direction, [u64; 4])> = counts
+            .iter()
+            .map(|(channel, direction, c)| (channel.as_str(), *direction, [c.ready, c.delayed, c.in_flight, c.dead]))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("default", Direction::Outbound, [0, 0, 0, 0]),
+                ("default", Direction::Inbound, [0, 0, 0, 0]),
+                ("hats", Direction::Inbound, [0, 0, 0, 4]),
+                ("shoes", Direction::Outbound, [3, 2, 1, 0]),
+            ]
+        );
+    }
 }

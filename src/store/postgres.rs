@@ -31,8 +31,8 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
     BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
-    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store,
-    StoreError, StoreResult, decode_payload, encode_payload, now_millis,
+    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
+    Rotation, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
@@ -71,6 +71,7 @@ struct Shared {
     pool: PgPool,
     caps: IntakeCaps,
     changes: Arc<Changes>,
+    rotation: Arc<Rotation>,
     /// The database's clock minus this machine's, in milliseconds.
     clock_offset: Arc<AtomicI64>,
     /// Bounds a whole operation from the client side: a database that stopped answering (a
@@ -169,6 +170,7 @@ impl PostgresStore {
             pool,
             caps,
             changes,
+            rotation: Arc::default(),
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
         };
@@ -208,24 +210,26 @@ impl Shared {
     /// Commits `tx`, announcing new work to every replica first when `notify`, and to this one
     /// once committed.
     async fn commit(&self, tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
-        self.commit_announcing(tx, notify.then_some(None)).await
+        self.commit_announcing(tx, notify.then_some(News::Work)).await
     }
 
-    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed:
-    /// new work, and with a (channel, contact), that its outbound queue moved on.
+    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed.
     async fn commit_announcing(
         &self,
         mut tx: Transaction<'static, Postgres>,
-        news: Option<Option<(&str, &str)>>,
+        news: Option<News<'_>>,
     ) -> StoreResult<()> {
-        if let Some(queue) = news {
-            let payload = queue.map(|(channel, contact)| moved_payload(channel, contact)).unwrap_or_default();
+        if let Some(news) = &news {
+            let payload = match news {
+                News::Work => String::new(),
+                News::QueueMoved { channel, contact } => moved_payload(channel, contact),
+            };
             sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        if let Some(queue) = news {
+        if let Some(news) = news {
             self.changes.signal();
-            if let Some((channel, contact)) = queue {
+            if let News::QueueMoved { channel, contact } = news {
                 self.changes.queue_moved(channel, contact);
             }
         }
@@ -322,6 +326,15 @@ async fn keep_clock(pool: PgPool, offset: Arc<AtomicI64>) {
     }
 }
 
+/// What a commit announces to every replica.
+enum News<'a> {
+    /// Jobs may have become claimable.
+    Work,
+    /// That too, and the outbound queue of `contact` in `channel` moved on: a `/message` request
+    /// waiting for it may take its job.
+    QueueMoved { channel: &'a str, contact: &'a str },
+}
+
 /// The payload of a notification that the outbound queue of `contact` in `channel` moved on.
 /// Channel names never hold a `/`, so the first one ends the name whatever the contact id.
 fn moved_payload(channel: &str, contact: &str) -> String {
@@ -356,42 +369,46 @@ const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.st
     j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
 /// The common table expressions of a claim (see [`Claim`]), ending with `leased`: the jobs it
 /// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
-/// channels.
+/// channels, `$7` the channel the last claim ended with (`Rotation`), or NULL.
 ///
-/// `present` walks the channels that have queue rows in the direction, one index seek each (a
-/// skip-scan of `channel_queues_claim`). `turns` ranks each eligible channel's earliest due rows
-/// (`limit` at most, read from the index, without locks), and `quotas` says how many of each
-/// the claim takes in turns. `due` then locks that many due rows of each channel, skipping rows
+/// `present` walks the channels that have queue rows in the direction, one seek of the primary
+/// key each (a skip-scan). `turns` ranks each eligible channel's earliest due rows (`limit` at
+/// most, read from `channel_queues_claim`, without locks), and `quotas` says how many of each the
+/// claim takes in turns, each turn going round the channels after `$7`. `due` then locks that many due rows of each channel, skipping rows
 /// other transactions hold (another replica's claim, a writer of that contact) for the next ones
 /// of the same channel, so a busy channel never takes another's share. The cost follows the
-/// number of channels with queued work and `limit`, never the depth of any channel's queue.
+/// number of channels with queued work and `limit`, never the depth of any channel's queue:
+/// `due` says `LIMIT $3` and `leased` looks its jobs up by key, so that the planner, which cannot
+/// see through the per-channel quotas, never estimates a long queue and scans `jobs` for it.
 const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
-        (SELECT channel FROM channel_queues WHERE direction = $1 AND head_id IS NOT NULL ORDER BY channel LIMIT 1) \
+        (SELECT channel FROM channel_queues WHERE direction = $1 ORDER BY channel LIMIT 1) \
         UNION ALL \
         SELECT (SELECT q.channel FROM channel_queues q \
-                WHERE q.direction = $1 AND q.head_id IS NOT NULL AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
+                WHERE q.direction = $1 AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
         FROM present p WHERE p.channel IS NOT NULL), \
     turns AS ( \
-        SELECT e.channel, e.due_at, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
+        SELECT e.channel, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
         FROM present p CROSS JOIN LATERAL ( \
             SELECT q.channel, q.contact, q.due_at FROM channel_queues q \
             WHERE q.direction = $1 AND q.channel = p.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
-            ORDER BY q.due_at, q.contact LIMIT LEAST($3, $7)) e \
+            ORDER BY q.due_at, q.contact LIMIT LEAST($3, $8)) e \
         WHERE p.channel = ANY($6::text[])), \
     quotas AS ( \
-        SELECT channel, COUNT(*) AS quota FROM (SELECT channel FROM turns ORDER BY turn, due_at LIMIT $3) taken \
+        SELECT channel, COUNT(*) AS quota FROM ( \
+            SELECT channel FROM turns ORDER BY turn, COALESCE(channel <= $7::text, false), channel LIMIT $3) taken \
         GROUP BY channel), \
     due AS ( \
-        SELECT d.channel, d.direction, d.contact, d.head_id FROM quotas CROSS JOIN LATERAL ( \
-            SELECT q.channel, q.direction, q.contact, q.head_id FROM channel_queues q \
+        SELECT d.head_id FROM quotas CROSS JOIN LATERAL ( \
+            SELECT q.head_id FROM channel_queues q \
             WHERE q.direction = $1 AND q.channel = quotas.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
-            ORDER BY q.due_at, q.contact LIMIT quotas.quota FOR UPDATE SKIP LOCKED) d), \
+            ORDER BY q.due_at, q.contact LIMIT quotas.quota FOR UPDATE SKIP LOCKED) d \
+        LIMIT $3), \
     leased AS ( \
         UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
-        FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
+        WHERE j.id = ANY(ARRAY(SELECT head_id FROM due)) AND j.state = 'queued' RETURNING j.*), \
     held AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
-        WHERE q.channel = leased.channel AND q.direction = leased.direction AND q.contact = leased.contact)";
+        WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
 
 /// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
 const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
@@ -915,6 +932,7 @@ impl Store for Shared {
                 return Ok(Vec::new());
             }
             let channels: Vec<&str> = claim.channels.iter().map(String::as_str).collect();
+            let after = self.rotation.after(claim.direction);
             let mut tx = self.begin().await?;
             let rows = sqlx::query(AssertSqlSafe(format!(
                 "{CLAIM_IN_TURNS} \
@@ -928,17 +946,22 @@ impl Store for Shared {
             .bind(&claim.owner)
             .bind(claim.lease_until)
             .bind(&channels)
+            .bind(&after)
             .bind(i64::try_from(claim.per_channel).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            rows.iter()
+            let jobs = rows
+                .iter()
                 .map(|row| {
                     let mut job = job_from_row(row, claim.now, true)?;
                     job.in_flight = true;
                     Ok(job)
                 })
-                .collect()
+                .collect::<StoreResult<Vec<Job>>>()?;
+            let last = super::last_in_turns(jobs.iter().map(|job| job.channel.as_str()), after.as_deref());
+            self.rotation.left_off(claim.direction, last);
+            Ok(jobs)
         }))
     }
 
@@ -1088,8 +1111,10 @@ impl Store for Shared {
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
                 (false, _) => None,
-                (true, Direction::Outbound) => Some(Some((settled.channel.as_str(), settled.contact.as_str()))),
-                (true, Direction::Inbound) => Some(None),
+                (true, Direction::Outbound) => {
+                    Some(News::QueueMoved { channel: &settled.channel, contact: &settled.contact })
+                }
+                (true, Direction::Inbound) => Some(News::Work),
             };
             self.commit_announcing(tx, news).await
         }))

@@ -35,8 +35,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
     BeforeSend, Changes, Claim, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
-    StoreResult, decode_payload, encode_payload, now_millis,
+    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Rotation, Store,
+    StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::StatusValue;
@@ -126,6 +126,7 @@ pub struct SqliteStore {
     /// them run beside the writer instead of holding up its commits.
     reader: Arc<Mutex<Connection>>,
     changes: Arc<Changes>,
+    rotation: Rotation,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -194,6 +195,7 @@ impl SqliteStore {
             caps,
             reader: Arc::new(Mutex::new(reader)),
             changes: Arc::new(Changes::default()),
+            rotation: Rotation::default(),
             _lock: lock,
         })
     }
@@ -1232,9 +1234,10 @@ impl Store for SqliteStore {
     }
 
     fn claim(&self, claim: Claim) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        parsed(self.run(move |conn| {
+        let (direction, after) = (claim.direction, self.rotation.after(claim.direction));
+        let claimed = self.run(move |conn| {
             let (now, lease_until) = (claim.now, claim.lease_until);
-            let heads = heads_in_turns(conn, &claim)?;
+            let (heads, last) = heads_in_turns(conn, &claim, after.as_deref())?;
             let mut load = conn.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS}, {CLAIM_COLUMNS} FROM jobs j \
                  LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
@@ -1254,8 +1257,13 @@ impl Store for SqliteStore {
                 job.lease_until = Some(lease_until);
                 jobs.push(job);
             }
-            Ok(jobs)
-        }))
+            Ok((jobs, last))
+        });
+        Box::pin(async move {
+            let (jobs, last) = claimed.await?;
+            self.rotation.left_off(direction, last);
+            jobs.into_iter().map(RawJob::into_job).collect()
+        })
     }
 
     fn claim_own(
@@ -1488,14 +1496,18 @@ impl Store for SqliteStore {
     }
 }
 
-/// The heads `claim` takes, in the order it takes them: the channels of its direction that
-/// have heads are walked through `queue_heads_claim` one seek each (a skip-scan), and each
-/// eligible one gives its earliest due heads, `limit` at most; those are taken in turns (see
-/// [`Claim`]). The cost follows the number of channels with queued work and `limit`, never
-/// the depth of any channel's queue.
-fn heads_in_turns(conn: &Connection, claim: &Claim) -> rusqlite::Result<Vec<i64>> {
+/// The heads `claim` takes, in the order it takes them, and the channel of the last: the
+/// channels of its direction that have heads are walked through `queue_heads_claim` one seek
+/// each (a skip-scan), and each eligible one gives its earliest due heads, `limit` at most;
+/// those are taken in turns starting after `after` (see [`Claim`]). The cost follows the number
+/// of channels with queued work and `limit`, never the depth of any channel's queue.
+fn heads_in_turns(
+    conn: &Connection,
+    claim: &Claim,
+    after: Option<&str>,
+) -> rusqlite::Result<(Vec<i64>, Option<String>)> {
     if claim.limit == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let eligible: std::collections::HashSet<&str> = claim.channels.iter().map(String::as_str).collect();
     let direction = claim.direction.as_str();
@@ -1503,26 +1515,26 @@ fn heads_in_turns(conn: &Connection, claim: &Claim) -> rusqlite::Result<Vec<i64>
     let mut next_channel =
         conn.prepare_cached("SELECT MIN(channel) FROM queue_heads WHERE direction = ?1 AND channel > ?2")?;
     let mut earliest = conn.prepare_cached(
-        "SELECT job_id, due_at FROM queue_heads WHERE direction = ?1 AND channel = ?2 AND due_at <= ?3 \
+        "SELECT job_id FROM queue_heads WHERE direction = ?1 AND channel = ?2 AND due_at <= ?3 \
          ORDER BY due_at, contact LIMIT ?4",
     )?;
     let mut channels = Vec::new();
     // Every channel name sorts after the empty string.
-    let mut after = String::new();
+    let mut previous = String::new();
     while let Some(channel) =
-        next_channel.query_row(params![direction, after], |row| row.get::<_, Option<String>>(0))?
+        next_channel.query_row(params![direction, previous], |row| row.get::<_, Option<String>>(0))?
     {
         if eligible.contains(channel.as_str()) {
-            let heads: Vec<(i64, i64)> = earliest
-                .query_map(params![direction, channel, claim.now, per_channel], |row| Ok((row.get(0)?, row.get(1)?)))?
+            let heads: Vec<i64> = earliest
+                .query_map(params![direction, channel, claim.now, per_channel], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             if !heads.is_empty() {
-                channels.push(heads);
+                channels.push((channel.clone(), heads));
             }
         }
-        after = channel;
+        previous = channel;
     }
-    Ok(super::in_turns(channels, claim.limit))
+    Ok(super::in_turns(channels, after, claim.limit))
 }
 
 #[cfg(test)]
@@ -1790,15 +1802,23 @@ mod tests {
     }
 
     #[test]
-    fn heads_are_taken_in_turns_across_channels() {
-        let busy = (1..=5).map(|id| (id, 100 + id)).collect();
-        let quiet = vec![(11, 900), (12, 901)];
-        let late = vec![(21, 50)];
+    fn heads_are_taken_in_turns_going_round_the_channels() {
+        let channels = || {
+            vec![
+                ("busy".to_owned(), (1..=5).collect()),
+                ("calm".to_owned(), vec![11, 12]),
+                ("quiet".to_owned(), vec![21]),
+            ]
+        };
 
-        let taken = crate::store::in_turns(vec![busy, quiet, late], 6);
+        let first = crate::store::in_turns(channels(), None, 6);
+        let after_busy = crate::store::in_turns(channels(), Some("busy"), 6);
+        let after_quiet = crate::store::in_turns(channels(), Some("quiet"), 2);
 
-        // First turn: late (due 50), busy (101), quiet (900); second: busy (102), quiet (901);
-        // third: busy (103).
-        assert_eq!(taken, [21, 1, 11, 2, 12, 3]);
+        assert_eq!(first, (vec![1, 11, 21, 2, 12, 3], Some("busy".into())));
+        assert_eq!(after_busy, (vec![11, 21, 1, 12, 2, 3], Some("busy".into())));
+        assert_eq!(after_quiet, (vec![1, 11], Some("calm".into())));
+        let last = crate::store::last_in_turns(["calm", "busy", "quiet", "busy", "calm"].into_iter(), Some("busy"));
+        assert_eq!(last, Some("busy".into()), "second turn: calm, then busy");
     }
 }

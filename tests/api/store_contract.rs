@@ -1082,6 +1082,31 @@ async fn claims_take_the_channels_in_turns_and_leave_ineligible_ones_untouched(b
     assert_eq!(next.unwrap().iter().filter(|job| job.channel == "quiet").count(), 1, "quiet's last one");
 }
 
+/// A worker claims as its slots free up, often one job at a time: a channel whose heads are
+/// older than another's must not take every such claim until its backlog is through.
+async fn claims_of_one_job_at_a_time_go_round_the_channels(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let flood: Vec<InboundItem> =
+        (0..200).map(|i| message_item(&format!("b{i}"), vec![text_event(&format!("busy{i}"))], None)).collect();
+    store.enqueue_inbound(batch_in("busy", flood, 1_000)).await.unwrap();
+    for (channel, due) in [("quiet", 2_000), ("calm", 3_000)] {
+        for i in 0..3 {
+            let one = vec![message_item(&format!("c{i}"), vec![text_event(&format!("{channel}{i}"))], None)];
+            store.enqueue_inbound(batch_in(channel, one, due + i)).await.unwrap();
+        }
+    }
+
+    let mut taken = Vec::new();
+    for _ in 0..9 {
+        let one = store.claim(claim_of(&["busy", "calm", "quiet"], OWNER, Direction::Inbound, 5_000, 9_000, 1));
+        taken.extend(one.await.unwrap().into_iter().map(|job| job.channel));
+    }
+
+    let count = |channel: &str| taken.iter().filter(|taken| *taken == channel).count();
+    assert_eq!((count("busy"), count("calm"), count("quiet")), (3, 3, 3), "{taken:?}");
+    assert!(taken.windows(2).all(|pair| pair[0] != pair[1]), "never the same channel twice in a row: {taken:?}");
+}
+
 async fn listing_redriving_and_counting_by_channel(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     for channel in ["shoes", "hats"] {
@@ -1315,4 +1340,5 @@ contract!(
     a_full_channel_refuses_new_work_while_the_others_take_it,
     claims_take_the_channels_in_turns_and_leave_ineligible_ones_untouched,
     listing_redriving_and_counting_by_channel,
+    claims_of_one_job_at_a_time_go_round_the_channels,
 );
