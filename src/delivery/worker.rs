@@ -163,8 +163,19 @@ impl Worker {
     /// A slot of `direction` for an attempt of `channel`, unless every slot is busy or the
     /// channel holds its share already.
     fn slot(&self, direction: Direction, channel: &str, share: usize) -> Option<Slot> {
-        let channel_held = self.shares.take(channel, direction, share)?;
+        let channel_held = self.shares.of(channel, direction, share).try_acquire_owned().ok()?;
         let permit = Arc::clone(self.slots(direction)).try_acquire_owned().ok()?;
+        Some(Slot { _permit: permit, _channel_held: channel_held })
+    }
+
+    /// A slot for a `/message` request's own attempt, waited for until `deadline`: requests of a
+    /// busy channel queue for its share in turn (instead of each handing its job to the
+    /// dispatcher, which would put it behind the next message to its contact).
+    async fn slot_by(&self, direction: Direction, channel: &str, share: usize, deadline: Instant) -> Option<Slot> {
+        let channel_share = self.shares.of(channel, direction, share);
+        let channel_held = tokio::time::timeout_at(deadline, channel_share.acquire_owned()).await.ok()?.ok()?;
+        let permit =
+            tokio::time::timeout_at(deadline, Arc::clone(self.slots(direction)).acquire_owned()).await.ok()?.ok()?;
         Some(Slot { _permit: permit, _channel_held: channel_held })
     }
 
@@ -262,9 +273,9 @@ impl Worker {
         let mut moved = claimed.is_none().then(|| self.store.watch_queue(&channel.name, contact));
         loop {
             if let Some(leased) = claimed.take() {
-                let Some(slot) = self.slot(Direction::Outbound, &channel.name, share) else {
-                    // Every slot is busy: the lease goes back as when a client hangs up, and the
-                    // dispatcher takes the job once a slot is free.
+                let Some(slot) = self.slot_by(Direction::Outbound, &channel.name, share, deadline).await else {
+                    // Every slot stayed busy: the lease goes back as when a client hangs up, and
+                    // the dispatcher takes the job once a slot is free.
                     drop(leased);
                     return FirstAttempt::Pending;
                 };
@@ -568,32 +579,38 @@ pub fn share_of(channels: usize) -> usize {
     if channels <= 1 { MAX_IN_FLIGHT_PER_DIRECTION } else { CHANNEL_SHARE }
 }
 
-/// Attempts in flight per (channel, direction).
+/// Attempts in flight per (channel, direction): a semaphore of `share` permits each, made when
+/// first needed (and again when the share changes, a reload going from one channel to several).
 #[derive(Debug, Default)]
 struct Shares {
-    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), usize>>,
+    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), (usize, Arc<Semaphore>)>>,
 }
 
 impl Shares {
-    /// One more attempt of `channel`, unless it holds `share` already.
-    fn take(self: &Arc<Self>, channel: &str, direction: Direction, share: usize) -> Option<ChannelHeld> {
+    fn of(&self, channel: &str, direction: Direction, share: usize) -> Arc<Semaphore> {
         let mut held = self.held.lock().expect("shares");
-        let count = held.entry((channel.to_owned(), direction)).or_insert(0);
-        if *count >= share {
-            return None;
+        let key = (channel.to_owned(), direction);
+        match held.get(&key) {
+            Some((of, semaphore)) if *of == share => Arc::clone(semaphore),
+            _ => {
+                let semaphore = Arc::new(Semaphore::new(share));
+                held.insert(key, (share, Arc::clone(&semaphore)));
+                semaphore
+            }
         }
-        *count += 1;
-        Some(ChannelHeld { shares: Arc::clone(self), key: (channel.to_owned(), direction) })
     }
 
     /// The channels a claim may take jobs of, and how many of one channel at most: every
     /// channel below its share, no more than the busiest of them has left. `None` when none may.
     fn eligible(&self, names: &Arc<[String]>, direction: Direction, share: usize) -> Option<(Arc<[String]>, usize)> {
         let held = self.held.lock().expect("shares");
-        let busy = held.iter().filter(|((_, d), count)| *d == direction && **count > 0);
-        let least_left = busy.clone().map(|(_, count)| share.saturating_sub(*count)).filter(|left| *left > 0).min();
-        let full: Vec<&str> =
-            busy.filter(|(_, count)| **count >= share).map(|((channel, _), _)| channel.as_str()).collect();
+        let left = |(of, semaphore): &(usize, Arc<Semaphore>)| {
+            if *of == share { semaphore.available_permits() } else { share }
+        };
+        let busy =
+            held.iter().filter(|((_, d), _)| *d == direction).map(|((channel, _), entry)| (channel, left(entry)));
+        let least_left = busy.clone().map(|(_, left)| left).filter(|left| *left > 0).min();
+        let full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
         if full.is_empty() {
             return Some((Arc::clone(names), least_left.unwrap_or(share)));
         }
@@ -602,28 +619,10 @@ impl Shares {
     }
 }
 
-/// One attempt counted against its channel's share until dropped.
-struct ChannelHeld {
-    shares: Arc<Shares>,
-    key: (String, Direction),
-}
-
-impl Drop for ChannelHeld {
-    fn drop(&mut self) {
-        let mut held = self.shares.held.lock().expect("shares");
-        if let Some(count) = held.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// A slot of a direction and of its channel's share, for one attempt.
 struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _channel_held: ChannelHeld,
+    _channel_held: tokio::sync::OwnedSemaphorePermit,
 }
 
 fn millis(duration: Duration) -> i64 {
