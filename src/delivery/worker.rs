@@ -583,8 +583,11 @@ pub fn share_of(channels: usize) -> usize {
 /// first needed (and again when the share changes, a reload going from one channel to several).
 #[derive(Debug, Default)]
 struct Shares {
-    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), (usize, Arc<Semaphore>)>>,
+    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), ShareOf>>,
 }
+
+/// A channel's share of a direction's slots: its size, and the semaphore handing it out.
+type ShareOf = (usize, Arc<Semaphore>);
 
 impl Shares {
     fn of(&self, channel: &str, direction: Direction, share: usize) -> Arc<Semaphore> {
@@ -604,7 +607,7 @@ impl Shares {
     /// channel below its share, no more than the busiest of them has left. `None` when none may.
     fn eligible(&self, names: &Arc<[String]>, direction: Direction, share: usize) -> Option<(Arc<[String]>, usize)> {
         let held = self.held.lock().expect("shares");
-        let left = |(of, semaphore): &(usize, Arc<Semaphore>)| {
+        let left = |(of, semaphore): &ShareOf| {
             if *of == share { semaphore.available_permits() } else { share }
         };
         let busy =
