@@ -94,8 +94,11 @@ pub struct Worker {
     /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
     /// queued to be attempted again.
     abort: CancellationToken,
-    /// An attempt ended and gave its slot back.
+    /// An attempt ended and gave its slot back, while the dispatcher was short of slots.
     slot_freed: Notify,
+    /// Whether the dispatcher stopped claiming for want of a slot: only then does an attempt
+    /// that ends wake it (otherwise every attempt's end would cost a claim).
+    short_of_slots: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -111,6 +114,7 @@ impl Worker {
             attempts: TaskTracker::new(),
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
+            short_of_slots: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -184,11 +188,17 @@ impl Worker {
         loop {
             let free = slots.available_permits();
             if free == 0 {
-                return Ok(());
+                self.wait_for_slots();
+                // An attempt that ended before the flag was up woke nobody: look once more.
+                if slots.available_permits() == 0 {
+                    return Ok(());
+                }
+                continue;
             }
             let directory = self.channels.current();
             let share = share_of(directory.len());
             let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share) else {
+                self.wait_for_slots();
                 return Ok(());
             };
             let now = self.store.now();
@@ -220,6 +230,7 @@ impl Worker {
                 };
                 let Some(slot) = self.slot(direction, &job.channel, share) else {
                     // A `/message` request took the slot meanwhile: the job waits for the next.
+                    self.wait_for_slots();
                     self.hand_back(&job, job.progress).await;
                     continue;
                 };
@@ -227,10 +238,22 @@ impl Worker {
                 self.spawn_attempt(async move {
                     this.run_attempt(job, channel, None).await;
                     drop(slot);
-                    // The contact's next job, if any, is claimable now.
-                    this.slot_freed.notify_one();
+                    this.slot_given_back();
                 });
             }
+        }
+    }
+
+    /// The dispatcher stops claiming for want of a slot: the next attempt to end wakes it.
+    fn wait_for_slots(&self) {
+        self.short_of_slots.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An attempt ended. The contact's next job, if any, is announced by the store; only a
+    /// dispatcher short of slots needs waking for the slot itself.
+    fn slot_given_back(&self) {
+        if self.short_of_slots.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.slot_freed.notify_one();
         }
     }
 
@@ -286,7 +309,7 @@ impl Worker {
                 self.spawn_attempt(async move {
                     this.run_attempt(job, channel, Some(answer)).await;
                     drop(slot);
-                    this.slot_freed.notify_one();
+                    this.slot_given_back();
                 });
                 match tokio::time::timeout_at(deadline, outcome).await {
                     Ok(Ok(FirstAttempt::Paced { until })) => {

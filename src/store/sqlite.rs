@@ -1361,10 +1361,15 @@ impl Store for SqliteStore {
     }
 
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
-        let settled =
-            self.run_then_signal(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)));
+        let settled = self.run(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)));
         Box::pin(async move {
             let settled = settled.await?;
+            // Only new claimable work wakes the workers: the contact's next job, the job itself
+            // handed back or due again, a receipt. Most finishes leave none, and each wake-up
+            // costs a claim that reads every channel with queued work.
+            if settled.queued || settled.receipt {
+                self.changes.signal();
+            }
             if settled.direction == Direction::Outbound {
                 self.changes.queue_moved(&settled.channel, &settled.contact);
             }
