@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::breaker::{Answer, Breakers};
 use super::hold::ClaimHold;
 use super::outbound::AttemptEnd;
 use super::retry::RetrySchedule;
@@ -89,6 +90,8 @@ pub struct Worker {
     slots: [Arc<Semaphore>; 2],
     /// Attempts in flight per channel and direction, for [`CHANNEL_SHARE`].
     shares: Arc<Shares>,
+    /// Channels whose upstream keeps failing rest from claims and first attempts.
+    breakers: Breakers,
     /// Every attempt running, the dispatcher's and the requests' alike.
     attempts: TaskTracker,
     /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
@@ -111,6 +114,7 @@ impl Worker {
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             slots: Direction::ALL.map(|_| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))),
             shares: Arc::default(),
+            breakers: Breakers::default(),
             attempts: TaskTracker::new(),
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
@@ -197,7 +201,9 @@ impl Worker {
             }
             let directory = self.channels.current();
             let share = share_of(directory.len());
-            let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share) else {
+            let resting = self.breakers.resting_channels(direction, Instant::now());
+            let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share, &resting)
+            else {
                 self.wait_for_slots();
                 return Ok(());
             };
@@ -296,6 +302,12 @@ impl Worker {
         let mut moved = claimed.is_none().then(|| self.store.watch_queue(&channel.name, contact));
         loop {
             if let Some(leased) = claimed.take() {
+                if self.breakers.resting(&channel.name, Direction::Outbound, Instant::now()) {
+                    // JoinChat keeps failing for this channel: the message waits, stored, for
+                    // the rest to end instead of failing once more.
+                    drop(leased);
+                    return FirstAttempt::Pending;
+                }
                 let Some(slot) = self.slot_by(Direction::Outbound, &channel.name, share, deadline).await else {
                     // Every slot stayed busy: the lease goes back as when a client hangs up, and
                     // the dispatcher takes the job once a slot is free.
@@ -396,6 +408,20 @@ impl Worker {
         }
     }
 
+    /// Feeds the channel's breaker with how its upstream answered `job`'s attempt.
+    fn upstream_answered(&self, job: &Job, failed: bool) {
+        let answer = if failed { Answer::Failed } else { Answer::Answered };
+        if let Some(rest) = self.breakers.record(&job.channel, job.direction, answer, Instant::now()) {
+            tracing::warn!(
+                channel = %job.channel,
+                direction = job.direction.as_str(),
+                rest_ms = u64::try_from(rest.as_millis()).unwrap_or(u64::MAX),
+                failures_in_a_row = super::breaker::TRIP_AFTER,
+                "the channel's upstream keeps failing; its deliveries rest (jobs stay queued, retries untouched)"
+            );
+        }
+    }
+
     /// An attempt stopped before a request because it was no longer sure to hold its claim.
     async fn stopped_unsure_of_claim(&self, job: &Job, hold: &ClaimHold, progress: u32) {
         if hold.is_lost() {
@@ -450,6 +476,7 @@ impl Worker {
             AttemptEnd::Sent { last_sent_at } => Ok(last_sent_at),
             AttemptEnd::Failed(error) => Err(error),
         };
+        self.upstream_answered(job, matches!(result, Err(SendError::Transient { .. })));
         // Only a request still waiting can be answered with JoinChat's refusal; once it has
         // gone (answered 200 at the end of its wait, or hung up), BonyChat hears by receipt.
         let waiting = answer.as_ref().is_some_and(|answer| !answer.is_closed());
@@ -511,6 +538,7 @@ impl Worker {
             return;
         };
         let attempt = job.attempts + 1;
+        self.upstream_answered(job, matches!(outcome.result, Err(SendError::Transient { .. })));
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
                 if outcome.introduced
@@ -628,7 +656,13 @@ impl Shares {
 
     /// The channels a claim may take jobs of, and how many of one channel at most: every
     /// channel below its share, no more than the busiest of them has left. `None` when none may.
-    fn eligible(&self, names: &Arc<[String]>, direction: Direction, share: usize) -> Option<(Arc<[String]>, usize)> {
+    fn eligible(
+        &self,
+        names: &Arc<[String]>,
+        direction: Direction,
+        share: usize,
+        resting: &[String],
+    ) -> Option<(Arc<[String]>, usize)> {
         let held = self.held.lock().expect("shares");
         let left = |(of, semaphore): &ShareOf| {
             if *of == share { semaphore.available_permits() } else { share }
@@ -636,7 +670,8 @@ impl Shares {
         let busy =
             held.iter().filter(|((_, d), _)| *d == direction).map(|((channel, _), entry)| (channel, left(entry)));
         let least_left = busy.clone().map(|(_, left)| left).filter(|left| *left > 0).min();
-        let full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
+        let mut full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
+        full.extend(resting.iter().map(String::as_str));
         if full.is_empty() {
             return Some((Arc::clone(names), least_left.unwrap_or(share)));
         }

@@ -443,3 +443,35 @@ async fn a_reload_takes_the_admin_token_from_its_file_again() {
     assert_eq!((before, old, new), (StatusCode::OK, StatusCode::UNAUTHORIZED, StatusCode::OK));
     relay.stop().await;
 }
+
+/// A channel whose JoinChat fails every send rests instead of attempting each queued contact on
+/// every retry: its upstream (and the store every channel shares) sees a few attempts a second,
+/// not thousands, and the messages stay queued with their retries unspent.
+#[tokio::test]
+async fn a_channel_whose_joinchat_keeps_failing_rests_instead_of_hammering_it() {
+    let failing = TestChannel::new("failing", "104857600123456").await;
+    failing.joinchat.fail_randomly(100);
+    let relay = Deployment::start(
+        &[&failing],
+        &[("RELAY_SEND_WAIT_MS", "0"), ("RELAY_RETRY_JOINCHAT", &["50ms"; 200].join(","))],
+    )
+    .await;
+
+    for n in 0..50 {
+        let (status, _) = relay.send(&failing, &format!("c{n}"), "x").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let calls = failing.joinchat.received().len();
+    let queued = relay.store.list(Some(JobState::Queued), None, 100).await.unwrap();
+
+    // Without the rest: 50 contacts, a retry every 50 ms for 3 s, about 3 000 calls.
+    assert!(calls < 400, "JoinChat got {calls} calls in 3 s");
+    assert_eq!(queued.len(), 50, "every message still queued");
+    assert!(
+        queued.iter().all(|job| job.attempts < 20),
+        "retries unspent: {:?}",
+        queued.iter().map(|j| j.attempts).collect::<Vec<_>>()
+    );
+    relay.stop().await;
+}
