@@ -378,8 +378,10 @@ const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.st
 /// other transactions hold (another replica's claim, a writer of that contact) for the next ones
 /// of the same channel, so a busy channel never takes another's share. The cost follows the
 /// number of channels with queued work and `limit`, never the depth of any channel's queue:
-/// `due` says `LIMIT $3` and `leased` looks its jobs up by key, so that the planner, which cannot
-/// see through the per-channel quotas, never estimates a long queue and scans `jobs` for it.
+/// `due` says `LIMIT $3`, which the planner cannot tell from the per-channel quotas, so that it
+/// joins `due` to `jobs` by key instead of reading a whole channel's queue for it. (Looking the
+/// jobs up with `id = ANY(ARRAY(…))` instead made it combine that with `jobs_queued`, reading
+/// every queued job.)
 const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         (SELECT channel FROM channel_queues WHERE direction = $1 ORDER BY channel LIMIT 1) \
         UNION ALL \
@@ -405,7 +407,7 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         LIMIT $3), \
     leased AS ( \
         UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
-        WHERE j.id = ANY(ARRAY(SELECT head_id FROM due)) AND j.state = 'queued' RETURNING j.*), \
+        FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
     held AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
         WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
