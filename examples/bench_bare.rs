@@ -28,7 +28,7 @@ use bonychat_relay::domain::inbound::parse_envelope;
 use bonychat_relay::domain::joinchat::SendRequest;
 use bonychat_relay::domain::outbound::OutboundRequest;
 use bonychat_relay::signing::{HubSignature, joinchat_signature};
-use bonychat_relay::store::now_millis;
+use bonychat_relay::store::{DEFAULT_CHANNEL, now_millis};
 
 struct Bare {
     config: Config,
@@ -46,12 +46,19 @@ async fn main() {
     let config = Config::from_env(&Env::from_process()).expect("the relay's variables are set");
     let joinchat = match mode.as_str() {
         "handler" => None,
-        "forwarder" => Some(HttpJoinChat::new(&config.joinchat).expect("HTTP client builds")),
+        "forwarder" => Some(HttpJoinChat::new(
+            bonychat_relay::clients::http::client(
+                config.upstreams.joinchat_connect_timeout,
+                config.upstreams.joinchat_timeout,
+            )
+            .expect("HTTP client builds"),
+            &config.channels.channels[DEFAULT_CHANNEL].joinchat,
+        )),
         other => panic!("unknown mode {other}: handler or forwarder"),
     };
     let bare = Arc::new(Bare {
-        token: BearerToken::new(&config.bonychat.api_token),
-        hub: HubSignature::new(config.messenger.app_secret.clone()),
+        token: BearerToken::new(&config.channels.channels[DEFAULT_CHANNEL].bonychat.api_token),
+        hub: HubSignature::new(config.channels.apps["default"].app_secret.clone()),
         joinchat,
         config,
     });
@@ -65,12 +72,13 @@ async fn message(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
     if !bare.token.is_presented_in(&headers) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
-    let request = match OutboundRequest::parse(&body, &bare.config.bonychat.channel_id) {
-        Ok(request) => request,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
-    };
-    let joinchat = &bare.config.joinchat;
-    let job = new_outbound_job(&request, joinchat.recipient_field, now_millis());
+    let request =
+        match OutboundRequest::parse(&body, &bare.config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id) {
+            Ok(request) => request,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
+        };
+    let joinchat = &bare.config.channels.channels[DEFAULT_CHANNEL].joinchat;
+    let job = new_outbound_job(DEFAULT_CHANNEL, u64::MAX, &request, joinchat.recipient_field, now_millis());
     for message in &job.parts {
         let send = SendRequest {
             page_id: &joinchat.page_id,
@@ -99,7 +107,7 @@ async fn webhook(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
     let Ok(verified) = bare.hub.verify(signature, body) else {
         return StatusCode::FORBIDDEN.into_response();
     };
-    match parse_envelope(&verified, &bare.config.joinchat.page_id, now_millis()) {
+    match parse_envelope(&verified, &bare.config.channels.channels[DEFAULT_CHANNEL].joinchat.page_id, now_millis()) {
         Ok(envelope) => axum::Json(serde_json::json!({ "received": envelope.events.len() })).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.0).into_response(),
     }

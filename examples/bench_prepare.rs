@@ -18,7 +18,7 @@ use bonychat_relay::delivery::new_outbound_job;
 use bonychat_relay::domain::outbound::OutboundRequest;
 use bonychat_relay::signing::hub_signature;
 use bonychat_relay::store::sqlite::SqliteStore;
-use bonychat_relay::store::{IntakeCaps, Store, now_millis};
+use bonychat_relay::store::{DEFAULT_CHANNEL, IntakeCaps, Store, now_millis};
 
 /// Contact ids as the Lua scripts make them: numeric, so the recipient is an `id`.
 const CONTACT_BASE: u64 = 1_000_000_000_000_000;
@@ -37,8 +37,8 @@ async fn main() {
 }
 
 fn webhooks(config: &Config, file: &str, batches: u64, per_batch: u64) {
-    let secret = config.messenger.app_secret.expose().as_bytes();
-    let page = &config.joinchat.page_id;
+    let secret = config.channels.apps["default"].app_secret.expose().as_bytes();
+    let page = &config.channels.channels[DEFAULT_CHANNEL].joinchat.page_id;
     let now = now_millis();
     let mut out = std::io::BufWriter::new(std::fs::File::create(file).expect("file can be written"));
     for b in 0..batches {
@@ -83,12 +83,21 @@ async fn backlog(config: Config, jobs: u64, contacts: u64) {
                         }
                         let body = format!(
                             r#"{{"channelId":"{}","contactId":"{}","message":{{"type":"text","text":"c{c} n{k}"}}}}"#,
-                            config.bonychat.channel_id,
+                            config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id,
                             CONTACT_BASE + c
                         );
-                        let request = OutboundRequest::parse(body.as_bytes(), &config.bonychat.channel_id)
-                            .expect("a valid request");
-                        let job = new_outbound_job(&request, config.joinchat.recipient_field, now_millis());
+                        let request = OutboundRequest::parse(
+                            body.as_bytes(),
+                            &config.channels.channels[DEFAULT_CHANNEL].bonychat.channel_id,
+                        )
+                        .expect("a valid request");
+                        let job = new_outbound_job(
+                            DEFAULT_CHANNEL,
+                            u64::MAX,
+                            &request,
+                            config.channels.channels[DEFAULT_CHANNEL].joinchat.recipient_field,
+                            now_millis(),
+                        );
                         store.enqueue_outbound(job, None).await.expect("stored");
                     }
                 }

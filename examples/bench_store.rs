@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::sqlite::SqliteStore;
-use bonychat_relay::store::{IntakeCaps, NewOutbound, Store, now_millis};
+use bonychat_relay::store::{DEFAULT_CHANNEL, IntakeCaps, NewOutbound, Store, now_millis};
 
 #[tokio::main]
 async fn main() {
@@ -35,6 +35,8 @@ async fn main() {
                 while Instant::now() < deadline {
                     i += 1;
                     let job = NewOutbound {
+                        channel: DEFAULT_CHANNEL.into(),
+                        max_queued: u64::MAX,
                         m_id: format!("{w}-{i}"),
                         contact: format!("{}", 1_000_000_000_000_000 + (w as u64 * 100_003 + i) % 100_000),
                         recipient: Recipient::Id("1066835436691078".into()),

@@ -31,6 +31,12 @@ pub enum ApiError {
     InvalidPayload(String),
     #[error("channelId does not match this relay's BonyChat channel")]
     UnknownChannel,
+    /// A channel name in the path that is not served (SPEC §3.1): never configured, or removed.
+    #[error("no channel {0} here")]
+    NoSuchChannel(String),
+    /// A Meta app name in the webhook path that is not served (SPEC §4).
+    #[error("no Messenger app {0} here")]
+    NoSuchApp(String),
     #[error("JoinChat rejected the message: {0}")]
     RejectedByJoinChat(String),
     #[error("no such endpoint")]
@@ -76,7 +82,7 @@ impl ApiError {
             Self::InvalidPayload(_) | Self::InvalidRequest(_) | Self::UnknownChannel | Self::RejectedByJoinChat(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoSuchChannel(_) | Self::NoSuchApp(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
@@ -98,7 +104,8 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::InvalidPayload(_) => "invalid_payload",
-            Self::UnknownChannel => "unknown_channel",
+            Self::UnknownChannel | Self::NoSuchChannel(_) => "unknown_channel",
+            Self::NoSuchApp(_) => "unknown_app",
             Self::RejectedByJoinChat(_) => "rejected_by_joinchat",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

@@ -6,6 +6,7 @@
 //! (upstreams behind traits), with [`startup`] wiring them together.
 
 pub mod auth;
+pub mod channels;
 pub mod clients;
 pub mod config;
 pub mod delivery;

@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bonychat_relay::config::{Config, ConfigError, Env, Secret, StoreConfig};
+use bonychat_relay::config::{CHANNELS_FILE_VAR, Channels, Config, ConfigError, Env, Secret, StoreConfig};
 use bonychat_relay::startup::Application;
-use bonychat_relay::store::{self, JobState, JobView, Store, now_millis};
+use bonychat_relay::store::{self, DEFAULT_CHANNEL, JobState, JobView, Store, now_millis};
 use bonychat_relay::{shutdown, telemetry};
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -82,6 +82,10 @@ struct SimulateMessenger {
     /// The relay's base URL; default http://127.0.0.1:<port of RELAY_ADDR>.
     #[arg(long)]
     url: Option<String>,
+    /// With RELAY_CHANNELS_FILE: the channel whose Page the event is for (its app's secret
+    /// signs it, and it goes to that app's /webhooks/messenger/<app>).
+    #[arg(long, value_name = "NAME")]
+    channel: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -91,6 +95,9 @@ enum JobsCommand {
         /// queued, delivered, dead, rejected or dropped; all states when left out.
         #[arg(long)]
         state: Option<String>,
+        /// Only the jobs of this channel; every channel's when left out.
+        #[arg(long, value_name = "NAME", value_parser = channel_name)]
+        channel: Option<String>,
         /// How many jobs at most, 1 to 1000 (as the admin API).
         #[arg(
             long,
@@ -105,7 +112,20 @@ enum JobsCommand {
     /// Queue one dead or queued job again, due now, with a fresh retry schedule.
     Retry { id: i64 },
     /// Queue every dead job again, due now.
-    Redrive,
+    Redrive {
+        /// Only the dead jobs of this channel; every channel's when left out.
+        #[arg(long, value_name = "NAME", value_parser = channel_name)]
+        channel: Option<String>,
+    },
+}
+
+/// A `--channel` value: refused at once when no channel can have that name.
+fn channel_name(raw: &str) -> Result<String, String> {
+    if store::is_channel_name(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err("a channel's name is 1 to 32 of a-z, 0-9 and -, starting with a letter or digit".into())
+    }
 }
 
 /// Exit code for a start the relay refuses: a configuration it cannot start with, or a store a
@@ -166,14 +186,14 @@ fn check_config(env: &Env) -> ExitCode {
 }
 
 async fn simulate_messenger(env: &Env, args: SimulateMessenger) -> ExitCode {
-    let (secret, page_id, base) = match simulate_settings(env, args.url.as_deref()) {
+    let (secret, page_id, path, base) = match simulate_settings(env, args.url.as_deref(), args.channel.as_deref()) {
         Ok(settings) => settings,
         Err(e) => return config_error(&e),
     };
     let envelope = messenger_envelope(&args, &page_id, now_millis());
     let body = serde_json::to_vec(&envelope).expect("JSON values serialize");
     let signature = bonychat_relay::signing::hub_signature(secret.expose().as_bytes(), &body);
-    let url = format!("{}/webhooks/messenger", base.trim_end_matches('/'));
+    let url = format!("{}{path}", base.trim_end_matches('/'));
 
     // The relay's client settings (and its crypto provider), so https deployments work too.
     let client = match bonychat_relay::clients::http::client(Duration::from_secs(5), Duration::from_secs(30)) {
@@ -207,14 +227,46 @@ async fn simulate_messenger(env: &Env, args: SimulateMessenger) -> ExitCode {
 
 /// Only the variables a simulated Messenger needs: it must work with a production env file
 /// whose other values (store, BonyChat) this machine knows nothing about.
-fn simulate_settings(env: &Env, url: Option<&str>) -> Result<(Secret, String, String), ConfigError> {
-    let secret = env.required_secret("MESSENGER_APP_SECRET")?;
-    let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
+/// With a channels file, the channel's app secret, Page and app path come from the file.
+fn simulate_settings(
+    env: &Env,
+    url: Option<&str>,
+    channel: Option<&str>,
+) -> Result<(Secret, String, String, String), ConfigError> {
     let base = match url {
         Some(url) => url.to_owned(),
         None => local_base_url(env)?,
     };
-    Ok((secret, page_id, base))
+    if env.get(CHANNELS_FILE_VAR)?.is_none() {
+        if channel.is_some_and(|name| name != DEFAULT_CHANNEL) {
+            return Err(ConfigError::new(
+                "--channel",
+                "needs RELAY_CHANNELS_FILE (without it, the only channel is default)",
+            ));
+        }
+        let secret = env.required_secret("MESSENGER_APP_SECRET")?;
+        let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
+        return Ok((secret, page_id, "/webhooks/messenger".to_owned(), base));
+    }
+    let channels = Channels::load(env, store::IntakeCaps::DEFAULT)?;
+    let name = match channel {
+        Some(name) => name.to_owned(),
+        None if channels.channels.len() == 1 => channels.channels.keys().next().expect("one").clone(),
+        None => {
+            let names: Vec<&str> = channels.channels.keys().map(String::as_str).collect();
+            return Err(ConfigError::new(
+                "--channel",
+                format!("required with several channels ({})", names.join(", ")),
+            ));
+        }
+    };
+    let config = channels
+        .channels
+        .get(&name)
+        .ok_or_else(|| ConfigError::new("--channel", format!("no channel {name} in the channels file")))?;
+    let app = &config.messenger_app;
+    let secret = channels.apps[app].app_secret.clone();
+    Ok((secret, config.joinchat.page_id.clone(), format!("/webhooks/messenger/{app}"), base))
 }
 
 /// A page envelope as Meta sends it (PROTOCOLS.md, `tests/api/fixtures/d2*.json`).
@@ -243,9 +295,11 @@ fn config_error(error: &dyn std::fmt::Display) -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    if let Err(e) = shutdown::ignore_hangups() {
-        tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain");
-    }
+    let hangups = shutdown::hangups()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain"),
+        )
+        .ok();
     let app = match Application::build(config).await {
         Ok(app) => app,
         Err(e) => {
@@ -256,6 +310,14 @@ async fn serve(config: Config) -> ExitCode {
             return if e.is_refusal() { ExitCode::from(EXIT_REFUSED) } else { ExitCode::FAILURE };
         }
     };
+    if let Some(mut hangups) = hangups {
+        let reloader = app.reloader();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                reloader.reload();
+            }
+        });
+    }
     let stop = CancellationToken::new();
     let signalled = stop.clone();
     tokio::spawn(async move {
@@ -288,13 +350,22 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
         }
     };
     let result = match action {
-        JobsCommand::List { state, limit, json } => list(store.as_ref(), state.as_deref(), limit, json).await,
-        JobsCommand::Retry { id } => store.retry(id, store.now()).await.map(|job| {
-            println!("job {} queued again ({} {} to {})", job.id, job.direction.as_str(), job.m_id, job.contact);
-        }),
-        JobsCommand::Redrive => {
-            store::redrive_all_dead(store.as_ref(), store.now()).await.map(|n| println!("{n} dead job(s) queued again"))
+        JobsCommand::List { state, channel, limit, json } => {
+            list(store.as_ref(), state.as_deref(), channel.as_deref(), limit, json).await
         }
+        JobsCommand::Retry { id } => store.retry(id, store.now()).await.map(|job| {
+            println!(
+                "job {} queued again ({} {} to {} of channel {})",
+                job.id,
+                job.direction.as_str(),
+                job.m_id,
+                job.contact,
+                job.channel
+            );
+        }),
+        JobsCommand::Redrive { channel } => store::redrive_all_dead(store.as_ref(), store.now(), channel.as_deref())
+            .await
+            .map(|n| println!("{n} dead job(s) queued again")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -305,14 +376,20 @@ async fn jobs(config: &StoreConfig, action: JobsCommand) -> ExitCode {
     }
 }
 
-async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) -> Result<(), store::StoreError> {
+async fn list(
+    store: &dyn Store,
+    state: Option<&str>,
+    channel: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<(), store::StoreError> {
     let state = match state {
         None => None,
         Some(raw) => Some(JobState::parse(raw).ok_or_else(|| {
             store::StoreError::Conflict(format!("--state {raw}: must be queued, delivered, dead, rejected or dropped"))
         })?),
     };
-    let jobs: Vec<JobView> = store.list(state, limit).await?.iter().map(JobView::from).collect();
+    let jobs: Vec<JobView> = store.list(state, channel, limit).await?.iter().map(JobView::from).collect();
     if json {
         for job in &jobs {
             println!("{}", serde_json::to_string(job).expect("jobs serialize"));
@@ -320,15 +397,16 @@ async fn list(store: &dyn Store, state: Option<&str>, limit: usize, json: bool) 
         return Ok(());
     }
     println!(
-        "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
-        "id", "dir", "state", "attempts", "contact", "mId"
+        "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
+        "id", "channel", "dir", "state", "attempts", "contact", "mId"
     );
     for job in &jobs {
         let error = job.last_error.as_deref().unwrap_or("");
         let error: String = error.chars().take(60).collect();
         println!(
-            "{:>8}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
+            "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
             job.id,
+            job.channel,
             job.direction.as_str(),
             job.state.as_str(),
             job.attempts,

@@ -6,8 +6,9 @@
 //! process-wide. A relay is one process in production; tests that start several relays in one
 //! process see their sums, and the queue gauges of whichever relay was scraped last.
 //!
-//! Labels carry only bounded values (route templates, directions, outcomes, states): a contact
-//! id or `mId` as a label would make one series per contact and exhaust Prometheus.
+//! Labels carry only bounded values (route templates, channel names the operator chose,
+//! directions, outcomes, states): a contact id or `mId` as a label would make one series per
+//! contact and exhaust Prometheus.
 //!
 //! The listener is the public port's accept loop ([`crate::server`]) with limits of its own: few
 //! connections, shared fairly between peers with silent ones closed first, and a short head
@@ -43,6 +44,7 @@ const DELIVERY_LATENCY: &str = "bonychat_relay_delivery_latency_seconds";
 const QUEUE_JOBS: &str = "bonychat_relay_queue_jobs";
 const DROPPED: &str = "bonychat_relay_inbound_events_dropped_total";
 const RECEIPTS_POSTED: &str = "bonychat_relay_receipts_posted_total";
+const CONFIG_RELOADS: &str = "bonychat_relay_config_reloads_total";
 const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
 const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
 const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
@@ -111,9 +113,13 @@ fn describe() {
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
     describe_gauge!(
         QUEUE_JOBS,
-        "Jobs by direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
+        "Jobs by channel, direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
     );
-    describe_counter!(DROPPED, "Inbound webhook content not forwarded, by reason (duplicate, own_echo, ignored).");
+    describe_counter!(
+        DROPPED,
+        "Inbound webhook content not forwarded, by channel and reason (duplicate, own_echo, ignored, unknown_page)."
+    );
+    describe_counter!(CONFIG_RELOADS, "SIGHUP reloads of the channels and secrets, by result (applied, refused).");
     describe_counter!(RECEIPTS_POSTED, "Message status receipts BonyChat accepted, by value.");
     describe_histogram!(COMMIT_DURATION, Unit::Seconds, "Duration of one store group commit.");
     describe_histogram!(COMMIT_BATCH, Unit::Count, "Operations committed together in one store commit.");
@@ -197,22 +203,36 @@ async fn refresh_store_gauges(store: &dyn Store) {
     );
     store_writable(matches!(writable, Ok(Ok(()))));
     match counts {
-        Ok(Ok(counts)) => {
-            for (direction, counts) in counts {
-                queue_jobs(direction, counts);
-            }
-        }
+        Ok(Ok(counts)) => queue_gauges(counts),
         // The gauges keep their last values; `store_writable` already says something is wrong.
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot count the queue for /metrics"),
         Err(_) => tracing::warn!("counting the queue for /metrics took too long"),
     }
 }
 
-fn queue_jobs(direction: Direction, counts: QueueCounts) {
+/// Sets the queue gauges to `counts`. A (channel, direction) the store no longer counts (its
+/// jobs all delivered, or pruned) had its gauges set before: they go to zero rather than keep
+/// their last values.
+fn queue_gauges(counts: Vec<(String, Direction, QueueCounts)>) {
+    static SHOWN: std::sync::Mutex<Vec<(String, Direction)>> = std::sync::Mutex::new(Vec::new());
+    let mut shown = SHOWN.lock().expect("queue gauges");
+    for (channel, direction) in shown.iter() {
+        if !counts.iter().any(|(c, d, _)| c == channel && d == direction) {
+            queue_jobs(channel, *direction, QueueCounts::default());
+        }
+    }
+    *shown = counts.iter().map(|(channel, direction, _)| (channel.clone(), *direction)).collect();
+    for (channel, direction, counts) in counts {
+        queue_jobs(&channel, direction, counts);
+    }
+}
+
+fn queue_jobs(channel: &str, direction: Direction, counts: QueueCounts) {
     let states =
         [("ready", counts.ready), ("delayed", counts.delayed), ("in_flight", counts.in_flight), ("dead", counts.dead)];
     for (state, jobs) in states {
-        gauge!(QUEUE_JOBS, "direction" => direction.as_str(), "state" => state).set(jobs as f64);
+        gauge!(QUEUE_JOBS, "channel" => channel.to_owned(), "direction" => direction.as_str(), "state" => state)
+            .set(jobs as f64);
     }
 }
 
@@ -228,11 +248,15 @@ pub fn connection_evicted(listener: &'static str, reason: &'static str) {
 
 /// One answered request. `route` is the matched route template; `None` (no route matched) is
 /// recorded as `unmatched`, since raw paths are unbounded.
-pub fn http_request(route: Option<&str>, method: &Method, status: u16, elapsed: Duration) {
+/// `channel` is the configured channel the request served, once known; empty otherwise (probes,
+/// refusals before the channel was found), never a name taken from a request unchecked.
+pub fn http_request(route: Option<&str>, channel: Option<&str>, method: &Method, status: u16, elapsed: Duration) {
     let route = route.unwrap_or("unmatched").to_owned();
+    let channel = channel.unwrap_or("").to_owned();
     let method = method_label(method);
-    counter!(HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status.to_string()).increment(1);
-    histogram!(HTTP_DURATION, "route" => route, "method" => method).record(elapsed.as_secs_f64());
+    counter!(HTTP_REQUESTS, "route" => route.clone(), "channel" => channel.clone(), "method" => method, "status" => status.to_string())
+        .increment(1);
+    histogram!(HTTP_DURATION, "route" => route, "channel" => channel, "method" => method).record(elapsed.as_secs_f64());
 }
 
 /// Extension methods are any token a client sends: one series each would be unbounded.
@@ -270,30 +294,44 @@ impl Outcome {
 }
 
 /// One attempt, at `now`, of a job stored at `created_at` (both on the store's clock).
-pub fn attempt(direction: Direction, outcome: Outcome, created_at: i64, now: i64) {
-    counter!(ATTEMPTS, "direction" => direction.as_str(), "outcome" => outcome.as_str()).increment(1);
+pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at: i64, now: i64) {
+    let channel = channel.to_owned();
+    counter!(ATTEMPTS, "channel" => channel.clone(), "direction" => direction.as_str(), "outcome" => outcome.as_str())
+        .increment(1);
     if outcome == Outcome::Sent {
         let waited = now.saturating_sub(created_at).max(0);
-        histogram!(DELIVERY_LATENCY, "direction" => direction.as_str()).record(waited as f64 / 1000.0);
+        histogram!(DELIVERY_LATENCY, "channel" => channel, "direction" => direction.as_str())
+            .record(waited as f64 / 1000.0);
     }
 }
 
 /// What a stored webhook did not forward.
-pub fn inbound_dropped(duplicates: usize, own_echoes: usize, ignored: usize) {
+pub fn inbound_dropped(channel: &str, duplicates: usize, own_echoes: usize, ignored: usize) {
     for (reason, n) in [("duplicate", duplicates), ("own_echo", own_echoes), ("ignored", ignored)] {
         if n > 0 {
-            counter!(DROPPED, "reason" => reason).increment(n as u64);
+            counter!(DROPPED, "channel" => channel.to_owned(), "reason" => reason).increment(n as u64);
         }
     }
 }
 
-pub fn receipt_posted(value: StatusValue) {
+/// Entries of a webhook for a Page no channel of the app has (SPEC §4): acknowledged, not
+/// forwarded. Labelled by the app (a name the operator chose), never by the Page id a caller sent.
+pub fn unknown_page_dropped(app: &str, entries: usize) {
+    counter!(DROPPED, "channel" => "", "app" => app.to_owned(), "reason" => "unknown_page").increment(entries as u64);
+}
+
+/// A `SIGHUP` reload: `applied` or `refused`.
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+pub fn receipt_posted(channel: &str, value: StatusValue) {
     let value = match value {
         StatusValue::Delivered => "delivered",
         StatusValue::Read => "read",
         StatusValue::Failed => "failed",
     };
-    counter!(RECEIPTS_POSTED, "value" => value).increment(1);
+    counter!(RECEIPTS_POSTED, "channel" => channel.to_owned(), "value" => value).increment(1);
 }
 
 /// One group commit of the store's writer thread.

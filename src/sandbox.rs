@@ -13,11 +13,11 @@
 //! each entry is kept as the JSON text it is served as, so reading the log copies at most
 //! [`KEPT_BYTES`] instead of building and serialising a tree of everything received.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,7 +30,7 @@ use crate::config::{Config, Secret};
 use crate::error::ApiError;
 use crate::routes::limits::BodyReader;
 use crate::signing::joinchat_signature;
-use crate::store::now_millis;
+use crate::store::{DEFAULT_CHANNEL, now_millis};
 
 /// How many requests each stand-in keeps: enough to follow a session, bounded so that a
 /// sandbox left running cannot grow without end.
@@ -48,11 +48,23 @@ pub const REJECT_MARKER: &str = "#reject";
 /// Both upstreams' bodies are small; this is the relay's own webhook limit.
 const BODY_LIMIT: usize = 1024 * 1024;
 
+/// The stand-ins of every channel, each checking that channel's secret and token and keeping
+/// what it received apart from the others'.
 struct Sandbox {
+    channels: HashMap<String, StandIns>,
+}
+
+struct StandIns {
     joinchat_secret: Secret,
     bonychat_token: BearerToken,
     joinchat: Received,
     bonychat: Received,
+}
+
+impl Sandbox {
+    fn of(&self, channel: &str) -> Result<&StandIns, ApiError> {
+        self.channels.get(channel).ok_or(ApiError::NotFound)
+    }
 }
 
 /// The last requests a stand-in received, oldest first: at most [`KEPT`] of them and
@@ -106,28 +118,71 @@ pub fn router<S: Clone + Send + Sync + 'static>(config: &Config) -> Router<S> {
         "RELAY_SANDBOX=true: THIS RELAY IS A SANDBOX. It serves stand-ins for JoinChat and BonyChat under \
          /sandbox/ that anyone reaching this port can read. Never use it in production."
     );
-    let sandbox = Arc::new(Sandbox {
-        joinchat_secret: config.joinchat.api_secret.clone(),
-        bonychat_token: BearerToken::new(&config.bonychat.api_token),
-        joinchat: Received::default(),
-        bonychat: Received::default(),
-    });
+    // The channels at start: a channel added by a reload has no stand-ins until a restart.
+    let channels = config
+        .channels
+        .channels
+        .iter()
+        .map(|(name, channel)| {
+            let stand_ins = StandIns {
+                joinchat_secret: channel.joinchat.api_secret.clone(),
+                bonychat_token: BearerToken::new(&channel.bonychat.api_token),
+                joinchat: Received::default(),
+                bonychat: Received::default(),
+            };
+            (name.clone(), stand_ins)
+        })
+        .collect();
+    let sandbox = Arc::new(Sandbox { channels });
     Router::new()
-        .route("/sandbox/joinchat/api/send_message", post(joinchat_send_message))
-        .route("/sandbox/joinchat/requests", get(joinchat_requests))
-        .route("/sandbox/bonychat/webhook", post(bonychat_webhook))
-        .route("/sandbox/bonychat/events", get(bonychat_events))
+        .route("/sandbox/joinchat/api/send_message", post(default_joinchat_send_message))
+        .route("/sandbox/joinchat/requests", get(default_joinchat_requests))
+        .route("/sandbox/bonychat/webhook", post(default_bonychat_webhook))
+        .route("/sandbox/bonychat/events", get(default_bonychat_events))
+        .route("/sandbox/channels/{channel}/joinchat/api/send_message", post(joinchat_send_message))
+        .route("/sandbox/channels/{channel}/joinchat/requests", get(joinchat_requests))
+        .route("/sandbox/channels/{channel}/bonychat/webhook", post(bonychat_webhook))
+        .route("/sandbox/channels/{channel}/bonychat/events", get(bonychat_events))
         .with_state(sandbox)
+}
+
+/// The stand-ins of the channel `default`, at the paths a single-channel sandbox has always used.
+async fn default_joinchat_send_message(
+    state: State<Arc<Sandbox>>,
+    reader: Extension<BodyReader>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    joinchat_send_message(state, Path(DEFAULT_CHANNEL.to_owned()), reader, headers, body).await
+}
+
+async fn default_bonychat_webhook(
+    state: State<Arc<Sandbox>>,
+    reader: Extension<BodyReader>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    bonychat_webhook(state, Path(DEFAULT_CHANNEL.to_owned()), reader, headers, body).await
+}
+
+async fn default_joinchat_requests(state: State<Arc<Sandbox>>) -> Result<Response, ApiError> {
+    joinchat_requests(state, Path(DEFAULT_CHANNEL.to_owned())).await
+}
+
+async fn default_bonychat_events(state: State<Arc<Sandbox>>) -> Result<Response, ApiError> {
+    bonychat_events(state, Path(DEFAULT_CHANNEL.to_owned())).await
 }
 
 /// JoinChat's `send_message`: checks `x-joinchat-signature` over the raw body and answers in
 /// JoinChat's shapes (PROTOCOLS.md). A body containing [`REJECT_MARKER`] is refused with 400.
 async fn joinchat_send_message(
     State(sandbox): State<Arc<Sandbox>>,
+    Path(channel): Path<String>,
     Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let sandbox = sandbox.of(&channel)?;
     let body = reader.read(body, BODY_LIMIT).await?;
     let bytes = &body.bytes;
     let expected = joinchat_signature(sandbox.joinchat_secret.expose().as_bytes(), bytes);
@@ -162,10 +217,12 @@ async fn joinchat_send_message(
 /// BonyChat's Webhook URL: checks `Authorization: Bearer <BONYCHAT_API_TOKEN>` in constant time.
 async fn bonychat_webhook(
     State(sandbox): State<Arc<Sandbox>>,
+    Path(channel): Path<String>,
     Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let sandbox = sandbox.of(&channel)?;
     let body = reader.read(body, BODY_LIMIT).await?;
     let bytes = &body.bytes;
     let token_valid = sandbox.bonychat_token.is_presented_in(&headers);
@@ -193,12 +250,18 @@ async fn bonychat_webhook(
     Ok((status, Json(answer)).into_response())
 }
 
-async fn joinchat_requests(State(sandbox): State<Arc<Sandbox>>) -> Response {
-    sandbox.joinchat.serve("requests")
+async fn joinchat_requests(
+    State(sandbox): State<Arc<Sandbox>>,
+    Path(channel): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(sandbox.of(&channel)?.joinchat.serve("requests"))
 }
 
-async fn bonychat_events(State(sandbox): State<Arc<Sandbox>>) -> Response {
-    sandbox.bonychat.serve("events")
+async fn bonychat_events(
+    State(sandbox): State<Arc<Sandbox>>,
+    Path(channel): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(sandbox.of(&channel)?.bonychat.serve("events"))
 }
 
 /// The body as JSON, or as text when it is not JSON (a stand-in shows what it got either way).

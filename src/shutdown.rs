@@ -1,20 +1,14 @@
 //! The process signals that stop the relay: SIGTERM (containers) and SIGINT (Ctrl-C); and
-//! SIGHUP, which must not.
+//! SIGHUP, which reloads the channels instead (see [`crate::startup::Reloader`]).
 
 use tokio::signal;
 
-/// SIGHUP is what operators and tools (`systemctl reload`, `kill -HUP`, a closed terminal) send to
-/// make a daemon reload; its default action ends the process at once, with no drain. Until the
-/// relay can reload, a SIGHUP is logged and changes nothing. Installed before the store opens,
-/// so one arriving during the start does not end it either.
-pub fn ignore_hangups() -> std::io::Result<()> {
-    let mut hangups = signal::unix::signal(signal::unix::SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP received; reloading is not supported yet, nothing changed");
-        }
-    });
-    Ok(())
+/// SIGHUP is what operators and tools (`systemctl reload`, `kill -HUP`) send to make a daemon
+/// reload; its default action ends the process at once, with no drain. Listening replaces that
+/// action: installed before the store opens, so one arriving during the start does not end it
+/// (it is kept, and the reload happens as soon as the relay serves).
+pub fn hangups() -> std::io::Result<signal::unix::Signal> {
+    signal::unix::signal(signal::unix::SignalKind::hangup())
 }
 
 pub async fn signal() {

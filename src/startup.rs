@@ -13,16 +13,12 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{BearerToken, SecretDigest};
-use crate::clients::bonychat::HttpBonyChat;
-use crate::clients::graph::GraphProfiles;
-use crate::clients::joinchat::HttpJoinChat;
-use crate::config::{Config, ServerLimits};
-use crate::delivery::{InboundPoster, OutboundSender, Profiles, Retries, RetrySchedule, Worker};
+use crate::channels::{Clients, Live};
+use crate::config::{Config, Reloaded, ServerLimits};
+use crate::delivery::{Retries, RetrySchedule, Worker};
 use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
 use crate::server;
-use crate::signing::HubSignature;
 use crate::store::{self, Store, StoreError};
 
 /// Bounds each request of the routes that store nothing (probes, the handshake, the admin
@@ -53,6 +49,7 @@ impl StartupError {
 }
 
 pub struct Application {
+    reloader: Reloader,
     listener: TcpListener,
     metrics: TcpListener,
     router: Router,
@@ -70,14 +67,15 @@ impl Application {
         monitoring::handle();
         let store = store::open(&config.store).await.map_err(StartupError::Store)?;
 
-        let worker = Arc::new(worker(&config, Arc::clone(&store))?);
+        let clients = Clients::new(&config.upstreams)?;
+        let channels =
+            Arc::new(Live::new(&config.channels, config.server.admin_token.as_ref(), clients, Arc::clone(&store)));
+        let worker = Arc::new(worker(&config, Arc::clone(&store), Arc::clone(&channels)));
 
         let shutdown = CancellationToken::new();
         let state = AppState::new(Shared {
-            bonychat_token: BearerToken::new(&config.bonychat.api_token),
-            admin_token: config.server.admin_token.as_ref().map(BearerToken::new),
-            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
-            verify_token: SecretDigest::new(&config.messenger.verify_token),
+            admin_enabled: config.server.admin_token.is_some(),
+            channels: Arc::clone(&channels),
             store: Arc::clone(&store),
             worker: Arc::clone(&worker),
             shutdown: shutdown.clone(),
@@ -88,6 +86,7 @@ impl Application {
         let addr = state.config.telemetry.metrics_addr;
         let metrics = TcpListener::bind(addr).await.map_err(|source| StartupError::MetricsBind { addr, source })?;
         Ok(Self {
+            reloader: Reloader { config: Arc::new(state.config.clone()), channels },
             listener,
             metrics,
             router: router(state.clone(), REQUEST_TIMEOUT),
@@ -98,6 +97,11 @@ impl Application {
             limits: state.config.server.limits.clone(),
             shutdown,
         })
+    }
+
+    /// What `SIGHUP` calls: re-reads the channels and puts them in effect when valid.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The store, for tools and tests that inspect jobs.
@@ -118,7 +122,7 @@ impl Application {
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self { listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
+        let Self { reloader: _, listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
         tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
         let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store), limits.clone()));
 
@@ -175,29 +179,56 @@ impl Application {
     }
 }
 
-/// The workers for `config`, delivering from `store`.
-pub(crate) fn worker(config: &Config, store: Arc<dyn Store>) -> Result<Worker, StartupError> {
-    let profiles = match &config.messenger.page_access_token {
-        Some(token) => {
-            let graph = GraphProfiles::new(&config.messenger, token.clone())?;
-            Some(Profiles::new(Arc::new(graph), config.messenger.graph_timeout))
+/// Reloads the channels file and every secret file (SPEC §7).
+#[derive(Clone)]
+pub struct Reloader {
+    config: Arc<Config>,
+    channels: Arc<Live>,
+}
+
+impl Reloader {
+    /// A valid configuration takes over for everything that starts from now on; an invalid one
+    /// changes nothing and is logged with the reason. Either way the reloads counter tells.
+    pub fn reload(&self) {
+        match self.config.reload() {
+            Ok(Reloaded { channels, admin_token }) => {
+                for warning in &channels.warnings {
+                    tracing::warn!("{warning}");
+                }
+                let changes = self.channels.replace(&channels, admin_token.as_ref());
+                crate::monitoring::config_reload("applied");
+                tracing::info!(
+                    channels = changes.added.len() + changes.kept,
+                    added = ?changes.added,
+                    removed = ?changes.removed,
+                    "SIGHUP: configuration reloaded"
+                );
+                if !changes.removed.is_empty() {
+                    tracing::warn!(
+                        removed = ?changes.removed,
+                        "channels removed: they answer 404 and their stored jobs stay queued until they return"
+                    );
+                }
+            }
+            Err(e) => {
+                crate::monitoring::config_reload("refused");
+                tracing::error!(reason = %e, "SIGHUP: configuration refused; the running one stays in effect");
+            }
         }
-        None => None,
-    };
-    Ok(Worker::new(
-        store.clone(),
-        OutboundSender::new(Arc::new(HttpJoinChat::new(&config.joinchat)?), Arc::clone(&store), &config.joinchat),
-        InboundPoster::new(
-            Arc::new(HttpBonyChat::new(&config.bonychat)?),
-            config.bonychat.channel_id.clone(),
-            profiles,
-        ),
+    }
+}
+
+/// The workers for `config`, delivering from `store` for `channels`.
+pub(crate) fn worker(config: &Config, store: Arc<dyn Store>, channels: Arc<Live>) -> Worker {
+    Worker::new(
+        store,
+        channels,
         Retries {
             joinchat: RetrySchedule::new(config.delivery.retry_joinchat.clone()),
             bonychat: RetrySchedule::new(config.delivery.retry_bonychat.clone()),
         },
         config.delivery.lease,
-    ))
+    )
 }
 
 async fn prune_forever(store: Arc<dyn Store>, retention: Duration) {

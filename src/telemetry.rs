@@ -4,6 +4,7 @@
 //! Request lines carry the request id, method, route, status and latency; never headers, and
 //! never the query string (the Messenger handshake puts its verify token there).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -66,8 +67,25 @@ fn is_probe(route: &str) -> bool {
     matches!(route, "/healthz" | "/readyz")
 }
 
-pub async fn log_request(request: Request, next: Next) -> Response {
+/// The channel a request turned out to serve, set by its handler once the channel is known
+/// (and its name is one the operator configured, so it may become a label).
+#[derive(Clone, Default)]
+pub struct ServedChannel(Arc<OnceLock<String>>);
+
+impl ServedChannel {
+    pub fn set(&self, channel: &str) {
+        let _ = self.0.set(channel.to_owned());
+    }
+
+    fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+pub async fn log_request(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
+    let served = ServedChannel::default();
+    request.extensions_mut().insert(served.clone());
     let method = request.method().clone();
     let matched = request.extensions().get::<MatchedPath>().map(|matched| matched.as_str().to_owned());
     let route = matched.clone().unwrap_or_else(|| request.uri().path().to_owned());
@@ -77,16 +95,17 @@ pub async fn log_request(request: Request, next: Next) -> Response {
     let response = next.run(request).instrument(span).await;
 
     let status = response.status().as_u16();
-    crate::monitoring::http_request(matched.as_deref(), &method, status, started.elapsed());
+    let channel = served.get();
+    crate::monitoring::http_request(matched.as_deref(), channel, &method, status, started.elapsed());
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 10.0).round() / 10.0;
     if let Some(InternalErrorDetail(detail)) = response.extensions().get() {
-        tracing::error!(%request_id, %method, %route, status, latency_ms, error = %detail, "request");
+        tracing::error!(%request_id, %method, %route, channel, status, latency_ms, error = %detail, "request");
     } else if let Some(RefusalDetail(reason)) = response.extensions().get() {
-        tracing::warn!(%request_id, %method, %route, status, latency_ms, reason = %reason, "request");
+        tracing::warn!(%request_id, %method, %route, channel, status, latency_ms, reason = %reason, "request");
     } else if is_probe(&route) {
         tracing::debug!(%request_id, %method, %route, status, latency_ms, "request");
     } else {
-        tracing::info!(%request_id, %method, %route, status, latency_ms, "request");
+        tracing::info!(%request_id, %method, %route, channel, status, latency_ms, "request");
     }
     response
 }

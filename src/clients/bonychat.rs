@@ -1,6 +1,6 @@
 //! Posting events to BonyChat's Webhook URL with the channel's Bearer token (SPEC §4.3).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use url::Url;
 
@@ -17,12 +17,9 @@ pub struct HttpBonyChat {
 }
 
 impl HttpBonyChat {
-    pub fn new(config: &BonyChatConfig) -> Result<Self, reqwest::Error> {
-        Ok(Self {
-            http: http::client(Duration::from_secs(5), config.request_timeout)?,
-            url: config.webhook_url.url().clone(),
-            token: config.api_token.clone(),
-        })
+    /// `http` is the relay's one BonyChat client, shared by every channel.
+    pub fn new(http: reqwest::Client, config: &BonyChatConfig) -> Self {
+        Self { http, url: config.webhook_url.url().clone(), token: config.api_token.clone() }
     }
 }
 

@@ -1,12 +1,10 @@
 //! Contact profiles from the Graph API (SPEC §4.3, last paragraph).
 
-use std::time::Duration;
-
 use serde_json::Value;
 use url::Url;
 
 use super::{BoxFuture, ProfileLookup, http};
-use crate::config::{MessengerConfig, Secret};
+use crate::config::Secret;
 use crate::domain::bonychat::ContactProfile;
 use crate::domain::text::truncate;
 
@@ -20,12 +18,9 @@ pub struct GraphProfiles {
 }
 
 impl GraphProfiles {
-    pub fn new(config: &MessengerConfig, token: Secret) -> Result<Self, reqwest::Error> {
-        Ok(Self {
-            http: http::client(Duration::from_secs(5), config.graph_timeout)?,
-            base: config.graph_url.url().clone(),
-            token,
-        })
+    /// `http` is the relay's one Graph client, shared by every channel.
+    pub fn new(http: reqwest::Client, base: Url, token: Secret) -> Self {
+        Self { http, base, token }
     }
 }
 

@@ -9,6 +9,7 @@ use url::Url;
 
 use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
+
 use crate::domain::joinchat::SendRequest;
 use crate::signing::joinchat_signature;
 
@@ -21,12 +22,9 @@ pub struct HttpJoinChat {
 }
 
 impl HttpJoinChat {
-    pub fn new(config: &JoinChatConfig) -> Result<Self, reqwest::Error> {
-        Ok(Self {
-            http: http::client(config.connect_timeout, config.request_timeout)?,
-            url: config.api_url.url().clone(),
-            secret: config.api_secret.clone(),
-        })
+    /// `http` is the relay's one JoinChat client, shared by every channel (one connection pool).
+    pub fn new(http: reqwest::Client, config: &JoinChatConfig) -> Self {
+        Self { http, url: config.api_url.url().clone(), secret: config.api_secret.clone() }
     }
 }
 

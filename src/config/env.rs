@@ -57,7 +57,7 @@ pub const ENV_FILE_CAP: u64 = 1024 * 1024;
 /// of waiting for a writer), the opened file itself is checked, so no path swapped in between
 /// can slip through, and it is read through `take(cap + 1)` so that a file growing meanwhile is
 /// still refused, not slurped.
-fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
+pub(super) fn read_small_file(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     let shown = path.display();
     let too_large = || format!("{shown} is larger than {} KiB", cap / 1024);
     let file = std::fs::OpenOptions::new()
@@ -184,21 +184,7 @@ impl Env {
             (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
             (Some(value), None) => Ok(Some(Secret::new(usable_secret(key, value)?))),
             (None, Some(path)) => {
-                let bytes = read_small_file(Path::new(path), SECRET_FILE_CAP)
-                    .map_err(|problem| ConfigError::new(&file_key, problem))?;
-                let content = String::from_utf8(bytes)
-                    .map_err(|_| ConfigError::new(&file_key, format!("{path} is not UTF-8 text")))?;
-                // Files written by editors and `echo` end with a newline that is not part of the
-                // secret: exactly one is removed. Anything more is refused below, not trimmed:
-                // a second line break or a space is a slip the operator should see.
-                let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
-                if value.is_empty() {
-                    return Err(ConfigError::new(&file_key, format!("{path} is empty")));
-                }
-                if value.trim().is_empty() {
-                    return Err(ConfigError::new(&file_key, format!("{path} is blank (only whitespace)")));
-                }
-                Ok(Some(Secret::new(usable_secret(&file_key, value)?)))
+                read_secret_file(Path::new(path)).map(Some).map_err(|problem| ConfigError::new(&file_key, problem))
             }
             (None, None) => Ok(None),
         }
@@ -209,6 +195,26 @@ impl Env {
     }
 }
 
+/// Reads a secret from a file (Docker and Kubernetes mount secrets as files): a small regular
+/// file of UTF-8 text, without its final line break. The problem never quotes the content.
+pub(super) fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let shown = path.display();
+    let bytes = read_small_file(path, SECRET_FILE_CAP)?;
+    let content = String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))?;
+    // Files written by editors and `echo` end with a newline that is not part of the
+    // secret: exactly one is removed. Anything more is refused below, not trimmed:
+    // a second line break or a space is a slip the operator should see.
+    let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
+    if value.is_empty() {
+        return Err(format!("{shown} is empty"));
+    }
+    if value.trim().is_empty() {
+        return Err(format!("{shown} is blank (only whitespace)"));
+    }
+    secret_problem(value).map_err(str::to_owned)?;
+    Ok(Secret::new(value))
+}
+
 /// A secret holding a control character (a line break most often: a second line pasted in, a
 /// file with two lines) would go out in headers and signatures as something else than the
 /// operator meant, or be refused by the HTTP client at the first request; refused at start
@@ -216,20 +222,24 @@ impl Env {
 /// value with a space inside the quotes): the other side never sends or signs with it, so it
 /// would never match, and trimming it silently would hide the slip. The value is never shown.
 fn usable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> {
+    secret_problem(value).map_err(|problem| ConfigError::new(var, problem))?;
+    Ok(value)
+}
+
+/// Why `value` cannot be a secret, if it cannot (see [`usable_secret`]); never quotes it.
+pub(super) fn secret_problem(value: &str) -> Result<(), &'static str> {
     if value.chars().any(char::is_control) {
-        return Err(ConfigError::new(
-            var,
+        return Err(
             "holds a control character or line break (value not shown); a secret is one line of printable text",
-        ));
+        );
     }
     if value.trim() != value {
-        return Err(ConfigError::new(
-            var,
+        return Err(
             "starts or ends with whitespace (value not shown); a secret never does, and with it nothing would \
              match: remove the spaces",
-        ));
+        );
     }
-    Ok(value)
+    Ok(())
 }
 
 /// Describes an env-file error without the offending line, which may hold a secret: the line

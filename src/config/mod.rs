@@ -4,6 +4,7 @@
 //! start with one line naming it ([`ConfigError`]); secrets are [`Secret`]s, so `Debug` of any
 //! config struct is safe to log.
 
+mod channels;
 mod env;
 mod secret;
 
@@ -16,6 +17,9 @@ use url::Url;
 use crate::store::IntakeCaps;
 
 pub use crate::domain::joinchat::RecipientField;
+pub use channels::{
+    AppConfig, CHANNELS_FILE_VAR, ChannelConfig, Channels, ChannelsSource, DEFAULT_APP, QueueCaps, valid_name,
+};
 pub use env::{ConfigError, Env, parse_duration, parse_duration_list};
 pub use secret::Secret;
 
@@ -24,15 +28,18 @@ use env::parse_u64;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
-    pub bonychat: BonyChatConfig,
-    pub joinchat: JoinChatConfig,
-    pub messenger: MessengerConfig,
+    pub upstreams: UpstreamConfig,
+    /// Every channel and Meta app served; replaced as a whole on `SIGHUP` ([`Config::reload_channels`]).
+    pub channels: Channels,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
     pub telemetry: TelemetryConfig,
     /// Things worth telling the operator that do not stop the start (typos, odd values).
     /// Logged once telemetry is up.
     pub warnings: Vec<String>,
+    /// The environment the configuration was read from: a reload reads the channels from it
+    /// again (the file it names and every secret file are read afresh).
+    env: Env,
 }
 
 #[derive(Debug, Clone)]
@@ -74,8 +81,6 @@ pub struct BonyChatConfig {
     pub api_token: Secret,
     /// `BONYCHAT_WEBHOOK_URL`: where inbound events are posted.
     pub webhook_url: Endpoint,
-    /// `BONYCHAT_TIMEOUT_MS`, default 10000: one webhook post, answer included.
-    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -92,20 +97,20 @@ pub struct JoinChatConfig {
     pub message_tag: Option<String>,
     /// `JOINCHAT_ORDER_GAP_SECS`, default 1: minimum spacing of two sends to one contact.
     pub order_gap: Duration,
-    /// `JOINCHAT_CONNECT_TIMEOUT_MS`, default 5000.
-    pub connect_timeout: Duration,
-    /// `JOINCHAT_TIMEOUT_MS`, default 15000: the whole request, answer included.
-    pub request_timeout: Duration,
+    /// `JOINCHAT_MAX_SENDS_PER_SEC`, default 200: the Page's send rate (SPEC §5).
+    pub max_sends_per_sec: u32,
 }
 
+/// How the relay talks to its upstreams, every channel alike: one HTTP client per upstream
+/// serves every channel.
 #[derive(Debug, Clone)]
-pub struct MessengerConfig {
-    /// `MESSENGER_APP_SECRET`: key of `X-Hub-Signature-256`.
-    pub app_secret: Secret,
-    /// `MESSENGER_VERIFY_TOKEN`: answers the subscription handshake.
-    pub verify_token: Secret,
-    /// `MESSENGER_PAGE_ACCESS_TOKEN`: enables contact profile look-ups when set.
-    pub page_access_token: Option<Secret>,
+pub struct UpstreamConfig {
+    /// `BONYCHAT_TIMEOUT_MS`, default 10000: one webhook post, answer included.
+    pub bonychat_timeout: Duration,
+    /// `JOINCHAT_CONNECT_TIMEOUT_MS`, default 5000.
+    pub joinchat_connect_timeout: Duration,
+    /// `JOINCHAT_TIMEOUT_MS`, default 15000: the whole request, answer included.
+    pub joinchat_timeout: Duration,
     /// `MESSENGER_GRAPH_URL`, default `https://graph.facebook.com/v21.0`.
     pub graph_url: Endpoint,
     /// `MESSENGER_GRAPH_TIMEOUT_MS`, default 2000: the most a profile look-up may hold up an event.
@@ -200,6 +205,8 @@ const KNOWN_VARS: &[&str] = &[
     "JOINCHAT_RECIPIENT_FIELD",
     "JOINCHAT_MESSAGE_TAG",
     "JOINCHAT_ORDER_GAP_SECS",
+    "JOINCHAT_MAX_SENDS_PER_SEC",
+    "RELAY_CHANNELS_FILE",
     "JOINCHAT_CONNECT_TIMEOUT_MS",
     "JOINCHAT_TIMEOUT_MS",
     "MESSENGER_APP_SECRET",
@@ -257,44 +264,14 @@ impl Config {
             limits: ServerLimits::from_env(env)?,
         };
 
-        let bonychat = BonyChatConfig {
-            channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
-            api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
-            webhook_url: parse_http_url("BONYCHAT_WEBHOOK_URL", env.required("BONYCHAT_WEBHOOK_URL")?)?,
-            request_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
-        };
-
-        let message_tag = env.get("JOINCHAT_MESSAGE_TAG")?.map(|tag| tag.trim().to_owned());
-        if let Some(tag) = &message_tag
-            && !CURRENT_MESSAGE_TAGS.contains(&tag.as_str())
-        {
-            warnings.push(format!(
-                "JOINCHAT_MESSAGE_TAG={tag} is not one of Messenger's current tags ({}); Messenger may refuse the messages",
-                CURRENT_MESSAGE_TAGS.join(", ")
-            ));
-        }
-        let joinchat = JoinChatConfig {
-            api_url: env.parsed(
-                "JOINCHAT_API_URL",
-                Endpoint::default_of("https://joinchat.ai/api/send_message"),
-                |raw| http_url(raw).map(Endpoint),
+        let upstreams = UpstreamConfig {
+            bonychat_timeout: env.parsed("BONYCHAT_TIMEOUT_MS", Duration::from_secs(10), timeout_millis)?,
+            joinchat_connect_timeout: env.parsed(
+                "JOINCHAT_CONNECT_TIMEOUT_MS",
+                Duration::from_secs(5),
+                timeout_millis,
             )?,
-            page_id: parse_page_id(env.required("JOINCHAT_PAGE_ID")?)?,
-            api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
-            recipient_field: env.parsed("JOINCHAT_RECIPIENT_FIELD", RecipientField::Auto, parse_recipient_field)?,
-            message_tag,
-            order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), |raw| match parse_u64(raw)? {
-                secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
-                _ => Err("must be at most 3600 seconds".into()),
-            })?,
-            connect_timeout: env.parsed("JOINCHAT_CONNECT_TIMEOUT_MS", Duration::from_secs(5), timeout_millis)?,
-            request_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), timeout_millis)?,
-        };
-
-        let messenger = MessengerConfig {
-            app_secret: env.required_secret("MESSENGER_APP_SECRET")?,
-            verify_token: env.required_secret("MESSENGER_VERIFY_TOKEN")?,
-            page_access_token: env.secret("MESSENGER_PAGE_ACCESS_TOKEN")?,
+            joinchat_timeout: env.parsed("JOINCHAT_TIMEOUT_MS", Duration::from_secs(15), timeout_millis)?,
             graph_url: env.parsed(
                 "MESSENGER_GRAPH_URL",
                 Endpoint::default_of("https://graph.facebook.com/v21.0"),
@@ -302,8 +279,15 @@ impl Config {
             )?,
             graph_timeout: env.parsed("MESSENGER_GRAPH_TIMEOUT_MS", Duration::from_secs(2), timeout_millis)?,
         };
+        if upstreams.joinchat_connect_timeout > upstreams.joinchat_timeout {
+            return Err(ConfigError::new(
+                "JOINCHAT_CONNECT_TIMEOUT_MS",
+                "must not exceed JOINCHAT_TIMEOUT_MS (the whole request includes connecting)",
+            ));
+        }
 
         let store = StoreConfig::from_env(env)?;
+        let channels = Channels::load(env, store.intake)?;
 
         let delivery = DeliveryConfig {
             send_wait: env.parsed("RELAY_SEND_WAIT_MS", Duration::from_secs(3), send_wait_millis)?,
@@ -329,93 +313,155 @@ impl Config {
             metrics_addr: env.parsed("RELAY_METRICS_ADDR", default_addr([127, 0, 0, 1], 9090), parse_addr)?,
         };
 
-        if let Some(admin) = &server.admin_token
-            && admin == &bonychat.api_token
-        {
+        check_admin_token(server.admin_token.as_ref(), &channels)?;
+        warnings.extend(channels.warnings.iter().cloned());
+        warnings.extend(sandbox_warnings(&server, &channels));
+
+        Ok(Self { server, upstreams, channels, store, delivery, telemetry, warnings, env: env.clone() })
+    }
+
+    /// The channels and the admin token as the environment and the files it names describe
+    /// them now: what `SIGHUP` applies. Refused like at start, and for the same reasons; the
+    /// running configuration is left alone by the caller when it is.
+    ///
+    /// The admin API is switched on or off by a restart (its routes exist or not), so a reload
+    /// may change the token it takes but not take it away.
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        let channels = Channels::load(&self.env, self.store.intake)?;
+        let admin_token = self.env.secret("RELAY_ADMIN_TOKEN")?;
+        if self.server.admin_token.is_some() && admin_token.is_none() {
             return Err(ConfigError::new(
                 "RELAY_ADMIN_TOKEN",
-                "must differ from BONYCHAT_API_TOKEN (BonyChat holds that token; with it, it could also use /admin)",
+                "is no longer set: the admin API is switched off by a restart, not by a reload",
             ));
         }
-
-        if joinchat.connect_timeout > joinchat.request_timeout {
-            return Err(ConfigError::new(
-                "JOINCHAT_CONNECT_TIMEOUT_MS",
-                "must not exceed JOINCHAT_TIMEOUT_MS (the whole request includes connecting)",
-            ));
-        }
-
-        warnings.extend(sandbox_warnings(&server, &bonychat, &joinchat));
-
-        Ok(Self { server, bonychat, joinchat, messenger, store, delivery, telemetry, warnings })
+        check_admin_token(admin_token.as_ref(), &channels)?;
+        Ok(Reloaded { channels, admin_token })
     }
 
     /// Every variable with the value in effect, defaults included, for `check-config`. Secrets
     /// are `[redacted]` and URLs lose their credentials, so the list can be pasted into a ticket.
-    pub fn effective(&self) -> Vec<(&'static str, String)> {
+    pub fn effective(&self) -> Vec<(String, String)> {
         let secret = |s: &Option<Secret>| s.as_ref().map_or_else(unset, |_| REDACTED.to_owned());
         let url = |e: &Endpoint| redact_userinfo(e.url().as_str()).into_owned();
         let ms = |d: Duration| d.as_millis().to_string();
         let secs = |d: Duration| d.as_secs().to_string();
         let list = |ds: &[Duration]| ds.iter().map(|d| format_duration(*d)).collect::<Vec<_>>().join(",");
-        let Self { server, bonychat, joinchat, messenger, store, delivery, telemetry, warnings: _ } = self;
-        vec![
-            ("RELAY_ADDR", server.addr.to_string()),
-            ("RELAY_SHUTDOWN_GRACE_SECS", secs(server.shutdown_grace)),
-            ("RELAY_ADMIN_TOKEN", secret(&server.admin_token)),
-            ("RELAY_SANDBOX", server.sandbox.to_string()),
-            ("RELAY_MAX_CONNECTIONS", server.limits.max_connections.to_string()),
-            ("RELAY_HEADER_READ_TIMEOUT_MS", ms(server.limits.header_read_timeout)),
-            ("RELAY_IDLE_TIMEOUT_SECS", secs(server.limits.idle_timeout)),
-            ("RELAY_BODY_READ_TIMEOUT_MS", ms(server.limits.body_read_timeout)),
-            ("RELAY_MAX_BODY_BYTES_IN_FLIGHT", server.limits.max_body_bytes_in_flight.to_string()),
-            ("RELAY_METRICS_ADDR", telemetry.metrics_addr.to_string()),
+        let Self { server, upstreams, channels, store, delivery, telemetry, warnings: _, env: _ } = self;
+        let mut lines: Vec<(String, String)> = vec![
+            ("RELAY_ADDR".into(), server.addr.to_string()),
+            ("RELAY_SHUTDOWN_GRACE_SECS".into(), secs(server.shutdown_grace)),
+            ("RELAY_ADMIN_TOKEN".into(), secret(&server.admin_token)),
+            ("RELAY_SANDBOX".into(), server.sandbox.to_string()),
+            ("RELAY_MAX_CONNECTIONS".into(), server.limits.max_connections.to_string()),
+            ("RELAY_HEADER_READ_TIMEOUT_MS".into(), ms(server.limits.header_read_timeout)),
+            ("RELAY_IDLE_TIMEOUT_SECS".into(), secs(server.limits.idle_timeout)),
+            ("RELAY_BODY_READ_TIMEOUT_MS".into(), ms(server.limits.body_read_timeout)),
+            ("RELAY_MAX_BODY_BYTES_IN_FLIGHT".into(), server.limits.max_body_bytes_in_flight.to_string()),
+            ("RELAY_METRICS_ADDR".into(), telemetry.metrics_addr.to_string()),
             (
-                "RELAY_LOG_FORMAT",
+                "RELAY_LOG_FORMAT".into(),
                 match telemetry.log_format {
                     LogFormat::Pretty => "pretty",
                     LogFormat::Json => "json",
                 }
                 .to_owned(),
             ),
-            ("BONYCHAT_CHANNEL_ID", bonychat.channel_id.clone()),
-            ("BONYCHAT_API_TOKEN", REDACTED.to_owned()),
-            ("BONYCHAT_WEBHOOK_URL", url(&bonychat.webhook_url)),
-            ("BONYCHAT_TIMEOUT_MS", ms(bonychat.request_timeout)),
-            ("JOINCHAT_API_URL", url(&joinchat.api_url)),
-            ("JOINCHAT_PAGE_ID", joinchat.page_id.clone()),
-            ("JOINCHAT_API_SECRET", REDACTED.to_owned()),
-            ("JOINCHAT_RECIPIENT_FIELD", format!("{:?}", joinchat.recipient_field).to_lowercase()),
-            ("JOINCHAT_MESSAGE_TAG", joinchat.message_tag.clone().unwrap_or_else(unset)),
-            ("JOINCHAT_ORDER_GAP_SECS", secs(joinchat.order_gap)),
-            ("JOINCHAT_CONNECT_TIMEOUT_MS", ms(joinchat.connect_timeout)),
-            ("JOINCHAT_TIMEOUT_MS", ms(joinchat.request_timeout)),
-            ("MESSENGER_APP_SECRET", REDACTED.to_owned()),
-            ("MESSENGER_VERIFY_TOKEN", REDACTED.to_owned()),
-            ("MESSENGER_PAGE_ACCESS_TOKEN", secret(&messenger.page_access_token)),
-            ("MESSENGER_GRAPH_URL", url(&messenger.graph_url)),
-            ("MESSENGER_GRAPH_TIMEOUT_MS", ms(messenger.graph_timeout)),
             (
-                "RELAY_DATABASE_URL",
+                CHANNELS_FILE_VAR.into(),
+                match &channels.source {
+                    ChannelsSource::Environment => unset(),
+                    ChannelsSource::File(path) => path.display().to_string(),
+                },
+            ),
+            ("BONYCHAT_TIMEOUT_MS".into(), ms(upstreams.bonychat_timeout)),
+            ("JOINCHAT_CONNECT_TIMEOUT_MS".into(), ms(upstreams.joinchat_connect_timeout)),
+            ("JOINCHAT_TIMEOUT_MS".into(), ms(upstreams.joinchat_timeout)),
+            ("MESSENGER_GRAPH_URL".into(), url(&upstreams.graph_url)),
+            ("MESSENGER_GRAPH_TIMEOUT_MS".into(), ms(upstreams.graph_timeout)),
+            (
+                "RELAY_DATABASE_URL".into(),
                 match &store.database_url {
                     DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
                     // Query parameters may carry the password too: nothing of it is shown.
                     DatabaseUrl::Postgres(_) => format!("postgres://{REDACTED}"),
                 },
             ),
-            ("RELAY_RETENTION", format_duration(store.retention)),
-            ("RELAY_MAX_QUEUED_OUTBOUND", store.intake.outbound.to_string()),
-            ("RELAY_MAX_QUEUED_INBOUND", store.intake.inbound.to_string()),
-            ("RELAY_MAX_QUEUED_PER_CONTACT", store.intake.per_contact.to_string()),
-            ("RELAY_DATABASE_POOL_SIZE", store.postgres.pool_size.to_string()),
-            ("RELAY_DATABASE_CONNECT_TIMEOUT_MS", ms(store.postgres.connect_timeout)),
-            ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", ms(store.postgres.statement_timeout)),
-            ("RELAY_SEND_WAIT_MS", ms(delivery.send_wait)),
-            ("RELAY_RETRY_JOINCHAT", list(&delivery.retry_joinchat)),
-            ("RELAY_RETRY_BONYCHAT", list(&delivery.retry_bonychat)),
-            ("RELAY_LEASE_SECS", delivery.lease.as_secs().to_string()),
-        ]
+            ("RELAY_RETENTION".into(), format_duration(store.retention)),
+            ("RELAY_MAX_QUEUED_OUTBOUND".into(), store.intake.outbound.to_string()),
+            ("RELAY_MAX_QUEUED_INBOUND".into(), store.intake.inbound.to_string()),
+            ("RELAY_MAX_QUEUED_PER_CONTACT".into(), store.intake.per_contact.to_string()),
+            ("RELAY_DATABASE_POOL_SIZE".into(), store.postgres.pool_size.to_string()),
+            ("RELAY_DATABASE_CONNECT_TIMEOUT_MS".into(), ms(store.postgres.connect_timeout)),
+            ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS".into(), ms(store.postgres.statement_timeout)),
+            ("RELAY_SEND_WAIT_MS".into(), ms(delivery.send_wait)),
+            ("RELAY_RETRY_JOINCHAT".into(), list(&delivery.retry_joinchat)),
+            ("RELAY_RETRY_BONYCHAT".into(), list(&delivery.retry_bonychat)),
+            ("RELAY_LEASE_SECS".into(), delivery.lease.as_secs().to_string()),
+        ];
+        let by_file = matches!(channels.source, ChannelsSource::File(_));
+        for (name, app) in &channels.apps {
+            let AppConfig { app_secret: _, verify_token: _ } = app;
+            let key = |file_key: &str, var: &str| {
+                if by_file { format!("apps.{name}.{file_key}") } else { var.to_owned() }
+            };
+            lines.push((key("app_secret", "MESSENGER_APP_SECRET"), REDACTED.to_owned()));
+            lines.push((key("verify_token", "MESSENGER_VERIFY_TOKEN"), REDACTED.to_owned()));
+        }
+        for (name, channel) in &channels.channels {
+            let ChannelConfig { bonychat, joinchat, messenger_app, page_access_token, max_queued } = channel;
+            let key = |file_key: &str, var: &str| {
+                if by_file { format!("channels.{name}.{file_key}") } else { var.to_owned() }
+            };
+            lines.extend([
+                (key("bonychat_channel_id", "BONYCHAT_CHANNEL_ID"), bonychat.channel_id.clone()),
+                (key("bonychat_api_token", "BONYCHAT_API_TOKEN"), REDACTED.to_owned()),
+                (key("bonychat_webhook_url", "BONYCHAT_WEBHOOK_URL"), url(&bonychat.webhook_url)),
+                (key("joinchat_api_url", "JOINCHAT_API_URL"), url(&joinchat.api_url)),
+                (key("joinchat_page_id", "JOINCHAT_PAGE_ID"), joinchat.page_id.clone()),
+                (key("joinchat_api_secret", "JOINCHAT_API_SECRET"), REDACTED.to_owned()),
+                (
+                    key("joinchat_recipient_field", "JOINCHAT_RECIPIENT_FIELD"),
+                    format!("{:?}", joinchat.recipient_field).to_lowercase(),
+                ),
+                (
+                    key("joinchat_message_tag", "JOINCHAT_MESSAGE_TAG"),
+                    joinchat.message_tag.clone().unwrap_or_else(unset),
+                ),
+                (key("joinchat_order_gap_secs", "JOINCHAT_ORDER_GAP_SECS"), secs(joinchat.order_gap)),
+                (
+                    key("joinchat_max_sends_per_sec", "JOINCHAT_MAX_SENDS_PER_SEC"),
+                    joinchat.max_sends_per_sec.to_string(),
+                ),
+                (key("messenger_page_access_token", "MESSENGER_PAGE_ACCESS_TOKEN"), secret(page_access_token)),
+            ]);
+            if by_file {
+                lines.push((key("messenger_app", ""), messenger_app.clone()));
+                lines.push((key("max_queued", ""), max_queued.outbound.to_string()));
+            }
+        }
+        lines
     }
+}
+
+/// What a reload read: every channel and app, and the admin token.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub channels: Channels,
+    pub admin_token: Option<Secret>,
+}
+
+/// The admin token must not be a token BonyChat holds: with it, BonyChat could also use /admin.
+fn check_admin_token(admin: Option<&Secret>, channels: &Channels) -> Result<(), ConfigError> {
+    let Some(owner) = admin.and_then(|admin| channels.token_owner(admin)) else { return Ok(()) };
+    let held_as = match channels.source {
+        ChannelsSource::Environment => "BONYCHAT_API_TOKEN".to_owned(),
+        ChannelsSource::File(_) => format!("the BonyChat API token of channel {owner}"),
+    };
+    Err(ConfigError::new(
+        "RELAY_ADMIN_TOKEN",
+        format!("must differ from {held_as} (BonyChat holds that token; with it, it could also use /admin)"),
+    ))
 }
 
 const REDACTED: &str = "[redacted]";
@@ -447,7 +493,7 @@ fn parse_bool(raw: &str) -> Result<bool, String> {
 /// `/sandbox/` elsewhere, or with the sandbox off, would fail every delivery, and only later.
 /// And whoever reaches that port reads and fills the stand-ins' logs: a sandbox listening
 /// beyond the loopback is most likely one left on by mistake.
-fn sandbox_warnings(server: &ServerConfig, bonychat: &BonyChatConfig, joinchat: &JoinChatConfig) -> Vec<String> {
+fn sandbox_warnings(server: &ServerConfig, channels: &Channels) -> Vec<String> {
     let mut warnings = Vec::new();
     if server.sandbox && !server.addr.ip().to_canonical().is_loopback() {
         warnings.push(format!(
@@ -458,7 +504,15 @@ fn sandbox_warnings(server: &ServerConfig, bonychat: &BonyChatConfig, joinchat: 
             server.addr
         ));
     }
-    for (var, endpoint) in [("JOINCHAT_API_URL", &joinchat.api_url), ("BONYCHAT_WEBHOOK_URL", &bonychat.webhook_url)] {
+    let by_file = matches!(channels.source, ChannelsSource::File(_));
+    let endpoints = channels.channels.iter().flat_map(|(name, channel)| {
+        let place = |key: &str, var: &str| if by_file { format!("[channels.{name}] {key}") } else { var.to_owned() };
+        [
+            (place("joinchat_api_url", "JOINCHAT_API_URL"), &channel.joinchat.api_url),
+            (place("bonychat_webhook_url", "BONYCHAT_WEBHOOK_URL"), &channel.bonychat.webhook_url),
+        ]
+    });
+    for (var, endpoint) in endpoints {
         let url = endpoint.url();
         if !url.path().starts_with("/sandbox/") {
             continue;
@@ -659,10 +713,6 @@ fn redact_userinfo(raw: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn parse_http_url(var: &str, raw: &str) -> Result<Endpoint, ConfigError> {
-    http_url(raw.trim()).map(Endpoint).map_err(|problem| ConfigError::new(var, problem))
-}
-
 /// An upstream's URL. It may carry credentials (`user:password@`), so its `Debug` hides them
 /// like every other secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -684,15 +734,19 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-fn parse_page_id(raw: &str) -> Result<String, ConfigError> {
+fn page_id_problem(raw: &str) -> Result<String, String> {
     let raw = raw.trim();
-    if raw.bytes().all(|b| b.is_ascii_digit()) {
+    if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) {
         Ok(raw.to_owned())
     } else {
-        Err(ConfigError::new(
-            "JOINCHAT_PAGE_ID",
-            format!("`{raw}` is not a Page id (digits only, as shown under JoinChat's Settings → API)"),
-        ))
+        Err(format!("`{raw}` is not a Page id (digits only, as shown under JoinChat's Settings → API)"))
+    }
+}
+
+fn order_gap(raw: &str) -> Result<Duration, String> {
+    match parse_u64(raw)? {
+        secs @ 0..=3600 => Ok(Duration::from_secs(secs)),
+        _ => Err("must be at most 3600 seconds".into()),
     }
 }
 
@@ -752,14 +806,17 @@ mod tests {
         assert_eq!(config.server.addr.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert!(config.server.admin_token.is_none());
-        assert_eq!(config.joinchat.api_url.url().as_str(), "https://joinchat.ai/api/send_message");
-        assert_eq!(config.joinchat.recipient_field, RecipientField::Auto);
-        assert_eq!(config.joinchat.message_tag, None);
-        assert_eq!(config.joinchat.order_gap, Duration::from_secs(1));
-        assert_eq!(config.joinchat.connect_timeout, Duration::from_secs(5));
-        assert_eq!(config.joinchat.request_timeout, Duration::from_secs(15));
-        assert!(config.messenger.page_access_token.is_none());
-        assert_eq!(config.messenger.graph_url.url().as_str(), "https://graph.facebook.com/v21.0");
+        assert_eq!(
+            config.channels.channels["default"].joinchat.api_url.url().as_str(),
+            "https://joinchat.ai/api/send_message"
+        );
+        assert_eq!(config.channels.channels["default"].joinchat.recipient_field, RecipientField::Auto);
+        assert_eq!(config.channels.channels["default"].joinchat.message_tag, None);
+        assert_eq!(config.channels.channels["default"].joinchat.order_gap, Duration::from_secs(1));
+        assert_eq!(config.upstreams.joinchat_connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.upstreams.joinchat_timeout, Duration::from_secs(15));
+        assert!(config.channels.channels["default"].page_access_token.is_none());
+        assert_eq!(config.upstreams.graph_url.url().as_str(), "https://graph.facebook.com/v21.0");
         assert_eq!(config.store.database_url, DatabaseUrl::Sqlite("data/relay.db".into()));
         assert_eq!(config.store.retention, Duration::from_secs(7 * 86_400));
         assert_eq!(config.delivery.send_wait, Duration::from_secs(3));
@@ -862,9 +919,9 @@ mod tests {
         ]);
         let config = Config::from_env(&env).unwrap();
         assert_eq!(config.server.addr.port(), 0);
-        assert_eq!(config.joinchat.recipient_field, RecipientField::Uuid);
-        assert_eq!(config.joinchat.message_tag.as_deref(), Some("ACCOUNT_UPDATE"));
-        assert_eq!(config.joinchat.order_gap, Duration::ZERO);
+        assert_eq!(config.channels.channels["default"].joinchat.recipient_field, RecipientField::Uuid);
+        assert_eq!(config.channels.channels["default"].joinchat.message_tag.as_deref(), Some("ACCOUNT_UPDATE"));
+        assert_eq!(config.channels.channels["default"].joinchat.order_gap, Duration::ZERO);
         assert_eq!(config.delivery.retry_joinchat, vec![Duration::from_millis(100), Duration::from_secs(1)]);
         assert_eq!(config.telemetry.log_format, LogFormat::Json);
         assert!(config.warnings.is_empty());
@@ -1029,7 +1086,7 @@ mod tests {
         let effective = Config::from_env(&env).unwrap().effective();
         let value = |name: &str| effective.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
 
-        let listed: Vec<&str> = effective.iter().map(|(name, _)| *name).collect();
+        let listed: Vec<&str> = effective.iter().map(|(name, _)| name.as_str()).collect();
         for known in KNOWN_VARS {
             assert!(listed.contains(known), "{known} missing from {listed:?}");
         }

@@ -1,5 +1,6 @@
 //! Getting stored jobs to their upstream: in order per contact, paced, retried, dead-lettered.
 
+pub mod breaker;
 pub mod hold;
 pub mod inbound;
 pub mod outbound;

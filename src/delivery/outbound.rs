@@ -28,8 +28,16 @@ pub fn new_message_id() -> String {
 }
 
 /// The job to store for a validated `/message` request.
-pub fn new_outbound_job(request: &OutboundRequest, recipient_field: RecipientField, now: i64) -> NewOutbound {
+pub fn new_outbound_job(
+    channel: &str,
+    max_queued: u64,
+    request: &OutboundRequest,
+    recipient_field: RecipientField,
+    now: i64,
+) -> NewOutbound {
     NewOutbound {
+        channel: channel.to_owned(),
+        max_queued,
         m_id: new_message_id(),
         contact: request.contact_id.as_str().to_owned(),
         recipient: Recipient::for_contact(&request.contact_id, recipient_field),
@@ -108,6 +116,7 @@ impl OutboundSender {
             last_sent_at = sent_at;
             let effective_at = slot.effective_at(sent_at);
             let before = BeforeSend {
+                channel: job.channel.clone(),
                 contact: contact.to_owned(),
                 effective_at,
                 echo_fingerprint: message.echo_fingerprint(),

@@ -27,16 +27,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::breaker::{Answer, Breakers};
 use super::hold::ClaimHold;
-use super::inbound::InboundPoster;
 use super::outbound::AttemptEnd;
-use super::outbound::OutboundSender;
 use super::retry::RetrySchedule;
+use crate::channels::{Channel, Live};
 use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
-use crate::store::{Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
+use crate::store::{Claim, Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
 
 /// The most an attempt trusts its own reading of the store's clock: it stops this long before
 /// its lease ends unrenewed (a quarter of the lease when that is shorter).
@@ -51,6 +51,10 @@ const STORE_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 /// Attempts in flight at once per direction, all contacts together: the dispatcher's and the
 /// `/message` requests' first attempts alike.
 const MAX_IN_FLIGHT_PER_DIRECTION: usize = 64;
+/// The most of a direction's slots one channel holds when the relay serves several: the rest
+/// stay free for the others, so one channel's flood or hanging upstream never delays another's
+/// messages (SPEC §5). A single channel has them all.
+const CHANNEL_SHARE: usize = MAX_IN_FLIGHT_PER_DIRECTION / 2;
 
 /// What the first attempt of an outbound job did, for the `/message` request waiting for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +78,8 @@ pub struct Retries {
 
 pub struct Worker {
     store: Arc<dyn Store>,
-    outbound: OutboundSender,
-    inbound: InboundPoster,
+    /// The channels served: each attempt uses its job's channel as it was when the attempt began.
+    channels: Arc<Live>,
     retries: Retries,
     /// How long a claim holds a job unrenewed (`RELAY_LEASE_SECS`): renewed every third of it
     /// while the attempt runs, so only a dead worker's jobs see it run out, and another replica
@@ -84,34 +88,37 @@ pub struct Worker {
     owner: String,
     /// Attempts in flight per direction ([`Direction::ALL`]'s order).
     slots: [Arc<Semaphore>; 2],
+    /// Attempts in flight per channel and direction, for [`CHANNEL_SHARE`].
+    shares: Arc<Shares>,
+    /// Channels whose upstream keeps failing rest from claims and first attempts.
+    breakers: Breakers,
     /// Every attempt running, the dispatcher's and the requests' alike.
     attempts: TaskTracker,
     /// Cancelled when the shutdown grace is over: attempts still running stop, their jobs stay
     /// queued to be attempted again.
     abort: CancellationToken,
-    /// An attempt ended and gave its slot back.
+    /// An attempt ended and gave its slot back, while the dispatcher was short of slots.
     slot_freed: Notify,
+    /// Whether the dispatcher stopped claiming for want of a slot: only then does an attempt
+    /// that ends wake it (otherwise every attempt's end would cost a claim).
+    short_of_slots: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
-    pub fn new(
-        store: Arc<dyn Store>,
-        outbound: OutboundSender,
-        inbound: InboundPoster,
-        retries: Retries,
-        lease: Duration,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, channels: Arc<Live>, retries: Retries, lease: Duration) -> Self {
         Self {
             store,
-            outbound,
-            inbound,
+            channels,
             retries,
             lease,
             owner: format!("relay-{}", uuid::Uuid::new_v4().simple()),
             slots: Direction::ALL.map(|_| Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_DIRECTION))),
+            shares: Arc::default(),
+            breakers: Breakers::default(),
             attempts: TaskTracker::new(),
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
+            short_of_slots: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -161,16 +168,57 @@ impl Worker {
         }
     }
 
+    /// A slot of `direction` for an attempt of `channel`, unless every slot is busy or the
+    /// channel holds its share already.
+    fn slot(&self, direction: Direction, channel: &str, share: usize) -> Option<Slot> {
+        let channel_held = self.shares.of(channel, direction, share).try_acquire_owned().ok()?;
+        let permit = Arc::clone(self.slots(direction)).try_acquire_owned().ok()?;
+        Some(Slot { _permit: permit, _channel_held: channel_held })
+    }
+
+    /// A slot for a `/message` request's own attempt, waited for until `deadline`: requests of a
+    /// busy channel queue for its share in turn (instead of each handing its job to the
+    /// dispatcher, which would put it behind the next message to its contact).
+    async fn slot_by(&self, direction: Direction, channel: &str, share: usize, deadline: Instant) -> Option<Slot> {
+        let channel_share = self.shares.of(channel, direction, share);
+        let channel_held = tokio::time::timeout_at(deadline, channel_share.acquire_owned()).await.ok()?.ok()?;
+        let permit =
+            tokio::time::timeout_at(deadline, Arc::clone(self.slots(direction)).acquire_owned()).await.ok()?.ok()?;
+        Some(Slot { _permit: permit, _channel_held: channel_held })
+    }
+
     async fn claim_into(self: &Arc<Self>, direction: Direction) -> Result<(), ()> {
         let slots = self.slots(direction);
         loop {
             let free = slots.available_permits();
             if free == 0 {
-                return Ok(());
+                self.wait_for_slots();
+                // An attempt that ended before the flag was up woke nobody: look once more.
+                if slots.available_permits() == 0 {
+                    return Ok(());
+                }
+                continue;
             }
+            let directory = self.channels.current();
+            let share = share_of(directory.len());
+            let resting = self.breakers.resting_channels(direction, Instant::now());
+            let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share, &resting)
+            else {
+                self.wait_for_slots();
+                return Ok(());
+            };
             let now = self.store.now();
             let lease_until = now.saturating_add(millis(self.lease));
-            let jobs = match self.store.claim(&self.owner, direction, now, lease_until, free).await {
+            let claim = Claim {
+                owner: self.owner.clone(),
+                direction,
+                now,
+                lease_until,
+                limit: free,
+                channels,
+                per_channel: per_channel.min(free),
+            };
+            let jobs = match self.store.claim(claim).await {
                 Ok(jobs) => jobs,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot claim jobs");
@@ -181,19 +229,37 @@ impl Worker {
                 return Ok(());
             }
             for job in jobs {
-                let Ok(permit) = Arc::clone(slots).try_acquire_owned() else {
+                let Some(channel) = directory.channel(&job.channel).cloned() else {
+                    // Claimed as the channel was being removed: it waits, queued, for its return.
+                    self.hand_back(&job, job.progress).await;
+                    continue;
+                };
+                let Some(slot) = self.slot(direction, &job.channel, share) else {
                     // A `/message` request took the slot meanwhile: the job waits for the next.
+                    self.wait_for_slots();
                     self.hand_back(&job, job.progress).await;
                     continue;
                 };
                 let this = Arc::clone(self);
                 self.spawn_attempt(async move {
-                    this.run_attempt(job, None).await;
-                    drop(permit);
-                    // The contact's next job, if any, is claimable now.
-                    this.slot_freed.notify_one();
+                    this.run_attempt(job, channel, None).await;
+                    drop(slot);
+                    this.slot_given_back();
                 });
             }
+        }
+    }
+
+    /// The dispatcher stops claiming for want of a slot: the next attempt to end wakes it.
+    fn wait_for_slots(&self) {
+        self.short_of_slots.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// An attempt ended. The contact's next job, if any, is announced by the store; only a
+    /// dispatcher short of slots needs waking for the slot itself.
+    fn slot_given_back(&self) {
+        if self.short_of_slots.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.slot_freed.notify_one();
         }
     }
 
@@ -217,30 +283,45 @@ impl Worker {
         }
     }
 
-    /// Takes the first attempt of the job a `/message` request stored, within `wait`: at once
-    /// when it was leased with the insert, else as soon as it heads its contact's queue (woken
-    /// when an attempt of that contact ends, whichever replica made it). What the attempt did decides the
-    /// answer; past `wait`, the request is answered `Pending` and the attempt goes on.
-    pub async fn first_attempt(self: &Arc<Self>, contact: &str, enqueued: Enqueued, wait: Duration) -> FirstAttempt {
+    /// Takes the first attempt of the job a `/message` request stored for `contact` of `channel`,
+    /// within `wait`: at once when it was leased with the insert, else as soon as it heads its
+    /// contact's queue (woken when an attempt of that contact ends, whichever replica made it).
+    /// What the attempt did decides the answer; past `wait`, the request is answered `Pending`
+    /// and the attempt goes on.
+    pub async fn first_attempt(
+        self: &Arc<Self>,
+        channel: &Arc<Channel>,
+        share: usize,
+        contact: &str,
+        enqueued: Enqueued,
+        wait: Duration,
+    ) -> FirstAttempt {
         let deadline = Instant::now() + wait;
         let mut claimed = enqueued.claimed;
         // Only watched when the job waits behind another: the usual request takes its job at once.
-        let mut moved = claimed.is_none().then(|| self.store.watch_queue(contact));
+        let mut moved = claimed.is_none().then(|| self.store.watch_queue(&channel.name, contact));
         loop {
             if let Some(leased) = claimed.take() {
-                let Ok(permit) = Arc::clone(self.slots(Direction::Outbound)).try_acquire_owned() else {
-                    // Every slot is busy: the lease goes back as when a client hangs up, and the
-                    // dispatcher takes the job once a slot is free.
+                if self.breakers.resting(&channel.name, Direction::Outbound, Instant::now()) {
+                    // JoinChat keeps failing for this channel: the message waits, stored, for
+                    // the rest to end instead of failing once more.
+                    drop(leased);
+                    return FirstAttempt::Pending;
+                }
+                let Some(slot) = self.slot_by(Direction::Outbound, &channel.name, share, deadline).await else {
+                    // Every slot stayed busy: the lease goes back as when a client hangs up, and
+                    // the dispatcher takes the job once a slot is free.
                     drop(leased);
                     return FirstAttempt::Pending;
                 };
                 let job = leased.take();
                 let (answer, outcome) = oneshot::channel();
                 let this = Arc::clone(self);
+                let channel = Arc::clone(channel);
                 self.spawn_attempt(async move {
-                    this.run_attempt(job, Some(answer)).await;
-                    drop(permit);
-                    this.slot_freed.notify_one();
+                    this.run_attempt(job, channel, Some(answer)).await;
+                    drop(slot);
+                    this.slot_given_back();
                 });
                 match tokio::time::timeout_at(deadline, outcome).await {
                     Ok(Ok(FirstAttempt::Paced { until })) => {
@@ -257,7 +338,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return FirstAttempt::Pending;
             }
-            let moved = moved.get_or_insert_with(|| self.store.watch_queue(contact));
+            let moved = moved.get_or_insert_with(|| self.store.watch_queue(&channel.name, contact));
             let now = self.store.now();
             match self.store.claim_own(&self.owner, enqueued.id, now, now.saturating_add(millis(self.lease))).await {
                 Ok(Some(job)) => {
@@ -288,7 +369,7 @@ impl Worker {
 
     /// Runs one attempt while keeping its lease alive; `answer` is the `/message` request
     /// waiting for this first attempt, if one is.
-    async fn run_attempt(&self, job: Job, answer: Option<oneshot::Sender<FirstAttempt>>) {
+    async fn run_attempt(&self, job: Job, channel: Arc<Channel>, answer: Option<oneshot::Sender<FirstAttempt>>) {
         let lease_until = job.lease_until.unwrap_or_else(|| self.store.now().saturating_add(millis(self.lease)));
         let hold = ClaimHold::new(lease_until, LEASE_MARGIN.min(self.lease / 4));
         let heartbeat = async {
@@ -315,15 +396,29 @@ impl Worker {
         let attempt = async {
             match &job.payload {
                 Ok(Payload::Send { recipient, parts }) => {
-                    self.attempt_outbound(&job, &hold, recipient, parts, answer).await;
+                    self.attempt_outbound(&job, &channel, &hold, recipient, parts, answer).await;
                 }
-                Ok(Payload::Event { event }) => self.attempt_inbound(&job, &hold, event.clone()).await,
+                Ok(Payload::Event { event }) => self.attempt_inbound(&job, &channel, &hold, event.clone()).await,
                 Err(reason) => self.dead_letter_unreadable(&job, reason).await,
             }
         };
         tokio::select! {
             () = attempt => {}
             () = heartbeat => {}
+        }
+    }
+
+    /// Feeds the channel's breaker with how its upstream answered `job`'s attempt.
+    fn upstream_answered(&self, job: &Job, failed: bool) {
+        let answer = if failed { Answer::Failed } else { Answer::Answered };
+        if let Some(rest) = self.breakers.record(&job.channel, job.direction, answer, Instant::now()) {
+            tracing::warn!(
+                channel = %job.channel,
+                direction = job.direction.as_str(),
+                rest_ms = u64::try_from(rest.as_millis()).unwrap_or(u64::MAX),
+                failures_in_a_row = super::breaker::TRIP_AFTER,
+                "the channel's upstream keeps failing; its deliveries rest (jobs stay queued, retries untouched)"
+            );
         }
     }
 
@@ -345,13 +440,14 @@ impl Worker {
     async fn attempt_outbound(
         &self,
         job: &Job,
+        channel: &Channel,
         hold: &ClaimHold,
         recipient: &Recipient,
         parts: &[Message],
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
         let claim_held = || hold.is_held(self.store.now());
-        let outcome = self.outbound.attempt(job, recipient, parts, &claim_held).await;
+        let outcome = channel.outbound.attempt(job, recipient, parts, &claim_held).await;
         let progress = u32::try_from(outcome.parts_sent).unwrap_or(u32::MAX);
         let attempt = job.attempts + 1;
         let result = match outcome.end {
@@ -363,7 +459,13 @@ impl Worker {
                 // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
                 // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
-                crate::monitoring::attempt(job.direction, Outcome::Paced, job.created_at, self.store.now());
+                crate::monitoring::attempt(
+                    &job.channel,
+                    job.direction,
+                    Outcome::Paced,
+                    job.created_at,
+                    self.store.now(),
+                );
                 if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
                     && let Some(answer) = answer
                 {
@@ -374,6 +476,7 @@ impl Worker {
             AttemptEnd::Sent { last_sent_at } => Ok(last_sent_at),
             AttemptEnd::Failed(error) => Err(error),
         };
+        self.upstream_answered(job, matches!(result, Err(SendError::Transient { .. })));
         // Only a request still waiting can be answered with JoinChat's refusal; once it has
         // gone (answered 200 at the end of its wait, or hung up), BonyChat hears by receipt.
         let waiting = answer.as_ref().is_some_and(|answer| !answer.is_closed());
@@ -417,32 +520,34 @@ impl Worker {
         {
             // The request ended between the check and the answer: tell BonyChat by receipt.
             let now = self.store.now();
-            if let Err(e) = self.store.queue_failed_receipt(&job.contact, &job.m_id, &reason, now).await {
+            if let Err(e) = self.store.queue_failed_receipt(&job.channel, &job.contact, &job.m_id, &reason, now).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
         }
     }
 
-    async fn attempt_inbound(&self, job: &Job, hold: &ClaimHold, event: WebhookEvent) {
+    async fn attempt_inbound(&self, job: &Job, channel: &Channel, hold: &ClaimHold, event: WebhookEvent) {
         let receipt = match &event {
             WebhookEvent::MessageStatus { status, .. } => Some(status.value),
             _ => None,
         };
         let claim_held = || hold.is_held(self.store.now());
-        let Some(outcome) = self.inbound.attempt(&job.contact, event, job.contact_introduced, &claim_held).await else {
+        let Some(outcome) = channel.inbound.attempt(&job.contact, event, job.contact_introduced, &claim_held).await
+        else {
             self.stopped_unsure_of_claim(job, hold, 0).await;
             return;
         };
         let attempt = job.attempts + 1;
+        self.upstream_answered(job, matches!(outcome.result, Err(SendError::Transient { .. })));
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
                 if outcome.introduced
-                    && let Err(e) = self.store.mark_introduced(&job.contact).await
+                    && let Err(e) = self.store.mark_introduced(&job.channel, &job.contact).await
                 {
                     tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
                 }
                 if let Some(value) = receipt {
-                    crate::monitoring::receipt_posted(value);
+                    crate::monitoring::receipt_posted(&job.channel, value);
                 }
                 (Finish::Delivered { progress: 1, sent_at: self.store.now() }, Outcome::Sent, None)
             }
@@ -468,7 +573,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
-        crate::monitoring::attempt(job.direction, Outcome::Dead, job.created_at, self.store.now());
+        crate::monitoring::attempt(&job.channel, job.direction, Outcome::Dead, job.created_at, self.store.now());
         self.record(job, finish).await;
     }
 
@@ -508,16 +613,77 @@ fn after_failure(
 }
 
 fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>, now: i64) {
-    crate::monitoring::attempt(job.direction, outcome, job.created_at, now);
-    let (direction, outcome) = (job.direction.as_str(), outcome.as_str());
+    crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, now);
+    let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
     match reason {
         None => {
-            tracing::info!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
+            tracing::info!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
         }
         Some(reason) => {
-            tracing::warn!(direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
+            tracing::warn!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
         }
     }
+}
+
+/// How many of a direction's slots one channel may hold when `channels` are served.
+pub fn share_of(channels: usize) -> usize {
+    if channels <= 1 { MAX_IN_FLIGHT_PER_DIRECTION } else { CHANNEL_SHARE }
+}
+
+/// Attempts in flight per (channel, direction): a semaphore of `share` permits each, made when
+/// first needed (and again when the share changes, a reload going from one channel to several).
+#[derive(Debug, Default)]
+struct Shares {
+    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), ShareOf>>,
+}
+
+/// A channel's share of a direction's slots: its size, and the semaphore handing it out.
+type ShareOf = (usize, Arc<Semaphore>);
+
+impl Shares {
+    fn of(&self, channel: &str, direction: Direction, share: usize) -> Arc<Semaphore> {
+        let mut held = self.held.lock().expect("shares");
+        let key = (channel.to_owned(), direction);
+        match held.get(&key) {
+            Some((of, semaphore)) if *of == share => Arc::clone(semaphore),
+            _ => {
+                let semaphore = Arc::new(Semaphore::new(share));
+                held.insert(key, (share, Arc::clone(&semaphore)));
+                semaphore
+            }
+        }
+    }
+
+    /// The channels a claim may take jobs of, and how many of one channel at most: every
+    /// channel below its share, no more than the busiest of them has left. `None` when none may.
+    fn eligible(
+        &self,
+        names: &Arc<[String]>,
+        direction: Direction,
+        share: usize,
+        resting: &[String],
+    ) -> Option<(Arc<[String]>, usize)> {
+        let held = self.held.lock().expect("shares");
+        let left = |(of, semaphore): &ShareOf| {
+            if *of == share { semaphore.available_permits() } else { share }
+        };
+        let busy =
+            held.iter().filter(|((_, d), _)| *d == direction).map(|((channel, _), entry)| (channel, left(entry)));
+        let least_left = busy.clone().map(|(_, left)| left).filter(|left| *left > 0).min();
+        let mut full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
+        full.extend(resting.iter().map(String::as_str));
+        if full.is_empty() {
+            return Some((Arc::clone(names), least_left.unwrap_or(share)));
+        }
+        let open: Arc<[String]> = names.iter().filter(|name| !full.contains(&name.as_str())).cloned().collect();
+        (!open.is_empty()).then(|| (open, least_left.unwrap_or(share)))
+    }
+}
+
+/// A slot of a direction and of its channel's share, for one attempt.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _channel_held: tokio::sync::OwnedSemaphorePermit,
 }
 
 fn millis(duration: Duration) -> i64 {

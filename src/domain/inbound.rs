@@ -99,6 +99,33 @@ pub struct EnvelopeError(pub String);
 /// Parses a webhook body for the Page `page_id`; `received_at` (ms) stands in for missing or
 /// insane times, and bounds how far in the future a time may be.
 pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> Result<Envelope, EnvelopeError> {
+    let routed = parse_routed(body, |page| (page == page_id).then_some(()), received_at)?;
+    let mut ignored = routed.ignored;
+    ignored.extend(
+        routed.unknown_pages.iter().map(|page| Ignored(format!("entry for page {}, not {page_id}", shown(page)))),
+    );
+    Ok(Envelope { events: routed.events.into_iter().map(|((), event)| event).collect(), ignored })
+}
+
+/// A webhook body's events, each with where its Page routes it.
+#[derive(Debug)]
+pub struct Routed<K> {
+    /// Events to act on, in Messenger's order, each with its Page's route.
+    pub events: Vec<(K, MessengerEvent)>,
+    /// What was acknowledged but not acted on, and why (unknown Pages aside).
+    pub ignored: Vec<Ignored>,
+    /// The Page ids of entries `route` knew nothing of, one per entry (`(missing)` when absent).
+    pub unknown_pages: Vec<String>,
+}
+
+/// Parses a webhook body whose entries may be of several Pages (Meta posts every Page of an app
+/// to one callback URL): each entry goes where `route` sends its Page id, and the entries of a
+/// Page it does not know are counted in `unknown_pages`.
+pub fn parse_routed<K: Clone>(
+    body: &VerifiedBody,
+    route: impl Fn(&str) -> Option<K>,
+    received_at: i64,
+) -> Result<Routed<K>, EnvelopeError> {
     let value: Value =
         serde_json::from_slice(body.bytes()).map_err(|e| EnvelopeError(format!("body: not valid JSON ({e})")))?;
     let root = value.as_object().ok_or_else(|| EnvelopeError("body: must be a JSON object".into()))?;
@@ -106,37 +133,34 @@ pub fn parse_envelope(body: &VerifiedBody, page_id: &str, received_at: i64) -> R
     let entries =
         root.get("entry").and_then(Value::as_array).ok_or_else(|| EnvelopeError("entry: required, an array".into()))?;
 
-    let mut envelope = Envelope::default();
+    let mut routed = Routed { events: Vec::new(), ignored: Vec::new(), unknown_pages: Vec::new() };
     if object != Some("page") {
-        envelope.ignored.push(Ignored(format!("object {} is not page", shown(object.unwrap_or("(missing)")))));
-        return Ok(envelope);
+        routed.ignored.push(Ignored(format!("object {} is not page", shown(object.unwrap_or("(missing)")))));
+        return Ok(routed);
     }
     for entry in entries {
         let Some(entry) = entry.as_object() else {
-            envelope.ignored.push(Ignored("an entry that is not an object".into()));
+            routed.ignored.push(Ignored("an entry that is not an object".into()));
             continue;
         };
         let entry_page = entry.get("id").and_then(id_of);
-        if entry_page.as_deref() != Some(page_id) {
-            envelope.ignored.push(Ignored(format!(
-                "entry for page {}, not {page_id}",
-                shown(entry_page.as_deref().unwrap_or("(missing)"))
-            )));
+        let Some((page_id, key)) = entry_page.as_deref().and_then(|page| Some((page, route(page)?))) else {
+            routed.unknown_pages.push(entry_page.unwrap_or_else(|| "(missing)".to_owned()));
             continue;
-        }
+        };
         let entry_time = entry.get("time").and_then(millis_of).filter(|&t| is_event_time(t, received_at));
         let clock = Clock { received_at, fallback: entry_time.unwrap_or(received_at) };
         for channel in ["messaging", "standby"] {
             for item in entry.get(channel).and_then(Value::as_array).into_iter().flatten() {
                 match item.as_object().map(|event| parse_event(event, page_id, clock)) {
-                    Some(Ok(event)) => envelope.events.push(event),
-                    Some(Err(ignored)) => envelope.ignored.push(ignored),
-                    None => envelope.ignored.push(Ignored(format!("a {channel} item that is not an object"))),
+                    Some(Ok(event)) => routed.events.push((key.clone(), event)),
+                    Some(Err(ignored)) => routed.ignored.push(ignored),
+                    None => routed.ignored.push(Ignored(format!("a {channel} item that is not an object"))),
                 }
             }
         }
     }
-    Ok(envelope)
+    Ok(routed)
 }
 
 /// The times an entry's events are judged against, in ms.

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, redrive_all_dead};
+use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, is_channel_name, redrive_all_dead};
 
 const DEFAULT_LIMIT: usize = 100;
 
@@ -22,7 +22,10 @@ impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        match &state.admin_token {
+        if !state.admin_enabled {
+            return Err(ApiError::NotFound);
+        }
+        match state.channels.current().admin_token() {
             None => Err(ApiError::NotFound),
             Some(token) if token.is_presented_in(&parts.headers) => Ok(Self),
             Some(_) => Err(ApiError::Unauthorized),
@@ -33,10 +36,23 @@ impl FromRequestParts<AppState> for AdminCaller {
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
     state: Option<String>,
+    channel: Option<String>,
     limit: Option<usize>,
 }
 
-/// `GET /admin/jobs?state=dead&limit=100`: jobs, newest first.
+/// The channel a query names, `None` for every channel (no `channel`, or an empty one, as an
+/// empty form field sends); 400 naming `channel` for a name no channel can have.
+fn channel_filter(channel: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match channel {
+        None | Some("") => Ok(None),
+        Some(name) if is_channel_name(name) => Ok(Some(name)),
+        Some(_) => Err(ApiError::InvalidRequest(
+            "channel: must be a channel's name, 1 to 32 of a-z, 0-9 and -, starting with a letter or digit".into(),
+        )),
+    }
+}
+
+/// `GET /admin/jobs?state=dead&channel=shoes&limit=100`: jobs, newest first.
 pub async fn list_jobs(
     _: AdminCaller,
     State(state): State<AppState>,
@@ -54,7 +70,8 @@ pub async fn list_jobs(
     if !(1..=LIST_LIMIT_MAX).contains(&limit) {
         return Err(ApiError::InvalidRequest(format!("limit: must be between 1 and {LIST_LIMIT_MAX}")));
     }
-    let jobs = state.store.list(job_state, limit).await.map_err(ApiError::Store)?;
+    let channel = channel_filter(query.channel.as_deref())?;
+    let jobs = state.store.list(job_state, channel, limit).await.map_err(ApiError::Store)?;
     let jobs: Vec<JobView> = jobs.iter().map(JobView::from).collect();
     Ok(Json(json!({ "jobs": jobs })))
 }
@@ -77,9 +94,20 @@ pub async fn retry_job(
     Ok(Json(json!({ "job": JobView::from(&job) })))
 }
 
-/// `POST /admin/dead/redrive`: makes every dead job due now.
-pub async fn redrive_dead(_: AdminCaller, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let redriven = redrive_all_dead(state.store.as_ref(), state.store.now()).await.map_err(ApiError::Store)?;
-    tracing::info!(redriven, "dead jobs queued again by an operator");
+#[derive(Debug, Deserialize)]
+pub struct RedriveQuery {
+    channel: Option<String>,
+}
+
+/// `POST /admin/dead/redrive?channel=shoes`: makes every dead job (of that channel) due now.
+pub async fn redrive_dead(
+    _: AdminCaller,
+    State(state): State<AppState>,
+    query: Result<Query<RedriveQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
+    let channel = channel_filter(query.channel.as_deref())?;
+    let redriven = redrive_all_dead(state.store.as_ref(), state.store.now(), channel).await.map_err(ApiError::Store)?;
+    tracing::info!(redriven, channel = channel.unwrap_or("(all)"), "dead jobs queued again by an operator");
     Ok(Json(json!({ "redriven": redriven })))
 }

@@ -7,17 +7,20 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Extension, FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, header};
 use serde::Serialize;
 
 use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
+use crate::config::valid_name;
 use crate::delivery::{FirstAttempt, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
 use crate::domain::text::truncate;
 use crate::error::ApiError;
+use crate::store::DEFAULT_CHANNEL;
+use crate::telemetry::ServedChannel;
 
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -25,18 +28,56 @@ pub struct Accepted {
     m_id: String,
 }
 
-pub async fn post_message(
+/// `POST /message`: the channel `default` (SPEC §3.1).
+pub async fn post_default_message(
     State(state): State<AppState>,
-    _: BonyChatCaller,
     Extension(reader): Extension<BodyReader>,
+    Extension(served): Extension<ServedChannel>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, ApiError> {
+    post_message(&state, DEFAULT_CHANNEL, reader, served, headers, body).await
+}
+
+/// `POST /channels/{channel}/message`.
+pub async fn post_channel_message(
+    State(state): State<AppState>,
+    channel: Result<Path<String>, PathRejection>,
+    Extension(reader): Extension<BodyReader>,
+    Extension(served): Extension<ServedChannel>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, ApiError> {
+    let Path(channel) = channel.map_err(|_| ApiError::NotFound)?;
+    post_message(&state, &channel, reader, served, headers, body).await
+}
+
+/// Stores the message for `channel`, then takes its first attempt. The channel is looked up, and
+/// its token checked, before the body is read: an unknown or unauthenticated caller never gets
+/// its body read. The directory current now serves the whole request, even across a reload.
+async fn post_message(
+    state: &AppState,
+    channel: &str,
+    reader: BodyReader,
+    served: ServedChannel,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Accepted>, ApiError> {
+    let directory = state.channels.current();
+    let Some(channel) = directory.channel(channel) else {
+        return Err(ApiError::NoSuchChannel(shown_name(channel)));
+    };
+    if !channel.token.is_presented_in(&headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    served.set(&channel.name);
     require_json(&headers)?;
     let body = reader.read(body, MESSAGE_BODY_LIMIT).await?;
-    let request = OutboundRequest::parse(&body.bytes, &state.config.bonychat.channel_id)?;
+    let config = &channel.config;
+    let request = OutboundRequest::parse(&body.bytes, &config.bonychat.channel_id)?;
     let now = state.store.now();
-    let job = new_outbound_job(&request, state.config.joinchat.recipient_field, now);
+    let job =
+        new_outbound_job(&channel.name, config.max_queued.outbound, &request, config.joinchat.recipient_field, now);
     let (m_id, contact) = (job.m_id.clone(), job.contact.clone());
 
     let wait = state.config.delivery.send_wait;
@@ -45,22 +86,16 @@ pub async fn post_message(
     if wait.is_zero() {
         return Ok(Json(Accepted { m_id }));
     }
-    match state.worker.first_attempt(&contact, enqueued, wait).await {
+    let share = crate::delivery::worker::share_of(directory.len());
+    match state.worker.first_attempt(channel, share, &contact, enqueued, wait).await {
         FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
         FirstAttempt::Sent | FirstAttempt::Pending | FirstAttempt::Paced { .. } => Ok(Json(Accepted { m_id })),
     }
 }
 
-/// Proof that the request carries the channel's API token. Extracted before the body, so an
-/// unauthenticated caller never gets its body read.
-pub struct BonyChatCaller;
-
-impl FromRequestParts<AppState> for BonyChatCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        if state.bonychat_token.is_presented_in(&parts.headers) { Ok(Self) } else { Err(ApiError::Unauthorized) }
-    }
+/// A name from the path as an error may quote it: short, and only when it could be a name.
+pub fn shown_name(raw: &str) -> String {
+    if valid_name(raw) { raw.to_owned() } else { format!("{:?}", truncate(raw, 40)) }
 }
 
 /// How much of a refused `Content-Type` the answer quotes back: enough to recognise it.

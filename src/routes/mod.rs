@@ -22,11 +22,10 @@ use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::auth::{BearerToken, SecretDigest};
+use crate::channels::Live;
 use crate::config::Config;
 use crate::delivery::Worker;
 use crate::error::ApiError;
-use crate::signing::HubSignature;
 use crate::store::Store;
 use crate::telemetry;
 
@@ -40,12 +39,13 @@ pub const WEBHOOK_BODY_LIMIT: usize = 1024 * 1024;
 pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
+    /// The configuration at start; the channels in effect are [`Self::channels`].
     pub config: Config,
-    pub bonychat_token: BearerToken,
-    /// `None` switches `/admin/*` off.
-    pub admin_token: Option<BearerToken>,
-    pub hub_signature: HubSignature,
-    pub verify_token: SecretDigest,
+    /// The channels and apps served now, replaced on `SIGHUP`.
+    pub channels: Arc<Live>,
+    /// Whether `/admin/*` exists (`RELAY_ADMIN_TOKEN` set at start); the token it takes is the
+    /// directory's, which follows its file on reload.
+    pub admin_enabled: bool,
     pub store: Arc<dyn Store>,
     /// Takes the first attempt of each `/message` request's job.
     pub worker: Arc<Worker>,
@@ -74,16 +74,23 @@ impl std::ops::Deref for AppState {
 /// store bounds its own wait, and `/message` waits at most `RELAY_SEND_WAIT_MS` after that.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let timeout = || middleware::from_fn_with_state(request_timeout, timeout);
-    let stores_work = Router::new().route("/message", post(message::post_message)).route(
-        "/webhooks/messenger",
-        get(webhooks::verify_subscription).layer(timeout()).post(webhooks::receive_events),
-    );
+    let stores_work = Router::new()
+        .route("/message", post(message::post_default_message))
+        .route("/channels/{channel}/message", post(message::post_channel_message))
+        .route(
+            "/webhooks/messenger",
+            get(webhooks::verify_default_subscription).layer(timeout()).post(webhooks::receive_default_events),
+        )
+        .route(
+            "/webhooks/messenger/{app}",
+            get(webhooks::verify_app_subscription).layer(timeout()).post(webhooks::receive_app_events),
+        );
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
     let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
     // Likewise `/admin/*` without a token: mounted, its paths would answer 405 to other methods
     // and so tell that they exist.
-    let admin = if state.admin_token.is_some() {
+    let admin = if state.admin_enabled {
         Router::new()
             .route("/admin/jobs", get(admin::list_jobs))
             .route("/admin/jobs/{id}/retry", post(admin::retry_job))
@@ -172,12 +179,16 @@ mod tests {
         ]);
         let config = Config::from_env(&env).unwrap();
         let store = crate::store::open(&config.store).await.unwrap();
+        let channels = Arc::new(Live::new(
+            &config.channels,
+            None,
+            crate::channels::Clients::new(&config.upstreams).unwrap(),
+            Arc::clone(&store),
+        ));
         AppState::new(Shared {
-            bonychat_token: BearerToken::new(&config.bonychat.api_token),
-            admin_token: None,
-            hub_signature: HubSignature::new(config.messenger.app_secret.clone()),
-            verify_token: SecretDigest::new(&config.messenger.verify_token),
-            worker: Arc::new(crate::startup::worker(&config, Arc::clone(&store)).unwrap()),
+            admin_enabled: false,
+            worker: Arc::new(crate::startup::worker(&config, Arc::clone(&store), Arc::clone(&channels))),
+            channels,
             store,
             shutdown: CancellationToken::new(),
             config,
@@ -204,7 +215,7 @@ mod tests {
         let answer = app.clone().oneshot(request).await.unwrap();
 
         assert_eq!(answer.status(), StatusCode::OK);
-        assert_eq!(store.list(None, 10).await.unwrap().len(), 1);
+        assert_eq!(store.list(None, None, 10).await.unwrap().len(), 1);
         let probe = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
         assert_eq!(probe.status(), StatusCode::OK, "other routes keep their timeout, and answer well within it");
     }

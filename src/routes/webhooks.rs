@@ -3,19 +3,22 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Query, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
 use super::limits::BodyReader;
+use super::message::shown_name;
 use super::{AppState, WEBHOOK_BODY_LIMIT};
+use crate::channels::Channel;
+use crate::config::DEFAULT_APP;
 use crate::domain::bonychat::StatusValue;
-use crate::domain::inbound::{MessengerEvent, parse_envelope};
+use crate::domain::inbound::{MessengerEvent, parse_routed};
 use crate::error::ApiError;
-use crate::store::{InboundBatch, InboundItem};
+use crate::store::{InboundBatch, InboundItem, InboundSummary};
 
 #[derive(Debug, Deserialize)]
 pub struct Handshake {
@@ -27,11 +30,32 @@ pub struct Handshake {
     challenge: Option<String>,
 }
 
-/// `GET`: echoes `hub.challenge` when `hub.verify_token` is ours.
-pub async fn verify_subscription(
+/// `GET /webhooks/messenger`: the handshake of the app `default`.
+pub async fn verify_default_subscription(
     State(state): State<AppState>,
     query: Result<Query<Handshake>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    verify_subscription(&state, DEFAULT_APP, query)
+}
+
+/// `GET /webhooks/messenger/{app}`.
+pub async fn verify_app_subscription(
+    State(state): State<AppState>,
+    app: Result<Path<String>, PathRejection>,
+    query: Result<Query<Handshake>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(app) = app.map_err(|_| ApiError::NotFound)?;
+    verify_subscription(&state, &app, query)
+}
+
+/// Echoes `hub.challenge` when `hub.verify_token` is the app's.
+fn verify_subscription(
+    state: &AppState,
+    app: &str,
+    query: Result<Query<Handshake>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let directory = state.channels.current();
+    let app = directory.app(app).ok_or_else(|| ApiError::NoSuchApp(shown_name(app)))?;
     let Query(handshake) = query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
     let required =
         |value: Option<String>, name: &str| value.ok_or_else(|| ApiError::InvalidRequest(format!("{name}: required")));
@@ -39,54 +63,119 @@ pub async fn verify_subscription(
     let verify_token = required(handshake.verify_token, "hub.verify_token")?;
     let challenge = required(handshake.challenge, "hub.challenge")?;
 
-    if !state.verify_token.matches(verify_token.as_bytes()) {
-        return Err(ApiError::Forbidden("hub.verify_token does not match MESSENGER_VERIFY_TOKEN".into()));
+    if !app.verify_token.matches(verify_token.as_bytes()) {
+        return Err(ApiError::Forbidden("hub.verify_token does not match the app's verify token".into()));
     }
     if mode != "subscribe" {
         return Err(ApiError::Forbidden("hub.mode must be subscribe".into()));
     }
-    tracing::info!("Messenger webhook subscription verified");
+    tracing::info!(app = %app.name, "Messenger webhook subscription verified");
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], challenge).into_response())
 }
 
-/// `POST`: checks the signature over the raw bytes, stores every event, then answers 200:
-/// forwarding to BonyChat happens afterwards, from the store.
-pub async fn receive_events(
+/// `POST /webhooks/messenger`: the app `default`.
+pub async fn receive_default_events(
     State(state): State<AppState>,
     Extension(reader): Extension<BodyReader>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    receive_events(&state, DEFAULT_APP, reader, headers, body).await
+}
+
+/// `POST /webhooks/messenger/{app}`.
+pub async fn receive_app_events(
+    State(state): State<AppState>,
+    app: Result<Path<String>, PathRejection>,
+    Extension(reader): Extension<BodyReader>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(app) = app.map_err(|_| ApiError::NotFound)?;
+    receive_events(&state, &app, reader, headers, body).await
+}
+
+/// Checks the signature over the raw bytes with the app's secret, stores every event in its
+/// Page's channel, then answers 200: forwarding to BonyChat happens afterwards, from the store.
+///
+/// Each channel's events are stored in a transaction of their own: when one channel cannot take
+/// them (its queue is full), the others' are stored all the same and the answer is the error, so
+/// Meta sends the batch again; what was stored is then recognised as a duplicate.
+async fn receive_events(
+    state: &AppState,
+    app: &str,
+    reader: BodyReader,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let directory = state.channels.current();
+    let app = directory.app(app).ok_or_else(|| ApiError::NoSuchApp(shown_name(app)))?;
     let body = reader.read(body, WEBHOOK_BODY_LIMIT).await?;
     let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    let verified = state.hub_signature.verify(signature, body.bytes.clone()).map_err(ApiError::InvalidSignature)?;
+    let verified = app.hub_signature.verify(signature, body.bytes.clone()).map_err(ApiError::InvalidSignature)?;
 
     let now = state.store.now();
-    let envelope =
-        parse_envelope(&verified, &state.config.joinchat.page_id, now).map_err(|e| ApiError::InvalidPayload(e.0))?;
-    for ignored in &envelope.ignored {
-        tracing::info!(reason = %ignored.0, "webhook content acknowledged, not forwarded");
+    let routed = parse_routed(&verified, |page| app.channel_of_page(page).cloned(), now)
+        .map_err(|e| ApiError::InvalidPayload(e.0))?;
+    for ignored in &routed.ignored {
+        tracing::info!(app = %app.name, reason = %ignored.0, "webhook content acknowledged, not forwarded");
     }
-    let received = envelope.events.len();
-    let ignored = envelope.ignored.len();
-    let batch = InboundBatch { items: envelope.events.into_iter().map(to_item).collect(), now };
-    let summary = state.store.enqueue_inbound(batch).await.map_err(ApiError::Store)?;
-    // Counted once stored: a refused batch is redelivered by Meta and would count twice.
-    crate::monitoring::inbound_dropped(summary.duplicates, summary.own_echoes, ignored);
-    tracing::info!(
-        received,
-        queued = summary.queued,
-        duplicates = summary.duplicates,
-        own_echoes = summary.own_echoes,
-        receipts = summary.receipts,
-        "webhook stored"
-    );
+    for page in &routed.unknown_pages {
+        tracing::warn!(app = %app.name, page = %page, "webhook entry for a Page no channel of this app has; acknowledged, not forwarded");
+    }
+    let received = routed.events.len();
+
+    // Per channel, in Messenger's order, channels in the order they first appear.
+    let mut batches: Vec<(std::sync::Arc<Channel>, Vec<InboundItem>)> = Vec::new();
+    for (channel, event) in routed.events {
+        match batches.iter_mut().find(|(c, _)| c.name == channel.name) {
+            Some((_, items)) => items.push(to_item(event)),
+            None => batches.push((channel, vec![to_item(event)])),
+        }
+    }
+    let mut total = InboundSummary::default();
+    let mut refused = None;
+    for (channel, items) in batches {
+        let batch =
+            InboundBatch { channel: channel.name.clone(), max_queued: channel.config.max_queued.inbound, items, now };
+        match state.store.enqueue_inbound(batch).await {
+            Ok(summary) => {
+                // Counted once stored: a refused batch is redelivered by Meta and would count twice.
+                crate::monitoring::inbound_dropped(&channel.name, summary.duplicates, summary.own_echoes, 0);
+                tracing::info!(
+                    app = %app.name,
+                    channel = %channel.name,
+                    queued = summary.queued,
+                    duplicates = summary.duplicates,
+                    own_echoes = summary.own_echoes,
+                    receipts = summary.receipts,
+                    "webhook stored"
+                );
+                total.queued += summary.queued;
+                total.duplicates += summary.duplicates;
+                total.own_echoes += summary.own_echoes;
+                total.receipts += summary.receipts;
+            }
+            Err(e) => {
+                tracing::warn!(app = %app.name, channel = %channel.name, error = %e, "cannot store a channel's webhook events");
+                refused.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = refused {
+        return Err(ApiError::Store(e));
+    }
+    crate::monitoring::inbound_dropped("", 0, 0, routed.ignored.len());
+    if !routed.unknown_pages.is_empty() {
+        crate::monitoring::unknown_page_dropped(&app.name, routed.unknown_pages.len());
+    }
     Ok(Json(json!({
         "received": received,
-        "queued": summary.queued,
-        "duplicates": summary.duplicates,
-        "own_echoes": summary.own_echoes,
-        "receipts": summary.receipts,
+        "queued": total.queued,
+        "duplicates": total.duplicates,
+        "own_echoes": total.own_echoes,
+        "receipts": total.receipts,
+        "unknown_pages": routed.unknown_pages.len(),
     })))
 }
 

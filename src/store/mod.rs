@@ -1,10 +1,13 @@
 //! The durable store both directions go through (SPEC §5).
 //!
 //! A job is one unit of delivery: an outbound BonyChat message (all its JoinChat requests) or
-//! one inbound BonyChat event. Jobs of one (direction, contact) are delivered strictly in the
+//! one inbound BonyChat event. Every job belongs to one channel (SPEC §7), and everything keyed
+//! by a contact is keyed by (channel, contact): the same contact id in two channels is two
+//! unrelated contacts. Jobs of one (channel, direction, contact) are delivered strictly in the
 //! order they were stored: only the oldest queued job of a contact can be claimed, so a retry
 //! never lets a newer job overtake it and at most one job per contact is in flight. A claim is
-//! a lease, so the job of a worker that died is claimed again once the lease runs out.
+//! a lease, so the job of a worker that died is claimed again once the lease runs out. Claims
+//! take the channels with due work in turns, so one channel's backlog never delays another's.
 //!
 //! Every write returns only once it is committed to disk. Implementations must pass the same
 //! test suite; no implementation holds a transaction open across an HTTP call, since all
@@ -30,13 +33,17 @@ pub use payload::{decode_payload, encode_payload};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The channel of a single-channel relay, and of every job stored before channels existed.
+pub const DEFAULT_CHANNEL: &str = "default";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("the store failed: {0}")]
     Unavailable(String),
-    /// The direction already holds its cap of queued jobs: new work is refused, not stored.
-    #[error("{} queue is full ({cap} jobs waiting); try again later", direction.as_str())]
-    Full { direction: Direction, cap: u64 },
+    /// The channel's queue of that direction already holds its cap of queued jobs: new work is
+    /// refused, not stored.
+    #[error("{} queue of channel {channel} is full ({cap} jobs waiting); try again later", direction.as_str())]
+    Full { channel: String, direction: Direction, cap: u64 },
     /// The contact already has its cap of queued outbound messages: one contact never takes
     /// the capacity the others need.
     #[error("this contact already has {cap} messages waiting to be sent; try again once they are delivered")]
@@ -53,14 +60,19 @@ pub enum StoreError {
     SchemaTooNew { found: i64, known: i64 },
 }
 
-/// Limits the store enforces on new work (SPEC §5: intake is bounded).
+/// Limits on new work (SPEC §5: intake is bounded). The store enforces `per_contact` itself;
+/// the caps of a direction are a channel's own, handed to the store with each piece of work
+/// ([`NewOutbound::max_queued`], [`InboundBatch::max_queued`]), and these are the defaults a
+/// channel gets them from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntakeCaps {
-    /// Queued outbound jobs past which `/message` gets 503.
+    /// Queued outbound jobs of a channel past which `/message` gets 503 (the default).
     pub outbound: u64,
-    /// Queued inbound jobs (events and receipts) past which webhooks get 503.
+    /// Queued inbound jobs (events and receipts) of a channel past which webhooks get 503 (the
+    /// default).
     pub inbound: u64,
-    /// Queued outbound messages to one contact past which `/message` gets 503 for that contact.
+    /// Queued outbound messages to one contact (of one channel) past which `/message` gets 503
+    /// for that contact.
     pub per_contact: u64,
 }
 
@@ -141,6 +153,7 @@ pub enum Payload {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: i64,
+    pub channel: String,
     pub direction: Direction,
     pub contact: String,
     pub m_id: String,
@@ -269,6 +282,8 @@ impl std::fmt::Debug for ReleaseOnDrop {
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
     pub id: i64,
+    /// The channel the job belongs to (SPEC §7).
+    pub channel: String,
     /// `outbound` (BonyChat → JoinChat) or `inbound` (Messenger → BonyChat).
     pub direction: Direction,
     #[serde(rename = "contactId")]
@@ -304,6 +319,7 @@ impl From<&Job> for JobView {
         };
         Self {
             id: job.id,
+            channel: job.channel.clone(),
             direction: job.direction,
             contact_id: job.contact.clone(),
             m_id: job.m_id.clone(),
@@ -324,6 +340,9 @@ impl From<&Job> for JobView {
 /// An outbound message to store.
 #[derive(Debug, Clone)]
 pub struct NewOutbound {
+    pub channel: String,
+    /// The channel's cap of queued outbound jobs: past it the message is refused.
+    pub max_queued: u64,
     pub m_id: String,
     pub contact: String,
     pub recipient: Recipient,
@@ -331,9 +350,13 @@ pub struct NewOutbound {
     pub now: i64,
 }
 
-/// What one webhook call brought, ready to store.
+/// What one webhook call brought for one channel, ready to store (a call carrying several
+/// channels' events is split into a batch per channel).
 #[derive(Debug, Clone, Default)]
 pub struct InboundBatch {
+    pub channel: String,
+    /// The channel's cap of queued inbound jobs: a batch that would go past it is refused.
+    pub max_queued: u64,
     pub items: Vec<InboundItem>,
     pub now: i64,
 }
@@ -398,9 +421,9 @@ pub trait Store: Send + Sync {
     /// redrive, in this process or (for a shared store) in any replica.
     fn changes(&self) -> watch::Receiver<u64>;
 
-    /// Wakes whoever holds it when `contact`'s outbound queue moves on (an attempt ended), in
-    /// this process or, for a shared store, in any replica.
-    fn watch_queue(&self, contact: &str) -> QueueWatch;
+    /// Wakes whoever holds it when the outbound queue of `contact` in `channel` moves on (an
+    /// attempt ended), in this process or, for a shared store, in any replica.
+    fn watch_queue(&self, channel: &str, contact: &str) -> QueueWatch;
 
     /// Answers when the store can durably write right now: a small write committed within a
     /// short deadline. Fails for a full disk, a removed file, a stalled disk, a dead writer or
@@ -415,18 +438,12 @@ pub trait Store: Send + Sync {
     /// sends are dropped, and watermarks queue a receipt per outbound message they cover, once.
     fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>>;
 
-    /// Claims up to `limit` due jobs of `direction`, each the oldest queued one of its contact,
-    /// for `owner` until `lease_until`. Each direction is claimed on its own, so that a flood of
-    /// one never takes the capacity of the other. Jobs reserved for a waiting request are left
-    /// to it until the reservation ends.
-    fn claim(
-        &self,
-        owner: &str,
-        direction: Direction,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    /// Claims up to `claim.limit` due jobs of `claim.direction` in `claim.channels`, each the
+    /// oldest queued one of its contact, for `claim.owner` until `claim.lease_until`. Each
+    /// direction is claimed on its own, so that a flood of one never takes the capacity of the
+    /// other; the channels with due work are taken in turns (see [`Claim`]). Jobs reserved for a
+    /// waiting request are left to it until the reservation ends.
+    fn claim(&self, claim: Claim) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
     /// Claims job `id` for the request that stored it, reserved or not, when it is due, heads
     /// its contact's queue and nothing of that contact is in flight; `None` otherwise.
@@ -459,41 +476,82 @@ pub trait Store: Send + Sync {
     /// (nothing written) when the lease was claimed by someone since.
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Notes that BonyChat got a post about `contact`: later posts go without a profile.
-    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
+    /// Notes that BonyChat got a post about `contact` of `channel`: later posts go without a
+    /// profile.
+    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Queues the `failed` receipt of outbound message `m_id` to `contact` (when BonyChat turned
-    /// out not to hear the 400 it was about to get). Queued once, however often it is asked.
-    fn queue_failed_receipt(&self, contact: &str, m_id: &str, reason: &str, now: i64)
-    -> BoxFuture<'_, StoreResult<()>>;
+    /// Queues the `failed` receipt of outbound message `m_id` to `contact` of `channel` (when
+    /// BonyChat turned out not to hear the 400 it was about to get). Queued once, however often
+    /// it is asked.
+    fn queue_failed_receipt(
+        &self,
+        channel: &str,
+        contact: &str,
+        m_id: &str,
+        reason: &str,
+        now: i64,
+    ) -> BoxFuture<'_, StoreResult<()>>;
 
-    /// Jobs in `state` (all states when `None`), newest first.
-    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    /// Jobs in `state` (all states when `None`) of `channel` (all channels when `None`), newest
+    /// first.
+    fn list(
+        &self,
+        state: Option<JobState>,
+        channel: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
 
     /// Makes one `dead` or `queued` job due now with a fresh retry schedule. Other states are a
     /// [`StoreError::Conflict`] saying why: a delivered job was delivered, a rejected one was
     /// already answered to BonyChat with a 400, a dropped one is the echo of the relay's own send.
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>>;
 
-    /// Makes up to `limit` dead jobs due now, oldest first; returns how many. Callers loop
-    /// until it returns less than `limit`, so a large redrive never holds the store for long.
-    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
+    /// Makes up to `limit` dead jobs of `channel` (of every channel when `None`) due now, oldest
+    /// first; returns how many. Callers loop until it returns less than `limit`, so a large
+    /// redrive never holds the store for long.
+    fn redrive_dead(&self, now: i64, channel: Option<&str>, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
 
     /// Deletes up to `limit` delivered, rejected and dropped jobs last touched before `before`,
     /// and expired echo records; returns how many jobs went. Callers loop like for redrive.
     fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>>;
 
-    /// Jobs of every direction by where they stand at `now`, for the queue gauges. Read at
-    /// scrape time, so it must stay cheap at the intake caps.
-    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>>;
+    /// Jobs by channel and direction, by where they stand at `now`, for the queue gauges: every
+    /// (channel, direction) with queued or dead jobs, and both directions of
+    /// [`DEFAULT_CHANNEL`] always. Read at scrape time, so it must stay cheap at the intake caps.
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>>;
 }
+
+/// What [`Store::claim`] takes.
+///
+/// Fairness (SPEC §5): the channels in `channels` with due work are taken in turns, the
+/// earliest due head of each, then the second of each, and so on, each channel's heads in due
+/// order, until `limit`. Within a turn the channels go round from one claim to the next (see
+/// `Rotation`), so claims of a single job serve them one after the other too. A channel's
+/// backlog thus costs the others one job a turn at most, and the claim costs about the same
+/// whatever one channel has queued.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub owner: String,
+    pub direction: Direction,
+    pub now: i64,
+    pub lease_until: i64,
+    pub limit: usize,
+    /// The channels whose jobs may be claimed; jobs of any other channel stay queued, untouched.
+    pub channels: Arc<[String]>,
+    /// The most jobs of one channel this claim takes: what that channel may still hold of the
+    /// worker's slots, so that the claim never takes jobs the worker would hand straight back.
+    pub per_channel: usize,
+}
+
+/// A contact's queue as the queue watches know it: (channel, contact).
+type QueueKey = (String, String);
 
 /// The signals behind [`Store::changes`] and [`Store::watch_queue`].
 #[derive(Debug)]
 pub(crate) struct Changes {
     any: watch::Sender<u64>,
-    /// Per contact with a `/message` request waiting for its outbound queue to move on.
-    queues: std::sync::Mutex<std::collections::HashMap<String, watch::Sender<u64>>>,
+    /// Per (channel, contact) with a `/message` request waiting for its outbound queue to move on.
+    queues: std::sync::Mutex<std::collections::HashMap<QueueKey, watch::Sender<u64>>>,
 }
 
 impl Default for Changes {
@@ -511,23 +569,25 @@ impl Changes {
         self.any.subscribe()
     }
 
-    /// The outbound queue of `contact` moved on (an attempt of its ended): the requests
-    /// waiting for it try again. Everyone else is left alone.
-    pub(crate) fn queue_moved(&self, contact: &str) {
-        if let Some(queue) = self.queues.lock().expect("queue watches").get(contact) {
+    /// The outbound queue of `contact` in `channel` moved on (an attempt of its ended): the
+    /// requests waiting for it try again. Everyone else is left alone.
+    pub(crate) fn queue_moved(&self, channel: &str, contact: &str) {
+        let queues = self.queues.lock().expect("queue watches");
+        if let Some(queue) = queues.get(&(channel.to_owned(), contact.to_owned())) {
             queue.send_modify(|version| *version = version.wrapping_add(1));
         }
     }
 
-    pub(crate) fn watch_queue(self: &Arc<Self>, contact: &str) -> QueueWatch {
+    pub(crate) fn watch_queue(self: &Arc<Self>, channel: &str, contact: &str) -> QueueWatch {
+        let key = (channel.to_owned(), contact.to_owned());
         let moved = self
             .queues
             .lock()
             .expect("queue watches")
-            .entry(contact.to_owned())
+            .entry(key.clone())
             .or_insert_with(|| watch::Sender::new(0))
             .subscribe();
-        QueueWatch { changes: Arc::clone(self), contact: contact.to_owned(), moved }
+        QueueWatch { changes: Arc::clone(self), key, moved }
     }
 }
 
@@ -536,7 +596,7 @@ impl Changes {
 #[derive(Debug)]
 pub struct QueueWatch {
     changes: Arc<Changes>,
-    contact: String,
+    key: QueueKey,
     moved: watch::Receiver<u64>,
 }
 
@@ -553,13 +613,13 @@ impl Drop for QueueWatch {
     fn drop(&mut self) {
         let mut queues = self.changes.queues.lock().expect("queue watches");
         // This watch's receiver is the last one: nobody waits on the contact any more.
-        if queues.get(&self.contact).is_some_and(|queue| queue.receiver_count() <= 1) {
-            queues.remove(&self.contact);
+        if queues.get(&self.key).is_some_and(|queue| queue.receiver_count() <= 1) {
+            queues.remove(&self.key);
         }
     }
 }
 
-/// Jobs of one direction by where they stand.
+/// Jobs of one channel and direction by where they stand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueCounts {
     /// Queued, not leased, due now (behind another job of their contact or not).
@@ -573,6 +633,7 @@ pub struct QueueCounts {
 
 #[derive(Debug, Clone)]
 pub struct BeforeSend {
+    pub channel: String,
     pub contact: String,
     pub effective_at: i64,
     pub echo_fingerprint: Option<String>,
@@ -613,10 +674,10 @@ pub async fn open_existing(config: &StoreConfig) -> StoreResult<(Arc<dyn Store>,
     }
 }
 
-/// Makes every dead job due now, [`BATCH`] at a time so that ingestion goes on meanwhile;
-/// returns how many.
-pub async fn redrive_all_dead(store: &dyn Store, now: i64) -> StoreResult<u64> {
-    in_batches(|| store.redrive_dead(now, BATCH)).await
+/// Makes every dead job of `channel` (of every channel when `None`) due now, [`BATCH`] at a
+/// time so that ingestion goes on meanwhile; returns how many.
+pub async fn redrive_all_dead(store: &dyn Store, now: i64, channel: Option<&str>) -> StoreResult<u64> {
+    in_batches(|| store.redrive_dead(now, channel, BATCH)).await
 }
 
 /// Jobs deleted per prune operation: a few milliseconds of the writer's time.
@@ -672,9 +733,165 @@ fn shown_without_credentials(url: &str) -> String {
     }
 }
 
+/// Where each direction's last claim left off among the channels. A turn starts with the
+/// channel after it by name, not with the channel whose head is the oldest: a worker claims as
+/// its slots free up, often one job at a time, and such claims would otherwise all go to the
+/// channel with the oldest backlog until it is through (SPEC §5: one channel's backlog never
+/// delays another's). Each process keeps its own; replicas go round independently.
+#[derive(Debug, Default)]
+pub(crate) struct Rotation(std::sync::Mutex<[Option<String>; 2]>);
+
+impl Rotation {
+    pub(crate) fn after(&self, direction: Direction) -> Option<String> {
+        self.0.lock().expect("rotation")[Self::slot(direction)].clone()
+    }
+
+    /// The last claim of `direction` ended with a job of `channel`; a claim that took nothing
+    /// leaves the rotation where it was.
+    pub(crate) fn left_off(&self, direction: Direction, channel: Option<String>) {
+        if let Some(channel) = channel {
+            self.0.lock().expect("rotation")[Self::slot(direction)] = Some(channel);
+        }
+    }
+
+    fn slot(direction: Direction) -> usize {
+        match direction {
+            Direction::Outbound => 0,
+            Direction::Inbound => 1,
+        }
+    }
+}
+
+/// Where `channel` comes in a turn that starts after `after`: the channels after it by name,
+/// then the others, by name.
+pub(crate) fn turn_order<'a>(channel: &'a str, after: Option<&str>) -> (bool, &'a str) {
+    (after.is_some_and(|after| channel <= after), channel)
+}
+
+/// Takes `limit` of `channels`' heads in turns: the first of each channel, then the second of
+/// each, and so on, each turn in [`turn_order`] after `after`. Each channel's heads are job ids
+/// in its own due order. Returns the ids taken, in that order, and the channel of the last one.
+pub(crate) fn in_turns(
+    channels: Vec<(String, Vec<i64>)>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<i64>, Option<String>) {
+    let mut heads: Vec<(usize, (bool, &str), i64)> = channels
+        .iter()
+        .flat_map(|(channel, heads)| {
+            let order = turn_order(channel, after);
+            heads.iter().enumerate().map(move |(turn, &id)| (turn, order, id))
+        })
+        .collect();
+    heads.sort_unstable();
+    heads.truncate(limit);
+    let last = heads.last().map(|(_, (_, channel), _)| (*channel).to_owned());
+    (heads.into_iter().map(|(_, _, id)| id).collect(), last)
+}
+
+/// The channel of the last job a claim in turns took, from the channels of all it took: the
+/// last turn's last channel in [`turn_order`] after `after`.
+pub(crate) fn last_in_turns<'a>(taken: impl Iterator<Item = &'a str>, after: Option<&str>) -> Option<String> {
+    let mut per_channel: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for channel in taken {
+        *per_channel.entry(channel).or_default() += 1;
+    }
+    per_channel
+        .into_iter()
+        .max_by_key(|&(channel, turns)| (turns, turn_order(channel, after)))
+        .map(|(c, _)| c.to_owned())
+}
+
+/// The queue counts as [`Store::queue_counts`] returns them, from the counts of queued jobs
+/// (ready, delayed, in flight) and of dead jobs per (channel, direction) as stored.
+pub(crate) fn assemble_counts(
+    queued: Vec<(String, String, [i64; 3])>,
+    dead: Vec<(String, String, i64)>,
+) -> Vec<(String, Direction, QueueCounts)> {
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut counts: std::collections::BTreeMap<(String, usize), QueueCounts> = Direction::ALL
+        .iter()
+        .enumerate()
+        .map(|(slot, _)| ((DEFAULT_CHANNEL.to_owned(), slot), QueueCounts::default()))
+        .collect();
+    let slot = |direction: &str| Direction::ALL.iter().position(|d| d.as_str() == direction);
+    for (channel, direction, [ready, delayed, in_flight]) in queued {
+        if let Some(slot) = slot(&direction) {
+            let c = counts.entry((channel, slot)).or_default();
+            (c.ready, c.delayed, c.in_flight) = (count(ready), count(delayed), count(in_flight));
+        }
+    }
+    for (channel, direction, n) in dead {
+        if let Some(slot) = slot(&direction) {
+            counts.entry((channel, slot)).or_default().dead = count(n);
+        }
+    }
+    counts.into_iter().map(|((channel, slot), c)| (channel, Direction::ALL[slot], c)).collect()
+}
+
+/// Whether `name` is a channel's name (SPEC §7): 1 to 32 of `a-z 0-9 -`, starting with a
+/// letter or a digit.
+pub fn is_channel_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// Milliseconds since the epoch: the store's clock.
 pub fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_queue_watch_wakes_for_its_own_channel_and_contact_only() {
+        let changes = Arc::new(Changes::default());
+        let mut shoes = changes.watch_queue("shoes", "u");
+        let mut hats = changes.watch_queue("hats", "u");
+
+        changes.queue_moved("hats", "u");
+
+        let wait = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, hats.moved()).await.is_ok());
+        assert!(tokio::time::timeout(wait, shoes.moved()).await.is_err(), "u of shoes is another contact");
+        drop((shoes, hats));
+        assert!(changes.queues.lock().unwrap().is_empty(), "nobody waits any more");
+    }
+
+    #[test]
+    fn channel_names_are_those_spec_7_allows() {
+        for good in ["default", "shoes", "a", "0", "eu-west-2", &"x".repeat(32)] {
+            assert!(is_channel_name(good), "{good}");
+        }
+        for bad in ["", "-shoes", "Shoes", "shoes_2", "shö", "a b", "a/b", &"x".repeat(33)] {
+            assert!(!is_channel_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_counts_show_the_default_channel_always_and_the_others_with_jobs() {
+        let counts = assemble_counts(
+            vec![("shoes".into(), "outbound".into(), [3, 2, 1])],
+            vec![("hats".into(), "inbound".into(), 4)],
+        );
+
+        let shown: Vec<(&str, Direction, [u64; 4])> = counts
+            .iter()
+            .map(|(channel, direction, c)| (channel.as_str(), *direction, [c.ready, c.delayed, c.in_flight, c.dead]))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("default", Direction::Outbound, [0, 0, 0, 0]),
+                ("default", Direction::Inbound, [0, 0, 0, 0]),
+                ("hats", Direction::Inbound, [0, 0, 0, 4]),
+                ("shoes", Direction::Outbound, [3, 2, 1, 0]),
+            ]
+        );
+    }
 }

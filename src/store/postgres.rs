@@ -2,10 +2,10 @@
 //!
 //! Every operation is one short transaction on a pooled connection; none is held across an
 //! HTTP call. What several replicas need is in the database, not in any one of them:
-//! - **One claim wins.** Each (direction, contact) has a row in `queues`: its oldest queued job
-//!   and when that one is due. Every change to a contact's queue takes that row's lock first,
-//!   and claims take due rows with `FOR UPDATE SKIP LOCKED`, so two replicas never both claim a
-//!   contact, and a contact's jobs go one at a time, in order.
+//! - **One claim wins.** Each (channel, direction, contact) has a row in `channel_queues`: its
+//!   oldest queued job and when that one is due. Every change to a contact's queue takes that
+//!   row's lock first, and claims take due rows with `FOR UPDATE SKIP LOCKED`, so two replicas
+//!   never both claim a contact, and a contact's jobs go one at a time, in order.
 //! - **Fencing.** Each claim gives the job a new `lease_token`; progress, renewals and outcomes
 //!   name the token they were claimed under and are refused once anyone has claimed the job
 //!   since. Lease times are on the database's clock ([`Store::now`]).
@@ -17,8 +17,8 @@
 //!   statement by the statement timeout, so requests get 503 and workers back off; the pool
 //!   reconnects by itself once the database is back.
 //!
-//! Lock order, the same everywhere so that transactions never deadlock: a contact's `queues`
-//! row, then its job rows; outbound before inbound.
+//! Lock order, the same everywhere so that transactions never deadlock: a contact's
+//! `channel_queues` row, then its job rows; outbound before inbound.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -30,9 +30,9 @@ use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
-    BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
-    StoreResult, decode_payload, encode_payload, now_millis,
+    BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
+    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
+    Rotation, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::config::PostgresOptions;
@@ -41,10 +41,11 @@ use crate::domain::bonychat::StatusValue;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_watermarks_and_depth.sql"),
+    include_str!("../../migrations/postgres/0003_channels.sql"),
 ];
 /// Held while migrating, so that replicas starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
-/// The channel new work is announced on.
+/// The `NOTIFY` channel new work is announced on (no relation to the relay's channels).
 const CHANNEL: &str = "bonychat_relay_jobs";
 /// How often each replica measures its clock against the database's.
 const CLOCK_REFRESH: Duration = Duration::from_secs(10);
@@ -70,6 +71,7 @@ struct Shared {
     pool: PgPool,
     caps: IntakeCaps,
     changes: Arc<Changes>,
+    rotation: Arc<Rotation>,
     /// The database's clock minus this machine's, in milliseconds.
     clock_offset: Arc<AtomicI64>,
     /// Bounds a whole operation from the client side: a database that stopped answering (a
@@ -110,6 +112,21 @@ impl PostgresStore {
     /// Connects to an existing, current database for tools that run beside the relays.
     pub async fn open_existing(url: &str, options: PostgresOptions, caps: IntakeCaps) -> StoreResult<Self> {
         Self::start(url, options, caps, Mode::Tool).await
+    }
+
+    /// Creates the relay's tables in the database at `url` with only the migrations up to schema
+    /// version `version`, as a replica of that version left them: for tests of the upgrade from
+    /// it, never for a relay.
+    #[doc(hidden)]
+    pub async fn create_with_schema_version(url: &str, version: usize) -> StoreResult<()> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to the database: {e}")))?;
+        let migrated = migrate_to(&pool, version).await;
+        pool.close().await;
+        migrated
     }
 
     async fn start(url: &str, options: PostgresOptions, caps: IntakeCaps, mode: Mode) -> StoreResult<Self> {
@@ -153,6 +170,7 @@ impl PostgresStore {
             pool,
             caps,
             changes,
+            rotation: Arc::default(),
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
         };
@@ -192,20 +210,27 @@ impl Shared {
     /// Commits `tx`, announcing new work to every replica first when `notify`, and to this one
     /// once committed.
     async fn commit(&self, tx: Transaction<'static, Postgres>, notify: bool) -> StoreResult<()> {
-        self.commit_announcing(tx, notify.then_some("")).await
+        self.commit_announcing(tx, notify.then_some(News::Work)).await
     }
 
-    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed:
-    /// new work, and with a contact, that its outbound queue moved on.
-    async fn commit_announcing(&self, mut tx: Transaction<'static, Postgres>, news: Option<&str>) -> StoreResult<()> {
-        if let Some(contact) = news {
-            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(contact).execute(&mut *tx).await?;
+    /// Commits `tx`, announcing `news` to every replica first, and to this one once committed.
+    async fn commit_announcing(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        news: Option<News<'_>>,
+    ) -> StoreResult<()> {
+        if let Some(news) = &news {
+            let payload = match news {
+                News::Work => String::new(),
+                News::QueueMoved { channel, contact } => moved_payload(channel, contact),
+            };
+            sqlx::query("SELECT pg_notify($1, $2)").bind(CHANNEL).bind(payload).execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        if let Some(contact) = news {
+        if let Some(news) = news {
             self.changes.signal();
-            if !contact.is_empty() {
-                self.changes.queue_moved(contact);
+            if let News::QueueMoved { channel, contact } = news {
+                self.changes.queue_moved(channel, contact);
             }
         }
         Ok(())
@@ -241,6 +266,11 @@ fn scrub(text: &str) -> String {
 }
 
 async fn migrate(pool: &PgPool) -> StoreResult<()> {
+    migrate_to(pool, MIGRATIONS.len()).await
+}
+
+/// Applies the migrations up to schema version `target`, one replica at a time.
+async fn migrate_to(pool: &PgPool, target: usize) -> StoreResult<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS relay_schema (version INTEGER NOT NULL)").execute(&mut *tx).await?;
@@ -250,7 +280,8 @@ async fn migrate(pool: &PgPool) -> StoreResult<()> {
     if version > known {
         return Err(StoreError::SchemaTooNew { found: version.into(), known: known.into() });
     }
-    for (number, migration) in (1..).zip(MIGRATIONS).skip(usize::try_from(version).unwrap_or(0)) {
+    let pending = MIGRATIONS.iter().take(target);
+    for (number, migration) in (1..).zip(pending).skip(usize::try_from(version).unwrap_or(0)) {
         sqlx::raw_sql(AssertSqlSafe(*migration)).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO relay_schema (version) VALUES ($1)").bind(number).execute(&mut *tx).await?;
         tracing::info!(version = number, "database schema migrated");
@@ -295,6 +326,21 @@ async fn keep_clock(pool: PgPool, offset: Arc<AtomicI64>) {
     }
 }
 
+/// What a commit announces to every replica.
+enum News<'a> {
+    /// Jobs may have become claimable.
+    Work,
+    /// That too, and the outbound queue of `contact` in `channel` moved on: a `/message` request
+    /// waiting for it may take its job.
+    QueueMoved { channel: &'a str, contact: &'a str },
+}
+
+/// The payload of a notification that the outbound queue of `contact` in `channel` moved on.
+/// Channel names never hold a `/`, so the first one ends the name whatever the contact id.
+fn moved_payload(channel: &str, contact: &str) -> String {
+    format!("{channel}/{contact}")
+}
+
 /// Signals `changes` for every notification of new work. A lost connection may have lost
 /// notifications, so a reconnection signals too.
 async fn listen(mut listener: PgListener, changes: Arc<Changes>) {
@@ -305,8 +351,8 @@ async fn listen(mut listener: PgListener, changes: Arc<Changes>) {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
                 changes.signal();
-                if !notification.payload().is_empty() {
-                    changes.queue_moved(notification.payload());
+                if let Some((channel, contact)) = notification.payload().split_once('/') {
+                    changes.queue_moved(channel, contact);
                 }
             }
             // The connection was lost; the next call reconnects and listens again.
@@ -319,8 +365,53 @@ async fn listen(mut listener: PgListener, changes: Arc<Changes>) {
     }
 }
 
-const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
+const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
     j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
+/// The common table expressions of a claim (see [`Claim`]), ending with `leased`: the jobs it
+/// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
+/// channels, `$7` the channel the last claim ended with (`Rotation`), or NULL.
+///
+/// `present` walks the channels that have queue rows in the direction, one seek of the primary
+/// key each (a skip-scan). `turns` ranks each eligible channel's earliest due rows (`limit` at
+/// most, read from `channel_queues_claim`, without locks), and `quotas` says how many of each the
+/// claim takes in turns, each turn going round the channels after `$7`. `due` then locks that many due rows of each channel, skipping rows
+/// other transactions hold (another replica's claim, a writer of that contact) for the next ones
+/// of the same channel, so a busy channel never takes another's share. The cost follows the
+/// number of channels with queued work and `limit`, never the depth of any channel's queue:
+/// `due` says `LIMIT $3`, which the planner cannot tell from the per-channel quotas, so that it
+/// joins `due` to `jobs` by key instead of reading a whole channel's queue for it. (Looking the
+/// jobs up with `id = ANY(ARRAY(…))` instead made it combine that with `jobs_queued`, reading
+/// every queued job.)
+const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
+        (SELECT channel FROM channel_queues WHERE direction = $1 ORDER BY channel LIMIT 1) \
+        UNION ALL \
+        SELECT (SELECT q.channel FROM channel_queues q \
+                WHERE q.direction = $1 AND q.channel > p.channel ORDER BY q.channel LIMIT 1) \
+        FROM present p WHERE p.channel IS NOT NULL), \
+    turns AS ( \
+        SELECT e.channel, row_number() OVER (PARTITION BY e.channel ORDER BY e.due_at, e.contact) AS turn \
+        FROM present p CROSS JOIN LATERAL ( \
+            SELECT q.channel, q.contact, q.due_at FROM channel_queues q \
+            WHERE q.direction = $1 AND q.channel = p.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
+            ORDER BY q.due_at, q.contact LIMIT LEAST($3, $8)) e \
+        WHERE p.channel = ANY($6::text[])), \
+    quotas AS ( \
+        SELECT channel, COUNT(*) AS quota FROM ( \
+            SELECT channel FROM turns ORDER BY turn, COALESCE(channel <= $7::text, false), channel LIMIT $3) taken \
+        GROUP BY channel), \
+    due AS ( \
+        SELECT d.head_id FROM quotas CROSS JOIN LATERAL ( \
+            SELECT q.head_id FROM channel_queues q \
+            WHERE q.direction = $1 AND q.channel = quotas.channel AND q.head_id IS NOT NULL AND q.due_at <= $2 \
+            ORDER BY q.due_at, q.contact LIMIT quotas.quota FOR UPDATE SKIP LOCKED) d \
+        LIMIT $3), \
+    leased AS ( \
+        UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
+        FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
+    held AS ( \
+        UPDATE channel_queues q SET due_at = $5 FROM leased \
+        WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
+
 /// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
 const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
 
@@ -334,6 +425,7 @@ fn job_from_row(row: &PgRow, now: i64, with_contact: bool) -> StoreResult<Job> {
     let count = |column: &str| -> StoreResult<u32> { Ok(u32::try_from(row.try_get::<i32, _>(column)?).unwrap_or(0)) };
     Ok(Job {
         id,
+        channel: row.try_get("channel")?,
         direction: Direction::parse(&direction).ok_or_else(|| corrupt("direction"))?,
         contact: row.try_get("contact")?,
         m_id: row.try_get("m_id")?,
@@ -357,6 +449,9 @@ fn progress_value(progress: u32) -> i32 {
     i32::try_from(progress).unwrap_or(i32::MAX)
 }
 
+/// One contact's queue in one direction: (channel, direction, contact), as stored.
+type QueueId = (String, String, String);
+
 /// The storage operations the rules of the queue run on, inside one transaction.
 struct PgTx<'t>(&'t mut PgConnection);
 
@@ -364,11 +459,12 @@ impl PgTx<'_> {
     /// Takes the lock of one contact's queue until the transaction ends. An upsert: the row of
     /// a contact seen for the first time, or pruned since its queue emptied, is made and locked
     /// in one step, so every writer of a contact has a row to wait on.
-    async fn lock_queue(&mut self, direction: &str, contact: &str) -> StoreResult<()> {
+    async fn lock_queue(&mut self, channel: &str, direction: &str, contact: &str) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, NULL, 0) \
-             ON CONFLICT (direction, contact) DO UPDATE SET head_id = queues.head_id",
+            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, NULL, 0) \
+             ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id",
         )
+        .bind(channel)
         .bind(direction)
         .bind(contact)
         .execute(&mut *self.0)
@@ -377,32 +473,35 @@ impl PgTx<'_> {
     }
 
     /// Takes the lock of job `id`'s queue; returns the queue, `None` for no such job.
-    async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<(String, String)>> {
-        let queue: Option<(String, String)> = sqlx::query_as("SELECT direction, contact FROM jobs WHERE id = $1")
+    async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<QueueId>> {
+        let queue: Option<QueueId> = sqlx::query_as("SELECT channel, direction, contact FROM jobs WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *self.0)
             .await?;
-        if let Some((direction, contact)) = &queue {
-            self.lock_queue(direction, contact).await?;
+        if let Some((channel, direction, contact)) = &queue {
+            self.lock_queue(channel, direction, contact).await?;
         }
         Ok(queue)
     }
 
-    /// Puts the queue row of one (direction, contact), whose lock this transaction holds,
-    /// right after its jobs changed: its oldest queued job heads it, due at its next attempt
-    /// (or its reservation's end), and not while any queued job of the contact is leased.
-    /// Returns whether the contact still has queued jobs.
-    async fn refresh_head(&mut self, direction: &str, contact: &str) -> StoreResult<bool> {
+    /// Puts the queue row of one (channel, direction, contact), whose lock this transaction
+    /// holds, right after its jobs changed: its oldest queued job heads it, due at its next
+    /// attempt (or its reservation's end), and not while any queued job of the contact is
+    /// leased. Returns whether the contact still has queued jobs.
+    async fn refresh_head(&mut self, (channel, direction, contact): &QueueId) -> StoreResult<bool> {
         let queued: Option<bool> = sqlx::query_scalar(
-            "UPDATE queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
+            "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
                 (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
-                 AND l.direction = q.direction AND l.contact = q.contact)), 0) \
-             FROM (SELECT $1::text AS direction, $2::text AS contact) k \
+                 AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
+             FROM (SELECT $1::text AS channel, $2::text AS direction, $3::text AS contact) k \
              LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
-                 FROM jobs j WHERE j.state = 'queued' AND j.direction = k.direction AND j.contact = k.contact \
+                 FROM jobs j WHERE j.state = 'queued' \
+                 AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
                  ORDER BY j.id LIMIT 1) h ON true \
-             WHERE q.direction = k.direction AND q.contact = k.contact RETURNING q.head_id IS NOT NULL",
+             WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
+             RETURNING q.head_id IS NOT NULL",
         )
+        .bind(channel)
         .bind(direction)
         .bind(contact)
         .fetch_optional(&mut *self.0)
@@ -413,17 +512,18 @@ impl PgTx<'_> {
     /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
     /// lease; returns the new token.
     async fn lease(&mut self, id: i64, owner: &str, lease_until: i64) -> StoreResult<i64> {
-        let (token, direction, contact): (i64, String, String) = sqlx::query_as(
+        let (token, channel, direction, contact): (i64, String, String, String) = sqlx::query_as(
             "UPDATE jobs SET lease_owner = $1, lease_until = $2, lease_token = lease_token + 1 WHERE id = $3 \
-             RETURNING lease_token, direction, contact",
+             RETURNING lease_token, channel, direction, contact",
         )
         .bind(owner)
         .bind(lease_until)
         .bind(id)
         .fetch_one(&mut *self.0)
         .await?;
-        sqlx::query("UPDATE queues SET due_at = $1 WHERE direction = $2 AND contact = $3")
+        sqlx::query("UPDATE channel_queues SET due_at = $1 WHERE channel = $2 AND direction = $3 AND contact = $4")
             .bind(lease_until)
+            .bind(channel)
             .bind(direction)
             .bind(contact)
             .execute(&mut *self.0)
@@ -433,28 +533,31 @@ impl PgTx<'_> {
 }
 
 impl Tx for PgTx<'_> {
-    async fn lock_queues(&mut self, direction: Direction, contacts: &[&str]) -> StoreResult<()> {
+    async fn lock_queues(&mut self, channel: &str, direction: Direction, contacts: &[&str]) -> StoreResult<()> {
         for contact in contacts {
-            self.lock_queue(direction.as_str(), contact).await?;
+            self.lock_queue(channel, direction.as_str(), contact).await?;
         }
         Ok(())
     }
 
-    async fn queued(&mut self, direction: Direction, _cap: u64) -> StoreResult<u64> {
-        // Kept by the triggers of migration 0002: a few rows, whatever the depth.
-        let counted: i64 =
-            sqlx::query_scalar("SELECT COALESCE(SUM(queued), 0)::bigint FROM queue_depth WHERE direction = $1")
-                .bind(direction.as_str())
-                .fetch_one(&mut *self.0)
-                .await?;
+    async fn queued(&mut self, channel: &str, direction: Direction, _cap: u64) -> StoreResult<u64> {
+        // Kept by the triggers of migrations 0002 and 0003: a few rows, whatever the depth.
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(queued), 0)::bigint FROM queue_depth WHERE channel = $1 AND direction = $2",
+        )
+        .bind(channel)
+        .bind(direction.as_str())
+        .fetch_one(&mut *self.0)
+        .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
 
-    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
+    async fn queued_for(&mut self, channel: &str, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
         let counted: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 AND contact = $2 \
-             LIMIT $3) q",
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' \
+             AND channel = $1 AND direction = $2 AND contact = $3 LIMIT $4) q",
         )
+        .bind(channel)
         .bind(direction.as_str())
         .bind(contact)
         .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
@@ -470,9 +573,11 @@ impl Tx for PgTx<'_> {
         first: Option<&FirstClaim>,
     ) -> StoreResult<Option<Inserted>> {
         let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at, \
-             reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7, $8) ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+            "INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+             created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
+             ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id",
         )
+        .bind(row.channel)
         .bind(row.direction.as_str())
         .bind(row.contact)
         .bind(row.m_id)
@@ -488,12 +593,13 @@ impl Tx for PgTx<'_> {
         if row.state == JobState::Queued {
             // Heads the contact's queue unless an older job already does.
             let head_id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO queues (direction, contact, head_id, due_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET \
-                 due_at = CASE WHEN queues.head_id IS NULL THEN excluded.due_at ELSE queues.due_at END, \
-                 head_id = COALESCE(queues.head_id, excluded.head_id) \
+                "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (channel, direction, contact) DO UPDATE SET \
+                 due_at = CASE WHEN channel_queues.head_id IS NULL THEN excluded.due_at ELSE channel_queues.due_at END, \
+                 head_id = COALESCE(channel_queues.head_id, excluded.head_id) \
                  RETURNING head_id",
             )
+            .bind(row.channel)
             .bind(row.direction.as_str())
             .bind(row.contact)
             .bind(id)
@@ -509,30 +615,34 @@ impl Tx for PgTx<'_> {
         Ok(Some(Inserted { id, head, lease_token }))
     }
 
-    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
+    async fn last_effective_at(&mut self, channel: &str, contact: &str) -> StoreResult<Option<i64>> {
         Ok(sqlx::query_scalar::<_, Option<i64>>(
-            "SELECT last_effective_at FROM contacts WHERE direction = 'outbound' AND contact = $1",
+            "SELECT last_effective_at FROM contacts WHERE channel = $1 AND direction = 'outbound' AND contact = $2",
         )
+        .bind(channel)
         .bind(contact)
         .fetch_optional(&mut *self.0)
         .await?
         .flatten())
     }
 
-    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool> {
-        Ok(sqlx::query("SELECT 1 FROM jobs WHERE dedup_key = ANY($1) LIMIT 1")
+    async fn any_stored(&mut self, channel: &str, dedup_keys: &[String]) -> StoreResult<bool> {
+        Ok(sqlx::query("SELECT 1 FROM jobs WHERE channel = $1 AND dedup_key = ANY($2) LIMIT 1")
+            .bind(channel)
             .bind(dedup_keys)
             .fetch_optional(&mut *self.0)
             .await?
             .is_some())
     }
 
-    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
+    async fn take_echo_mark(&mut self, channel: &str, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
         Ok(sqlx::query(
             "DELETE FROM echo_marks WHERE id = (SELECT id FROM echo_marks \
-             WHERE contact = $1 AND fingerprint = $2 AND expires_at > $3 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             WHERE channel = $1 AND contact = $2 AND fingerprint = $3 AND expires_at > $4 \
+             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
              RETURNING id",
         )
+        .bind(channel)
         .bind(contact)
         .bind(fingerprint)
         .bind(now)
@@ -543,6 +653,7 @@ impl Tx for PgTx<'_> {
 
     async fn unreported(
         &mut self,
+        channel: &str,
         contact: &str,
         watermark: i64,
         status: StatusValue,
@@ -553,10 +664,11 @@ impl Tx for PgTx<'_> {
         };
         Ok(sqlx::query_as(AssertSqlSafe(format!(
             "SELECT id, m_id FROM jobs WHERE contact = $1 AND accepted_at IS NOT NULL AND accepted_at <= $2 \
-             AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
+             AND channel = $3 AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
         )))
         .bind(contact)
         .bind(watermark)
+        .bind(channel)
         .fetch_all(&mut *self.0)
         .await?)
     }
@@ -575,6 +687,7 @@ impl Tx for PgTx<'_> {
 
     async fn raise_watermark(
         &mut self,
+        channel: &str,
         contact: &str,
         status: StatusValue,
         watermark: i64,
@@ -582,11 +695,13 @@ impl Tx for PgTx<'_> {
         now: i64,
     ) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO watermarks (contact, status, watermark, timestamp, updated_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (contact, status) DO UPDATE SET watermark = excluded.watermark, \
+            "INSERT INTO watermarks (channel, contact, status, watermark, timestamp, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (channel, contact, status) DO UPDATE SET watermark = excluded.watermark, \
              timestamp = excluded.timestamp, updated_at = excluded.updated_at \
              WHERE excluded.watermark > watermarks.watermark",
         )
+        .bind(channel)
         .bind(contact)
         .bind(status_name(status))
         .bind(watermark)
@@ -597,8 +712,9 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
-        Ok(sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE contact = $1")
+    async fn watermarks(&mut self, channel: &str, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+        Ok(sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE channel = $1 AND contact = $2")
+            .bind(channel)
             .bind(contact)
             .fetch_all(&mut *self.0)
             .await?)
@@ -608,14 +724,14 @@ impl Tx for PgTx<'_> {
         if self.lock_queue_of(lease.id).await?.is_none() {
             return Ok(None);
         }
-        let settled: Option<(String, String, String)> = sqlx::query_as(
+        let settled: Option<(String, String, String, String)> = sqlx::query_as(
             "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
              next_attempt_at = COALESCE($4, next_attempt_at), \
              last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
              accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
              reserved_until = CASE WHEN $8 THEN reserved_until END, \
              lease_owner = NULL, lease_until = NULL, updated_at = $7 \
-             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL RETURNING direction, contact, m_id",
+             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL RETURNING channel, direction, contact, m_id",
         )
         .bind(settle.state.as_str())
         .bind(progress_value(settle.progress))
@@ -629,11 +745,13 @@ impl Tx for PgTx<'_> {
         .bind(lease.token)
         .fetch_optional(&mut *self.0)
         .await?;
-        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
-        let queued = self.refresh_head(&direction, &contact).await?;
+        let Some((channel, direction, contact, m_id)) = settled else { return Ok(None) };
+        let queue = (channel, direction, contact);
+        let queued = self.refresh_head(&queue).await?;
+        let (channel, direction, contact) = queue;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
-        Ok(Some(Settled { direction, contact, m_id, queued, receipt: false }))
+        Ok(Some(Settled { channel, direction, contact, m_id, queued, receipt: false }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
@@ -647,7 +765,7 @@ impl Tx for PgTx<'_> {
     }
 
     async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()> {
-        let Some((direction, contact)) = self.lock_queue_of(id).await? else { return Ok(()) };
+        let Some(queue) = self.lock_queue_of(id).await? else { return Ok(()) };
         sqlx::query(
             "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 WHERE id = $2",
         )
@@ -655,7 +773,7 @@ impl Tx for PgTx<'_> {
         .bind(id)
         .execute(&mut *self.0)
         .await?;
-        self.refresh_head(&direction, &contact).await.map(drop)
+        self.refresh_head(&queue).await.map(drop)
     }
 
     async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
@@ -666,12 +784,13 @@ impl Tx for PgTx<'_> {
         job_from_row(&row, now, false)
     }
 
-    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()> {
+    async fn raise_last_effective(&mut self, channel: &str, contact: &str, at: i64) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', $1, $2) \
-             ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
+            "INSERT INTO contacts (channel, direction, contact, last_effective_at) VALUES ($1, 'outbound', $2, $3) \
+             ON CONFLICT (channel, direction, contact) DO UPDATE SET last_effective_at = \
              GREATEST(COALESCE(contacts.last_effective_at, 0), excluded.last_effective_at)",
         )
+        .bind(channel)
         .bind(contact)
         .bind(at)
         .execute(&mut *self.0)
@@ -679,8 +798,15 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()> {
-        sqlx::query("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES ($1, $2, $3)")
+    async fn add_echo_mark(
+        &mut self,
+        channel: &str,
+        contact: &str,
+        fingerprint: &str,
+        expires_at: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO echo_marks (channel, contact, fingerprint, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(channel)
             .bind(contact)
             .bind(fingerprint)
             .bind(expires_at)
@@ -691,7 +817,7 @@ impl Tx for PgTx<'_> {
 }
 
 /// Queues touched by one operation, in lock order (sorted, distinct).
-fn lock_order(mut queues: Vec<(String, String)>) -> Vec<(String, String)> {
+fn lock_order(mut queues: Vec<QueueId>) -> Vec<QueueId> {
     queues.sort_unstable();
     queues.dedup();
     queues
@@ -706,8 +832,8 @@ impl Store for Shared {
         self.changes.subscribe()
     }
 
-    fn watch_queue(&self, contact: &str) -> QueueWatch {
-        self.changes.watch_queue(contact)
+    fn watch_queue(&self, channel: &str, contact: &str) -> QueueWatch {
+        self.changes.watch_queue(channel, contact)
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -719,17 +845,19 @@ impl Store for Shared {
             sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = {PING_LOCK_TIMEOUT_MS}")))
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("LOCK TABLE jobs, queues, contacts, queue_depth, watermarks, echo_marks IN ROW EXCLUSIVE MODE")
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| match e.as_database_error().and_then(|e| e.code()) {
-                    Some(code) if code == "55P03" => StoreError::Unavailable(format!(
-                        "another session holds a lock on the relay's tables for more than {PING_LOCK_TIMEOUT_MS} ms \
+            sqlx::query(
+                "LOCK TABLE jobs, channel_queues, contacts, queue_depth, watermarks, echo_marks IN ROW EXCLUSIVE MODE",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e.as_database_error().and_then(|e| e.code()) {
+                Some(code) if code == "55P03" => StoreError::Unavailable(format!(
+                    "another session holds a lock on the relay's tables for more than {PING_LOCK_TIMEOUT_MS} ms \
                          (a migration, CREATE INDEX or VACUUM FULL?): intake waits for it too"
-                    )),
-                    _ => e.into(),
-                })?;
-            sqlx::query("SELECT relay_count_queued('outbound', 0)").execute(&mut *tx).await?;
+                )),
+                _ => e.into(),
+            })?;
+            sqlx::query("SELECT relay_count_queued($1, 'outbound', 0)").bind(DEFAULT_CHANNEL).execute(&mut *tx).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(())
         };
@@ -746,13 +874,14 @@ impl Store for Shared {
 
     fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
         let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
-        let caps = self.caps;
+        let per_contact = self.caps.per_contact;
         Box::pin(async move {
             let prepared = self
                 .bounded(async {
                     let mut tx = self.begin().await?;
                     let enqueued =
-                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), caps).await?;
+                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), per_contact)
+                            .await?;
                     Ok((tx, enqueued))
                 })
                 .await;
@@ -789,10 +918,9 @@ impl Store for Shared {
 
     fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>> {
         let prepared = PreparedBatch::new(batch);
-        let cap = self.caps.inbound;
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let summary = rules::enqueue_inbound(&mut PgTx(&mut tx), &prepared, cap).await?;
+            let summary = rules::enqueue_inbound(&mut PgTx(&mut tx), &prepared).await?;
             // Meta redelivers a batch answered 503: a lost commit answer costs nothing but a
             // duplicate the unique keys drop.
             self.commit(tx, summary.queued + summary.receipts > 0).await?;
@@ -800,46 +928,42 @@ impl Store for Shared {
         }))
     }
 
-    fn claim(
-        &self,
-        owner: &str,
-        direction: Direction,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let owner = owner.to_owned();
+    fn claim(&self, claim: Claim) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         Box::pin(self.bounded(async move {
+            if claim.limit == 0 {
+                return Ok(Vec::new());
+            }
+            let channels: Vec<&str> = claim.channels.iter().map(String::as_str).collect();
+            let after = self.rotation.after(claim.direction);
             let mut tx = self.begin().await?;
             let rows = sqlx::query(AssertSqlSafe(format!(
-                "WITH due AS ( \
-                     SELECT direction, contact, head_id FROM queues \
-                     WHERE direction = $1 AND head_id IS NOT NULL AND due_at <= $2 \
-                     ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED), \
-                 leased AS ( \
-                     UPDATE jobs j SET lease_owner = $4, lease_until = $5, lease_token = j.lease_token + 1 \
-                     FROM due WHERE j.id = due.head_id AND j.state = 'queued' RETURNING j.*), \
-                 held AS ( \
-                     UPDATE queues q SET due_at = $5 FROM leased \
-                     WHERE q.direction = leased.direction AND q.contact = leased.contact) \
+                "{CLAIM_IN_TURNS} \
                  SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM leased j \
-                 LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact ORDER BY j.id"
+                 LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
+                 ORDER BY j.id"
             )))
-            .bind(direction.as_str())
-            .bind(now)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .bind(&owner)
-            .bind(lease_until)
+            .bind(claim.direction.as_str())
+            .bind(claim.now)
+            .bind(i64::try_from(claim.limit).unwrap_or(i64::MAX))
+            .bind(&claim.owner)
+            .bind(claim.lease_until)
+            .bind(&channels)
+            .bind(&after)
+            .bind(i64::try_from(claim.per_channel).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
-            rows.iter()
+            let jobs = rows
+                .iter()
                 .map(|row| {
-                    let mut job = job_from_row(row, now, true)?;
+                    let mut job = job_from_row(row, claim.now, true)?;
                     job.in_flight = true;
                     Ok(job)
                 })
-                .collect()
+                .collect::<StoreResult<Vec<Job>>>()?;
+            let last = super::last_in_turns(jobs.iter().map(|job| job.channel.as_str()), after.as_deref());
+            self.rotation.left_off(claim.direction, last);
+            Ok(jobs)
         }))
     }
 
@@ -854,23 +978,24 @@ impl Store for Shared {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
             // Its queue's lock, unless another transaction holds it: then it is not our turn yet.
-            let head: Option<(Option<i64>, String, String)> = sqlx::query_as(
-                "SELECT q.head_id, q.direction, q.contact FROM jobs j \
-                 JOIN queues q ON q.direction = j.direction AND q.contact = j.contact \
+            let head: Option<(Option<i64>, String, String, String)> = sqlx::query_as(
+                "SELECT q.head_id, q.channel, q.direction, q.contact FROM jobs j \
+                 JOIN channel_queues q ON q.channel = j.channel AND q.direction = j.direction AND q.contact = j.contact \
                  WHERE j.id = $1 AND j.state = 'queued' AND j.next_attempt_at <= $2 FOR UPDATE OF q SKIP LOCKED",
             )
             .bind(id)
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some((Some(head_id), direction, contact)) = head else { return Ok(None) };
+            let Some((Some(head_id), channel, direction, contact)) = head else { return Ok(None) };
             if head_id != id {
                 return Ok(None);
             }
             let in_flight = sqlx::query(
-                "SELECT 1 FROM jobs WHERE state = 'queued' AND direction = $1 AND contact = $2 \
-                 AND lease_owner IS NOT NULL AND lease_until > $3 LIMIT 1",
+                "SELECT 1 FROM jobs WHERE state = 'queued' AND channel = $1 AND direction = $2 AND contact = $3 \
+                 AND lease_owner IS NOT NULL AND lease_until > $4 LIMIT 1",
             )
+            .bind(&channel)
             .bind(&direction)
             .bind(&contact)
             .bind(now)
@@ -882,7 +1007,8 @@ impl Store for Shared {
             PgTx(&mut tx).lease(id, &owner, lease_until).await?;
             let row = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM jobs j \
-                 LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact WHERE j.id = $1"
+                 LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
+                 WHERE j.id = $1"
             )))
             .bind(id)
             .fetch_one(&mut *tx)
@@ -899,7 +1025,7 @@ impl Store for Shared {
             let mut tx = self.begin().await?;
             let mut renewed_leases = Vec::with_capacity(leases.len());
             for lease in leases {
-                let Some((direction, contact)) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
+                let Some(queue) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
                 let renewed = sqlx::query(
                     "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_token = $3 AND lease_owner IS NOT NULL",
                 )
@@ -909,7 +1035,7 @@ impl Store for Shared {
                 .execute(&mut *tx)
                 .await?;
                 if renewed.rows_affected() == 1 {
-                    PgTx(&mut tx).refresh_head(&direction, &contact).await?;
+                    PgTx(&mut tx).refresh_head(&queue).await?;
                     renewed_leases.push(lease);
                 }
             }
@@ -922,25 +1048,27 @@ impl Store for Shared {
         let owner = owner.to_owned();
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let queues: Vec<(String, String)> =
-                sqlx::query_as("SELECT DISTINCT direction, contact FROM jobs WHERE lease_owner = $1")
+            let queues: Vec<QueueId> =
+                sqlx::query_as("SELECT DISTINCT channel, direction, contact FROM jobs WHERE lease_owner = $1")
                     .bind(&owner)
                     .fetch_all(&mut *tx)
                     .await?;
             let mut released = 0;
-            for (direction, contact) in lock_order(queues) {
-                PgTx(&mut tx).lock_queue(&direction, &contact).await?;
+            for queue in lock_order(queues) {
+                let (channel, direction, contact) = &queue;
+                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
                 released += sqlx::query(
                     "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
-                     WHERE lease_owner = $1 AND direction = $2 AND contact = $3",
+                     WHERE lease_owner = $1 AND channel = $2 AND direction = $3 AND contact = $4",
                 )
                 .bind(&owner)
-                .bind(&direction)
-                .bind(&contact)
+                .bind(channel)
+                .bind(direction)
+                .bind(contact)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                PgTx(&mut tx).refresh_head(&direction, &contact).await?;
+                PgTx(&mut tx).refresh_head(&queue).await?;
             }
             self.commit(tx, released > 0).await?;
             Ok(released)
@@ -985,20 +1113,23 @@ impl Store for Shared {
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
                 (false, _) => None,
-                (true, Direction::Outbound) => Some(settled.contact.as_str()),
-                (true, Direction::Inbound) => Some(""),
+                (true, Direction::Outbound) => {
+                    Some(News::QueueMoved { channel: &settled.channel, contact: &settled.contact })
+                }
+                (true, Direction::Inbound) => Some(News::Work),
             };
             self.commit_announcing(tx, news).await
         }))
     }
 
-    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
-        let contact = contact.to_owned();
+    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let (channel, contact) = (channel.to_owned(), contact.to_owned());
         Box::pin(self.bounded(async move {
             sqlx::query(
-                "INSERT INTO contacts (direction, contact, introduced) VALUES ('inbound', $1, true) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET introduced = true",
+                "INSERT INTO contacts (channel, direction, contact, introduced) VALUES ($1, 'inbound', $2, true) \
+                 ON CONFLICT (channel, direction, contact) DO UPDATE SET introduced = true",
             )
+            .bind(&channel)
             .bind(&contact)
             .execute(&self.pool)
             .await?;
@@ -1008,26 +1139,36 @@ impl Store for Shared {
 
     fn queue_failed_receipt(
         &self,
+        channel: &str,
         contact: &str,
         m_id: &str,
         reason: &str,
         now: i64,
     ) -> BoxFuture<'_, StoreResult<()>> {
-        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
+        let (channel, contact) = (channel.to_owned(), contact.to_owned());
+        let (m_id, reason) = (m_id.to_owned(), reason.to_owned());
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            rules::queue_failed_receipt(&mut PgTx(&mut tx), &contact, &m_id, &reason, now).await?;
+            rules::queue_failed_receipt(&mut PgTx(&mut tx), &channel, &contact, &m_id, &reason, now).await?;
             self.commit(tx, true).await
         }))
     }
 
-    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+    fn list(
+        &self,
+        state: Option<JobState>,
+        channel: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let channel = channel.map(str::to_owned);
         Box::pin(self.bounded(async move {
             let now = self.now();
             let rows = sqlx::query(AssertSqlSafe(format!(
-                "SELECT {JOB_COLUMNS} FROM jobs j WHERE $1::text IS NULL OR j.state = $1 ORDER BY j.id DESC LIMIT $2"
+                "SELECT {JOB_COLUMNS} FROM jobs j WHERE ($1::text IS NULL OR j.state = $1) \
+                 AND ($2::text IS NULL OR j.channel = $2) ORDER BY j.id DESC LIMIT $3"
             )))
             .bind(state.map(JobState::as_str))
+            .bind(channel)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
@@ -1044,18 +1185,24 @@ impl Store for Shared {
         }))
     }
 
-    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+    fn redrive_dead(&self, now: i64, channel: Option<&str>, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let channel = channel.map(str::to_owned);
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let dead: Vec<(i64, String, String)> =
-                sqlx::query_as("SELECT id, direction, contact FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1")
-                    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let ids: Vec<i64> = dead.iter().map(|(id, _, _)| *id).collect();
-            let queues = lock_order(dead.into_iter().map(|(_, direction, contact)| (direction, contact)).collect());
-            for (direction, contact) in &queues {
-                PgTx(&mut tx).lock_queue(direction, contact).await?;
+            let dead: Vec<(i64, String, String, String)> = sqlx::query_as(
+                "SELECT id, channel, direction, contact FROM jobs WHERE state = 'dead' \
+                 AND ($1::text IS NULL OR channel = $1) ORDER BY id LIMIT $2",
+            )
+            .bind(channel)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?;
+            let ids: Vec<i64> = dead.iter().map(|(id, ..)| *id).collect();
+            let queues = lock_order(
+                dead.into_iter().map(|(_, channel, direction, contact)| (channel, direction, contact)).collect(),
+            );
+            for (channel, direction, contact) in &queues {
+                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
             }
             let redriven = sqlx::query(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \
@@ -1066,8 +1213,8 @@ impl Store for Shared {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            for (direction, contact) in &queues {
-                PgTx(&mut tx).refresh_head(direction, contact).await?;
+            for queue in &queues {
+                PgTx(&mut tx).refresh_head(queue).await?;
             }
             self.commit(tx, redriven > 0).await?;
             Ok(redriven)
@@ -1097,16 +1244,17 @@ impl Store for Shared {
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "DELETE FROM watermarks WHERE (contact, status) IN (SELECT contact, status FROM watermarks \
-                 WHERE updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                "DELETE FROM watermarks WHERE (channel, contact, status) IN (SELECT channel, contact, status \
+                 FROM watermarks WHERE updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
             )
             .bind(before)
             .bind(limit)
             .execute(&mut *tx)
             .await?;
             sqlx::query(
-                "DELETE FROM queues WHERE (direction, contact) IN (SELECT direction, contact FROM queues \
-                 WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
+                "DELETE FROM channel_queues WHERE (channel, direction, contact) IN \
+                 (SELECT channel, direction, contact FROM channel_queues \
+                  WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
             )
             .bind(limit)
             .execute(&mut *tx)
@@ -1116,36 +1264,30 @@ impl Store for Shared {
         }))
     }
 
-    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>> {
         Box::pin(self.bounded(async move {
-            let queued: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-                "SELECT direction, \
+            let queued: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+                "SELECT channel, direction, \
                  COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= $1), \
                  COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at > $1), \
                  COUNT(*) FILTER (WHERE lease_owner IS NOT NULL) \
-                 FROM jobs WHERE state = 'queued' GROUP BY direction",
+                 FROM jobs WHERE state = 'queued' GROUP BY channel, direction",
             )
             .bind(now)
             .fetch_all(&self.pool)
             .await?;
-            let dead: Vec<(String, i64)> =
-                sqlx::query_as("SELECT direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY direction")
-                    .fetch_all(&self.pool)
-                    .await?;
-            let count = |n: i64| u64::try_from(n).unwrap_or(0);
-            Ok(Direction::ALL
-                .map(|direction| {
-                    let mut counts = QueueCounts::default();
-                    if let Some((_, ready, delayed, in_flight)) = queued.iter().find(|q| q.0 == direction.as_str()) {
-                        (counts.ready, counts.delayed, counts.in_flight) =
-                            (count(*ready), count(*delayed), count(*in_flight));
-                    }
-                    if let Some((_, n)) = dead.iter().find(|d| d.0 == direction.as_str()) {
-                        counts.dead = count(*n);
-                    }
-                    (direction, counts)
+            let dead: Vec<(String, String, i64)> = sqlx::query_as(
+                "SELECT channel, direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY channel, direction",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            let queued = queued
+                .into_iter()
+                .map(|(channel, direction, ready, delayed, in_flight)| {
+                    (channel, direction, [ready, delayed, in_flight])
                 })
-                .to_vec())
+                .collect();
+            Ok(super::assemble_counts(queued, dead))
         }))
     }
 }
@@ -1172,8 +1314,8 @@ impl Store for PostgresStore {
         self.shared.changes()
     }
 
-    fn watch_queue(&self, contact: &str) -> QueueWatch {
-        self.shared.watch_queue(contact)
+    fn watch_queue(&self, channel: &str, contact: &str) -> QueueWatch {
+        self.shared.watch_queue(channel, contact)
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -1191,16 +1333,9 @@ impl Store for PostgresStore {
         detached(async move { shared.enqueue_inbound(batch).await })
     }
 
-    fn claim(
-        &self,
-        owner: &str,
-        direction: Direction,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let (shared, owner) = (self.shared.clone(), owner.to_owned());
-        detached(async move { shared.claim(&owner, direction, now, lease_until, limit).await })
+    fn claim(&self, claim: Claim) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let shared = self.shared.clone();
+        detached(async move { shared.claim(claim).await })
     }
 
     fn claim_own(
@@ -1239,26 +1374,33 @@ impl Store for PostgresStore {
         detached(async move { shared.finish(lease, finish, now).await })
     }
 
-    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
-        let (shared, contact) = (self.shared.clone(), contact.to_owned());
-        detached(async move { shared.mark_introduced(&contact).await })
+    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let (shared, channel, contact) = (self.shared.clone(), channel.to_owned(), contact.to_owned());
+        detached(async move { shared.mark_introduced(&channel, &contact).await })
     }
 
     fn queue_failed_receipt(
         &self,
+        channel: &str,
         contact: &str,
         m_id: &str,
         reason: &str,
         now: i64,
     ) -> BoxFuture<'_, StoreResult<()>> {
         let shared = self.shared.clone();
-        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
-        detached(async move { shared.queue_failed_receipt(&contact, &m_id, &reason, now).await })
+        let (channel, contact) = (channel.to_owned(), contact.to_owned());
+        let (m_id, reason) = (m_id.to_owned(), reason.to_owned());
+        detached(async move { shared.queue_failed_receipt(&channel, &contact, &m_id, &reason, now).await })
     }
 
-    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let shared = self.shared.clone();
-        detached(async move { shared.list(state, limit).await })
+    fn list(
+        &self,
+        state: Option<JobState>,
+        channel: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let (shared, channel) = (self.shared.clone(), channel.map(str::to_owned));
+        detached(async move { shared.list(state, channel.as_deref(), limit).await })
     }
 
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
@@ -1266,9 +1408,9 @@ impl Store for PostgresStore {
         detached(async move { shared.retry(id, now).await })
     }
 
-    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
-        let shared = self.shared.clone();
-        detached(async move { shared.redrive_dead(now, limit).await })
+    fn redrive_dead(&self, now: i64, channel: Option<&str>, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let (shared, channel) = (self.shared.clone(), channel.map(str::to_owned));
+        detached(async move { shared.redrive_dead(now, channel.as_deref(), limit).await })
     }
 
     fn prune(&self, before: i64, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
@@ -1276,7 +1418,7 @@ impl Store for PostgresStore {
         detached(async move { shared.prune(before, now, limit).await })
     }
 
-    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>> {
         let shared = self.shared.clone();
         detached(async move { shared.queue_counts(now).await })
     }

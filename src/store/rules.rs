@@ -7,17 +7,18 @@
 //! thread owns the connection), Postgres's are round trips; the rules read the same either way.
 
 use super::{
-    BeforeSend, Direction, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, IntakeCaps, Job, JobState,
-    Lease, NewOutbound, Payload, StoreError, StoreResult, encode_payload,
+    BeforeSend, Direction, Finish, FirstClaim, InboundBatch, InboundItem, InboundSummary, Job, JobState, Lease,
+    NewOutbound, Payload, StoreError, StoreResult, encode_payload,
 };
 use crate::domain::bonychat::{Status, StatusValue, WebhookEvent};
 
 /// A job row to insert.
 pub(crate) struct NewRow<'a> {
+    pub channel: &'a str,
     pub direction: Direction,
     pub contact: &'a str,
     pub m_id: &'a str,
-    /// Inbound events and receipts: what makes a redelivery a duplicate (unique).
+    /// Inbound events and receipts: what makes a redelivery a duplicate (unique per channel).
     pub dedup_key: Option<String>,
     /// The payload in the stored format (`encode_payload`).
     pub payload: &'a str,
@@ -88,10 +89,12 @@ impl<'a> Settle<'a> {
 
 /// The job a settled lease was on.
 pub(crate) struct Settled {
+    pub channel: String,
     pub direction: Direction,
     pub contact: String,
     pub m_id: String,
-    /// Whether its contact still has queued jobs in that direction (this one included).
+    /// Whether its contact still has queued jobs in that channel and direction (this one
+    /// included).
     pub queued: bool,
     /// Whether settling it queued a `failed` receipt.
     pub receipt: bool,
@@ -99,18 +102,19 @@ pub(crate) struct Settled {
 
 /// Storage operations inside one transaction. None of them applies a rule of this module; each
 /// keeps the backend's own claim structures (ready queues, heads) right for what it changed.
+/// Everything about a contact is about the contact of one channel.
 pub(crate) trait Tx {
-    /// Holds the queues of `contacts` (sorted, distinct) until the transaction ends, so that
-    /// concurrent writers of one contact (other replicas) go one after the other. A backend
-    /// with a single writer has nothing to do.
-    async fn lock_queues(&mut self, direction: Direction, contacts: &[&str]) -> StoreResult<()>;
+    /// Holds the queues of `contacts` (sorted, distinct) of `channel` until the transaction
+    /// ends, so that concurrent writers of one contact (other replicas) go one after the other.
+    /// A backend with a single writer has nothing to do.
+    async fn lock_queues(&mut self, channel: &str, direction: Direction, contacts: &[&str]) -> StoreResult<()>;
 
-    /// Queued jobs of `direction`, counted up to `cap + 1` at most.
-    async fn queued(&mut self, direction: Direction, cap: u64) -> StoreResult<u64>;
+    /// Queued jobs of `channel` in `direction`, counted up to `cap + 1` at most.
+    async fn queued(&mut self, channel: &str, direction: Direction, cap: u64) -> StoreResult<u64>;
 
-    /// Queued jobs of `direction` to `contact`, counted up to `cap + 1` at most (the job just
-    /// inserted included).
-    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64>;
+    /// Queued jobs of `channel` in `direction` to `contact`, counted up to `cap + 1` at most
+    /// (the job just inserted included).
+    async fn queued_for(&mut self, channel: &str, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64>;
 
     /// Inserts `row` at `now`; `None` when its dedup key is taken. With `first`, the job is kept
     /// from workers' claims until `first.reserved_until` (see [`FirstClaim`]; a deferral keeps
@@ -123,18 +127,19 @@ pub(crate) trait Tx {
     ) -> StoreResult<Option<Inserted>>;
 
     /// When the last send to `contact` takes effect (outbound pacing).
-    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>>;
+    async fn last_effective_at(&mut self, channel: &str, contact: &str) -> StoreResult<Option<i64>>;
 
-    /// Whether a job with any of these dedup keys exists.
-    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool>;
+    /// Whether a job of `channel` with any of these dedup keys exists.
+    async fn any_stored(&mut self, channel: &str, dedup_keys: &[String]) -> StoreResult<bool>;
 
     /// Removes the oldest unexpired echo record of `fingerprint` to `contact`; whether there was one.
-    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool>;
+    async fn take_echo_mark(&mut self, channel: &str, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool>;
 
     /// Delivered outbound messages to `contact` that left at or before `watermark` and whose
     /// `status` was not reported yet: (job id, mId), oldest first.
     async fn unreported(
         &mut self,
+        channel: &str,
         contact: &str,
         watermark: i64,
         status: StatusValue,
@@ -147,6 +152,7 @@ pub(crate) trait Tx {
     /// unless a higher one is already kept.
     async fn raise_watermark(
         &mut self,
+        channel: &str,
         contact: &str,
         status: StatusValue,
         watermark: i64,
@@ -156,7 +162,7 @@ pub(crate) trait Tx {
 
     /// The highest watermarks kept for `contact`: (status as [`status_name`] wrote it, watermark,
     /// the event's timestamp).
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>>;
+    async fn watermarks(&mut self, channel: &str, contact: &str) -> StoreResult<Vec<(String, i64, i64)>>;
 
     /// Writes `settle` on the job of `lease` and ends the lease, if the lease is still the
     /// job's current one; `None` (nothing written) otherwise.
@@ -170,9 +176,15 @@ pub(crate) trait Tx {
     async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job>;
 
     /// Moves `contact`'s last effective send to `at`, never backwards.
-    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()>;
+    async fn raise_last_effective(&mut self, channel: &str, contact: &str, at: i64) -> StoreResult<()>;
 
-    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()>;
+    async fn add_echo_mark(
+        &mut self,
+        channel: &str,
+        contact: &str,
+        fingerprint: &str,
+        expires_at: i64,
+    ) -> StoreResult<()>;
 }
 
 /// A stored outbound message, and its job when it was leased with the insert (the backend
@@ -182,22 +194,28 @@ pub(crate) struct Stored {
     pub claimed: Option<Job>,
 }
 
-/// Stores an outbound message, refused past `caps` queued ones (in all, or to its contact). With
-/// `first`, the request that
-/// brought it takes its first attempt: leased at once when the contact has nothing queued (the
-/// usual case, and one round trip), else reserved until the request can claim it in turn.
+/// Stores an outbound message, refused past `job.max_queued` queued ones in its channel, or
+/// `per_contact` to its contact. With `first`, the request that brought it takes its first
+/// attempt: leased at once when the contact has nothing queued (the usual case, and one round
+/// trip), else reserved until the request can claim it in turn.
 pub(crate) async fn enqueue_outbound<T: Tx>(
     tx: &mut T,
     job: &NewOutbound,
     payload: &str,
     first: Option<&FirstClaim>,
-    caps: IntakeCaps,
+    per_contact: u64,
 ) -> StoreResult<Stored> {
-    tx.lock_queues(Direction::Outbound, &[&job.contact]).await?;
-    if tx.queued(Direction::Outbound, caps.outbound).await? >= caps.outbound {
-        return Err(StoreError::Full { direction: Direction::Outbound, cap: caps.outbound });
+    let channel = job.channel.as_str();
+    tx.lock_queues(channel, Direction::Outbound, &[&job.contact]).await?;
+    if tx.queued(channel, Direction::Outbound, job.max_queued).await? >= job.max_queued {
+        return Err(StoreError::Full {
+            channel: job.channel.clone(),
+            direction: Direction::Outbound,
+            cap: job.max_queued,
+        });
     }
     let row = NewRow {
+        channel,
         direction: Direction::Outbound,
         contact: &job.contact,
         m_id: &job.m_id,
@@ -211,13 +229,14 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         .ok_or_else(|| StoreError::Unavailable("an outbound job was taken for a duplicate".into()))?;
     // Only a job behind others can take its contact past the cap: the usual message, heading an
     // empty queue, costs no count. A refusal undoes the insert with the rest of the operation.
-    if !inserted.head && tx.queued_for(Direction::Outbound, &job.contact, caps.per_contact).await? > caps.per_contact {
-        return Err(StoreError::ContactFull { cap: caps.per_contact });
+    if !inserted.head && tx.queued_for(channel, Direction::Outbound, &job.contact, per_contact).await? > per_contact {
+        return Err(StoreError::ContactFull { cap: per_contact });
     }
     let Some(lease_token) = inserted.lease_token else { return Ok(Stored { id: inserted.id, claimed: None }) };
-    let contact_last_effective_at = tx.last_effective_at(&job.contact).await?;
+    let contact_last_effective_at = tx.last_effective_at(channel, &job.contact).await?;
     let claimed = Job {
         id: inserted.id,
+        channel: job.channel.clone(),
         direction: Direction::Outbound,
         contact: job.contact.clone(),
         m_id: job.m_id.clone(),
@@ -291,45 +310,45 @@ impl PreparedBatch {
     }
 }
 
-/// Stores a webhook batch, all or nothing: new events queued, redeliveries and the echoes of
-/// the relay's own sends recognised, receipts queued for what watermarks cover; refused when
-/// it would take the inbound queue past `cap`.
-pub(crate) async fn enqueue_inbound<T: Tx>(
-    tx: &mut T,
-    prepared: &PreparedBatch,
-    cap: u64,
-) -> StoreResult<InboundSummary> {
+/// Stores a webhook batch of one channel, all or nothing: new events queued, redeliveries and
+/// the echoes of the relay's own sends recognised, receipts queued for what watermarks cover;
+/// refused when it would take the channel's inbound queue past `batch.max_queued`.
+pub(crate) async fn enqueue_inbound<T: Tx>(tx: &mut T, prepared: &PreparedBatch) -> StoreResult<InboundSummary> {
+    let (channel, cap) = (prepared.batch.channel.as_str(), prepared.batch.max_queued);
     // A watermark and the end of a send to the same contact must not interleave, or each would
     // miss the other (the receipt never sent): both hold the contact's outbound queue. Lock
     // order is outbound before inbound, as in `finish`.
     let watermarked = prepared.contacts(|item| matches!(item, InboundItem::Watermark { .. }));
     if !watermarked.is_empty() {
-        tx.lock_queues(Direction::Outbound, &watermarked).await?;
+        tx.lock_queues(channel, Direction::Outbound, &watermarked).await?;
     }
-    tx.lock_queues(Direction::Inbound, &prepared.contacts(|_| true)).await?;
+    tx.lock_queues(channel, Direction::Inbound, &prepared.contacts(|_| true)).await?;
 
     let now = prepared.batch.now;
     let mut summary = InboundSummary::default();
     for (item, events) in prepared.batch.items.iter().zip(&prepared.events) {
         match item {
             InboundItem::Message { contact, echo_fingerprint, .. } => {
-                store_message(tx, contact, events, echo_fingerprint.as_deref(), now, &mut summary).await?;
+                let fingerprint = echo_fingerprint.as_deref();
+                store_message(tx, channel, contact, events, fingerprint, now, &mut summary).await?;
             }
             InboundItem::Watermark { contact, status, watermark, timestamp } => {
-                store_watermark(tx, contact, *status, *watermark, *timestamp, now, &mut summary).await?;
+                let mark = (*status, *watermark, *timestamp);
+                store_watermark(tx, channel, contact, mark, now, &mut summary).await?;
             }
         }
     }
     // Checked after the inserts so that duplicates and dropped echoes, which queue nothing,
     // never count; a refusal rolls the whole batch back (Meta redelivers it).
-    if summary.queued + summary.receipts > 0 && tx.queued(Direction::Inbound, cap).await? > cap {
-        return Err(StoreError::Full { direction: Direction::Inbound, cap });
+    if summary.queued + summary.receipts > 0 && tx.queued(channel, Direction::Inbound, cap).await? > cap {
+        return Err(StoreError::Full { channel: channel.to_owned(), direction: Direction::Inbound, cap });
     }
     Ok(summary)
 }
 
 async fn store_message<T: Tx>(
     tx: &mut T,
+    channel: &str,
     contact: &str,
     events: &[PreparedEvent],
     echo_fingerprint: Option<&str>,
@@ -340,17 +359,17 @@ async fn store_message<T: Tx>(
     // An echo already stored (dropped or queued) must not consume another send's record; other
     // events are deduplicated by the insert itself.
     if let Some(fingerprint) = echo_fingerprint
-        && !tx.any_stored(&keys).await?
-        && tx.take_echo_mark(contact, fingerprint, now).await?
+        && !tx.any_stored(channel, &keys).await?
+        && tx.take_echo_mark(channel, contact, fingerprint, now).await?
     {
         for (event, key) in events.iter().zip(keys) {
-            tx.insert_job(&event_row(contact, event, key, JobState::Dropped), now, None).await?;
+            tx.insert_job(&event_row(channel, contact, event, key, JobState::Dropped), now, None).await?;
         }
         summary.own_echoes += 1;
         return Ok(());
     }
     for (event, key) in events.iter().zip(keys) {
-        if tx.insert_job(&event_row(contact, event, key, JobState::Queued), now, None).await?.is_some() {
+        if tx.insert_job(&event_row(channel, contact, event, key, JobState::Queued), now, None).await?.is_some() {
             summary.queued += 1;
         } else {
             summary.duplicates += 1;
@@ -359,8 +378,15 @@ async fn store_message<T: Tx>(
     Ok(())
 }
 
-fn event_row<'a>(contact: &'a str, event: &'a PreparedEvent, dedup_key: String, state: JobState) -> NewRow<'a> {
+fn event_row<'a>(
+    channel: &'a str,
+    contact: &'a str,
+    event: &'a PreparedEvent,
+    dedup_key: String,
+    state: JobState,
+) -> NewRow<'a> {
     NewRow {
+        channel,
         direction: Direction::Inbound,
         contact,
         m_id: &event.m_id,
@@ -370,25 +396,26 @@ fn event_row<'a>(contact: &'a str, event: &'a PreparedEvent, dedup_key: String, 
     }
 }
 
+/// Stores one watermark: `(status, watermark, timestamp)` of `contact` in `channel`.
 async fn store_watermark<T: Tx>(
     tx: &mut T,
+    channel: &str,
     contact: &str,
-    status: StatusValue,
-    watermark: i64,
-    timestamp: i64,
+    (status, watermark, timestamp): (StatusValue, i64, i64),
     now: i64,
     summary: &mut InboundSummary,
 ) -> StoreResult<()> {
-    for (id, m_id) in tx.unreported(contact, watermark, status).await? {
+    for (id, m_id) in tx.unreported(channel, contact, watermark, status).await? {
         // A read receipt settles "delivered" too: a later delivery watermark must not step back.
         tx.mark_reported(id, status).await?;
-        if queue_receipt(tx, contact, &m_id, Status { value: status, message: None }, timestamp, now).await? {
+        let receipt = Status { value: status, message: None };
+        if queue_receipt(tx, channel, contact, &m_id, receipt, timestamp, now).await? {
             summary.receipts += 1;
         }
     }
     // Kept for the messages still waiting for JoinChat's answer: their receipt follows once
     // JoinChat accepts them (`receipts_on_delivery`).
-    tx.raise_watermark(contact, status, watermark, timestamp, now).await
+    tx.raise_watermark(channel, contact, status, watermark, timestamp, now).await
 }
 
 /// The receipts a just-delivered outbound message is owed: Messenger's watermarks can arrive
@@ -402,7 +429,7 @@ async fn receipts_on_delivery<T: Tx>(
     now: i64,
 ) -> StoreResult<bool> {
     let mut covering: Vec<(StatusValue, i64)> = tx
-        .watermarks(&settled.contact)
+        .watermarks(&settled.channel, &settled.contact)
         .await?
         .into_iter()
         .filter(|&(_, watermark, _)| watermark >= sent_at)
@@ -412,11 +439,11 @@ async fn receipts_on_delivery<T: Tx>(
         return Ok(false);
     }
     covering.sort_by_key(|&(status, _)| status != StatusValue::Delivered);
-    tx.lock_queues(Direction::Inbound, &[&settled.contact]).await?;
+    tx.lock_queues(&settled.channel, Direction::Inbound, &[&settled.contact]).await?;
     for (status, timestamp) in covering {
         tx.mark_reported(id, status).await?;
-        queue_receipt(tx, &settled.contact, &settled.m_id, Status { value: status, message: None }, timestamp, now)
-            .await?;
+        let receipt = Status { value: status, message: None };
+        queue_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, receipt, timestamp, now).await?;
     }
     Ok(true)
 }
@@ -424,6 +451,7 @@ async fn receipts_on_delivery<T: Tx>(
 /// Queues a receipt for outbound message `m_id`, once per status; whether it was new.
 async fn queue_receipt<T: Tx>(
     tx: &mut T,
+    channel: &str,
     contact: &str,
     m_id: &str,
     status: Status,
@@ -434,22 +462,30 @@ async fn queue_receipt<T: Tx>(
     let payload = encode_payload(&Payload::Event {
         event: WebhookEvent::MessageStatus { m_id: m_id.to_owned(), timestamp, status },
     });
-    let row =
-        NewRow { direction: Direction::Inbound, contact, m_id, dedup_key, payload: &payload, state: JobState::Queued };
+    let row = NewRow {
+        channel,
+        direction: Direction::Inbound,
+        contact,
+        m_id,
+        dedup_key,
+        payload: &payload,
+        state: JobState::Queued,
+    };
     Ok(tx.insert_job(&row, now, None).await?.is_some())
 }
 
-/// Queues the `failed` receipt of outbound message `m_id` to `contact`, once.
+/// Queues the `failed` receipt of outbound message `m_id` to `contact` of `channel`, once.
 pub(crate) async fn queue_failed_receipt<T: Tx>(
     tx: &mut T,
+    channel: &str,
     contact: &str,
     m_id: &str,
     reason: &str,
     now: i64,
 ) -> StoreResult<()> {
-    tx.lock_queues(Direction::Inbound, &[contact]).await?;
+    tx.lock_queues(channel, Direction::Inbound, &[contact]).await?;
     let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    queue_receipt(tx, contact, m_id, status, now, now).await?;
+    queue_receipt(tx, channel, contact, m_id, status, now, now).await?;
     Ok(())
 }
 
@@ -464,7 +500,7 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
     };
     match finish {
         Finish::Dead { error, failed_receipt: true, .. } => {
-            queue_failed_receipt(tx, &settled.contact, &settled.m_id, error, now).await?;
+            queue_failed_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, error, now).await?;
             settled.receipt = true;
         }
         Finish::Delivered { sent_at, .. } if settled.direction == Direction::Outbound => {
@@ -500,9 +536,9 @@ pub(crate) async fn retry<T: Tx>(tx: &mut T, id: i64, now: i64) -> StoreResult<J
 
 /// Records when a send takes effect (pacing never moves backwards) and its echo's fingerprint.
 pub(crate) async fn record_send<T: Tx>(tx: &mut T, send: &BeforeSend) -> StoreResult<()> {
-    tx.raise_last_effective(&send.contact, send.effective_at).await?;
+    tx.raise_last_effective(&send.channel, &send.contact, send.effective_at).await?;
     if let Some(fingerprint) = &send.echo_fingerprint {
-        tx.add_echo_mark(&send.contact, fingerprint, send.echo_expires_at).await?;
+        tx.add_echo_mark(&send.channel, &send.contact, fingerprint, send.echo_expires_at).await?;
     }
     Ok(())
 }

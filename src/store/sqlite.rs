@@ -34,9 +34,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
 use super::{
-    BeforeSend, Changes, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Store, StoreError,
-    StoreResult, decode_payload, encode_payload, now_millis,
+    BeforeSend, Changes, Claim, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
+    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Rotation, Store,
+    StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
 use crate::clients::BoxFuture;
 use crate::domain::bonychat::StatusValue;
@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_fencing.sql"),
     include_str!("../../migrations/sqlite/0004_lean_writes.sql"),
     include_str!("../../migrations/sqlite/0005_history_and_watermarks.sql"),
+    include_str!("../../migrations/sqlite/0006_channels.sql"),
 ];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
@@ -125,6 +126,7 @@ pub struct SqliteStore {
     /// them run beside the writer instead of holding up its commits.
     reader: Arc<Mutex<Connection>>,
     changes: Arc<Changes>,
+    rotation: Rotation,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -193,8 +195,19 @@ impl SqliteStore {
             caps,
             reader: Arc::new(Mutex::new(reader)),
             changes: Arc::new(Changes::default()),
+            rotation: Rotation::default(),
             _lock: lock,
         })
+    }
+
+    /// Creates a store at `path` with only the migrations up to schema version `version`, as a
+    /// relay of that version left it: for tests of the upgrade from it, never for a relay.
+    #[doc(hidden)]
+    pub fn create_with_schema_version(path: &Path, version: usize) -> StoreResult<()> {
+        let mut conn =
+            Connection::open(path).map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+        migrate_to(&mut conn, version)?;
+        Ok(())
     }
 
     /// How many transactions were committed so far: fewer than operations when they share.
@@ -471,8 +484,14 @@ fn open_connection(path: &Path, mode: Mode) -> Result<(Connection, Identity), Op
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    migrate_to(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations up to schema version `target`.
+fn migrate_to(conn: &mut Connection, target: usize) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    for (index, migration) in (0_i64..).zip(MIGRATIONS).skip(usize::try_from(version).unwrap_or(0)) {
+    let pending = MIGRATIONS.iter().take(target);
+    for (index, migration) in (0_i64..).zip(pending).skip(usize::try_from(version).unwrap_or(0)) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(migration)?;
         tx.pragma_update(None, "user_version", index + 1)?;
@@ -495,62 +514,70 @@ fn take_over(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch(
         "DELETE FROM queue_heads;
-         INSERT INTO queue_heads (direction, contact, job_id, due_at)
-         SELECT j.direction, j.contact, j.id, j.next_attempt_at
-         FROM jobs j JOIN (SELECT MIN(id) AS id FROM jobs WHERE state = 'queued' GROUP BY direction, contact) h
+         INSERT INTO queue_heads (channel, direction, contact, job_id, due_at)
+         SELECT j.channel, j.direction, j.contact, j.id, j.next_attempt_at
+         FROM jobs j JOIN (SELECT MIN(id) AS id FROM jobs WHERE state = 'queued' GROUP BY channel, direction, contact) h
            ON h.id = j.id;",
     )
 }
 
-/// Puts the ready-queue row of one (direction, contact) right after its jobs changed: the
-/// oldest queued job is the head, claimable at its next attempt, but not while any queued job
-/// of the contact is leased (one in flight per contact), nor while it is reserved for the
+/// One contact's queue in one direction: (channel, direction, contact), as stored.
+type QueueId = (String, String, String);
+
+fn queue_from_row(row: &Row<'_>) -> rusqlite::Result<QueueId> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+}
+
+/// Puts the ready-queue row of one (channel, direction, contact) right after its jobs changed:
+/// the oldest queued job is the head, claimable at its next attempt, but not while any queued
+/// job of the contact is leased (one in flight per contact), nor while it is reserved for the
 /// request that stored it.
 /// Returns whether the contact still has queued jobs.
-fn refresh_head(conn: &Connection, direction: &str, contact: &str) -> rusqlite::Result<bool> {
+fn refresh_head(conn: &Connection, (channel, direction, contact): &QueueId) -> rusqlite::Result<bool> {
     let head: Option<(i64, i64)> = conn
         .prepare_cached(
             "SELECT id, MAX(next_attempt_at, COALESCE(reserved_until, 0)) FROM jobs \
-             WHERE state = 'queued' AND direction = ?1 AND contact = ?2 ORDER BY id LIMIT 1",
+             WHERE state = 'queued' AND channel = ?1 AND direction = ?2 AND contact = ?3 ORDER BY id LIMIT 1",
         )?
-        .query_row(params![direction, contact], |row| Ok((row.get(0)?, row.get(1)?)))
+        .query_row(params![channel, direction, contact], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let Some((head, next_attempt_at)) = head else {
-        conn.prepare_cached("DELETE FROM queue_heads WHERE direction = ?1 AND contact = ?2")?
-            .execute(params![direction, contact])?;
+        conn.prepare_cached("DELETE FROM queue_heads WHERE channel = ?1 AND direction = ?2 AND contact = ?3")?
+            .execute(params![channel, direction, contact])?;
         return Ok(false);
     };
     let leased_until: Option<i64> = conn
         .prepare_cached(
-            "SELECT MAX(lease_until) FROM jobs WHERE lease_owner IS NOT NULL AND direction = ?1 AND contact = ?2 AND state = 'queued'",
+            "SELECT MAX(lease_until) FROM jobs WHERE lease_owner IS NOT NULL \
+             AND channel = ?1 AND direction = ?2 AND contact = ?3 AND state = 'queued'",
         )?
-        .query_row(params![direction, contact], |row| row.get(0))?;
+        .query_row(params![channel, direction, contact], |row| row.get(0))?;
     conn.prepare_cached(
-        "INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT (direction, contact) DO UPDATE SET job_id = excluded.job_id, due_at = excluded.due_at",
+        "INSERT INTO queue_heads (channel, direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (channel, direction, contact) DO UPDATE SET job_id = excluded.job_id, due_at = excluded.due_at",
     )?
-    .execute(params![direction, contact, head, next_attempt_at.max(leased_until.unwrap_or(0))])?;
+    .execute(params![channel, direction, contact, head, next_attempt_at.max(leased_until.unwrap_or(0))])?;
     Ok(true)
 }
 
-/// The (direction, contact) of job `id`.
-fn queue_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<(String, String)>> {
-    conn.prepare_cached("SELECT direction, contact FROM jobs WHERE id = ?1")?
-        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+/// The (channel, direction, contact) of job `id`.
+fn queue_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<QueueId>> {
+    conn.prepare_cached("SELECT channel, direction, contact FROM jobs WHERE id = ?1")?
+        .query_row([id], queue_from_row)
         .optional()
 }
 
 /// Clears the leases of `owner` and refreshes their queues.
 fn clear_leases(conn: &Connection, owner: &str) -> rusqlite::Result<u64> {
     const MATCHING: &str = "lease_owner = ?1";
-    let queues: Vec<(String, String)> = conn
-        .prepare(&format!("SELECT DISTINCT direction, contact FROM jobs WHERE {MATCHING}"))?
-        .query_map(params![owner], |row| Ok((row.get(0)?, row.get(1)?)))?
+    let queues: Vec<QueueId> = conn
+        .prepare(&format!("SELECT DISTINCT channel, direction, contact FROM jobs WHERE {MATCHING}"))?
+        .query_map(params![owner], queue_from_row)?
         .collect::<rusqlite::Result<_>>()?;
     let cleared = conn
         .execute(&format!("UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE {MATCHING}"), params![owner])?;
-    for (direction, contact) in queues {
-        refresh_head(conn, &direction, &contact)?;
+    for queue in &queues {
+        refresh_head(conn, queue)?;
     }
     Ok(cleared as u64)
 }
@@ -676,11 +703,12 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, j.next_attempt_at, \
-    j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
+    j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token, j.channel";
 
 /// A job as read: its payload is still JSON, parsed off the writer thread by `into_job`.
 struct RawJob {
     id: i64,
+    channel: String,
     direction: String,
     contact: String,
     m_id: String,
@@ -707,6 +735,7 @@ impl RawJob {
             direction: Direction::parse(&self.direction).ok_or_else(|| corrupt("direction"))?,
             state: JobState::parse(&self.state).ok_or_else(|| corrupt("state"))?,
             payload: decode_payload(&self.payload),
+            channel: self.channel,
             contact: self.contact,
             m_id: self.m_id,
             attempts: self.attempts,
@@ -747,6 +776,7 @@ fn job_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
         lease_until,
         payload: row.get(12)?,
         lease_token: row.get(13)?,
+        channel: row.get(14)?,
         contact_last_effective_at: None,
         contact_introduced: false,
     })
@@ -757,21 +787,21 @@ const CLAIM_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, 0)";
 
 fn claimable_from_row(row: &Row<'_>, now: i64) -> rusqlite::Result<RawJob> {
     let mut job = job_from_row(row, now)?;
-    job.contact_last_effective_at = row.get(14)?;
-    job.contact_introduced = row.get::<_, i64>(15)? != 0;
+    job.contact_last_effective_at = row.get(15)?;
+    job.contact_introduced = row.get::<_, i64>(16)? != 0;
     Ok(job)
 }
 
 /// Leases job `id` and holds its queue's head for the lease; returns the new fencing token.
 fn lease(conn: &Connection, id: i64, owner: &str, lease_until: i64) -> rusqlite::Result<i64> {
-    let (token, direction, contact): (i64, String, String) = conn
+    let (token, channel, direction, contact): (i64, String, String, String) = conn
         .prepare_cached(
             "UPDATE jobs SET lease_owner = ?1, lease_until = ?2, lease_token = lease_token + 1 WHERE id = ?3 \
-             RETURNING lease_token, direction, contact",
+             RETURNING lease_token, channel, direction, contact",
         )?
-        .query_row(params![owner, lease_until, id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
-    conn.prepare_cached("UPDATE queue_heads SET due_at = ?1 WHERE direction = ?2 AND contact = ?3")?
-        .execute(params![lease_until, direction, contact])?;
+        .query_row(params![owner, lease_until, id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+    conn.prepare_cached("UPDATE queue_heads SET due_at = ?1 WHERE channel = ?2 AND direction = ?3 AND contact = ?4")?
+        .execute(params![lease_until, channel, direction, contact])?;
     Ok(token)
 }
 
@@ -789,32 +819,32 @@ fn run_rule<F: Future>(rule: F) -> F::Output {
 struct SqliteTx<'c>(&'c Connection);
 
 impl Tx for SqliteTx<'_> {
-    async fn lock_queues(&mut self, _direction: Direction, _contacts: &[&str]) -> StoreResult<()> {
+    async fn lock_queues(&mut self, _channel: &str, _direction: Direction, _contacts: &[&str]) -> StoreResult<()> {
         // One writer thread runs every operation in turn: nothing to hold.
         Ok(())
     }
 
-    async fn queued(&mut self, direction: Direction, _cap: u64) -> StoreResult<u64> {
-        // Kept by the triggers of migration 0002: one row, whatever the depth.
+    async fn queued(&mut self, channel: &str, direction: Direction, _cap: u64) -> StoreResult<u64> {
+        // Kept by the triggers of migration 0006: one row, whatever the depth.
         let queued: i64 = self
             .0
-            .prepare_cached("SELECT queued FROM queue_depth WHERE direction = ?1")?
-            .query_row([direction.as_str()], |row| row.get(0))
+            .prepare_cached("SELECT queued FROM queue_depth WHERE channel = ?1 AND direction = ?2")?
+            .query_row([channel, direction.as_str()], |row| row.get(0))
             .optional()?
             .unwrap_or(0);
         Ok(u64::try_from(queued).unwrap_or(0))
     }
 
-    async fn queued_for(&mut self, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
+    async fn queued_for(&mut self, channel: &str, direction: Direction, contact: &str, cap: u64) -> StoreResult<u64> {
         // The contact's queued jobs through `jobs_queued`, no more than one past the cap.
         let counted: i64 = self
             .0
             .prepare_cached(
-                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND direction = ?1 AND contact = ?2 \
-                 LIMIT ?3)",
+                "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' \
+                 AND channel = ?1 AND direction = ?2 AND contact = ?3 LIMIT ?4)",
             )?
             .query_row(
-                params![direction.as_str(), contact, i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX)],
+                params![channel, direction.as_str(), contact, i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX)],
                 |row| row.get(0),
             )?;
         Ok(u64::try_from(counted).unwrap_or(0))
@@ -832,8 +862,8 @@ impl Tx for SqliteTx<'_> {
         let head = row.state == JobState::Queued
             && !self
                 .0
-                .prepare_cached("SELECT 1 FROM queue_heads WHERE direction = ?1 AND contact = ?2")?
-                .exists(params![direction, row.contact])?;
+                .prepare_cached("SELECT 1 FROM queue_heads WHERE channel = ?1 AND direction = ?2 AND contact = ?3")?
+                .exists(params![row.channel, direction, row.contact])?;
         let lease = first.filter(|_| head);
         // A new row's token starts at 0; its first claim, this one, makes it 1.
         let lease_token = lease.map(|_| 1);
@@ -841,9 +871,9 @@ impl Tx for SqliteTx<'_> {
             .0
             .prepare_cached(
                 "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, updated_at, \
-                 reserved_until, lease_owner, lease_until, lease_token) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT (dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                 reserved_until, lease_owner, lease_until, lease_token, channel) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9, ?10, ?11, ?12) \
+                 ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?
             .execute(params![
                 direction,
@@ -857,6 +887,7 @@ impl Tx for SqliteTx<'_> {
                 lease.map(|lease| lease.owner.as_str()),
                 lease.map(|lease| lease.lease_until),
                 lease_token.unwrap_or(0),
+                row.channel,
             ])?;
         if inserted == 0 {
             return Ok(None);
@@ -866,44 +897,49 @@ impl Tx for SqliteTx<'_> {
             // Due when its lease and its reservation have ended, as `refresh_head` has it.
             let due_at = lease.map_or(now, |lease| now.max(lease.lease_until).max(lease.reserved_until));
             self.0
-                .prepare_cached("INSERT INTO queue_heads (direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![direction, row.contact, id, due_at])?;
+                .prepare_cached(
+                    "INSERT INTO queue_heads (channel, direction, contact, job_id, due_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![row.channel, direction, row.contact, id, due_at])?;
         }
         Ok(Some(Inserted { id, head, lease_token }))
     }
 
-    async fn last_effective_at(&mut self, contact: &str) -> StoreResult<Option<i64>> {
+    async fn last_effective_at(&mut self, channel: &str, contact: &str) -> StoreResult<Option<i64>> {
         Ok(self
             .0
-            .prepare_cached("SELECT last_effective_at FROM contacts WHERE direction = 'outbound' AND contact = ?1")?
-            .query_row([contact], |row| row.get(0))
+            .prepare_cached(
+                "SELECT last_effective_at FROM contacts WHERE channel = ?1 AND direction = 'outbound' AND contact = ?2",
+            )?
+            .query_row([channel, contact], |row| row.get(0))
             .optional()?
             .flatten())
     }
 
-    async fn any_stored(&mut self, dedup_keys: &[String]) -> StoreResult<bool> {
-        let mut seen = self.0.prepare_cached("SELECT 1 FROM jobs WHERE dedup_key = ?1")?;
+    async fn any_stored(&mut self, channel: &str, dedup_keys: &[String]) -> StoreResult<bool> {
+        let mut seen = self.0.prepare_cached("SELECT 1 FROM jobs WHERE channel = ?1 AND dedup_key = ?2")?;
         for key in dedup_keys {
-            if seen.exists([key])? {
+            if seen.exists([channel, key])? {
                 return Ok(true);
             }
         }
         Ok(false)
     }
 
-    async fn take_echo_mark(&mut self, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
+    async fn take_echo_mark(&mut self, channel: &str, contact: &str, fingerprint: &str, now: i64) -> StoreResult<bool> {
         let taken = self
             .0
             .prepare_cached(
                 "DELETE FROM echo_marks WHERE id = (SELECT id FROM echo_marks \
-                 WHERE contact = ?1 AND fingerprint = ?2 AND expires_at > ?3 ORDER BY id LIMIT 1)",
+                 WHERE channel = ?1 AND contact = ?2 AND fingerprint = ?3 AND expires_at > ?4 ORDER BY id LIMIT 1)",
             )?
-            .execute(params![contact, fingerprint, now])?;
+            .execute(params![channel, contact, fingerprint, now])?;
         Ok(taken == 1)
     }
 
     async fn unreported(
         &mut self,
+        channel: &str,
         contact: &str,
         watermark: i64,
         status: StatusValue,
@@ -916,9 +952,9 @@ impl Tx for SqliteTx<'_> {
             .0
             .prepare_cached(&format!(
                 "SELECT id, m_id FROM jobs WHERE contact = ?1 AND accepted_at IS NOT NULL AND accepted_at <= ?2 \
-                 AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
+                 AND channel = ?3 AND direction = 'outbound' AND state = 'delivered' AND {unreported} ORDER BY id"
             ))?
-            .query_map(params![contact, watermark], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .query_map(params![contact, watermark, channel], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?)
     }
 
@@ -933,6 +969,7 @@ impl Tx for SqliteTx<'_> {
 
     async fn raise_watermark(
         &mut self,
+        channel: &str,
         contact: &str,
         status: StatusValue,
         watermark: i64,
@@ -941,34 +978,36 @@ impl Tx for SqliteTx<'_> {
     ) -> StoreResult<()> {
         self.0
             .prepare_cached(
-                "INSERT INTO watermarks (contact, status, watermark, timestamp, updated_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-                 ON CONFLICT (contact, status) DO UPDATE SET watermark = excluded.watermark, \
+                "INSERT INTO watermarks (channel, contact, status, watermark, timestamp, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (channel, contact, status) DO UPDATE SET watermark = excluded.watermark, \
                  timestamp = excluded.timestamp, updated_at = excluded.updated_at \
                  WHERE excluded.watermark > watermarks.watermark",
             )?
-            .execute(params![contact, status_name(status), watermark, timestamp, now])?;
+            .execute(params![channel, contact, status_name(status), watermark, timestamp, now])?;
         Ok(())
     }
 
-    async fn watermarks(&mut self, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+    async fn watermarks(&mut self, channel: &str, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
         Ok(self
             .0
-            .prepare_cached("SELECT status, watermark, timestamp FROM watermarks WHERE contact = ?1")?
-            .query_map([contact], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .prepare_cached("SELECT status, watermark, timestamp FROM watermarks WHERE channel = ?1 AND contact = ?2")?
+            .query_map([channel, contact], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
             .collect::<rusqlite::Result<_>>()?)
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
         // Read, then written by primary key: SQLite runs `RETURNING` through a temporary table
         // it creates and drops for every statement.
-        let settled: Option<(String, String, String)> = self
+        let settled: Option<(QueueId, String)> = self
             .0
             .prepare_cached(
-                "SELECT direction, contact, m_id FROM jobs WHERE id = ?1 AND lease_token = ?2 AND lease_owner IS NOT NULL",
+                "SELECT channel, direction, contact, m_id FROM jobs \
+                 WHERE id = ?1 AND lease_token = ?2 AND lease_owner IS NOT NULL",
             )?
-            .query_row(params![lease.id, lease.token], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .query_row(params![lease.id, lease.token], |row| Ok((queue_from_row(row)?, row.get(3)?)))
             .optional()?;
-        let Some((direction, contact, m_id)) = settled else { return Ok(None) };
+        let Some((queue, m_id)) = settled else { return Ok(None) };
         self.0
             .prepare_cached(
                 "UPDATE jobs SET state = ?1, progress = ?2, attempts = attempts + ?3, \
@@ -990,10 +1029,11 @@ impl Tx for SqliteTx<'_> {
                 settle.keep_reservation,
                 lease.id,
             ])?;
-        let queued = refresh_head(self.0, &direction, &contact)?;
+        let queued = refresh_head(self.0, &queue)?;
+        let (channel, direction, contact) = queue;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
-        Ok(Some(Settled { direction, contact, m_id, queued, receipt: false }))
+        Ok(Some(Settled { channel, direction, contact, m_id, queued, receipt: false }))
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
@@ -1010,16 +1050,16 @@ impl Tx for SqliteTx<'_> {
     }
 
     async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()> {
-        let queue: Option<(String, String)> = self
+        let queue: Option<QueueId> = self
             .0
             .prepare_cached(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 \
-                 RETURNING direction, contact",
+                 RETURNING channel, direction, contact",
             )?
-            .query_row(params![now, id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_row(params![now, id], queue_from_row)
             .optional()?;
-        if let Some((direction, contact)) = queue {
-            refresh_head(self.0, &direction, &contact)?;
+        if let Some(queue) = queue {
+            refresh_head(self.0, &queue)?;
         }
         Ok(())
     }
@@ -1031,21 +1071,29 @@ impl Tx for SqliteTx<'_> {
             .into_job()
     }
 
-    async fn raise_last_effective(&mut self, contact: &str, at: i64) -> StoreResult<()> {
+    async fn raise_last_effective(&mut self, channel: &str, contact: &str, at: i64) -> StoreResult<()> {
         self.0
             .prepare_cached(
-                "INSERT INTO contacts (direction, contact, last_effective_at) VALUES ('outbound', ?1, ?2) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET last_effective_at = \
+                "INSERT INTO contacts (channel, direction, contact, last_effective_at) VALUES (?1, 'outbound', ?2, ?3) \
+                 ON CONFLICT (channel, direction, contact) DO UPDATE SET last_effective_at = \
                  MAX(COALESCE(last_effective_at, 0), excluded.last_effective_at)",
             )?
-            .execute(params![contact, at])?;
+            .execute(params![channel, contact, at])?;
         Ok(())
     }
 
-    async fn add_echo_mark(&mut self, contact: &str, fingerprint: &str, expires_at: i64) -> StoreResult<()> {
+    async fn add_echo_mark(
+        &mut self,
+        channel: &str,
+        contact: &str,
+        fingerprint: &str,
+        expires_at: i64,
+    ) -> StoreResult<()> {
         self.0
-            .prepare_cached("INSERT INTO echo_marks (contact, fingerprint, expires_at) VALUES (?1, ?2, ?3)")?
-            .execute(params![contact, fingerprint, expires_at])?;
+            .prepare_cached(
+                "INSERT INTO echo_marks (channel, contact, fingerprint, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![channel, contact, fingerprint, expires_at])?;
         Ok(())
     }
 }
@@ -1127,8 +1175,8 @@ impl Store for SqliteStore {
         self.changes.subscribe()
     }
 
-    fn watch_queue(&self, contact: &str) -> QueueWatch {
-        self.changes.watch_queue(contact)
+    fn watch_queue(&self, channel: &str, contact: &str) -> QueueWatch {
+        self.changes.watch_queue(channel, contact)
     }
 
     fn ping(&self) -> BoxFuture<'_, StoreResult<()>> {
@@ -1148,10 +1196,11 @@ impl Store for SqliteStore {
 
     fn enqueue_outbound(&self, job: NewOutbound, first: Option<FirstClaim>) -> BoxFuture<'_, StoreResult<Enqueued>> {
         let payload = encode_payload(&Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() });
-        let caps = self.caps;
+        let per_contact = self.caps.per_contact;
         let release = self.releaser();
         let stored = self.run_for_caller(payload.len(), ADMISSION_TIMEOUT, move |conn| {
-            let stored = run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), caps))?;
+            let stored =
+                run_rule(rules::enqueue_outbound(&mut SqliteTx(conn), &job, &payload, first.as_ref(), per_contact))?;
             Ok(Enqueued {
                 id: stored.id,
                 claimed: stored.claimed.map(|job| {
@@ -1172,9 +1221,8 @@ impl Store for SqliteStore {
 
     fn enqueue_inbound(&self, batch: InboundBatch) -> BoxFuture<'_, StoreResult<InboundSummary>> {
         let prepared = PreparedBatch::new(batch);
-        let cap = self.caps.inbound;
         let stored = self.run_for_caller(prepared.bytes(), ADMISSION_TIMEOUT, move |conn| {
-            run_rule(rules::enqueue_inbound(&mut SqliteTx(conn), &prepared, cap))
+            run_rule(rules::enqueue_inbound(&mut SqliteTx(conn), &prepared))
         });
         Box::pin(async move {
             let summary = stored.await?;
@@ -1185,43 +1233,37 @@ impl Store for SqliteStore {
         })
     }
 
-    fn claim(
-        &self,
-        owner: &str,
-        direction: Direction,
-        now: i64,
-        lease_until: i64,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let owner = owner.to_owned();
-        parsed(self.run(move |conn| {
-            let heads: Vec<i64> = conn
-                .prepare_cached(
-                    "SELECT job_id FROM queue_heads WHERE direction = ?1 AND due_at <= ?2 ORDER BY due_at LIMIT ?3",
-                )?
-                .query_map(params![direction.as_str(), now, limit as i64], |row| row.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+    fn claim(&self, claim: Claim) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let (direction, after) = (claim.direction, self.rotation.after(claim.direction));
+        let claimed = self.run(move |conn| {
+            let (now, lease_until) = (claim.now, claim.lease_until);
+            let (heads, last) = heads_in_turns(conn, &claim, after.as_deref())?;
             let mut load = conn.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS}, {CLAIM_COLUMNS} FROM jobs j \
-                 LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact \
+                 LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
                  WHERE j.id = ?1 AND j.state = 'queued'"
             ))?;
             let mut jobs = Vec::with_capacity(heads.len());
             for id in heads {
                 let Some(mut job) = load.query_row([id], |row| claimable_from_row(row, now)).optional()? else {
                     // A head that is no longer queued: put the queue right and move on.
-                    if let Some((direction, contact)) = queue_of(conn, id)? {
-                        refresh_head(conn, &direction, &contact)?;
+                    if let Some(queue) = queue_of(conn, id)? {
+                        refresh_head(conn, &queue)?;
                     }
                     continue;
                 };
-                job.lease_token = lease(conn, job.id, &owner, lease_until)?;
+                job.lease_token = lease(conn, job.id, &claim.owner, lease_until)?;
                 job.in_flight = true;
                 job.lease_until = Some(lease_until);
                 jobs.push(job);
             }
-            Ok(jobs)
-        }))
+            Ok((jobs, last))
+        });
+        Box::pin(async move {
+            let (jobs, last) = claimed.await?;
+            self.rotation.left_off(direction, last);
+            jobs.into_iter().map(RawJob::into_job).collect()
+        })
     }
 
     fn claim_own(
@@ -1239,12 +1281,13 @@ impl Store for SqliteStore {
             let job = conn
                 .prepare_cached(&format!(
                     "SELECT {JOB_COLUMNS}, {CLAIM_COLUMNS} FROM jobs j \
-                     LEFT JOIN contacts c ON c.direction = j.direction AND c.contact = j.contact \
+                     LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
                      WHERE j.id = ?1 AND j.state = 'queued' AND j.next_attempt_at <= ?2 \
                      AND j.id = (SELECT MIN(q.id) FROM jobs q WHERE q.state = 'queued' \
-                                 AND q.direction = j.direction AND q.contact = j.contact) \
+                                 AND q.channel = j.channel AND q.direction = j.direction AND q.contact = j.contact) \
                      AND NOT EXISTS (SELECT 1 FROM jobs l WHERE l.lease_owner IS NOT NULL AND l.lease_until > ?2 \
-                                     AND l.state = 'queued' AND l.direction = j.direction AND l.contact = j.contact)"
+                                     AND l.state = 'queued' AND l.channel = j.channel AND l.direction = j.direction \
+                                     AND l.contact = j.contact)"
                 ))?
                 .query_row(params![id, now], |row| claimable_from_row(row, now))
                 .optional()?;
@@ -1268,14 +1311,13 @@ impl Store for SqliteStore {
             let mut renewed_leases = Vec::with_capacity(leases.len());
             let mut renew = conn.prepare_cached(
                 "UPDATE jobs SET lease_until = ?1 WHERE id = ?2 AND lease_token = ?3 AND lease_owner IS NOT NULL \
-                 RETURNING direction, contact",
+                 RETURNING channel, direction, contact",
             )?;
             for lease in leases {
-                let renewed: Option<(String, String)> = renew
-                    .query_row(params![lease_until, lease.id, lease.token], |row| Ok((row.get(0)?, row.get(1)?)))
-                    .optional()?;
-                if let Some((direction, contact)) = renewed {
-                    refresh_head(conn, &direction, &contact)?;
+                let renewed: Option<QueueId> =
+                    renew.query_row(params![lease_until, lease.id, lease.token], queue_from_row).optional()?;
+                if let Some(queue) = renewed {
+                    refresh_head(conn, &queue)?;
                     renewed_leases.push(lease);
                 }
             }
@@ -1319,51 +1361,65 @@ impl Store for SqliteStore {
     }
 
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
-        let settled =
-            self.run_then_signal(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)));
+        let settled = self.run(move |conn| run_rule(rules::finish(&mut SqliteTx(conn), lease, &finish, now)));
         Box::pin(async move {
             let settled = settled.await?;
+            // Only new claimable work wakes the workers: the contact's next job, the job itself
+            // handed back or due again, a receipt. Most finishes leave none, and each wake-up
+            // costs a claim that reads every channel with queued work.
+            if settled.queued || settled.receipt {
+                self.changes.signal();
+            }
             if settled.direction == Direction::Outbound {
-                self.changes.queue_moved(&settled.contact);
+                self.changes.queue_moved(&settled.channel, &settled.contact);
             }
             Ok(())
         })
     }
 
-    fn mark_introduced(&self, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
-        let contact = contact.to_owned();
+    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
+        let (channel, contact) = (channel.to_owned(), contact.to_owned());
         self.run(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO contacts (direction, contact, introduced) VALUES ('inbound', ?1, 1) \
-                 ON CONFLICT (direction, contact) DO UPDATE SET introduced = 1",
+                "INSERT INTO contacts (channel, direction, contact, introduced) VALUES (?1, 'inbound', ?2, 1) \
+                 ON CONFLICT (channel, direction, contact) DO UPDATE SET introduced = 1",
             )?
-            .execute([contact])?;
+            .execute([channel, contact])?;
             Ok(())
         })
     }
 
     fn queue_failed_receipt(
         &self,
+        channel: &str,
         contact: &str,
         m_id: &str,
         reason: &str,
         now: i64,
     ) -> BoxFuture<'_, StoreResult<()>> {
-        let (contact, m_id, reason) = (contact.to_owned(), m_id.to_owned(), reason.to_owned());
+        let (channel, contact) = (channel.to_owned(), contact.to_owned());
+        let (m_id, reason) = (m_id.to_owned(), reason.to_owned());
         self.run_then_signal(move |conn| {
-            run_rule(rules::queue_failed_receipt(&mut SqliteTx(conn), &contact, &m_id, &reason, now))
+            run_rule(rules::queue_failed_receipt(&mut SqliteTx(conn), &channel, &contact, &m_id, &reason, now))
         })
     }
 
-    fn list(&self, state: Option<JobState>, limit: usize) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+    fn list(
+        &self,
+        state: Option<JobState>,
+        channel: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        let channel = channel.map(str::to_owned);
         parsed(self.read(move |conn| {
             let now = super::now_millis();
             let state = state.map(JobState::as_str);
             let jobs = conn
                 .prepare_cached(&format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs j WHERE ?1 IS NULL OR j.state = ?1 ORDER BY j.id DESC LIMIT ?2"
+                    "SELECT {JOB_COLUMNS} FROM jobs j WHERE (?1 IS NULL OR j.state = ?1) AND (?2 IS NULL OR j.channel = ?2) \
+                     ORDER BY j.id DESC LIMIT ?3"
                 ))?
-                .query_map(params![state, limit as i64], |row| job_from_row(row, now))?
+                .query_map(params![state, channel, limit as i64], |row| job_from_row(row, now))?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(jobs)
         }))
@@ -1373,21 +1429,24 @@ impl Store for SqliteStore {
         self.run_then_signal(move |conn| run_rule(rules::retry(&mut SqliteTx(conn), id, now)))
     }
 
-    fn redrive_dead(&self, now: i64, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+    fn redrive_dead(&self, now: i64, channel: Option<&str>, limit: usize) -> BoxFuture<'_, StoreResult<u64>> {
+        let channel = channel.map(str::to_owned);
         self.run_then_signal(move |conn| {
-            let queues: Vec<(String, String)> = conn
+            let queues: Vec<QueueId> = conn
                 .prepare_cached(
                     "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?1, updated_at = ?1 \
-                     WHERE id IN (SELECT id FROM jobs WHERE state = 'dead' ORDER BY id LIMIT ?2) \
-                     RETURNING direction, contact",
+                     WHERE id IN (SELECT id FROM jobs WHERE state = 'dead' AND (?2 IS NULL OR channel = ?2) \
+                                  ORDER BY id LIMIT ?3) \
+                     RETURNING channel, direction, contact",
                 )?
-                .query_map(params![now, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .query_map(params![now, channel, limit as i64], queue_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             let redriven = queues.len() as u64;
             let mut refreshed = std::collections::HashSet::new();
-            for (direction, contact) in queues {
-                if refreshed.insert((direction.clone(), contact.clone())) {
-                    refresh_head(conn, &direction, &contact)?;
+            for queue in queues {
+                if !refreshed.contains(&queue) {
+                    refresh_head(conn, &queue)?;
+                    refreshed.insert(queue);
                 }
             }
             Ok(redriven)
@@ -1409,49 +1468,78 @@ impl Store for SqliteStore {
             )?
             .execute(params![now, limit as i64])?;
             conn.prepare_cached(
-                "DELETE FROM watermarks WHERE (contact, status) IN \
-                 (SELECT contact, status FROM watermarks WHERE updated_at < ?1 LIMIT ?2)",
+                "DELETE FROM watermarks WHERE (channel, contact, status) IN \
+                 (SELECT channel, contact, status FROM watermarks WHERE updated_at < ?1 LIMIT ?2)",
             )?
             .execute(params![before, limit as i64])?;
             Ok(jobs as u64)
         })
     }
 
-    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(Direction, QueueCounts)>>> {
+    fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>> {
         self.read(move |conn| {
-            let mut counts = Direction::ALL.map(|d| (d, QueueCounts::default()));
-            let slot = |direction: &str| Direction::ALL.iter().position(|d| d.as_str() == direction);
             // Both walk a partial index (`jobs_queued`, `jobs_dead`): the queued and dead jobs
             // only, never the delivered history.
             let queued = conn
                 .prepare_cached(
-                    "SELECT direction, \
+                    "SELECT channel, direction, \
                      COALESCE(SUM(lease_owner IS NULL AND next_attempt_at <= ?1), 0), \
                      COALESCE(SUM(lease_owner IS NULL AND next_attempt_at > ?1), 0), \
                      COALESCE(SUM(lease_owner IS NOT NULL), 0) \
-                     FROM jobs WHERE state = 'queued' GROUP BY direction",
+                     FROM jobs WHERE state = 'queued' GROUP BY channel, direction",
                 )?
-                .query_map([now], |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
-                .collect::<rusqlite::Result<Vec<(String, i64, i64, i64)>>>()?;
-            for (direction, ready, delayed, in_flight) in queued {
-                if let Some((_, c)) = slot(&direction).map(|i| &mut counts[i]) {
-                    c.ready = u64::try_from(ready).unwrap_or(0);
-                    c.delayed = u64::try_from(delayed).unwrap_or(0);
-                    c.in_flight = u64::try_from(in_flight).unwrap_or(0);
-                }
-            }
+                .query_map([now], |row| Ok((row.get(0)?, row.get(1)?, [row.get(2)?, row.get(3)?, row.get(4)?])))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             let dead = conn
-                .prepare_cached("SELECT direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY direction")?
-                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
-            for (direction, n) in dead {
-                if let Some((_, c)) = slot(&direction).map(|i| &mut counts[i]) {
-                    c.dead = u64::try_from(n).unwrap_or(0);
-                }
-            }
-            Ok(counts.to_vec())
+                .prepare_cached(
+                    "SELECT channel, direction, COUNT(*) FROM jobs WHERE state = 'dead' GROUP BY channel, direction",
+                )?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(super::assemble_counts(queued, dead))
         })
     }
+}
+
+/// The heads `claim` takes, in the order it takes them, and the channel of the last: the
+/// channels of its direction that have heads are walked through `queue_heads_claim` one seek
+/// each (a skip-scan), and each eligible one gives its earliest due heads, `limit` at most;
+/// those are taken in turns starting after `after` (see [`Claim`]). The cost follows the number
+/// of channels with queued work and `limit`, never the depth of any channel's queue.
+fn heads_in_turns(
+    conn: &Connection,
+    claim: &Claim,
+    after: Option<&str>,
+) -> rusqlite::Result<(Vec<i64>, Option<String>)> {
+    if claim.limit == 0 {
+        return Ok((Vec::new(), None));
+    }
+    let eligible: std::collections::HashSet<&str> = claim.channels.iter().map(String::as_str).collect();
+    let direction = claim.direction.as_str();
+    let per_channel = i64::try_from(claim.limit.min(claim.per_channel)).unwrap_or(i64::MAX);
+    let mut next_channel =
+        conn.prepare_cached("SELECT MIN(channel) FROM queue_heads WHERE direction = ?1 AND channel > ?2")?;
+    let mut earliest = conn.prepare_cached(
+        "SELECT job_id FROM queue_heads WHERE direction = ?1 AND channel = ?2 AND due_at <= ?3 \
+         ORDER BY due_at, contact LIMIT ?4",
+    )?;
+    let mut channels = Vec::new();
+    // Every channel name sorts after the empty string.
+    let mut previous = String::new();
+    while let Some(channel) =
+        next_channel.query_row(params![direction, previous], |row| row.get::<_, Option<String>>(0))?
+    {
+        if eligible.contains(channel.as_str()) {
+            let heads: Vec<i64> = earliest
+                .query_map(params![direction, channel, claim.now, per_channel], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            if !heads.is_empty() {
+                channels.push((channel.clone(), heads));
+            }
+        }
+        previous = channel;
+    }
+    Ok(super::in_turns(channels, after, claim.limit))
 }
 
 #[cfg(test)]
@@ -1580,7 +1668,7 @@ mod tests {
         let store = Arc::new(SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap());
         let release = block_writer(&store).await;
 
-        let listed = tokio::time::timeout(Duration::from_secs(2), store.list(None, 10)).await;
+        let listed = tokio::time::timeout(Duration::from_secs(2), store.list(None, None, 10)).await;
         let counted = tokio::time::timeout(Duration::from_secs(2), store.queue_counts(0)).await;
         drop(release);
 
@@ -1621,6 +1709,8 @@ mod tests {
                 let store = Arc::clone(&store);
                 tokio::spawn(async move {
                     let job = crate::store::NewOutbound {
+                        channel: crate::store::DEFAULT_CHANNEL.into(),
+                        max_queued: u64::MAX,
                         m_id: format!("m{i}"),
                         contact: format!("c{i}"),
                         recipient: Recipient::Id(format!("c{i}")),
@@ -1666,41 +1756,46 @@ mod tests {
         assert_eq!(tables, ["kept"]);
     }
 
-    /// A store last written by the previous schema, with a message in flight when that relay
-    /// died, is upgraded in place: the message is handed out again, and the index the upgrade
-    /// drops is gone.
+    /// A store last written by schema 3, with a message in flight when that relay died, is
+    /// upgraded in place: the message is handed out again, and the index the upgrade drops is
+    /// gone. (The contract tests upgrade a store of the schema just before the current one.)
     #[tokio::test]
-    async fn a_store_of_the_previous_schema_is_upgraded_with_its_message_in_flight() {
+    async fn a_store_of_schema_3_is_upgraded_with_its_message_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.db");
         let now = now_millis();
-        let first = FirstClaim { owner: "gone".into(), lease_until: now + 60_000, reserved_until: now + 1 };
-        let job = crate::store::NewOutbound {
-            m_id: "m1".into(),
-            contact: "c1".into(),
+        SqliteStore::create_with_schema_version(&path, 3).unwrap();
+        let payload = encode_payload(&Payload::Send {
             recipient: Recipient::Id("c1".into()),
             parts: vec![Message::Text { text: "hi".into() }],
-            now,
-        };
-        {
-            let store = SqliteStore::open(&path, IntakeCaps::DEFAULT).await.unwrap();
-            let enqueued = store.enqueue_outbound(job, Some(first)).await.unwrap();
-            // Kept leased, as by an attempt still running when the relay died.
-            let _in_flight = enqueued.claimed.expect("leased to the request that stored it").take();
-        }
-        // Back to schema 3, as the previous release left it.
-        let conn = Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "DROP INDEX jobs_finished; DROP INDEX echo_marks_expiry; DROP TABLE watermarks; \
-             CREATE INDEX jobs_leased ON jobs (direction, contact) WHERE lease_owner IS NOT NULL; PRAGMA user_version = 3;",
-        )
-        .unwrap();
-        drop(conn);
+        });
+        // Leased, as by an attempt still running when the relay died.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO jobs (direction, contact, m_id, payload, state, next_attempt_at, created_at, updated_at, \
+                 lease_owner, lease_until, lease_token) \
+                 VALUES ('outbound', 'c1', 'm1', ?1, 'queued', ?2, ?2, ?2, 'gone', ?3, 1)",
+                params![payload, now, now + 60_000],
+            )
+            .unwrap();
 
         let store = SqliteStore::open(&path, IntakeCaps::DEFAULT).await.unwrap();
-        let claimed = store.claim("next", Direction::Outbound, now, now + 60_000, 10).await.unwrap();
+        let claim = Claim {
+            owner: "next".into(),
+            direction: Direction::Outbound,
+            now,
+            lease_until: now + 60_000,
+            limit: 10,
+            channels: Arc::from([crate::store::DEFAULT_CHANNEL.to_owned()]),
+            per_channel: 10,
+        };
+        let claimed = store.claim(claim).await.unwrap();
 
-        assert_eq!(claimed.iter().map(|job| job.m_id.as_str()).collect::<Vec<_>>(), ["m1"]);
+        assert_eq!(
+            claimed.iter().map(|job| (job.channel.as_str(), job.m_id.as_str())).collect::<Vec<_>>(),
+            [("default", "m1")]
+        );
         let indexes: i64 = store
             .run(|conn| {
                 Ok(conn
@@ -1709,5 +1804,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(indexes, 0);
+    }
+
+    #[test]
+    fn heads_are_taken_in_turns_going_round_the_channels() {
+        let channels = || {
+            vec![
+                ("busy".to_owned(), (1..=5).collect()),
+                ("calm".to_owned(), vec![11, 12]),
+                ("quiet".to_owned(), vec![21]),
+            ]
+        };
+
+        let first = crate::store::in_turns(channels(), None, 6);
+        let after_busy = crate::store::in_turns(channels(), Some("busy"), 6);
+        let after_quiet = crate::store::in_turns(channels(), Some("quiet"), 2);
+
+        assert_eq!(first, (vec![1, 11, 21, 2, 12, 3], Some("busy".into())));
+        assert_eq!(after_busy, (vec![11, 21, 1, 12, 2, 3], Some("busy".into())));
+        assert_eq!(after_quiet, (vec![1, 11], Some("calm".into())));
+        let last = crate::store::last_in_turns(["calm", "busy", "quiet", "busy", "calm"].into_iter(), Some("busy"));
+        assert_eq!(last, Some("busy".into()), "second turn: calm, then busy");
     }
 }

@@ -272,10 +272,10 @@ async fn secrets_can_come_from_files() {
 }
 
 /// SIGHUP (a reload request, a closed terminal) used to end the relay at once, without a drain.
-/// Until reloading exists it is logged and ignored: the relay keeps serving, and still stops
-/// cleanly on SIGTERM afterwards.
+/// It reloads the channels now: the relay keeps serving, says so once per signal, counts it, and
+/// still stops cleanly on SIGTERM afterwards.
 #[tokio::test]
-async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_the_relay_cleanly() {
+async fn sighup_reloads_and_sigterm_still_stops_the_relay_cleanly() {
     // Arrange
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
@@ -286,7 +286,7 @@ async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_the_relay_cleanly(
     // Act: two hang-ups, the second once the first was handled (the kernel merges a signal sent
     // while the same one is still pending).
     let logged = |relay: &RelayProcess| {
-        relay.output().iter().filter(|line| line.contains("SIGHUP received; reloading is not supported yet")).count()
+        relay.output().iter().filter(|line| line.contains("SIGHUP: configuration reloaded")).count()
     };
     for sent in 1..=2 {
         relay.signal("HUP").await;
@@ -303,7 +303,7 @@ async fn sighup_is_logged_and_ignored_and_sigterm_still_stops_the_relay_cleanly(
     let hangups: Vec<Value> = output
         .iter()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["message"].as_str().is_some_and(|m| m.starts_with("SIGHUP received")))
+        .filter(|event| event["message"].as_str().is_some_and(|m| m.starts_with("SIGHUP: configuration")))
         .collect();
     assert_eq!(hangups.len(), 2, "one line per SIGHUP: {output:?}");
     assert_eq!(hangups[0]["level"], "INFO");

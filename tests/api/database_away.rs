@@ -98,7 +98,7 @@ async fn readiness_follows_what_intake_can_do_when_tables_are_locked() {
     assert_eq!(ready(&app).await, StatusCode::OK);
     let mut admin = crate::postgres::connect(&url).await;
 
-    for table in ["jobs", "queues", "contacts"] {
+    for table in ["jobs", "channel_queues", "contacts"] {
         sqlx::query("BEGIN").execute(&mut admin).await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")))
             .execute(&mut admin)

@@ -321,10 +321,18 @@ mod command_line {
 
         let (code, table, _) = jobs(&app, &["list"]).await;
         assert_eq!(code, 0);
-        assert!(table.lines().next().unwrap().contains("state"));
+        let header = table.lines().next().unwrap();
+        assert!(header.contains("state") && header.contains("channel"), "{header}");
+        assert!(table.lines().nth(1).unwrap().contains(" default "), "{table}");
         assert!(table.contains("dead"));
+        let (_, of_another_channel, _) = jobs(&app, &["list", "--channel", "shoes", "--json"]).await;
+        assert_eq!(of_another_channel, "");
+        let (code, _, refused) = jobs(&app, &["list", "--channel", "Shoes"]).await;
+        assert_eq!(code, 2, "a name no channel can have: {refused}");
 
-        let (code, said, _) = jobs(&app, &["redrive"]).await;
+        let (code, said, _) = jobs(&app, &["redrive", "--channel", "shoes"]).await;
+        assert_eq!((code, said.trim()), (0, "0 dead job(s) queued again"));
+        let (code, said, _) = jobs(&app, &["redrive", "--channel", "default"]).await;
         assert_eq!((code, said.trim()), (0, "1 dead job(s) queued again"));
         app.settle().await;
         assert_eq!(app.joinchat.received().len(), 5);

@@ -185,7 +185,7 @@ impl TestApp {
     pub async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let queued = self.store.list(Some(JobState::Queued), 1).await.expect("store answers");
+            let queued = self.store.list(Some(JobState::Queued), None, 1).await.expect("store answers");
             if queued.is_empty() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 return;
@@ -214,7 +214,7 @@ impl TestApp {
 
     /// Jobs in `state`, oldest first.
     pub async fn jobs(&self, state: JobState) -> Vec<Job> {
-        let mut jobs = self.store.list(Some(state), 1000).await.expect("store answers");
+        let mut jobs = self.store.list(Some(state), None, 1000).await.expect("store answers");
         jobs.reverse();
         jobs
     }

@@ -352,7 +352,7 @@ async fn a_body_that_stops_arriving_gets_a_timeout_answer() {
     let (_, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
     let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
     assert_error(reqwest::StatusCode::REQUEST_TIMEOUT, &body, 408, "request_timeout");
-    assert_eq!(app.store.list(None, 10).await.unwrap().len(), 0, "nothing stored");
+    assert_eq!(app.store.list(None, None, 10).await.unwrap().len(), 0, "nothing stored");
     app.stop().await;
 }
 

@@ -92,7 +92,16 @@ async fn a_replica_paused_past_its_lease_sends_nothing_more_of_the_job_it_lost()
     };
     let other = store::open(&config).await.unwrap();
     let now = other.now();
-    let taken = other.claim("other-replica", Direction::Outbound, now, now + 60_000, 10).await.unwrap();
+    let claim = store::Claim {
+        owner: "other-replica".into(),
+        direction: Direction::Outbound,
+        now,
+        lease_until: now + 60_000,
+        limit: 10,
+        channels: std::sync::Arc::from([store::DEFAULT_CHANNEL.to_owned()]),
+        per_channel: 10,
+    };
+    let taken = other.claim(claim).await.unwrap();
     assert_eq!(taken.len(), 1, "the lease ran out");
     assert_eq!(taken[0].progress, 1, "part 1 was recorded as accepted");
 

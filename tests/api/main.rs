@@ -1,6 +1,7 @@
 //! Integration tests: the real relay on a random port, real HTTP stand-ins for its upstreams.
 
 mod binary;
+mod channels;
 mod config_faults;
 mod contact_profiles;
 mod crash;
@@ -23,6 +24,7 @@ mod queue_safety;
 mod replica_clocks;
 mod replicas;
 mod sandbox;
+mod sandbox_channels;
 mod serving;
 mod store_contract;
 mod store_faults;

@@ -182,8 +182,10 @@ async fn metrics_are_prometheus_text_on_their_own_port_only() {
     assert_eq!(scraped.value("bonychat_relay_store_writable", &[]), 1.0);
     for state in ["ready", "delayed", "in_flight", "dead"] {
         assert!(
-            scraped.samples.iter().any(|s| s.name == "bonychat_relay_queue_jobs" && s.labels["state"] == state),
-            "queue_jobs{{state={state}}} is always there"
+            scraped.samples.iter().any(|s| s.name == "bonychat_relay_queue_jobs"
+                && s.labels["state"] == state
+                && s.labels["channel"] == "default"),
+            "queue_jobs{{channel=default,state={state}}} is always there"
         );
     }
     app.stop().await;
@@ -266,7 +268,7 @@ async fn the_series_move_by_what_the_relay_did_and_name_no_contact_or_message() 
     assert_eq!(moved("bonychat_relay_receipts_posted_total", &[("value", "failed")]), 1.0);
 
     let queue = |direction: &str, state: &str| {
-        after.value("bonychat_relay_queue_jobs", &[("direction", direction), ("state", state)])
+        after.value("bonychat_relay_queue_jobs", &[("channel", "default"), ("direction", direction), ("state", state)])
     };
     assert_eq!(queue("outbound", "dead"), 1.0);
     assert_eq!(queue("outbound", "ready") + queue("outbound", "delayed") + queue("outbound", "in_flight"), 0.0);

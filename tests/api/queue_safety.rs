@@ -83,7 +83,7 @@ async fn new_messages_past_the_outbound_cap_get_503_and_are_not_stored() {
     let (status, body) = app.send("c", text("c")).await;
 
     let message = assert_error(status, &body, 503, "queue_full");
-    assert!(message.contains("outbound queue is full"), "{message}");
+    assert!(message.contains("outbound queue of channel default is full"), "{message}");
     assert_eq!(app.jobs(JobState::Queued).await.len(), 2, "nothing stored for the refused message");
 }
 
@@ -257,6 +257,7 @@ async fn the_admin_api_lists_jobs_in_their_documented_shape() {
         keys,
         [
             "attempts",
+            "channel",
             "contactId",
             "createdAt",
             "direction",
@@ -274,8 +275,36 @@ async fn the_admin_api_lists_jobs_in_their_documented_shape() {
     assert_eq!(job["mId"], sent["mId"]);
     assert_eq!(job["contactId"], PSID);
     assert_eq!(job["direction"], "outbound");
+    assert_eq!(job["channel"], "default");
     assert_eq!(
         job["payload"],
         json!({"recipient": {"id": PSID}, "messages": [{"template_type": "text", "text": "shape"}]})
     );
+}
+
+#[tokio::test]
+async fn the_admin_api_lists_and_redrives_one_channel_and_refuses_a_name_no_channel_can_have() {
+    let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
+    app.send(PSID, text("in default")).await;
+    app.settle().await;
+
+    let (_, default) = admin(&app, reqwest::Method::GET, "/admin/jobs?channel=default").await;
+    let (_, other) = admin(&app, reqwest::Method::GET, "/admin/jobs?channel=shoes").await;
+    let (_, every) = admin(&app, reqwest::Method::GET, "/admin/jobs?channel=").await;
+    let (redrive, redriven) = admin(&app, reqwest::Method::POST, "/admin/dead/redrive?channel=shoes").await;
+
+    assert_eq!(default["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(other["jobs"], json!([]));
+    assert_eq!(every["jobs"].as_array().unwrap().len(), 1, "an empty channel is every channel");
+    assert_eq!((redrive, redriven), (200, json!({"redriven": 0})));
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/jobs?channel=Shoes"),
+        (reqwest::Method::GET, "/admin/jobs?channel=-shoes"),
+        (reqwest::Method::GET, "/admin/jobs?channel=a-name-longer-than-thirty-two-chars"),
+        (reqwest::Method::POST, "/admin/dead/redrive?channel=sh%C3%B6es"),
+    ] {
+        let (status, body) = admin(&app, method, path).await;
+        let message = assert_error(reqwest::StatusCode::from_u16(status).unwrap(), &body, 400, "invalid_request");
+        assert!(message.starts_with("channel:"), "{path}: {message}");
+    }
 }

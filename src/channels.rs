@@ -1,0 +1,197 @@
+//! The channels being served right now (SPEC §7): what a request, a webhook or an attempt of a
+//! channel needs, ready to use, and swapped as a whole when `SIGHUP` brings a valid new file.
+//!
+//! A request or an attempt takes the [`Directory`] current when it starts and keeps it to the
+//! end, so a reload never changes the secrets or the upstream of work already under way
+//! ("attempts in flight finish as they began"). One HTTP client per upstream serves every
+//! channel: a thousand channels share the connection pools, and building a directory costs
+//! no TLS setup.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::auth::{BearerToken, SecretDigest};
+use crate::clients::bonychat::HttpBonyChat;
+use crate::clients::graph::GraphProfiles;
+use crate::clients::http;
+use crate::clients::joinchat::HttpJoinChat;
+use crate::config::{ChannelConfig, Channels, Secret, UpstreamConfig};
+use crate::delivery::{InboundPoster, OutboundSender, Profiles};
+use crate::signing::HubSignature;
+use crate::store::Store;
+
+/// Everything one channel's work needs.
+pub struct Channel {
+    pub name: String,
+    pub config: ChannelConfig,
+    pub token: BearerToken,
+    pub outbound: OutboundSender,
+    pub inbound: InboundPoster,
+}
+
+/// A Meta app: the secrets its webhooks are checked with, and its Pages.
+pub struct App {
+    pub name: String,
+    pub hub_signature: HubSignature,
+    pub verify_token: SecretDigest,
+    /// Page id → the channel speaking through it.
+    pages: HashMap<String, Arc<Channel>>,
+}
+
+impl App {
+    /// The channel of the Page `page_id` among this app's, if one is.
+    pub fn channel_of_page(&self, page_id: &str) -> Option<&Arc<Channel>> {
+        self.pages.get(page_id)
+    }
+}
+
+/// One configuration of channels and apps, immutable once built.
+pub struct Directory {
+    /// `RELAY_ADMIN_TOKEN`, as of this directory (it follows its `_FILE` on reload).
+    admin_token: Option<BearerToken>,
+    channels: HashMap<String, Arc<Channel>>,
+    apps: HashMap<String, Arc<App>>,
+    /// Every channel name, for claims: jobs of a channel not here stay queued, untouched.
+    names: Arc<[String]>,
+}
+
+impl Directory {
+    pub fn channel(&self, name: &str) -> Option<&Arc<Channel>> {
+        self.channels.get(name)
+    }
+
+    pub fn app(&self, name: &str) -> Option<&Arc<App>> {
+        self.apps.get(name)
+    }
+
+    pub fn admin_token(&self) -> Option<&BearerToken> {
+        self.admin_token.as_ref()
+    }
+
+    pub fn names(&self) -> &Arc<[String]> {
+        &self.names
+    }
+
+    pub fn len(&self) -> usize {
+        self.channels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty()
+    }
+}
+
+/// The HTTP clients every channel shares, one per upstream.
+#[derive(Clone)]
+pub struct Clients {
+    joinchat: reqwest::Client,
+    bonychat: reqwest::Client,
+    graph: reqwest::Client,
+    graph_url: url::Url,
+    graph_timeout: Duration,
+}
+
+impl Clients {
+    pub fn new(upstreams: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            joinchat: http::client(upstreams.joinchat_connect_timeout, upstreams.joinchat_timeout)?,
+            bonychat: http::client(Duration::from_secs(5), upstreams.bonychat_timeout)?,
+            graph: http::client(Duration::from_secs(5), upstreams.graph_timeout)?,
+            graph_url: upstreams.graph_url.url().clone(),
+            graph_timeout: upstreams.graph_timeout,
+        })
+    }
+}
+
+/// What a reload changed, for its log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub kept: usize,
+}
+
+/// The directory in effect, replaced whole by [`Live::replace`].
+pub struct Live {
+    current: RwLock<Arc<Directory>>,
+    clients: Clients,
+    store: Arc<dyn Store>,
+}
+
+impl Live {
+    pub fn new(channels: &Channels, admin_token: Option<&Secret>, clients: Clients, store: Arc<dyn Store>) -> Self {
+        let directory = build(channels, admin_token, &clients, &store);
+        Self { current: RwLock::new(Arc::new(directory)), clients, store }
+    }
+
+    /// The directory in effect now; kept by the caller for the whole of its work.
+    pub fn current(&self) -> Arc<Directory> {
+        Arc::clone(&self.current.read().expect("directory lock"))
+    }
+
+    /// Puts `channels` in effect for everything that starts from now on.
+    pub fn replace(&self, channels: &Channels, admin_token: Option<&Secret>) -> Changes {
+        let next = Arc::new(build(channels, admin_token, &self.clients, &self.store));
+        let previous = std::mem::replace(&mut *self.current.write().expect("directory lock"), Arc::clone(&next));
+        let mut changes = Changes::default();
+        for name in next.names.iter() {
+            if previous.channels.contains_key(name) {
+                changes.kept += 1;
+            } else {
+                changes.added.push(name.clone());
+            }
+        }
+        changes.removed = previous.names.iter().filter(|name| !next.channels.contains_key(*name)).cloned().collect();
+        changes
+    }
+}
+
+fn build(channels: &Channels, admin_token: Option<&Secret>, clients: &Clients, store: &Arc<dyn Store>) -> Directory {
+    let built: HashMap<String, Arc<Channel>> = channels
+        .channels
+        .iter()
+        .map(|(name, config)| {
+            let profiles = config.page_access_token.as_ref().map(|token| {
+                let graph = GraphProfiles::new(clients.graph.clone(), clients.graph_url.clone(), token.clone());
+                Profiles::new(Arc::new(graph), clients.graph_timeout)
+            });
+            let channel = Channel {
+                name: name.clone(),
+                token: BearerToken::new(&config.bonychat.api_token),
+                outbound: OutboundSender::new(
+                    Arc::new(HttpJoinChat::new(clients.joinchat.clone(), &config.joinchat)),
+                    Arc::clone(store),
+                    &config.joinchat,
+                ),
+                inbound: InboundPoster::new(
+                    Arc::new(HttpBonyChat::new(clients.bonychat.clone(), &config.bonychat)),
+                    config.bonychat.channel_id.clone(),
+                    profiles,
+                ),
+                config: config.clone(),
+            };
+            (name.clone(), Arc::new(channel))
+        })
+        .collect();
+    let apps = channels
+        .apps
+        .iter()
+        .map(|(name, app)| {
+            let pages = built
+                .values()
+                .filter(|channel| &channel.config.messenger_app == name)
+                .map(|channel| (channel.config.joinchat.page_id.clone(), Arc::clone(channel)))
+                .collect();
+            let app = App {
+                name: name.clone(),
+                hub_signature: HubSignature::new(app.app_secret.clone()),
+                verify_token: SecretDigest::new(&app.verify_token),
+                pages,
+            };
+            (name.clone(), Arc::new(app))
+        })
+        .collect();
+    let names: Arc<[String]> = channels.channels.keys().cloned().collect();
+    Directory { admin_token: admin_token.map(BearerToken::new), channels: built, apps, names }
+}
