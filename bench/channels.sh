@@ -43,7 +43,8 @@
 # under QUIET_PCT % of one CPU, no compiler or test runner); a run during which the foreign use
 # averaged QUIET_PCT or more, or a compiler or test runner ran, is run again (up to RERUNS times)
 # and the report says so.
-set -euo pipefail
+set -eEuo pipefail
+trap 'echo "bench/channels.sh: line $LINENO: a command failed (exit $?): stopping" >&2' ERR
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
@@ -55,7 +56,7 @@ FLOOD=${FLOOD:-100000}
 FLOOD_CONTACTS=${FLOOD_CONTACTS:-10000}
 FLOOD_ROUNDS=${FLOOD_ROUNDS:-2}
 FLOOD_DOWN=${FLOOD_DOWN:-503}
-FLOOD_RETRY=${FLOOD_RETRY:-$(printf '1s,%.0s' $(seq 999))1s}
+FLOOD_RETRY=${FLOOD_RETRY:-$(printf '1s,%.0s' $(seq 999))1s} # or `default`: the relay's own schedule
 SETTLE=${SETTLE:-5}
 CALM_CONNECTIONS=${CALM_CONNECTIONS:-4}
 CALM_DELAY_MS=${CALM_DELAY_MS:-10}
@@ -102,7 +103,7 @@ cleanup() {
   rm -rf "$data"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "bench/channels.sh: stopped by a signal" >&2; exit 130' INT TERM HUP
 
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -110,6 +111,7 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------------------------------------
 # The machine: what else runs.
 monitor=$data/foreign.log
+: >"$monitor"
 python3 bench/foreign_cpu.py 1 "$monitor" $$ "$data/pg/data/postmaster.pid" &
 pids+=($!)
 
@@ -322,6 +324,23 @@ load() {
   grep '^unexpected' <<<"$out" | head -3 >&2 || true
 }
 
+# metric NAME LABEL-MATCHES…: the sum of the samples of NAME whose labels contain every match
+metric() {
+  local name=$1; shift
+  curl -sf "http://$METRICS/metrics" | awk -v name="$name" -v matches="$*" '
+    index($0, name) == 1 && (substr($0, length(name) + 1, 1) == "{" || substr($0, length(name) + 1, 1) == " ") {
+      n = split(matches, m, " "); ok = 1
+      for (i = 1; i <= n; i++) if (index($0, m[i]) == 0) ok = 0
+      if (ok) s += $NF
+    }
+    END {printf "%.6f\n", s}'
+}
+fsync_ms() { # a 4 KiB write with oflag=dsync in the store's directory, mean of 100, in ms
+  dd if=/dev/zero of="$data/dd" bs=4k count=100 oflag=dsync 2>&1 |
+    awk '/copied/ {for (i = 1; i < NF; i++) if ($(i + 1) == "s,") printf "%.2f", $i * 1000 / 100}'
+  rm -f "$data/dd"
+}
+
 median() { sort -g | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]; else print "?"}'; }
 
 commit=$(git rev-parse --short HEAD)
@@ -407,18 +426,22 @@ say
 say "wrk \`-t2 -c$CONNECTIONS\` for $DURATION s (\`bench/channels.lua\`), the default \`RELAY_SEND_WAIT_MS=3000\` (answered once"
 say "JoinChat took the message), contacts spread over 100 000; each run on a fresh store. $RUNS rounds, the order of"
 say "the variants rotated each round. Relay CPU per request: its user and system time over the run ÷ requests answered."
+say "Delivered > 1 s after stored: from the relay's \`bonychat_relay_delivery_latency_seconds\` 2 s after the load, the"
+say "messages that were not sent while their request waited (the request answered 200 before JoinChat took them)."
+say "fsync: a 4 KiB write with \`oflag=dsync\` in the store's directory just before the run (mean of 100)."
 say
-say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | relay CPU per request | relay CPU | foreign CPU | note |"
-say "|---|---|---|---|---|---|---|---|---|---|---|"
+say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | delivered > 1 s after stored | relay CPU per request | relay CPU | fsync | foreign CPU | note |"
+say "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 variants=(a b c)
 declare -A label_of=(
   [a]="(a) 1 channel, environment variables, \`/message\`"
   [b]="(b) $CHANNELS-channel file, all on \`c0001\`"
   [c]="(c) $CHANNELS-channel file, spread over all"
 )
-declare -A rps_runs p50_runs p99_runs cpu_runs
+declare -A rps_runs p50_runs p99_runs cpu_runs rps_round
 run_variant() { # a|b|c
   fresh_store sqlite
+  FSYNC=$(fsync_ms)
   case $1 in
     # shellcheck disable=SC2046
     a) start_relay sqlite $(single_env); load "$CONNECTIONS" "$DURATION" ;;
@@ -427,6 +450,11 @@ run_variant() { # a|b|c
     # shellcheck disable=SC2046
     c) start_relay sqlite $(file_env "$many"); load "$CONNECTIONS" "$DURATION" CHANNELS="$CHANNELS" ;;
   esac
+  sleep 2
+  local all in_1s
+  all=$(metric bonychat_relay_delivery_latency_seconds_count 'direction="outbound"')
+  in_1s=$(metric bonychat_relay_delivery_latency_seconds_bucket 'direction="outbound"' 'le="1"')
+  LATE=$(awk -v a="$all" -v b="$in_1s" 'BEGIN {printf "%d (%.1f %%)", a - b, (a > 0 ? (a - b) * 100 / a : 0)}')
   stop_relay
 }
 for round in $(seq "$RUNS"); do
@@ -434,8 +462,9 @@ for round in $(seq "$RUNS"); do
     v=${variants[$(((round - 1 + k) % 3))]}
     note "throughput round $round: ${label_of[$v]}"
     measured run_variant "$v"
-    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $CPU_US | $CPU_PCT | $FOREIGN | $NOTE |"
+    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $LATE | $CPU_US | $CPU_PCT | $FSYNC ms | $FOREIGN | $NOTE |"
     rps_runs[$v]+="$RPS "
+    rps_round[$round.$v]=$RPS
     p50_runs[$v]+="${P50% ms} "
     p99_runs[$v]+="${P99% ms} "
     cpu_runs[$v]+="${CPU_US% µs} "
@@ -460,6 +489,13 @@ say
 verdict() { if (($(awk "BEGIN {print ($1) ? 1 : 0}"))); then echo met; else echo "not met"; fi; }
 ratio_b=$(awk -v x="${rps_median[b]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}')
 ratio_c=$(awk -v x="${rps_median[c]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}')
+# The same ratios within each round (the runs of a round are minutes apart, the rounds further):
+# their median and range say how much of a difference the machine's drift leaves measurable.
+for v in b c; do
+  ratios=$(for round in $(seq "$RUNS"); do awk -v x="${rps_round[$round.$v]}" -v y="${rps_round[$round.a]}" 'BEGIN {printf "%.3f\n", x / y}'; done)
+  say "($v) ÷ (a) within each round: $(paste -sd' ' <<<"$ratios"); median $(median <<<"$ratios")."
+done
+say
 say "| issue 16, item 8 | measured | target | |"
 say "|---|---|---|---|"
 say "| start of the $CHANNELS-channel file to \`/readyz\` 200 (median; max) | $start_median ms; $start_max ms (1 channel: $start_env_median ms) | < 1 s | $(verdict "$start_max < 1000") |"
@@ -491,17 +527,6 @@ two=$data/channels-flood.toml
   channel_table calm 510249619100002 "http://$CALM_JC/api/send_message"
 } >"$two"
 
-# metric NAME LABEL-MATCHES…: the sum of the samples of NAME whose labels contain every match
-metric() {
-  local name=$1; shift
-  curl -sf "http://$METRICS/metrics" | awk -v name="$name" -v matches="$*" '
-    index($0, name) == 1 && (substr($0, length(name) + 1, 1) == "{" || substr($0, length(name) + 1, 1) == " ") {
-      n = split(matches, m, " "); ok = 1
-      for (i = 1; i <= n; i++) if (index($0, m[i]) == 0) ok = 0
-      if (ok) s += $NF
-    }
-    END {printf "%.6f\n", s}'
-}
 standin_count() { curl -sf "http://$CALM_JC/stats" | awk '{print $2}'; } # delivered so far
 
 # calm_run: measure calm on the running relay; sets the load's figures and DELIVERED (what
@@ -535,7 +560,7 @@ calm_run() {
 no_flood() {
   fresh_store "$1"
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY"
+  start_relay "$1" $(file_env "$two") $retry_var
   sleep "$SETTLE"
   QUEUED=$(sql "$1" "SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
   calm_run
@@ -544,7 +569,7 @@ no_flood() {
 fill_flood() { # STORE: FLOOD messages for `flooded`, taken by a relay answering once stored
   fresh_store "$1"
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY" RELAY_SEND_WAIT_MS=0
+  start_relay "$1" $(file_env "$two") $retry_var RELAY_SEND_WAIT_MS=0
   local t0=$EPOCHREALTIME filler n
   env -u CHANNELS CHANNEL=flooded CONTACTS="$FLOOD_CONTACTS" CONTACT_OFFSET=500000 \
     wrk -t2 -c64 -d3600s --timeout 10s -s bench/channels.lua "http://$RELAY" >/dev/null 2>&1 &
@@ -562,7 +587,7 @@ fill_flood() { # STORE: FLOOD messages for `flooded`, taken by a relay answering
 }
 with_flood() {
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY"
+  start_relay "$1" $(file_env "$two") $retry_var
   FLOOD_READY_MS=$READY_MS
   sleep "$SETTLE"
   calm_run
@@ -573,8 +598,15 @@ with_flood() {
 say "## Flood: one channel's JoinChat down with $FLOOD messages queued, another channel beside it"
 say
 say "Two channels in one file: \`flooded\` ($down_label) and \`calm\` (\`bench_joinchat\`: 200 at once, counts what"
-say "arrives, checks calm's signature). \`RELAY_RETRY_JOINCHAT\` = 1s repeated ($(tr ',' '\n' <<<"$FLOOD_RETRY" | sort | uniq -c | awk '{printf "%s × %s ", $1, $2}')): each"
-say "queued head of the flood is due again about a second after each attempt. Flood: $FLOOD messages for \`flooded\`"
+if [[ $FLOOD_RETRY == default ]]; then
+  retry_var=
+  schedule="the relay's default \`RELAY_RETRY_JOINCHAT\` (1s, 5s, 30s, 2m, …): the flood's heads come due less and less often"
+else
+  retry_var="RELAY_RETRY_JOINCHAT=$FLOOD_RETRY"
+  schedule="\`RELAY_RETRY_JOINCHAT\` = $(tr ',' '\n' <<<"$FLOOD_RETRY" | sort | uniq -c | awk '{printf "%s%s × %s", (NR > 1 ? ", " : ""), $1, $2}'): each queued head of the flood is due again about a second after each attempt"
+fi
+say "arrives, checks calm's signature); $schedule."
+say "Flood: $FLOOD messages for \`flooded\`"
 say "over $FLOOD_CONTACTS contacts, sent through \`/message\` to a relay answering once stored (\`RELAY_SEND_WAIT_MS=0\`,"
 say "its retries already running); then the relay restarted with the default wait and left $SETTLE s to its retries."
 say "No flood: the same relay on a fresh store. Calm: \`bench/channels.lua\` with $CALM_CONNECTIONS connections, each pausing"
