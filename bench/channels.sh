@@ -70,17 +70,26 @@ RERUNS=${RERUNS:-2}
 # Another build of the relay to measure with the same script (an earlier release, say).
 RELAY_BIN=${RELAY_BIN:-./target/release/bonychat-relay}
 
-STANDIN=127.0.0.1:18281 # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
-DOWN=127.0.0.1:18282    # flooded's JoinChat: bench_ceiling answering 503, or nothing
-RELAY=127.0.0.1:18283
-CALM_JC=127.0.0.1:18285 # bench_joinchat: calm's JoinChat (CPU 1)
-METRICS=127.0.0.1:19283
-PG_PORT=54349
+# Ports: PORT_BASE … PORT_BASE + 4, PORT_BASE + 1002 and PG_PORT. Two runs of this script at once
+# (two worktrees, say) need different ones; a port already taken stops the run at once.
+PORT_BASE=${PORT_BASE:-18281}
+STANDIN=127.0.0.1:$PORT_BASE            # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
+DOWN=127.0.0.1:$((PORT_BASE + 1))       # flooded's JoinChat: bench_ceiling answering 503, or nothing
+RELAY=127.0.0.1:$((PORT_BASE + 2))
+CALM_JC=127.0.0.1:$((PORT_BASE + 4))    # bench_joinchat: calm's JoinChat (CPU 1)
+METRICS=127.0.0.1:$((PORT_BASE + 1002))
+PG_PORT=${PG_PORT:-54349}
 
 for tool in taskset wrk curl python3; do
   command -v $tool >/dev/null || { echo "$tool is missing (apt-get install wrk util-linux curl python3)" >&2; exit 1; }
 done
 [[ $(nproc --all) -ge 2 ]] || { echo "needs two CPUs (0 for the relay, 1 for the rest)" >&2; exit 1; }
+for addr in $STANDIN $DOWN $RELAY $CALM_JC $METRICS 127.0.0.1:$PG_PORT; do
+  if { : >&3; } 2>/dev/null 3<>"/dev/tcp/${addr%:*}/${addr#*:}"; then
+    echo "$addr is taken (another run of this script?): set PORT_BASE and PG_PORT to free ports" >&2
+    exit 1
+  fi
+done
 echo "building (release)…" >&2
 cargo build --release --locked --quiet --bin bonychat-relay --example bench_ceiling --example bench_joinchat
 taskset -cp 1 $$ >/dev/null
@@ -281,7 +290,7 @@ start_relay() {
       { printf 'GET /readyz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n' >&3; IFS= read -r -t 2 line <&3; } 2>/dev/null || true
       exec 3<&-
     fi
-    [[ $line == "HTTP/1.1 200"* ]] && break
+    [[ $line == "HTTP/1.1 200"* ]] && kill -0 "$RELAY_PID" 2>/dev/null && break
     if ! kill -0 "$RELAY_PID" 2>/dev/null; then
       echo "the relay stopped; its log:" >&2
       tail -20 "$logs/relay.log" >&2
