@@ -269,6 +269,7 @@ app_table() {
 kb_of() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # PID VmRSS|VmHWM
 mb() { awk -v kb="$1" 'BEGIN {printf "%.1f MB", kb / 1024}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # PID: user + system time, in 1/100 s
+written_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; } # PID: bytes it sent to the disk
 elapsed_ms() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN {printf "%.1f", (b - a) * 1000}'; }
 
 # start_relay STORE VAR=VALUE…: the relay on CPU 0 with these variables (besides common_env);
@@ -307,21 +308,26 @@ start_relay() {
 stop_relay() { stop "$RELAY_PID"; }
 
 # load CONNECTIONS DURATION [VAR=VALUE…]: one wrk run of bench/channels.lua against the relay,
-# the variables for the script; sets RPS P50 P99 P999 MAX NON200 ACCEPTED and CPU_US (the relay's
-# CPU time per request answered) and CPU_PCT (the relay's CPU use over the run, % of one CPU).
+# the variables for the script; sets RPS P50 P99 P999 MAX NON200 ACCEPTED, CPU_US (the relay's
+# CPU time per request answered), CPU_PCT (the relay's CPU use over the run, % of one CPU) and
+# WRITE_KB (what the relay had written to the disk per request: write_bytes of /proc/<pid>/io).
 load() {
   local c=$1 seconds=$2; shift 2
   local threads=$((c < 2 ? 1 : 2)) out line ticks t0
+  local written
   ticks=$(cpu_ticks "$RELAY_PID")
+  written=$(written_bytes "$RELAY_PID")
   t0=$EPOCHREALTIME
   out=$(env -u CHANNELS -u CHANNEL -u CONTACTS -u CONTACT_OFFSET -u DELAY_MS "$@" wrk -t"$threads" -c"$c" -d"${seconds}s" --timeout 10s -s bench/channels.lua "http://$RELAY" 2>&1) || {
     echo "$out" >&2
     exit 1
   }
   ticks=$(($(cpu_ticks "$RELAY_PID") - ticks))
+  written=$(($(written_bytes "$RELAY_PID") - written))
   line=$(grep '^HARNESS ' <<<"$out") || { echo "$out" >&2; exit 1; }
   RPS=$(awk '{print int($3 * 1000000 / $5)}' <<<"$line")
   CPU_US=$(awk -v t="$ticks" '{printf "%.0f µs", t * 10000 / ($3 ? $3 : 1)}' <<<"$line")
+  WRITE_KB=$(awk -v w="$written" '{printf "%.2f kB", w / 1024 / ($3 ? $3 : 1)}' <<<"$line")
   CPU_PCT=$(awk -v t="$ticks" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f %%", t / (b - a)}')
   P50=$(ms "$(stat_of "$line" p50_us)")
   P99=$(ms "$(stat_of "$line" p99_us)")
@@ -438,16 +444,17 @@ say "the variants rotated each round. Relay CPU per request: its user and system
 say "Delivered > 1 s after stored: from the relay's \`bonychat_relay_delivery_latency_seconds\` 2 s after the load, the"
 say "messages that were not sent while their request waited (the request answered 200 before JoinChat took them)."
 say "fsync: a 4 KiB write with \`oflag=dsync\` in the store's directory just before the run (mean of 100)."
+say "Disk writes per request: the relay's \`write_bytes\` (\`/proc/<pid>/io\`) over the run ÷ requests answered."
 say
-say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | delivered > 1 s after stored | relay CPU per request | relay CPU | fsync | foreign CPU | note |"
-say "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | delivered > 1 s after stored | relay CPU per request | relay CPU | disk writes per request | fsync | foreign CPU | note |"
+say "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 variants=(a b c)
 declare -A label_of=(
   [a]="(a) 1 channel, environment variables, \`/message\`"
   [b]="(b) $CHANNELS-channel file, all on \`c0001\`"
   [c]="(c) $CHANNELS-channel file, spread over all"
 )
-declare -A rps_runs p50_runs p99_runs cpu_runs rps_round
+declare -A rps_runs p50_runs p99_runs cpu_runs rps_round write_runs
 run_variant() { # a|b|c
   fresh_store sqlite
   FSYNC=$(fsync_ms)
@@ -471,19 +478,20 @@ for round in $(seq "$RUNS"); do
     v=${variants[$(((round - 1 + k) % 3))]}
     note "throughput round $round: ${label_of[$v]}"
     measured run_variant "$v"
-    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $LATE | $CPU_US | $CPU_PCT | $FSYNC ms | $FOREIGN | $NOTE |"
+    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $LATE | $CPU_US | $CPU_PCT | $WRITE_KB | $FSYNC ms | $FOREIGN | $NOTE |"
     rps_runs[$v]+="$RPS "
     rps_round[$round.$v]=$RPS
     p50_runs[$v]+="${P50% ms} "
     p99_runs[$v]+="${P99% ms} "
     cpu_runs[$v]+="${CPU_US% µs} "
+    write_runs[$v]+="${WRITE_KB% kB} "
   done
 done
 say
 say "Medians of the $RUNS runs:"
 say
-say "| variant | requests/s | ratio to (a) | p50 | p99 | relay CPU per request | ratio to (a) |"
-say "|---|---|---|---|---|---|---|"
+say "| variant | requests/s | ratio to (a) | p50 | p99 | relay CPU per request | ratio to (a) | disk writes per request |"
+say "|---|---|---|---|---|---|---|---|"
 declare -A rps_median cpu_median
 for v in "${variants[@]}"; do
   rps_median[$v]=$(tr ' ' '\n' <<<"${rps_runs[$v]}" | grep . | median)
@@ -492,7 +500,8 @@ done
 for v in "${variants[@]}"; do
   say "| ${label_of[$v]} | ${rps_median[$v]} | $(awk -v x="${rps_median[$v]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}') | \
 $(tr ' ' '\n' <<<"${p50_runs[$v]}" | grep . | median) ms | $(tr ' ' '\n' <<<"${p99_runs[$v]}" | grep . | median) ms | \
-${cpu_median[$v]} µs | $(awk -v x="${cpu_median[$v]}" -v y="${cpu_median[a]}" 'BEGIN {printf "%.3f", x / y}') |"
+${cpu_median[$v]} µs | $(awk -v x="${cpu_median[$v]}" -v y="${cpu_median[a]}" 'BEGIN {printf "%.3f", x / y}') | \
+$(tr ' ' '\n' <<<"${write_runs[$v]}" | grep . | median) kB |"
 done
 say
 verdict() { if (($(awk "BEGIN {print ($1) ? 1 : 0}"))); then echo met; else echo "not met"; fi; }
