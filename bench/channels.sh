@@ -439,7 +439,7 @@ say
 say "### Throughput of \`POST /message\`"
 say
 say "wrk \`-t2 -c$CONNECTIONS\` for $DURATION s (\`bench/channels.lua\`), the default \`RELAY_SEND_WAIT_MS=3000\` (answered once"
-say "JoinChat took the message), contacts spread over 100 000; each run on a fresh store. $RUNS rounds, the order of"
+say "JoinChat took the message), contacts spread over 100 000 in ${CONTACT_ORDER:-sequential} order (\`CONTACT_ORDER\`, see \`bench/channels.lua\`); each run on a fresh store. $RUNS rounds, the order of"
 say "the variants rotated each round. Relay CPU per request: its user and system time over the run ÷ requests answered."
 say "Delivered > 1 s after stored: from the relay's \`bonychat_relay_delivery_latency_seconds\` 2 s after the load, the"
 say "messages that were not sent while their request waited (the request answered 200 before JoinChat took them)."
