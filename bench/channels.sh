@@ -3,10 +3,11 @@
 # another's messages. Prints a Markdown report and writes it to
 # bench/results/channels-<date>-<HHMM>.md (UTC).
 #
-#   bash bench/channels.sh                              # both sections: about 30 minutes on a quiet machine
-#   SECTIONS=scale bash bench/channels.sh
+#   bash bench/channels.sh                              # both sections: about 40 minutes on a quiet machine
+#   SECTIONS=scale RUNS=9 CONTACT_ORDER=scattered bash bench/channels.sh
 #   SECTIONS=flood STORES=sqlite bash bench/channels.sh
 #   RELAY_BIN=/elsewhere/bonychat-relay bash bench/channels.sh   # another build, same runs
+#   PORT_BASE=18381 PG_PORT=54359 bash bench/channels.sh        # beside another run of this script
 #
 # - scale (issue item 8: "a file of 1 000 channels starts in under a second and serves /message
 #   within 5 % of one channel's throughput"), SQLite. A channels file of CHANNELS (1 000)
@@ -18,8 +19,11 @@
 #   harness's message section (CONNECTIONS 64, DURATION 10 s, the default RELAY_SEND_WAIT_MS,
 #   contacts spread over 100 000, JOINCHAT_ORDER_GAP_SECS 0, caps lifted) for (a) one channel
 #   from the environment variables on /message, (b) the file, every request on channel c0001,
-#   (c) the file, request k on channel k mod 1000 (bench/channels.lua); RUNS (3) rounds, the
-#   order rotated each round, each run on a fresh store; medians.
+#   (c) the file, contact k's messages on channel k mod 1000 (bench/channels.lua); RUNS (3)
+#   rounds, the order rotated each round, each run on a fresh store; medians, and the ratios
+#   within each round. CONTACT_ORDER=scattered sends to contacts far apart in key order (as real
+#   contact ids arrive) instead of bench/message.lua's ascending walk, which lets one channel's
+#   contact-keyed indexes grow at one edge (bench/channels.lua says more).
 # - flood (issue item 4: "one channel flooded with 100 000 queued messages and its JoinChat down,
 #   another channel's messages still go out at once (p99 unchanged), both stores"). A file of two
 #   channels: `flooded`, whose JoinChat answers 503 to every send (FLOOD_DOWN=refused: nothing
@@ -34,7 +38,7 @@
 #   requests, CALM_DURATION (30) s: a modest steady rate. Both stores (STORES).
 #
 # The relay runs on CPU 0; wrk, the stand-ins, PostgreSQL (a durable throwaway cluster of
-# scripts/test-postgres on port 54349) and this script on CPU 1. Stores under HARNESS_TMP
+# scripts/test-postgres on PG_PORT, 54349) and this script on CPU 1. Stores under HARNESS_TMP
 # (default /var/tmp: a real disk, not tmpfs).
 #
 # A shared machine: bench/foreign_cpu.py samples, every second, the CPU time of processes that
