@@ -14,6 +14,11 @@
 -- i (0-based) is named c<i+1, four digits>, has the token bench-token-<name> and the Channel ID
 -- bench-channel-<name>. All requests and tokens are made before the load starts (init), so the
 -- script costs the same per request whichever the channel.
+-- CONTACT_ORDER: `sequential` (the default, as bench/message.lua): a thread's k-th request goes to
+-- contact k (plus its offset), so with one channel every store index keyed by contact grows at
+-- its right edge, a few pages a commit; `scattered`: contact (k × 7919) mod CONTACTS instead,
+-- the same contacts in the same pattern of overlaps but far apart in key order, as real
+-- contacts arrive: each insert lands on a page of its own, with one channel as with many.
 -- DELAY_MS (default 0) pauses each connection that long before its next request: a modest,
 -- steady rate for the latency of a channel rather than its throughput.
 -- done() adds `accepted N` (answers 200) to the HARNESS line.
@@ -22,6 +27,7 @@ local contacts = tonumber(os.getenv("CONTACTS") or "100000")
 local channels = tonumber(os.getenv("CHANNELS") or "0")
 local one = os.getenv("CHANNEL")
 local delay_ms = tonumber(os.getenv("DELAY_MS") or "0")
+local scattered = os.getenv("CONTACT_ORDER") == "scattered"
 
 dofile("bench/report.lua")
 
@@ -55,7 +61,9 @@ end
 
 request = function()
   n = n + 1
-  local c = offset + (id * 1000003 + n) % contacts
+  local c = (id * 1000003 + n) % contacts
+  if scattered then c = (c * 7919) % contacts end
+  c = offset + c
   local r = routes[c % #routes + 1]
   local contact = string.format("%d", 1000000000000000 + c)
   local body = r.prefix .. contact .. '","message":{"type":"text","text":"Benchmark message number ' .. n ..

@@ -3,10 +3,11 @@
 # another's messages. Prints a Markdown report and writes it to
 # bench/results/channels-<date>-<HHMM>.md (UTC).
 #
-#   bash bench/channels.sh                              # both sections: about 30 minutes on a quiet machine
-#   SECTIONS=scale bash bench/channels.sh
+#   bash bench/channels.sh                              # both sections: about 40 minutes on a quiet machine
+#   SECTIONS=scale RUNS=9 CONTACT_ORDER=scattered bash bench/channels.sh
 #   SECTIONS=flood STORES=sqlite bash bench/channels.sh
 #   RELAY_BIN=/elsewhere/bonychat-relay bash bench/channels.sh   # another build, same runs
+#   PORT_BASE=18381 PG_PORT=54359 bash bench/channels.sh        # beside another run of this script
 #
 # - scale (issue item 8: "a file of 1 000 channels starts in under a second and serves /message
 #   within 5 % of one channel's throughput"), SQLite. A channels file of CHANNELS (1 000)
@@ -18,8 +19,11 @@
 #   harness's message section (CONNECTIONS 64, DURATION 10 s, the default RELAY_SEND_WAIT_MS,
 #   contacts spread over 100 000, JOINCHAT_ORDER_GAP_SECS 0, caps lifted) for (a) one channel
 #   from the environment variables on /message, (b) the file, every request on channel c0001,
-#   (c) the file, request k on channel k mod 1000 (bench/channels.lua); RUNS (3) rounds, the
-#   order rotated each round, each run on a fresh store; medians.
+#   (c) the file, contact k's messages on channel k mod 1000 (bench/channels.lua); RUNS (3)
+#   rounds, the order rotated each round, each run on a fresh store; medians, and the ratios
+#   within each round. CONTACT_ORDER=scattered sends to contacts far apart in key order (as real
+#   contact ids arrive) instead of bench/message.lua's ascending walk, which lets one channel's
+#   contact-keyed indexes grow at one edge (bench/channels.lua says more).
 # - flood (issue item 4: "one channel flooded with 100 000 queued messages and its JoinChat down,
 #   another channel's messages still go out at once (p99 unchanged), both stores"). A file of two
 #   channels: `flooded`, whose JoinChat answers 503 to every send (FLOOD_DOWN=refused: nothing
@@ -34,7 +38,7 @@
 #   requests, CALM_DURATION (30) s: a modest steady rate. Both stores (STORES).
 #
 # The relay runs on CPU 0; wrk, the stand-ins, PostgreSQL (a durable throwaway cluster of
-# scripts/test-postgres on port 54349) and this script on CPU 1. Stores under HARNESS_TMP
+# scripts/test-postgres on PG_PORT, 54349) and this script on CPU 1. Stores under HARNESS_TMP
 # (default /var/tmp: a real disk, not tmpfs).
 #
 # A shared machine: bench/foreign_cpu.py samples, every second, the CPU time of processes that
@@ -43,7 +47,8 @@
 # under QUIET_PCT % of one CPU, no compiler or test runner); a run during which the foreign use
 # averaged QUIET_PCT or more, or a compiler or test runner ran, is run again (up to RERUNS times)
 # and the report says so.
-set -euo pipefail
+set -eEuo pipefail
+trap 'echo "bench/channels.sh: line $LINENO: a command failed (exit $?): stopping" >&2' ERR
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
@@ -55,7 +60,7 @@ FLOOD=${FLOOD:-100000}
 FLOOD_CONTACTS=${FLOOD_CONTACTS:-10000}
 FLOOD_ROUNDS=${FLOOD_ROUNDS:-2}
 FLOOD_DOWN=${FLOOD_DOWN:-503}
-FLOOD_RETRY=${FLOOD_RETRY:-$(printf '1s,%.0s' $(seq 999))1s}
+FLOOD_RETRY=${FLOOD_RETRY:-$(printf '1s,%.0s' $(seq 999))1s} # or `default`: the relay's own schedule
 SETTLE=${SETTLE:-5}
 CALM_CONNECTIONS=${CALM_CONNECTIONS:-4}
 CALM_DELAY_MS=${CALM_DELAY_MS:-10}
@@ -69,17 +74,26 @@ RERUNS=${RERUNS:-2}
 # Another build of the relay to measure with the same script (an earlier release, say).
 RELAY_BIN=${RELAY_BIN:-./target/release/bonychat-relay}
 
-STANDIN=127.0.0.1:18281 # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
-DOWN=127.0.0.1:18282    # flooded's JoinChat: bench_ceiling answering 503, or nothing
-RELAY=127.0.0.1:18283
-CALM_JC=127.0.0.1:18285 # bench_joinchat: calm's JoinChat (CPU 1)
-METRICS=127.0.0.1:19283
-PG_PORT=54349
+# Ports: PORT_BASE … PORT_BASE + 4, PORT_BASE + 1002 and PG_PORT. Two runs of this script at once
+# (two worktrees, say) need different ones; a port already taken stops the run at once.
+PORT_BASE=${PORT_BASE:-18281}
+STANDIN=127.0.0.1:$PORT_BASE            # bench_ceiling: instant JoinChat and BonyChat (CPU 1)
+DOWN=127.0.0.1:$((PORT_BASE + 1))       # flooded's JoinChat: bench_ceiling answering 503, or nothing
+RELAY=127.0.0.1:$((PORT_BASE + 2))
+CALM_JC=127.0.0.1:$((PORT_BASE + 4))    # bench_joinchat: calm's JoinChat (CPU 1)
+METRICS=127.0.0.1:$((PORT_BASE + 1002))
+PG_PORT=${PG_PORT:-54349}
 
 for tool in taskset wrk curl python3; do
   command -v $tool >/dev/null || { echo "$tool is missing (apt-get install wrk util-linux curl python3)" >&2; exit 1; }
 done
 [[ $(nproc --all) -ge 2 ]] || { echo "needs two CPUs (0 for the relay, 1 for the rest)" >&2; exit 1; }
+for addr in $STANDIN $DOWN $RELAY $CALM_JC $METRICS 127.0.0.1:$PG_PORT; do
+  if { : >&3; } 2>/dev/null 3<>"/dev/tcp/${addr%:*}/${addr#*:}"; then
+    echo "$addr is taken (another run of this script?): set PORT_BASE and PG_PORT to free ports" >&2
+    exit 1
+  fi
+done
 echo "building (release)…" >&2
 cargo build --release --locked --quiet --bin bonychat-relay --example bench_ceiling --example bench_joinchat
 taskset -cp 1 $$ >/dev/null
@@ -102,7 +116,7 @@ cleanup() {
   rm -rf "$data"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'echo "bench/channels.sh: stopped by a signal" >&2; exit 130' INT TERM HUP
 
 # shellcheck source=bench/common.sh
 . bench/common.sh
@@ -110,6 +124,7 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------------------------------------
 # The machine: what else runs.
 monitor=$data/foreign.log
+: >"$monitor"
 python3 bench/foreign_cpu.py 1 "$monitor" $$ "$data/pg/data/postmaster.pid" &
 pids+=($!)
 
@@ -258,6 +273,7 @@ app_table() {
 kb_of() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # PID VmRSS|VmHWM
 mb() { awk -v kb="$1" 'BEGIN {printf "%.1f MB", kb / 1024}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # PID: user + system time, in 1/100 s
+written_bytes() { awk '$1 == "write_bytes:" {print $2}' "/proc/$1/io"; } # PID: bytes it sent to the disk
 elapsed_ms() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN {printf "%.1f", (b - a) * 1000}'; }
 
 # start_relay STORE VAR=VALUE…: the relay on CPU 0 with these variables (besides common_env);
@@ -279,7 +295,7 @@ start_relay() {
       { printf 'GET /readyz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n' >&3; IFS= read -r -t 2 line <&3; } 2>/dev/null || true
       exec 3<&-
     fi
-    [[ $line == "HTTP/1.1 200"* ]] && break
+    [[ $line == "HTTP/1.1 200"* ]] && kill -0 "$RELAY_PID" 2>/dev/null && break
     if ! kill -0 "$RELAY_PID" 2>/dev/null; then
       echo "the relay stopped; its log:" >&2
       tail -20 "$logs/relay.log" >&2
@@ -296,21 +312,26 @@ start_relay() {
 stop_relay() { stop "$RELAY_PID"; }
 
 # load CONNECTIONS DURATION [VAR=VALUE…]: one wrk run of bench/channels.lua against the relay,
-# the variables for the script; sets RPS P50 P99 P999 MAX NON200 ACCEPTED and CPU_US (the relay's
-# CPU time per request answered) and CPU_PCT (the relay's CPU use over the run, % of one CPU).
+# the variables for the script; sets RPS P50 P99 P999 MAX NON200 ACCEPTED, CPU_US (the relay's
+# CPU time per request answered), CPU_PCT (the relay's CPU use over the run, % of one CPU) and
+# WRITE_KB (what the relay had written to the disk per request: write_bytes of /proc/<pid>/io).
 load() {
   local c=$1 seconds=$2; shift 2
   local threads=$((c < 2 ? 1 : 2)) out line ticks t0
+  local written
   ticks=$(cpu_ticks "$RELAY_PID")
+  written=$(written_bytes "$RELAY_PID")
   t0=$EPOCHREALTIME
   out=$(env -u CHANNELS -u CHANNEL -u CONTACTS -u CONTACT_OFFSET -u DELAY_MS "$@" wrk -t"$threads" -c"$c" -d"${seconds}s" --timeout 10s -s bench/channels.lua "http://$RELAY" 2>&1) || {
     echo "$out" >&2
     exit 1
   }
   ticks=$(($(cpu_ticks "$RELAY_PID") - ticks))
+  written=$(($(written_bytes "$RELAY_PID") - written))
   line=$(grep '^HARNESS ' <<<"$out") || { echo "$out" >&2; exit 1; }
   RPS=$(awk '{print int($3 * 1000000 / $5)}' <<<"$line")
   CPU_US=$(awk -v t="$ticks" '{printf "%.0f µs", t * 10000 / ($3 ? $3 : 1)}' <<<"$line")
+  WRITE_KB=$(awk -v w="$written" '{printf "%.2f kB", w / 1024 / ($3 ? $3 : 1)}' <<<"$line")
   CPU_PCT=$(awk -v t="$ticks" -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.0f %%", t / (b - a)}')
   P50=$(ms "$(stat_of "$line" p50_us)")
   P99=$(ms "$(stat_of "$line" p99_us)")
@@ -320,6 +341,23 @@ load() {
   NON200=$(($(stat_of "$line" non2xx) + $(stat_of "$line" socket_errors)))
   ACCEPTED=$(stat_of "$line" accepted)
   grep '^unexpected' <<<"$out" | head -3 >&2 || true
+}
+
+# metric NAME LABEL-MATCHES…: the sum of the samples of NAME whose labels contain every match
+metric() {
+  local name=$1; shift
+  curl -sf "http://$METRICS/metrics" | awk -v name="$name" -v matches="$*" '
+    index($0, name) == 1 && (substr($0, length(name) + 1, 1) == "{" || substr($0, length(name) + 1, 1) == " ") {
+      n = split(matches, m, " "); ok = 1
+      for (i = 1; i <= n; i++) if (index($0, m[i]) == 0) ok = 0
+      if (ok) s += $NF
+    }
+    END {printf "%.6f\n", s}'
+}
+fsync_ms() { # a 4 KiB write with oflag=dsync in the store's directory, mean of 100, in ms
+  dd if=/dev/zero of="$data/dd" bs=4k count=100 oflag=dsync 2>&1 |
+    awk '/copied/ {for (i = 1; i < NF; i++) if ($(i + 1) == "s,") printf "%.2f", $i * 1000 / 100}'
+  rm -f "$data/dd"
 }
 
 median() { sort -g | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]; else print "?"}'; }
@@ -405,20 +443,25 @@ say
 say "### Throughput of \`POST /message\`"
 say
 say "wrk \`-t2 -c$CONNECTIONS\` for $DURATION s (\`bench/channels.lua\`), the default \`RELAY_SEND_WAIT_MS=3000\` (answered once"
-say "JoinChat took the message), contacts spread over 100 000; each run on a fresh store. $RUNS rounds, the order of"
+say "JoinChat took the message), contacts spread over 100 000 in ${CONTACT_ORDER:-sequential} order (\`CONTACT_ORDER\`, see \`bench/channels.lua\`); each run on a fresh store. $RUNS rounds, the order of"
 say "the variants rotated each round. Relay CPU per request: its user and system time over the run ÷ requests answered."
+say "Delivered > 1 s after stored: from the relay's \`bonychat_relay_delivery_latency_seconds\` 2 s after the load, the"
+say "messages that were not sent while their request waited (the request answered 200 before JoinChat took them)."
+say "fsync: a 4 KiB write with \`oflag=dsync\` in the store's directory just before the run (mean of 100)."
+say "Disk writes per request: the relay's \`write_bytes\` (\`/proc/<pid>/io\`) over the run ÷ requests answered."
 say
-say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | relay CPU per request | relay CPU | foreign CPU | note |"
-say "|---|---|---|---|---|---|---|---|---|---|---|"
+say "| round | variant | requests/s | p50 | p99 | p99.9 | non-200 | delivered > 1 s after stored | relay CPU per request | relay CPU | disk writes per request | fsync | foreign CPU | note |"
+say "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 variants=(a b c)
 declare -A label_of=(
   [a]="(a) 1 channel, environment variables, \`/message\`"
   [b]="(b) $CHANNELS-channel file, all on \`c0001\`"
   [c]="(c) $CHANNELS-channel file, spread over all"
 )
-declare -A rps_runs p50_runs p99_runs cpu_runs
+declare -A rps_runs p50_runs p99_runs cpu_runs rps_round write_runs
 run_variant() { # a|b|c
   fresh_store sqlite
+  FSYNC=$(fsync_ms)
   case $1 in
     # shellcheck disable=SC2046
     a) start_relay sqlite $(single_env); load "$CONNECTIONS" "$DURATION" ;;
@@ -427,6 +470,11 @@ run_variant() { # a|b|c
     # shellcheck disable=SC2046
     c) start_relay sqlite $(file_env "$many"); load "$CONNECTIONS" "$DURATION" CHANNELS="$CHANNELS" ;;
   esac
+  sleep 2
+  local all in_1s
+  all=$(metric bonychat_relay_delivery_latency_seconds_count 'direction="outbound"')
+  in_1s=$(metric bonychat_relay_delivery_latency_seconds_bucket 'direction="outbound"' 'le="1"')
+  LATE=$(awk -v a="$all" -v b="$in_1s" 'BEGIN {printf "%d (%.1f %%)", a - b, (a > 0 ? (a - b) * 100 / a : 0)}')
   stop_relay
 }
 for round in $(seq "$RUNS"); do
@@ -434,18 +482,20 @@ for round in $(seq "$RUNS"); do
     v=${variants[$(((round - 1 + k) % 3))]}
     note "throughput round $round: ${label_of[$v]}"
     measured run_variant "$v"
-    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $CPU_US | $CPU_PCT | $FOREIGN | $NOTE |"
+    say "| $round | ${label_of[$v]} | $RPS | $P50 | $P99 | $P999 | $NON200 | $LATE | $CPU_US | $CPU_PCT | $WRITE_KB | $FSYNC ms | $FOREIGN | $NOTE |"
     rps_runs[$v]+="$RPS "
+    rps_round[$round.$v]=$RPS
     p50_runs[$v]+="${P50% ms} "
     p99_runs[$v]+="${P99% ms} "
     cpu_runs[$v]+="${CPU_US% µs} "
+    write_runs[$v]+="${WRITE_KB% kB} "
   done
 done
 say
 say "Medians of the $RUNS runs:"
 say
-say "| variant | requests/s | ratio to (a) | p50 | p99 | relay CPU per request | ratio to (a) |"
-say "|---|---|---|---|---|---|---|"
+say "| variant | requests/s | ratio to (a) | p50 | p99 | relay CPU per request | ratio to (a) | disk writes per request |"
+say "|---|---|---|---|---|---|---|---|"
 declare -A rps_median cpu_median
 for v in "${variants[@]}"; do
   rps_median[$v]=$(tr ' ' '\n' <<<"${rps_runs[$v]}" | grep . | median)
@@ -454,12 +504,20 @@ done
 for v in "${variants[@]}"; do
   say "| ${label_of[$v]} | ${rps_median[$v]} | $(awk -v x="${rps_median[$v]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}') | \
 $(tr ' ' '\n' <<<"${p50_runs[$v]}" | grep . | median) ms | $(tr ' ' '\n' <<<"${p99_runs[$v]}" | grep . | median) ms | \
-${cpu_median[$v]} µs | $(awk -v x="${cpu_median[$v]}" -v y="${cpu_median[a]}" 'BEGIN {printf "%.3f", x / y}') |"
+${cpu_median[$v]} µs | $(awk -v x="${cpu_median[$v]}" -v y="${cpu_median[a]}" 'BEGIN {printf "%.3f", x / y}') | \
+$(tr ' ' '\n' <<<"${write_runs[$v]}" | grep . | median) kB |"
 done
 say
 verdict() { if (($(awk "BEGIN {print ($1) ? 1 : 0}"))); then echo met; else echo "not met"; fi; }
 ratio_b=$(awk -v x="${rps_median[b]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}')
 ratio_c=$(awk -v x="${rps_median[c]}" -v y="${rps_median[a]}" 'BEGIN {printf "%.3f", x / y}')
+# The same ratios within each round (the runs of a round are minutes apart, the rounds further):
+# their median and range say how much of a difference the machine's drift leaves measurable.
+for v in b c; do
+  ratios=$(for round in $(seq "$RUNS"); do awk -v x="${rps_round[$round.$v]}" -v y="${rps_round[$round.a]}" 'BEGIN {printf "%.3f\n", x / y}'; done)
+  say "($v) ÷ (a) within each round: $(paste -sd' ' <<<"$ratios"); median $(median <<<"$ratios")."
+done
+say
 say "| issue 16, item 8 | measured | target | |"
 say "|---|---|---|---|"
 say "| start of the $CHANNELS-channel file to \`/readyz\` 200 (median; max) | $start_median ms; $start_max ms (1 channel: $start_env_median ms) | < 1 s | $(verdict "$start_max < 1000") |"
@@ -491,17 +549,6 @@ two=$data/channels-flood.toml
   channel_table calm 510249619100002 "http://$CALM_JC/api/send_message"
 } >"$two"
 
-# metric NAME LABEL-MATCHES…: the sum of the samples of NAME whose labels contain every match
-metric() {
-  local name=$1; shift
-  curl -sf "http://$METRICS/metrics" | awk -v name="$name" -v matches="$*" '
-    index($0, name) == 1 && (substr($0, length(name) + 1, 1) == "{" || substr($0, length(name) + 1, 1) == " ") {
-      n = split(matches, m, " "); ok = 1
-      for (i = 1; i <= n; i++) if (index($0, m[i]) == 0) ok = 0
-      if (ok) s += $NF
-    }
-    END {printf "%.6f\n", s}'
-}
 standin_count() { curl -sf "http://$CALM_JC/stats" | awk '{print $2}'; } # delivered so far
 
 # calm_run: measure calm on the running relay; sets the load's figures and DELIVERED (what
@@ -535,7 +582,7 @@ calm_run() {
 no_flood() {
   fresh_store "$1"
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY"
+  start_relay "$1" $(file_env "$two") $retry_var
   sleep "$SETTLE"
   QUEUED=$(sql "$1" "SELECT COUNT(*) FROM jobs WHERE state = 'queued'")
   calm_run
@@ -544,7 +591,7 @@ no_flood() {
 fill_flood() { # STORE: FLOOD messages for `flooded`, taken by a relay answering once stored
   fresh_store "$1"
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY" RELAY_SEND_WAIT_MS=0
+  start_relay "$1" $(file_env "$two") $retry_var RELAY_SEND_WAIT_MS=0
   local t0=$EPOCHREALTIME filler n
   env -u CHANNELS CHANNEL=flooded CONTACTS="$FLOOD_CONTACTS" CONTACT_OFFSET=500000 \
     wrk -t2 -c64 -d3600s --timeout 10s -s bench/channels.lua "http://$RELAY" >/dev/null 2>&1 &
@@ -562,7 +609,7 @@ fill_flood() { # STORE: FLOOD messages for `flooded`, taken by a relay answering
 }
 with_flood() {
   # shellcheck disable=SC2046
-  start_relay "$1" $(file_env "$two") RELAY_RETRY_JOINCHAT="$FLOOD_RETRY"
+  start_relay "$1" $(file_env "$two") $retry_var
   FLOOD_READY_MS=$READY_MS
   sleep "$SETTLE"
   calm_run
@@ -573,8 +620,15 @@ with_flood() {
 say "## Flood: one channel's JoinChat down with $FLOOD messages queued, another channel beside it"
 say
 say "Two channels in one file: \`flooded\` ($down_label) and \`calm\` (\`bench_joinchat\`: 200 at once, counts what"
-say "arrives, checks calm's signature). \`RELAY_RETRY_JOINCHAT\` = 1s repeated ($(tr ',' '\n' <<<"$FLOOD_RETRY" | sort | uniq -c | awk '{printf "%s × %s ", $1, $2}')): each"
-say "queued head of the flood is due again about a second after each attempt. Flood: $FLOOD messages for \`flooded\`"
+if [[ $FLOOD_RETRY == default ]]; then
+  retry_var=
+  schedule="the relay's default \`RELAY_RETRY_JOINCHAT\` (1s, 5s, 30s, 2m, …): the flood's heads come due less and less often"
+else
+  retry_var="RELAY_RETRY_JOINCHAT=$FLOOD_RETRY"
+  schedule="\`RELAY_RETRY_JOINCHAT\` = $(tr ',' '\n' <<<"$FLOOD_RETRY" | sort | uniq -c | awk '{printf "%s%s × %s", (NR > 1 ? ", " : ""), $1, $2}'): each queued head of the flood is due again about a second after each attempt"
+fi
+say "arrives, checks calm's signature); $schedule."
+say "Flood: $FLOOD messages for \`flooded\`"
 say "over $FLOOD_CONTACTS contacts, sent through \`/message\` to a relay answering once stored (\`RELAY_SEND_WAIT_MS=0\`,"
 say "its retries already running); then the relay restarted with the default wait and left $SETTLE s to its retries."
 say "No flood: the same relay on a fresh store. Calm: \`bench/channels.lua\` with $CALM_CONNECTIONS connections, each pausing"
