@@ -18,7 +18,7 @@ use crate::store::IntakeCaps;
 
 pub use crate::domain::joinchat::RecipientField;
 pub use channels::{
-    AppConfig, CHANNELS_FILE_VAR, ChannelConfig, Channels, ChannelsSource, DEFAULT_APP, QueueCaps, valid_name,
+    AppConfig, CHANNELS_FILE_VAR, ChannelConfig, Channels, ChannelsSource, DEFAULT_APP, QueueCaps, SINGLE_CHANNEL_VARS,
 };
 pub use env::{ConfigError, Env, parse_duration, parse_duration_list};
 pub use secret::Secret;
@@ -192,26 +192,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Every variable the relay reads, for the unknown-variable warning.
+/// Every variable the relay reads besides [`SINGLE_CHANNEL_VARS`], for the unknown-variable warning.
 const KNOWN_VARS: &[&str] = &[
     "RELAY_ADDR",
-    "BONYCHAT_CHANNEL_ID",
-    "BONYCHAT_API_TOKEN",
-    "BONYCHAT_WEBHOOK_URL",
     "BONYCHAT_TIMEOUT_MS",
-    "JOINCHAT_API_URL",
-    "JOINCHAT_PAGE_ID",
-    "JOINCHAT_API_SECRET",
-    "JOINCHAT_RECIPIENT_FIELD",
-    "JOINCHAT_MESSAGE_TAG",
-    "JOINCHAT_ORDER_GAP_SECS",
-    "JOINCHAT_MAX_SENDS_PER_SEC",
     "RELAY_CHANNELS_FILE",
     "JOINCHAT_CONNECT_TIMEOUT_MS",
     "JOINCHAT_TIMEOUT_MS",
-    "MESSENGER_APP_SECRET",
-    "MESSENGER_VERIFY_TOKEN",
-    "MESSENGER_PAGE_ACCESS_TOKEN",
     "MESSENGER_GRAPH_URL",
     "MESSENGER_GRAPH_TIMEOUT_MS",
     "RELAY_DATABASE_URL",
@@ -598,7 +585,7 @@ fn unknown_variable_warnings(env: &Env) -> Vec<String> {
     let mut unknown: Vec<&str> = env
         .names()
         .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
-        .filter(|name| !KNOWN_VARS.contains(name))
+        .filter(|name| !KNOWN_VARS.contains(name) && !SINGLE_CHANNEL_VARS.contains(name))
         .filter(|name| !name.strip_suffix("_FILE").is_some_and(|base| SECRET_VARS.contains(&base)))
         .collect();
     unknown.sort_unstable();

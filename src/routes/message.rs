@@ -14,7 +14,6 @@ use serde::Serialize;
 
 use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
-use crate::config::valid_name;
 use crate::delivery::{FirstAttempt, new_outbound_job};
 use crate::domain::outbound::OutboundRequest;
 use crate::domain::text::truncate;
@@ -95,7 +94,7 @@ async fn post_message(
 
 /// A name from the path as an error may quote it: short, and only when it could be a name.
 pub fn shown_name(raw: &str) -> String {
-    if valid_name(raw) { raw.to_owned() } else { format!("{:?}", truncate(raw, 40)) }
+    if crate::store::is_channel_name(raw) { raw.to_owned() } else { format!("{:?}", truncate(raw, 40)) }
 }
 
 /// How much of a refused `Content-Type` the answer quotes back: enough to recognise it.

@@ -19,6 +19,8 @@ const VERIFY_TOKEN: &str = "acme-verify-token";
 /// One channel of the test deployment and its upstreams.
 struct TestChannel {
     name: String,
+    /// Extra lines of its table (optional keys).
+    extra: String,
     channel_id: String,
     token: String,
     page_id: String,
@@ -31,6 +33,7 @@ impl TestChannel {
         let token = format!("{name}-bonychat-token");
         Self {
             name: name.to_owned(),
+            extra: String::new(),
             channel_id: format!("{name}-channel-id"),
             joinchat: StandIn::joinchat(&format!("{name}-joinchat-secret")).await,
             bonychat: StandIn::bonychat(&token).await,
@@ -49,7 +52,7 @@ impl TestChannel {
             "[channels.{name}]\nbonychat_channel_id = \"{id}\"\nbonychat_api_token_file = \"{token}\"\n\
              bonychat_webhook_url = \"{webhook}\"\njoinchat_page_id = \"{page}\"\n\
              joinchat_api_secret_file = \"{secret}\"\njoinchat_api_url = \"{joinchat}\"\nmessenger_app = \"{app}\"\n\
-             joinchat_order_gap_secs = 0\n\n",
+             joinchat_order_gap_secs = 0\n{extra}\n",
             name = self.name,
             id = self.channel_id,
             token = token_file.display(),
@@ -57,6 +60,7 @@ impl TestChannel {
             page = self.page_id,
             secret = secret_file.display(),
             joinchat = self.joinchat.url,
+            extra = self.extra,
         )
     }
 }
@@ -473,5 +477,31 @@ async fn a_channel_whose_joinchat_keeps_failing_rests_instead_of_hammering_it() 
         "retries unspent: {:?}",
         queued.iter().map(|j| j.attempts).collect::<Vec<_>>()
     );
+    relay.stop().await;
+}
+
+/// SPEC §5: each channel has its own intake cap; a full channel gets 503 `queue_full`, the others
+/// go on.
+#[tokio::test]
+async fn a_channel_past_its_own_cap_is_refused_while_another_is_served() {
+    let mut full = TestChannel::new("full", "104857600123456").await;
+    full.extra = "max_queued = 3\n".into();
+    full.joinchat.fail_randomly(100);
+    let open = TestChannel::new("open", "204857600123456").await;
+    let relay = Deployment::start(&[&full, &open], &[("RELAY_SEND_WAIT_MS", "0")]).await;
+
+    let mut statuses = Vec::new();
+    for n in 0..4 {
+        statuses.push(relay.send(&full, &format!("c{n}"), "x").await);
+    }
+    let (open_status, _) = relay.send(&open, "c0", "still served").await;
+
+    assert_eq!(statuses[..3].iter().map(|(s, _)| *s).collect::<Vec<_>>(), [StatusCode::OK; 3]);
+    let (status, body) = &statuses[3];
+    assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert!(body["error"]["message"].as_str().unwrap().contains("full"), "{body}");
+    assert_eq!(open_status, StatusCode::OK);
+    assert_eq!(open.joinchat.wait_for(1).await.len(), 1);
     relay.stop().await;
 }
