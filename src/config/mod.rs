@@ -1074,10 +1074,10 @@ mod tests {
         let value = |name: &str| effective.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
 
         let listed: Vec<&str> = effective.iter().map(|(name, _)| name.as_str()).collect();
-        for known in KNOWN_VARS {
+        for known in KNOWN_VARS.iter().chain(SINGLE_CHANNEL_VARS) {
             assert!(listed.contains(known), "{known} missing from {listed:?}");
         }
-        assert_eq!(listed.len(), KNOWN_VARS.len());
+        assert_eq!(listed.len(), KNOWN_VARS.len() + SINGLE_CHANNEL_VARS.len());
         let text = format!("{effective:?}");
         for secret in
             ["bony-token", "join-secret", "app-secret", "verify-token", "page-token", "admin-token", "hook-pass"]
