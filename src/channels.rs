@@ -17,6 +17,7 @@ use crate::clients::graph::GraphProfiles;
 use crate::clients::http;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::{ChannelConfig, Channels, Secret, UpstreamConfig};
+use crate::delivery::rate::SendRates;
 use crate::delivery::{InboundPoster, OutboundSender, Profiles};
 use crate::signing::HubSignature;
 use crate::store::Store;
@@ -117,12 +118,19 @@ pub struct Live {
     current: RwLock<Arc<Directory>>,
     clients: Clients,
     store: Arc<dyn Store>,
+    /// Every channel's send rate: kept across reloads (a reload must not reset a throttle).
+    rates: Arc<SendRates>,
 }
 
 impl Live {
     pub fn new(channels: &Channels, admin_token: Option<&Secret>, clients: Clients, store: Arc<dyn Store>) -> Self {
-        let directory = build(channels, admin_token, &clients, &store);
-        Self { current: RwLock::new(Arc::new(directory)), clients, store }
+        let rates = Arc::new(SendRates::new(Arc::clone(&store)));
+        let directory = build(channels, admin_token, &clients, &store, &rates);
+        Self { current: RwLock::new(Arc::new(directory)), clients, store, rates }
+    }
+
+    pub fn rates(&self) -> &SendRates {
+        &self.rates
     }
 
     /// The directory in effect now; kept by the caller for the whole of its work.
@@ -132,7 +140,7 @@ impl Live {
 
     /// Puts `channels` in effect for everything that starts from now on.
     pub fn replace(&self, channels: &Channels, admin_token: Option<&Secret>) -> Changes {
-        let next = Arc::new(build(channels, admin_token, &self.clients, &self.store));
+        let next = Arc::new(build(channels, admin_token, &self.clients, &self.store, &self.rates));
         let previous = std::mem::replace(&mut *self.current.write().expect("directory lock"), Arc::clone(&next));
         let mut changes = Changes::default();
         for name in next.names.iter() {
@@ -147,7 +155,13 @@ impl Live {
     }
 }
 
-fn build(channels: &Channels, admin_token: Option<&Secret>, clients: &Clients, store: &Arc<dyn Store>) -> Directory {
+fn build(
+    channels: &Channels,
+    admin_token: Option<&Secret>,
+    clients: &Clients,
+    store: &Arc<dyn Store>,
+    rates: &Arc<SendRates>,
+) -> Directory {
     let built: HashMap<String, Arc<Channel>> = channels
         .channels
         .iter()
@@ -162,6 +176,7 @@ fn build(channels: &Channels, admin_token: Option<&Secret>, clients: &Clients, s
                 outbound: OutboundSender::new(
                     Arc::new(HttpJoinChat::new(clients.joinchat.clone(), &config.joinchat)),
                     Arc::clone(store),
+                    Arc::clone(rates),
                     &config.joinchat,
                 ),
                 inbound: InboundPoster::new(

@@ -45,6 +45,8 @@ const QUEUE_JOBS: &str = "bonychat_relay_queue_jobs";
 const DROPPED: &str = "bonychat_relay_inbound_events_dropped_total";
 const RECEIPTS_POSTED: &str = "bonychat_relay_receipts_posted_total";
 const CONFIG_RELOADS: &str = "bonychat_relay_config_reloads_total";
+const SEND_RATE: &str = "bonychat_relay_joinchat_send_rate";
+const THROTTLES: &str = "bonychat_relay_joinchat_throttles_total";
 const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
 const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
 const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
@@ -109,7 +111,19 @@ fn builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildErro
 fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests on the public port, by route template, method and status.");
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time to answer a request on the public port.");
-    describe_counter!(ATTEMPTS, "Delivery attempts by direction and outcome (sent, retry, rejected, dead, paced).");
+    describe_counter!(
+        ATTEMPTS,
+        "Delivery attempts by direction and outcome (sent, retry, rejected, dead; paced, held and throttled are \
+         not attempts: the job waits, its retries untouched)."
+    );
+    describe_gauge!(
+        SEND_RATE,
+        "The JoinChat sends a second each channel may make now: its configured rate, or less after Meta throttled it."
+    );
+    describe_counter!(
+        THROTTLES,
+        "JoinChat answers that said Meta throttled the channel's Page (429 or a rate-limit code)."
+    );
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
     describe_gauge!(
         QUEUE_JOBS,
@@ -279,6 +293,11 @@ pub enum Outcome {
     Dead,
     /// Deferred by pacing; not an attempt.
     Paced,
+    /// Held back by the channel's send rate; not an attempt.
+    Held,
+    /// Sent, and answered with a throttle: the job waits for the channel's pause; not counted
+    /// against its retries.
+    Throttled,
 }
 
 impl Outcome {
@@ -289,6 +308,8 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::Dead => "dead",
             Self::Paced => "paced",
+            Self::Held => "held",
+            Self::Throttled => "throttled",
         }
     }
 }
@@ -321,6 +342,14 @@ pub fn unknown_page_dropped(app: &str, entries: usize) {
 }
 
 /// A `SIGHUP` reload: `applied` or `refused`.
+pub fn send_rate(channel: &str, rate: f64) {
+    gauge!(SEND_RATE, "channel" => channel.to_owned()).set(rate);
+}
+
+pub fn send_throttled(channel: &str) {
+    counter!(THROTTLES, "channel" => channel.to_owned()).increment(1);
+}
+
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
 }

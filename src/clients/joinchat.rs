@@ -59,20 +59,59 @@ impl JoinChatApi for HttpJoinChat {
     }
 }
 
-/// SPEC §3.5: a 2xx is sent unless its body says `"success": false`.
+/// Meta's rate-limit error codes (SPEC §5): 4 (app), 17 (user), 32 (Page), 613 ("Calls to this
+/// api have exceeded the rate limit"), and the Business Use Case codes 80000–80014.
+fn is_rate_limit_code(code: i64) -> bool {
+    matches!(code, 4 | 17 | 32 | 613 | 80_000..=80_014)
+}
+
+/// The rate-limit code of an error answer, in JoinChat's documented shape
+/// (`{"success": false, "errors": {"code": …, "msg": …}}`, or `error` as one sample spells it)
+/// or Meta's own (`{"error": {"code": …, "error_subcode": …}}`) passed through; a code may be
+/// written as a number or a string.
+fn rate_limit_code(answer: &[u8]) -> Option<i64> {
+    let value = serde_json::from_slice::<Value>(answer).ok()?;
+    let code_of = |value: &Value| match value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    };
+    let errors = ["errors", "error"].into_iter().filter_map(|key| value.get(key));
+    let candidates = errors
+        .flat_map(|error| {
+            let first = error.as_array().and_then(|items| items.first()).unwrap_or(error);
+            [first.get("code"), first.get("error_subcode")]
+        })
+        .chain([value.get("code")])
+        .flatten();
+    candidates.filter_map(code_of).find(|code| is_rate_limit_code(*code))
+}
+
+/// SPEC §3.5: a 2xx is sent unless its body says `"success": false`; a 429, or an error body
+/// naming one of Meta's rate-limit codes whatever the status, is a throttle (SPEC §5).
 pub fn classify(status: StatusCode, retry_after: Option<std::time::Duration>, answer: &[u8]) -> Result<(), SendError> {
+    let code = if status.is_success() && !says_success_false(answer) { None } else { rate_limit_code(answer) };
+    if status == StatusCode::TOO_MANY_REQUESTS || code.is_some() {
+        let said = http::reason_from(answer).map(|reason| format!(": {reason}")).unwrap_or_default();
+        return Err(SendError::Throttled {
+            reason: format!("JoinChat throttled the Page ({status}{said})"),
+            retry_after,
+        });
+    }
     if !status.is_success() {
         return Err(http::classify_failure(UPSTREAM, status, retry_after, answer));
     }
-    let refused = serde_json::from_slice::<Value>(answer).ok().and_then(|v| v.get("success").cloned())
-        == Some(Value::Bool(false));
-    if refused {
+    if says_success_false(answer) {
         return Err(SendError::Permanent {
             reason: http::reason_from(answer)
                 .unwrap_or_else(|| format!("JoinChat answered {status} with success: false")),
         });
     }
     Ok(())
+}
+
+fn says_success_false(answer: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(answer).ok().and_then(|v| v.get("success").cloned()) == Some(Value::Bool(false))
 }
 
 #[cfg(test)]
@@ -104,6 +143,58 @@ mod tests {
             classify(StatusCode::OK, None, br#"{"success": false}"#),
             permanent("JoinChat answered 200 OK with success: false")
         );
+    }
+
+    fn throttled(result: Result<(), SendError>) -> Option<Option<std::time::Duration>> {
+        match result {
+            Err(SendError::Throttled { retry_after, .. }) => Some(retry_after),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_429_or_a_meta_rate_limit_code_is_a_throttle() {
+        let after = Some(std::time::Duration::from_secs(2));
+        assert_eq!(throttled(classify(StatusCode::TOO_MANY_REQUESTS, after, b"")), Some(after));
+        for body in [
+            r#"{"success": false, "errors": {"code": 613, "msg": "Calls to this api have exceeded the rate limit."}}"#,
+            r#"{"success": false, "error": {"code": "32", "msg": "Page request limit reached"}}"#,
+            r#"{"error": {"message": "(#4) Application request limit reached", "type": "OAuthException", "code": 4}}"#,
+            r#"{"error": {"message": "User request limit reached", "code": 17, "fbtrace_id": "A"}}"#,
+            r#"{"error": {"message": "limit", "code": 80006}}"#,
+            r#"{"errors": [{"code": 613, "msg": "rate"}]}"#,
+        ] {
+            for status in [StatusCode::OK, StatusCode::BAD_REQUEST, StatusCode::FORBIDDEN, StatusCode::BAD_GATEWAY] {
+                if status.is_success() && !body.contains("success") {
+                    continue;
+                }
+                assert_eq!(throttled(classify(status, None, body.as_bytes())), Some(None), "{status} {body}");
+            }
+        }
+        let reason =
+            match classify(StatusCode::OK, None, br#"{"success":false,"errors":{"code":613,"msg":"slow down"}}"#) {
+                Err(SendError::Throttled { reason, .. }) => reason,
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(reason, "JoinChat throttled the Page (200 OK: slow down (code 613))");
+    }
+
+    #[test]
+    fn other_codes_and_successes_are_not_throttles() {
+        assert_eq!(classify(StatusCode::OK, None, br#"{"success":true,"code":613}"#), Ok(()));
+        assert_eq!(
+            classify(
+                StatusCode::OK,
+                None,
+                br#"{"success": false, "errors": {"code": 10010, "msg": "Recipient not found"}}"#
+            ),
+            permanent("Recipient not found (code 10010)")
+        );
+        assert!(matches!(
+            classify(StatusCode::BAD_REQUEST, None, br#"{"error": {"code": 100, "message": "Invalid parameter"}}"#),
+            Err(SendError::Permanent { .. })
+        ));
+        assert!(matches!(classify(StatusCode::SERVICE_UNAVAILABLE, None, b""), Err(SendError::Transient { .. })));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Upstream clients, each behind a trait so that delivery code never builds HTTP requests.
 //!
-//! Implementations classify every failure as [`SendError::Transient`] (worth retrying) or
-//! [`SendError::Permanent`] (retrying would give the same answer).
+//! Implementations classify every failure as [`SendError::Transient`] (worth retrying),
+//! [`SendError::Permanent`] (retrying would give the same answer) or, for JoinChat only,
+//! [`SendError::Throttled`] (Meta asks the Page to slow down).
 
 pub mod bonychat;
 pub mod graph;
@@ -29,6 +30,10 @@ pub enum SendError {
         /// The upstream's `Retry-After`, when it gave one.
         retry_after: Option<Duration>,
     },
+    /// JoinChat answered 429, or passed on one of Meta's rate-limit codes: the channel sends
+    /// too fast. Not the message's fault, so it costs the message none of its retries.
+    #[error("{reason}")]
+    Throttled { reason: String, retry_after: Option<Duration> },
 }
 
 /// JoinChat's Send API.

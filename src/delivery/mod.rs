@@ -6,6 +6,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod pacing;
 pub mod profiles;
+pub mod rate;
 pub mod retry;
 pub mod worker;
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::pacing;
+use super::rate::{SendRates, Turn};
 use crate::clients::{JoinChatApi, SendError};
 use crate::config::JoinChatConfig;
 use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, translate};
@@ -69,19 +70,45 @@ pub enum AttemptEnd {
     /// The attempt was no longer sure to hold the job when the next part was due to leave: it
     /// stopped before sending it.
     ClaimUnsure,
+    /// The channel's send rate holds the next part back until `until` (ms): not an attempt.
+    Held {
+        until: i64,
+    },
+    /// JoinChat throttled the channel on the next part: the channel pauses until `until` (ms)
+    /// at a lower rate, and the job waits for it without counting an attempt.
+    Throttled {
+        until: i64,
+        reason: String,
+    },
 }
 
 pub struct OutboundSender {
     api: Arc<dyn JoinChatApi>,
     store: Arc<dyn Store>,
+    /// Every channel's send rate; outlives a reload, like the rates themselves.
+    rates: Arc<SendRates>,
     page_id: String,
     tag: Option<String>,
     gap: Duration,
+    max_sends_per_sec: u32,
 }
 
 impl OutboundSender {
-    pub fn new(api: Arc<dyn JoinChatApi>, store: Arc<dyn Store>, config: &JoinChatConfig) -> Self {
-        Self { api, store, page_id: config.page_id.clone(), tag: config.message_tag.clone(), gap: config.order_gap }
+    pub fn new(
+        api: Arc<dyn JoinChatApi>,
+        store: Arc<dyn Store>,
+        rates: Arc<SendRates>,
+        config: &JoinChatConfig,
+    ) -> Self {
+        Self {
+            api,
+            store,
+            rates,
+            page_id: config.page_id.clone(),
+            tag: config.message_tag.clone(),
+            gap: config.order_gap,
+            max_sends_per_sec: config.max_sends_per_sec,
+        }
     }
 
     /// Sends `job`'s `parts` to `recipient`, from the first one JoinChat has not accepted yet,
@@ -106,6 +133,13 @@ impl OutboundSender {
 
         let mut last_sent_at = self.store.now();
         for (index, message) in parts.iter().enumerate().skip(first_part) {
+            match self.rates.take(&job.channel, self.max_sends_per_sec).await {
+                Ok(Turn::Go) => {}
+                Ok(Turn::HeldUntil(until)) => {
+                    return AttemptOutcome { parts_sent: index, end: AttemptEnd::Held { until } };
+                }
+                Err(e) => return stopped(index, store_failed(e)),
+            }
             let planned_at = self.store.now();
             let slot = pacing::plan(self.gap, last_effective_at, planned_at);
             if !slot.wait.is_zero() {
@@ -132,8 +166,17 @@ impl OutboundSender {
 
             let request =
                 SendRequest { page_id: &self.page_id, recipient, message, tag: self.tag.as_deref(), delay: slot.delay };
-            if let Err(error) = self.api.send(&request).await {
-                return stopped(index, error);
+            match self.api.send(&request).await {
+                Ok(()) => {}
+                Err(SendError::Throttled { reason, retry_after }) => {
+                    let until = match self.rates.throttled(&job.channel, self.max_sends_per_sec, retry_after).await {
+                        Ok(until) => until,
+                        // The pause is not shared this time; this job still waits its share.
+                        Err(_) => self.store.now() + crate::store::send_rate::DEFAULT_PAUSE_MS,
+                    };
+                    return AttemptOutcome { parts_sent: index, end: AttemptEnd::Throttled { until, reason } };
+                }
+                Err(error) => return stopped(index, error),
             }
             tracing::debug!(
                 job = lease.id,

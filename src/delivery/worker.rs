@@ -201,13 +201,17 @@ impl Worker {
             }
             let directory = self.channels.current();
             let share = share_of(directory.len());
-            let resting = self.breakers.resting_channels(direction, Instant::now());
+            let now = self.store.now();
+            let mut resting = self.breakers.resting_channels(direction, Instant::now());
+            if direction == Direction::Outbound {
+                // Channels that cannot send what their waiting attempts already want.
+                resting.extend(self.channels.rates().busy_channels(now));
+            }
             let Some((channels, per_channel)) = self.shares.eligible(directory.names(), direction, share, &resting)
             else {
                 self.wait_for_slots();
                 return Ok(());
             };
-            let now = self.store.now();
             let lease_until = now.saturating_add(millis(self.lease));
             let claim = Claim {
                 owner: self.owner.clone(),
@@ -456,21 +460,28 @@ impl Worker {
                 return;
             }
             AttemptEnd::Paced { until } => {
-                // Not an attempt: the job comes back when pacing allows, its slot free meanwhile,
-                // and a waiting `/message` request is still answered by the attempt that sends.
                 tracing::debug!(job = job.id, contact = %job.contact, wait_ms = until - self.store.now(), "paced");
-                crate::monitoring::attempt(
-                    &job.channel,
-                    job.direction,
-                    Outcome::Paced,
-                    job.created_at,
-                    self.store.now(),
+                self.defer(job, progress, until, Outcome::Paced, answer).await;
+                return;
+            }
+            AttemptEnd::Held { until } => {
+                tracing::debug!(
+                    job = job.id,
+                    wait_ms = until - self.store.now(),
+                    "held back by the channel's send rate"
                 );
-                if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
-                    && let Some(answer) = answer
-                {
-                    let _ = answer.send(FirstAttempt::Paced { until });
-                }
+                self.defer(job, progress, until, Outcome::Held, answer).await;
+                return;
+            }
+            AttemptEnd::Throttled { until, reason } => {
+                tracing::warn!(
+                    channel = %job.channel,
+                    job = job.id,
+                    pause_ms = until - self.store.now(),
+                    reason,
+                    "JoinChat throttled the channel: its send rate halves, and it pauses (the job waits, its retries untouched)"
+                );
+                self.defer(job, progress, until, Outcome::Throttled, answer).await;
                 return;
             }
             AttemptEnd::Sent { last_sent_at } => Ok(last_sent_at),
@@ -495,7 +506,8 @@ impl Worker {
                 Outcome::Rejected,
                 Some(reason),
             ),
-            Err(SendError::Transient { reason, retry_after }) => {
+            // The sender turns throttles into a pause; one that got here is a failure like another.
+            Err(SendError::Transient { reason, retry_after } | SendError::Throttled { reason, retry_after }) => {
                 let (finish, label) = after_failure(
                     &self.retries.joinchat,
                     self.store.now(),
@@ -523,6 +535,25 @@ impl Worker {
             if let Err(e) = self.store.queue_failed_receipt(&job.channel, &job.contact, &job.m_id, &reason, now).await {
                 tracing::error!(job = job.id, error = %e, "cannot queue a failed receipt");
             }
+        }
+    }
+
+    /// Puts a job back, due at `until`, without counting an attempt (pacing, the send rate, a
+    /// throttle): its slot is free meanwhile, and a waiting `/message` request is still answered
+    /// by the attempt that sends, if that comes within its wait.
+    async fn defer(
+        &self,
+        job: &Job,
+        progress: u32,
+        until: i64,
+        outcome: Outcome,
+        answer: Option<oneshot::Sender<FirstAttempt>>,
+    ) {
+        crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, self.store.now());
+        if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
+            && let Some(answer) = answer
+        {
+            let _ = answer.send(FirstAttempt::Paced { until });
         }
     }
 
@@ -556,7 +587,7 @@ impl Worker {
                 Outcome::Rejected,
                 Some(reason),
             ),
-            Err(SendError::Transient { reason, retry_after }) => {
+            Err(SendError::Transient { reason, retry_after } | SendError::Throttled { reason, retry_after }) => {
                 let (finish, label) =
                     after_failure(&self.retries.bonychat, self.store.now(), attempt, 0, &reason, retry_after, false);
                 (finish, label, Some(reason))

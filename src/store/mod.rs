@@ -16,6 +16,7 @@
 mod payload;
 pub mod postgres;
 mod rules;
+pub mod send_rate;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::domain::bonychat::{StatusValue, WebhookEvent};
 use crate::domain::joinchat::{Message, Recipient};
 
 pub use payload::{decode_payload, encode_payload};
+pub use send_rate::{Grant, RateOp};
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -519,6 +521,10 @@ pub trait Store: Send + Sync {
     /// (channel, direction) with queued or dead jobs, and both directions of
     /// [`DEFAULT_CHANNEL`] always. Read at scrape time, so it must stay cheap at the intake caps.
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>>;
+
+    /// Applies `op` to `channel`'s JoinChat send-rate bucket (SPEC §5), configured at
+    /// `max_per_sec`: shared by every relay that uses the store, on the store's clock.
+    fn send_rate(&self, channel: &str, op: RateOp, max_per_sec: u32) -> BoxFuture<'_, StoreResult<Grant>>;
 }
 
 /// What [`Store::claim`] takes.

@@ -29,6 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, PgPool, Postgres, Row, Transaction};
 
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
+use super::send_rate::{Bucket, Grant, RateOp};
 use super::{
     BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
     IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
@@ -42,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_init.sql"),
     include_str!("../../migrations/postgres/0002_watermarks_and_depth.sql"),
     include_str!("../../migrations/postgres/0003_channels.sql"),
+    include_str!("../../migrations/postgres/0004_send_rates.sql"),
 ];
 /// Held while migrating, so that replicas starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
@@ -1122,6 +1124,53 @@ impl Store for Shared {
         }))
     }
 
+    /// Applies `op` to the channel's bucket row, locked for this transaction only, on the
+    /// database's clock: every replica's sends come out of the one bucket.
+    fn send_rate(&self, channel: &str, op: RateOp, max_per_sec: u32) -> BoxFuture<'_, StoreResult<Grant>> {
+        let channel = channel.to_owned();
+        Box::pin(self.bounded(async move {
+            let fresh = Bucket::new(max_per_sec, self.now());
+            let mut tx = self.pool.begin().await?;
+            // Creates the row on first use; either way locks it and reads it.
+            type Row = (f64, i64, f64, i64, i64, i64, f64, i64);
+            let (rate, rate_at, tokens, tokens_at, paused_until, halved_at, ceiling, now): Row = sqlx::query_as(
+                "INSERT INTO send_rates (channel, rate, rate_at, tokens, tokens_at, paused_until, halved_at, ceiling) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (channel) DO UPDATE SET channel = send_rates.channel \
+                 RETURNING rate, rate_at, tokens, tokens_at, paused_until, halved_at, ceiling, \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+            )
+            .bind(&channel)
+            .bind(fresh.rate)
+            .bind(fresh.rate_at)
+            .bind(fresh.tokens)
+            .bind(fresh.tokens_at)
+            .bind(fresh.paused_until)
+            .bind(fresh.halved_at)
+            .bind(fresh.ceiling)
+            .fetch_one(&mut *tx)
+            .await?;
+            let mut bucket = Bucket { rate, rate_at, tokens, tokens_at, paused_until, halved_at, ceiling };
+            let grant = bucket.apply(op, max_per_sec, now);
+            sqlx::query(
+                "UPDATE send_rates SET rate = $2, rate_at = $3, tokens = $4, tokens_at = $5, paused_until = $6, \
+                 halved_at = $7, ceiling = $8 WHERE channel = $1",
+            )
+            .bind(&channel)
+            .bind(bucket.rate)
+            .bind(bucket.rate_at)
+            .bind(bucket.tokens)
+            .bind(bucket.tokens_at)
+            .bind(bucket.paused_until)
+            .bind(bucket.halved_at)
+            .bind(bucket.ceiling)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(grant)
+        }))
+    }
+
     fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
         let (channel, contact) = (channel.to_owned(), contact.to_owned());
         Box::pin(self.bounded(async move {
@@ -1421,5 +1470,10 @@ impl Store for PostgresStore {
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>> {
         let shared = self.shared.clone();
         detached(async move { shared.queue_counts(now).await })
+    }
+
+    fn send_rate(&self, channel: &str, op: RateOp, max_per_sec: u32) -> BoxFuture<'_, StoreResult<Grant>> {
+        let (shared, channel) = (self.shared.clone(), channel.to_owned());
+        detached(async move { shared.send_rate(&channel, op, max_per_sec).await })
     }
 }

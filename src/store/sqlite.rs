@@ -33,6 +33,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavio
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::rules::{self, Inserted, NewRow, PreparedBatch, Settle, Settled, Tx, status_name};
+use super::send_rate::{Grant, RateOp};
 use super::{
     BeforeSend, Changes, Claim, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
     JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Rotation, Store,
@@ -127,6 +128,8 @@ pub struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     changes: Arc<Changes>,
     rotation: Rotation,
+    /// Send rates, in memory: no other process sends for this file's channels.
+    send_rates: super::send_rate::MemoryBuckets,
     /// Held for the store's lifetime: the lock that keeps a second relay off this file.
     _lock: Option<File>,
 }
@@ -196,6 +199,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             changes: Arc::new(Changes::default()),
             rotation: Rotation::default(),
+            send_rates: Default::default(),
             _lock: lock,
         })
     }
@@ -1498,6 +1502,11 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(super::assemble_counts(queued, dead))
         })
+    }
+
+    fn send_rate(&self, channel: &str, op: RateOp, max_per_sec: u32) -> BoxFuture<'_, StoreResult<Grant>> {
+        let grant = self.send_rates.apply(channel, op, max_per_sec, now_millis());
+        Box::pin(std::future::ready(Ok(grant)))
     }
 }
 

@@ -25,6 +25,7 @@ mod replica_clocks;
 mod replicas;
 mod sandbox;
 mod sandbox_channels;
+mod send_rate;
 mod serving;
 mod store_contract;
 mod store_faults;
