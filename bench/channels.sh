@@ -242,7 +242,7 @@ single_env() { # the channel `default` from the variables of SPEC §1, as bench/
   echo BONYCHAT_CHANNEL_ID=bench-channel BONYCHAT_API_TOKEN=bench-token BONYCHAT_WEBHOOK_URL=http://$STANDIN/message \
     JOINCHAT_API_URL=http://$STANDIN/api/send_message JOINCHAT_PAGE_ID=510249619162304 \
     JOINCHAT_API_SECRET=bench-secret MESSENGER_APP_SECRET=bench-app-secret MESSENGER_VERIFY_TOKEN=bench \
-    JOINCHAT_ORDER_GAP_SECS=0
+    JOINCHAT_ORDER_GAP_SECS=0 JOINCHAT_MAX_SENDS_PER_SEC=100000
 }
 file_env() { # FILE
   echo RELAY_CHANNELS_FILE="$1" BENCH_APP_SECRET=bench-app-secret BENCH_VERIFY_TOKEN=bench
@@ -263,6 +263,7 @@ joinchat_page_id = "$2"
 joinchat_api_secret_file = "$data/secrets/$1-joinchat"
 joinchat_api_url = "$3"
 joinchat_order_gap_secs = 0
+joinchat_max_sends_per_sec = 100000
 messenger_app = "bench"
 EOF
 }

@@ -930,6 +930,20 @@ mod tests {
     }
 
     #[test]
+    fn a_send_rate_above_what_meta_allows_is_taken_with_a_warning() {
+        let config = Config::from_env(&with(&[("JOINCHAT_MAX_SENDS_PER_SEC", "300")])).unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let config = Config::from_env(&with(&[("JOINCHAT_MAX_SENDS_PER_SEC", "5000")])).unwrap();
+        assert_eq!(config.channels.channels["default"].joinchat.max_sends_per_sec, 5000);
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(
+            config.warnings[0].starts_with("JOINCHAT_MAX_SENDS_PER_SEC is 5000: Meta allows"),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
     fn durations_past_their_maximum_are_refused() {
         let cases: &[(&str, &str, &str)] = &[
             ("RELAY_SHUTDOWN_GRACE_SECS", "3600", "3601"),
