@@ -162,6 +162,9 @@ fn build(
     store: &Arc<dyn Store>,
     rates: &Arc<SendRates>,
 ) -> Directory {
+    for (name, config) in &channels.channels {
+        rates.announce(name, config.joinchat.max_sends_per_sec);
+    }
     let built: HashMap<String, Arc<Channel>> = channels
         .channels
         .iter()

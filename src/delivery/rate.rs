@@ -85,6 +85,13 @@ impl SendRates {
         rate
     }
 
+    /// Shows `channel`'s configured rate until it has sent (and the store says the rate).
+    pub fn announce(&self, channel: &str, max_per_sec: u32) {
+        if !self.channels.lock().expect("send rates").contains_key(channel) {
+            crate::monitoring::send_rate(channel, f64::from(max_per_sec));
+        }
+    }
+
     /// One send for `channel` (configured at `max_per_sec`), waited for at most [`MAX_WAIT`].
     pub async fn take(&self, channel: &str, max_per_sec: u32) -> StoreResult<Turn> {
         let rate = self.channel(channel, max_per_sec);
