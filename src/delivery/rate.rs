@@ -25,8 +25,10 @@ use crate::store::{Grant, RateOp, Store, StoreResult};
 pub const MAX_WAIT: Duration = Duration::from_millis(500);
 /// How long a batch of sends taken from the store stays good.
 const BATCH_LIFETIME: Duration = Duration::from_millis(100);
-/// A batch is this many seconds of the channel's rate.
+/// A batch is this many seconds of the channel's rate, and at least [`MIN_BATCH`] sends (as
+/// many as the bucket holds: a slow channel's bucket holds one).
 const BATCH_SECS: f64 = 0.05;
+const MIN_BATCH: f64 = 2.0;
 /// The longest pause a throttle's `Retry-After` imposes; a longer one is most likely wrong.
 const LONGEST_PAUSE: Duration = Duration::from_secs(3600);
 
@@ -124,7 +126,7 @@ impl SendRates {
                 batch.sends -= 1;
                 return Ok(Turn::Go);
             }
-            let want = (rate.current() * BATCH_SECS).ceil().max(1.0) as u32;
+            let want = (rate.current() * BATCH_SECS).ceil().max(MIN_BATCH) as u32;
             let grant = self.store.send_rate(channel, RateOp::Take { want }, max_per_sec).await?;
             rate.learn(channel, &grant);
             if grant.granted > 0 {
