@@ -75,6 +75,8 @@ pub struct Outgoing {
     /// Whether the previous value goes first: set when the upstream refused the current one and
     /// took the previous one (an upstream not switched yet), cleared when it goes the other way.
     prefer_previous: AtomicBool,
+    /// Whether the upstream has taken one of the values since this client was built.
+    taken: AtomicBool,
     usage: SecretUse,
     /// The upstream's name, for the log line of a switch.
     upstream: &'static str,
@@ -83,7 +85,7 @@ pub struct Outgoing {
 impl Outgoing {
     pub fn new(secret: Rotating, usage: SecretUse, upstream: &'static str) -> Self {
         usage.rotation_configured(&secret);
-        Self { secret, prefer_previous: AtomicBool::new(false), usage, upstream }
+        Self { secret, prefer_previous: AtomicBool::new(false), taken: AtomicBool::new(false), usage, upstream }
     }
 
     /// The value to send first: the current one, unless the upstream last took the previous one.
@@ -103,6 +105,7 @@ impl Outgoing {
     /// The upstream accepted `value`: counted, and sent first from now on.
     pub fn accepted(&self, value: SecretValue) {
         self.usage.record(value);
+        self.taken.store(true, Ordering::Relaxed);
         let previous = value == SecretValue::Previous;
         if self.prefer_previous.swap(previous, Ordering::Relaxed) != previous {
             let (refused, taken) = (value.other().as_str(), value.as_str());
@@ -114,6 +117,13 @@ impl Outgoing {
                 self.upstream,
             );
         }
+    }
+
+    /// Whether the upstream has taken one of these values since the last reload: a refusal of
+    /// every value then means the upstream's value changed under the relay (see
+    /// [`unknown_credential`]), not that the relay's was wrong from the start.
+    pub fn was_taken(&self) -> bool {
+        self.taken.load(Ordering::Relaxed)
     }
 
     /// Sends with the value that goes first and, when the answer says the upstream refused it
@@ -166,6 +176,35 @@ pub fn credential_accepted(status: StatusCode) -> bool {
             ))
 }
 
+/// What an attempt ends with when the upstream answered 401 to every value of the secret the
+/// relay holds although it took one of them earlier ([`Outgoing::was_taken`]): its value
+/// changed under the relay.
+///
+/// That is a rotation done upstream first (the only order possible when the upstream generates
+/// the value and drops the old one at once): not the message's fault, and not for good either,
+/// since the operator's next step (the new value, then `SIGHUP`) lets a later attempt through.
+/// So the attempt is retried on the schedule instead of being rejected, and the messages of the
+/// gap are delivered once the relay has the new value. A credential the upstream never took
+/// since the start (or the last reload) is simply wrong: its 401 stays a rejection for good, as
+/// SPEC §3.5 says of any 4xx, and so does a 403 (authenticated but not allowed, such as a Page
+/// not bound to the bot).
+pub fn unknown_credential(
+    upstream: &str,
+    secret: &str,
+    status: StatusCode,
+    retry_after: Option<std::time::Duration>,
+    answer: &[u8],
+) -> crate::clients::SendError {
+    let detail = crate::clients::http::reason_from(answer).map(|d| format!(": {d}")).unwrap_or_default();
+    crate::clients::SendError::Transient {
+        reason: format!(
+            "{upstream} answered {status}{detail}; it took {secret} before and takes none of the values the \
+             relay holds now, as when it was rotated there first (retried: the new value and SIGHUP let it through)"
+        ),
+        retry_after,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +249,7 @@ mod tests {
         assert_eq!(credential.send(send("neither"), refused, accepted).await, Ok(StatusCode::UNAUTHORIZED));
         assert_eq!(*sent.lock().unwrap(), ["new", "old"], "one more try, not a loop");
         assert_eq!(credential.preferred().0, SecretValue::Current, "a refusal of both changes nothing");
+        assert!(credential.was_taken(), "the upstream took a value before");
     }
 
     #[tokio::test]
@@ -228,6 +268,23 @@ mod tests {
             .await;
         assert_eq!(answer, Ok(StatusCode::UNAUTHORIZED));
         assert_eq!(sends.load(Ordering::Relaxed), 1);
+        assert!(!credential.was_taken(), "never taken: a wrong credential, not a rotated one");
+    }
+
+    #[test]
+    fn a_401_to_every_value_is_retried_with_the_upstream_s_reason() {
+        let error = unknown_credential(
+            "JoinChat",
+            "JOINCHAT_API_SECRET",
+            StatusCode::UNAUTHORIZED,
+            None,
+            br#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
+        );
+        let crate::clients::SendError::Transient { reason, retry_after: None } = error else {
+            panic!("retried, not rejected: {error:?}");
+        };
+        assert!(reason.starts_with("JoinChat answered 401 Unauthorized: signature mismatch; it took"), "{reason}");
+        assert!(reason.contains("JOINCHAT_API_SECRET"), "{reason}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use url::Url;
 use super::{BonyChatApi, BoxFuture, SendError, http};
 use crate::config::{BonyChatConfig, Secret};
 use crate::domain::bonychat::WebhookPost;
-use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
 
 const UPSTREAM: &str = "BonyChat";
 
@@ -54,6 +54,9 @@ impl BonyChatApi for HttpBonyChat {
             }
             let retry_after = http::retry_after(response.headers(), SystemTime::now());
             let answer = http::read_capped(response).await.unwrap_or_default();
+            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.was_taken() {
+                return Err(unknown_credential(UPSTREAM, "BONYCHAT_API_TOKEN", status, retry_after, &answer));
+            }
             Err(http::classify_failure(UPSTREAM, status, retry_after, &answer))
         })
     }

@@ -11,7 +11,7 @@ use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
 
 use crate::domain::joinchat::SendRequest;
-use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
 use crate::signing::joinchat_signature;
 
 const UPSTREAM: &str = "JoinChat";
@@ -66,6 +66,9 @@ impl JoinChatApi for HttpJoinChat {
                 }
                 Err(e) => return Err(http::transport_error(UPSTREAM, &e)),
             };
+            if status == StatusCode::UNAUTHORIZED && self.secret.was_taken() {
+                return Err(unknown_credential(UPSTREAM, "JOINCHAT_API_SECRET", status, retry_after, &answer));
+            }
             classify(status, retry_after, &answer)
         })
     }
