@@ -27,6 +27,7 @@ use bonychat_relay::delivery::new_outbound_job;
 use bonychat_relay::domain::inbound::parse_envelope;
 use bonychat_relay::domain::joinchat::SendRequest;
 use bonychat_relay::domain::outbound::OutboundRequest;
+use bonychat_relay::rotation::{SecretName, SecretUse};
 use bonychat_relay::signing::{HubSignature, joinchat_signature};
 use bonychat_relay::store::{DEFAULT_CHANNEL, now_millis};
 
@@ -53,12 +54,20 @@ async fn main() {
             )
             .expect("HTTP client builds"),
             &config.channels.channels[DEFAULT_CHANNEL].joinchat,
+            SecretUse::new(SecretName::JoinChatApiSecret, DEFAULT_CHANNEL),
         )),
         other => panic!("unknown mode {other}: handler or forwarder"),
     };
     let bare = Arc::new(Bare {
-        token: BearerToken::new(&config.channels.channels[DEFAULT_CHANNEL].bonychat.api_token),
-        hub: HubSignature::new(config.channels.apps["default"].app_secret.clone()),
+        // Counted as the relay counts them: the rotation counter is part of a check's cost.
+        token: BearerToken::new(
+            &config.channels.channels[DEFAULT_CHANNEL].bonychat.api_token,
+            Some(SecretUse::new(SecretName::BonyChatApiToken, DEFAULT_CHANNEL)),
+        ),
+        hub: HubSignature::new(
+            config.channels.apps["default"].app_secret.clone(),
+            Some(SecretUse::new(SecretName::MessengerAppSecret, "default")),
+        ),
         joinchat,
         config,
     });
@@ -90,7 +99,7 @@ async fn message(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
         match &bare.joinchat {
             None => {
                 let bytes = send.to_bytes();
-                std::hint::black_box(joinchat_signature(joinchat.api_secret.expose().as_bytes(), &bytes));
+                std::hint::black_box(joinchat_signature(joinchat.api_secret.current.expose().as_bytes(), &bytes));
             }
             Some(api) => {
                 if let Err(e) = api.send(&send).await {

@@ -37,7 +37,7 @@ async fn main() {
 }
 
 fn webhooks(config: &Config, file: &str, batches: u64, per_batch: u64) {
-    let secret = config.channels.apps["default"].app_secret.expose().as_bytes();
+    let secret = config.channels.apps["default"].app_secret.current.expose().as_bytes();
     let page = &config.channels.channels[DEFAULT_CHANNEL].joinchat.page_id;
     let now = now_millis();
     let mut out = std::io::BufWriter::new(std::fs::File::create(file).expect("file can be written"));

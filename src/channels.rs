@@ -16,9 +16,10 @@ use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::http;
 use crate::clients::joinchat::HttpJoinChat;
-use crate::config::{ChannelConfig, Channels, Secret, UpstreamConfig};
+use crate::config::{ChannelConfig, Channels, Rotating, UpstreamConfig};
 use crate::delivery::rate::SendRates;
 use crate::delivery::{InboundPoster, OutboundSender, Profiles};
+use crate::rotation::{RELAY_OWNER, SecretName, SecretUse};
 use crate::signing::HubSignature;
 use crate::store::Store;
 
@@ -123,7 +124,7 @@ pub struct Live {
 }
 
 impl Live {
-    pub fn new(channels: &Channels, admin_token: Option<&Secret>, clients: Clients, store: Arc<dyn Store>) -> Self {
+    pub fn new(channels: &Channels, admin_token: Option<&Rotating>, clients: Clients, store: Arc<dyn Store>) -> Self {
         let rates = Arc::new(SendRates::new(Arc::clone(&store)));
         let directory = build(channels, admin_token, &clients, &store, &rates);
         Self { current: RwLock::new(Arc::new(directory)), clients, store, rates }
@@ -139,7 +140,7 @@ impl Live {
     }
 
     /// Puts `channels` in effect for everything that starts from now on.
-    pub fn replace(&self, channels: &Channels, admin_token: Option<&Secret>) -> Changes {
+    pub fn replace(&self, channels: &Channels, admin_token: Option<&Rotating>) -> Changes {
         let next = Arc::new(build(channels, admin_token, &self.clients, &self.store, &self.rates));
         let previous = std::mem::replace(&mut *self.current.write().expect("directory lock"), Arc::clone(&next));
         let mut changes = Changes::default();
@@ -155,9 +156,12 @@ impl Live {
     }
 }
 
+/// Builds the directory of `channels`. Every secret's checks and clients are made afresh from
+/// the configuration: the value an upstream was last sent first (see [`crate::rotation`]) is
+/// forgotten, and the current value goes first again. The send rates outlive it.
 fn build(
     channels: &Channels,
-    admin_token: Option<&Secret>,
+    admin_token: Option<&Rotating>,
     clients: &Clients,
     store: &Arc<dyn Store>,
     rates: &Arc<SendRates>,
@@ -169,21 +173,37 @@ fn build(
         .channels
         .iter()
         .map(|(name, config)| {
+            let usage = |secret: SecretName| SecretUse::new(secret, name.clone());
             let profiles = config.page_access_token.as_ref().map(|token| {
-                let graph = GraphProfiles::new(clients.graph.clone(), clients.graph_url.clone(), token.clone());
+                let graph = GraphProfiles::new(
+                    clients.graph.clone(),
+                    clients.graph_url.clone(),
+                    token.clone(),
+                    usage(SecretName::MessengerPageAccessToken),
+                );
                 Profiles::new(Arc::new(graph), clients.graph_timeout)
             });
+            let token = &config.bonychat.api_token;
+            usage(SecretName::BonyChatApiToken).rotation_configured(token);
             let channel = Channel {
                 name: name.clone(),
-                token: BearerToken::new(&config.bonychat.api_token),
+                token: BearerToken::new(token, Some(usage(SecretName::BonyChatApiToken))),
                 outbound: OutboundSender::new(
-                    Arc::new(HttpJoinChat::new(clients.joinchat.clone(), &config.joinchat)),
+                    Arc::new(HttpJoinChat::new(
+                        clients.joinchat.clone(),
+                        &config.joinchat,
+                        usage(SecretName::JoinChatApiSecret),
+                    )),
                     Arc::clone(store),
                     Arc::clone(rates),
                     &config.joinchat,
                 ),
                 inbound: InboundPoster::new(
-                    Arc::new(HttpBonyChat::new(clients.bonychat.clone(), &config.bonychat)),
+                    Arc::new(HttpBonyChat::new(
+                        clients.bonychat.clone(),
+                        &config.bonychat,
+                        usage(SecretName::BonyChatApiToken),
+                    )),
                     config.bonychat.channel_id.clone(),
                     profiles,
                 ),
@@ -201,15 +221,31 @@ fn build(
                 .filter(|channel| &channel.config.messenger_app == name)
                 .map(|channel| (channel.config.joinchat.page_id.clone(), Arc::clone(channel)))
                 .collect();
+            let usage = |secret: SecretName, value: &Rotating| {
+                let usage = SecretUse::new(secret, name.clone());
+                usage.rotation_configured(value);
+                Some(usage)
+            };
             let app = App {
                 name: name.clone(),
-                hub_signature: HubSignature::new(app.app_secret.clone()),
-                verify_token: SecretDigest::new(&app.verify_token),
+                hub_signature: HubSignature::new(
+                    app.app_secret.clone(),
+                    usage(SecretName::MessengerAppSecret, &app.app_secret),
+                ),
+                verify_token: SecretDigest::new(
+                    &app.verify_token,
+                    usage(SecretName::MessengerVerifyToken, &app.verify_token),
+                ),
                 pages,
             };
             (name.clone(), Arc::new(app))
         })
         .collect();
     let names: Arc<[String]> = channels.channels.keys().cloned().collect();
-    Directory { admin_token: admin_token.map(BearerToken::new), channels: built, apps, names }
+    let admin_token = admin_token.map(|token| {
+        let usage = SecretUse::new(SecretName::AdminToken, RELAY_OWNER);
+        usage.rotation_configured(token);
+        BearerToken::new(token, Some(usage))
+    });
+    Directory { admin_token, channels: built, apps, names }
 }

@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod monitoring;
+pub mod rotation;
 pub mod routes;
 pub mod sandbox;
 pub mod server;

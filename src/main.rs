@@ -265,7 +265,7 @@ fn simulate_settings(
         .get(&name)
         .ok_or_else(|| ConfigError::new("--channel", format!("no channel {name} in the channels file")))?;
     let app = &config.messenger_app;
-    let secret = channels.apps[app].app_secret.clone();
+    let secret = channels.apps[app].app_secret.current.clone();
     Ok((secret, config.joinchat.page_id.clone(), format!("/webhooks/messenger/{app}"), base))
 }
 

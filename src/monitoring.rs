@@ -53,6 +53,9 @@ const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
 const BUILD_INFO: &str = "bonychat_relay_build_info";
 const CONNECTIONS_EVICTED: &str = "bonychat_relay_connections_evicted_total";
 const RENDERS: &str = "bonychat_relay_metrics_renders_total";
+// Rotation (SPEC §1): which value of each secret is in use.
+const SECRET_MATCHES: &str = "bonychat_relay_secret_matches_total";
+const SECRET_PREVIOUS_LAST_USED: &str = "bonychat_relay_secret_previous_last_used_timestamp_seconds";
 
 const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// From a send within the request to a message retried for a day.
@@ -146,6 +149,16 @@ fn describe() {
     describe_counter!(
         RENDERS,
         "Renders of /metrics, each with one read of the store; scrapes within a second of one share it."
+    );
+    describe_counter!(
+        SECRET_MATCHES,
+        "Uses of each secret by value (current, previous): checks it matched and upstream requests that took it. \
+         During a rotation, the previous value can go once its series stops moving."
+    );
+    describe_gauge!(
+        SECRET_PREVIOUS_LAST_USED,
+        Unit::Seconds,
+        "Unix time a secret's previous value was last needed (matched a check or was taken by an upstream)."
     );
 }
 
@@ -367,6 +380,25 @@ pub fn receipt_posted(channel: &str, value: StatusValue) {
 pub fn store_commit(elapsed: Duration, operations: usize) {
     histogram!(COMMIT_DURATION).record(elapsed.as_secs_f64());
     histogram!(COMMIT_BATCH).record(operations as f64);
+}
+
+/// A secret's value was used (SPEC §1, rotation): a check it matched, or an upstream took it.
+/// `secret` is one of [`crate::rotation::SecretName`]'s labels; `owner` is the channel, the app,
+/// or `relay` for the admin token (names the operator chose).
+pub fn secret_used(secret: &'static str, owner: &str, previous: bool) {
+    let value = if previous { "previous" } else { "current" };
+    counter!(SECRET_MATCHES, "secret" => secret, "owner" => owner.to_owned(), "value" => value).increment(1);
+    if previous {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        gauge!(SECRET_PREVIOUS_LAST_USED, "secret" => secret, "owner" => owner.to_owned()).set(now.as_secs_f64());
+    }
+}
+
+/// A secret now has a previous value: both of its series are shown, at zero until used.
+pub fn secret_rotation_configured(secret: &'static str, owner: &str) {
+    for value in ["current", "previous"] {
+        counter!(SECRET_MATCHES, "secret" => secret, "owner" => owner.to_owned(), "value" => value).increment(0);
+    }
 }
 
 #[cfg(test)]

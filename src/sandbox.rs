@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::auth::BearerToken;
-use crate::config::{Config, Secret};
+use crate::config::{Config, Rotating, Secret};
 use crate::error::ApiError;
 use crate::routes::limits::BodyReader;
 use crate::signing::joinchat_signature;
@@ -125,8 +125,9 @@ pub fn router<S: Clone + Send + Sync + 'static>(config: &Config) -> Router<S> {
         .iter()
         .map(|(name, channel)| {
             let stand_ins = StandIns {
-                joinchat_secret: channel.joinchat.api_secret.clone(),
-                bonychat_token: BearerToken::new(&channel.bonychat.api_token),
+                // The stand-ins hold what the real upstreams would: the current values.
+                joinchat_secret: channel.joinchat.api_secret.current.clone(),
+                bonychat_token: BearerToken::new(&Rotating::new(channel.bonychat.api_token.current.clone()), None),
                 joinchat: Received::default(),
                 bonychat: Received::default(),
             };

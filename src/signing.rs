@@ -8,8 +8,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
-use crate::config::Secret;
+use crate::config::{Rotating, Secret, SecretValue};
+use crate::rotation::SecretUse;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -52,17 +54,22 @@ pub enum SignatureError {
     Mismatch,
 }
 
-/// Checks Meta's `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>` with the App Secret.
+/// Checks Meta's `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>` with the App
+/// Secret, or with the one it replaces while a rotation lasts.
 pub struct HubSignature {
-    app_secret: Secret,
+    app_secret: Rotating,
+    /// What a match is counted as (the rotation counter), when it is counted.
+    usage: Option<SecretUse>,
 }
 
 impl HubSignature {
-    pub fn new(app_secret: Secret) -> Self {
-        Self { app_secret }
+    pub fn new(app_secret: Rotating, usage: Option<SecretUse>) -> Self {
+        Self { app_secret, usage }
     }
 
-    /// Verifies `header` against the exact `body` bytes, in constant time.
+    /// Verifies `header` against the exact `body` bytes, in constant time. During a rotation
+    /// the HMAC is computed with both secrets, every time, and both compared before the
+    /// results are combined: the time taken does not say which secret signed.
     pub fn verify(&self, header: Option<&[u8]>, body: Bytes) -> Result<VerifiedBody, SignatureError> {
         let header = header.ok_or(SignatureError::Missing)?;
         let hex = header.strip_prefix(b"sha256=").ok_or(SignatureError::Malformed)?;
@@ -70,10 +77,23 @@ impl HubSignature {
         if expected.len() != 32 {
             return Err(SignatureError::Malformed);
         }
-        let mut mac =
-            HmacSha256::new_from_slice(self.app_secret.expose().as_bytes()).expect("HMAC accepts keys of any length");
-        mac.update(&body);
-        mac.verify_slice(&expected).map_err(|_| SignatureError::Mismatch)?;
+        let signed_with = |secret: &Secret| {
+            let mut mac =
+                HmacSha256::new_from_slice(secret.expose().as_bytes()).expect("HMAC accepts keys of any length");
+            mac.update(&body);
+            let tag = mac.finalize().into_bytes();
+            tag.as_slice().ct_eq(expected.as_slice())
+        };
+        let current = signed_with(&self.app_secret.current);
+        let previous = self.app_secret.previous.as_ref().map(signed_with);
+        let either = previous.map_or(current, |previous| current | previous);
+        if !bool::from(either) {
+            return Err(SignatureError::Mismatch);
+        }
+        let value = if bool::from(current) { SecretValue::Current } else { SecretValue::Previous };
+        if let Some(usage) = &self.usage {
+            usage.record(value);
+        }
         Ok(VerifiedBody(body))
     }
 }
@@ -111,7 +131,8 @@ mod tests {
     const MESSENGER_SECRET: &str = "e6af24be1d683c8c911949f897eea1f6";
 
     fn verify(secret: &str, header: &str, body: &[u8]) -> Result<VerifiedBody, SignatureError> {
-        HubSignature::new(Secret::new(secret)).verify(Some(header.as_bytes()), Bytes::copy_from_slice(body))
+        HubSignature::new(Rotating::new(Secret::new(secret)), None)
+            .verify(Some(header.as_bytes()), Bytes::copy_from_slice(body))
     }
 
     /// V1: GitHub's published vector for the same `sha256=` scheme.
@@ -158,7 +179,7 @@ mod tests {
 
     #[test]
     fn hub_signature_refuses_missing_malformed_and_wrong_headers() {
-        let signer = HubSignature::new(Secret::new("s"));
+        let signer = HubSignature::new(Rotating::new(Secret::new("s")), None);
         assert_eq!(signer.verify(None, Bytes::from_static(b"{}")).unwrap_err(), SignatureError::Missing);
         for malformed in [
             "",
@@ -186,6 +207,19 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn during_a_rotation_a_body_signed_with_either_secret_verifies() {
+        let signer =
+            HubSignature::new(Rotating::with_previous(Secret::new("new"), Some(Secret::new(MESSENGER_SECRET))), None);
+        let v6 = "sha256=3bf62d5bc657e3a17e55fa0095fa29964db507393b05209c260e2c845254968b";
+        let verify = |header: &str| signer.verify(Some(header.as_bytes()), Bytes::from_static(B1));
+
+        assert!(verify(v6).is_ok(), "signed with the previous secret");
+        assert!(verify(&hub_signature(b"new", B1)).is_ok(), "signed with the current secret");
+        assert_eq!(verify(&hub_signature(b"older", B1)).unwrap_err(), SignatureError::Mismatch);
+        assert_eq!(verify(&hub_signature(b"new", B2)).unwrap_err(), SignatureError::Mismatch, "another body");
     }
 
     /// PROTOCOLS.md D.3, V9: the JoinChat documentation's own request sample.

@@ -191,8 +191,8 @@ impl Reloader {
     /// changes nothing and is logged with the reason. Either way the reloads counter tells.
     pub fn reload(&self) {
         match self.config.reload() {
-            Ok(Reloaded { channels, admin_token }) => {
-                for warning in &channels.warnings {
+            Ok(Reloaded { channels, admin_token, warnings }) => {
+                for warning in &warnings {
                     tracing::warn!("{warning}");
                 }
                 let changes = self.channels.replace(&channels, admin_token.as_ref());

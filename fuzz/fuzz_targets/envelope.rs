@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use bonychat_relay::config::Secret;
+use bonychat_relay::config::{Rotating, Secret};
 use bonychat_relay::domain::bonychat::{BonyMessage, WebhookEvent, WebhookPost};
 use bonychat_relay::domain::inbound::{
     EARLIEST_EVENT_MILLIS, FUTURE_SLACK_MILLIS, M_ID_MAX, MessengerEvent, parse_envelope,
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     mac.update(data);
     let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
     let header = format!("sha256={hex}");
-    let verified = HubSignature::new(Secret::new(APP_SECRET))
+    let verified = HubSignature::new(Rotating::new(Secret::new(APP_SECRET)), None)
         .verify(Some(header.as_bytes()), bytes::Bytes::copy_from_slice(data))
         .expect("a correctly signed body verifies");
 

@@ -7,31 +7,45 @@ use url::Url;
 use super::{BonyChatApi, BoxFuture, SendError, http};
 use crate::config::{BonyChatConfig, Secret};
 use crate::domain::bonychat::WebhookPost;
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
 
 const UPSTREAM: &str = "BonyChat";
 
 pub struct HttpBonyChat {
     http: reqwest::Client,
     url: Url,
-    token: Secret,
+    /// `BONYCHAT_API_TOKEN` and, during a rotation, its previous value (SPEC §1).
+    token: Outgoing,
 }
 
 impl HttpBonyChat {
     /// `http` is the relay's one BonyChat client, shared by every channel.
-    pub fn new(http: reqwest::Client, config: &BonyChatConfig) -> Self {
-        Self { http, url: config.webhook_url.url().clone(), token: config.api_token.clone() }
+    pub fn new(http: reqwest::Client, config: &BonyChatConfig, usage: SecretUse) -> Self {
+        Self {
+            http,
+            url: config.webhook_url.url().clone(),
+            token: Outgoing::new(config.api_token.clone(), usage, UPSTREAM),
+        }
     }
 }
 
 impl BonyChatApi for HttpBonyChat {
     fn post<'a>(&'a self, post: &'a WebhookPost) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
+            let body = axum::body::Bytes::from(serde_json::to_vec(post).expect("a webhook post always serializes"));
+            // With the token that goes first; once more with the other when BonyChat refuses it
+            // during a rotation (SPEC §1).
+            let send = |token: &Secret| {
+                self.http
+                    .post(self.url.clone())
+                    .bearer_auth(token.expose())
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+                    .send()
+            };
             let response = self
-                .http
-                .post(self.url.clone())
-                .bearer_auth(self.token.expose())
-                .json(post)
-                .send()
+                .token
+                .send(send, |r| credential_refused(r.status()), |r| credential_accepted(r.status()))
                 .await
                 .map_err(|e| http::transport_error(UPSTREAM, &e))?;
             let status = response.status();
@@ -40,6 +54,9 @@ impl BonyChatApi for HttpBonyChat {
             }
             let retry_after = http::retry_after(response.headers(), SystemTime::now());
             let answer = http::read_capped(response).await.unwrap_or_default();
+            if status == reqwest::StatusCode::UNAUTHORIZED && self.token.was_taken() {
+                return Err(unknown_credential(UPSTREAM, "BONYCHAT_API_TOKEN", status, retry_after, &answer));
+            }
             Err(http::classify_failure(UPSTREAM, status, retry_after, &answer))
         })
     }

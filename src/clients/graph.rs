@@ -3,42 +3,65 @@
 use serde_json::Value;
 use url::Url;
 
+use reqwest::StatusCode;
+
 use super::{BoxFuture, ProfileLookup, http};
-use crate::config::Secret;
+use crate::config::{Rotating, Secret};
 use crate::domain::bonychat::ContactProfile;
 use crate::domain::text::truncate;
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 
 /// BonyChat's limit for `firstName` and `lastName`.
 const NAME_MAX: usize = 50;
+/// Graph's error code for an access token it does not take (expired, revoked, malformed):
+/// answered with 400 as often as with 401.
+const INVALID_TOKEN_CODE: i64 = 190;
 
 pub struct GraphProfiles {
     http: reqwest::Client,
     base: Url,
-    token: Secret,
+    /// `MESSENGER_PAGE_ACCESS_TOKEN` and, during a rotation, its previous value (SPEC §1).
+    token: Outgoing,
 }
 
 impl GraphProfiles {
     /// `http` is the relay's one Graph client, shared by every channel.
-    pub fn new(http: reqwest::Client, base: Url, token: Secret) -> Self {
-        Self { http, base, token }
+    pub fn new(http: reqwest::Client, base: Url, token: Rotating, usage: SecretUse) -> Self {
+        Self { http, base, token: Outgoing::new(token, usage, "The Graph API") }
     }
 }
 
 impl ProfileLookup for GraphProfiles {
     fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, String>> {
         Box::pin(async move {
-            let mut url = self.base.clone();
-            url.path_segments_mut()
+            let mut base = self.base.clone();
+            base.path_segments_mut()
                 .map_err(|()| "MESSENGER_GRAPH_URL cannot take a path".to_owned())?
                 .pop_if_empty()
                 .push(psid);
-            url.query_pairs_mut()
-                .append_pair("fields", "first_name,last_name,profile_pic,locale,timezone")
-                .append_pair("access_token", self.token.expose());
-            // The URL carries the token: errors are described without it.
-            let response = self.http.get(url).send().await.map_err(|e| e.without_url().to_string())?;
-            let status = response.status();
-            let answer = http::read_capped(response).await.map_err(|e| e.without_url().to_string())?;
+            base.query_pairs_mut().append_pair("fields", "first_name,last_name,profile_pic,locale,timezone");
+            // With the token that goes first; once more with the other when Graph refuses it
+            // during a rotation (SPEC §1).
+            let look_up = |token: &Secret| {
+                let mut url = base.clone();
+                url.query_pairs_mut().append_pair("access_token", token.expose());
+                let sent = self.http.get(url).send();
+                async move {
+                    // The URL carries the token: errors are described without it.
+                    let response = sent.await.map_err(|e| e.without_url().to_string())?;
+                    let status = response.status();
+                    let answer = http::read_capped(response).await.map_err(|e| e.without_url().to_string())?;
+                    Ok::<_, String>((status, answer))
+                }
+            };
+            let (status, answer) = self
+                .token
+                .send(
+                    look_up,
+                    |(status, answer)| token_refused(*status, answer),
+                    |(status, answer)| credential_accepted(*status) && !token_refused(*status, answer),
+                )
+                .await?;
             if !status.is_success() {
                 let reason = http::reason_from(&answer).unwrap_or_default();
                 return Err(format!("Graph API answered {status} {reason}").trim_end().to_owned());
@@ -48,6 +71,16 @@ impl ProfileLookup for GraphProfiles {
             Ok(profile_from(&value))
         })
     }
+}
+
+/// Whether Graph refused the access token: 401, 403, or its error code 190 (SPEC §1).
+fn token_refused(status: StatusCode, answer: &[u8]) -> bool {
+    credential_refused(status)
+        || (!status.is_success()
+            && serde_json::from_slice::<Value>(answer)
+                .ok()
+                .and_then(|value| value.pointer("/error/code").and_then(Value::as_i64))
+                == Some(INVALID_TOKEN_CODE))
 }
 
 fn profile_from(value: &Value) -> ContactProfile {
@@ -87,6 +120,20 @@ mod tests {
             serde_json::to_value(&profile).unwrap(),
             json!({"firstName": "Peter", "lastName": "Chang", "profilePic": "https://platform-lookaside.example/pic", "locale": "en_US", "timezone": -7})
         );
+    }
+
+    #[test]
+    fn a_refused_token_is_told_by_its_status_or_by_code_190() {
+        let invalid = br#"{"error":{"message":"Invalid OAuth access token.","type":"OAuthException","code":190}}"#;
+        assert!(token_refused(StatusCode::BAD_REQUEST, invalid));
+        assert!(token_refused(StatusCode::UNAUTHORIZED, b""));
+        assert!(token_refused(StatusCode::FORBIDDEN, b"{}"));
+        assert!(!token_refused(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":{"message":"Unsupported get request","code":100}}"#
+        ));
+        assert!(!token_refused(StatusCode::OK, br#"{"first_name":"Peter","code":190}"#));
+        assert!(!token_refused(StatusCode::INTERNAL_SERVER_ERROR, b"oops"));
     }
 
     #[test]

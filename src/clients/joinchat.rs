@@ -11,6 +11,7 @@ use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
 
 use crate::domain::joinchat::SendRequest;
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
 use crate::signing::joinchat_signature;
 
 const UPSTREAM: &str = "JoinChat";
@@ -18,28 +19,39 @@ const UPSTREAM: &str = "JoinChat";
 pub struct HttpJoinChat {
     http: reqwest::Client,
     url: Url,
-    secret: Secret,
+    /// `JOINCHAT_API_SECRET` and, during a rotation, its previous value (SPEC §1).
+    secret: Outgoing,
 }
 
 impl HttpJoinChat {
     /// `http` is the relay's one JoinChat client, shared by every channel (one connection pool).
-    pub fn new(http: reqwest::Client, config: &JoinChatConfig) -> Self {
-        Self { http, url: config.api_url.url().clone(), secret: config.api_secret.clone() }
+    pub fn new(http: reqwest::Client, config: &JoinChatConfig, usage: SecretUse) -> Self {
+        Self {
+            http,
+            url: config.api_url.url().clone(),
+            secret: Outgoing::new(config.api_secret.clone(), usage, UPSTREAM),
+        }
     }
 }
 
 impl JoinChatApi for HttpJoinChat {
     fn send<'a>(&'a self, request: &'a SendRequest<'a>) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
-            let body = request.to_bytes();
-            let signature = joinchat_signature(self.secret.expose().as_bytes(), &body);
+            let body = axum::body::Bytes::from(request.to_bytes());
+            // Signed with the secret that goes first; when JoinChat refuses it and a rotation
+            // is under way, the same bytes go once more signed with the other one (SPEC §1).
+            let sign_and_send = |secret: &Secret| {
+                let signature = joinchat_signature(secret.expose().as_bytes(), &body);
+                self.http
+                    .post(self.url.clone())
+                    .header(CONTENT_TYPE, "application/json")
+                    .header("x-joinchat-signature", signature)
+                    .body(body.clone())
+                    .send()
+            };
             let response = self
-                .http
-                .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/json")
-                .header("x-joinchat-signature", signature)
-                .body(body)
-                .send()
+                .secret
+                .send(sign_and_send, |r| credential_refused(r.status()), |r| credential_accepted(r.status()))
                 .await
                 .map_err(|e| http::transport_error(UPSTREAM, &e))?;
 
@@ -54,6 +66,9 @@ impl JoinChatApi for HttpJoinChat {
                 }
                 Err(e) => return Err(http::transport_error(UPSTREAM, &e)),
             };
+            if status == StatusCode::UNAUTHORIZED && self.secret.was_taken() {
+                return Err(unknown_credential(UPSTREAM, "JOINCHAT_API_SECRET", status, retry_after, &answer));
+            }
             classify(status, retry_after, &answer)
         })
     }

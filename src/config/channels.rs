@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use super::env::{ConfigError, Env, read_secret_file, read_small_file, secret_problem};
+use super::env::{ConfigError, Env, read_optional_secret_file, read_secret_file, read_small_file, secret_problem};
 use super::{
-    BonyChatConfig, CURRENT_MESSAGE_TAGS, Endpoint, JoinChatConfig, RecipientField, Secret, http_url, order_gap,
-    page_id_problem, parse_recipient_field, positive_count,
+    BonyChatConfig, CURRENT_MESSAGE_TAGS, Endpoint, JoinChatConfig, RecipientField, Rotating, Secret, http_url,
+    order_gap, page_id_problem, parse_recipient_field, positive_count,
 };
 use crate::store::{DEFAULT_CHANNEL, IntakeCaps, is_channel_name};
 
@@ -36,17 +36,22 @@ const JOINCHAT_DEFAULT_URL: &str = "https://joinchat.ai/api/send_message";
 pub const SINGLE_CHANNEL_VARS: &[&str] = &[
     "BONYCHAT_CHANNEL_ID",
     "BONYCHAT_API_TOKEN",
+    "BONYCHAT_API_TOKEN_PREVIOUS",
     "BONYCHAT_WEBHOOK_URL",
     "JOINCHAT_API_URL",
     "JOINCHAT_PAGE_ID",
     "JOINCHAT_API_SECRET",
+    "JOINCHAT_API_SECRET_PREVIOUS",
     "JOINCHAT_RECIPIENT_FIELD",
     "JOINCHAT_MESSAGE_TAG",
     "JOINCHAT_ORDER_GAP_SECS",
     "JOINCHAT_MAX_SENDS_PER_SEC",
     "MESSENGER_APP_SECRET",
+    "MESSENGER_APP_SECRET_PREVIOUS",
     "MESSENGER_VERIFY_TOKEN",
+    "MESSENGER_VERIFY_TOKEN_PREVIOUS",
     "MESSENGER_PAGE_ACCESS_TOKEN",
+    "MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS",
 ];
 
 /// Where the channels came from.
@@ -70,10 +75,12 @@ pub struct Channels {
 /// A Meta app: its secret signs the webhooks of every Page subscribed to it.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
-    /// `MESSENGER_APP_SECRET` / `app_secret_*`: key of `X-Hub-Signature-256`.
-    pub app_secret: Secret,
-    /// `MESSENGER_VERIFY_TOKEN` / `verify_token_*`: answers the subscription handshake.
-    pub verify_token: Secret,
+    /// `MESSENGER_APP_SECRET` / `app_secret_*` (and `_PREVIOUS` / `app_secret_previous_*`): key
+    /// of `X-Hub-Signature-256`.
+    pub app_secret: Rotating,
+    /// `MESSENGER_VERIFY_TOKEN` / `verify_token_*` (and their previous): answers the
+    /// subscription handshake.
+    pub verify_token: Rotating,
 }
 
 /// One BonyChat channel and the Facebook Page it speaks through.
@@ -83,8 +90,9 @@ pub struct ChannelConfig {
     pub joinchat: JoinChatConfig,
     /// The Meta app whose webhooks carry this channel's Page.
     pub messenger_app: String,
-    /// `MESSENGER_PAGE_ACCESS_TOKEN` / `messenger_page_access_token_*`: enables profile look-ups.
-    pub page_access_token: Option<Secret>,
+    /// `MESSENGER_PAGE_ACCESS_TOKEN` / `messenger_page_access_token_*` (and their previous):
+    /// enables profile look-ups.
+    pub page_access_token: Option<Rotating>,
     /// `max_queued`: this channel's intake cap, per direction (default `RELAY_MAX_QUEUED_*`).
     pub max_queued: QueueCaps,
 }
@@ -127,10 +135,13 @@ impl Channels {
         }
     }
 
-    /// The channel whose BonyChat API token `presented` is, when it is one (for the admin token
-    /// check: BonyChat holds those tokens).
-    pub fn token_owner(&self, presented: &Secret) -> Option<&str> {
-        self.channels.iter().find(|(_, c)| &c.bonychat.api_token == presented).map(|(name, _)| name.as_str())
+    /// The channel one of whose BonyChat API tokens (current or previous) is one of `token`'s
+    /// values, when one is (for the admin token check: BonyChat holds those tokens).
+    pub fn token_owner(&self, token: &Rotating) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|(_, c)| c.bonychat.api_token.shares_a_value_with(token))
+            .map(|(name, _)| name.as_str())
     }
 }
 
@@ -143,7 +154,7 @@ fn from_environment(env: &Env, defaults: IntakeCaps) -> Result<Channels, ConfigE
     let channel = ChannelConfig {
         bonychat: BonyChatConfig {
             channel_id: env.required("BONYCHAT_CHANNEL_ID")?.trim().to_owned(),
-            api_token: env.required_secret("BONYCHAT_API_TOKEN")?,
+            api_token: env.required_rotating("BONYCHAT_API_TOKEN")?,
             webhook_url: env
                 .parsed("BONYCHAT_WEBHOOK_URL", None, |raw| http_url(raw).map(Endpoint).map(Some))?
                 .ok_or_else(|| ConfigError::new("BONYCHAT_WEBHOOK_URL", "required but not set"))?,
@@ -155,7 +166,7 @@ fn from_environment(env: &Env, defaults: IntakeCaps) -> Result<Channels, ConfigE
             page_id: env
                 .parsed("JOINCHAT_PAGE_ID", None, |raw| page_id_problem(raw).map(Some))?
                 .ok_or_else(|| ConfigError::new("JOINCHAT_PAGE_ID", "required but not set"))?,
-            api_secret: env.required_secret("JOINCHAT_API_SECRET")?,
+            api_secret: env.required_rotating("JOINCHAT_API_SECRET")?,
             recipient_field: env.parsed("JOINCHAT_RECIPIENT_FIELD", RecipientField::Auto, parse_recipient_field)?,
             message_tag,
             order_gap: env.parsed("JOINCHAT_ORDER_GAP_SECS", Duration::from_secs(1), order_gap)?,
@@ -166,19 +177,41 @@ fn from_environment(env: &Env, defaults: IntakeCaps) -> Result<Channels, ConfigE
             )?,
         },
         messenger_app: DEFAULT_APP.to_owned(),
-        page_access_token: env.secret("MESSENGER_PAGE_ACCESS_TOKEN")?,
+        page_access_token: env.rotating("MESSENGER_PAGE_ACCESS_TOKEN")?,
         max_queued: QueueCaps { outbound: defaults.outbound, inbound: defaults.inbound },
     };
     warnings.extend(rate_warning("JOINCHAT_MAX_SENDS_PER_SEC", channel.joinchat.max_sends_per_sec));
     let app = AppConfig {
-        app_secret: env.required_secret("MESSENGER_APP_SECRET")?,
-        verify_token: env.required_secret("MESSENGER_VERIFY_TOKEN")?,
+        app_secret: env.required_rotating("MESSENGER_APP_SECRET")?,
+        verify_token: env.required_rotating("MESSENGER_VERIFY_TOKEN")?,
     };
+    let secrets = [
+        ("BONYCHAT_API_TOKEN", Some(&channel.bonychat.api_token)),
+        ("JOINCHAT_API_SECRET", Some(&channel.joinchat.api_secret)),
+        ("MESSENGER_PAGE_ACCESS_TOKEN", channel.page_access_token.as_ref()),
+        ("MESSENGER_APP_SECRET", Some(&app.app_secret)),
+        ("MESSENGER_VERIFY_TOKEN", Some(&app.verify_token)),
+    ];
+    for (var, secret) in secrets {
+        warnings.extend(secret.and_then(|s| same_previous_warning(&format!("{var}_PREVIOUS"), var, s)));
+    }
     Ok(Channels {
         source: ChannelsSource::Environment,
         apps: BTreeMap::from([(DEFAULT_APP.to_owned(), app)]),
         channels: BTreeMap::from([(DEFAULT_CHANNEL.to_owned(), channel)]),
         warnings,
+    })
+}
+
+/// A previous value equal to the current one keeps nothing else alive: the operator most likely
+/// wrote the new value twice (the old one is then refused at once) or the old one twice (the
+/// new one is then refused until the files are fixed).
+pub(super) fn same_previous_warning(previous: &str, current: &str, secret: &Rotating) -> Option<String> {
+    secret.previous_is_current().then(|| {
+        format!(
+            "{previous} is the same value as {current}: a rotation keeps the value being replaced there; \
+             leave it unset (or its file empty) when no rotation is under way"
+        )
     })
 }
 
@@ -227,9 +260,10 @@ impl TableReader<'_> {
             if known.contains(&key.as_str()) {
                 continue;
             }
-            let secret = secrets
-                .iter()
-                .find(|s| key == *s || key.strip_prefix(*s).is_some_and(|rest| SECRET_SUFFIXES.contains(&rest)));
+            let secret = secrets.iter().find(|s| {
+                key == *s
+                    || key.strip_prefix(*s).is_some_and(|rest| rest == "_previous" || SECRET_SUFFIXES.contains(&rest))
+            });
             match secret {
                 Some(base) if key == base || key == &format!("{base}_previous") => {
                     return Err(self.error(
@@ -243,8 +277,9 @@ impl TableReader<'_> {
                 Some(_) => {}
                 None => {
                     let mut all: Vec<String> = known.iter().map(|k| (*k).to_owned()).collect();
-                    all.extend(secrets.iter().map(|s| format!("{s}_file")));
-                    all.extend(secrets.iter().map(|s| format!("{s}_env")));
+                    for suffix in SECRET_SUFFIXES {
+                        all.extend(secrets.iter().map(|s| format!("{s}{suffix}")));
+                    }
                     all.sort();
                     return Err(self.error(key, format!("unknown key (known: {})", all.join(", "))));
                 }
@@ -281,9 +316,17 @@ impl TableReader<'_> {
 
     /// A secret named by `<key>_file` (a path) or `<key>_env` (a variable's name), never both.
     fn secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
+        self.secret_or_empty_file(key, false)
+    }
+
+    /// [`Self::secret`]; with `empty_file_is_unset`, an empty `<key>_file` counts as unset.
+    fn secret_or_empty_file(&self, key: &str, empty_file_is_unset: bool) -> Result<Option<Secret>, ConfigError> {
         let (file_key, env_key) = (format!("{key}_file"), format!("{key}_env"));
         match (self.string(&file_key)?, self.string(&env_key)?) {
             (Some(_), Some(_)) => Err(self.error(key, format!("set either {file_key} or {env_key}, not both"))),
+            (Some(path), None) if empty_file_is_unset => {
+                read_optional_secret_file(Path::new(path)).map_err(|problem| self.error(&file_key, problem))
+            }
             (Some(path), None) => {
                 read_secret_file(Path::new(path)).map(Some).map_err(|problem| self.error(&file_key, problem))
             }
@@ -300,13 +343,43 @@ impl TableReader<'_> {
         }
     }
 
-    fn required_secret(&self, key: &str) -> Result<Secret, ConfigError> {
-        self.secret(key)?.ok_or_else(|| self.error(key, format!("required: set {key}_file or {key}_env")))
+    /// The value a secret replaces during a rotation (SPEC §1), read like the secret itself,
+    /// except that an empty `<key>_previous_file` means "no previous value" (as with
+    /// `<NAME>_PREVIOUS_FILE`: the file can stay named while no rotation is under way).
+    fn previous_secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
+        self.secret_or_empty_file(&format!("{key}_previous"), true)
     }
 
-    /// The value a secret replaces during a rotation (SPEC §1), read like the secret itself.
-    fn previous_secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
-        self.secret(&format!("{key}_previous"))
+    /// A secret and its previous value; a previous one without a current one is refused.
+    fn rotating(&self, key: &str, warnings: &mut Vec<String>) -> Result<Option<Rotating>, ConfigError> {
+        let current = self.secret(key)?;
+        let previous = self.previous_secret(key)?;
+        let rotating = match (current, previous) {
+            (Some(current), previous) => Rotating::with_previous(current, previous),
+            (None, None) => return Ok(None),
+            (None, Some(_)) => {
+                let previous_key = format!("{key}_previous");
+                let set = if self.values.contains_key(&format!("{previous_key}_file")) {
+                    format!("{previous_key}_file")
+                } else {
+                    format!("{previous_key}_env")
+                };
+                return Err(self.error(
+                    &set,
+                    format!(
+                        "is set without {key}_file or {key}_env: the previous value is kept beside a current one \
+                         during a rotation, never alone"
+                    ),
+                ));
+            }
+        };
+        let place = |key: &str| format!("[{}] {key}", self.table);
+        warnings.extend(same_previous_warning(&place(&format!("{key}_previous")), &place(key), &rotating));
+        Ok(Some(rotating))
+    }
+
+    fn required_rotating(&self, key: &str, warnings: &mut Vec<String>) -> Result<Rotating, ConfigError> {
+        self.rotating(key, warnings)?.ok_or_else(|| self.error(key, format!("required: set {key}_file or {key}_env")))
     }
 }
 
@@ -369,24 +442,23 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
         Ok(())
     };
 
+    let mut warnings = Vec::new();
     let mut apps = BTreeMap::new();
     for (name, value) in section("apps")?.into_iter().flatten() {
         reader("apps", name, value)?;
         let table =
             TableReader { file: path, table: format!("apps.{name}"), values: value.as_table().expect("checked"), env };
         table.refuse_unknown_keys(&[], APP_SECRETS)?;
-        // Read to validate now: the rotation that uses them checks the same rules.
-        table.previous_secret("app_secret")?;
-        table.previous_secret("verify_token")?;
         let app = AppConfig {
-            app_secret: table.required_secret("app_secret")?,
-            verify_token: table.required_secret("verify_token")?,
+            app_secret: table.required_rotating("app_secret", &mut warnings)?,
+            verify_token: table.required_rotating("verify_token", &mut warnings)?,
         };
         apps.insert(name.clone(), app);
     }
 
-    let mut warnings = Vec::new();
     let mut channels = BTreeMap::new();
+    // Every BonyChat token, current and previous, and its channel: another channel's previous
+    // token must not open this one.
     let mut tokens: HashMap<String, String> = HashMap::new();
     let mut pages: HashMap<(String, String), String> = HashMap::new();
     for (name, value) in section("channels")?.into_iter().flatten() {
@@ -416,7 +488,7 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
         let channel = ChannelConfig {
             bonychat: BonyChatConfig {
                 channel_id: table.required_string("bonychat_channel_id")?.to_owned(),
-                api_token: table.required_secret("bonychat_api_token")?,
+                api_token: table.required_rotating("bonychat_api_token", &mut warnings)?,
                 webhook_url: table
                     .parsed("bonychat_webhook_url", |raw| http_url(raw).map(Endpoint))?
                     .ok_or_else(|| table.error("bonychat_webhook_url", "required but not set"))?,
@@ -428,7 +500,7 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
                 page_id: table
                     .number("joinchat_page_id", page_id_problem)?
                     .ok_or_else(|| table.error("joinchat_page_id", "required but not set"))?,
-                api_secret: table.required_secret("joinchat_api_secret")?,
+                api_secret: table.required_rotating("joinchat_api_secret", &mut warnings)?,
                 recipient_field: table
                     .parsed("joinchat_recipient_field", parse_recipient_field)?
                     .unwrap_or(RecipientField::Auto),
@@ -438,7 +510,7 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
                     .number("joinchat_max_sends_per_sec", max_sends_per_sec)?
                     .unwrap_or(DEFAULT_MAX_SENDS_PER_SEC),
             },
-            page_access_token: table.secret("messenger_page_access_token")?,
+            page_access_token: table.rotating("messenger_page_access_token", &mut warnings)?,
             max_queued: match table.number("max_queued", positive_count)? {
                 Some(cap) => QueueCaps { outbound: cap, inbound: cap },
                 None => QueueCaps { outbound: defaults.outbound, inbound: defaults.inbound },
@@ -449,14 +521,25 @@ fn from_file(env: &Env, path: &Path, defaults: IntakeCaps) -> Result<Channels, C
             &format!("[channels.{name}] joinchat_max_sends_per_sec"),
             channel.joinchat.max_sends_per_sec,
         ));
-        for key in CHANNEL_SECRETS {
-            table.previous_secret(key)?;
-        }
-        if let Some(other) = tokens.insert(channel.bonychat.api_token.expose().to_owned(), name.clone()) {
-            return Err(table.error(
-                "bonychat_api_token",
-                format!("is the same token as channel {other}'s (each BonyChat channel has its own)"),
-            ));
+        let token = &channel.bonychat.api_token;
+        for (key, value) in
+            [("bonychat_api_token", Some(&token.current)), ("bonychat_api_token_previous", token.previous.as_ref())]
+        {
+            let Some(value) = value else { continue };
+            match tokens.get(value.expose()) {
+                Some(other) if other != name => {
+                    return Err(table.error(
+                        key,
+                        format!(
+                            "is the same token as one of channel {other}'s, current or previous (each BonyChat \
+                             channel has its own: with it, one channel's caller could send as the other)"
+                        ),
+                    ));
+                }
+                _ => {
+                    tokens.insert(value.expose().to_owned(), name.clone());
+                }
+            }
         }
         let page = (channel.messenger_app.clone(), channel.joinchat.page_id.clone());
         if let Some(other) = pages.insert(page, name.clone()) {
@@ -564,7 +647,7 @@ joinchat_order_gap_secs = 0
 
         assert_eq!(channels.channels.keys().collect::<Vec<_>>(), ["hats", "shoes"]);
         let shoes = &channels.channels["shoes"];
-        assert_eq!(shoes.bonychat.api_token.expose(), "shoes-bonychat-token");
+        assert_eq!(shoes.bonychat.api_token.current.expose(), "shoes-bonychat-token");
         assert_eq!(shoes.joinchat.page_id, "104857600123456");
         assert_eq!(shoes.joinchat.order_gap, Duration::from_secs(1), "the default of JOINCHAT_ORDER_GAP_SECS");
         assert_eq!(shoes.max_queued.outbound, IntakeCaps::DEFAULT.outbound, "the default of RELAY_MAX_QUEUED_*");
@@ -572,7 +655,7 @@ joinchat_order_gap_secs = 0
         assert_eq!(hats.joinchat.page_id, "204857600123456", "a Page id may be written as a TOML integer");
         assert_eq!(hats.max_queued, QueueCaps { outbound: 500, inbound: 500 });
         assert_eq!(hats.joinchat.order_gap, Duration::ZERO);
-        assert_eq!(channels.apps["acme"].verify_token.expose(), "acme-verify");
+        assert_eq!(channels.apps["acme"].verify_token.current.expose(), "acme-verify");
     }
 
     #[test]
@@ -630,7 +713,7 @@ joinchat_order_gap_secs = 0
             (valid.replace("[channels.hats]", "[channels.Hats]"), "[channels.Hats]: `Hats` is not a name"),
             (
                 valid.replace(&fixture.path("hats-token"), &fixture.path("shoes-token")),
-                "[channels.shoes] bonychat_api_token: is the same token as channel hats's",
+                "[channels.shoes] bonychat_api_token: is the same token as one of channel hats's",
             ),
             (
                 valid.replace("204857600123456", "104857600123456"),
@@ -657,6 +740,171 @@ joinchat_order_gap_secs = 0
         assert!(refusal.contains("line 3"), "{refusal}");
         assert!(!refusal.contains("unterminated-secret-ish"), "{refusal}");
         assert!(!refusal.contains('\n'), "{refusal}");
+    }
+
+    /// The file with the rotation keys of SPEC §7 added to `[apps.acme]` and `[channels.shoes]`.
+    fn rotating(fixture: &Fixture) -> String {
+        for (name, value) in
+            [("shoes-token-old", "shoes-bonychat-token-old"), ("shoes-joinchat-old", "shoes-joinchat-old")]
+        {
+            std::fs::write(fixture.dir.path().join(name), format!("{value}\n")).unwrap();
+        }
+        fixture
+            .valid()
+            .replace(
+                "verify_token_env = \"ACME_VERIFY_TOKEN\"\n",
+                "verify_token_env = \"ACME_VERIFY_TOKEN\"\nverify_token_previous_env = \"ACME_VERIFY_TOKEN_OLD\"\n\
+                 app_secret_previous_env = \"ACME_APP_SECRET_OLD\"\n",
+            )
+            .replace(
+                "messenger_app = \"acme\"\n\n[channels.hats]",
+                &format!(
+                    "messenger_app = \"acme\"\nbonychat_api_token_previous_file = \"{}\"\n\
+                     joinchat_api_secret_previous_file = \"{}\"\nmessenger_page_access_token_env = \"SHOES_PAGE\"\n\
+                     messenger_page_access_token_previous_env = \"SHOES_PAGE_OLD\"\n\n[channels.hats]",
+                    fixture.path("shoes-token-old"),
+                    fixture.path("shoes-joinchat-old")
+                ),
+            )
+    }
+
+    const ROTATION_VARS: &[(&str, &str)] = &[
+        ("ACME_VERIFY_TOKEN_OLD", "acme-verify-old"),
+        ("ACME_APP_SECRET_OLD", "acme-app-secret-old"),
+        ("SHOES_PAGE", "shoes-page-token"),
+        ("SHOES_PAGE_OLD", "shoes-page-token-old"),
+    ];
+
+    #[test]
+    fn previous_values_are_kept_beside_the_current_ones() {
+        let fixture = Fixture::new();
+        let channels = fixture.load_with(&rotating(&fixture), ROTATION_VARS).unwrap();
+
+        let previous = |secret: &Rotating| secret.previous.as_ref().map(|p| p.expose().to_owned());
+        let shoes = &channels.channels["shoes"];
+        assert_eq!(previous(&shoes.bonychat.api_token).as_deref(), Some("shoes-bonychat-token-old"));
+        assert_eq!(shoes.bonychat.api_token.current.expose(), "shoes-bonychat-token");
+        assert_eq!(previous(&shoes.joinchat.api_secret).as_deref(), Some("shoes-joinchat-old"));
+        let page = shoes.page_access_token.as_ref().unwrap();
+        assert_eq!(
+            (page.current.expose(), previous(page).as_deref()),
+            ("shoes-page-token", Some("shoes-page-token-old"))
+        );
+        let acme = &channels.apps["acme"];
+        assert_eq!(previous(&acme.app_secret).as_deref(), Some("acme-app-secret-old"));
+        assert_eq!(previous(&acme.verify_token).as_deref(), Some("acme-verify-old"));
+        assert_eq!(previous(&channels.channels["hats"].bonychat.api_token), None, "no rotation there");
+        assert!(channels.warnings.is_empty(), "{:?}", channels.warnings);
+    }
+
+    #[test]
+    fn a_previous_value_without_a_current_one_is_refused_naming_its_key() {
+        let fixture = Fixture::new();
+        let content = rotating(&fixture).replace("messenger_page_access_token_env = \"SHOES_PAGE\"\n", "");
+
+        let refusal = fixture.load_with(&content, ROTATION_VARS).expect_err("refused").to_string();
+
+        assert!(
+            refusal.contains("[channels.shoes] messenger_page_access_token_previous_env: is set without"),
+            "{refusal}"
+        );
+        assert!(!refusal.contains("shoes-page-token-old"), "{refusal}");
+    }
+
+    #[test]
+    fn a_previous_value_is_refused_like_any_secret() {
+        let fixture = Fixture::new();
+        std::fs::write(fixture.dir.path().join("shoes-token-old"), "two\nlines\n").unwrap();
+        let cases = [
+            (
+                rotating(&fixture).replace(
+                    "verify_token_previous_env = \"ACME_VERIFY_TOKEN_OLD\"",
+                    "verify_token_previous = \"inline\"",
+                ),
+                "[apps.acme] verify_token_previous: a secret is never written in the file",
+            ),
+            (
+                rotating(&fixture).replace(&fixture.path("shoes-token-old"), &fixture.path("missing")),
+                "[channels.shoes] bonychat_api_token_previous_file: cannot read",
+            ),
+        ];
+        for (content, expected) in cases {
+            let refusal = fixture.load_with(&content, ROTATION_VARS).expect_err("refused").to_string();
+            assert!(refusal.contains(expected), "expected {expected:?} in {refusal:?}");
+        }
+        let blank = rotating(&fixture);
+        let refusal = fixture
+            .load_with(
+                &blank,
+                &[
+                    ("ACME_VERIFY_TOKEN_OLD", " "),
+                    ("ACME_APP_SECRET_OLD", "x"),
+                    ("SHOES_PAGE", "p"),
+                    ("SHOES_PAGE_OLD", "q"),
+                ],
+            )
+            .expect_err("refused")
+            .to_string();
+        assert!(refusal.contains("[apps.acme] verify_token_previous_env:"), "{refusal}");
+    }
+
+    #[test]
+    fn another_channel_s_previous_token_is_refused_like_its_current_one() {
+        let fixture = Fixture::new();
+        // hats keeps shoes's token as its previous one: shoes's caller could then send as hats.
+        let content = rotating(&fixture).replace(
+            "max_queued = 500",
+            &format!("max_queued = 500\nbonychat_api_token_previous_file = \"{}\"", fixture.path("shoes-token")),
+        );
+        let refusal = fixture.load_with(&content, ROTATION_VARS).expect_err("refused").to_string();
+        assert!(
+            refusal.contains("[channels.shoes] bonychat_api_token: is the same token as one of channel hats's"),
+            "{refusal}"
+        );
+
+        let content = rotating(&fixture).replace(
+            "max_queued = 500",
+            &format!("max_queued = 500\nbonychat_api_token_previous_file = \"{}\"", fixture.path("shoes-token-old")),
+        );
+        let refusal = fixture.load_with(&content, ROTATION_VARS).expect_err("refused").to_string();
+        assert!(
+            refusal
+                .contains("[channels.shoes] bonychat_api_token_previous: is the same token as one of channel hats's"),
+            "{refusal}"
+        );
+        assert!(!refusal.contains("shoes-bonychat-token"), "{refusal}");
+    }
+
+    #[test]
+    fn a_previous_value_equal_to_the_current_one_is_warned_about() {
+        let fixture = Fixture::new();
+        let vars = [
+            ("ACME_VERIFY_TOKEN_OLD", "acme-verify"),
+            ("ACME_APP_SECRET_OLD", "x"),
+            ("SHOES_PAGE", "p"),
+            ("SHOES_PAGE_OLD", "q"),
+        ];
+
+        let channels = fixture.load_with(&rotating(&fixture), &vars).unwrap();
+
+        assert_eq!(channels.warnings.len(), 1, "{:?}", channels.warnings);
+        assert!(
+            channels.warnings[0]
+                .starts_with("[apps.acme] verify_token_previous is the same value as [apps.acme] verify_token"),
+            "{:?}",
+            channels.warnings
+        );
+        assert!(!channels.warnings[0].contains("acme-verify"), "{:?}", channels.warnings);
+    }
+
+    #[test]
+    fn a_previous_single_channel_variable_beside_the_file_is_refused_naming_it() {
+        let fixture = Fixture::new();
+        for var in ["BONYCHAT_API_TOKEN_PREVIOUS", "JOINCHAT_API_SECRET_PREVIOUS_FILE"] {
+            let refusal = fixture.load_with(&fixture.valid(), &[(var, "old")]).expect_err("refused").to_string();
+            assert!(refusal.starts_with("RELAY_CHANNELS_FILE: is set, and so is "), "{refusal}");
+            assert!(refusal.contains(var.trim_end_matches("_FILE")), "{refusal}");
+        }
     }
 
     #[test]

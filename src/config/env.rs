@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use super::secret::Secret;
+use super::secret::{Rotating, Secret};
 
 /// Why a variable could not be used; displayed as one line: `NAME: problem`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,10 +179,19 @@ impl Env {
     /// A secret from `key` or from the file named by `<key>_FILE` (Docker and Kubernetes
     /// secrets are mounted as files). Setting both is refused: which one wins would be a guess.
     pub fn secret(&self, key: &str) -> Result<Option<Secret>, ConfigError> {
+        self.secret_or_empty_file(key, false)
+    }
+
+    /// [`Env::secret`]; with `empty_file_is_unset`, a `<key>_FILE` that is empty counts as
+    /// unset, as an empty variable does.
+    fn secret_or_empty_file(&self, key: &str, empty_file_is_unset: bool) -> Result<Option<Secret>, ConfigError> {
         let file_key = format!("{key}_FILE");
         match (self.get(key)?, self.get(&file_key)?) {
             (Some(_), Some(_)) => Err(ConfigError::new(key, format!("set either {key} or {file_key}, not both"))),
             (Some(value), None) => Ok(Some(Secret::new(usable_secret(key, value)?))),
+            (None, Some(path)) if empty_file_is_unset => {
+                read_optional_secret_file(Path::new(path)).map_err(|problem| ConfigError::new(&file_key, problem))
+            }
             (None, Some(path)) => {
                 read_secret_file(Path::new(path)).map(Some).map_err(|problem| ConfigError::new(&file_key, problem))
             }
@@ -193,11 +202,51 @@ impl Env {
     pub fn required_secret(&self, key: &str) -> Result<Secret, ConfigError> {
         self.secret(key)?.ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
     }
+
+    /// A secret with the value it replaces during a rotation: `key` (or `<key>_FILE`) and
+    /// `<key>_PREVIOUS` (or `<key>_PREVIOUS_FILE`), each read by the rules of [`Env::secret`],
+    /// except that an empty `<key>_PREVIOUS_FILE` means "no previous value": the variable can
+    /// name its file from the start, and a rotation then takes no restart (write the old value
+    /// there and `SIGHUP`; empty it and `SIGHUP` once the rotation is over).
+    ///
+    /// A previous value without a current one is refused: it is a rotation half set up (or
+    /// the new value put in the wrong variable), and it would be the only value in use.
+    pub fn rotating(&self, key: &str) -> Result<Option<Rotating>, ConfigError> {
+        let previous_key = format!("{key}_PREVIOUS");
+        let current = self.secret(key)?;
+        let previous = self.secret_or_empty_file(&previous_key, true)?;
+        match (current, previous) {
+            (Some(current), previous) => Ok(Some(Rotating::with_previous(current, previous))),
+            (None, None) => Ok(None),
+            (None, Some(_)) => {
+                let named =
+                    if self.get(&previous_key)?.is_some() { previous_key } else { format!("{previous_key}_FILE") };
+                Err(ConfigError::new(
+                    named,
+                    format!(
+                        "is set but {key} is not (nor {key}_FILE): the previous value is kept beside a current \
+                         one during a rotation, never alone"
+                    ),
+                ))
+            }
+        }
+    }
+
+    pub fn required_rotating(&self, key: &str) -> Result<Rotating, ConfigError> {
+        self.rotating(key)?.ok_or_else(|| ConfigError::new(key, format!("required but not set (nor {key}_FILE)")))
+    }
 }
 
 /// Reads a secret from a file (Docker and Kubernetes mount secrets as files): a small regular
 /// file of UTF-8 text, without its final line break. The problem never quotes the content.
 pub(super) fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    read_optional_secret_file(path)?.ok_or_else(|| format!("{} is empty", path.display()))
+}
+
+/// [`read_secret_file`], but an empty file (or one holding a line break alone) is no secret
+/// rather than an error: how a previous value's file says that no rotation is under way.
+/// A blank file (spaces) is still refused: it is a slip, not "nothing".
+pub(super) fn read_optional_secret_file(path: &Path) -> Result<Option<Secret>, String> {
     let shown = path.display();
     let bytes = read_small_file(path, SECRET_FILE_CAP)?;
     let content = String::from_utf8(bytes).map_err(|_| format!("{shown} is not UTF-8 text"))?;
@@ -206,13 +255,13 @@ pub(super) fn read_secret_file(path: &Path) -> Result<Secret, String> {
     // a second line break or a space is a slip the operator should see.
     let value = content.strip_suffix("\r\n").or_else(|| content.strip_suffix('\n')).unwrap_or(&content);
     if value.is_empty() {
-        return Err(format!("{shown} is empty"));
+        return Ok(None);
     }
     if value.trim().is_empty() {
         return Err(format!("{shown} is blank (only whitespace)"));
     }
     secret_problem(value).map_err(str::to_owned)?;
-    Ok(Secret::new(value))
+    Ok(Some(Secret::new(value)))
 }
 
 /// A secret holding a control character (a line break most often: a second line pasted in, a
@@ -554,6 +603,79 @@ mod tests {
             assert_eq!(err.var, "--env-file");
             assert!(err.problem.contains(at), "{at}: {err}");
             assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_rotating_secret_reads_its_previous_value_by_the_same_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-token");
+        std::fs::write(&old, "old-value\n").unwrap();
+
+        let from_file =
+            Env::from_pairs([("TOKEN", "new-value"), ("TOKEN_PREVIOUS_FILE", old.to_str().unwrap())]).rotating("TOKEN");
+        let from_var = Env::from_pairs([("TOKEN", "new-value"), ("TOKEN_PREVIOUS", "old-value")]).rotating("TOKEN");
+        let alone = Env::from_pairs([("TOKEN", "new-value")]).rotating("TOKEN");
+
+        for rotating in [from_file, from_var] {
+            let rotating = rotating.unwrap().unwrap();
+            assert_eq!(rotating.current.expose(), "new-value");
+            assert_eq!(rotating.previous.unwrap().expose(), "old-value");
+        }
+        assert_eq!(alone.unwrap().unwrap().previous, None);
+        assert_eq!(Env::default().rotating("TOKEN"), Ok(None));
+    }
+
+    #[test]
+    fn an_empty_previous_file_means_no_rotation_and_an_empty_current_file_is_still_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (empty, newline) = (dir.path().join("empty"), dir.path().join("newline"));
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&newline, "\n").unwrap();
+
+        for path in [&empty, &newline] {
+            let env = Env::from_pairs([("TOKEN", "new-value"), ("TOKEN_PREVIOUS_FILE", path.to_str().unwrap())]);
+            assert_eq!(env.rotating("TOKEN").unwrap().unwrap().previous, None, "{}", path.display());
+            let env = Env::from_pairs([("TOKEN_FILE", path.to_str().unwrap())]);
+            let err = env.rotating("TOKEN").unwrap_err();
+            assert_eq!((err.var.as_str(), err.problem.ends_with("is empty")), ("TOKEN_FILE", true), "{err}");
+        }
+        let alone = Env::from_pairs([("TOKEN_PREVIOUS_FILE", empty.to_str().unwrap())]);
+        assert_eq!(alone.rotating("TOKEN"), Ok(None), "an empty previous file alone is no rotation either");
+    }
+
+    #[test]
+    fn a_previous_value_without_a_current_one_is_refused_naming_the_variable_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-token");
+        std::fs::write(&old, "old-value\n").unwrap();
+        for (var, value) in [("TOKEN_PREVIOUS", "old-value"), ("TOKEN_PREVIOUS_FILE", old.to_str().unwrap())] {
+            let err = Env::from_pairs([(var, value)]).rotating("TOKEN").unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(err.problem.contains("TOKEN is not"), "{err}");
+            assert!(!err.to_string().contains("old-value"), "{err}");
+        }
+        let err = Env::from_pairs([("TOKEN_PREVIOUS", "old-value")]).required_rotating("TOKEN").unwrap_err();
+        assert_eq!(err.var, "TOKEN_PREVIOUS", "the half-made rotation, not a missing TOKEN: {err}");
+    }
+
+    #[test]
+    fn a_previous_value_is_refused_like_any_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let blank = dir.path().join("blank");
+        std::fs::write(&blank, " \n").unwrap();
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("TOKEN_PREVIOUS", "two\nlines")], "TOKEN_PREVIOUS"),
+            (&[("TOKEN_PREVIOUS", " padded")], "TOKEN_PREVIOUS"),
+            (&[("TOKEN_PREVIOUS", "a"), ("TOKEN_PREVIOUS_FILE", "/x")], "TOKEN_PREVIOUS"),
+            (&[("TOKEN_PREVIOUS_FILE", blank.to_str().unwrap())], "TOKEN_PREVIOUS_FILE"),
+            (&[("TOKEN_PREVIOUS_FILE", "/dev/zero")], "TOKEN_PREVIOUS_FILE"),
+        ];
+        for (pairs, var) in cases {
+            let mut pairs = pairs.to_vec();
+            pairs.push(("TOKEN", "new-value"));
+            let err = Env::from_pairs(pairs).rotating("TOKEN").unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
         }
     }
 

@@ -21,7 +21,7 @@ pub use channels::{
     AppConfig, CHANNELS_FILE_VAR, ChannelConfig, Channels, ChannelsSource, DEFAULT_APP, QueueCaps, SINGLE_CHANNEL_VARS,
 };
 pub use env::{ConfigError, Env, parse_duration, parse_duration_list};
-pub use secret::Secret;
+pub use secret::{Rotating, Secret, SecretValue};
 
 use env::parse_u64;
 
@@ -48,8 +48,9 @@ pub struct ServerConfig {
     pub addr: SocketAddr,
     /// `RELAY_SHUTDOWN_GRACE_SECS`, default 10: how long in-flight work may finish after SIGTERM.
     pub shutdown_grace: Duration,
-    /// `RELAY_ADMIN_TOKEN`: enables `/admin/*` when set.
-    pub admin_token: Option<Secret>,
+    /// `RELAY_ADMIN_TOKEN` (and `RELAY_ADMIN_TOKEN_PREVIOUS` during a rotation): enables
+    /// `/admin/*` when set.
+    pub admin_token: Option<Rotating>,
     /// `RELAY_SANDBOX`, default false: mounts the JoinChat and BonyChat stand-ins under
     /// `/sandbox/`. Never in production: anyone reaching the port could read what they received.
     pub sandbox: bool,
@@ -77,8 +78,8 @@ pub struct ServerLimits {
 pub struct BonyChatConfig {
     /// `BONYCHAT_CHANNEL_ID`: the Channel ID BonyChat generated.
     pub channel_id: String,
-    /// `BONYCHAT_API_TOKEN`: checked on `/message`, sent on webhook posts.
-    pub api_token: Secret,
+    /// `BONYCHAT_API_TOKEN` (and `_PREVIOUS`): checked on `/message`, sent on webhook posts.
+    pub api_token: Rotating,
     /// `BONYCHAT_WEBHOOK_URL`: where inbound events are posted.
     pub webhook_url: Endpoint,
 }
@@ -89,8 +90,8 @@ pub struct JoinChatConfig {
     pub api_url: Endpoint,
     /// `JOINCHAT_PAGE_ID`: the Page bound to the JoinChat bot, sent as a JSON string.
     pub page_id: String,
-    /// `JOINCHAT_API_SECRET`: key of the `x-joinchat-signature` HMAC.
-    pub api_secret: Secret,
+    /// `JOINCHAT_API_SECRET` (and `_PREVIOUS`): key of the `x-joinchat-signature` HMAC.
+    pub api_secret: Rotating,
     /// `JOINCHAT_RECIPIENT_FIELD`, default `auto`.
     pub recipient_field: RecipientField,
     /// `JOINCHAT_MESSAGE_TAG`: sent as `tag` on every request when set.
@@ -209,6 +210,7 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_RETENTION",
     "RELAY_SHUTDOWN_GRACE_SECS",
     "RELAY_ADMIN_TOKEN",
+    "RELAY_ADMIN_TOKEN_PREVIOUS",
     "RELAY_METRICS_ADDR",
     "RELAY_LOG_FORMAT",
     "RELAY_MAX_QUEUED_OUTBOUND",
@@ -225,13 +227,22 @@ const KNOWN_VARS: &[&str] = &[
     "RELAY_SANDBOX",
 ];
 
+/// The variables that also take `<NAME>_FILE`. Every secret but `RELAY_DATABASE_URL` also
+/// takes `<NAME>_PREVIOUS` during a rotation (a database password is rotated with the
+/// database's own overlap and a restart).
 const SECRET_VARS: &[&str] = &[
     "BONYCHAT_API_TOKEN",
+    "BONYCHAT_API_TOKEN_PREVIOUS",
     "JOINCHAT_API_SECRET",
+    "JOINCHAT_API_SECRET_PREVIOUS",
     "MESSENGER_APP_SECRET",
+    "MESSENGER_APP_SECRET_PREVIOUS",
     "MESSENGER_VERIFY_TOKEN",
+    "MESSENGER_VERIFY_TOKEN_PREVIOUS",
     "MESSENGER_PAGE_ACCESS_TOKEN",
+    "MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS",
     "RELAY_ADMIN_TOKEN",
+    "RELAY_ADMIN_TOKEN_PREVIOUS",
     "RELAY_DATABASE_URL",
 ];
 
@@ -246,7 +257,7 @@ impl Config {
         let server = ServerConfig {
             addr: env.parsed("RELAY_ADDR", default_addr([0, 0, 0, 0], 8080), parse_addr)?,
             shutdown_grace: env.parsed("RELAY_SHUTDOWN_GRACE_SECS", Duration::from_secs(10), grace_secs)?,
-            admin_token: env.secret("RELAY_ADMIN_TOKEN")?,
+            admin_token: env.rotating("RELAY_ADMIN_TOKEN")?,
             sandbox: env.parsed("RELAY_SANDBOX", false, parse_bool)?,
             limits: ServerLimits::from_env(env)?,
         };
@@ -301,6 +312,7 @@ impl Config {
         };
 
         check_admin_token(server.admin_token.as_ref(), &channels)?;
+        warnings.extend(admin_token_warning(server.admin_token.as_ref()));
         warnings.extend(channels.warnings.iter().cloned());
         warnings.extend(sandbox_warnings(&server, &channels));
 
@@ -315,7 +327,7 @@ impl Config {
     /// may change the token it takes but not take it away.
     pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let channels = Channels::load(&self.env, self.store.intake)?;
-        let admin_token = self.env.secret("RELAY_ADMIN_TOKEN")?;
+        let admin_token = self.env.rotating("RELAY_ADMIN_TOKEN")?;
         if self.server.admin_token.is_some() && admin_token.is_none() {
             return Err(ConfigError::new(
                 "RELAY_ADMIN_TOKEN",
@@ -323,13 +335,17 @@ impl Config {
             ));
         }
         check_admin_token(admin_token.as_ref(), &channels)?;
-        Ok(Reloaded { channels, admin_token })
+        let mut warnings: Vec<String> = admin_token_warning(admin_token.as_ref()).into_iter().collect();
+        warnings.extend(channels.warnings.iter().cloned());
+        Ok(Reloaded { channels, admin_token, warnings })
     }
 
     /// Every variable with the value in effect, defaults included, for `check-config`. Secrets
     /// are `[redacted]` and URLs lose their credentials, so the list can be pasted into a ticket.
     pub fn effective(&self) -> Vec<(String, String)> {
-        let secret = |s: &Option<Secret>| s.as_ref().map_or_else(unset, |_| REDACTED.to_owned());
+        let secret = |s: Option<&Secret>| s.map_or_else(unset, |_| REDACTED.to_owned());
+        let previous = |s: Option<&Rotating>| secret(s.and_then(|s| s.previous.as_ref()));
+        let current = |s: Option<&Rotating>| secret(s.map(|s| &s.current));
         let url = |e: &Endpoint| redact_userinfo(e.url().as_str()).into_owned();
         let ms = |d: Duration| d.as_millis().to_string();
         let secs = |d: Duration| d.as_secs().to_string();
@@ -338,7 +354,8 @@ impl Config {
         let mut lines: Vec<(String, String)> = vec![
             ("RELAY_ADDR".into(), server.addr.to_string()),
             ("RELAY_SHUTDOWN_GRACE_SECS".into(), secs(server.shutdown_grace)),
-            ("RELAY_ADMIN_TOKEN".into(), secret(&server.admin_token)),
+            ("RELAY_ADMIN_TOKEN".into(), current(server.admin_token.as_ref())),
+            ("RELAY_ADMIN_TOKEN_PREVIOUS".into(), previous(server.admin_token.as_ref())),
             ("RELAY_SANDBOX".into(), server.sandbox.to_string()),
             ("RELAY_MAX_CONNECTIONS".into(), server.limits.max_connections.to_string()),
             ("RELAY_HEADER_READ_TIMEOUT_MS".into(), ms(server.limits.header_read_timeout)),
@@ -388,12 +405,16 @@ impl Config {
         ];
         let by_file = matches!(channels.source, ChannelsSource::File(_));
         for (name, app) in &channels.apps {
-            let AppConfig { app_secret: _, verify_token: _ } = app;
+            let AppConfig { app_secret, verify_token } = app;
             let key = |file_key: &str, var: &str| {
                 if by_file { format!("apps.{name}.{file_key}") } else { var.to_owned() }
             };
-            lines.push((key("app_secret", "MESSENGER_APP_SECRET"), REDACTED.to_owned()));
-            lines.push((key("verify_token", "MESSENGER_VERIFY_TOKEN"), REDACTED.to_owned()));
+            lines.extend([
+                (key("app_secret", "MESSENGER_APP_SECRET"), REDACTED.to_owned()),
+                (key("app_secret_previous", "MESSENGER_APP_SECRET_PREVIOUS"), previous(Some(app_secret))),
+                (key("verify_token", "MESSENGER_VERIFY_TOKEN"), REDACTED.to_owned()),
+                (key("verify_token_previous", "MESSENGER_VERIFY_TOKEN_PREVIOUS"), previous(Some(verify_token))),
+            ]);
         }
         for (name, channel) in &channels.channels {
             let ChannelConfig { bonychat, joinchat, messenger_app, page_access_token, max_queued } = channel;
@@ -403,10 +424,18 @@ impl Config {
             lines.extend([
                 (key("bonychat_channel_id", "BONYCHAT_CHANNEL_ID"), bonychat.channel_id.clone()),
                 (key("bonychat_api_token", "BONYCHAT_API_TOKEN"), REDACTED.to_owned()),
+                (
+                    key("bonychat_api_token_previous", "BONYCHAT_API_TOKEN_PREVIOUS"),
+                    previous(Some(&bonychat.api_token)),
+                ),
                 (key("bonychat_webhook_url", "BONYCHAT_WEBHOOK_URL"), url(&bonychat.webhook_url)),
                 (key("joinchat_api_url", "JOINCHAT_API_URL"), url(&joinchat.api_url)),
                 (key("joinchat_page_id", "JOINCHAT_PAGE_ID"), joinchat.page_id.clone()),
                 (key("joinchat_api_secret", "JOINCHAT_API_SECRET"), REDACTED.to_owned()),
+                (
+                    key("joinchat_api_secret_previous", "JOINCHAT_API_SECRET_PREVIOUS"),
+                    previous(Some(&joinchat.api_secret)),
+                ),
                 (
                     key("joinchat_recipient_field", "JOINCHAT_RECIPIENT_FIELD"),
                     format!("{:?}", joinchat.recipient_field).to_lowercase(),
@@ -420,7 +449,14 @@ impl Config {
                     key("joinchat_max_sends_per_sec", "JOINCHAT_MAX_SENDS_PER_SEC"),
                     joinchat.max_sends_per_sec.to_string(),
                 ),
-                (key("messenger_page_access_token", "MESSENGER_PAGE_ACCESS_TOKEN"), secret(page_access_token)),
+                (
+                    key("messenger_page_access_token", "MESSENGER_PAGE_ACCESS_TOKEN"),
+                    current(page_access_token.as_ref()),
+                ),
+                (
+                    key("messenger_page_access_token_previous", "MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS"),
+                    previous(page_access_token.as_ref()),
+                ),
             ]);
             if by_file {
                 lines.push((key("messenger_app", ""), messenger_app.clone()));
@@ -435,20 +471,34 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Reloaded {
     pub channels: Channels,
-    pub admin_token: Option<Secret>,
+    pub admin_token: Option<Rotating>,
+    /// Odd but accepted values, the channels' included, for the log.
+    pub warnings: Vec<String>,
 }
 
 /// The admin token must not be a token BonyChat holds: with it, BonyChat could also use /admin.
-fn check_admin_token(admin: Option<&Secret>, channels: &Channels) -> Result<(), ConfigError> {
-    let Some(owner) = admin.and_then(|admin| channels.token_owner(admin)) else { return Ok(()) };
+/// Every value counts, current and previous on both sides: a token dropped from BonyChat only a
+/// moment ago is still live in the relay while the rotation lasts.
+fn check_admin_token(admin: Option<&Rotating>, channels: &Channels) -> Result<(), ConfigError> {
+    let Some(admin) = admin else { return Ok(()) };
+    let Some(owner) = channels.token_owner(admin) else { return Ok(()) };
     let held_as = match channels.source {
         ChannelsSource::Environment => "BONYCHAT_API_TOKEN".to_owned(),
         ChannelsSource::File(_) => format!("the BonyChat API token of channel {owner}"),
     };
+    let current_is_held = channels.channels[owner].bonychat.api_token.values().any(|token| token == &admin.current);
+    let var = if current_is_held { "RELAY_ADMIN_TOKEN" } else { "RELAY_ADMIN_TOKEN_PREVIOUS" };
     Err(ConfigError::new(
-        "RELAY_ADMIN_TOKEN",
-        format!("must differ from {held_as} (BonyChat holds that token; with it, it could also use /admin)"),
+        var,
+        format!(
+            "must differ from {held_as}, current and previous (BonyChat holds that token; with it, it could also \
+             use /admin)"
+        ),
     ))
+}
+
+fn admin_token_warning(admin: Option<&Rotating>) -> Option<String> {
+    admin.and_then(|admin| channels::same_previous_warning("RELAY_ADMIN_TOKEN_PREVIOUS", "RELAY_ADMIN_TOKEN", admin))
 }
 
 const REDACTED: &str = "[redacted]";
@@ -1107,6 +1157,165 @@ mod tests {
         let postgres = with(&[("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay?password=pa55word")]);
         let shown = Config::from_env(&postgres).unwrap().effective();
         assert!(!format!("{shown:?}").contains("pa55word"));
+    }
+
+    const PREVIOUS_VARS: &[(&str, &str)] = &[
+        ("BONYCHAT_API_TOKEN_PREVIOUS", "bony-token-old"),
+        ("JOINCHAT_API_SECRET_PREVIOUS", "join-secret-old"),
+        ("MESSENGER_APP_SECRET_PREVIOUS", "app-secret-old"),
+        ("MESSENGER_VERIFY_TOKEN_PREVIOUS", "verify-token-old"),
+        ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
+        ("MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS", "page-token-old"),
+        ("RELAY_ADMIN_TOKEN", "admin-token"),
+        ("RELAY_ADMIN_TOKEN_PREVIOUS", "admin-token-old"),
+    ];
+
+    #[test]
+    fn every_secret_takes_its_previous_value_without_a_warning() {
+        let config = Config::from_env(&with(PREVIOUS_VARS)).unwrap();
+
+        let previous = |secret: &Rotating| secret.previous.as_ref().map(|p| p.expose().to_owned());
+        let channel = &config.channels.channels["default"];
+        let app = &config.channels.apps["default"];
+        assert_eq!(previous(&channel.bonychat.api_token).as_deref(), Some("bony-token-old"));
+        assert_eq!(channel.bonychat.api_token.current.expose(), "bony-token");
+        assert_eq!(previous(&channel.joinchat.api_secret).as_deref(), Some("join-secret-old"));
+        assert_eq!(previous(channel.page_access_token.as_ref().unwrap()).as_deref(), Some("page-token-old"));
+        assert_eq!(previous(&app.app_secret).as_deref(), Some("app-secret-old"));
+        assert_eq!(previous(&app.verify_token).as_deref(), Some("verify-token-old"));
+        assert_eq!(previous(config.server.admin_token.as_ref().unwrap()).as_deref(), Some("admin-token-old"));
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("-old"), "{debug}");
+    }
+
+    #[test]
+    fn a_previous_file_is_known_and_a_previous_database_url_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old");
+        std::fs::write(&old, "bony-token-old\n").unwrap();
+        let old = old.to_str().unwrap().to_owned();
+        let old: &'static str = Box::leak(old.into_boxed_str());
+
+        let config = Config::from_env(&with(&[
+            ("BONYCHAT_API_TOKEN_PREVIOUS_FILE", old),
+            ("RELAY_DATABASE_URL_PREVIOUS", "sqlite://old.db"),
+        ]))
+        .unwrap();
+
+        let previous = config.channels.channels["default"].bonychat.api_token.previous.clone();
+        assert_eq!(previous.unwrap().expose(), "bony-token-old");
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(config.warnings[0].starts_with("RELAY_DATABASE_URL_PREVIOUS is set but the relay does not read it"));
+    }
+
+    #[test]
+    fn a_previous_value_without_its_current_one_stops_the_start_naming_it() {
+        for (var, current) in [
+            ("MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS", "MESSENGER_PAGE_ACCESS_TOKEN"),
+            ("RELAY_ADMIN_TOKEN_PREVIOUS", "RELAY_ADMIN_TOKEN"),
+        ] {
+            let err = Config::from_env(&with(&[(var, "old-value")])).unwrap_err();
+            assert_eq!(err.var, var, "{err}");
+            assert!(err.problem.starts_with(&format!("is set but {current} is not")), "{err}");
+            assert!(!err.to_string().contains("old-value") && !err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_previous_value_equal_to_the_current_one_is_warned_about() {
+        let config = Config::from_env(&with(&[
+            ("JOINCHAT_API_SECRET_PREVIOUS", "join-secret"),
+            ("RELAY_ADMIN_TOKEN", "admin-token"),
+            ("RELAY_ADMIN_TOKEN_PREVIOUS", "admin-token"),
+        ]))
+        .unwrap();
+
+        assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+        for var in ["JOINCHAT_API_SECRET", "RELAY_ADMIN_TOKEN"] {
+            let expected = format!("{var}_PREVIOUS is the same value as {var}:");
+            assert!(config.warnings.iter().any(|w| w.starts_with(&expected)), "{expected}: {:?}", config.warnings);
+        }
+        assert!(!format!("{:?}", config.warnings).contains("join-secret"));
+    }
+
+    #[test]
+    fn the_admin_token_must_differ_from_every_bonychat_token_current_or_previous() {
+        let cases: &[(&[(&'static str, &'static str)], &str)] = &[
+            (
+                &[("RELAY_ADMIN_TOKEN", "bony-token-old"), ("BONYCHAT_API_TOKEN_PREVIOUS", "bony-token-old")],
+                "RELAY_ADMIN_TOKEN",
+            ),
+            (
+                &[("RELAY_ADMIN_TOKEN", "admin-token"), ("RELAY_ADMIN_TOKEN_PREVIOUS", "bony-token")],
+                "RELAY_ADMIN_TOKEN_PREVIOUS",
+            ),
+            (
+                &[
+                    ("RELAY_ADMIN_TOKEN", "admin-token"),
+                    ("RELAY_ADMIN_TOKEN_PREVIOUS", "bony-token-old"),
+                    ("BONYCHAT_API_TOKEN_PREVIOUS", "bony-token-old"),
+                ],
+                "RELAY_ADMIN_TOKEN_PREVIOUS",
+            ),
+        ];
+        for (vars, var) in cases {
+            let err = Config::from_env(&with(vars)).unwrap_err();
+            assert_eq!(&err.var, var, "{err}");
+            assert!(err.problem.starts_with("must differ from BONYCHAT_API_TOKEN"), "{err}");
+            assert!(!err.to_string().contains("bony-token"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_effective_configuration_shows_whether_a_previous_value_is_set() {
+        let config = Config::from_env(&with(&[
+            ("JOINCHAT_API_SECRET_PREVIOUS", "join-secret-old"),
+            ("RELAY_ADMIN_TOKEN", "admin-token"),
+        ]))
+        .unwrap();
+        let effective = config.effective();
+        let value = |name: &str| effective.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str());
+
+        assert_eq!(value("JOINCHAT_API_SECRET_PREVIOUS"), Some("[redacted]"));
+        assert_eq!(value("BONYCHAT_API_TOKEN_PREVIOUS"), Some("(unset)"));
+        assert_eq!(value("RELAY_ADMIN_TOKEN_PREVIOUS"), Some("(unset)"));
+        assert_eq!(value("MESSENGER_PAGE_ACCESS_TOKEN_PREVIOUS"), Some("(unset)"));
+        assert!(!format!("{effective:?}").contains("-old"));
+    }
+
+    #[test]
+    fn a_reload_reads_previous_files_again_and_refuses_an_unusable_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (current, previous) = (dir.path().join("admin"), dir.path().join("admin-old"));
+        std::fs::write(&current, "admin-token\n").unwrap();
+        let leak =
+            |path: &std::path::Path| -> &'static str { Box::leak(path.to_str().unwrap().to_owned().into_boxed_str()) };
+        let config = Config::from_env(&with(&[
+            ("RELAY_ADMIN_TOKEN_FILE", leak(&current)),
+            ("RELAY_ADMIN_TOKEN_PREVIOUS_FILE", leak(&previous)),
+        ]));
+        assert_eq!(config.unwrap_err().var, "RELAY_ADMIN_TOKEN_PREVIOUS_FILE", "a missing file stops the start");
+        std::fs::write(&previous, "admin-token-old\n").unwrap();
+        let config = Config::from_env(&with(&[
+            ("RELAY_ADMIN_TOKEN_FILE", leak(&current)),
+            ("RELAY_ADMIN_TOKEN_PREVIOUS_FILE", leak(&previous)),
+        ]))
+        .unwrap();
+
+        std::fs::write(&current, "admin-token-new\n").unwrap();
+        std::fs::write(&previous, "admin-token\n").unwrap();
+        let reloaded = config.reload().unwrap().admin_token.unwrap();
+        assert_eq!(reloaded.current.expose(), "admin-token-new");
+        assert_eq!(reloaded.previous.unwrap().expose(), "admin-token");
+
+        for unusable in ["  \n", "two\nlines\n", "\t\n"] {
+            std::fs::write(&previous, unusable).unwrap();
+            let err = config.reload().unwrap_err();
+            assert_eq!(err.var, "RELAY_ADMIN_TOKEN_PREVIOUS_FILE", "{unusable:?}: {err}");
+        }
+        std::fs::write(&previous, "").unwrap();
+        assert_eq!(config.reload().unwrap().admin_token.unwrap().previous, None, "an empty file: the rotation is over");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The stand-in recomputes `x-joinchat-signature` over the raw bytes it received, with its own
 //! HMAC code (not the relay's), and answers 401 to a bad signature as JoinChat would. It
 //! records every request and answers from a script, so a test can make JoinChat fail, throttle
-//! or hang. Set `TEST_LOG=1` to see the relay's logs.
+//! or hang. The values a stand-in takes can be changed while it runs, as an upstream's are when
+//! its secret is rotated. Set `TEST_LOG=1` to see the relay's logs.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bonychat_relay::config::{Config, Env};
-use bonychat_relay::startup::Application;
+use bonychat_relay::startup::{Application, Reloader};
 use bonychat_relay::store::{Job, JobState, Store};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
@@ -50,6 +51,8 @@ pub struct TestApp {
     pub vars: Vec<(String, String)>,
     /// The directory of the SQLite file; removed when the test ends.
     pub data_dir: Arc<TempDir>,
+    /// What `SIGHUP` calls: re-reads the channels and every secret file.
+    pub reloader: Reloader,
     stop: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -94,9 +97,23 @@ async fn start(
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
     let store = app.store();
+    let reloader = app.reloader();
     let stop = CancellationToken::new();
     let server = tokio::spawn(app.run_until_stopped(stop.clone()));
-    TestApp { addr, metrics_addr, http: http_client(), joinchat, bonychat, graph, store, vars, data_dir, stop, server }
+    TestApp {
+        addr,
+        metrics_addr,
+        http: http_client(),
+        joinchat,
+        bonychat,
+        graph,
+        store,
+        vars,
+        data_dir,
+        reloader,
+        stop,
+        server,
+    }
 }
 
 /// Every variable a test relay starts with: real defaults except for addresses, timeouts and
@@ -172,11 +189,12 @@ impl TestApp {
 
     /// Stops the relay and starts it again on the same store and stand-ins.
     pub async fn restart(self) -> Self {
-        let Self { vars, joinchat, bonychat, graph, data_dir, stop, server, store, .. } = self;
+        let Self { vars, joinchat, bonychat, graph, data_dir, stop, server, store, reloader, .. } = self;
         stop.cancel();
         server.await.expect("server task").expect("clean shutdown");
-        // The store is held by one relay at a time: this one lets go of it before the next.
-        drop(store);
+        // The store is held by one relay at a time: this one lets go of it (the reloader's
+        // channels hold it too) before the next.
+        drop((store, reloader));
         start(vars, joinchat, bonychat, graph, data_dir).await
     }
 
@@ -324,37 +342,39 @@ impl Reply {
 }
 
 /// How a stand-in tells an authentic request from a forged one, and what it answers to the latter.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Check {
     /// JoinChat: `x-joinchat-signature` over the raw body.
-    JoinChatSignature(String),
+    JoinChatSignature,
     /// BonyChat: `Authorization: Bearer <token>`.
-    Bearer(String),
+    Bearer,
     /// Graph API: `access_token` in the query.
-    AccessToken(String),
+    AccessToken,
 }
 
 impl Check {
-    fn passes(&self, headers: &HeaderMap, query: &str, body: &[u8]) -> bool {
-        match self {
-            Self::JoinChatSignature(secret) => {
+    /// Whether the request carries one of the values in `accepted`.
+    fn passes(self, accepted: &[String], headers: &HeaderMap, query: &str, body: &[u8]) -> bool {
+        let carries = |value: &String| match self {
+            Self::JoinChatSignature => {
                 let signature = headers.get("x-joinchat-signature").and_then(|v| v.to_str().ok());
-                signature == Some(expected_signature(secret, body).as_str())
+                signature == Some(expected_signature(value, body).as_str())
             }
-            Self::Bearer(token) => {
-                headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {token}").as_str())
+            Self::Bearer => {
+                headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(format!("Bearer {value}").as_str())
             }
-            Self::AccessToken(token) => query.split('&').any(|pair| pair == format!("access_token={token}")),
-        }
+            Self::AccessToken => query.split('&').any(|pair| pair == format!("access_token={value}")),
+        };
+        accepted.iter().any(carries)
     }
 
-    fn refusal(&self) -> (StatusCode, &'static str) {
+    fn refusal(self) -> (StatusCode, &'static str) {
         match self {
-            Self::JoinChatSignature(_) => {
+            Self::JoinChatSignature => {
                 (StatusCode::UNAUTHORIZED, r#"{"success":false,"errors":{"msg":"signature mismatch"}}"#)
             }
-            Self::Bearer(_) => (StatusCode::UNAUTHORIZED, r#"{"error":{"message":"401: UNAUTHORIZED"}}"#),
-            Self::AccessToken(_) => {
+            Self::Bearer => (StatusCode::UNAUTHORIZED, r#"{"error":{"message":"401: UNAUTHORIZED"}}"#),
+            Self::AccessToken => {
                 (StatusCode::BAD_REQUEST, r#"{"error":{"message":"Invalid OAuth access token.","code":190}}"#)
             }
         }
@@ -372,6 +392,8 @@ pub struct StandIn {
 
 struct StandInState {
     check: Check,
+    /// The secrets or tokens it takes now.
+    accepted: Mutex<Vec<String>>,
     default_reply: Reply,
     /// Percentage of unscripted requests answered 503 at random.
     failure_percent: std::sync::atomic::AtomicU32,
@@ -382,22 +404,23 @@ struct StandInState {
 
 impl StandIn {
     pub async fn joinchat(secret: &str) -> Self {
-        Self::start("/api/send_message", Check::JoinChatSignature(secret.to_owned()), Reply::ok()).await
+        Self::start("/api/send_message", Check::JoinChatSignature, secret, Reply::ok()).await
     }
 
     pub async fn bonychat(token: &str) -> Self {
-        Self::start("/custom/channel/webhook/", Check::Bearer(token.to_owned()), Reply::status(200, "")).await
+        Self::start("/custom/channel/webhook/", Check::Bearer, token, Reply::status(200, "")).await
     }
 
     /// The Graph API: the relay is configured with `url` as `MESSENGER_GRAPH_URL`.
     pub async fn graph(token: &str) -> Self {
         let profile = r#"{"first_name":"Peter","last_name":"Chang","profile_pic":"https://platform-lookaside.example/pic.jpg","locale":"en_US","timezone":-7,"id":"1066835436691078"}"#;
-        Self::start("/v21.0", Check::AccessToken(token.to_owned()), Reply::status(200, profile)).await
+        Self::start("/v21.0", Check::AccessToken, token, Reply::status(200, profile)).await
     }
 
-    async fn start(path: &str, check: Check, default_reply: Reply) -> Self {
+    async fn start(path: &str, check: Check, accepted: &str, default_reply: Reply) -> Self {
         let state = Arc::new(StandInState {
             check,
+            accepted: Mutex::new(vec![accepted.to_owned()]),
             default_reply,
             failure_percent: std::sync::atomic::AtomicU32::new(0),
             received: Mutex::default(),
@@ -409,6 +432,11 @@ impl StandIn {
         let app = axum::Router::new().fallback(receive).with_state(Arc::clone(&state));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { url, state }
+    }
+
+    /// From now on, takes these values only (a rotated secret: the new one, or both for a while).
+    pub fn accept(&self, values: &[&str]) {
+        *self.state.accepted.lock().unwrap() = values.iter().map(|v| (*v).to_owned()).collect();
     }
 
     /// Queues answers for the next requests; once the script runs out, the default answer.
@@ -462,7 +490,8 @@ async fn receive(
     body: Bytes,
 ) -> Response {
     let query = uri.query().unwrap_or("").to_owned();
-    let authentic = state.check.passes(&headers, &query, &body);
+    let accepted = state.accepted.lock().unwrap().clone();
+    let authentic = state.check.passes(&accepted, &headers, &query, &body);
     let reply = if authentic {
         let scripted = state.script.lock().unwrap().pop_front();
         let failing = state.failure_percent.load(std::sync::atomic::Ordering::Relaxed);

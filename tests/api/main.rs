@@ -23,6 +23,7 @@ mod postgres;
 mod queue_safety;
 mod replica_clocks;
 mod replicas;
+mod rotation;
 mod sandbox;
 mod sandbox_channels;
 mod send_rate;
