@@ -121,17 +121,24 @@ pub struct Live {
     store: Arc<dyn Store>,
     /// Every channel's send rate: kept across reloads (a reload must not reset a throttle).
     rates: Arc<SendRates>,
+    /// How many times the directory was replaced.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Live {
     pub fn new(channels: &Channels, admin_token: Option<&Rotating>, clients: Clients, store: Arc<dyn Store>) -> Self {
         let rates = Arc::new(SendRates::new(Arc::clone(&store)));
         let directory = build(channels, admin_token, &clients, &store, &rates);
-        Self { current: RwLock::new(Arc::new(directory)), clients, store, rates }
+        Self { current: RwLock::new(Arc::new(directory)), clients, store, rates, generation: Default::default() }
     }
 
     pub fn rates(&self) -> &SendRates {
         &self.rates
+    }
+
+    /// Changes each time a reload puts a new directory in effect.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The directory in effect now; kept by the caller for the whole of its work.
@@ -143,6 +150,7 @@ impl Live {
     pub fn replace(&self, channels: &Channels, admin_token: Option<&Rotating>) -> Changes {
         let next = Arc::new(build(channels, admin_token, &self.clients, &self.store, &self.rates));
         let previous = std::mem::replace(&mut *self.current.write().expect("directory lock"), Arc::clone(&next));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut changes = Changes::default();
         for name in next.names.iter() {
             if previous.channels.contains_key(name) {

@@ -66,6 +66,12 @@ impl Breakers {
         Some(rest)
     }
 
+    /// Ends every rest and forgets every count: the configuration changed (a reload), and with
+    /// it, most likely, what made the upstream fail (a rotated secret, a fixed URL).
+    pub fn forget(&self) {
+        self.state.lock().expect("breakers").clear();
+    }
+
     /// Whether `channel`'s deliveries of `direction` rest at `now`.
     pub fn resting(&self, channel: &str, direction: Direction, now: Instant) -> bool {
         let state = self.state.lock().expect("breakers");
@@ -119,5 +125,12 @@ mod tests {
         breakers.record("shoes", Direction::Outbound, Answer::Answered, much_later);
         assert!(!breakers.resting("shoes", Direction::Outbound, much_later));
         assert_eq!(fail(much_later), None, "an answer starts the count again");
+
+        for _ in 0..TRIP_AFTER {
+            fail(much_later);
+        }
+        assert!(breakers.resting("shoes", Direction::Outbound, much_later));
+        breakers.forget();
+        assert!(!breakers.resting("shoes", Direction::Outbound, much_later), "a reload ends the rest");
     }
 }

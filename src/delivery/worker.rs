@@ -102,6 +102,8 @@ pub struct Worker {
     /// Whether the dispatcher stopped claiming for want of a slot: only then does an attempt
     /// that ends wake it (otherwise every attempt's end would cost a claim).
     short_of_slots: std::sync::atomic::AtomicBool,
+    /// The directory generation the breakers were last kept for: a reload ends every rest.
+    breakers_of: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -119,6 +121,7 @@ impl Worker {
             abort: CancellationToken::new(),
             slot_freed: Notify::new(),
             short_of_slots: std::sync::atomic::AtomicBool::new(false),
+            breakers_of: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -200,6 +203,11 @@ impl Worker {
                 continue;
             }
             let directory = self.channels.current();
+            let generation = self.channels.generation();
+            if self.breakers_of.swap(generation, std::sync::atomic::Ordering::SeqCst) != generation {
+                // The operator fixed something (a rotated secret, an upstream URL): try at once.
+                self.breakers.forget();
+            }
             let share = share_of(directory.len());
             let now = self.store.now();
             let mut resting = self.breakers.resting_channels(direction, Instant::now());
