@@ -17,7 +17,8 @@
 //! [`SCRAPE_CACHE_PERIOD`] of a render share it: a storm of scrapes costs one render a period,
 //! not one each, and cannot take the store's time from `/message`.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use axum::Router;
@@ -278,12 +279,38 @@ pub fn connection_evicted(listener: &'static str, reason: &'static str) {
 /// `channel` is the configured channel the request served, once known; empty otherwise (probes,
 /// refusals before the channel was found), never a name taken from a request unchecked.
 pub fn http_request(route: Option<&str>, channel: Option<&str>, method: &Method, status: u16, elapsed: Duration) {
-    let route = route.unwrap_or("unmatched").to_owned();
-    let channel = channel.unwrap_or("").to_owned();
-    let method = method_label(method);
-    counter!(HTTP_REQUESTS, "route" => route.clone(), "channel" => channel.clone(), "method" => method, "status" => status.to_string())
-        .increment(1);
-    histogram!(HTTP_DURATION, "route" => route, "channel" => channel, "method" => method).record(elapsed.as_secs_f64());
+    let (route, channel, method) = (route.unwrap_or("unmatched"), channel.unwrap_or(""), method_label(method));
+    let series = request_series(route, channel, method, status);
+    series.requests.increment(1);
+    series.duration.record(elapsed.as_secs_f64());
+}
+
+/// The series of one kind of request, resolved once: a label set looked up in the recorder
+/// costs allocations and a hash of every label on each use, and every request makes one.
+struct RequestSeries {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+/// Route → channel → (method, status): looked up by `&str`, so a request allocates nothing.
+/// Bounded like the labels: route templates, configured channel names, known methods.
+type RequestSeriesMap = HashMap<String, HashMap<String, HashMap<(&'static str, u16), Arc<RequestSeries>>>>;
+
+fn request_series(route: &str, channel: &str, method: &'static str, status: u16) -> Arc<RequestSeries> {
+    static SERIES: OnceLock<RwLock<RequestSeriesMap>> = OnceLock::new();
+    let series = SERIES.get_or_init(RwLock::default);
+    let found =
+        series.read().expect("request series").get(route).and_then(|c| c.get(channel)?.get(&(method, status)).cloned());
+    if let Some(found) = found {
+        return found;
+    }
+    let made = Arc::new(RequestSeries {
+        requests: counter!(HTTP_REQUESTS, "route" => route.to_owned(), "channel" => channel.to_owned(), "method" => method, "status" => status.to_string()),
+        duration: histogram!(HTTP_DURATION, "route" => route.to_owned(), "channel" => channel.to_owned(), "method" => method),
+    });
+    let mut series = series.write().expect("request series");
+    let entry = series.entry(route.to_owned()).or_default().entry(channel.to_owned()).or_default();
+    Arc::clone(entry.entry((method, status)).or_insert(made))
 }
 
 /// Extension methods are any token a client sends: one series each would be unbounded.
@@ -314,6 +341,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// In the order of the enum: `outcome as usize` indexes it.
+    const ALL: [Self; 7] =
+        [Self::Sent, Self::Retry, Self::Rejected, Self::Dead, Self::Paced, Self::Held, Self::Throttled];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sent => "sent",
@@ -329,14 +360,44 @@ impl Outcome {
 
 /// One attempt, at `now`, of a job stored at `created_at` (both on the store's clock).
 pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at: i64, now: i64) {
-    let channel = channel.to_owned();
-    counter!(ATTEMPTS, "channel" => channel.clone(), "direction" => direction.as_str(), "outcome" => outcome.as_str())
+    let series = attempt_series(channel);
+    let slot = direction_slot(direction);
+    let label = || channel.to_owned();
+    series.attempts[slot][outcome as usize]
+        .get_or_init(|| {
+            counter!(ATTEMPTS, "channel" => label(), "direction" => direction.as_str(), "outcome" => outcome.as_str())
+        })
         .increment(1);
     if outcome == Outcome::Sent {
         let waited = now.saturating_sub(created_at).max(0);
-        histogram!(DELIVERY_LATENCY, "channel" => channel, "direction" => direction.as_str())
+        series.latency[slot]
+            .get_or_init(|| histogram!(DELIVERY_LATENCY, "channel" => label(), "direction" => direction.as_str()))
             .record(waited as f64 / 1000.0);
     }
+}
+
+/// A channel's attempt series, resolved once each (and only once used: a series of an outcome
+/// that never happened is not shown at zero).
+#[derive(Default)]
+struct AttemptSeries {
+    attempts: [[OnceLock<metrics::Counter>; Outcome::ALL.len()]; 2],
+    latency: [OnceLock<metrics::Histogram>; 2],
+}
+
+fn direction_slot(direction: Direction) -> usize {
+    match direction {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    }
+}
+
+fn attempt_series(channel: &str) -> Arc<AttemptSeries> {
+    static SERIES: OnceLock<RwLock<HashMap<String, Arc<AttemptSeries>>>> = OnceLock::new();
+    let series = SERIES.get_or_init(RwLock::default);
+    if let Some(found) = series.read().expect("attempt series").get(channel) {
+        return Arc::clone(found);
+    }
+    Arc::clone(series.write().expect("attempt series").entry(channel.to_owned()).or_default())
 }
 
 /// What a stored webhook did not forward.
@@ -418,5 +479,14 @@ mod tests {
         for buckets in [HTTP_BUCKETS, LATENCY_BUCKETS, COMMIT_BUCKETS, BATCH_BUCKETS] {
             assert!(buckets.windows(2).all(|w| w[0] < w[1]), "buckets must ascend: {buckets:?}");
         }
+    }
+
+    #[test]
+    fn outcomes_index_their_own_series() {
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{outcome:?}");
+        }
+        let labels: std::collections::HashSet<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(labels.len(), Outcome::ALL.len());
     }
 }

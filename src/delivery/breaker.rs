@@ -25,7 +25,16 @@ pub const LONGEST_REST: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct Breakers {
-    state: Mutex<HashMap<(String, Direction), Breaker>>,
+    /// Channel → a breaker per direction (outbound, inbound); looked up by `&str`, so an
+    /// attempt allocates nothing to record its answer.
+    state: Mutex<HashMap<String, [Option<Breaker>; 2]>>,
+}
+
+fn slot(direction: Direction) -> usize {
+    match direction {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    }
 }
 
 #[derive(Debug)]
@@ -49,12 +58,21 @@ impl Breakers {
     /// it start resting.
     pub fn record(&self, channel: &str, direction: Direction, answer: Answer, now: Instant) -> Option<Duration> {
         let mut state = self.state.lock().expect("breakers");
-        let key = (channel.to_owned(), direction);
         if answer == Answer::Answered {
-            state.remove(&key);
+            if let Some(breakers) = state.get_mut(channel) {
+                breakers[slot(direction)] = None;
+            }
             return None;
         }
-        let breaker = state.entry(key).or_insert(Breaker { failures: 0, resting_until: None, next_rest: FIRST_REST });
+        let breakers = match state.get_mut(channel) {
+            Some(breakers) => breakers,
+            None => state.entry(channel.to_owned()).or_default(),
+        };
+        let breaker = breakers[slot(direction)].get_or_insert(Breaker {
+            failures: 0,
+            resting_until: None,
+            next_rest: FIRST_REST,
+        });
         breaker.failures = breaker.failures.saturating_add(1);
         let resting = breaker.resting_until.is_some_and(|until| until > now);
         if breaker.failures < TRIP_AFTER || resting {
@@ -76,7 +94,8 @@ impl Breakers {
     pub fn resting(&self, channel: &str, direction: Direction, now: Instant) -> bool {
         let state = self.state.lock().expect("breakers");
         state
-            .get(&(channel.to_owned(), direction))
+            .get(channel)
+            .and_then(|breakers| breakers[slot(direction)].as_ref())
             .and_then(|breaker| breaker.resting_until)
             .is_some_and(|until| until > now)
     }
@@ -86,8 +105,13 @@ impl Breakers {
         let state = self.state.lock().expect("breakers");
         state
             .iter()
-            .filter(|((_, d), breaker)| *d == direction && breaker.resting_until.is_some_and(|until| until > now))
-            .map(|((channel, _), _)| channel.clone())
+            .filter(|(_, breakers)| {
+                breakers[slot(direction)]
+                    .as_ref()
+                    .and_then(|breaker| breaker.resting_until)
+                    .is_some_and(|until| until > now)
+            })
+            .map(|(channel, _)| channel.clone())
             .collect()
     }
 }

@@ -673,21 +673,33 @@ pub fn share_of(channels: usize) -> usize {
 /// first needed (and again when the share changes, a reload going from one channel to several).
 #[derive(Debug, Default)]
 struct Shares {
-    held: std::sync::Mutex<std::collections::HashMap<(String, Direction), ShareOf>>,
+    /// Channel → its share of each direction (outbound, inbound); looked up by `&str`, so taking
+    /// a slot allocates nothing.
+    held: std::sync::Mutex<std::collections::HashMap<String, [Option<ShareOf>; 2]>>,
 }
 
 /// A channel's share of a direction's slots: its size, and the semaphore handing it out.
 type ShareOf = (usize, Arc<Semaphore>);
 
+fn direction_slot(direction: Direction) -> usize {
+    match direction {
+        Direction::Outbound => 0,
+        Direction::Inbound => 1,
+    }
+}
+
 impl Shares {
     fn of(&self, channel: &str, direction: Direction, share: usize) -> Arc<Semaphore> {
         let mut held = self.held.lock().expect("shares");
-        let key = (channel.to_owned(), direction);
-        match held.get(&key) {
+        let shares = match held.get_mut(channel) {
+            Some(shares) => shares,
+            None => held.entry(channel.to_owned()).or_default(),
+        };
+        match &shares[direction_slot(direction)] {
             Some((of, semaphore)) if *of == share => Arc::clone(semaphore),
             _ => {
                 let semaphore = Arc::new(Semaphore::new(share));
-                held.insert(key, (share, Arc::clone(&semaphore)));
+                shares[direction_slot(direction)] = Some((share, Arc::clone(&semaphore)));
                 semaphore
             }
         }
@@ -706,8 +718,9 @@ impl Shares {
         let left = |(of, semaphore): &ShareOf| {
             if *of == share { semaphore.available_permits() } else { share }
         };
-        let busy =
-            held.iter().filter(|((_, d), _)| *d == direction).map(|((channel, _), entry)| (channel, left(entry)));
+        let busy = held.iter().filter_map(|(channel, shares)| {
+            shares[direction_slot(direction)].as_ref().map(|entry| (channel, left(entry)))
+        });
         let least_left = busy.clone().map(|(_, left)| left).filter(|left| *left > 0).min();
         let mut full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
         full.extend(resting.iter().map(String::as_str));
