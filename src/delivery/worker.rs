@@ -676,7 +676,11 @@ struct Shares {
     /// Channel → its share of each direction (outbound, inbound); looked up by `&str`, so taking
     /// a slot allocates nothing.
     held: std::sync::Mutex<std::collections::HashMap<String, [Option<ShareOf>; 2]>>,
+    /// The last claim's open channels: of which names, leaving out which, and the list.
+    last_open: std::sync::Mutex<Option<OpenChannels>>,
 }
+
+type OpenChannels = (Arc<[String]>, Vec<String>, Arc<[String]>);
 
 /// A channel's share of a direction's slots: its size, and the semaphore handing it out.
 type ShareOf = (usize, Arc<Semaphore>);
@@ -727,8 +731,27 @@ impl Shares {
         if full.is_empty() {
             return Some((Arc::clone(names), least_left.unwrap_or(share)));
         }
-        let open: Arc<[String]> = names.iter().filter(|name| !full.contains(&name.as_str())).cloned().collect();
+        full.sort_unstable();
+        full.dedup();
+        let open = self.open_channels(names, &full);
         (!open.is_empty()).then(|| (open, least_left.unwrap_or(share)))
+    }
+
+    /// `names` but `left_out` (both in order), kept from the last claim while neither changed: a
+    /// busy channel stays full claim after claim, and copying a thousand names for each would
+    /// cost more than the claim.
+    fn open_channels(&self, names: &Arc<[String]>, left_out: &[&str]) -> Arc<[String]> {
+        let mut last = self.last_open.lock().expect("open channels");
+        if let Some((of, left, open)) = last.as_ref()
+            && Arc::ptr_eq(of, names)
+            && left.iter().map(String::as_str).eq(left_out.iter().copied())
+        {
+            return Arc::clone(open);
+        }
+        let open: Arc<[String]> =
+            names.iter().filter(|name| left_out.binary_search(&name.as_str()).is_err()).cloned().collect();
+        *last = Some((Arc::clone(names), left_out.iter().map(|name| (*name).to_owned()).collect(), Arc::clone(&open)));
+        open
     }
 }
 

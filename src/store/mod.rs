@@ -542,7 +542,8 @@ pub struct Claim {
     pub now: i64,
     pub lease_until: i64,
     pub limit: usize,
-    /// The channels whose jobs may be claimed; jobs of any other channel stay queued, untouched.
+    /// The channels whose jobs may be claimed, in order (as a directory lists them); jobs of
+    /// any other channel stay queued, untouched.
     pub channels: Arc<[String]>,
     /// The most jobs of one channel this claim takes: what that channel may still hold of the
     /// worker's slots, so that the claim never takes jobs the worker would hand straight back.

@@ -49,6 +49,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0004_lean_writes.sql"),
     include_str!("../../migrations/sqlite/0005_history_and_watermarks.sql"),
     include_str!("../../migrations/sqlite/0006_channels.sql"),
+    include_str!("../../migrations/sqlite/0007_contact_first_keys.sql"),
 ];
 
 /// Operations committed together at most; bounds the latency a large batch adds.
@@ -1523,7 +1524,10 @@ fn heads_in_turns(
     if claim.limit == 0 {
         return Ok((Vec::new(), None));
     }
-    let eligible: std::collections::HashSet<&str> = claim.channels.iter().map(String::as_str).collect();
+    // `claim.channels` is sorted (see [`Claim`]): a lookup per channel walked, no set of all
+    // of them built for every claim.
+    debug_assert!(claim.channels.is_sorted(), "claims name their channels in order");
+    let eligible = |channel: &str| claim.channels.binary_search_by(|name| name.as_str().cmp(channel)).is_ok();
     let direction = claim.direction.as_str();
     let per_channel = i64::try_from(claim.limit.min(claim.per_channel)).unwrap_or(i64::MAX);
     let mut next_channel =
@@ -1538,7 +1542,7 @@ fn heads_in_turns(
     while let Some(channel) =
         next_channel.query_row(params![direction, previous], |row| row.get::<_, Option<String>>(0))?
     {
-        if eligible.contains(channel.as_str()) {
+        if eligible(&channel) {
             let heads: Vec<i64> = earliest
                 .query_map(params![direction, channel, claim.now, per_channel], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
