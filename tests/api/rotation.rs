@@ -700,58 +700,89 @@ async fn the_app_secret_rotated_meta_first_loses_nothing_under_load() {
 // ---------------------------------------------------------------------------------------------
 // MESSENGER_VERIFY_TOKEN: Meta presents it in the subscription handshake; the relay checks.
 
+/// A secret the relay checks (`var`, counted as `metric`), presented by a peer that `present`
+/// sets to work: rotated relay first, nothing is refused, and the previous value bridges the
+/// time until the peer switches.
+async fn checked_secret_rotated_relay_first(
+    var: &'static str,
+    metric: &str,
+    old: &str,
+    present: fn(&mut Load, &TestApp, &Held),
+) {
+    let new = rotated(old);
+    let secret = SecretFiles::new(var, old);
+    let app = relay(&secret).await;
+    let peer = Held::new(old);
+    let mut load = Load::new();
+    present(&mut load, &app, &peer);
+    let accepted = || load.accepted();
+
+    after(STEP, "accepted before the rotation", accepted).await;
+    relay_switches(&app, &secret, &new, old);
+    after(STEP, "accepted while the relay has switched and the peer has not", accepted).await;
+    peer.set(&new);
+    after(STEP, "accepted once the peer has switched too", accepted).await;
+    let previous = uses(metric, "previous");
+    after(STEP, "accepted after that", accepted).await;
+    let previous_later = uses(metric, "previous");
+    relay_drops_the_previous(&app, &secret, &new);
+    after(STEP, "accepted once the previous value is dropped", accepted).await;
+    let load = load.stop().await;
+
+    load.assert_nothing_refused();
+    assert_the_previous_bridged_the_switch(metric, previous, previous_later);
+    app.stop().await;
+}
+
+/// The same secret rotated by the peer first: only what carried the new value before the relay
+/// had it is refused, and the previous value is never needed. The load, for more checks.
+async fn checked_secret_rotated_peer_first(
+    var: &'static str,
+    metric: &str,
+    old: &str,
+    present: fn(&mut Load, &TestApp, &Held),
+) -> Seen {
+    let new = rotated(old);
+    let secret = SecretFiles::new(var, old);
+    let app = relay(&secret).await;
+    let peer = Held::new(old);
+    let mut load = Load::new();
+    present(&mut load, &app, &peer);
+    let accepted = || load.accepted();
+
+    after(STEP, "accepted before the rotation", accepted).await;
+    peer.set(&new);
+    after(3, "refused before the relay has the new value", || load.refused()).await;
+    let relay_switched = relay_switches(&app, &secret, &new, old);
+    after(STEP, "accepted once the relay has switched too", accepted).await;
+    relay_drops_the_previous(&app, &secret, &new);
+    after(STEP, "accepted once the previous value is dropped", accepted).await;
+    let load = load.stop().await;
+
+    load.assert_refused_only_before_the_relay_had_the_value(&new, relay_switched);
+    assert_the_previous_was_never_needed(metric);
+    app.stop().await;
+    load
+}
+
 #[tokio::test]
 async fn the_verify_token_rotated_relay_first_refuses_no_handshake() {
     alone!("the_verify_token_rotated_relay_first_refuses_no_handshake");
-    let (old, new) = (VERIFY_TOKEN, rotated(VERIFY_TOKEN));
-    let secret = SecretFiles::new("MESSENGER_VERIFY_TOKEN", old);
-    let app = relay(&secret).await;
-    let meta = Held::new(old);
-    let mut handshakes = Load::new();
-    meta_verifies(&mut handshakes, &app, &meta);
-    let verified = || handshakes.accepted();
-
-    after(STEP, "handshakes before the rotation", verified).await;
-    relay_switches(&app, &secret, &new, old);
-    after(STEP, "handshakes while the relay has switched and Meta has not", verified).await;
-    meta.set(&new);
-    after(STEP, "handshakes once Meta has switched too", verified).await;
-    let previous = uses("messenger_verify_token", "previous");
-    after(STEP, "handshakes after that", verified).await;
-    let previous_later = uses("messenger_verify_token", "previous");
-    relay_drops_the_previous(&app, &secret, &new);
-    after(STEP, "handshakes once the previous token is dropped", verified).await;
-    let handshakes = handshakes.stop().await;
-
-    handshakes.assert_nothing_refused();
-    assert_the_previous_bridged_the_switch("messenger_verify_token", previous, previous_later);
-    app.stop().await;
+    checked_secret_rotated_relay_first("MESSENGER_VERIFY_TOKEN", "messenger_verify_token", VERIFY_TOKEN, meta_verifies)
+        .await;
 }
 
 #[tokio::test]
 async fn the_verify_token_rotated_meta_first_refuses_only_what_the_relay_could_not_know() {
     alone!("the_verify_token_rotated_meta_first_refuses_only_what_the_relay_could_not_know");
-    let (old, new) = (VERIFY_TOKEN, rotated(VERIFY_TOKEN));
-    let secret = SecretFiles::new("MESSENGER_VERIFY_TOKEN", old);
-    let app = relay(&secret).await;
-    let meta = Held::new(old);
-    let mut handshakes = Load::new();
-    meta_verifies(&mut handshakes, &app, &meta);
-    let verified = || handshakes.accepted();
-
-    after(STEP, "handshakes before the rotation", verified).await;
-    meta.set(&new);
-    after(3, "handshakes refused before the relay has the new token", || handshakes.refused()).await;
-    let relay_switched = relay_switches(&app, &secret, &new, old);
-    after(STEP, "handshakes once the relay has switched too", verified).await;
-    relay_drops_the_previous(&app, &secret, &new);
-    after(STEP, "handshakes once the previous token is dropped", verified).await;
-    let handshakes = handshakes.stop().await;
-
-    handshakes.assert_refused_only_before_the_relay_had_the_value(&new, relay_switched);
+    let handshakes = checked_secret_rotated_peer_first(
+        "MESSENGER_VERIFY_TOKEN",
+        "messenger_verify_token",
+        VERIFY_TOKEN,
+        meta_verifies,
+    )
+    .await;
     assert!(handshakes.refusals.iter().all(|r| r.status == 403));
-    assert_the_previous_was_never_needed("messenger_verify_token");
-    app.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -843,56 +874,13 @@ async fn the_page_token_rotated_graph_first_loses_no_event_under_load() {
 #[tokio::test]
 async fn the_admin_token_rotated_relay_first_refuses_no_request() {
     alone!("the_admin_token_rotated_relay_first_refuses_no_request");
-    let (old, new) = (ADMIN_TOKEN, rotated(ADMIN_TOKEN));
-    let secret = SecretFiles::new("RELAY_ADMIN_TOKEN", old);
-    let app = relay(&secret).await;
-    let tools = Held::new(old);
-    let mut requests = Load::new();
-    tools_list_jobs(&mut requests, &app, &tools);
-    let served = || requests.accepted();
-
-    after(STEP, "served before the rotation", served).await;
-    relay_switches(&app, &secret, &new, old);
-    after(STEP, "served while the relay has switched and the tools have not", served).await;
-    tools.set(&new);
-    after(STEP, "served once the tools have switched too", served).await;
-    let previous = uses("admin_token", "previous");
-    after(STEP, "served after that", served).await;
-    let previous_later = uses("admin_token", "previous");
-    relay_drops_the_previous(&app, &secret, &new);
-    after(STEP, "served once the previous token is dropped", served).await;
-    let requests = requests.stop().await;
-
-    requests.assert_nothing_refused();
-    assert_the_previous_bridged_the_switch("admin_token", previous, previous_later);
-    let old_token = app.http.get(app.url("/admin/jobs")).bearer_auth(old).send().await.unwrap();
-    assert_eq!(old_token.status(), 401, "the old token is refused once dropped");
-    app.stop().await;
+    checked_secret_rotated_relay_first("RELAY_ADMIN_TOKEN", "admin_token", ADMIN_TOKEN, tools_list_jobs).await;
 }
 
 #[tokio::test]
 async fn the_admin_token_rotated_tools_first_refuses_only_what_the_relay_could_not_know() {
     alone!("the_admin_token_rotated_tools_first_refuses_only_what_the_relay_could_not_know");
-    let (old, new) = (ADMIN_TOKEN, rotated(ADMIN_TOKEN));
-    let secret = SecretFiles::new("RELAY_ADMIN_TOKEN", old);
-    let app = relay(&secret).await;
-    let tools = Held::new(old);
-    let mut requests = Load::new();
-    tools_list_jobs(&mut requests, &app, &tools);
-    let served = || requests.accepted();
-
-    after(STEP, "served before the rotation", served).await;
-    tools.set(&new);
-    after(3, "refused before the relay has the new token", || requests.refused()).await;
-    let relay_switched = relay_switches(&app, &secret, &new, old);
-    after(STEP, "served once the relay has switched too", served).await;
-    relay_drops_the_previous(&app, &secret, &new);
-    after(STEP, "served once the previous token is dropped", served).await;
-    let requests = requests.stop().await;
-
-    requests.assert_refused_only_before_the_relay_had_the_value(&new, relay_switched);
-    assert_the_previous_was_never_needed("admin_token");
-    app.stop().await;
+    checked_secret_rotated_peer_first("RELAY_ADMIN_TOKEN", "admin_token", ADMIN_TOKEN, tools_list_jobs).await;
 }
 
 // ---------------------------------------------------------------------------------------------
