@@ -361,7 +361,7 @@ impl Outcome {
 /// One attempt, at `now`, of a job stored at `created_at` (both on the store's clock).
 pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at: i64, now: i64) {
     let series = attempt_series(channel);
-    let slot = direction_slot(direction);
+    let slot = direction.index();
     let label = || channel.to_owned();
     series.attempts[slot][outcome as usize]
         .get_or_init(|| {
@@ -382,13 +382,6 @@ pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at
 struct AttemptSeries {
     attempts: [[OnceLock<metrics::Counter>; Outcome::ALL.len()]; 2],
     latency: [OnceLock<metrics::Histogram>; 2],
-}
-
-fn direction_slot(direction: Direction) -> usize {
-    match direction {
-        Direction::Outbound => 0,
-        Direction::Inbound => 1,
-    }
 }
 
 fn attempt_series(channel: &str) -> Arc<AttemptSeries> {

@@ -30,13 +30,6 @@ pub struct Breakers {
     state: Mutex<HashMap<String, [Option<Breaker>; 2]>>,
 }
 
-fn slot(direction: Direction) -> usize {
-    match direction {
-        Direction::Outbound => 0,
-        Direction::Inbound => 1,
-    }
-}
-
 #[derive(Debug)]
 struct Breaker {
     failures: u32,
@@ -60,7 +53,7 @@ impl Breakers {
         let mut state = self.state.lock().expect("breakers");
         if answer == Answer::Answered {
             if let Some(breakers) = state.get_mut(channel) {
-                breakers[slot(direction)] = None;
+                breakers[direction.index()] = None;
             }
             return None;
         }
@@ -68,7 +61,7 @@ impl Breakers {
             Some(breakers) => breakers,
             None => state.entry(channel.to_owned()).or_default(),
         };
-        let breaker = breakers[slot(direction)].get_or_insert(Breaker {
+        let breaker = breakers[direction.index()].get_or_insert(Breaker {
             failures: 0,
             resting_until: None,
             next_rest: FIRST_REST,
@@ -95,7 +88,7 @@ impl Breakers {
         let state = self.state.lock().expect("breakers");
         state
             .get(channel)
-            .and_then(|breakers| breakers[slot(direction)].as_ref())
+            .and_then(|breakers| breakers[direction.index()].as_ref())
             .and_then(|breaker| breaker.resting_until)
             .is_some_and(|until| until > now)
     }
@@ -106,7 +99,7 @@ impl Breakers {
         state
             .iter()
             .filter(|(_, breakers)| {
-                breakers[slot(direction)]
+                breakers[direction.index()]
                     .as_ref()
                     .and_then(|breaker| breaker.resting_until)
                     .is_some_and(|until| until > now)

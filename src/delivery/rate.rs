@@ -98,10 +98,10 @@ impl SendRates {
     pub async fn take(&self, channel: &str, max_per_sec: u32) -> StoreResult<Turn> {
         let rate = self.channel(channel, max_per_sec);
         let deadline = Instant::now() + MAX_WAIT;
-        rate.waiting.fetch_add(1, Ordering::SeqCst);
-        let turn = self.take_in_turn(&rate, channel, max_per_sec, deadline).await;
-        rate.waiting.fetch_sub(1, Ordering::SeqCst);
-        turn
+        // Counted off when dropped: an attempt cut short while it waits (its lease lost, the
+        // shutdown) must not leave its channel looking busy to the dispatcher for good.
+        let _waiting = Waiting::on(&rate);
+        self.take_in_turn(&rate, channel, max_per_sec, deadline).await
     }
 
     async fn take_in_turn(
@@ -173,6 +173,22 @@ impl SendRates {
     }
 }
 
+/// One attempt waiting for its channel's next send.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(rate: &'a ChannelRate) -> Self {
+        rate.waiting.fetch_add(1, Ordering::SeqCst);
+        Self(&rate.waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl ChannelRate {
     fn current(&self) -> f64 {
         f64::from_bits(self.rate.load(Ordering::Relaxed))
@@ -182,5 +198,57 @@ impl ChannelRate {
         self.rate.store(grant.rate.to_bits(), Ordering::Relaxed);
         self.held_until.store(if grant.granted > 0 { 0 } else { grant.next_at }, Ordering::SeqCst);
         crate::monitoring::send_rate(channel, grant.rate);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::IntakeCaps;
+    use crate::store::sqlite::SqliteStore;
+
+    async fn rates() -> (SendRates, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("relay.db"), IntakeCaps::DEFAULT).await.unwrap();
+        (SendRates::new(Arc::new(store)), dir)
+    }
+
+    #[tokio::test]
+    async fn an_attempt_cut_short_while_it_waits_no_longer_counts_as_waiting() {
+        let (rates, _dir) = rates().await;
+        let waiting_on = |rates: &SendRates| rates.channel("shoes", 3).waiting.load(Ordering::SeqCst);
+        assert_eq!(rates.take("shoes", 3).await.unwrap(), Turn::Go);
+
+        // Three a second: the next send is a third of a second away, and the attempt waits for it.
+        let mut waiting = Box::pin(rates.take("shoes", 3));
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err());
+        assert_eq!(waiting_on(&rates), 1);
+        // Cut short (its lease lost, the shutdown): were it still counted, the dispatcher would
+        // leave the channel's jobs queued for good once enough such attempts added up.
+        drop(waiting);
+        assert_eq!(waiting_on(&rates), 0);
+
+        // One a second: a send a second away is held back at once, not waited for.
+        assert_eq!(rates.take("hats", 1).await.unwrap(), Turn::Go);
+        let held = rates.take("hats", 1).await.unwrap();
+        assert!(matches!(held, Turn::HeldUntil(until) if until > rates.store.now() + 500), "{held:?}");
+        assert_eq!(rates.busy_channels(rates.store.now()), vec!["hats".to_owned()], "held back: its jobs wait");
+    }
+
+    #[tokio::test]
+    async fn a_throttle_pauses_for_its_retry_after_up_to_an_hour_else_a_second() {
+        let (rates, _dir) = rates().await;
+        let pause_of = |until: i64, now: i64| until - now;
+        for (channel, retry_after, expected_ms) in [
+            ("shoes", Some(Duration::from_secs(7)), 7_000),
+            ("hats", None, DEFAULT_PAUSE_MS),
+            ("bags", Some(Duration::from_secs(86_400)), 3_600_000),
+        ] {
+            let now = rates.store.now();
+            let until = rates.throttled(channel, 100, retry_after).await.unwrap();
+            let paused = pause_of(until, now);
+            assert!((expected_ms..expected_ms + 100).contains(&paused), "{channel}: paused {paused} ms");
+            assert_eq!(rates.take(channel, 100).await.unwrap(), Turn::HeldUntil(until), "{channel}");
+        }
     }
 }

@@ -165,10 +165,7 @@ impl Worker {
     }
 
     fn slots(&self, direction: Direction) -> &Arc<Semaphore> {
-        match direction {
-            Direction::Outbound => &self.slots[0],
-            Direction::Inbound => &self.slots[1],
-        }
+        &self.slots[direction.index()]
     }
 
     /// A slot of `direction` for an attempt of `channel`, unless every slot is busy or the
@@ -685,13 +682,6 @@ type OpenChannels = (Arc<[String]>, Vec<String>, Arc<[String]>);
 /// A channel's share of a direction's slots: its size, and the semaphore handing it out.
 type ShareOf = (usize, Arc<Semaphore>);
 
-fn direction_slot(direction: Direction) -> usize {
-    match direction {
-        Direction::Outbound => 0,
-        Direction::Inbound => 1,
-    }
-}
-
 impl Shares {
     fn of(&self, channel: &str, direction: Direction, share: usize) -> Arc<Semaphore> {
         let mut held = self.held.lock().expect("shares");
@@ -699,11 +689,11 @@ impl Shares {
             Some(shares) => shares,
             None => held.entry(channel.to_owned()).or_default(),
         };
-        match &shares[direction_slot(direction)] {
+        match &shares[direction.index()] {
             Some((of, semaphore)) if *of == share => Arc::clone(semaphore),
             _ => {
                 let semaphore = Arc::new(Semaphore::new(share));
-                shares[direction_slot(direction)] = Some((share, Arc::clone(&semaphore)));
+                shares[direction.index()] = Some((share, Arc::clone(&semaphore)));
                 semaphore
             }
         }
@@ -722,9 +712,9 @@ impl Shares {
         let left = |(of, semaphore): &ShareOf| {
             if *of == share { semaphore.available_permits() } else { share }
         };
-        let busy = held.iter().filter_map(|(channel, shares)| {
-            shares[direction_slot(direction)].as_ref().map(|entry| (channel, left(entry)))
-        });
+        let busy = held
+            .iter()
+            .filter_map(|(channel, shares)| shares[direction.index()].as_ref().map(|entry| (channel, left(entry))));
         let least_left = busy.clone().map(|(_, left)| left).filter(|left| *left > 0).min();
         let mut full: Vec<&str> = busy.filter(|(_, left)| *left == 0).map(|(channel, _)| channel.as_str()).collect();
         full.extend(resting.iter().map(String::as_str));

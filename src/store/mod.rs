@@ -94,6 +94,14 @@ pub enum Direction {
 impl Direction {
     pub const ALL: [Self; 2] = [Self::Outbound, Self::Inbound];
 
+    /// Its place in [`Self::ALL`]: for what is kept per direction in arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Outbound => 0,
+            Self::Inbound => 1,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
@@ -750,21 +758,14 @@ pub(crate) struct Rotation(std::sync::Mutex<[Option<String>; 2]>);
 
 impl Rotation {
     pub(crate) fn after(&self, direction: Direction) -> Option<String> {
-        self.0.lock().expect("rotation")[Self::slot(direction)].clone()
+        self.0.lock().expect("rotation")[direction.index()].clone()
     }
 
     /// The last claim of `direction` ended with a job of `channel`; a claim that took nothing
     /// leaves the rotation where it was.
     pub(crate) fn left_off(&self, direction: Direction, channel: Option<String>) {
         if let Some(channel) = channel {
-            self.0.lock().expect("rotation")[Self::slot(direction)] = Some(channel);
-        }
-    }
-
-    fn slot(direction: Direction) -> usize {
-        match direction {
-            Direction::Outbound => 0,
-            Direction::Inbound => 1,
+            self.0.lock().expect("rotation")[direction.index()] = Some(channel);
         }
     }
 }

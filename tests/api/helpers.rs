@@ -600,3 +600,17 @@ impl SilentFlood {
         self.closes.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// Runs the test `test` of this binary in a child process, alone, with `marker` set so that the
+/// child knows it is the one to run it: for tests that read process-wide counters, which other
+/// relays in the process would move.
+pub fn run_alone(test: &str, marker: &str) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(marker, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("1 passed"), "the test ran: {stdout}");
+}

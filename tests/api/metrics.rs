@@ -193,14 +193,7 @@ async fn metrics_are_prometheus_text_on_their_own_port_only() {
 
 /// Runs `test` in a child process, alone, so that no other relay moves the counters.
 fn alone(test: &str) {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("1 passed"), "the test ran: {stdout}");
+    crate::helpers::run_alone(test, CHILD);
 }
 
 #[tokio::test]

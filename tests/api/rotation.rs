@@ -44,18 +44,7 @@ const ADMIN_TOKEN: &str = "admin-token-not-rotated";
 
 /// Runs `test` in a child process, alone, so that no other relay moves the rotation counter.
 async fn alone(test: &'static str) {
-    tokio::task::spawn_blocking(move || {
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test, "--nocapture", "--test-threads=1"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-        assert!(stdout.contains("1 passed"), "the test ran: {stdout}");
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || crate::helpers::run_alone(test, CHILD)).await.unwrap();
 }
 
 /// In the parent process, runs the test alone in a child and returns from it.
