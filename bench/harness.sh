@@ -16,8 +16,12 @@
 # Ceilings (examples built on the relay's library): bench_bare `handler` (token, parse and
 # validation, translation, serialization and signature of each JoinChat request, then 200) and
 # `forwarder` (the same, then each request sent to the JoinChat stand-in with the relay's
-# client, 200 once accepted); nothing stored. Stand-ins: bench_ceiling (200 at once) and
-# bench_joinchat (200 at once, checks per-contact order).
+# client, 200 once accepted), neither storing anything; and bench_bare `durable`, the cheapest
+# correct durable forwarder (issue 18): the forwarder plus one INSERT into SQLite (WAL,
+# synchronous=FULL, one writer thread group-committing) awaited before the send, the delivered
+# mark an UPDATE by rowid in the next group, not awaited; its store beside the relay's, fresh
+# for each row. Stand-ins: bench_ceiling (200 at once) and bench_joinchat (200 at once, checks
+# per-contact order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -195,7 +199,7 @@ fsync_ms=$(dd if=/dev/zero of="$data/dd" bs=4k count=200 oflag=dsync 2>&1 |
 rm -f "$data/dd"
 say "Before the run: load average $(cut -d' ' -f1-3 /proc/loadavg); a 4 KiB write with \`oflag=dsync\` in the store's directory takes $fsync_ms ms."
 say "Server under test on CPU 0; wrk (\`-t2\`, \`-t1\` for one connection), the stand-ins and the script on CPU 1."
-say "The relay: SQLite (a fresh store for each row), \`JOINCHAT_ORDER_GAP_SECS=0\`, intake caps lifted, logs at warn."
+say "The relay: SQLite (a fresh store for each row, as for the durable forwarder), \`JOINCHAT_ORDER_GAP_SECS=0\`, intake caps lifted, logs at warn."
 say
 
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -237,6 +241,19 @@ for mode in handler forwarder; do
     rps_of[$mode.$c]=$RPS
     cpu_of[$mode.$c]=$CPU_US
   done
+  stop "$LAST_PID"
+done
+
+for c in $CONNECTIONS; do
+  note "durable forwarder, $c connections"
+  rm -f "$data"/durable.db*
+  start_on 0 $BARE ./target/release/examples/bench_bare durable $BARE "$data/durable.db"
+  SERVER_PID=$LAST_PID
+  load bench/message.lua "$c" "http://$BARE"
+  row "ceiling: durable forwarder (one INSERT awaited, delivered mark in the next group)" "$c"
+  rps_of[durable.$c]=$RPS
+  cpu_of[durable.$c]=$CPU_US
+  p99_of[durable.$c]=$P99_US
   stop "$LAST_PID"
 done
 
@@ -470,6 +487,23 @@ if [[ -n ${cpu_of[relay3000.64]:-} && -n ${cpu_of[forwarder.64]:-} ]]; then
 bare handler ${cpu_of[handler.64]:-?}. The relay reaches 0.8 of the forwarder's rate only once its CPU per request is \
 within 1.25× the forwarder's."
 fi
+say
+durable64=${rps_of[durable.64]:-?}
+durable_ratio=$(awk -v a="$relay64" -v b="$durable64" 'BEGIN {printf "%.2f", a / (b ? b : 1)}')
+durable_p99_ms=$(awk -v us="${p99_of[durable.64]:-0}" 'BEGIN {printf "%.2f", us / 1000}')
+[[ -n ${p99_of[durable.64]:-} ]] || durable_p99_ms='?'
+p99_ratio=$(awk -v a="${p99_of[relay3000.64]:-0}" -v b="${p99_of[durable.64]:-0}" 'BEGIN {printf "%.2f", a / (b ? b : 1)}')
+cpu_num() { local v=${cpu_of[$1]:-?}; echo "${v% µs}"; } # KEY: the µs figure, or ? when not measured
+say "## Against the targets of issue 18"
+say
+say "| figure | measured | target | |"
+say "|---|---|---|---|"
+target "relay default ÷ durable forwarder, requests/s at 64 connections" "$relay64 ÷ $durable64 = $durable_ratio" "≥ 0.9" "$durable_ratio >= 0.9"
+target "relay default p99 ÷ durable forwarder p99 at 64 connections" "$p99_ms ms ÷ $durable_p99_ms ms = $p99_ratio" "≤ 2" "$p99_ratio <= 2"
+cpu_line="bare forwarder $(cpu_num forwarder.64) µs; durable forwarder $(cpu_num durable.64) µs; relay default $(cpu_num relay3000.64) µs"
+cpu_need=$(awk -v d="$(cpu_num durable.64)" 'BEGIN {if (d + 0 > 0) printf "≤ %.0f µs", d / 0.9; else print "?"}')
+say "| CPU per request at 64 connections | $cpu_line | (0.9 needs the relay within 1.11× the durable forwarder's: $cpu_need) | |"
+say
 [[ -n ${webhook_rps:-} ]] && say "Signed webhooks acknowledged at 64 connections: $webhook_rps batches/s."
 say "MB are MiB (kB of /proc ÷ 1024). After the run: load average $(cut -d' ' -f1-3 /proc/loadavg); CPU pressure \
 $(awk '/^some/ {print $4}' /proc/pressure/cpu 2>/dev/null || echo '(no PSI)'), I/O pressure $(awk '/^some/ {print $4}' /proc/pressure/io 2>/dev/null || echo '(no PSI)') \
