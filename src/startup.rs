@@ -174,6 +174,9 @@ impl Application {
                 tracing::warn!(error = %e, "cannot hand unfinished jobs back; their leases will run out");
             }
         }
+        if let Err(e) = store.close().await {
+            tracing::warn!(error = %e, "cannot save the pacing and echo records; the next start rebuilds them");
+        }
         tracing::info!("relay stopped");
         Ok(())
     }

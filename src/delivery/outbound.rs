@@ -16,8 +16,7 @@ use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, t
 use crate::domain::outbound::OutboundRequest;
 use crate::store::{BeforeSend, Job, NewOutbound, Store, now_millis};
 
-/// How long the relay recognises the echo of a message it sent (SPEC §4.3).
-pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
+pub use crate::store::ECHO_WINDOW;
 
 /// A fresh `mId`: 32 hex characters, time-ordered (UUIDv7), within BonyChat's 50-character limit.
 /// The random bits come from a thread-local generator: ids must be unique, not secret, and a
@@ -153,6 +152,7 @@ impl OutboundSender {
                 channel: job.channel.clone(),
                 contact: contact.to_owned(),
                 effective_at,
+                pacing_until: effective_at.saturating_add(i64::try_from(self.gap.as_millis()).unwrap_or(i64::MAX)),
                 echo_fingerprint: message.echo_fingerprint(),
                 echo_expires_at: sent_at + i64::try_from(ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX),
             };

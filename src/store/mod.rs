@@ -533,6 +533,12 @@ pub trait Store: Send + Sync {
     /// Applies `op` to `channel`'s JoinChat send-rate bucket (SPEC §5), configured at
     /// `max_per_sec`: shared by every relay that uses the store, on the store's clock.
     fn send_rate(&self, channel: &str, op: RateOp, max_per_sec: u32) -> BoxFuture<'_, StoreResult<Grant>>;
+
+    /// Saves what this process holds only in memory for the next start, once nothing runs
+    /// any more: the last call before the process ends.
+    fn close(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// What [`Store::claim`] takes.
@@ -650,10 +656,16 @@ pub struct QueueCounts {
 pub struct BeforeSend {
     pub channel: String,
     pub contact: String,
+    /// When the send takes effect (its `delay` included): the contact's pacing horizon.
     pub effective_at: i64,
+    /// When the horizon stops mattering: `effective_at` plus the channel's gap.
+    pub pacing_until: i64,
     pub echo_fingerprint: Option<String>,
     pub echo_expires_at: i64,
 }
+
+/// How long the relay recognises the echo of a message it sent (SPEC §4.3).
+pub const ECHO_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Jobs redriven or pruned per store operation: small enough that ingestion interleaves.
 pub const BATCH: usize = 500;

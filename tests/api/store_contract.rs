@@ -464,6 +464,7 @@ async fn pacing_remembers_the_latest_send_to_a_contact(backend: Backend) {
         channel: store::DEFAULT_CHANNEL.into(),
         contact: "a".into(),
         effective_at,
+        pacing_until: effective_at + 1_000,
         echo_fingerprint: None,
         echo_expires_at: 0,
     };
@@ -493,6 +494,7 @@ async fn an_echo_of_a_recorded_send_is_dropped_once(backend: Backend) {
         channel: store::DEFAULT_CHANNEL.into(),
         contact: "u".into(),
         effective_at: 1_000,
+        pacing_until: 2_000,
         echo_fingerprint: Some("Hello".into()),
         echo_expires_at: 600_000,
     };
@@ -523,6 +525,7 @@ async fn echo_records_expire(backend: Backend) {
         channel: store::DEFAULT_CHANNEL.into(),
         contact: "u".into(),
         effective_at: 1_000,
+        pacing_until: 2_000,
         echo_fingerprint: Some("Hello".into()),
         echo_expires_at: 2_000,
     };
@@ -903,6 +906,7 @@ fn send_record(channel: &str, contact: &str, effective_at: i64, echo_fingerprint
         channel: channel.to_owned(),
         contact: contact.to_owned(),
         effective_at,
+        pacing_until: effective_at + 1_000,
         echo_fingerprint: echo_fingerprint.map(str::to_owned),
         echo_expires_at: 600_000,
     }
