@@ -13,7 +13,9 @@ use tokio::sync::RwLock;
 use tokio::time::Instant;
 
 use crate::binary::{RelayProcess, json_logs};
-use crate::helpers::{API_TOKEN, CHANNEL_ID, JOINCHAT_SECRET, StandIn, http_client, test_vars};
+use crate::helpers::{
+    API_TOKEN, APP_SECRET, CHANNEL_ID, JOINCHAT_SECRET, PAGE_ID, PSID, StandIn, http_client, hub_signature, test_vars,
+};
 
 const CONTACTS: usize = 20;
 const MESSAGES_PER_CONTACT: usize = 25;
@@ -126,4 +128,58 @@ async fn every_acknowledged_message_survives_a_sigkill_in_order_per_contact() {
         acknowledged.len() >= KILL_AFTER + CONTACTS * MESSAGES_PER_CONTACT / 3,
         "the restarted relay took messages too"
     );
+}
+
+/// What a relay keeps only in memory between sends (SPEC §3.4 pacing, §4.3 echoes) is rebuilt
+/// from the store after a SIGKILL: the next send to a contact still keeps its distance from the
+/// last one, and Messenger's echo of that last one is still recognised as the relay's own.
+#[tokio::test]
+async fn pacing_and_echo_records_hold_across_a_sigkill() {
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    let bonychat = StandIn::bonychat(API_TOKEN).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat.url, data.path());
+    for (key, value) in [("BONYCHAT_WEBHOOK_URL", bonychat.url.as_str()), ("JOINCHAT_ORDER_GAP_SECS", "5")] {
+        vars.retain(|(k, _)| k != key);
+        vars.push((key.to_owned(), value.to_owned()));
+    }
+    json_logs(&mut vars);
+    let http = http_client();
+    let send = |base: String, text: &'static str| {
+        let http = http.clone();
+        async move {
+            let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": text}});
+            http.post(format!("{base}/message")).bearer_auth(API_TOKEN).json(&body).send().await.unwrap().status()
+        }
+    };
+    let relay = RelayProcess::start(&vars, &[]).await;
+    assert_eq!(send(relay.url(""), "Sent before the crash").await, 200);
+    relay.kill().await;
+
+    let restarted = RelayProcess::start(&vars, &[]).await;
+    let echo = json!({"object": "page", "entry": [{"id": PAGE_ID, "time": 1, "messaging": [
+        {"sender": {"id": PAGE_ID}, "recipient": {"id": PSID}, "timestamp": 2,
+         "message": {"is_echo": true, "mid": "m_echo_after_crash", "text": "Sent before the crash"}}
+    ]}]})
+    .to_string();
+    let answer: serde_json::Value = http
+        .post(restarted.url("/webhooks/messenger"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", hub_signature(APP_SECRET, echo.as_bytes()))
+        .body(echo)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(send(restarted.url(""), "Sent after the crash").await, 200);
+    restarted.terminate().await;
+
+    assert_eq!(answer["own_echoes"], 1, "{answer}");
+    assert!(bonychat.received().is_empty(), "the relay's own message went to BonyChat as an echo");
+    let bodies = joinchat.bodies();
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    let delay = bodies[1]["delay"].as_u64().unwrap_or(0);
+    assert!((4..=5).contains(&delay), "the send after the crash keeps 5 s from the one before: {bodies:?}");
 }
