@@ -44,9 +44,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_watermarks_and_depth.sql"),
     include_str!("../../migrations/postgres/0003_channels.sql"),
     include_str!("../../migrations/postgres/0004_send_rates.sql"),
+    include_str!("../../migrations/postgres/0005_lighter_intake_count.sql"),
 ];
 /// Held while migrating, so that replicas starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
+/// Held while folding intake counts (see `prune`): two replicas folding at once would take the
+/// rows of shard 0 in their own orders, and could deadlock.
+const FOLD_LOCK: i64 = 0x626f_6e79_666f_6c64;
 /// The `NOTIFY` channel new work is announced on (no relation to the relay's channels).
 const CHANNEL: &str = "bonychat_relay_jobs";
 /// How often each replica measures its clock against the database's.
@@ -543,7 +547,8 @@ impl Tx for PgTx<'_> {
     }
 
     async fn queued(&mut self, channel: &str, direction: Direction, _cap: u64) -> StoreResult<u64> {
-        // Kept by the triggers of migrations 0002 and 0003: a few rows, whatever the depth.
+        // Kept by the triggers of migration 0005: a row per connection that wrote since the last
+        // prune, whatever the depth.
         let counted: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(queued), 0)::bigint FROM queue_depth WHERE channel = $1 AND direction = $2",
         )
@@ -1306,6 +1311,22 @@ impl Store for Shared {
                   WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
             )
             .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            // The intake counts of connections (migration 0005), folded into shard 0 so that the
+            // sum read on intake stays a few rows; rows of transactions still open are skipped,
+            // and their connections' next change makes them a new row if this one took theirs.
+            sqlx::query(
+                "WITH folded AS (DELETE FROM queue_depth WHERE (channel, direction, shard) IN \
+                    (SELECT channel, direction, shard FROM queue_depth WHERE shard <> 0 \
+                     AND (SELECT pg_try_advisory_xact_lock($2)) LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                  RETURNING channel, direction, queued) \
+                 INSERT INTO queue_depth (channel, direction, shard, queued) \
+                 SELECT channel, direction, 0, SUM(queued) FROM folded GROUP BY channel, direction \
+                 ON CONFLICT (channel, direction, shard) DO UPDATE SET queued = queue_depth.queued + excluded.queued",
+            )
+            .bind(limit)
+            .bind(FOLD_LOCK)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

@@ -1242,6 +1242,39 @@ mod upgrade {
         upgraded_work_is_in_default_and_goes_on(store.as_ref(), true).await;
     }
 
+    /// Postgres schema 4, the one before the intake count moved to a row per connection: its
+    /// triggers counted the jobs below in their shards, and the counts come along too.
+    #[tokio::test]
+    async fn a_postgres_store_of_schema_4_opens_with_its_work_in_flight() {
+        let Some(url) = crate::postgres::fresh_database().await else { return };
+        store::postgres::PostgresStore::create_with_schema_version(&url, 4).await.unwrap();
+        let (send, event) = payloads();
+        let mut connection = crate::postgres::connect(&url).await;
+        sqlx::query(JOBS).bind(&send).bind(&event).execute(&mut connection).await.unwrap();
+        let heads = format!(
+            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) SELECT 'default', h.* FROM ({HEADS}) h"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(heads)).execute(&mut connection).await.unwrap();
+        // A shard of its own, as a writer that found every shard taken left one.
+        let rest = format!(
+            "INSERT INTO contacts (direction, contact, last_effective_at, introduced) VALUES \
+             ('outbound', 'c1', 9000000, false), ('inbound', 'u', NULL, true); {ECHO}; {WATERMARK}; \
+             INSERT INTO queue_depth (channel, direction, shard, queued) VALUES ('default', 'outbound', 123456789, 0);"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(rest)).execute(&mut connection).await.unwrap();
+
+        let config = config(DatabaseUrl::Postgres(Secret::new(url)), store::IntakeCaps::DEFAULT);
+        let store = store::open(&config).await.expect("the store opens and is migrated");
+
+        upgraded_work_is_in_default_and_goes_on(store.as_ref(), true).await;
+        // No process id is that high (Linux allows 2^22 at most): only the upgrade removes it.
+        let leftover: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue_depth WHERE shard = 123456789")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(leftover, 0, "the shards of schema 4 were folded into shard 0");
+    }
+
     async fn upgraded_work_is_in_default_and_goes_on(store: &dyn Store, lease_held: bool) {
         let listed = store.list(None, None, 100).await.unwrap();
         assert_eq!(listed.len(), 6);
