@@ -458,44 +458,102 @@ fn progress_value(progress: u32) -> i32 {
 /// One contact's queue in one direction: (channel, direction, contact), as stored.
 type QueueId = (String, String, String);
 
-/// The storage operations the rules of the queue run on, inside one transaction.
-struct PgTx<'t>(&'t mut PgConnection);
+/// The storage operations the rules of the queue run on, inside one transaction. Each statement
+/// is a round trip to the server, so a `PgTx` keeps what its transaction has learned, and reads
+/// what the rules will ask next with a statement it has to send anyway.
+struct PgTx<'t> {
+    conn: &'t mut PgConnection,
+    /// The queues this transaction holds, with their heads as of the lock and of its own changes
+    /// since: whether a new job heads its queue is known without asking.
+    heads: Vec<(QueueId, Option<i64>)>,
+    /// Whether the next lock also reads its channel's intake count (an outbound message, whose
+    /// rule asks for it right after).
+    count_with_lock: bool,
+    /// (channel, direction, queued) as read with a lock.
+    counted: Option<(String, Direction, i64)>,
+    /// (channel, contact, its last effective send) as read by the insert of a job leased with it.
+    last_effective: Option<(String, String, Option<i64>)>,
+    /// (channel, contact, watermarks) as read by the settle of a delivered outbound job.
+    watermarks: Option<(String, String, Vec<(String, i64, i64)>)>,
+}
 
-impl PgTx<'_> {
+impl<'t> PgTx<'t> {
+    fn new(conn: &'t mut PgConnection) -> Self {
+        Self { conn, heads: Vec::new(), count_with_lock: false, counted: None, last_effective: None, watermarks: None }
+    }
+
+    /// The head of a queue this transaction holds: `Some(None)` for an empty one, `None` when it
+    /// does not know.
+    fn known_head(&self, channel: &str, direction: &str, contact: &str) -> Option<Option<i64>> {
+        self.heads.iter().find(|((c, d, k), _)| c == channel && d == direction && k == contact).map(|(_, head)| *head)
+    }
+
+    fn remember_head(&mut self, queue: QueueId, head: Option<i64>) {
+        match self.heads.iter_mut().find(|(known, _)| *known == queue) {
+            Some((_, known)) => *known = head,
+            None => self.heads.push((queue, head)),
+        }
+    }
+
     /// Takes the lock of one contact's queue until the transaction ends. An upsert: the row of
     /// a contact seen for the first time, or pruned since its queue emptied, is made and locked
-    /// in one step, so every writer of a contact has a row to wait on.
-    async fn lock_queue(&mut self, channel: &str, direction: &str, contact: &str) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, NULL, 0) \
-             ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id",
-        )
-        .bind(channel)
-        .bind(direction)
-        .bind(contact)
-        .execute(&mut *self.0)
-        .await?;
-        Ok(())
+    /// in one step, so every writer of a contact has a row to wait on. Returns the queue's head.
+    ///
+    /// With `count_with_lock`, the same statement reads the channel's intake count. Its snapshot
+    /// is taken before the lock is granted, so a transaction of the same contact that committed
+    /// meanwhile is not counted: the cap is as approximate as it is anyway between transactions
+    /// of different contacts, which never wait for each other.
+    async fn lock_queue(&mut self, channel: &str, direction: &str, contact: &str) -> StoreResult<Option<i64>> {
+        const LOCK: &str = "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+            VALUES ($1, $2, $3, NULL, 0) \
+            ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+            RETURNING head_id";
+        const LOCK_AND_COUNT: &str = "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+            VALUES ($1, $2, $3, NULL, 0) \
+            ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+            RETURNING head_id, \
+            (SELECT COALESCE(SUM(d.queued), 0)::bigint FROM queue_depth d WHERE d.channel = $1 AND d.direction = $2)";
+        let count = std::mem::take(&mut self.count_with_lock);
+        let row = sqlx::query(if count { LOCK_AND_COUNT } else { LOCK })
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_one(&mut *self.conn)
+            .await?;
+        let head: Option<i64> = row.try_get(0)?;
+        if count && let Some(counted_direction) = Direction::parse(direction) {
+            self.counted = Some((channel.to_owned(), counted_direction, row.try_get(1)?));
+        }
+        self.remember_head((channel.to_owned(), direction.to_owned(), contact.to_owned()), head);
+        Ok(head)
     }
 
     /// Takes the lock of job `id`'s queue; returns the queue, `None` for no such job.
     async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<QueueId>> {
-        let queue: Option<QueueId> = sqlx::query_as("SELECT channel, direction, contact FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.0)
-            .await?;
-        if let Some((channel, direction, contact)) = &queue {
-            self.lock_queue(channel, direction, contact).await?;
-        }
-        Ok(queue)
+        // The job's queue never changes, so it is looked up and locked in one statement.
+        let locked: Option<(String, String, String, Option<i64>)> = sqlx::query_as(
+            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+             SELECT channel, direction, contact, NULL, 0 FROM jobs WHERE id = $1 \
+             ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+             RETURNING channel, direction, contact, head_id",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        Ok(locked.map(|(channel, direction, contact, head)| {
+            let queue = (channel, direction, contact);
+            self.remember_head(queue.clone(), head);
+            queue
+        }))
     }
 
     /// Puts the queue row of one (channel, direction, contact), whose lock this transaction
     /// holds, right after its jobs changed: its oldest queued job heads it, due at its next
     /// attempt (or its reservation's end), and not while any queued job of the contact is
     /// leased. Returns whether the contact still has queued jobs.
-    async fn refresh_head(&mut self, (channel, direction, contact): &QueueId) -> StoreResult<bool> {
-        let queued: Option<bool> = sqlx::query_scalar(
+    async fn refresh_head(&mut self, queue: &QueueId) -> StoreResult<bool> {
+        let (channel, direction, contact) = queue;
+        let head: Option<Option<i64>> = sqlx::query_scalar(
             "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
                 (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
                  AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
@@ -505,14 +563,16 @@ impl PgTx<'_> {
                  AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
                  ORDER BY j.id LIMIT 1) h ON true \
              WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
-             RETURNING q.head_id IS NOT NULL",
+             RETURNING q.head_id",
         )
         .bind(channel)
         .bind(direction)
         .bind(contact)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?;
-        Ok(queued.unwrap_or(false))
+        let head = head.flatten();
+        self.remember_head(queue.clone(), head);
+        Ok(head.is_some())
     }
 
     /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
@@ -525,14 +585,14 @@ impl PgTx<'_> {
         .bind(owner)
         .bind(lease_until)
         .bind(id)
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         sqlx::query("UPDATE channel_queues SET due_at = $1 WHERE channel = $2 AND direction = $3 AND contact = $4")
             .bind(lease_until)
             .bind(channel)
             .bind(direction)
             .bind(contact)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(token)
     }
@@ -547,6 +607,12 @@ impl Tx for PgTx<'_> {
     }
 
     async fn queued(&mut self, channel: &str, direction: Direction, _cap: u64) -> StoreResult<u64> {
+        if let Some((counted_channel, counted_direction, counted)) = self.counted.take()
+            && counted_channel == channel
+            && counted_direction == direction
+        {
+            return Ok(u64::try_from(counted).unwrap_or(0));
+        }
         // Kept by the triggers of migration 0005: a row per connection that wrote since the last
         // prune, whatever the depth.
         let counted: i64 = sqlx::query_scalar(
@@ -554,7 +620,7 @@ impl Tx for PgTx<'_> {
         )
         .bind(channel)
         .bind(direction.as_str())
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
@@ -568,7 +634,7 @@ impl Tx for PgTx<'_> {
         .bind(direction.as_str())
         .bind(contact)
         .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
@@ -579,56 +645,96 @@ impl Tx for PgTx<'_> {
         now: i64,
         first: Option<&FirstClaim>,
     ) -> StoreResult<Option<Inserted>> {
-        let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-             created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
-             ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id",
-        )
-        .bind(row.channel)
-        .bind(row.direction.as_str())
-        .bind(row.contact)
-        .bind(row.m_id)
-        .bind(row.dedup_key.as_deref())
-        .bind(row.payload)
-        .bind(row.state.as_str())
-        .bind(now)
-        .bind(first.map(|first| first.reserved_until))
-        .fetch_optional(&mut *self.0)
-        .await?;
-        let Some(id) = id else { return Ok(None) };
-        let mut head = false;
-        if row.state == JobState::Queued {
-            // Heads the contact's queue unless an older job already does.
-            let head_id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (channel, direction, contact) DO UPDATE SET \
-                 due_at = CASE WHEN channel_queues.head_id IS NULL THEN excluded.due_at ELSE channel_queues.due_at END, \
-                 head_id = COALESCE(channel_queues.head_id, excluded.head_id) \
-                 RETURNING head_id",
+        let direction = row.direction.as_str();
+        // Every caller holds the queue already; its head came with the lock.
+        let head = row.state == JobState::Queued
+            && match self.known_head(row.channel, direction, row.contact) {
+                Some(head) => head.is_none(),
+                None => self.lock_queue(row.channel, direction, row.contact).await?.is_none(),
+            };
+        let lease = first.filter(|_| head);
+        // Due when its lease and its reservation have ended, as `refresh_head` has it.
+        let due_at = head.then(|| lease.map_or(now, |lease| now.max(lease.lease_until).max(lease.reserved_until)));
+        let inserted = match lease {
+            // The job, its lease (a new row's token is 0, this first claim makes it 1) and its
+            // place at the head of the queue in one statement, which also reads what the
+            // attempt needs to know about the contact.
+            Some(lease) => sqlx::query_as::<_, (i64, Option<i64>)>(
+                "WITH job AS ( \
+                    INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                    created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token) \
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10, $11, 1) \
+                    ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                 head AS ( \
+                    UPDATE channel_queues q SET head_id = job.id, due_at = $12 FROM job \
+                    WHERE q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
+                 SELECT job.id, (SELECT c.last_effective_at FROM contacts c \
+                    WHERE c.channel = $1 AND c.direction = $2 AND c.contact = $3) FROM job",
             )
             .bind(row.channel)
-            .bind(row.direction.as_str())
+            .bind(direction)
             .bind(row.contact)
-            .bind(id)
+            .bind(row.m_id)
+            .bind(row.dedup_key.as_deref())
+            .bind(row.payload)
+            .bind(row.state.as_str())
             .bind(now)
-            .fetch_one(&mut *self.0)
-            .await?;
-            head = head_id == Some(id);
-        }
-        let lease_token = match first {
-            Some(first) if head => Some(self.lease(id, &first.owner, first.lease_until).await?),
-            _ => None,
+            .bind(lease.reserved_until)
+            .bind(&lease.owner)
+            .bind(lease.lease_until)
+            .bind(due_at)
+            .fetch_optional(&mut *self.conn)
+            .await?
+            .map(|(id, last_effective_at)| {
+                self.last_effective = Some((row.channel.to_owned(), row.contact.to_owned(), last_effective_at));
+                id
+            }),
+            // The job and, when it heads its queue, its place there, in one statement.
+            None => {
+                sqlx::query_scalar::<_, i64>(
+                    "WITH job AS ( \
+                    INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                    created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
+                    ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                 head AS ( \
+                    UPDATE channel_queues q SET head_id = job.id, due_at = $10 FROM job \
+                    WHERE $10::bigint IS NOT NULL AND q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
+                 SELECT id FROM job",
+                )
+                .bind(row.channel)
+                .bind(direction)
+                .bind(row.contact)
+                .bind(row.m_id)
+                .bind(row.dedup_key.as_deref())
+                .bind(row.payload)
+                .bind(row.state.as_str())
+                .bind(now)
+                .bind(first.map(|first| first.reserved_until))
+                .bind(due_at)
+                .fetch_optional(&mut *self.conn)
+                .await?
+            }
         };
-        Ok(Some(Inserted { id, head, lease_token }))
+        let Some(id) = inserted else { return Ok(None) };
+        if head {
+            self.remember_head((row.channel.to_owned(), direction.to_owned(), row.contact.to_owned()), Some(id));
+        }
+        Ok(Some(Inserted { id, head, lease_token: lease.map(|_| 1) }))
     }
 
     async fn last_effective_at(&mut self, channel: &str, contact: &str) -> StoreResult<Option<i64>> {
+        if let Some((read_channel, read_contact, last_effective_at)) = self.last_effective.take()
+            && read_channel == channel
+            && read_contact == contact
+        {
+            return Ok(last_effective_at);
+        }
         Ok(sqlx::query_scalar::<_, Option<i64>>(
             "SELECT last_effective_at FROM contacts WHERE channel = $1 AND direction = 'outbound' AND contact = $2",
         )
         .bind(channel)
         .bind(contact)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?
         .flatten())
     }
@@ -637,7 +743,7 @@ impl Tx for PgTx<'_> {
         Ok(sqlx::query("SELECT 1 FROM jobs WHERE channel = $1 AND dedup_key = ANY($2) LIMIT 1")
             .bind(channel)
             .bind(dedup_keys)
-            .fetch_optional(&mut *self.0)
+            .fetch_optional(&mut *self.conn)
             .await?
             .is_some())
     }
@@ -653,7 +759,7 @@ impl Tx for PgTx<'_> {
         .bind(contact)
         .bind(fingerprint)
         .bind(now)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?
         .is_some())
     }
@@ -676,7 +782,7 @@ impl Tx for PgTx<'_> {
         .bind(contact)
         .bind(watermark)
         .bind(channel)
-        .fetch_all(&mut *self.0)
+        .fetch_all(&mut *self.conn)
         .await?)
     }
 
@@ -687,7 +793,7 @@ impl Tx for PgTx<'_> {
         };
         sqlx::query(AssertSqlSafe(format!("UPDATE jobs SET {mark} WHERE id = $1")))
             .bind(id)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(())
     }
@@ -714,16 +820,22 @@ impl Tx for PgTx<'_> {
         .bind(watermark)
         .bind(timestamp)
         .bind(now)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         Ok(())
     }
 
     async fn watermarks(&mut self, channel: &str, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+        if let Some((read_channel, read_contact, watermarks)) = self.watermarks.take()
+            && read_channel == channel
+            && read_contact == contact
+        {
+            return Ok(watermarks);
+        }
         Ok(sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE channel = $1 AND contact = $2")
             .bind(channel)
             .bind(contact)
-            .fetch_all(&mut *self.0)
+            .fetch_all(&mut *self.conn)
             .await?)
     }
 
@@ -731,14 +843,25 @@ impl Tx for PgTx<'_> {
         if self.lock_queue_of(lease.id).await?.is_none() {
             return Ok(None);
         }
-        let settled: Option<(String, String, String, String)> = sqlx::query_as(
+        // A delivered outbound job's receipts depend on its contact's watermarks (see
+        // `rules::finish`): read here, under the contact's lock taken just before, rather than in
+        // a statement of their own.
+        type SettledRow = (String, String, String, String, Option<Vec<String>>, Option<Vec<i64>>, Option<Vec<i64>>);
+        let settled: Option<SettledRow> = sqlx::query_as(
             "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
              next_attempt_at = COALESCE($4, next_attempt_at), \
              last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
              accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
              reserved_until = CASE WHEN $8 THEN reserved_until END, \
              lease_owner = NULL, lease_until = NULL, updated_at = $7 \
-             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL RETURNING channel, direction, contact, m_id",
+             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL \
+             RETURNING channel, direction, contact, m_id, \
+             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.status FROM watermarks w \
+                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
+             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.watermark FROM watermarks w \
+                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
+             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.timestamp FROM watermarks w \
+                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END",
         )
         .bind(settle.state.as_str())
         .bind(progress_value(settle.progress))
@@ -750,9 +873,15 @@ impl Tx for PgTx<'_> {
         .bind(settle.keep_reservation)
         .bind(lease.id)
         .bind(lease.token)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?;
-        let Some((channel, direction, contact, m_id)) = settled else { return Ok(None) };
+        let Some((channel, direction, contact, m_id, statuses, watermarks, timestamps)) = settled else {
+            return Ok(None);
+        };
+        if let (Some(statuses), Some(watermarks), Some(timestamps)) = (statuses, watermarks, timestamps) {
+            let read = statuses.into_iter().zip(watermarks).zip(timestamps).map(|((s, w), t)| (s, w, t)).collect();
+            self.watermarks = Some((channel.clone(), contact.clone(), read));
+        }
         let queue = (channel, direction, contact);
         let queued = self.refresh_head(&queue).await?;
         let (channel, direction, contact) = queue;
@@ -763,7 +892,7 @@ impl Tx for PgTx<'_> {
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
         let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.0).await?;
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.conn).await?;
         state
             .map(|state| {
                 JobState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("job {id} has state {state}")))
@@ -778,7 +907,7 @@ impl Tx for PgTx<'_> {
         )
         .bind(now)
         .bind(id)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         self.refresh_head(&queue).await.map(drop)
     }
@@ -786,7 +915,7 @@ impl Tx for PgTx<'_> {
     async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
         let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1")))
             .bind(id)
-            .fetch_one(&mut *self.0)
+            .fetch_one(&mut *self.conn)
             .await?;
         job_from_row(&row, now, false)
     }
@@ -800,7 +929,7 @@ impl Tx for PgTx<'_> {
         .bind(channel)
         .bind(contact)
         .bind(at)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         Ok(())
     }
@@ -817,7 +946,7 @@ impl Tx for PgTx<'_> {
             .bind(contact)
             .bind(fingerprint)
             .bind(expires_at)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(())
     }
@@ -886,9 +1015,10 @@ impl Store for Shared {
             let prepared = self
                 .bounded(async {
                     let mut tx = self.begin().await?;
+                    let mut pg = PgTx::new(&mut tx);
+                    pg.count_with_lock = true;
                     let enqueued =
-                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), per_contact)
-                            .await?;
+                        rules::enqueue_outbound(&mut pg, &job, &payload, first.as_ref(), per_contact).await?;
                     Ok((tx, enqueued))
                 })
                 .await;
@@ -927,7 +1057,7 @@ impl Store for Shared {
         let prepared = PreparedBatch::new(batch);
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let summary = rules::enqueue_inbound(&mut PgTx(&mut tx), &prepared).await?;
+            let summary = rules::enqueue_inbound(&mut PgTx::new(&mut tx), &prepared).await?;
             // Meta redelivers a batch answered 503: a lost commit answer costs nothing but a
             // duplicate the unique keys drop.
             self.commit(tx, summary.queued + summary.receipts > 0).await?;
@@ -1011,7 +1141,7 @@ impl Store for Shared {
             if in_flight.is_some() {
                 return Ok(None);
             }
-            PgTx(&mut tx).lease(id, &owner, lease_until).await?;
+            PgTx::new(&mut tx).lease(id, &owner, lease_until).await?;
             let row = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM jobs j \
                  LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
@@ -1032,7 +1162,7 @@ impl Store for Shared {
             let mut tx = self.begin().await?;
             let mut renewed_leases = Vec::with_capacity(leases.len());
             for lease in leases {
-                let Some(queue) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
+                let Some(queue) = PgTx::new(&mut tx).lock_queue_of(lease.id).await? else { continue };
                 let renewed = sqlx::query(
                     "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_token = $3 AND lease_owner IS NOT NULL",
                 )
@@ -1042,7 +1172,7 @@ impl Store for Shared {
                 .execute(&mut *tx)
                 .await?;
                 if renewed.rows_affected() == 1 {
-                    PgTx(&mut tx).refresh_head(&queue).await?;
+                    PgTx::new(&mut tx).refresh_head(&queue).await?;
                     renewed_leases.push(lease);
                 }
             }
@@ -1063,7 +1193,7 @@ impl Store for Shared {
             let mut released = 0;
             for queue in lock_order(queues) {
                 let (channel, direction, contact) = &queue;
-                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
+                PgTx::new(&mut tx).lock_queue(channel, direction, contact).await?;
                 released += sqlx::query(
                     "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
                      WHERE lease_owner = $1 AND channel = $2 AND direction = $3 AND contact = $4",
@@ -1075,7 +1205,7 @@ impl Store for Shared {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                PgTx(&mut tx).refresh_head(&queue).await?;
+                PgTx::new(&mut tx).refresh_head(&queue).await?;
             }
             self.commit(tx, released > 0).await?;
             Ok(released)
@@ -1087,7 +1217,7 @@ impl Store for Shared {
             let mut tx = self.begin().await?;
             // Need not be on disk (see the trait): the commit does not wait for the WAL flush.
             sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-            rules::record_send(&mut PgTx(&mut tx), &send).await?;
+            rules::record_send(&mut PgTx::new(&mut tx), &send).await?;
             tx.commit().await?;
             Ok(())
         }))
@@ -1115,7 +1245,7 @@ impl Store for Shared {
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let settled = rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
+            let settled = rules::finish(&mut PgTx::new(&mut tx), lease, &finish, now).await?;
             // A contact with more queued has its next job claimable now, by any replica, and a
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
@@ -1203,7 +1333,7 @@ impl Store for Shared {
         let (m_id, reason) = (m_id.to_owned(), reason.to_owned());
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            rules::queue_failed_receipt(&mut PgTx(&mut tx), &channel, &contact, &m_id, &reason, now).await?;
+            rules::queue_failed_receipt(&mut PgTx::new(&mut tx), &channel, &contact, &m_id, &reason, now).await?;
             self.commit(tx, true).await
         }))
     }
@@ -1233,7 +1363,7 @@ impl Store for Shared {
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let job = rules::retry(&mut PgTx(&mut tx), id, now).await?;
+            let job = rules::retry(&mut PgTx::new(&mut tx), id, now).await?;
             self.commit(tx, true).await?;
             Ok(job)
         }))
@@ -1256,7 +1386,7 @@ impl Store for Shared {
                 dead.into_iter().map(|(_, channel, direction, contact)| (channel, direction, contact)).collect(),
             );
             for (channel, direction, contact) in &queues {
-                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
+                PgTx::new(&mut tx).lock_queue(channel, direction, contact).await?;
             }
             let redriven = sqlx::query(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \
@@ -1268,7 +1398,7 @@ impl Store for Shared {
             .await?
             .rows_affected();
             for queue in &queues {
-                PgTx(&mut tx).refresh_head(queue).await?;
+                PgTx::new(&mut tx).refresh_head(queue).await?;
             }
             self.commit(tx, redriven > 0).await?;
             Ok(redriven)
