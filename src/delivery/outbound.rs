@@ -16,8 +16,7 @@ use crate::domain::joinchat::{Message, Recipient, RecipientField, SendRequest, t
 use crate::domain::outbound::OutboundRequest;
 use crate::store::{BeforeSend, Job, NewOutbound, Store, now_millis};
 
-/// How long the relay recognises the echo of a message it sent (SPEC §4.3).
-pub const ECHO_WINDOW: Duration = Duration::from_secs(600);
+pub use crate::store::ECHO_WINDOW;
 
 /// A fresh `mId`: 32 hex characters, time-ordered (UUIDv7), within BonyChat's 50-character limit.
 /// The random bits come from a thread-local generator: ids must be unique, not secret, and a

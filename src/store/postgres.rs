@@ -13,6 +13,11 @@
 //!   unique key, whichever replica receives them; echo records are taken by one transaction.
 //! - **Wake-ups.** Transactions that make work claimable send a `NOTIFY`; every replica listens
 //!   and claims at once, and polls as a backstop (a lost connection loses notifications).
+//! - **Few round trips.** Each statement waits for the server, so a message's first attempt is
+//!   two transactions of two statements each, plus a third to refresh the queue's head at the
+//!   end: the insert (its queue's lock, which also reads the intake count; then the job, leased
+//!   to its request with its first send recorded ahead, see [`FirstSends`]) and the outcome (the
+//!   lock; the job's state with its contact's watermarks, and the record ahead put right).
 //! - **The database away.** Acquiring a connection is bounded by the connect timeout, each
 //!   statement by the statement timeout, so requests get 503 and workers back off; the pool
 //!   reconnects by itself once the database is back.
@@ -21,8 +26,8 @@
 //! `channel_queues` row, then its job rows; outbound before inbound.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -65,6 +70,145 @@ const DEAD_SESSION_AFTER_MS: &str = "3000";
 const PING_LOCK_TIMEOUT_MS: &str = "1000";
 /// How long to keep trying to learn whether a commit whose answer was lost took effect.
 const CONFIRM_FOR: Duration = Duration::from_secs(5);
+/// How long after the insert that leased it a message's first send may leave and still be the
+/// one recorded with the insert (see [`FirstSends`]).
+const FIRST_SEND_SLACK: Duration = Duration::from_millis(250);
+/// Records ahead kept at most before the stale ones (of attempts that ended without a finish,
+/// their lease lost) are dropped.
+const FIRST_SENDS_KEPT: usize = 4096;
+
+/// The first send of a message leased with its insert, recorded ahead: pacing as if it took
+/// effect by `effective_by`, and its echo mark until `expires_by` (see [`FirstSends`]).
+struct AheadPlan {
+    effective_by: i64,
+    fingerprint: Option<String>,
+    expires_by: i64,
+}
+
+impl AheadPlan {
+    fn of(job: &NewOutbound, now: i64) -> Self {
+        let slack = i64::try_from(FIRST_SEND_SLACK.as_millis()).unwrap_or(0);
+        let window = i64::try_from(super::ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        Self {
+            effective_by: now.saturating_add(slack),
+            fingerprint: job.parts.first().and_then(|part| part.echo_fingerprint()),
+            expires_by: now.saturating_add(slack).saturating_add(window),
+        }
+    }
+}
+
+/// What the insert found and wrote for an [`AheadPlan`]: the contact's last effective send
+/// before it, and the echo mark's id.
+struct WrittenAhead {
+    previous: Option<i64>,
+    mark: Option<i64>,
+}
+
+/// A first send recorded ahead, until its attempt ends.
+struct FirstSend {
+    job: i64,
+    channel: String,
+    contact: String,
+    plan: AheadPlan,
+    written: WrittenAhead,
+    recorded_at: std::time::Instant,
+    /// When the send takes effect, once `before_send` found it the one recorded.
+    sent: Option<i64>,
+}
+
+/// What the finish of an attempt puts right of its first send recorded ahead: the pacing record
+/// from the bound written to `value` (when the send took effect, or what it was before for a
+/// send that never left) if nobody moved it since, and an echo mark no send will match.
+struct AheadSettled {
+    channel: String,
+    contact: String,
+    written: i64,
+    value: Option<i64>,
+    spare_mark: Option<i64>,
+}
+
+impl FirstSend {
+    fn settled(self) -> AheadSettled {
+        let (value, spare_mark) = match self.sent {
+            Some(effective_at) => (Some(effective_at), None),
+            None => (self.written.previous, self.written.mark),
+        };
+        AheadSettled {
+            channel: self.channel,
+            contact: self.contact,
+            written: self.plan.effective_by,
+            value,
+            spare_mark,
+        }
+    }
+}
+
+/// The first sends recorded ahead, by job.
+///
+/// A `/message` request sends its job's first JoinChat request within milliseconds of the insert
+/// that leased it the job, and `before_send` would record that send in a transaction of its own
+/// (the contact's pacing and the echo mark). Postgres writes that record with the insert
+/// instead, bounded: as if the send took effect [`FIRST_SEND_SLACK`] after the insert. When the
+/// send comes within that bound, `before_send` finds it recorded and writes nothing: one
+/// transaction less per message. The finish of the attempt puts the record right in its own
+/// transaction: the pacing record goes back from the bound to when the send took effect, or,
+/// for a send that never left (held back by the send rate, paced, its request gone), to what it
+/// was before, and that send's echo mark goes. Nobody reads the contact's pacing meanwhile: its
+/// next job waits for this one's lease to end. A crash in between leaves the bound, at most
+/// [`FIRST_SEND_SLACK`] past the send (the contact's next message may get one second more of
+/// `delay`), and for a send that never left an echo mark that an echo of the same text within
+/// ten minutes may take, as a send that failed after `before_send` always could.
+#[derive(Default)]
+struct FirstSends(std::sync::Mutex<Vec<FirstSend>>);
+
+/// What `before_send` has to write, given the first sends recorded ahead.
+enum Ahead {
+    /// The send was recorded with its insert: nothing.
+    Covered,
+    /// The usual record; and the echo mark of a first send recorded ahead that never left, if any.
+    Record { spare_mark: Option<i64> },
+}
+
+impl FirstSends {
+    fn add(&self, send: FirstSend) {
+        let mut sends = self.0.lock().expect("first sends");
+        if sends.len() >= FIRST_SENDS_KEPT {
+            sends.retain(|kept| kept.recorded_at.elapsed() < FIRST_SEND_SLACK * 240);
+        }
+        sends.push(send);
+    }
+
+    /// Whether `send` is a first send recorded ahead, which it then marks sent. Any other send to
+    /// the same contact (the first one late, or the next part) records itself, and takes the
+    /// record ahead out: its pacing record is the later one, and the echo mark of a send that
+    /// never left goes with it.
+    fn before_send(&self, send: &BeforeSend) -> Ahead {
+        let mut sends = self.0.lock().expect("first sends");
+        let Some(at) = sends.iter().position(|first| first.channel == send.channel && first.contact == send.contact)
+        else {
+            return Ahead::Record { spare_mark: None };
+        };
+        let first = &mut sends[at];
+        if first.sent.is_none()
+            && first.plan.fingerprint == send.echo_fingerprint
+            && send.effective_at <= first.plan.effective_by
+            && send.echo_expires_at <= first.plan.expires_by
+            && first.recorded_at.elapsed() <= FIRST_SEND_SLACK
+        {
+            first.sent = Some(send.effective_at);
+            return Ahead::Covered;
+        }
+        let first = sends.swap_remove(at);
+        Ahead::Record { spare_mark: first.sent.is_none().then_some(first.written.mark).flatten() }
+    }
+
+    /// Takes out the first send of job `id` recorded ahead, at the end of its attempt.
+    fn take(&self, id: i64) -> Option<FirstSend> {
+        let mut sends = self.0.lock().expect("first sends");
+        let at = sends.iter().position(|first| first.job == id)?;
+        Some(sends.swap_remove(at))
+    }
+}
 
 pub struct PostgresStore {
     shared: Shared,
@@ -83,6 +227,7 @@ struct Shared {
     /// Bounds a whole operation from the client side: a database that stopped answering (a
     /// network partition) never answers a statement timeout either.
     operation_timeout: Duration,
+    first_sends: Arc<FirstSends>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -179,6 +324,7 @@ impl PostgresStore {
             rotation: Arc::default(),
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
+            first_sends: Arc::default(),
         };
         Ok(Self { shared, _background: background })
     }
@@ -418,6 +564,37 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
         WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
 
+/// Writes a finished attempt on its job (see [`Tx::settle`]): `$1` state, `$2` progress, `$3`
+/// attempts to add, `$4` next attempt, `$5` error, `$6` when the last request left, `$7` now,
+/// `$8` whether the reservation stays, `$9` job, `$10` its lease's token. A delivered outbound
+/// job's receipts depend on its contact's watermarks (`rules::finish`): they come back with it,
+/// read under the contact's lock, which the transaction took in the statement before.
+const SETTLE: &str = "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
+    next_attempt_at = COALESCE($4, next_attempt_at), \
+    last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
+    accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
+    reserved_until = CASE WHEN $8 THEN reserved_until END, \
+    lease_owner = NULL, lease_until = NULL, updated_at = $7 \
+    WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL \
+    RETURNING channel, direction, contact, m_id, \
+    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.status FROM watermarks w \
+        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
+    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.watermark FROM watermarks w \
+        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
+    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.timestamp FROM watermarks w \
+        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END";
+
+/// [`SETTLE`], putting right the job's first send recorded ahead ([`AheadSettled`]): `$11` the
+/// pacing bound written, `$12` the value it takes, `$13` channel, `$14` contact, `$15` the echo
+/// mark no send will match.
+static SETTLE_PUTTING_AHEAD_RIGHT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH paced AS (UPDATE contacts SET last_effective_at = $12 \
+            WHERE channel = $13 AND direction = 'outbound' AND contact = $14 AND last_effective_at = $11), \
+         unmarked AS (DELETE FROM echo_marks WHERE id = $15) {SETTLE}"
+    )
+});
+
 /// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
 const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
 
@@ -475,11 +652,27 @@ struct PgTx<'t> {
     last_effective: Option<(String, String, Option<i64>)>,
     /// (channel, contact, watermarks) as read by the settle of a delivered outbound job.
     watermarks: Option<(String, String, Vec<(String, i64, i64)>)>,
+    /// The first send to record with the insert of a job leased with it (see [`FirstSends`]),
+    /// and what that insert wrote.
+    ahead: Option<AheadPlan>,
+    written_ahead: Option<(AheadPlan, WrittenAhead)>,
+    /// What the next settle puts right of its job's first send recorded ahead.
+    settle_ahead: Option<AheadSettled>,
 }
 
 impl<'t> PgTx<'t> {
     fn new(conn: &'t mut PgConnection) -> Self {
-        Self { conn, heads: Vec::new(), count_with_lock: false, counted: None, last_effective: None, watermarks: None }
+        Self {
+            conn,
+            heads: Vec::new(),
+            count_with_lock: false,
+            counted: None,
+            last_effective: None,
+            watermarks: None,
+            ahead: None,
+            written_ahead: None,
+            settle_ahead: None,
+        }
     }
 
     /// The head of a queue this transaction holds: `Some(None)` for an empty one, `None` when it
@@ -656,39 +849,59 @@ impl Tx for PgTx<'_> {
         // Due when its lease and its reservation have ended, as `refresh_head` has it.
         let due_at = head.then(|| lease.map_or(now, |lease| now.max(lease.lease_until).max(lease.reserved_until)));
         let inserted = match lease {
-            // The job, its lease (a new row's token is 0, this first claim makes it 1) and its
-            // place at the head of the queue in one statement, which also reads what the
-            // attempt needs to know about the contact.
-            Some(lease) => sqlx::query_as::<_, (i64, Option<i64>)>(
-                "WITH job AS ( \
-                    INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-                    created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token) \
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10, $11, 1) \
-                    ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
-                 head AS ( \
-                    UPDATE channel_queues q SET head_id = job.id, due_at = $12 FROM job \
-                    WHERE q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
-                 SELECT job.id, (SELECT c.last_effective_at FROM contacts c \
-                    WHERE c.channel = $1 AND c.direction = $2 AND c.contact = $3) FROM job",
-            )
-            .bind(row.channel)
-            .bind(direction)
-            .bind(row.contact)
-            .bind(row.m_id)
-            .bind(row.dedup_key.as_deref())
-            .bind(row.payload)
-            .bind(row.state.as_str())
-            .bind(now)
-            .bind(lease.reserved_until)
-            .bind(&lease.owner)
-            .bind(lease.lease_until)
-            .bind(due_at)
-            .fetch_optional(&mut *self.conn)
-            .await?
-            .map(|(id, last_effective_at)| {
-                self.last_effective = Some((row.channel.to_owned(), row.contact.to_owned(), last_effective_at));
-                id
-            }),
+            // The job, its lease (a new row's token is 0, this first claim makes it 1), its place
+            // at the head of the queue and its first send recorded ahead, in one statement, which
+            // also reads what the attempt needs to know about the contact: its pacing record as
+            // it was before this statement.
+            Some(lease) => {
+                let ahead = self.ahead.take();
+                let (effective_by, fingerprint, expires_by) = match &ahead {
+                    Some(plan) => (Some(plan.effective_by), plan.fingerprint.as_deref(), Some(plan.expires_by)),
+                    None => (None, None, None),
+                };
+                sqlx::query_as::<_, (i64, Option<i64>, Option<i64>)>(
+                    "WITH job AS ( \
+                        INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                        created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token) \
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10, $11, 1) \
+                        ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                     head AS ( \
+                        UPDATE channel_queues q SET head_id = job.id, due_at = $12 FROM job \
+                        WHERE q.channel = $1 AND q.direction = $2 AND q.contact = $3), \
+                     paced AS ( \
+                        INSERT INTO contacts (channel, direction, contact, last_effective_at) \
+                        SELECT $1, $2, $3, $13 FROM job WHERE $13::bigint IS NOT NULL \
+                        ON CONFLICT (channel, direction, contact) DO UPDATE SET last_effective_at = \
+                        GREATEST(COALESCE(contacts.last_effective_at, 0), excluded.last_effective_at)), \
+                     mark AS ( \
+                        INSERT INTO echo_marks (channel, contact, fingerprint, expires_at) \
+                        SELECT $1, $3, $14, $15 FROM job WHERE $14::text IS NOT NULL RETURNING id) \
+                     SELECT job.id, (SELECT c.last_effective_at FROM contacts c \
+                        WHERE c.channel = $1 AND c.direction = $2 AND c.contact = $3), (SELECT id FROM mark) FROM job",
+                )
+                .bind(row.channel)
+                .bind(direction)
+                .bind(row.contact)
+                .bind(row.m_id)
+                .bind(row.dedup_key.as_deref())
+                .bind(row.payload)
+                .bind(row.state.as_str())
+                .bind(now)
+                .bind(lease.reserved_until)
+                .bind(&lease.owner)
+                .bind(lease.lease_until)
+                .bind(due_at)
+                .bind(effective_by)
+                .bind(fingerprint)
+                .bind(expires_by)
+                .fetch_optional(&mut *self.conn)
+                .await?
+                .map(|(id, previous, mark)| {
+                    self.last_effective = Some((row.channel.to_owned(), row.contact.to_owned(), previous));
+                    self.written_ahead = ahead.map(|plan| (plan, WrittenAhead { previous, mark }));
+                    id
+                })
+            }
             // The job and, when it heads its queue, its place there, in one statement.
             None => {
                 sqlx::query_scalar::<_, i64>(
@@ -843,38 +1056,32 @@ impl Tx for PgTx<'_> {
         if self.lock_queue_of(lease.id).await?.is_none() {
             return Ok(None);
         }
-        // A delivered outbound job's receipts depend on its contact's watermarks (see
-        // `rules::finish`): read here, under the contact's lock taken just before, rather than in
-        // a statement of their own.
         type SettledRow = (String, String, String, String, Option<Vec<String>>, Option<Vec<i64>>, Option<Vec<i64>>);
-        let settled: Option<SettledRow> = sqlx::query_as(
-            "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
-             next_attempt_at = COALESCE($4, next_attempt_at), \
-             last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
-             accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
-             reserved_until = CASE WHEN $8 THEN reserved_until END, \
-             lease_owner = NULL, lease_until = NULL, updated_at = $7 \
-             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL \
-             RETURNING channel, direction, contact, m_id, \
-             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.status FROM watermarks w \
-                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
-             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.watermark FROM watermarks w \
-                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
-             CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.timestamp FROM watermarks w \
-                WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END",
-        )
-        .bind(settle.state.as_str())
-        .bind(progress_value(settle.progress))
-        .bind(i32::try_from(settle.attempted).unwrap_or(1))
-        .bind(settle.next_attempt_at)
-        .bind(settle.error)
-        .bind(settle.sent_at)
-        .bind(now)
-        .bind(settle.keep_reservation)
-        .bind(lease.id)
-        .bind(lease.token)
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        let query = match &self.settle_ahead {
+            Some(_) => sqlx::query_as::<_, SettledRow>(LazyLock::force(&SETTLE_PUTTING_AHEAD_RIGHT).as_str()),
+            None => sqlx::query_as::<_, SettledRow>(SETTLE),
+        };
+        let query = query
+            .bind(settle.state.as_str())
+            .bind(progress_value(settle.progress))
+            .bind(i32::try_from(settle.attempted).unwrap_or(1))
+            .bind(settle.next_attempt_at)
+            .bind(settle.error)
+            .bind(settle.sent_at)
+            .bind(now)
+            .bind(settle.keep_reservation)
+            .bind(lease.id)
+            .bind(lease.token);
+        let query = match self.settle_ahead.take() {
+            Some(ahead) => query
+                .bind(ahead.written)
+                .bind(ahead.value)
+                .bind(ahead.channel)
+                .bind(ahead.contact)
+                .bind(ahead.spare_mark),
+            None => query,
+        };
+        let settled = query.fetch_optional(&mut *self.conn).await?;
         let Some((channel, direction, contact, m_id, statuses, watermarks, timestamps)) = settled else {
             return Ok(None);
         };
@@ -1017,12 +1224,30 @@ impl Store for Shared {
                     let mut tx = self.begin().await?;
                     let mut pg = PgTx::new(&mut tx);
                     pg.count_with_lock = true;
+                    // The request sends the job's first part right after, when it leases it.
+                    pg.ahead = first.as_ref().map(|_| AheadPlan::of(&job, job.now));
                     let enqueued =
                         rules::enqueue_outbound(&mut pg, &job, &payload, first.as_ref(), per_contact).await?;
-                    Ok((tx, enqueued))
+                    let ahead = pg.written_ahead.take();
+                    Ok((tx, enqueued, ahead))
                 })
                 .await;
-            let (tx, stored) = prepared?;
+            let (tx, stored, ahead) = prepared?;
+            let ahead = ahead.map(|(plan, written)| FirstSend {
+                job: stored.id,
+                channel: job.channel.clone(),
+                contact: job.contact.clone(),
+                plan,
+                written,
+                recorded_at: std::time::Instant::now(),
+                sent: None,
+            });
+            let stored_with = |enqueued| {
+                if let Some(ahead) = ahead {
+                    self.first_sends.add(ahead);
+                }
+                Ok(enqueued)
+            };
             let enqueued = Enqueued {
                 id: stored.id,
                 claimed: stored.claimed.map(|job| {
@@ -1034,13 +1259,13 @@ impl Store for Shared {
             // does not.
             let notify = first.is_none();
             match self.bounded(self.commit(tx, notify)).await {
-                Ok(()) => Ok(enqueued),
+                Ok(()) => stored_with(enqueued),
                 Err(e) => {
                     // The answer to COMMIT was lost: the job may be stored. BonyChat must hear
                     // 200 if it is (a 503 would make it send the message again), 503 if not.
                     tracing::warn!(m_id = %job.m_id, error = %e, "a commit's outcome is unknown; checking");
                     match self.confirm_stored(&job.m_id).await {
-                        Ok(true) => Ok(enqueued),
+                        Ok(true) => stored_with(enqueued),
                         Ok(false) => Err(e),
                         Err(unknown) => {
                             tracing::error!(m_id = %job.m_id, error = %unknown,
@@ -1214,10 +1439,19 @@ impl Store for Shared {
 
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
+            let spare_mark = match self.first_sends.before_send(&send) {
+                Ahead::Covered => return Ok(()),
+                Ahead::Record { spare_mark } => spare_mark,
+            };
             let mut tx = self.begin().await?;
             // Need not be on disk (see the trait): the commit does not wait for the WAL flush.
             sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
             rules::record_send(&mut PgTx::new(&mut tx), &send).await?;
+            if let Some(mark) = spare_mark {
+                // One echo mark per send: the one recorded ahead for a send that left too late is
+                // replaced by this one.
+                sqlx::query("DELETE FROM echo_marks WHERE id = $1").bind(mark).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             Ok(())
         }))
@@ -1245,7 +1479,9 @@ impl Store for Shared {
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let settled = rules::finish(&mut PgTx::new(&mut tx), lease, &finish, now).await?;
+            let mut pg = PgTx::new(&mut tx);
+            pg.settle_ahead = self.first_sends.take(lease.id).map(FirstSend::settled);
+            let settled = rules::finish(&mut pg, lease, &finish, now).await?;
             // A contact with more queued has its next job claimable now, by any replica, and a
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
