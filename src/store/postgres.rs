@@ -14,10 +14,10 @@
 //! - **Wake-ups.** Transactions that make work claimable send a `NOTIFY`; every replica listens
 //!   and claims at once, and polls as a backstop (a lost connection loses notifications).
 //! - **Few round trips.** Each statement waits for the server, so a message's first attempt is
-//!   two transactions of two statements each, plus a third to refresh the queue's head at the
-//!   end: the insert (its queue's lock, which also reads the intake count; then the job, leased
-//!   to its request with its first send recorded ahead, see [`FirstSends`]) and the outcome (the
-//!   lock; the job's state with its contact's watermarks, and the record ahead put right).
+//!   two transactions of two statements each: the insert (its queue's lock, which also reads the
+//!   intake count; then the job, leased to its request, with its first send recorded ahead, see
+//!   [`FirstSends`]) and the outcome (the lock and the job's state, with the record ahead put
+//!   right; then the queue's head, with the contact's watermarks).
 //! - **The database away.** Acquiring a connection is bounded by the connect timeout, each
 //!   statement by the statement timeout, so requests get 503 and workers back off; the pool
 //!   reconnects by itself once the database is back.
@@ -564,34 +564,68 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
         WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
 
-/// Writes a finished attempt on its job (see [`Tx::settle`]): `$1` state, `$2` progress, `$3`
-/// attempts to add, `$4` next attempt, `$5` error, `$6` when the last request left, `$7` now,
-/// `$8` whether the reservation stays, `$9` job, `$10` its lease's token. A delivered outbound
-/// job's receipts depend on its contact's watermarks (`rules::finish`): they come back with it,
-/// read under the contact's lock, which the transaction took in the statement before.
-const SETTLE: &str = "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
-    next_attempt_at = COALESCE($4, next_attempt_at), \
-    last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
-    accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
-    reserved_until = CASE WHEN $8 THEN reserved_until END, \
+/// Takes the lock of a job's queue (see `PgTx::lock_queue_of`) as the first part of a
+/// statement about the job: `$9` the job. Whatever else the statement writes depends on its row,
+/// so that the lock comes first, as everywhere.
+const LOCK_QUEUE_OF_JOB: &str = "locked AS (INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+    SELECT channel, direction, contact, NULL, 0 FROM jobs WHERE id = $9 \
+    ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id RETURNING head_id)";
+
+/// Writes a finished attempt on its job (see [`Tx::settle`]) once its queue is locked: `$1`
+/// state, `$2` progress, `$3` attempts to add, `$4` next attempt, `$5` error, `$6` when the last
+/// request left, `$7` now, `$8` whether the reservation stays, `$9` job, `$10` its lease's token.
+/// A lease taken over while the lock was awaited is seen: the row is checked again once its
+/// own lock is granted.
+const SETTLE_JOB: &str = "UPDATE jobs SET state = $1, progress = $2, attempts = jobs.attempts + $3, \
+    next_attempt_at = COALESCE($4, jobs.next_attempt_at), \
+    last_error = CASE WHEN $3 = 0 THEN jobs.last_error ELSE $5 END, \
+    accepted_at = CASE WHEN $1 = 'delivered' AND jobs.direction = 'outbound' THEN COALESCE($6, $7) \
+        ELSE jobs.accepted_at END, \
+    reserved_until = CASE WHEN $8 THEN jobs.reserved_until END, \
     lease_owner = NULL, lease_until = NULL, updated_at = $7 \
-    WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL \
-    RETURNING channel, direction, contact, m_id, \
-    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.status FROM watermarks w \
-        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
-    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.watermark FROM watermarks w \
-        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END, \
-    CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN ARRAY(SELECT w.timestamp FROM watermarks w \
-        WHERE w.channel = jobs.channel AND w.contact = jobs.contact ORDER BY w.status) END";
+    FROM locked WHERE jobs.id = $9 AND jobs.lease_token = $10 AND jobs.lease_owner IS NOT NULL \
+    RETURNING jobs.channel, jobs.direction, jobs.contact, jobs.m_id";
+
+static SETTLE: LazyLock<String> = LazyLock::new(|| format!("WITH {LOCK_QUEUE_OF_JOB} {SETTLE_JOB}"));
 
 /// [`SETTLE`], putting right the job's first send recorded ahead ([`AheadSettled`]): `$11` the
 /// pacing bound written, `$12` the value it takes, `$13` channel, `$14` contact, `$15` the echo
 /// mark no send will match.
 static SETTLE_PUTTING_AHEAD_RIGHT: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH paced AS (UPDATE contacts SET last_effective_at = $12 \
-            WHERE channel = $13 AND direction = 'outbound' AND contact = $14 AND last_effective_at = $11), \
-         unmarked AS (DELETE FROM echo_marks WHERE id = $15) {SETTLE}"
+        "WITH {LOCK_QUEUE_OF_JOB}, \
+         paced AS (UPDATE contacts c SET last_effective_at = $12 FROM locked \
+            WHERE c.channel = $13 AND c.direction = 'outbound' AND c.contact = $14 AND c.last_effective_at = $11), \
+         unmarked AS (DELETE FROM echo_marks m USING locked WHERE m.id = $15) \
+         {SETTLE_JOB}"
+    )
+});
+
+/// Puts the queue row of `$1` channel, `$2` direction, `$3` contact right (see
+/// `PgTx::refresh_head`), returning its head.
+const REFRESH_HEAD: &str = "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
+        (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
+         AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
+    FROM (SELECT $1::text AS channel, $2::text AS direction, $3::text AS contact) k \
+    LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
+        FROM jobs j WHERE j.state = 'queued' \
+        AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
+        ORDER BY j.id LIMIT 1) h ON true \
+    WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
+    RETURNING q.head_id";
+
+/// [`REFRESH_HEAD`], also returning the contact's watermarks (status, watermark, timestamp, each
+/// in the order of status): a delivered outbound job's receipts depend on them
+/// (`rules::finish`), and they are read under the contact's lock, in a statement after the one
+/// that took it, so that a watermark racing the end of the send is never missed.
+static REFRESH_HEAD_READING_WATERMARKS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{REFRESH_HEAD}, \
+         ARRAY(SELECT w.status FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact ORDER BY w.status), \
+         ARRAY(SELECT w.watermark FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact \
+            ORDER BY w.status), \
+         ARRAY(SELECT w.timestamp FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact \
+            ORDER BY w.status)"
     )
 });
 
@@ -746,24 +780,30 @@ impl<'t> PgTx<'t> {
     /// leased. Returns whether the contact still has queued jobs.
     async fn refresh_head(&mut self, queue: &QueueId) -> StoreResult<bool> {
         let (channel, direction, contact) = queue;
-        let head: Option<Option<i64>> = sqlx::query_scalar(
-            "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
-                (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
-                 AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
-             FROM (SELECT $1::text AS channel, $2::text AS direction, $3::text AS contact) k \
-             LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
-                 FROM jobs j WHERE j.state = 'queued' \
-                 AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
-                 ORDER BY j.id LIMIT 1) h ON true \
-             WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
-             RETURNING q.head_id",
-        )
-        .bind(channel)
-        .bind(direction)
-        .bind(contact)
-        .fetch_optional(&mut *self.conn)
-        .await?;
+        let head: Option<Option<i64>> = sqlx::query_scalar(REFRESH_HEAD)
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_optional(&mut *self.conn)
+            .await?;
         let head = head.flatten();
+        self.remember_head(queue.clone(), head);
+        Ok(head.is_some())
+    }
+
+    /// [`Self::refresh_head`], keeping the contact's watermarks for [`Tx::watermarks`].
+    async fn refresh_head_reading_watermarks(&mut self, queue: &QueueId) -> StoreResult<bool> {
+        let (channel, direction, contact) = queue;
+        type Refreshed = (Option<i64>, Vec<String>, Vec<i64>, Vec<i64>);
+        let refreshed: Option<Refreshed> = sqlx::query_as(LazyLock::force(&REFRESH_HEAD_READING_WATERMARKS).as_str())
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let Some((head, statuses, watermarks, timestamps)) = refreshed else { return Ok(false) };
+        let read = statuses.into_iter().zip(watermarks).zip(timestamps).map(|((s, w), t)| (s, w, t)).collect();
+        self.watermarks = Some((channel.clone(), contact.clone(), read));
         self.remember_head(queue.clone(), head);
         Ok(head.is_some())
     }
@@ -1053,13 +1093,11 @@ impl Tx for PgTx<'_> {
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
-        if self.lock_queue_of(lease.id).await?.is_none() {
-            return Ok(None);
-        }
-        type SettledRow = (String, String, String, String, Option<Vec<String>>, Option<Vec<i64>>, Option<Vec<i64>>);
         let query = match &self.settle_ahead {
-            Some(_) => sqlx::query_as::<_, SettledRow>(LazyLock::force(&SETTLE_PUTTING_AHEAD_RIGHT).as_str()),
-            None => sqlx::query_as::<_, SettledRow>(SETTLE),
+            Some(_) => sqlx::query_as::<_, (String, String, String, String)>(
+                LazyLock::force(&SETTLE_PUTTING_AHEAD_RIGHT).as_str(),
+            ),
+            None => sqlx::query_as::<_, (String, String, String, String)>(LazyLock::force(&SETTLE).as_str()),
         };
         let query = query
             .bind(settle.state.as_str())
@@ -1081,16 +1119,15 @@ impl Tx for PgTx<'_> {
                 .bind(ahead.spare_mark),
             None => query,
         };
-        let settled = query.fetch_optional(&mut *self.conn).await?;
-        let Some((channel, direction, contact, m_id, statuses, watermarks, timestamps)) = settled else {
+        let Some((channel, direction, contact, m_id)) = query.fetch_optional(&mut *self.conn).await? else {
             return Ok(None);
         };
-        if let (Some(statuses), Some(watermarks), Some(timestamps)) = (statuses, watermarks, timestamps) {
-            let read = statuses.into_iter().zip(watermarks).zip(timestamps).map(|((s, w), t)| (s, w, t)).collect();
-            self.watermarks = Some((channel.clone(), contact.clone(), read));
-        }
         let queue = (channel, direction, contact);
-        let queued = self.refresh_head(&queue).await?;
+        let queued = if settle.state == JobState::Delivered && queue.1 == Direction::Outbound.as_str() {
+            self.refresh_head_reading_watermarks(&queue).await?
+        } else {
+            self.refresh_head(&queue).await?
+        };
         let (channel, direction, contact) = queue;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
@@ -1443,9 +1480,9 @@ impl Store for Shared {
                 Ahead::Covered => return Ok(()),
                 Ahead::Record { spare_mark } => spare_mark,
             };
-            let mut tx = self.begin().await?;
-            // Need not be on disk (see the trait): the commit does not wait for the WAL flush.
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+            // Need not be on disk (see the trait): the commit does not wait for the WAL flush,
+            // which is said with the BEGIN rather than in a round trip of its own.
+            let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
             rules::record_send(&mut PgTx::new(&mut tx), &send).await?;
             if let Some(mark) = spare_mark {
                 // One echo mark per send: the one recorded ahead for a send that left too late is
