@@ -676,7 +676,7 @@ struct PgTx<'t> {
     conn: &'t mut PgConnection,
     /// The queues this transaction holds, with their heads as of the lock and of its own changes
     /// since: whether a new job heads its queue is known without asking.
-    heads: Vec<(QueueId, Option<i64>)>,
+    heads: std::collections::HashMap<QueueId, Option<i64>>,
     /// Whether the next lock also reads its channel's intake count (an outbound message, whose
     /// rule asks for it right after).
     count_with_lock: bool,
@@ -698,7 +698,7 @@ impl<'t> PgTx<'t> {
     fn new(conn: &'t mut PgConnection) -> Self {
         Self {
             conn,
-            heads: Vec::new(),
+            heads: std::collections::HashMap::new(),
             count_with_lock: false,
             counted: None,
             last_effective: None,
@@ -712,14 +712,11 @@ impl<'t> PgTx<'t> {
     /// The head of a queue this transaction holds: `Some(None)` for an empty one, `None` when it
     /// does not know.
     fn known_head(&self, channel: &str, direction: &str, contact: &str) -> Option<Option<i64>> {
-        self.heads.iter().find(|((c, d, k), _)| c == channel && d == direction && k == contact).map(|(_, head)| *head)
+        self.heads.get(&(channel.to_owned(), direction.to_owned(), contact.to_owned())).copied()
     }
 
     fn remember_head(&mut self, queue: QueueId, head: Option<i64>) {
-        match self.heads.iter_mut().find(|(known, _)| *known == queue) {
-            Some((_, known)) => *known = head,
-            None => self.heads.push((queue, head)),
-        }
+        self.heads.insert(queue, head);
     }
 
     /// Takes the lock of one contact's queue until the transaction ends. An upsert: the row of
