@@ -706,6 +706,10 @@ async fn concurrent_writes_are_all_committed(backend: Backend) {
     unique.dedup();
     assert_eq!(unique.len(), 500);
     assert_eq!(store.list(Some(JobState::Queued), None, 1000).await.unwrap().len(), 500);
+    // The intake count took every one of them, whichever connection wrote it.
+    let full = store.enqueue_outbound(capped("default", "z", "z1", 2_000, 500), None).await;
+    assert!(matches!(full, Err(StoreError::Full { .. })), "{full:?}");
+    store.enqueue_outbound(capped("default", "z", "z1", 2_000, 501), None).await.unwrap();
 }
 
 async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Result<i64, StoreError>>>) -> Vec<i64> {
