@@ -150,8 +150,8 @@ impl FirstSend {
 /// (the contact's pacing and the echo mark). Postgres writes that record with the insert
 /// instead, bounded: as if the send took effect [`FIRST_SEND_SLACK`] after the insert. When the
 /// send comes within that bound, `before_send` finds it recorded and writes nothing: one
-/// transaction less per message. The finish of the attempt puts the record right in its own
-/// transaction: the pacing record goes back from the bound to when the send took effect, or,
+/// transaction less per message. The finish of the attempt puts the record right in the
+/// transaction it takes anyway: the pacing record goes back from the bound to when the send took effect, or,
 /// for a send that never left (held back by the send rate, paced, its request gone), to what it
 /// was before, and that send's echo mark goes. Nobody reads the contact's pacing meanwhile: its
 /// next job waits for this one's lease to end. A crash in between leaves the bound, at most
@@ -669,6 +669,9 @@ fn progress_value(progress: u32) -> i32 {
 /// One contact's queue in one direction: (channel, direction, contact), as stored.
 type QueueId = (String, String, String);
 
+/// A kept watermark, as [`Tx::watermarks`] returns it: (status, watermark, timestamp).
+type Watermark = (String, i64, i64);
+
 /// The storage operations the rules of the queue run on, inside one transaction. Each statement
 /// is a round trip to the server, so a `PgTx` keeps what its transaction has learned, and reads
 /// what the rules will ask next with a statement it has to send anyway.
@@ -685,7 +688,7 @@ struct PgTx<'t> {
     /// (channel, contact, its last effective send) as read by the insert of a job leased with it.
     last_effective: Option<(String, String, Option<i64>)>,
     /// (channel, contact, watermarks) as read by the settle of a delivered outbound job.
-    watermarks: Option<(String, String, Vec<(String, i64, i64)>)>,
+    watermarks: Option<(String, String, Vec<Watermark>)>,
     /// The first send to record with the insert of a job leased with it (see [`FirstSends`]),
     /// and what that insert wrote.
     ahead: Option<AheadPlan>,
@@ -943,13 +946,13 @@ impl Tx for PgTx<'_> {
             None => {
                 sqlx::query_scalar::<_, i64>(
                     "WITH job AS ( \
-                    INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-                    created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
-                    ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
-                 head AS ( \
-                    UPDATE channel_queues q SET head_id = job.id, due_at = $10 FROM job \
-                    WHERE $10::bigint IS NOT NULL AND q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
-                 SELECT id FROM job",
+                        INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                        created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
+                        ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                     head AS ( \
+                        UPDATE channel_queues q SET head_id = job.id, due_at = $10 FROM job \
+                        WHERE $10::bigint IS NOT NULL AND q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
+                     SELECT id FROM job",
                 )
                 .bind(row.channel)
                 .bind(direction)
