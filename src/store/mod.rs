@@ -664,7 +664,8 @@ pub struct BeforeSend {
     pub echo_expires_at: i64,
 }
 
-/// How long the relay recognises the echo of a message it sent (SPEC §4.3).
+/// How long the relay recognises the echo of a message it sent (SPEC §4.3): an echo record
+/// expires this long after its send.
 pub const ECHO_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Jobs redriven or pruned per store operation: small enough that ingestion interleaves.

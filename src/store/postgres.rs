@@ -13,6 +13,11 @@
 //!   unique key, whichever replica receives them; echo records are taken by one transaction.
 //! - **Wake-ups.** Transactions that make work claimable send a `NOTIFY`; every replica listens
 //!   and claims at once, and polls as a backstop (a lost connection loses notifications).
+//! - **Few round trips.** Each statement waits for the server, so a message's first attempt is
+//!   two transactions of two statements each: the insert (its queue's lock, which also reads the
+//!   intake count; then the job, leased to its request, with its first send recorded ahead, see
+//!   [`FirstSends`]) and the outcome (the lock and the job's state, with the record ahead put
+//!   right; then the queue's head, with the contact's watermarks).
 //! - **The database away.** Acquiring a connection is bounded by the connect timeout, each
 //!   statement by the statement timeout, so requests get 503 and workers back off; the pool
 //!   reconnects by itself once the database is back.
@@ -21,8 +26,8 @@
 //! `channel_queues` row, then its job rows; outbound before inbound.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
@@ -44,9 +49,13 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_watermarks_and_depth.sql"),
     include_str!("../../migrations/postgres/0003_channels.sql"),
     include_str!("../../migrations/postgres/0004_send_rates.sql"),
+    include_str!("../../migrations/postgres/0005_lighter_intake_count.sql"),
 ];
 /// Held while migrating, so that replicas starting together migrate one after the other.
 const MIGRATION_LOCK: i64 = 0x626f_6e79_6368_6174;
+/// Held while folding intake counts (see `prune`): two replicas folding at once would take the
+/// rows of shard 0 in their own orders, and could deadlock.
+const FOLD_LOCK: i64 = 0x626f_6e79_666f_6c64;
 /// The `NOTIFY` channel new work is announced on (no relation to the relay's channels).
 const CHANNEL: &str = "bonychat_relay_jobs";
 /// How often each replica measures its clock against the database's.
@@ -61,6 +70,145 @@ const DEAD_SESSION_AFTER_MS: &str = "3000";
 const PING_LOCK_TIMEOUT_MS: &str = "1000";
 /// How long to keep trying to learn whether a commit whose answer was lost took effect.
 const CONFIRM_FOR: Duration = Duration::from_secs(5);
+/// How long after the insert that leased it a message's first send may leave and still be the
+/// one recorded with the insert (see [`FirstSends`]).
+const FIRST_SEND_SLACK: Duration = Duration::from_millis(250);
+/// Records ahead kept at most before the stale ones (of attempts that ended without a finish,
+/// their lease lost) are dropped.
+const FIRST_SENDS_KEPT: usize = 4096;
+
+/// The first send of a message leased with its insert, recorded ahead: pacing as if it took
+/// effect by `effective_by`, and its echo mark until `expires_by` (see [`FirstSends`]).
+struct AheadPlan {
+    effective_by: i64,
+    fingerprint: Option<String>,
+    expires_by: i64,
+}
+
+impl AheadPlan {
+    fn of(job: &NewOutbound, now: i64) -> Self {
+        let slack = i64::try_from(FIRST_SEND_SLACK.as_millis()).unwrap_or(0);
+        let window = i64::try_from(super::ECHO_WINDOW.as_millis()).unwrap_or(i64::MAX);
+        Self {
+            effective_by: now.saturating_add(slack),
+            fingerprint: job.parts.first().and_then(|part| part.echo_fingerprint()),
+            expires_by: now.saturating_add(slack).saturating_add(window),
+        }
+    }
+}
+
+/// What the insert found and wrote for an [`AheadPlan`]: the contact's last effective send
+/// before it, and the echo mark's id.
+struct WrittenAhead {
+    previous: Option<i64>,
+    mark: Option<i64>,
+}
+
+/// A first send recorded ahead, until its attempt ends.
+struct FirstSend {
+    job: i64,
+    channel: String,
+    contact: String,
+    plan: AheadPlan,
+    written: WrittenAhead,
+    recorded_at: std::time::Instant,
+    /// When the send takes effect, once `before_send` found it the one recorded.
+    sent: Option<i64>,
+}
+
+/// What the finish of an attempt puts right of its first send recorded ahead: the pacing record
+/// from the bound written to `value` (when the send took effect, or what it was before for a
+/// send that never left) if nobody moved it since, and an echo mark no send will match.
+struct AheadSettled {
+    channel: String,
+    contact: String,
+    written: i64,
+    value: Option<i64>,
+    spare_mark: Option<i64>,
+}
+
+impl FirstSend {
+    fn settled(self) -> AheadSettled {
+        let (value, spare_mark) = match self.sent {
+            Some(effective_at) => (Some(effective_at), None),
+            None => (self.written.previous, self.written.mark),
+        };
+        AheadSettled {
+            channel: self.channel,
+            contact: self.contact,
+            written: self.plan.effective_by,
+            value,
+            spare_mark,
+        }
+    }
+}
+
+/// The first sends recorded ahead, by job.
+///
+/// A `/message` request sends its job's first JoinChat request within milliseconds of the insert
+/// that leased it the job, and `before_send` would record that send in a transaction of its own
+/// (the contact's pacing and the echo mark). Postgres writes that record with the insert
+/// instead, bounded: as if the send took effect [`FIRST_SEND_SLACK`] after the insert. When the
+/// send comes within that bound, `before_send` finds it recorded and writes nothing: one
+/// transaction less per message. The finish of the attempt puts the record right in the
+/// transaction it takes anyway: the pacing record goes back from the bound to when the send took effect, or,
+/// for a send that never left (held back by the send rate, paced, its request gone), to what it
+/// was before, and that send's echo mark goes. Nobody reads the contact's pacing meanwhile: its
+/// next job waits for this one's lease to end. A crash in between leaves the bound, at most
+/// [`FIRST_SEND_SLACK`] past the send (the contact's next message may get one second more of
+/// `delay`), and for a send that never left an echo mark that an echo of the same text within
+/// ten minutes may take, as a send that failed after `before_send` always could.
+#[derive(Default)]
+struct FirstSends(std::sync::Mutex<Vec<FirstSend>>);
+
+/// What `before_send` has to write, given the first sends recorded ahead.
+enum Ahead {
+    /// The send was recorded with its insert: nothing.
+    Covered,
+    /// The usual record; and the echo mark of a first send recorded ahead that never left, if any.
+    Record { spare_mark: Option<i64> },
+}
+
+impl FirstSends {
+    fn add(&self, send: FirstSend) {
+        let mut sends = self.0.lock().expect("first sends");
+        if sends.len() >= FIRST_SENDS_KEPT {
+            sends.retain(|kept| kept.recorded_at.elapsed() < FIRST_SEND_SLACK * 240);
+        }
+        sends.push(send);
+    }
+
+    /// Whether `send` is a first send recorded ahead, which it then marks sent. Any other send to
+    /// the same contact (the first one late, or the next part) records itself, and takes the
+    /// record ahead out: its pacing record is the later one, and the echo mark of a send that
+    /// never left goes with it.
+    fn before_send(&self, send: &BeforeSend) -> Ahead {
+        let mut sends = self.0.lock().expect("first sends");
+        let Some(at) = sends.iter().position(|first| first.channel == send.channel && first.contact == send.contact)
+        else {
+            return Ahead::Record { spare_mark: None };
+        };
+        let first = &mut sends[at];
+        if first.sent.is_none()
+            && first.plan.fingerprint == send.echo_fingerprint
+            && send.effective_at <= first.plan.effective_by
+            && send.echo_expires_at <= first.plan.expires_by
+            && first.recorded_at.elapsed() <= FIRST_SEND_SLACK
+        {
+            first.sent = Some(send.effective_at);
+            return Ahead::Covered;
+        }
+        let first = sends.swap_remove(at);
+        Ahead::Record { spare_mark: first.sent.is_none().then_some(first.written.mark).flatten() }
+    }
+
+    /// Takes out the first send of job `id` recorded ahead, at the end of its attempt.
+    fn take(&self, id: i64) -> Option<FirstSend> {
+        let mut sends = self.0.lock().expect("first sends");
+        let at = sends.iter().position(|first| first.job == id)?;
+        Some(sends.swap_remove(at))
+    }
+}
 
 pub struct PostgresStore {
     shared: Shared,
@@ -79,6 +227,7 @@ struct Shared {
     /// Bounds a whole operation from the client side: a database that stopped answering (a
     /// network partition) never answers a statement timeout either.
     operation_timeout: Duration,
+    first_sends: Arc<FirstSends>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -175,6 +324,7 @@ impl PostgresStore {
             rotation: Arc::default(),
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
+            first_sends: Arc::default(),
         };
         Ok(Self { shared, _background: background })
     }
@@ -414,6 +564,71 @@ const CLAIM_IN_TURNS: &str = "WITH RECURSIVE present (channel) AS ( \
         UPDATE channel_queues q SET due_at = $5 FROM leased \
         WHERE q.direction = leased.direction AND q.channel = leased.channel AND q.contact = leased.contact)";
 
+/// Takes the lock of a job's queue (see `PgTx::lock_queue_of`) as the first part of a
+/// statement about the job: `$9` the job. Whatever else the statement writes depends on its row,
+/// so that the lock comes first, as everywhere.
+const LOCK_QUEUE_OF_JOB: &str = "locked AS (INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+    SELECT channel, direction, contact, NULL, 0 FROM jobs WHERE id = $9 \
+    ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id RETURNING head_id)";
+
+/// Writes a finished attempt on its job (see [`Tx::settle`]) once its queue is locked: `$1`
+/// state, `$2` progress, `$3` attempts to add, `$4` next attempt, `$5` error, `$6` when the last
+/// request left, `$7` now, `$8` whether the reservation stays, `$9` job, `$10` its lease's token.
+/// A lease taken over while the lock was awaited is seen: the row is checked again once its
+/// own lock is granted.
+const SETTLE_JOB: &str = "UPDATE jobs SET state = $1, progress = $2, attempts = jobs.attempts + $3, \
+    next_attempt_at = COALESCE($4, jobs.next_attempt_at), \
+    last_error = CASE WHEN $3 = 0 THEN jobs.last_error ELSE $5 END, \
+    accepted_at = CASE WHEN $1 = 'delivered' AND jobs.direction = 'outbound' THEN COALESCE($6, $7) \
+        ELSE jobs.accepted_at END, \
+    reserved_until = CASE WHEN $8 THEN jobs.reserved_until END, \
+    lease_owner = NULL, lease_until = NULL, updated_at = $7 \
+    FROM locked WHERE jobs.id = $9 AND jobs.lease_token = $10 AND jobs.lease_owner IS NOT NULL \
+    RETURNING jobs.channel, jobs.direction, jobs.contact, jobs.m_id";
+
+static SETTLE: LazyLock<String> = LazyLock::new(|| format!("WITH {LOCK_QUEUE_OF_JOB} {SETTLE_JOB}"));
+
+/// [`SETTLE`], putting right the job's first send recorded ahead ([`AheadSettled`]): `$11` the
+/// pacing bound written, `$12` the value it takes, `$13` channel, `$14` contact, `$15` the echo
+/// mark no send will match.
+static SETTLE_PUTTING_AHEAD_RIGHT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {LOCK_QUEUE_OF_JOB}, \
+         paced AS (UPDATE contacts c SET last_effective_at = $12 FROM locked \
+            WHERE c.channel = $13 AND c.direction = 'outbound' AND c.contact = $14 AND c.last_effective_at = $11), \
+         unmarked AS (DELETE FROM echo_marks m USING locked WHERE m.id = $15) \
+         {SETTLE_JOB}"
+    )
+});
+
+/// Puts the queue row of `$1` channel, `$2` direction, `$3` contact right (see
+/// `PgTx::refresh_head`), returning its head.
+const REFRESH_HEAD: &str = "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
+        (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
+         AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
+    FROM (SELECT $1::text AS channel, $2::text AS direction, $3::text AS contact) k \
+    LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
+        FROM jobs j WHERE j.state = 'queued' \
+        AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
+        ORDER BY j.id LIMIT 1) h ON true \
+    WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
+    RETURNING q.head_id";
+
+/// [`REFRESH_HEAD`], also returning the contact's watermarks (status, watermark, timestamp, each
+/// in the order of status): a delivered outbound job's receipts depend on them
+/// (`rules::finish`), and they are read under the contact's lock, in a statement after the one
+/// that took it, so that a watermark racing the end of the send is never missed.
+static REFRESH_HEAD_READING_WATERMARKS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{REFRESH_HEAD}, \
+         ARRAY(SELECT w.status FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact ORDER BY w.status), \
+         ARRAY(SELECT w.watermark FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact \
+            ORDER BY w.status), \
+         ARRAY(SELECT w.timestamp FROM watermarks w WHERE w.channel = q.channel AND w.contact = q.contact \
+            ORDER BY w.status)"
+    )
+});
+
 /// What an attempt needs to know about its contact, besides [`JOB_COLUMNS`].
 const CONTACT_COLUMNS: &str = "c.last_effective_at, COALESCE(c.introduced, false) AS introduced";
 
@@ -454,61 +669,143 @@ fn progress_value(progress: u32) -> i32 {
 /// One contact's queue in one direction: (channel, direction, contact), as stored.
 type QueueId = (String, String, String);
 
-/// The storage operations the rules of the queue run on, inside one transaction.
-struct PgTx<'t>(&'t mut PgConnection);
+/// A kept watermark, as [`Tx::watermarks`] returns it: (status, watermark, timestamp).
+type Watermark = (String, i64, i64);
 
-impl PgTx<'_> {
+/// The storage operations the rules of the queue run on, inside one transaction. Each statement
+/// is a round trip to the server, so a `PgTx` keeps what its transaction has learned, and reads
+/// what the rules will ask next with a statement it has to send anyway.
+struct PgTx<'t> {
+    conn: &'t mut PgConnection,
+    /// The queues this transaction holds, with their heads as of the lock and of its own changes
+    /// since: whether a new job heads its queue is known without asking.
+    heads: std::collections::HashMap<QueueId, Option<i64>>,
+    /// Whether the next lock also reads its channel's intake count (an outbound message, whose
+    /// rule asks for it right after).
+    count_with_lock: bool,
+    /// (channel, direction, queued) as read with a lock.
+    counted: Option<(String, Direction, i64)>,
+    /// (channel, contact, its last effective send) as read by the insert of a job leased with it.
+    last_effective: Option<(String, String, Option<i64>)>,
+    /// (channel, contact, watermarks) as read by the settle of a delivered outbound job.
+    watermarks: Option<(String, String, Vec<Watermark>)>,
+    /// The first send to record with the insert of a job leased with it (see [`FirstSends`]),
+    /// and what that insert wrote.
+    ahead: Option<AheadPlan>,
+    written_ahead: Option<(AheadPlan, WrittenAhead)>,
+    /// What the next settle puts right of its job's first send recorded ahead.
+    settle_ahead: Option<AheadSettled>,
+}
+
+impl<'t> PgTx<'t> {
+    fn new(conn: &'t mut PgConnection) -> Self {
+        Self {
+            conn,
+            heads: std::collections::HashMap::new(),
+            count_with_lock: false,
+            counted: None,
+            last_effective: None,
+            watermarks: None,
+            ahead: None,
+            written_ahead: None,
+            settle_ahead: None,
+        }
+    }
+
+    /// The head of a queue this transaction holds: `Some(None)` for an empty one, `None` when it
+    /// does not know.
+    fn known_head(&self, channel: &str, direction: &str, contact: &str) -> Option<Option<i64>> {
+        self.heads.get(&(channel.to_owned(), direction.to_owned(), contact.to_owned())).copied()
+    }
+
+    fn remember_head(&mut self, queue: QueueId, head: Option<i64>) {
+        self.heads.insert(queue, head);
+    }
+
     /// Takes the lock of one contact's queue until the transaction ends. An upsert: the row of
     /// a contact seen for the first time, or pruned since its queue emptied, is made and locked
-    /// in one step, so every writer of a contact has a row to wait on.
-    async fn lock_queue(&mut self, channel: &str, direction: &str, contact: &str) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, NULL, 0) \
-             ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id",
-        )
-        .bind(channel)
-        .bind(direction)
-        .bind(contact)
-        .execute(&mut *self.0)
-        .await?;
-        Ok(())
+    /// in one step, so every writer of a contact has a row to wait on. Returns the queue's head.
+    ///
+    /// With `count_with_lock`, the same statement reads the channel's intake count. Its snapshot
+    /// is taken before the lock is granted, so a transaction of the same contact that committed
+    /// meanwhile is not counted: the cap is as approximate as it is anyway between transactions
+    /// of different contacts, which never wait for each other.
+    async fn lock_queue(&mut self, channel: &str, direction: &str, contact: &str) -> StoreResult<Option<i64>> {
+        const LOCK: &str = "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+            VALUES ($1, $2, $3, NULL, 0) \
+            ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+            RETURNING head_id";
+        const LOCK_AND_COUNT: &str = "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+            VALUES ($1, $2, $3, NULL, 0) \
+            ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+            RETURNING head_id, \
+            (SELECT COALESCE(SUM(d.queued), 0)::bigint FROM queue_depth d WHERE d.channel = $1 AND d.direction = $2)";
+        let count = std::mem::take(&mut self.count_with_lock);
+        let row = sqlx::query(if count { LOCK_AND_COUNT } else { LOCK })
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_one(&mut *self.conn)
+            .await?;
+        let head: Option<i64> = row.try_get(0)?;
+        if count && let Some(counted_direction) = Direction::parse(direction) {
+            self.counted = Some((channel.to_owned(), counted_direction, row.try_get(1)?));
+        }
+        self.remember_head((channel.to_owned(), direction.to_owned(), contact.to_owned()), head);
+        Ok(head)
     }
 
     /// Takes the lock of job `id`'s queue; returns the queue, `None` for no such job.
     async fn lock_queue_of(&mut self, id: i64) -> StoreResult<Option<QueueId>> {
-        let queue: Option<QueueId> = sqlx::query_as("SELECT channel, direction, contact FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *self.0)
-            .await?;
-        if let Some((channel, direction, contact)) = &queue {
-            self.lock_queue(channel, direction, contact).await?;
-        }
-        Ok(queue)
+        // The job's queue never changes, so it is looked up and locked in one statement.
+        let locked: Option<(String, String, String, Option<i64>)> = sqlx::query_as(
+            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) \
+             SELECT channel, direction, contact, NULL, 0 FROM jobs WHERE id = $1 \
+             ON CONFLICT (channel, direction, contact) DO UPDATE SET head_id = channel_queues.head_id \
+             RETURNING channel, direction, contact, head_id",
+        )
+        .bind(id)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        Ok(locked.map(|(channel, direction, contact, head)| {
+            let queue = (channel, direction, contact);
+            self.remember_head(queue.clone(), head);
+            queue
+        }))
     }
 
     /// Puts the queue row of one (channel, direction, contact), whose lock this transaction
     /// holds, right after its jobs changed: its oldest queued job heads it, due at its next
     /// attempt (or its reservation's end), and not while any queued job of the contact is
     /// leased. Returns whether the contact still has queued jobs.
-    async fn refresh_head(&mut self, (channel, direction, contact): &QueueId) -> StoreResult<bool> {
-        let queued: Option<bool> = sqlx::query_scalar(
-            "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
-                (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
-                 AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
-             FROM (SELECT $1::text AS channel, $2::text AS direction, $3::text AS contact) k \
-             LEFT JOIN LATERAL (SELECT j.id, GREATEST(j.next_attempt_at, COALESCE(j.reserved_until, 0)) AS due_at \
-                 FROM jobs j WHERE j.state = 'queued' \
-                 AND j.channel = k.channel AND j.direction = k.direction AND j.contact = k.contact \
-                 ORDER BY j.id LIMIT 1) h ON true \
-             WHERE q.channel = k.channel AND q.direction = k.direction AND q.contact = k.contact \
-             RETURNING q.head_id IS NOT NULL",
-        )
-        .bind(channel)
-        .bind(direction)
-        .bind(contact)
-        .fetch_optional(&mut *self.0)
-        .await?;
-        Ok(queued.unwrap_or(false))
+    async fn refresh_head(&mut self, queue: &QueueId) -> StoreResult<bool> {
+        let (channel, direction, contact) = queue;
+        let head: Option<Option<i64>> = sqlx::query_scalar(REFRESH_HEAD)
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let head = head.flatten();
+        self.remember_head(queue.clone(), head);
+        Ok(head.is_some())
+    }
+
+    /// [`Self::refresh_head`], keeping the contact's watermarks for [`Tx::watermarks`].
+    async fn refresh_head_reading_watermarks(&mut self, queue: &QueueId) -> StoreResult<bool> {
+        let (channel, direction, contact) = queue;
+        type Refreshed = (Option<i64>, Vec<String>, Vec<i64>, Vec<i64>);
+        let refreshed: Option<Refreshed> = sqlx::query_as(LazyLock::force(&REFRESH_HEAD_READING_WATERMARKS).as_str())
+            .bind(channel)
+            .bind(direction)
+            .bind(contact)
+            .fetch_optional(&mut *self.conn)
+            .await?;
+        let Some((head, statuses, watermarks, timestamps)) = refreshed else { return Ok(false) };
+        let read = statuses.into_iter().zip(watermarks).zip(timestamps).map(|((s, w), t)| (s, w, t)).collect();
+        self.watermarks = Some((channel.clone(), contact.clone(), read));
+        self.remember_head(queue.clone(), head);
+        Ok(head.is_some())
     }
 
     /// Leases job `id` to `owner`, holding its queue (locked by this transaction) for the
@@ -521,14 +818,14 @@ impl PgTx<'_> {
         .bind(owner)
         .bind(lease_until)
         .bind(id)
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         sqlx::query("UPDATE channel_queues SET due_at = $1 WHERE channel = $2 AND direction = $3 AND contact = $4")
             .bind(lease_until)
             .bind(channel)
             .bind(direction)
             .bind(contact)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(token)
     }
@@ -543,13 +840,20 @@ impl Tx for PgTx<'_> {
     }
 
     async fn queued(&mut self, channel: &str, direction: Direction, _cap: u64) -> StoreResult<u64> {
-        // Kept by the triggers of migrations 0002 and 0003: a few rows, whatever the depth.
+        if let Some((counted_channel, counted_direction, counted)) = self.counted.take()
+            && counted_channel == channel
+            && counted_direction == direction
+        {
+            return Ok(u64::try_from(counted).unwrap_or(0));
+        }
+        // Kept by the triggers of migration 0005: a row per connection that wrote since the last
+        // prune, whatever the depth.
         let counted: i64 = sqlx::query_scalar(
             "SELECT COALESCE(SUM(queued), 0)::bigint FROM queue_depth WHERE channel = $1 AND direction = $2",
         )
         .bind(channel)
         .bind(direction.as_str())
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
@@ -563,7 +867,7 @@ impl Tx for PgTx<'_> {
         .bind(direction.as_str())
         .bind(contact)
         .bind(i64::try_from(cap.saturating_add(1)).unwrap_or(i64::MAX))
-        .fetch_one(&mut *self.0)
+        .fetch_one(&mut *self.conn)
         .await?;
         Ok(u64::try_from(counted).unwrap_or(0))
     }
@@ -574,56 +878,116 @@ impl Tx for PgTx<'_> {
         now: i64,
         first: Option<&FirstClaim>,
     ) -> StoreResult<Option<Inserted>> {
-        let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-             created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
-             ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id",
-        )
-        .bind(row.channel)
-        .bind(row.direction.as_str())
-        .bind(row.contact)
-        .bind(row.m_id)
-        .bind(row.dedup_key.as_deref())
-        .bind(row.payload)
-        .bind(row.state.as_str())
-        .bind(now)
-        .bind(first.map(|first| first.reserved_until))
-        .fetch_optional(&mut *self.0)
-        .await?;
-        let Some(id) = id else { return Ok(None) };
-        let mut head = false;
-        if row.state == JobState::Queued {
-            // Heads the contact's queue unless an older job already does.
-            let head_id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (channel, direction, contact) DO UPDATE SET \
-                 due_at = CASE WHEN channel_queues.head_id IS NULL THEN excluded.due_at ELSE channel_queues.due_at END, \
-                 head_id = COALESCE(channel_queues.head_id, excluded.head_id) \
-                 RETURNING head_id",
-            )
-            .bind(row.channel)
-            .bind(row.direction.as_str())
-            .bind(row.contact)
-            .bind(id)
-            .bind(now)
-            .fetch_one(&mut *self.0)
-            .await?;
-            head = head_id == Some(id);
-        }
-        let lease_token = match first {
-            Some(first) if head => Some(self.lease(id, &first.owner, first.lease_until).await?),
-            _ => None,
+        let direction = row.direction.as_str();
+        // Every caller holds the queue already; its head came with the lock.
+        let head = row.state == JobState::Queued
+            && match self.known_head(row.channel, direction, row.contact) {
+                Some(head) => head.is_none(),
+                None => self.lock_queue(row.channel, direction, row.contact).await?.is_none(),
+            };
+        let lease = first.filter(|_| head);
+        // Due when its lease and its reservation have ended, as `refresh_head` has it.
+        let due_at = head.then(|| lease.map_or(now, |lease| now.max(lease.lease_until).max(lease.reserved_until)));
+        let inserted = match lease {
+            // The job, its lease (a new row's token is 0, this first claim makes it 1), its place
+            // at the head of the queue and its first send recorded ahead, in one statement, which
+            // also reads what the attempt needs to know about the contact: its pacing record as
+            // it was before this statement.
+            Some(lease) => {
+                let ahead = self.ahead.take();
+                let (effective_by, fingerprint, expires_by) = match &ahead {
+                    Some(plan) => (Some(plan.effective_by), plan.fingerprint.as_deref(), Some(plan.expires_by)),
+                    None => (None, None, None),
+                };
+                sqlx::query_as::<_, (i64, Option<i64>, Option<i64>)>(
+                    "WITH job AS ( \
+                        INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                        created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token) \
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10, $11, 1) \
+                        ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                     head AS ( \
+                        UPDATE channel_queues q SET head_id = job.id, due_at = $12 FROM job \
+                        WHERE q.channel = $1 AND q.direction = $2 AND q.contact = $3), \
+                     paced AS ( \
+                        INSERT INTO contacts (channel, direction, contact, last_effective_at) \
+                        SELECT $1, $2, $3, $13 FROM job WHERE $13::bigint IS NOT NULL \
+                        ON CONFLICT (channel, direction, contact) DO UPDATE SET last_effective_at = \
+                        GREATEST(COALESCE(contacts.last_effective_at, 0), excluded.last_effective_at)), \
+                     mark AS ( \
+                        INSERT INTO echo_marks (channel, contact, fingerprint, expires_at) \
+                        SELECT $1, $3, $14, $15 FROM job WHERE $14::text IS NOT NULL RETURNING id) \
+                     SELECT job.id, (SELECT c.last_effective_at FROM contacts c \
+                        WHERE c.channel = $1 AND c.direction = $2 AND c.contact = $3), (SELECT id FROM mark) FROM job",
+                )
+                .bind(row.channel)
+                .bind(direction)
+                .bind(row.contact)
+                .bind(row.m_id)
+                .bind(row.dedup_key.as_deref())
+                .bind(row.payload)
+                .bind(row.state.as_str())
+                .bind(now)
+                .bind(lease.reserved_until)
+                .bind(&lease.owner)
+                .bind(lease.lease_until)
+                .bind(due_at)
+                .bind(effective_by)
+                .bind(fingerprint)
+                .bind(expires_by)
+                .fetch_optional(&mut *self.conn)
+                .await?
+                .map(|(id, previous, mark)| {
+                    self.last_effective = Some((row.channel.to_owned(), row.contact.to_owned(), previous));
+                    self.written_ahead = ahead.map(|plan| (plan, WrittenAhead { previous, mark }));
+                    id
+                })
+            }
+            // The job and, when it heads its queue, its place there, in one statement.
+            None => {
+                sqlx::query_scalar::<_, i64>(
+                    "WITH job AS ( \
+                        INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
+                        created_at, updated_at, reserved_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9) \
+                        ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
+                     head AS ( \
+                        UPDATE channel_queues q SET head_id = job.id, due_at = $10 FROM job \
+                        WHERE $10::bigint IS NOT NULL AND q.channel = $1 AND q.direction = $2 AND q.contact = $3) \
+                     SELECT id FROM job",
+                )
+                .bind(row.channel)
+                .bind(direction)
+                .bind(row.contact)
+                .bind(row.m_id)
+                .bind(row.dedup_key.as_deref())
+                .bind(row.payload)
+                .bind(row.state.as_str())
+                .bind(now)
+                .bind(first.map(|first| first.reserved_until))
+                .bind(due_at)
+                .fetch_optional(&mut *self.conn)
+                .await?
+            }
         };
-        Ok(Some(Inserted { id, head, lease_token }))
+        let Some(id) = inserted else { return Ok(None) };
+        if head {
+            self.remember_head((row.channel.to_owned(), direction.to_owned(), row.contact.to_owned()), Some(id));
+        }
+        Ok(Some(Inserted { id, head, lease_token: lease.map(|_| 1) }))
     }
 
     async fn last_effective_at(&mut self, channel: &str, contact: &str) -> StoreResult<Option<i64>> {
+        if let Some((read_channel, read_contact, last_effective_at)) = self.last_effective.take()
+            && read_channel == channel
+            && read_contact == contact
+        {
+            return Ok(last_effective_at);
+        }
         Ok(sqlx::query_scalar::<_, Option<i64>>(
             "SELECT last_effective_at FROM contacts WHERE channel = $1 AND direction = 'outbound' AND contact = $2",
         )
         .bind(channel)
         .bind(contact)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?
         .flatten())
     }
@@ -632,7 +996,7 @@ impl Tx for PgTx<'_> {
         Ok(sqlx::query("SELECT 1 FROM jobs WHERE channel = $1 AND dedup_key = ANY($2) LIMIT 1")
             .bind(channel)
             .bind(dedup_keys)
-            .fetch_optional(&mut *self.0)
+            .fetch_optional(&mut *self.conn)
             .await?
             .is_some())
     }
@@ -648,7 +1012,7 @@ impl Tx for PgTx<'_> {
         .bind(contact)
         .bind(fingerprint)
         .bind(now)
-        .fetch_optional(&mut *self.0)
+        .fetch_optional(&mut *self.conn)
         .await?
         .is_some())
     }
@@ -671,7 +1035,7 @@ impl Tx for PgTx<'_> {
         .bind(contact)
         .bind(watermark)
         .bind(channel)
-        .fetch_all(&mut *self.0)
+        .fetch_all(&mut *self.conn)
         .await?)
     }
 
@@ -682,7 +1046,7 @@ impl Tx for PgTx<'_> {
         };
         sqlx::query(AssertSqlSafe(format!("UPDATE jobs SET {mark} WHERE id = $1")))
             .bind(id)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(())
     }
@@ -709,47 +1073,61 @@ impl Tx for PgTx<'_> {
         .bind(watermark)
         .bind(timestamp)
         .bind(now)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         Ok(())
     }
 
     async fn watermarks(&mut self, channel: &str, contact: &str) -> StoreResult<Vec<(String, i64, i64)>> {
+        if let Some((read_channel, read_contact, watermarks)) = self.watermarks.take()
+            && read_channel == channel
+            && read_contact == contact
+        {
+            return Ok(watermarks);
+        }
         Ok(sqlx::query_as("SELECT status, watermark, timestamp FROM watermarks WHERE channel = $1 AND contact = $2")
             .bind(channel)
             .bind(contact)
-            .fetch_all(&mut *self.0)
+            .fetch_all(&mut *self.conn)
             .await?)
     }
 
     async fn settle(&mut self, lease: Lease, settle: &Settle<'_>, now: i64) -> StoreResult<Option<Settled>> {
-        if self.lock_queue_of(lease.id).await?.is_none() {
+        let query = match &self.settle_ahead {
+            Some(_) => sqlx::query_as::<_, (String, String, String, String)>(
+                LazyLock::force(&SETTLE_PUTTING_AHEAD_RIGHT).as_str(),
+            ),
+            None => sqlx::query_as::<_, (String, String, String, String)>(LazyLock::force(&SETTLE).as_str()),
+        };
+        let query = query
+            .bind(settle.state.as_str())
+            .bind(progress_value(settle.progress))
+            .bind(i32::try_from(settle.attempted).unwrap_or(1))
+            .bind(settle.next_attempt_at)
+            .bind(settle.error)
+            .bind(settle.sent_at)
+            .bind(now)
+            .bind(settle.keep_reservation)
+            .bind(lease.id)
+            .bind(lease.token);
+        let query = match self.settle_ahead.take() {
+            Some(ahead) => query
+                .bind(ahead.written)
+                .bind(ahead.value)
+                .bind(ahead.channel)
+                .bind(ahead.contact)
+                .bind(ahead.spare_mark),
+            None => query,
+        };
+        let Some((channel, direction, contact, m_id)) = query.fetch_optional(&mut *self.conn).await? else {
             return Ok(None);
-        }
-        let settled: Option<(String, String, String, String)> = sqlx::query_as(
-            "UPDATE jobs SET state = $1, progress = $2, attempts = attempts + $3, \
-             next_attempt_at = COALESCE($4, next_attempt_at), \
-             last_error = CASE WHEN $3 = 0 THEN last_error ELSE $5 END, \
-             accepted_at = CASE WHEN $1 = 'delivered' AND direction = 'outbound' THEN COALESCE($6, $7) ELSE accepted_at END, \
-             reserved_until = CASE WHEN $8 THEN reserved_until END, \
-             lease_owner = NULL, lease_until = NULL, updated_at = $7 \
-             WHERE id = $9 AND lease_token = $10 AND lease_owner IS NOT NULL RETURNING channel, direction, contact, m_id",
-        )
-        .bind(settle.state.as_str())
-        .bind(progress_value(settle.progress))
-        .bind(i32::try_from(settle.attempted).unwrap_or(1))
-        .bind(settle.next_attempt_at)
-        .bind(settle.error)
-        .bind(settle.sent_at)
-        .bind(now)
-        .bind(settle.keep_reservation)
-        .bind(lease.id)
-        .bind(lease.token)
-        .fetch_optional(&mut *self.0)
-        .await?;
-        let Some((channel, direction, contact, m_id)) = settled else { return Ok(None) };
+        };
         let queue = (channel, direction, contact);
-        let queued = self.refresh_head(&queue).await?;
+        let queued = if settle.state == JobState::Delivered && queue.1 == Direction::Outbound.as_str() {
+            self.refresh_head_reading_watermarks(&queue).await?
+        } else {
+            self.refresh_head(&queue).await?
+        };
         let (channel, direction, contact) = queue;
         let direction = Direction::parse(&direction)
             .ok_or_else(|| StoreError::Unavailable(format!("job {} has direction {direction}", lease.id)))?;
@@ -758,7 +1136,7 @@ impl Tx for PgTx<'_> {
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
         let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.0).await?;
+            sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.conn).await?;
         state
             .map(|state| {
                 JobState::parse(&state).ok_or_else(|| StoreError::Unavailable(format!("job {id} has state {state}")))
@@ -773,7 +1151,7 @@ impl Tx for PgTx<'_> {
         )
         .bind(now)
         .bind(id)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         self.refresh_head(&queue).await.map(drop)
     }
@@ -781,7 +1159,7 @@ impl Tx for PgTx<'_> {
     async fn load(&mut self, id: i64, now: i64) -> StoreResult<Job> {
         let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1")))
             .bind(id)
-            .fetch_one(&mut *self.0)
+            .fetch_one(&mut *self.conn)
             .await?;
         job_from_row(&row, now, false)
     }
@@ -795,7 +1173,7 @@ impl Tx for PgTx<'_> {
         .bind(channel)
         .bind(contact)
         .bind(at)
-        .execute(&mut *self.0)
+        .execute(&mut *self.conn)
         .await?;
         Ok(())
     }
@@ -812,7 +1190,7 @@ impl Tx for PgTx<'_> {
             .bind(contact)
             .bind(fingerprint)
             .bind(expires_at)
-            .execute(&mut *self.0)
+            .execute(&mut *self.conn)
             .await?;
         Ok(())
     }
@@ -881,13 +1259,32 @@ impl Store for Shared {
             let prepared = self
                 .bounded(async {
                     let mut tx = self.begin().await?;
+                    let mut pg = PgTx::new(&mut tx);
+                    pg.count_with_lock = true;
+                    // The request sends the job's first part right after, when it leases it.
+                    pg.ahead = first.as_ref().map(|_| AheadPlan::of(&job, job.now));
                     let enqueued =
-                        rules::enqueue_outbound(&mut PgTx(&mut tx), &job, &payload, first.as_ref(), per_contact)
-                            .await?;
-                    Ok((tx, enqueued))
+                        rules::enqueue_outbound(&mut pg, &job, &payload, first.as_ref(), per_contact).await?;
+                    let ahead = pg.written_ahead.take();
+                    Ok((tx, enqueued, ahead))
                 })
                 .await;
-            let (tx, stored) = prepared?;
+            let (tx, stored, ahead) = prepared?;
+            let ahead = ahead.map(|(plan, written)| FirstSend {
+                job: stored.id,
+                channel: job.channel.clone(),
+                contact: job.contact.clone(),
+                plan,
+                written,
+                recorded_at: std::time::Instant::now(),
+                sent: None,
+            });
+            let stored_with = |enqueued| {
+                if let Some(ahead) = ahead {
+                    self.first_sends.add(ahead);
+                }
+                Ok(enqueued)
+            };
             let enqueued = Enqueued {
                 id: stored.id,
                 claimed: stored.claimed.map(|job| {
@@ -899,13 +1296,13 @@ impl Store for Shared {
             // does not.
             let notify = first.is_none();
             match self.bounded(self.commit(tx, notify)).await {
-                Ok(()) => Ok(enqueued),
+                Ok(()) => stored_with(enqueued),
                 Err(e) => {
                     // The answer to COMMIT was lost: the job may be stored. BonyChat must hear
                     // 200 if it is (a 503 would make it send the message again), 503 if not.
                     tracing::warn!(m_id = %job.m_id, error = %e, "a commit's outcome is unknown; checking");
                     match self.confirm_stored(&job.m_id).await {
-                        Ok(true) => Ok(enqueued),
+                        Ok(true) => stored_with(enqueued),
                         Ok(false) => Err(e),
                         Err(unknown) => {
                             tracing::error!(m_id = %job.m_id, error = %unknown,
@@ -922,7 +1319,7 @@ impl Store for Shared {
         let prepared = PreparedBatch::new(batch);
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let summary = rules::enqueue_inbound(&mut PgTx(&mut tx), &prepared).await?;
+            let summary = rules::enqueue_inbound(&mut PgTx::new(&mut tx), &prepared).await?;
             // Meta redelivers a batch answered 503: a lost commit answer costs nothing but a
             // duplicate the unique keys drop.
             self.commit(tx, summary.queued + summary.receipts > 0).await?;
@@ -1006,7 +1403,7 @@ impl Store for Shared {
             if in_flight.is_some() {
                 return Ok(None);
             }
-            PgTx(&mut tx).lease(id, &owner, lease_until).await?;
+            PgTx::new(&mut tx).lease(id, &owner, lease_until).await?;
             let row = sqlx::query(AssertSqlSafe(format!(
                 "SELECT {JOB_COLUMNS}, {CONTACT_COLUMNS} FROM jobs j \
                  LEFT JOIN contacts c ON c.channel = j.channel AND c.direction = j.direction AND c.contact = j.contact \
@@ -1027,7 +1424,7 @@ impl Store for Shared {
             let mut tx = self.begin().await?;
             let mut renewed_leases = Vec::with_capacity(leases.len());
             for lease in leases {
-                let Some(queue) = PgTx(&mut tx).lock_queue_of(lease.id).await? else { continue };
+                let Some(queue) = PgTx::new(&mut tx).lock_queue_of(lease.id).await? else { continue };
                 let renewed = sqlx::query(
                     "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND lease_token = $3 AND lease_owner IS NOT NULL",
                 )
@@ -1037,7 +1434,7 @@ impl Store for Shared {
                 .execute(&mut *tx)
                 .await?;
                 if renewed.rows_affected() == 1 {
-                    PgTx(&mut tx).refresh_head(&queue).await?;
+                    PgTx::new(&mut tx).refresh_head(&queue).await?;
                     renewed_leases.push(lease);
                 }
             }
@@ -1058,7 +1455,7 @@ impl Store for Shared {
             let mut released = 0;
             for queue in lock_order(queues) {
                 let (channel, direction, contact) = &queue;
-                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
+                PgTx::new(&mut tx).lock_queue(channel, direction, contact).await?;
                 released += sqlx::query(
                     "UPDATE jobs SET lease_owner = NULL, lease_until = NULL \
                      WHERE lease_owner = $1 AND channel = $2 AND direction = $3 AND contact = $4",
@@ -1070,7 +1467,7 @@ impl Store for Shared {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-                PgTx(&mut tx).refresh_head(&queue).await?;
+                PgTx::new(&mut tx).refresh_head(&queue).await?;
             }
             self.commit(tx, released > 0).await?;
             Ok(released)
@@ -1079,10 +1476,19 @@ impl Store for Shared {
 
     fn before_send(&self, send: BeforeSend) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
-            let mut tx = self.begin().await?;
-            // Need not be on disk (see the trait): the commit does not wait for the WAL flush.
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-            rules::record_send(&mut PgTx(&mut tx), &send).await?;
+            let spare_mark = match self.first_sends.before_send(&send) {
+                Ahead::Covered => return Ok(()),
+                Ahead::Record { spare_mark } => spare_mark,
+            };
+            // Need not be on disk (see the trait): the commit does not wait for the WAL flush,
+            // which is said with the BEGIN rather than in a round trip of its own.
+            let mut tx = self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?;
+            rules::record_send(&mut PgTx::new(&mut tx), &send).await?;
+            if let Some(mark) = spare_mark {
+                // One echo mark per send: the one recorded ahead for a send that left too late is
+                // replaced by this one.
+                sqlx::query("DELETE FROM echo_marks WHERE id = $1").bind(mark).execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             Ok(())
         }))
@@ -1110,7 +1516,9 @@ impl Store for Shared {
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let settled = rules::finish(&mut PgTx(&mut tx), lease, &finish, now).await?;
+            let mut pg = PgTx::new(&mut tx);
+            pg.settle_ahead = self.first_sends.take(lease.id).map(FirstSend::settled);
+            let settled = rules::finish(&mut pg, lease, &finish, now).await?;
             // A contact with more queued has its next job claimable now, by any replica, and a
             // request waiting for it may take it; the usual finish has no news for anyone.
             let news = match (settled.queued || settled.receipt, settled.direction) {
@@ -1198,7 +1606,7 @@ impl Store for Shared {
         let (m_id, reason) = (m_id.to_owned(), reason.to_owned());
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            rules::queue_failed_receipt(&mut PgTx(&mut tx), &channel, &contact, &m_id, &reason, now).await?;
+            rules::queue_failed_receipt(&mut PgTx::new(&mut tx), &channel, &contact, &m_id, &reason, now).await?;
             self.commit(tx, true).await
         }))
     }
@@ -1228,7 +1636,7 @@ impl Store for Shared {
     fn retry(&self, id: i64, now: i64) -> BoxFuture<'_, StoreResult<Job>> {
         Box::pin(self.bounded(async move {
             let mut tx = self.begin().await?;
-            let job = rules::retry(&mut PgTx(&mut tx), id, now).await?;
+            let job = rules::retry(&mut PgTx::new(&mut tx), id, now).await?;
             self.commit(tx, true).await?;
             Ok(job)
         }))
@@ -1251,7 +1659,7 @@ impl Store for Shared {
                 dead.into_iter().map(|(_, channel, direction, contact)| (channel, direction, contact)).collect(),
             );
             for (channel, direction, contact) in &queues {
-                PgTx(&mut tx).lock_queue(channel, direction, contact).await?;
+                PgTx::new(&mut tx).lock_queue(channel, direction, contact).await?;
             }
             let redriven = sqlx::query(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \
@@ -1263,7 +1671,7 @@ impl Store for Shared {
             .await?
             .rows_affected();
             for queue in &queues {
-                PgTx(&mut tx).refresh_head(queue).await?;
+                PgTx::new(&mut tx).refresh_head(queue).await?;
             }
             self.commit(tx, redriven > 0).await?;
             Ok(redriven)
@@ -1306,6 +1714,22 @@ impl Store for Shared {
                   WHERE head_id IS NULL LIMIT $1 FOR UPDATE SKIP LOCKED)",
             )
             .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+            // The intake counts of connections (migration 0005), folded into shard 0 so that the
+            // sum read on intake stays a few rows; rows of transactions still open are skipped,
+            // and their connections' next change makes them a new row if this one took theirs.
+            sqlx::query(
+                "WITH folded AS (DELETE FROM queue_depth WHERE (channel, direction, shard) IN \
+                    (SELECT channel, direction, shard FROM queue_depth WHERE shard <> 0 \
+                     AND (SELECT pg_try_advisory_xact_lock($2)) LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                  RETURNING channel, direction, queued) \
+                 INSERT INTO queue_depth (channel, direction, shard, queued) \
+                 SELECT channel, direction, 0, SUM(queued) FROM folded GROUP BY channel, direction \
+                 ON CONFLICT (channel, direction, shard) DO UPDATE SET queued = queue_depth.queued + excluded.queued",
+            )
+            .bind(limit)
+            .bind(FOLD_LOCK)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;

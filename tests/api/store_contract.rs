@@ -709,6 +709,10 @@ async fn concurrent_writes_are_all_committed(backend: Backend) {
     unique.dedup();
     assert_eq!(unique.len(), 500);
     assert_eq!(store.list(Some(JobState::Queued), None, 1000).await.unwrap().len(), 500);
+    // The intake count took every one of them, whichever connection wrote it.
+    let full = store.enqueue_outbound(capped("default", "z", "z1", 2_000, 500), None).await;
+    assert!(matches!(full, Err(StoreError::Full { .. })), "{full:?}");
+    store.enqueue_outbound(capped("default", "z", "z1", 2_000, 501), None).await.unwrap();
 }
 
 async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Result<i64, StoreError>>>) -> Vec<i64> {
@@ -863,6 +867,45 @@ async fn a_lease_its_request_dropped_unused_is_handed_back_at_once(backend: Back
         assert!(tokio::time::Instant::now() < deadline, "still leased to a request that is gone");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A request's first send paces its contact's next message from when it took effect, and its
+/// echo is recognised, however the store records it; a first send that never left (held back,
+/// then handed on) paces nothing and leaves no echo record for a message of the same text.
+async fn a_first_send_is_recorded_as_it_left_and_one_that_never_left_not_at_all(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let first = |now: i64| FirstClaim { owner: "request".into(), lease_until: now + LEASE, reserved_until: now + 500 };
+    let sent = store.enqueue_outbound(outbound("a", "a1", 1_000), Some(first(1_000))).await.unwrap();
+    let sent = sent.claimed.expect("leased at once").take();
+    let record = BeforeSend {
+        channel: store::DEFAULT_CHANNEL.into(),
+        contact: "a".into(),
+        effective_at: 1_020,
+        pacing_until: 2_020,
+        echo_fingerprint: Some("text of a1".into()),
+        echo_expires_at: 1_020 + 600_000,
+    };
+    store.before_send(record).await.unwrap();
+    store.finish(sent.lease(), Finish::Delivered { progress: 1, sent_at: 1_020 }, 1_100).await.unwrap();
+    let held = store.enqueue_outbound(outbound("b", "b1", 2_000), Some(first(2_000))).await.unwrap();
+    let held = held.claimed.expect("leased at once").take();
+    store.finish(held.lease(), Finish::Defer { progress: 0, next_attempt_at: 2_100 }, 2_010).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a2", 3_000), None).await.unwrap();
+
+    let mut claimed = store.claim(claim(OWNER, Direction::Outbound, 3_000, 3_000 + LEASE, 10)).await.unwrap();
+    claimed.sort_by(|x, y| x.m_id.cmp(&y.m_id));
+    let echoes = |contact: &str, m_id: &str, text: &str| {
+        let item = message_item(contact, vec![echo_event(m_id)], Some(text));
+        store.enqueue_inbound(batch(vec![item], 3_000))
+    };
+    let a1_echo = echoes("a", "e-a1", "text of a1").await.unwrap();
+    let b1_text_typed = echoes("b", "e-b1", "text of b1").await.unwrap();
+
+    let paced: Vec<(&str, Option<i64>)> =
+        claimed.iter().map(|job| (job.m_id.as_str(), job.contact_last_effective_at)).collect();
+    assert_eq!(paced, [("a2", Some(1_020)), ("b1", None)], "paced from when a1 took effect; b1 never left");
+    assert_eq!((a1_echo.own_echoes, a1_echo.queued), (1, 0), "a1's echo is recognised");
+    assert_eq!((b1_text_typed.own_echoes, b1_text_typed.queued), (0, 1), "b1 never left: no echo of it to expect");
 }
 
 async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
@@ -1246,6 +1289,39 @@ mod upgrade {
         upgraded_work_is_in_default_and_goes_on(store.as_ref(), true).await;
     }
 
+    /// Postgres schema 4, the one before the intake count moved to a row per connection: its
+    /// triggers counted the jobs below in their shards, and the counts come along too.
+    #[tokio::test]
+    async fn a_postgres_store_of_schema_4_opens_with_its_work_in_flight() {
+        let Some(url) = crate::postgres::fresh_database().await else { return };
+        store::postgres::PostgresStore::create_with_schema_version(&url, 4).await.unwrap();
+        let (send, event) = payloads();
+        let mut connection = crate::postgres::connect(&url).await;
+        sqlx::query(JOBS).bind(&send).bind(&event).execute(&mut connection).await.unwrap();
+        let heads = format!(
+            "INSERT INTO channel_queues (channel, direction, contact, head_id, due_at) SELECT 'default', h.* FROM ({HEADS}) h"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(heads)).execute(&mut connection).await.unwrap();
+        // A shard of its own, as a writer that found every shard taken left one.
+        let rest = format!(
+            "INSERT INTO contacts (direction, contact, last_effective_at, introduced) VALUES \
+             ('outbound', 'c1', 9000000, false), ('inbound', 'u', NULL, true); {ECHO}; {WATERMARK}; \
+             INSERT INTO queue_depth (channel, direction, shard, queued) VALUES ('default', 'outbound', 123456789, 0);"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(rest)).execute(&mut connection).await.unwrap();
+
+        let config = config(DatabaseUrl::Postgres(Secret::new(url)), store::IntakeCaps::DEFAULT);
+        let store = store::open(&config).await.expect("the store opens and is migrated");
+
+        upgraded_work_is_in_default_and_goes_on(store.as_ref(), true).await;
+        // No process id is that high (Linux allows 2^22 at most): only the upgrade removes it.
+        let leftover: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM queue_depth WHERE shard = 123456789")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(leftover, 0, "the shards of schema 4 were folded into shard 0");
+    }
+
     async fn upgraded_work_is_in_default_and_goes_on(store: &dyn Store, lease_held: bool) {
         let listed = store.list(None, None, 100).await.unwrap();
         assert_eq!(listed.len(), 6);
@@ -1337,6 +1413,7 @@ contract!(
     a_renewal_reports_a_lease_someone_else_claimed_since,
     a_job_handed_back_by_its_request_is_claimable_at_once_with_its_attempts_kept,
     a_lease_its_request_dropped_unused_is_handed_back_at_once,
+    a_first_send_is_recorded_as_it_left_and_one_that_never_left_not_at_all,
     the_intake_cap_follows_every_change_of_the_queue,
     one_contact_id_in_two_channels_is_two_queues_each_in_order,
     dedup_echoes_and_watermarks_are_per_channel,
