@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use bonychat_relay::config::{CHANNELS_FILE_VAR, Channels, Config, ConfigError, Env, Secret, StoreConfig};
+use bonychat_relay::config::{CHANNELS_FILE_VAR, Channels, Config, ConfigError, Env, IntakeCaps, Secret, StoreConfig};
+use bonychat_relay::domain::channel::{DEFAULT_CHANNEL, is_channel_name};
 use bonychat_relay::startup::Application;
-use bonychat_relay::store::{self, DEFAULT_CHANNEL, JobState, JobView, Store, now_millis};
+use bonychat_relay::store::{self, JobState, JobView, Store, now_millis};
 use bonychat_relay::{shutdown, telemetry};
 use clap::{Parser, Subcommand};
 use serde_json::json;
@@ -121,7 +122,7 @@ enum JobsCommand {
 
 /// A `--channel` value: refused at once when no channel can have that name.
 fn channel_name(raw: &str) -> Result<String, String> {
-    if store::is_channel_name(raw) {
+    if is_channel_name(raw) {
         Ok(raw.to_owned())
     } else {
         Err("a channel's name is 1 to 32 of a-z, 0-9 and -, starting with a letter or digit".into())
@@ -248,7 +249,7 @@ fn simulate_settings(
         let page_id = env.required("JOINCHAT_PAGE_ID")?.trim().to_owned();
         return Ok((secret, page_id, "/webhooks/messenger".to_owned(), base));
     }
-    let channels = Channels::load(env, store::IntakeCaps::DEFAULT)?;
+    let channels = Channels::load(env, IntakeCaps::DEFAULT)?;
     let name = match channel {
         Some(name) => name.to_owned(),
         None if channels.channels.len() == 1 => channels.channels.keys().next().expect("one").clone(),
