@@ -13,6 +13,7 @@
 //! test suite; no implementation holds a transaction open across an HTTP call, since all
 //! methods are short database operations.
 
+pub mod metrics;
 mod payload;
 pub mod postgres;
 mod rules;
