@@ -15,7 +15,6 @@ pub mod error;
 pub mod monitoring;
 pub mod rotation;
 pub mod routes;
-pub mod sandbox;
 pub mod server;
 pub mod shutdown;
 pub mod signing;

@@ -25,11 +25,11 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::limits::BodyReader;
 use crate::auth::BearerToken;
 use crate::config::{Config, Rotating, Secret};
 use crate::domain::channel::DEFAULT_CHANNEL;
 use crate::error::ApiError;
-use crate::routes::limits::BodyReader;
 use crate::signing::joinchat_signature;
 use crate::store::now_millis;
 
