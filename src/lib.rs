@@ -3,10 +3,12 @@
 //! BonyChat's `POST /message` is validated, translated into signed JoinChat Send API requests
 //! and delivered in order per contact. The layout follows the flow of a message:
 //! [`config`] → [`routes`] (HTTP) → [`domain`] (pure translation) → [`delivery`] → [`clients`]
-//! (upstreams behind traits), with [`startup`] wiring them together.
+//! (upstreams behind traits), with [`startup`] wiring them together; [`cli`] holds the
+//! binary's commands, `serve` and the operator's tools.
 
 pub mod auth;
 pub mod channels;
+pub mod cli;
 pub mod clients;
 pub mod config;
 pub mod delivery;
@@ -15,7 +17,6 @@ pub mod error;
 pub mod monitoring;
 pub mod rotation;
 pub mod routes;
-pub mod sandbox;
 pub mod server;
 pub mod shutdown;
 pub mod signing;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: the series the relay records, and the listener that serves them on
-//! `RELAY_METRICS_ADDR`, never on the public port.
+//! `RELAY_METRICS_ADDR`, never on the public port. The store, which this module reads, records
+//! its commit series itself ([`crate::store::metrics`]); they are described here with the rest.
 //!
 //! The `metrics` facade takes one global recorder per process, so it is installed once and
 //! every [`Application`](crate::startup::Application) in the process shares it: the series are
@@ -36,6 +37,7 @@ use tokio::time::Instant;
 use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
 use crate::server::ConnectionLimits;
+use crate::store::metrics::{COMMIT_BATCH, COMMIT_DURATION};
 use crate::store::{Direction, QueueCounts, Store};
 
 const HTTP_REQUESTS: &str = "bonychat_relay_http_requests_total";
@@ -48,8 +50,6 @@ const RECEIPTS_POSTED: &str = "bonychat_relay_receipts_posted_total";
 const CONFIG_RELOADS: &str = "bonychat_relay_config_reloads_total";
 const SEND_RATE: &str = "bonychat_relay_joinchat_send_rate";
 const THROTTLES: &str = "bonychat_relay_joinchat_throttles_total";
-const COMMIT_DURATION: &str = "bonychat_relay_store_commit_duration_seconds";
-const COMMIT_BATCH: &str = "bonychat_relay_store_commit_batch_size";
 const STORE_WRITABLE: &str = "bonychat_relay_store_writable";
 const BUILD_INFO: &str = "bonychat_relay_build_info";
 const CONNECTIONS_EVICTED: &str = "bonychat_relay_connections_evicted_total";
@@ -428,12 +428,6 @@ pub fn receipt_posted(channel: &str, value: StatusValue) {
         StatusValue::Failed => "failed",
     };
     counter!(RECEIPTS_POSTED, "channel" => channel.to_owned(), "value" => value).increment(1);
-}
-
-/// One group commit of the store's writer thread.
-pub fn store_commit(elapsed: Duration, operations: usize) {
-    histogram!(COMMIT_DURATION).record(elapsed.as_secs_f64());
-    histogram!(COMMIT_BATCH).record(operations as f64);
 }
 
 /// A secret's value was used (SPEC §1, rotation): a check it matched, or an upstream took it.

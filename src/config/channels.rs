@@ -13,10 +13,10 @@ use toml::{Table, Value};
 
 use super::env::{ConfigError, Env, read_optional_secret_file, read_secret_file, read_small_file, secret_problem};
 use super::{
-    BonyChatConfig, CURRENT_MESSAGE_TAGS, Endpoint, JoinChatConfig, RecipientField, Rotating, Secret, http_url,
-    order_gap, page_id_problem, parse_recipient_field, positive_count,
+    BonyChatConfig, CURRENT_MESSAGE_TAGS, Endpoint, IntakeCaps, JoinChatConfig, RecipientField, Rotating, Secret,
+    http_url, order_gap, page_id_problem, parse_recipient_field, positive_count,
 };
-use crate::store::{DEFAULT_CHANNEL, IntakeCaps, is_channel_name};
+use crate::domain::channel::{DEFAULT_CHANNEL, is_channel_name};
 
 pub const CHANNELS_FILE_VAR: &str = "RELAY_CHANNELS_FILE";
 /// The app of the `default` channel, whose callback is `/webhooks/messenger`.

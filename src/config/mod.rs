@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::store::IntakeCaps;
-
 pub use crate::domain::joinchat::RecipientField;
 pub use channels::{
     AppConfig, CHANNELS_FILE_VAR, ChannelConfig, Channels, ChannelsSource, DEFAULT_APP, QueueCaps, SINGLE_CHANNEL_VARS,
@@ -130,6 +128,27 @@ pub struct StoreConfig {
     pub intake: IntakeCaps,
     /// How each replica talks to a Postgres store (unused for SQLite).
     pub postgres: PostgresOptions,
+}
+
+/// Limits on new work (SPEC §5: intake is bounded). The store enforces `per_contact` itself;
+/// the caps of a direction are a channel's own, handed to the store with each piece of work
+/// ([`NewOutbound::max_queued`](crate::store::NewOutbound::max_queued),
+/// [`InboundBatch::max_queued`](crate::store::InboundBatch::max_queued)), and these are the
+/// defaults a channel gets them from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntakeCaps {
+    /// Queued outbound jobs of a channel past which `/message` gets 503 (the default).
+    pub outbound: u64,
+    /// Queued inbound jobs (events and receipts) of a channel past which webhooks get 503 (the
+    /// default).
+    pub inbound: u64,
+    /// Queued outbound messages to one contact (of one channel) past which `/message` gets 503
+    /// for that contact.
+    pub per_contact: u64,
+}
+
+impl IntakeCaps {
+    pub const DEFAULT: Self = Self { outbound: 100_000, inbound: 100_000, per_contact: 1_000 };
 }
 
 /// Connections of one replica to a Postgres store.

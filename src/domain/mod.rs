@@ -4,6 +4,7 @@
 //! function from values to values, unit- and property-tested on its own.
 
 pub mod bonychat;
+pub mod channel;
 pub mod inbound;
 pub mod joinchat;
 pub mod outbound;

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::domain::channel::is_channel_name;
 use crate::error::ApiError;
-use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, is_channel_name, redrive_all_dead};
+use crate::store::{JobState, JobView, LIST_LIMIT_MAX, StoreError, redrive_all_dead};
 
 const DEFAULT_LIMIT: usize = 100;
 

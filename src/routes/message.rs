@@ -15,10 +15,10 @@ use serde::Serialize;
 use super::limits::BodyReader;
 use super::{AppState, MESSAGE_BODY_LIMIT};
 use crate::delivery::{FirstAttempt, new_outbound_job};
+use crate::domain::channel::{DEFAULT_CHANNEL, is_channel_name};
 use crate::domain::outbound::OutboundRequest;
 use crate::domain::text::truncate;
 use crate::error::ApiError;
-use crate::store::DEFAULT_CHANNEL;
 use crate::telemetry::ServedChannel;
 
 #[derive(Debug, Serialize)]
@@ -94,7 +94,7 @@ async fn post_message(
 
 /// A name from the path as an error may quote it: short, and only when it could be a name.
 pub fn shown_name(raw: &str) -> String {
-    if crate::store::is_channel_name(raw) { raw.to_owned() } else { format!("{:?}", truncate(raw, 40)) }
+    if is_channel_name(raw) { raw.to_owned() } else { format!("{:?}", truncate(raw, 40)) }
 }
 
 /// How much of a refused `Content-Type` the answer quotes back: enough to recognise it.

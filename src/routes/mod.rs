@@ -1,9 +1,11 @@
-//! The HTTP surface: routes, shared state and the middleware every request goes through.
+//! The HTTP surface: routes, shared state and the middleware every request goes through,
+//! the stand-ins of `RELAY_SANDBOX` ([`sandbox`]) included.
 
 mod admin;
 mod health;
 pub mod limits;
 mod message;
+pub mod sandbox;
 mod webhooks;
 
 use std::any::Any;
@@ -87,7 +89,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         );
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
-    let sandbox = if state.config.server.sandbox { crate::sandbox::router(&state.config) } else { Router::new() };
+    let sandbox = if state.config.server.sandbox { sandbox::router(&state.config) } else { Router::new() };
     // Likewise `/admin/*` without a token: mounted, its paths would answer 405 to other methods
     // and so tell that they exist.
     let admin = if state.admin_enabled {

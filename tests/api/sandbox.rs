@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use bonychat_relay::sandbox::{KEPT, KEPT_BODY_BYTES, KEPT_BYTES};
+use bonychat_relay::routes::sandbox::{KEPT, KEPT_BODY_BYTES, KEPT_BYTES};
 use serde_json::{Value, json};
 
 use crate::binary::{RelayProcess, json_logs, run_binary};

@@ -150,7 +150,7 @@ impl Writer {
             let operations = batch.len();
             let mut answers = Vec::with_capacity(batch.len());
             let mut committed = self.run_batch(batch, &mut answers, &mut journal).map_err(|e| e.to_string());
-            crate::monitoring::store_commit(started.elapsed(), operations);
+            crate::store::metrics::commit(started.elapsed(), operations);
             match &committed {
                 Ok(()) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);

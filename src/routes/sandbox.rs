@@ -25,12 +25,13 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
+use super::limits::BodyReader;
 use crate::auth::BearerToken;
 use crate::config::{Config, Rotating, Secret};
+use crate::domain::channel::DEFAULT_CHANNEL;
 use crate::error::ApiError;
-use crate::routes::limits::BodyReader;
 use crate::signing::joinchat_signature;
-use crate::store::{DEFAULT_CHANNEL, now_millis};
+use crate::store::now_millis;
 
 /// How many requests each stand-in keeps: enough to follow a session, bounded so that a
 /// sandbox left running cannot grow without end.
