@@ -434,12 +434,17 @@ pub fn receipt_posted(channel: &str, value: StatusValue) {
 /// `secret` is one of [`crate::rotation::SecretName`]'s labels; `owner` is the channel, the app,
 /// or `relay` for the admin token (names the operator chose).
 pub fn secret_used(secret: &'static str, owner: &str, previous: bool) {
-    let value = if previous { "previous" } else { "current" };
-    counter!(SECRET_MATCHES, "secret" => secret, "owner" => owner.to_owned(), "value" => value).increment(1);
+    secret_counter(secret, owner, previous).increment(1);
     if previous {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         gauge!(SECRET_PREVIOUS_LAST_USED, "secret" => secret, "owner" => owner.to_owned()).set(now.as_secs_f64());
     }
+}
+
+/// The counter of uses of `secret`'s current or previous value, for keeping.
+pub fn secret_counter(secret: &'static str, owner: &str, previous: bool) -> metrics::Counter {
+    let value = if previous { "previous" } else { "current" };
+    counter!(SECRET_MATCHES, "secret" => secret, "owner" => owner.to_owned(), "value" => value)
 }
 
 /// A secret now has a previous value: both of its series are shown, at zero until used.

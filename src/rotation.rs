@@ -48,16 +48,26 @@ pub const RELAY_OWNER: &str = "relay";
 pub struct SecretUse {
     secret: SecretName,
     owner: String,
+    /// The series of the current value, looked up at its first use rather than at every one:
+    /// with a thousand channels, a lookup among their series cost more than the rest of the
+    /// count. The previous value's series stay unresolved until a rotation uses them.
+    current: std::sync::OnceLock<metrics::Counter>,
 }
 
 impl SecretUse {
     pub fn new(secret: SecretName, owner: impl Into<String>) -> Self {
-        Self { secret, owner: owner.into() }
+        Self { secret, owner: owner.into(), current: std::sync::OnceLock::new() }
     }
 
     /// `value` matched a check, or an upstream accepted it.
     pub fn record(&self, value: SecretValue) {
-        crate::monitoring::secret_used(self.secret.label(), &self.owner, value == SecretValue::Previous);
+        match value {
+            SecretValue::Current => self
+                .current
+                .get_or_init(|| crate::monitoring::secret_counter(self.secret.label(), &self.owner, false))
+                .increment(1),
+            SecretValue::Previous => crate::monitoring::secret_used(self.secret.label(), &self.owner, true),
+        }
     }
 
     /// Makes the counter's series of a rotation under way exist at zero, so that "the previous
