@@ -55,6 +55,8 @@ struct ChannelRate {
     held_until: AtomicI64,
     /// The rate in effect, as the store last said (sends a second, `f64` bits).
     rate: AtomicU64,
+    /// The rate last shown by the gauge (`u64::MAX`: none yet).
+    published: AtomicU64,
     /// Throttles this replica saw: a batch taken before the last one is not used.
     throttles: AtomicU64,
 }
@@ -81,6 +83,7 @@ impl SendRates {
             waiting: AtomicUsize::new(0),
             held_until: AtomicI64::new(0),
             rate: AtomicU64::new(f64::from(max_per_sec).to_bits()),
+            published: AtomicU64::new(u64::MAX),
             throttles: AtomicU64::new(0),
         });
         channels.insert(channel.to_owned(), Arc::clone(&rate));
@@ -197,7 +200,11 @@ impl ChannelRate {
     fn learn(&self, channel: &str, grant: &Grant) {
         self.rate.store(grant.rate.to_bits(), Ordering::Relaxed);
         self.held_until.store(if grant.granted > 0 { 0 } else { grant.next_at }, Ordering::SeqCst);
-        crate::monitoring::send_rate(channel, grant.rate);
+        // Only a change is worth the gauge's lookup among every channel's series: a quiet
+        // channel takes a batch for nearly every send, and the rate seldom moves.
+        if self.published.swap(grant.rate.to_bits(), Ordering::Relaxed) != grant.rate.to_bits() {
+            crate::monitoring::send_rate(channel, grant.rate);
+        }
     }
 }
 
