@@ -641,13 +641,16 @@ impl Store for SqliteStore {
         // In memory at once: anything stored after this call, such as the echo of this very
         // send, sees the record. It reaches the disk with the attempt's outcome (the horizon)
         // or at the next clean stop (see `recovery`).
+        // The digest is taken before the lock: webhooks and other sends wait for it, not for this.
+        let mark =
+            send.echo_fingerprint.as_ref().map(|fingerprint| mark_digest(&send.channel, &send.contact, fingerprint));
         let mut recent = self.recent.lock().expect("recent sends lock");
         if send.pacing_until > send.effective_at {
             let horizon = Horizon { effective_at: send.effective_at, forget_at: send.pacing_until };
             recent.raise_horizon(&send.channel, &send.contact, horizon);
         }
-        if let Some(fingerprint) = &send.echo_fingerprint {
-            recent.add_mark(mark_digest(&send.channel, &send.contact, fingerprint), send.echo_expires_at);
+        if let Some(digest) = mark {
+            recent.add_mark(digest, send.echo_expires_at);
         }
         Box::pin(std::future::ready(Ok(())))
     }
