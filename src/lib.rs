@@ -7,7 +7,6 @@
 //! binary's commands, `serve` and the operator's tools.
 
 pub mod auth;
-pub mod channels;
 pub mod cli;
 pub mod clients;
 pub mod config;
@@ -23,3 +22,7 @@ pub mod signing;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+
+/// The future a trait method returns where the trait must stay object-safe (the store, the
+/// upstream clients).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

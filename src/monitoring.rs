@@ -30,13 +30,10 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::config::ServerLimits;
 use crate::domain::bonychat::StatusValue;
-use crate::server::ConnectionLimits;
 use crate::store::metrics::{COMMIT_BATCH, COMMIT_DURATION};
 use crate::store::{Direction, QueueCounts, Store};
 
@@ -163,31 +160,18 @@ fn describe() {
     );
 }
 
-/// Connections the metrics listener holds at most: scrapers are few.
-const MAX_SCRAPE_CONNECTIONS: usize = 16;
-/// Prometheus sends its request as soon as it has connected: a socket that has not within
-/// this is not a scraper.
-const SCRAPE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Scrapes within this of a render get that render. Far below any scrape interval, so one
 /// Prometheus never sees a stale page; what it bounds is a storm of scrapes.
 pub const SCRAPE_CACHE_PERIOD: Duration = Duration::from_secs(1);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped, with the public port's idle
-/// timeout, a cap of `MAX_SCRAPE_CONNECTIONS` and a head timeout of at most
-/// `SCRAPE_HEADER_READ_TIMEOUT` (a container publishes this port too). The store is held
+/// `GET /metrics`, for the metrics listener (served with
+/// [`ConnectionLimits::metrics`](crate::server::ConnectionLimits::metrics)). The store is held
 /// weakly, so a scraper's open connection never keeps a stopped relay's store (and its file
 /// lock) alive.
-pub async fn serve(listener: TcpListener, store: Weak<dyn Store>, limits: ServerLimits) -> std::io::Result<()> {
+pub fn router(store: Weak<dyn Store>) -> Router {
     handle();
     let exposition = Arc::new(Exposition { store, last: Mutex::new(None) });
-    let app = Router::new().route("/metrics", get(scrape)).with_state(exposition);
-    let limits = ConnectionLimits {
-        listener: "metrics",
-        max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS),
-        header_read_timeout: limits.header_read_timeout.min(SCRAPE_HEADER_READ_TIMEOUT),
-        idle_timeout: limits.idle_timeout,
-    };
-    crate::server::serve(listener, app, limits, tokio_util::sync::CancellationToken::new()).await
+    Router::new().route("/metrics", get(scrape)).with_state(exposition)
 }
 
 async fn scrape(State(exposition): State<Arc<Exposition>>) -> impl IntoResponse {

@@ -122,6 +122,20 @@ impl ConnectionLimits {
             idle_timeout: limits.idle_timeout,
         }
     }
+
+    /// The metrics listener's: the public port's idle timeout, but few connections (scrapers
+    /// are few) and a short head timeout (Prometheus sends its request as soon as it has
+    /// connected), so idle sockets cannot keep Prometheus out of a port a container publishes.
+    pub fn metrics(limits: &ServerLimits) -> Self {
+        const MAX_SCRAPE_CONNECTIONS: usize = 16;
+        const SCRAPE_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
+        Self {
+            listener: "metrics",
+            max_connections: limits.max_connections.min(MAX_SCRAPE_CONNECTIONS),
+            header_read_timeout: limits.header_read_timeout.min(SCRAPE_HEADER_READ_TIMEOUT),
+            idle_timeout: limits.idle_timeout,
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled; then stops accepting, lets every

@@ -13,8 +13,8 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::channels::{Clients, Live};
 use crate::config::{Config, Reloaded, ServerLimits};
+use crate::delivery::channels::{Clients, Live};
 use crate::delivery::{Retries, RetrySchedule, Worker};
 use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
@@ -124,7 +124,12 @@ impl Application {
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
         let Self { reloader: _, listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
         tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
-        let metrics = tokio::spawn(monitoring::serve(metrics, Arc::downgrade(&store), limits.clone()));
+        let metrics = tokio::spawn(server::serve(
+            metrics,
+            monitoring::router(Arc::downgrade(&store)),
+            server::ConnectionLimits::metrics(&limits),
+            CancellationToken::new(),
+        ));
 
         let limits = server::ConnectionLimits::public(&limits);
         let mut server = tokio::spawn(server::serve(listener, router, limits, shutdown.clone()));

@@ -4,10 +4,11 @@ use std::time::SystemTime;
 
 use url::Url;
 
+use super::http::unknown_credential;
 use super::{BonyChatApi, BoxFuture, SendError, http};
 use crate::config::{BonyChatConfig, Secret};
 use crate::domain::bonychat::WebhookPost;
-use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 
 const UPSTREAM: &str = "BonyChat";
 

@@ -127,6 +127,35 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// What an attempt ends with when the upstream answered 401 to every value of the secret the
+/// relay holds although it took one of them earlier ([`Outgoing::was_taken`](crate::rotation::Outgoing::was_taken)): its value
+/// changed under the relay.
+///
+/// That is a rotation done upstream first (the only order possible when the upstream generates
+/// the value and drops the old one at once): not the message's fault, and not for good either,
+/// since the operator's next step (the new value, then `SIGHUP`) lets a later attempt through.
+/// So the attempt is retried on the schedule instead of being rejected, and the messages of the
+/// gap are delivered once the relay has the new value. A credential the upstream never took
+/// since the start (or the last reload) is simply wrong: its 401 stays a rejection for good, as
+/// SPEC §3.5 says of any 4xx, and so does a 403 (authenticated but not allowed, such as a Page
+/// not bound to the bot).
+pub fn unknown_credential(
+    upstream: &str,
+    secret: &str,
+    status: StatusCode,
+    retry_after: Option<std::time::Duration>,
+    answer: &[u8],
+) -> SendError {
+    let detail = reason_from(answer).map(|d| format!(": {d}")).unwrap_or_default();
+    SendError::Transient {
+        reason: format!(
+            "{upstream} answered {status}{detail}; it took {secret} before and takes none of the values the \
+             relay holds now, as when it was rotated there first (retried: the new value and SIGHUP let it through)"
+        ),
+        retry_after,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +237,21 @@ mod tests {
         assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(120)));
         headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&headers, now), None);
+    }
+
+    #[test]
+    fn a_401_to_every_value_is_retried_with_the_upstream_s_reason() {
+        let error = unknown_credential(
+            "JoinChat",
+            "JOINCHAT_API_SECRET",
+            StatusCode::UNAUTHORIZED,
+            None,
+            br#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
+        );
+        let SendError::Transient { reason, retry_after: None } = error else {
+            panic!("retried, not rejected: {error:?}");
+        };
+        assert!(reason.starts_with("JoinChat answered 401 Unauthorized: signature mismatch; it took"), "{reason}");
+        assert!(reason.contains("JOINCHAT_API_SECRET"), "{reason}");
     }
 }

@@ -10,8 +10,9 @@ use url::Url;
 use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
 
+use super::http::unknown_credential;
 use crate::domain::joinchat::SendRequest;
-use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused, unknown_credential};
+use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 use crate::signing::joinchat_signature;
 
 const UPSTREAM: &str = "JoinChat";

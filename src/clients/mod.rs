@@ -9,14 +9,12 @@ pub mod graph;
 pub mod http;
 pub mod joinchat;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::time::Duration;
 
 use crate::domain::bonychat::{ContactProfile, WebhookPost};
 use crate::domain::joinchat::SendRequest;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {

@@ -1,6 +1,7 @@
 //! Getting stored jobs to their upstream: in order per contact, paced, retried, dead-lettered.
 
 pub mod breaker;
+pub mod channels;
 pub mod hold;
 pub mod inbound;
 pub mod outbound;

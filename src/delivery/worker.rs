@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::breaker::{Answer, Breakers};
+use super::channels::{Channel, Live};
 use super::hold::ClaimHold;
 use super::outbound::AttemptEnd;
 use super::retry::RetrySchedule;
-use crate::channels::{Channel, Live};
 use crate::clients::SendError;
 use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};

@@ -24,9 +24,9 @@ use tower::ServiceBuilder;
 use tower_http::ServiceBuilderExt;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::channels::Live;
 use crate::config::Config;
 use crate::delivery::Worker;
+use crate::delivery::channels::Live;
 use crate::error::ApiError;
 use crate::store::Store;
 use crate::telemetry;
@@ -184,7 +184,7 @@ mod tests {
         let channels = Arc::new(Live::new(
             &config.channels,
             None,
-            crate::channels::Clients::new(&config.upstreams).unwrap(),
+            crate::delivery::channels::Clients::new(&config.upstreams).unwrap(),
             Arc::clone(&store),
         ));
         AppState::new(Shared {

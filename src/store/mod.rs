@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use tokio::sync::watch;
 
-use crate::clients::BoxFuture;
+use crate::BoxFuture;
 use crate::config::{DatabaseUrl, StoreConfig};
 use crate::domain::bonychat::{StatusValue, WebhookEvent};
 use crate::domain::joinchat::{Message, Recipient};

@@ -40,7 +40,7 @@ use super::{
     IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
     Rotation, Store, StoreError, StoreResult, decode_payload, encode_payload, now_millis,
 };
-use crate::clients::BoxFuture;
+use crate::BoxFuture;
 use crate::config::PostgresOptions;
 use crate::domain::bonychat::StatusValue;
 

@@ -55,7 +55,7 @@ use super::{
     JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Rotation, Store,
     StoreError, StoreResult, encode_payload, now_millis,
 };
-use crate::clients::BoxFuture;
+use crate::BoxFuture;
 
 /// Operations waiting for the writer at most.
 const QUEUE_OPS: usize = 4096;

@@ -11,14 +11,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use super::rate::SendRates;
+use super::{InboundPoster, OutboundSender, Profiles};
 use crate::auth::{BearerToken, SecretDigest};
 use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::http;
 use crate::clients::joinchat::HttpJoinChat;
 use crate::config::{ChannelConfig, Channels, Rotating, UpstreamConfig};
-use crate::delivery::rate::SendRates;
-use crate::delivery::{InboundPoster, OutboundSender, Profiles};
 use crate::rotation::{RELAY_OWNER, SecretName, SecretUse};
 use crate::signing::HubSignature;
 use crate::store::Store;
