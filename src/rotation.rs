@@ -131,7 +131,7 @@ impl Outgoing {
 
     /// Whether the upstream has taken one of these values since the last reload: a refusal of
     /// every value then means the upstream's value changed under the relay (see
-    /// [`unknown_credential`]), not that the relay's was wrong from the start.
+    /// [`unknown_credential`](crate::clients::http::unknown_credential)), not that the relay's was wrong from the start.
     pub fn was_taken(&self) -> bool {
         self.taken.load(Ordering::Relaxed)
     }

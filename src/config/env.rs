@@ -124,7 +124,7 @@ impl Env {
     /// Variables already set in the environment win, as with `docker run --env-file`
     /// followed by `-e`: the file holds defaults, the deployment overrides them.
     ///
-    /// The file must be a regular file of at most [`ENV_FILE_CAP`] bytes. A line that cannot be
+    /// The file must be a regular file of at most `ENV_FILE_CAP` bytes. A line that cannot be
     /// parsed is reported by its number and variable name, never its value (it may be a secret).
     pub fn with_env_file(mut self, path: &Path) -> Result<Self, ConfigError> {
         let flag = "--env-file";

@@ -27,7 +27,7 @@ use env::parse_u64;
 pub struct Config {
     pub server: ServerConfig,
     pub upstreams: UpstreamConfig,
-    /// Every channel and Meta app served; replaced as a whole on `SIGHUP` ([`Config::reload_channels`]).
+    /// Every channel and Meta app served; replaced as a whole on `SIGHUP` ([`Config::reload`]).
     pub channels: Channels,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,

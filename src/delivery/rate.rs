@@ -3,7 +3,7 @@
 //! Every request to JoinChat takes a send from its channel's bucket in the store
 //! ([`Store::send_rate`]), which every replica shares. To keep the store off the path of each
 //! send, a replica takes sends in small batches (a twentieth of a second's worth) and hands
-//! them out locally; a batch left unused for [`BATCH_LIFETIME`] is dropped, so no replica
+//! them out locally; a batch left unused for `BATCH_LIFETIME` is dropped, so no replica
 //! saves sends up for a burst. Attempts of a channel queue for its sends in turn (a fair
 //! lock), waiting at most [`MAX_WAIT`] in their slot; past that the send is held back: the job
 //! goes back to the queue, due when the channel can send again, without counting as an

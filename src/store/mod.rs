@@ -701,7 +701,7 @@ pub const PRUNE_BATCH: usize = 100;
 const PRUNE_REST_FACTOR: u32 = 9;
 
 /// Deletes every delivered, rejected and dropped job last touched before `before`,
-/// [`PRUNE_BATCH`] at a time; returns how many. After each batch it rests [`PRUNE_REST_FACTOR`]
+/// [`PRUNE_BATCH`] at a time; returns how many. After each batch it rests `PRUNE_REST_FACTOR`
 /// times as long as the batch took (its wait for the writer included, so it slows down further
 /// when the store is busy): live work never waits behind more than one small batch, and a long
 /// history (after a retention change, say) is deleted in the background, about 4 000 jobs a

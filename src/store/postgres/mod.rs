@@ -16,7 +16,7 @@
 //! - **Few round trips.** Each statement waits for the server, so a message's first attempt is
 //!   two transactions of two statements each: the insert (its queue's lock, which also reads the
 //!   intake count; then the job, leased to its request, with its first send recorded ahead, see
-//!   [`FirstSends`]) and the outcome (the lock and the job's state, with the record ahead put
+//!   `first_sends`) and the outcome (the lock and the job's state, with the record ahead put
 //!   right; then the queue's head, with the contact's watermarks).
 //! - **The database away.** Acquiring a connection is bounded by the connect timeout, each
 //!   statement by the statement timeout, so requests get 503 and workers back off; the pool

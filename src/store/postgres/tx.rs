@@ -13,7 +13,7 @@ use crate::store::{Direction, FirstClaim, Job, JobState, Lease, StoreError, Stor
 
 pub(super) const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
     j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token";
-/// The common table expressions of a claim (see [`Claim`]), ending with `leased`: the jobs it
+/// The common table expressions of a claim (see [`Claim`](crate::store::Claim)), ending with `leased`: the jobs it
 /// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
 /// channels, `$7` the channel the last claim ended with (`Rotation`), or NULL.
 ///
@@ -183,7 +183,7 @@ pub(super) struct PgTx<'t> {
     pub(super) last_effective: Option<(String, String, Option<i64>)>,
     /// (channel, contact, watermarks) as read by the settle of a delivered outbound job.
     pub(super) watermarks: Option<(String, String, Vec<Watermark>)>,
-    /// The first send to record with the insert of a job leased with it (see [`FirstSends`]),
+    /// The first send to record with the insert of a job leased with it (see [`FirstSends`](super::first_sends::FirstSends)),
     /// and what that insert wrote.
     pub(super) ahead: Option<AheadPlan>,
     pub(super) written_ahead: Option<(AheadPlan, WrittenAhead)>,
