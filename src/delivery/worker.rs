@@ -577,15 +577,14 @@ impl Worker {
         self.upstream_answered(job, matches!(outcome.result, Err(SendError::Transient { .. })));
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
-                if outcome.introduced
-                    && let Err(e) = self.store.mark_introduced(&job.channel, &job.contact).await
-                {
-                    tracing::warn!(contact = %job.contact, error = %e, "cannot record that BonyChat knows the contact");
-                }
                 if let Some(value) = receipt {
                     crate::monitoring::receipt_posted(&job.channel, value);
                 }
-                (Finish::Delivered { progress: 1, sent_at: self.store.now() }, Outcome::Sent, None)
+                let finish = match outcome.introduced {
+                    true => Finish::Introduced,
+                    false => Finish::Delivered { progress: 1, sent_at: self.store.now() },
+                };
+                (finish, Outcome::Sent, None)
             }
             Err(SendError::Permanent { reason }) => (
                 Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false },

@@ -385,6 +385,10 @@ pub enum Finish {
     /// Outbound: `sent_at` is when the last request left, which Messenger's delivery and read
     /// watermarks are compared with (SPEC §4.4).
     Delivered { progress: u32, sent_at: i64 },
+    /// Inbound: delivered, and BonyChat knows the contact now (the event carried its profile),
+    /// so the contact's later events go without a profile lookup. Recorded with the outcome, in
+    /// the same transaction.
+    Introduced,
     /// Not attempted: pacing asks for the next send to this contact no earlier than
     /// `next_attempt_at`. The attempt count stays, and the slot is free meanwhile.
     Defer { progress: u32, next_attempt_at: i64 },
@@ -467,10 +471,6 @@ pub trait Store: Send + Sync {
     /// Records how the attempt under `lease` ended and releases it; a [`StoreError::Conflict`]
     /// (nothing written) when the lease was claimed by someone since.
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
-
-    /// Notes that BonyChat got a post about `contact` of `channel`: later posts go without a
-    /// profile.
-    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Queues the `failed` receipt of outbound message `m_id` to `contact` of `channel` (when
     /// BonyChat turned out not to hear the 400 it was about to get). Queued once, however often

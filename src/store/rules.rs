@@ -62,6 +62,7 @@ impl<'a> Settle<'a> {
             keep_reservation: false,
         };
         match finish {
+            Finish::Introduced => base(JobState::Delivered, 1),
             Finish::Delivered { progress, sent_at } => {
                 Settle { sent_at: Some(*sent_at), ..base(JobState::Delivered, *progress) }
             }
@@ -178,6 +179,9 @@ pub(crate) trait Tx {
     /// Moves `contact`'s last effective send to `at`, never backwards.
     async fn raise_last_effective(&mut self, channel: &str, contact: &str, at: i64) -> StoreResult<()>;
 
+    /// Records that BonyChat knows inbound `contact` of `channel` (see [`Finish::Introduced`]).
+    async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()>;
+
     async fn add_echo_mark(
         &mut self,
         channel: &str,
@@ -185,6 +189,26 @@ pub(crate) trait Tx {
         fingerprint: &str,
         expires_at: i64,
     ) -> StoreResult<()>;
+}
+
+/// The claim rule, one for every backend (SQLite keeps it in the writer's memory, Postgres in
+/// `channel_queues`, whose SQL states the same; the store contract tests hold both to it). A
+/// contact's queue in one direction is served through its head, its oldest queued job, alone:
+/// the head may be claimed from when this says, never while any job of the contact is leased
+/// (`leases_until`: when each lease held on the contact's jobs ends), and not before the
+/// reservation of a `/message` request still waiting for it ends (`reserved_until`, 0 for none).
+pub(crate) fn head_due_at(next_attempt_at: i64, reserved_until: i64, leases_until: impl Iterator<Item = i64>) -> i64 {
+    leases_until.fold(next_attempt_at.max(reserved_until), i64::max)
+}
+
+/// [`head_due_at`] for the request the reservation is for: it may take the head at `now`
+/// whatever its reservation says.
+pub(crate) fn head_claimable_by_its_request(
+    next_attempt_at: i64,
+    leases_until: impl Iterator<Item = i64>,
+    now: i64,
+) -> bool {
+    head_due_at(next_attempt_at, 0, leases_until) <= now
 }
 
 /// A stored outbound message, and its job when it was leased with the insert (the backend
@@ -503,6 +527,7 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
             queue_failed_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, error, now).await?;
             settled.receipt = true;
         }
+        Finish::Introduced => tx.mark_introduced(&settled.channel, &settled.contact).await?,
         Finish::Delivered { sent_at, .. } if settled.direction == Direction::Outbound => {
             settled.receipt = receipts_on_delivery(tx, &settled, lease.id, *sent_at, now).await?;
         }

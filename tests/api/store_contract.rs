@@ -1045,7 +1045,12 @@ async fn dedup_echoes_and_watermarks_are_per_channel(backend: Backend) {
 async fn pacing_and_introductions_are_per_channel(backend: Backend) {
     let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
     store.before_send(send_record("shoes", "u", 5_000, None)).await.unwrap();
-    store.mark_introduced("shoes", "u").await.unwrap();
+    // BonyChat's shoes channel is introduced to u by u's first event there.
+    let first = vec![message_item("u", vec![text_event("shoes-first")], None)];
+    store.enqueue_inbound(batch_in("shoes", first, 900)).await.unwrap();
+    let first = store.claim(claim_of(&["shoes"], OWNER, Direction::Inbound, 900, 900 + LEASE, 10)).await.unwrap();
+    assert!(!first[0].contact_introduced, "not before its first event was delivered");
+    store.finish(first[0].lease(), Finish::Introduced, 950).await.unwrap();
     for channel in ["shoes", "hats"] {
         store.enqueue_outbound(in_channel(channel, "u", &format!("{channel}-out"), 1_000), None).await.unwrap();
         let event = vec![message_item("u", vec![text_event(&format!("{channel}-in"))], None)];

@@ -672,21 +672,6 @@ impl Store for PostgresStore {
         })
     }
 
-    fn mark_introduced(&self, channel: &str, contact: &str) -> BoxFuture<'_, StoreResult<()>> {
-        let (channel, contact) = (channel.to_owned(), contact.to_owned());
-        self.run(move |s| async move {
-            sqlx::query(
-                "INSERT INTO contacts (channel, direction, contact, introduced) VALUES ($1, 'inbound', $2, true) \
-                 ON CONFLICT (channel, direction, contact) DO UPDATE SET introduced = true",
-            )
-            .bind(&channel)
-            .bind(&contact)
-            .execute(&s.pool)
-            .await?;
-            Ok(())
-        })
-    }
-
     fn queue_failed_receipt(
         &self,
         channel: &str,

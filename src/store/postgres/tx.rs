@@ -96,7 +96,7 @@ pub(super) static SETTLE_PUTTING_AHEAD_RIGHT: LazyLock<String> = LazyLock::new(|
 });
 
 /// Puts the queue row of `$1` channel, `$2` direction, `$3` contact right (see
-/// `PgTx::refresh_head`), returning its head.
+/// `PgTx::refresh_head`), returning its head: `due_at` is [`head_due_at`](crate::store::rules::head_due_at) in SQL.
 pub(super) const REFRESH_HEAD: &str = "UPDATE channel_queues q SET head_id = h.id, due_at = COALESCE(GREATEST(h.due_at, \
         (SELECT MAX(l.lease_until) FROM jobs l WHERE l.state = 'queued' AND l.lease_owner IS NOT NULL \
          AND l.channel = q.channel AND l.direction = q.direction AND l.contact = q.contact)), 0) \
@@ -672,6 +672,18 @@ impl Tx for PgTx<'_> {
         .bind(channel)
         .bind(contact)
         .bind(at)
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO contacts (channel, direction, contact, introduced) VALUES ($1, 'inbound', $2, true) \
+             ON CONFLICT (channel, direction, contact) DO UPDATE SET introduced = true",
+        )
+        .bind(channel)
+        .bind(contact)
         .execute(&mut *self.conn)
         .await?;
         Ok(())

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::store::Direction;
+use crate::store::{Direction, rules};
 
 /// One contact's queue in one direction: (channel, direction, contact).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,8 +159,14 @@ impl Queues {
     /// past `now`: what a request claiming its own job asks (its reservation is for it).
     pub(super) fn claimable_own(&self, queue: &QueueRef, id: i64, now: i64) -> bool {
         let Some(contact) = self.contact(queue) else { return false };
-        contact.jobs.first_key_value().is_some_and(|(&head, waiting)| head == id && waiting.next_attempt_at <= now)
-            && contact.leased.iter().all(|&(_, until)| until <= now)
+        contact.jobs.first_key_value().is_some_and(|(&head, waiting)| {
+            head == id
+                && rules::head_claimable_by_its_request(
+                    waiting.next_attempt_at,
+                    contact.leased.iter().map(|&(_, until)| until),
+                    now,
+                )
+        })
     }
 
     /// The heads of `direction` due at `now`, per channel `eligible` accepts, in channel order,
@@ -326,8 +332,11 @@ impl Queues {
         let lane = self.lane_mut(queue);
         let Some(contact) = lane.contacts.get_mut(&queue.contact) else { return };
         let due = contact.jobs.first_key_value().map(|(_, head)| {
-            let leased = contact.leased.iter().map(|&(_, until)| until).max().unwrap_or(i64::MIN);
-            head.next_attempt_at.max(head.reserved_until).max(leased)
+            rules::head_due_at(
+                head.next_attempt_at,
+                head.reserved_until,
+                contact.leased.iter().map(|&(_, until)| until),
+            )
         });
         if due != contact.due {
             if let Some(old) = contact.due {

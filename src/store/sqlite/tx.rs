@@ -417,6 +417,18 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()> {
+        self.ctx.before_write()?;
+        self.ctx
+            .conn
+            .prepare_cached(
+                "INSERT INTO contacts (channel, direction, contact, introduced) VALUES (?1, 'inbound', ?2, 1) \
+                 ON CONFLICT (contact, channel, direction) DO UPDATE SET introduced = 1",
+            )?
+            .execute([channel, contact])?;
+        Ok(())
+    }
+
     async fn add_echo_mark(
         &mut self,
         channel: &str,
