@@ -379,6 +379,46 @@ pub struct InboundSummary {
     pub receipts: usize,
 }
 
+/// Which jobs [`Store::find`] lists: every filter given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobQuery {
+    pub state: Option<JobState>,
+    pub channel: Option<String>,
+    pub direction: Option<Direction>,
+    /// A BonyChat `mId` (outbound), a Messenger `mid` (inbound events) or a contact id, exactly.
+    pub search: Option<String>,
+    /// Only jobs older than job `before`: the next page of a newest-first list.
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// A job and the attempts recorded of it ([`Store::job_history`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobHistory {
+    pub job: Job,
+    /// The attempts that did not deliver, oldest first, the last [`ATTEMPTS_KEPT`] at most. A
+    /// delivered job's delivering attempt is the job itself: its `attempts`-th, at `updated_at`.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Failed attempts kept per job: a job retried for days keeps its latest ones.
+pub const ATTEMPTS_KEPT: usize = 20;
+
+/// One attempt that did not deliver its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// When it ended (ms since the epoch, the store's clock).
+    pub at: i64,
+    /// `retry` (failed, tried again later), `dead` (out of retries or refused for good) or
+    /// `rejected` (refused by JoinChat while BonyChat waited: answered 400).
+    pub outcome: String,
+    /// The upstream's HTTP status, when it answered one.
+    pub status: Option<u16>,
+    pub error: String,
+}
+
 /// How an attempt ended, to be recorded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
@@ -484,6 +524,10 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> BoxFuture<'_, StoreResult<()>>;
 
+    /// The jobs `query` asks for, newest first; every filter is served by an index, so a page
+    /// costs about the same with a million jobs stored.
+    fn find(&self, query: JobQuery) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+
     /// Jobs in `state` (all states when `None`) of `channel` (all channels when `None`), newest
     /// first.
     fn list(
@@ -491,7 +535,12 @@ pub trait Store: Send + Sync {
         state: Option<JobState>,
         channel: Option<&str>,
         limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>>;
+    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
+        self.find(JobQuery { state, channel: channel.map(str::to_owned), limit, ..JobQuery::default() })
+    }
+
+    /// Job `id` with its recorded attempts, oldest first (`None`: no such job).
+    fn job_history(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<JobHistory>>>;
 
     /// Makes one `dead` or `queued` job due now with a fresh retry schedule. Other states are a
     /// [`StoreError::Conflict`] saying why: a delivered job was delivered, a rejected one was
@@ -636,6 +685,8 @@ pub struct QueueCounts {
     /// Leased by a worker.
     pub in_flight: u64,
     pub dead: u64,
+    /// When the oldest queued job (ready, delayed or in flight) was accepted.
+    pub oldest_queued_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -812,7 +863,7 @@ pub(crate) fn last_in_turns<'a>(taken: impl Iterator<Item = &'a str>, after: Opt
 /// The queue counts as [`Store::queue_counts`] returns them, from the counts of queued jobs
 /// (ready, delayed, in flight) and of dead jobs per (channel, direction) as stored.
 pub(crate) fn assemble_counts(
-    queued: Vec<(String, String, [i64; 3])>,
+    queued: Vec<(String, String, [i64; 3], Option<i64>)>,
     dead: Vec<(String, String, i64)>,
 ) -> Vec<(String, Direction, QueueCounts)> {
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
@@ -822,10 +873,11 @@ pub(crate) fn assemble_counts(
         .map(|(slot, _)| ((DEFAULT_CHANNEL.to_owned(), slot), QueueCounts::default()))
         .collect();
     let slot = |direction: &str| Direction::ALL.iter().position(|d| d.as_str() == direction);
-    for (channel, direction, [ready, delayed, in_flight]) in queued {
+    for (channel, direction, [ready, delayed, in_flight], oldest) in queued {
         if let Some(slot) = slot(&direction) {
             let c = counts.entry((channel, slot)).or_default();
             (c.ready, c.delayed, c.in_flight) = (count(ready), count(delayed), count(in_flight));
+            c.oldest_queued_at = oldest;
         }
     }
     for (channel, direction, n) in dead {
@@ -865,7 +917,7 @@ mod tests {
     #[test]
     fn queue_counts_show_the_default_channel_always_and_the_others_with_jobs() {
         let counts = assemble_counts(
-            vec![("shoes".into(), "outbound".into(), [3, 2, 1])],
+            vec![("shoes".into(), "outbound".into(), [3, 2, 1], Some(1_000))],
             vec![("hats".into(), "inbound".into(), 4)],
         );
 
@@ -882,5 +934,9 @@ mod tests {
                 ("shoes", Direction::Outbound, [3, 2, 1, 0]),
             ]
         );
+        let oldest =
+            |channel: &str| counts.iter().find(|(name, ..)| name == channel).and_then(|(.., c)| c.oldest_queued_at);
+        assert_eq!(oldest("shoes"), Some(1_000));
+        assert_eq!(oldest("hats"), None, "nothing queued, only dead");
     }
 }

@@ -179,6 +179,17 @@ pub(crate) trait Tx {
     /// Moves `contact`'s last effective send to `at`, never backwards.
     async fn raise_last_effective(&mut self, channel: &str, contact: &str, at: i64) -> StoreResult<()>;
 
+    /// Records a failed attempt of job `id`, numbered as the job's attempt count now says, and
+    /// forgets its attempts older than the last [`ATTEMPTS_KEPT`](super::ATTEMPTS_KEPT).
+    async fn record_attempt(
+        &mut self,
+        id: i64,
+        at: i64,
+        outcome: &str,
+        status: Option<u16>,
+        error: &str,
+    ) -> StoreResult<()>;
+
     /// Records that BonyChat knows inbound `contact` of `channel` (see [`Finish::Introduced`]).
     async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()>;
 
@@ -522,6 +533,15 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
             lease.id, lease.token
         )));
     };
+    let failed = match finish {
+        Finish::Retry { error, .. } => Some(("retry", error)),
+        Finish::Dead { error, .. } => Some(("dead", error)),
+        Finish::Rejected { error, .. } => Some(("rejected", error)),
+        _ => None,
+    };
+    if let Some((outcome, error)) = failed {
+        tx.record_attempt(lease.id, now, outcome, upstream_status(error), error).await?;
+    }
     match finish {
         Finish::Dead { error, failed_receipt: true, .. } => {
             queue_failed_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, error, now).await?;
@@ -534,6 +554,16 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
         _ => {}
     }
     Ok(settled)
+}
+
+/// The HTTP status an upstream answered, as the clients word their errors ("JoinChat answered
+/// 503 …"); `None` for a timeout, a refused connection and the like.
+pub(crate) fn upstream_status(error: &str) -> Option<u16> {
+    let (_, after) = error.split_once(" answered ")?;
+    let digits = after.get(..3)?;
+    let status: u16 = digits.parse().ok()?;
+    let ends_there = after[3..].chars().next().is_none_or(|c| !c.is_ascii_digit());
+    ((100..600).contains(&status) && ends_there).then_some(status)
 }
 
 /// Makes one `dead` or `queued` job due now with a fresh retry schedule; the other states say
@@ -588,4 +618,19 @@ pub(crate) fn status_name(value: StatusValue) -> &'static str {
 /// The status of a kept watermark, as [`status_name`] wrote it.
 fn watermark_status(name: &str) -> Option<StatusValue> {
     [StatusValue::Delivered, StatusValue::Read].into_iter().find(|&value| status_name(value) == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_status;
+
+    #[test]
+    fn the_upstream_status_is_read_from_the_clients_wording() {
+        assert_eq!(upstream_status("JoinChat answered 503 Service Unavailable: busy"), Some(503));
+        assert_eq!(upstream_status("BonyChat answered 401 Unauthorized"), Some(401));
+        assert_eq!(upstream_status("JoinChat answered 400 with success: false"), Some(400));
+        assert_eq!(upstream_status("cannot reach JoinChat: connection refused"), None);
+        assert_eq!(upstream_status("JoinChat answered 5031"), None);
+        assert_eq!(upstream_status("JoinChat answered 42"), None);
+    }
 }

@@ -10,8 +10,8 @@ use bonychat_relay::config::{DatabaseUrl, PostgresOptions, Secret, StoreConfig};
 use bonychat_relay::domain::bonychat::{BonyMessage, StatusValue, WebhookEvent};
 use bonychat_relay::domain::joinchat::{Message, Recipient};
 use bonychat_relay::store::{
-    self, BeforeSend, Claim, Direction, Finish, FirstClaim, InboundBatch, InboundItem, JobState, NewOutbound, Payload,
-    Store, StoreError,
+    self, BeforeSend, Claim, Direction, Finish, FirstClaim, InboundBatch, InboundItem, JobQuery, JobState, NewOutbound,
+    Payload, Store, StoreError,
 };
 use tempfile::TempDir;
 
@@ -1382,7 +1382,116 @@ mod upgrade {
     }
 }
 
+/// The console's lists: each filter alone and together, newest first, a page at a time.
+async fn jobs_are_found_by_state_channel_direction_id_and_contact_a_page_at_a_time(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    for (channel, contact, m_id) in
+        [("shoes", "u", "s1"), ("shoes", "v", "s2"), ("hats", "u", "h1"), ("shoes", "u", "s3")]
+    {
+        store.enqueue_outbound(in_channel(channel, contact, m_id, 1_000), None).await.unwrap();
+    }
+    let event = vec![message_item("u", vec![text_event("mid.in1")], None)];
+    store.enqueue_inbound(batch_in("shoes", event, 1_000)).await.unwrap();
+    let found = |query: JobQuery| {
+        let store = store.clone();
+        async move { store.find(query).await.unwrap().into_iter().map(|job| job.m_id).collect::<Vec<_>>() }
+    };
+    let all = JobQuery { limit: 10, ..JobQuery::default() };
+
+    assert_eq!(found(all.clone()).await, ["mid.in1", "s3", "h1", "s2", "s1"], "newest first");
+    let shoes = JobQuery { channel: Some("shoes".into()), ..all.clone() };
+    assert_eq!(found(shoes.clone()).await, ["mid.in1", "s3", "s2", "s1"]);
+    let outbound_shoes = JobQuery { direction: Some(Direction::Outbound), ..shoes.clone() };
+    assert_eq!(found(outbound_shoes.clone()).await, ["s3", "s2", "s1"]);
+    assert_eq!(
+        found(JobQuery { search: Some("u".into()), ..all.clone() }).await,
+        ["mid.in1", "s3", "h1", "s1"],
+        "by contact"
+    );
+    assert_eq!(found(JobQuery { search: Some("s2".into()), ..all.clone() }).await, ["s2"], "by BonyChat mId");
+    assert_eq!(
+        found(JobQuery { search: Some("mid.in1".into()), ..all.clone() }).await,
+        ["mid.in1"],
+        "by Messenger mid"
+    );
+    assert!(found(JobQuery { search: Some("nobody".into()), ..all.clone() }).await.is_empty());
+
+    let first_page = store.find(JobQuery { limit: 2, ..outbound_shoes.clone() }).await.unwrap();
+    let next = JobQuery { limit: 2, before: Some(first_page.last().unwrap().id), ..outbound_shoes };
+    assert_eq!(found(next).await, ["s1"], "the page after s2");
+    assert!(found(JobQuery { state: Some(JobState::Dead), ..all }).await.is_empty());
+}
+
+/// A job's page shows every attempt that did not deliver it: numbered, with the upstream's
+/// status, the latest ones kept, and gone with the job when it is pruned.
+async fn failed_attempts_are_kept_per_job_bounded_and_pruned_with_it(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    let id = store.enqueue_outbound(outbound("a", "a1", 1_000), None).await.unwrap().id;
+    let failures = store::ATTEMPTS_KEPT + 3;
+    for attempt in 0..failures {
+        let now = 2_000 + attempt as i64 * 1_000;
+        let job = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap().remove(0);
+        let error = format!("JoinChat answered 503 Service Unavailable: busy {attempt}");
+        store
+            .finish(job.lease(), Finish::Retry { progress: 0, next_attempt_at: now + 1, error }, now + 1)
+            .await
+            .unwrap();
+    }
+    let history = store.job_history(id).await.unwrap().expect("the job is there");
+    assert_eq!(history.attempts.len(), store::ATTEMPTS_KEPT, "the latest ones kept");
+    let first = &history.attempts[0];
+    assert_eq!((first.attempt, first.outcome.as_str(), first.status), (4, "retry", Some(503)));
+    let last = history.attempts.last().unwrap();
+    assert_eq!(last.attempt as usize, failures);
+    assert!(last.error.ends_with(&format!("busy {}", failures - 1)), "{}", last.error);
+
+    let now = 100_000;
+    let job = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap().remove(0);
+    store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: now }, now).await.unwrap();
+    let history = store.job_history(id).await.unwrap().unwrap();
+    assert_eq!(history.job.state, JobState::Delivered);
+    assert_eq!(history.attempts.len(), store::ATTEMPTS_KEPT, "the delivering attempt is the job itself");
+    assert!(store.job_history(id + 1000).await.unwrap().is_none());
+
+    store.prune(now + 1, now + 1, store::BATCH).await.unwrap();
+    assert!(store.job_history(id).await.unwrap().is_none());
+    let dead = store.enqueue_outbound(outbound("a", "a2", now), None).await.unwrap().id;
+    let job = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap().remove(0);
+    let refused =
+        Finish::Dead { progress: 0, error: "cannot reach JoinChat: connection refused".into(), failed_receipt: false };
+    store.finish(job.lease(), refused, now + 5).await.unwrap();
+    let history = store.job_history(dead).await.unwrap().unwrap();
+    let only = &history.attempts[..];
+    assert_eq!(only.len(), 1);
+    assert_eq!((only[0].attempt, only[0].outcome.as_str(), only[0].status, only[0].at), (1, "dead", None, now + 5));
+    assert_ne!(dead, id, "ids are never given again");
+}
+
+async fn queue_counts_say_when_the_oldest_queued_job_was_accepted(backend: Backend) {
+    let Some(Subject { store, _dir, .. }) = backend(store::IntakeCaps::DEFAULT).await else { return };
+    store.enqueue_outbound(in_channel("shoes", "b", "b1", 1_500), None).await.unwrap();
+    store.enqueue_outbound(in_channel("shoes", "a", "a1", 1_700), None).await.unwrap();
+    store.enqueue_outbound(in_channel("shoes", "b", "b2", 1_900), None).await.unwrap();
+    let oldest = |counts: &[(String, Direction, store::QueueCounts)], channel: &str, direction: Direction| {
+        counts.iter().find(|(c, d, _)| c == channel && *d == direction).and_then(|(.., n)| n.oldest_queued_at)
+    };
+    let counts = store.queue_counts(2_000).await.unwrap();
+    assert_eq!(oldest(&counts, "shoes", Direction::Outbound), Some(1_500));
+    assert_eq!(oldest(&counts, "default", Direction::Outbound), None);
+
+    let b1 = store.claim(claim_of(&["shoes"], OWNER, Direction::Outbound, 2_000, 2_000 + LEASE, 1)).await.unwrap();
+    assert_eq!(b1[0].m_id, "b1");
+    let counts = store.queue_counts(2_000).await.unwrap();
+    assert_eq!(oldest(&counts, "shoes", Direction::Outbound), Some(1_500), "in flight is still queued");
+    store.finish(b1[0].lease(), Finish::Delivered { progress: 1, sent_at: 2_000 }, 2_000).await.unwrap();
+    let counts = store.queue_counts(2_000).await.unwrap();
+    assert_eq!(oldest(&counts, "shoes", Direction::Outbound), Some(1_700));
+}
+
 contract!(
+    jobs_are_found_by_state_channel_direction_id_and_contact_a_page_at_a_time,
+    failed_attempts_are_kept_per_job_bounded_and_pruned_with_it,
+    queue_counts_say_when_the_oldest_queued_job_was_accepted,
     only_the_oldest_queued_job_of_each_contact_is_claimed,
     a_retry_keeps_its_place_ahead_of_newer_jobs,
     a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again,

@@ -36,9 +36,9 @@ use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use super::rules::{self, PreparedBatch};
 use super::send_rate::{Bucket, Grant, RateOp};
 use super::{
-    BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
-    IntakeCaps, Job, JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop,
-    Rotation, Store, StoreError, StoreResult, encode_payload, now_millis,
+    AttemptRecord, BeforeSend, Changes, Claim, DEFAULT_CHANNEL, Direction, Enqueued, Finish, FirstClaim, InboundBatch,
+    InboundSummary, IntakeCaps, Job, JobHistory, JobQuery, Lease, LeasedJob, NewOutbound, Payload, QueueCounts,
+    QueueWatch, ReleaseOnDrop, Rotation, Store, StoreError, StoreResult, encode_payload, now_millis,
 };
 use crate::BoxFuture;
 use crate::config::PostgresOptions;
@@ -689,25 +689,77 @@ impl Store for PostgresStore {
         })
     }
 
-    fn list(
-        &self,
-        state: Option<JobState>,
-        channel: Option<&str>,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let channel = channel.map(str::to_owned);
+    fn find(&self, query: JobQuery) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         self.run(move |s| async move {
             let now = s.now();
-            let rows = sqlx::query(AssertSqlSafe(format!(
-                "SELECT {JOB_COLUMNS} FROM jobs j WHERE ($1::text IS NULL OR j.state = $1) \
-                 AND ($2::text IS NULL OR j.channel = $2) ORDER BY j.id DESC LIMIT $3"
-            )))
-            .bind(state.map(JobState::as_str))
-            .bind(channel)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            // Only the filters given, so that each shape is planned through its index.
+            let mut conditions = Vec::new();
+            let mut n = 0;
+            let mut next = || {
+                n += 1;
+                n
+            };
+            if query.search.is_some() {
+                let n = next();
+                conditions.push(format!("(j.m_id = ${n} OR j.contact = ${n})"));
+            }
+            if let Some(state) = query.state {
+                conditions.push(format!("j.state = '{}'", state.as_str()));
+            }
+            if query.channel.is_some() {
+                conditions.push(format!("j.channel = ${}", next()));
+            }
+            if let Some(direction) = query.direction {
+                conditions.push(format!("j.direction = '{}'", direction.as_str()));
+            }
+            if query.before.is_some() {
+                conditions.push(format!("j.id < ${}", next()));
+            }
+            let limit = next();
+            let filter =
+                if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+            let sql = format!("SELECT {JOB_COLUMNS} FROM jobs j {filter} ORDER BY j.id DESC LIMIT ${limit}");
+            let mut statement = sqlx::query(AssertSqlSafe(sql));
+            if let Some(search) = &query.search {
+                statement = statement.bind(search);
+            }
+            if let Some(channel) = &query.channel {
+                statement = statement.bind(channel);
+            }
+            if let Some(before) = query.before {
+                statement = statement.bind(before);
+            }
+            let rows = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX)).fetch_all(&s.pool).await?;
+            rows.iter().map(|row| job_from_row(row, now, false)).collect()
+        })
+    }
+
+    fn job_history(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<JobHistory>>> {
+        self.run(move |s| async move {
+            let now = s.now();
+            let row = sqlx::query(AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1")))
+                .bind(id)
+                .fetch_optional(&s.pool)
+                .await?;
+            let Some(row) = row else { return Ok(None) };
+            let job = job_from_row(&row, now, false)?;
+            let attempts: Vec<(i32, i64, String, Option<i32>, String)> = sqlx::query_as(
+                "SELECT attempt, at, outcome, status, error FROM attempts WHERE job_id = $1 ORDER BY id",
+            )
+            .bind(id)
             .fetch_all(&s.pool)
             .await?;
-            rows.iter().map(|row| job_from_row(row, now, false)).collect()
+            let attempts = attempts
+                .into_iter()
+                .map(|(attempt, at, outcome, status, error)| AttemptRecord {
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    at,
+                    outcome,
+                    status: status.and_then(|status| u16::try_from(status).ok()),
+                    error,
+                })
+                .collect();
+            Ok(Some(JobHistory { job, attempts }))
         })
     }
 
@@ -761,15 +813,18 @@ impl Store for PostgresStore {
         self.run(move |s| async move {
             let mut tx = s.begin().await?;
             // SKIP LOCKED throughout: pruning never waits for, nor holds up, live work.
-            let jobs = sqlx::query(
-                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                 WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            let jobs: i64 = sqlx::query_scalar(
+                "WITH gone AS (DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                 WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING id), \
+                 attempts_gone AS (DELETE FROM attempts WHERE job_id IN (SELECT id FROM gone)) \
+                 SELECT COUNT(*) FROM gone",
             )
             .bind(before)
             .bind(limit)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .fetch_one(&mut *tx)
+            .await?;
+            let jobs = u64::try_from(jobs).unwrap_or(0);
             sqlx::query(
                 "DELETE FROM echo_marks WHERE id IN (SELECT id FROM echo_marks WHERE expires_at <= $1 \
                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -817,11 +872,11 @@ impl Store for PostgresStore {
 
     fn queue_counts(&self, now: i64) -> BoxFuture<'_, StoreResult<Vec<(String, Direction, QueueCounts)>>> {
         self.run(move |s| async move {
-            let queued: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            let queued: Vec<(String, String, i64, i64, i64, Option<i64>)> = sqlx::query_as(
                 "SELECT channel, direction, \
                  COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at <= $1), \
                  COUNT(*) FILTER (WHERE lease_owner IS NULL AND next_attempt_at > $1), \
-                 COUNT(*) FILTER (WHERE lease_owner IS NOT NULL) \
+                 COUNT(*) FILTER (WHERE lease_owner IS NOT NULL), MIN(created_at) \
                  FROM jobs WHERE state = 'queued' GROUP BY channel, direction",
             )
             .bind(now)
@@ -834,8 +889,8 @@ impl Store for PostgresStore {
             .await?;
             let queued = queued
                 .into_iter()
-                .map(|(channel, direction, ready, delayed, in_flight)| {
-                    (channel, direction, [ready, delayed, in_flight])
+                .map(|(channel, direction, ready, delayed, in_flight, oldest)| {
+                    (channel, direction, [ready, delayed, in_flight], oldest)
                 })
                 .collect();
             Ok(super::assemble_counts(queued, dead))

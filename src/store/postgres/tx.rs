@@ -677,6 +677,38 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    async fn record_attempt(
+        &mut self,
+        id: i64,
+        at: i64,
+        outcome: &str,
+        status: Option<u16>,
+        error: &str,
+    ) -> StoreResult<()> {
+        let attempt: i32 = sqlx::query_scalar(
+            "INSERT INTO attempts (job_id, attempt, at, outcome, status, error) \
+             SELECT id, attempts, $2, $3, $4, $5 FROM jobs WHERE id = $1 RETURNING attempt",
+        )
+        .bind(id)
+        .bind(at)
+        .bind(outcome)
+        .bind(status.map(i32::from))
+        .bind(error)
+        .fetch_one(&mut *self.conn)
+        .await?;
+        if usize::try_from(attempt).unwrap_or(0) > crate::store::ATTEMPTS_KEPT {
+            sqlx::query(
+                "DELETE FROM attempts WHERE job_id = $1 AND id < (SELECT id FROM attempts WHERE job_id = $1 \
+                 ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            )
+            .bind(id)
+            .bind(i64::try_from(crate::store::ATTEMPTS_KEPT).unwrap_or(i64::MAX) - 1)
+            .execute(&mut *self.conn)
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO contacts (channel, direction, contact, introduced) VALUES ($1, 'inbound', $2, true) \

@@ -203,7 +203,9 @@ impl Queues {
     }
 
     /// (ready, delayed, in flight) queued jobs per (channel, direction) at `now`.
-    pub(super) fn counts(&self, now: i64) -> Vec<(String, String, [i64; 3])> {
+    /// Per channel and direction with queued jobs: how many are ready, delayed and in flight
+    /// at `now`, and the oldest one's id.
+    pub(super) fn counts(&self, now: i64) -> Vec<(String, String, [i64; 3], i64)> {
         let mut counts = Vec::new();
         for (channel, lanes) in &self.channels {
             for direction in Direction::ALL {
@@ -212,7 +214,11 @@ impl Queues {
                     continue;
                 }
                 let mut count = [0_i64; 3];
+                let mut oldest = i64::MAX;
                 for contact in lane.contacts.values() {
+                    if let Some((&head, _)) = contact.jobs.first_key_value() {
+                        oldest = oldest.min(head);
+                    }
                     for (id, waiting) in &contact.jobs {
                         let slot = if contact.leased.iter().any(|(leased, _)| leased == id) {
                             2
@@ -224,7 +230,7 @@ impl Queues {
                         count[slot] += 1;
                     }
                 }
-                counts.push((channel.to_string(), direction.as_str().to_owned(), count));
+                counts.push((channel.to_string(), direction.as_str().to_owned(), count, oldest));
             }
         }
         counts

@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use self::memory::{Horizon, Queues, Recent, mark_digest};
@@ -51,9 +51,9 @@ use self::writer::{ABANDONED, Answer, Ctx, ExitOnPanic, Health, Op, WAITING, Wor
 use super::rules::{self, PreparedBatch};
 use super::send_rate::{Grant, RateOp};
 use super::{
-    BeforeSend, Changes, Claim, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary, IntakeCaps, Job,
-    JobState, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch, ReleaseOnDrop, Rotation, Store,
-    StoreError, StoreResult, encode_payload, now_millis,
+    AttemptRecord, BeforeSend, Changes, Claim, Direction, Enqueued, Finish, FirstClaim, InboundBatch, InboundSummary,
+    IntakeCaps, Job, JobHistory, JobQuery, Lease, LeasedJob, NewOutbound, Payload, QueueCounts, QueueWatch,
+    ReleaseOnDrop, Rotation, Store, StoreError, StoreResult, encode_payload, now_millis,
 };
 use crate::BoxFuture;
 
@@ -471,6 +471,38 @@ fn unawaited_op(
     Op { work, admission: None, refuse: Box::new(|_| {}), careful: false, _bytes: None }
 }
 
+/// The statement of [`Store::find`] for `query`, and its values: only the filters given, so
+/// that each shape has its plan through an index (the newest ids, `jobs_dead`, `jobs_m_id` or
+/// `jobs_contact`).
+fn find_sql(query: &JobQuery) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut conditions = Vec::new();
+    let mut values = Vec::new();
+    if let Some(search) = &query.search {
+        values.push(Value::Text(search.clone()));
+        conditions.push(format!("(j.m_id = ?{n} OR j.contact = ?{n})", n = values.len()));
+    }
+    if let Some(state) = query.state {
+        // Written out, not bound: the partial index of dead jobs serves only a literal state.
+        conditions.push(format!("j.state = '{}'", state.as_str()));
+    }
+    if let Some(channel) = &query.channel {
+        values.push(Value::Text(channel.clone()));
+        conditions.push(format!("j.channel = ?{}", values.len()));
+    }
+    if let Some(direction) = query.direction {
+        conditions.push(format!("j.direction = '{}'", direction.as_str()));
+    }
+    if let Some(before) = query.before {
+        values.push(Value::Integer(before));
+        conditions.push(format!("j.id < ?{}", values.len()));
+    }
+    values.push(Value::Integer(i64::try_from(query.limit).unwrap_or(i64::MAX)));
+    let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+    let sql = format!("SELECT {} FROM jobs j {filter} ORDER BY j.id DESC LIMIT ?{}", tx::JOB_COLUMNS, values.len());
+    (sql, values)
+}
+
 impl Store for SqliteStore {
     fn now(&self) -> i64 {
         now_millis()
@@ -704,24 +736,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list(
-        &self,
-        state: Option<JobState>,
-        channel: Option<&str>,
-        limit: usize,
-    ) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
-        let channel = channel.map(str::to_owned);
+    fn find(&self, query: JobQuery) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let queues = Arc::clone(&self.queues);
         self.read(move |conn| {
             let now = now_millis();
-            let state = state.map(JobState::as_str);
+            let (sql, values) = find_sql(&query);
             let rows: Vec<RawJob> = conn
-                .prepare_cached(&format!(
-                    "SELECT {} FROM jobs j WHERE (?1 IS NULL OR j.state = ?1) AND (?2 IS NULL OR j.channel = ?2) \
-                     ORDER BY j.id DESC LIMIT ?3",
-                    tx::JOB_COLUMNS
-                ))?
-                .query_map(params![state, channel, limit as i64], RawJob::from_row)?
+                .prepare_cached(&sql)?
+                .query_map(rusqlite::params_from_iter(values), RawJob::from_row)?
                 .collect::<rusqlite::Result<_>>()?;
             let queues = queues.lock().expect("queues lock");
             rows.into_iter()
@@ -730,6 +752,34 @@ impl Store for SqliteStore {
                     row.with_lease(held, now).into_job()
                 })
                 .collect()
+        })
+    }
+
+    fn job_history(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<JobHistory>>> {
+        let queues = Arc::clone(&self.queues);
+        self.read(move |conn| {
+            let row = conn
+                .prepare_cached(&format!("SELECT {} FROM jobs j WHERE j.id = ?1", tx::JOB_COLUMNS))?
+                .query_row([id], RawJob::from_row)
+                .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let held = queues.lock().expect("queues lock").lease_of(id).cloned();
+            let job = row.with_lease(held.as_ref(), now_millis()).into_job()?;
+            let attempts = conn
+                .prepare_cached(
+                    "SELECT attempt, at, outcome, status, error FROM attempts WHERE job_id = ?1 ORDER BY id",
+                )?
+                .query_map([id], |row| {
+                    Ok(AttemptRecord {
+                        attempt: row.get(0)?,
+                        at: row.get(1)?,
+                        outcome: row.get(2)?,
+                        status: row.get(3)?,
+                        error: row.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(JobHistory { job, attempts }))
         })
     }
 
@@ -768,7 +818,14 @@ impl Store for SqliteStore {
             ctx.recent().forget_before(now);
             ctx.before_write()?;
             // Each through its own index (migration 0005): a batch reads what it deletes and
-            // nothing else, however much history the store holds.
+            // nothing else, however much history the store holds. The attempts first, of the
+            // very jobs the next statement deletes (the same query, in the same transaction).
+            ctx.conn
+                .prepare_cached(
+                    "DELETE FROM attempts WHERE job_id IN (SELECT id FROM jobs \
+                     WHERE state IN ('delivered', 'rejected', 'dropped') AND updated_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![before, limit as i64])?;
             let jobs = ctx
                 .conn
                 .prepare_cached(
@@ -797,6 +854,14 @@ impl Store for SqliteStore {
                 .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let queued = queues.lock().expect("queues lock").counts(now);
+            let mut accepted_at = conn.prepare_cached("SELECT created_at FROM jobs WHERE id = ?1")?;
+            let queued = queued
+                .into_iter()
+                .map(|(channel, direction, count, oldest)| {
+                    let oldest = accepted_at.query_row([oldest], |row| row.get(0)).optional()?;
+                    Ok((channel, direction, count, oldest))
+                })
+                .collect::<rusqlite::Result<_>>()?;
             Ok(super::assemble_counts(queued, dead))
         })
     }

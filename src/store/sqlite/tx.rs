@@ -417,6 +417,32 @@ impl Tx for SqliteTx<'_, '_> {
         Ok(())
     }
 
+    async fn record_attempt(
+        &mut self,
+        id: i64,
+        at: i64,
+        outcome: &str,
+        status: Option<u16>,
+        error: &str,
+    ) -> StoreResult<()> {
+        self.ctx.before_write()?;
+        let conn = self.ctx.conn;
+        let attempt: u32 = conn
+            .prepare_cached(
+                "INSERT INTO attempts (job_id, attempt, at, outcome, status, error) \
+                 SELECT id, attempts, ?2, ?3, ?4, ?5 FROM jobs WHERE id = ?1 RETURNING attempt",
+            )?
+            .query_row(params![id, at, outcome, status, error], |row| row.get(0))?;
+        if attempt as usize > crate::store::ATTEMPTS_KEPT {
+            conn.prepare_cached(
+                "DELETE FROM attempts WHERE job_id = ?1 AND id < (SELECT id FROM attempts WHERE job_id = ?1 \
+                 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(params![id, crate::store::ATTEMPTS_KEPT as i64 - 1])?;
+        }
+        Ok(())
+    }
+
     async fn mark_introduced(&mut self, channel: &str, contact: &str) -> StoreResult<()> {
         self.ctx.before_write()?;
         self.ctx
