@@ -84,6 +84,21 @@ impl BearerToken {
     pub fn is_presented_in(&self, headers: &HeaderMap) -> bool {
         self.presented_in(headers).is_some()
     }
+
+    /// Whether `presented` (typed into a form, not sent as a header) is one of the live values.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.0.matches(presented)
+    }
+
+    /// A key for `purpose` that only a holder of the current value can make: what the console
+    /// signs its sessions with, so that every replica takes them and a rotation of the token
+    /// ends them all.
+    pub fn derived_key(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&self.0.current).expect("HMAC takes any key");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive

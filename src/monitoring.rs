@@ -357,6 +357,49 @@ pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at
         series.latency[slot]
             .get_or_init(|| histogram!(DELIVERY_LATENCY, "channel" => label(), "direction" => direction.as_str()))
             .record(waited as f64 / 1000.0);
+        series.delivered[slot].add(now);
+    }
+}
+
+/// How many jobs of `channel` this process delivered in `direction` within the hour before
+/// `now` (the console's overview; a replica counts its own).
+pub fn delivered_last_hour(channel: &str, direction: Direction, now: i64) -> u64 {
+    attempt_series(channel).delivered[direction.index()].within_hour(now)
+}
+
+/// Deliveries per minute of the last hour: one slot a minute, reused an hour later.
+struct Minutes {
+    slots: [(std::sync::atomic::AtomicI64, std::sync::atomic::AtomicU64); 60],
+}
+
+impl Default for Minutes {
+    fn default() -> Self {
+        // Stamped with a minute no clock gives, so that an unused slot never counts.
+        Self { slots: std::array::from_fn(|_| (i64::MIN.into(), 0.into())) }
+    }
+}
+
+impl Minutes {
+    fn add(&self, now: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let minute = now.div_euclid(60_000);
+        let (stamp, count) = &self.slots[minute.rem_euclid(60) as usize];
+        // The first delivery of a new minute takes the slot over from an hour ago; a delivery
+        // racing it may land in either count, which an overview can bear.
+        if stamp.swap(minute, Relaxed) != minute {
+            count.store(0, Relaxed);
+        }
+        count.fetch_add(1, Relaxed);
+    }
+
+    fn within_hour(&self, now: i64) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let minute = now.div_euclid(60_000);
+        self.slots
+            .iter()
+            .filter(|(stamp, _)| (minute - 59..=minute).contains(&stamp.load(Relaxed)))
+            .map(|(_, count)| count.load(Relaxed))
+            .sum()
     }
 }
 
@@ -366,6 +409,7 @@ pub fn attempt(channel: &str, direction: Direction, outcome: Outcome, created_at
 struct AttemptSeries {
     attempts: [[OnceLock<metrics::Counter>; Outcome::ALL.len()]; 2],
     latency: [OnceLock<metrics::Histogram>; 2],
+    delivered: [Minutes; 2],
 }
 
 fn attempt_series(channel: &str) -> Arc<AttemptSeries> {

@@ -82,11 +82,16 @@ pub fn classify_failure(upstream: &str, status: StatusCode, retry_after: Option<
             SendError::Transient { reason: answered, retry_after }
         }
         s if s.is_server_error() => SendError::Transient { reason: answered, retry_after },
-        s if s.is_client_error() => SendError::Permanent { reason: detail.unwrap_or(answered) },
-        s if s.is_redirection() => {
-            SendError::Permanent { reason: format!("{upstream} answered {s} (a redirect): check its URL setting") }
+        s if s.is_client_error() => {
+            SendError::Permanent { reason: detail.unwrap_or(answered), status: Some(s.as_u16()) }
         }
-        s => SendError::Permanent { reason: format!("{upstream} answered an unexpected {s}") },
+        s if s.is_redirection() => SendError::Permanent {
+            reason: format!("{upstream} answered {s} (a redirect): check its URL setting"),
+            status: Some(s.as_u16()),
+        },
+        s => {
+            SendError::Permanent { reason: format!("{upstream} answered an unexpected {s}"), status: Some(s.as_u16()) }
+        }
     }
 }
 
@@ -170,15 +175,15 @@ mod tests {
                 None,
                 br#"{"success":false,"errors":"Unknow errors"}"#
             ),
-            SendError::Permanent { reason: "Unknow errors".into() }
+            SendError::Permanent { reason: "Unknow errors".into(), status: Some(400) }
         );
         assert_eq!(
             classify_failure("BonyChat", StatusCode::FORBIDDEN, None, b""),
-            SendError::Permanent { reason: "BonyChat answered 403 Forbidden".into() }
+            SendError::Permanent { reason: "BonyChat answered 403 Forbidden".into(), status: Some(403) }
         );
         assert_eq!(
             classify_failure("JoinChat", StatusCode::NOT_FOUND, None, b"no such page\n"),
-            SendError::Permanent { reason: "no such page".into() }
+            SendError::Permanent { reason: "no such page".into(), status: Some(404) }
         );
     }
 
@@ -206,7 +211,7 @@ mod tests {
     #[test]
     fn a_redirect_is_reported_as_a_configuration_problem() {
         let error = classify_failure("BonyChat", StatusCode::MOVED_PERMANENTLY, None, b"");
-        assert!(matches!(error, SendError::Permanent { reason } if reason.contains("check its URL")));
+        assert!(matches!(error, SendError::Permanent { reason, .. } if reason.contains("check its URL")));
     }
 
     #[test]

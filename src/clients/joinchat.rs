@@ -121,6 +121,7 @@ pub fn classify(status: StatusCode, retry_after: Option<std::time::Duration>, an
         return Err(SendError::Permanent {
             reason: http::reason_from(answer)
                 .unwrap_or_else(|| format!("JoinChat answered {status} with success: false")),
+            status: Some(status.as_u16()),
         });
     }
     Ok(())
@@ -134,8 +135,9 @@ fn says_success_false(answer: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// Refused for good with a 200 saying `success: false`.
     fn permanent(reason: &str) -> Result<(), SendError> {
-        Err(SendError::Permanent { reason: reason.into() })
+        Err(SendError::Permanent { reason: reason.into(), status: Some(200) })
     }
 
     #[test]
@@ -208,7 +210,10 @@ mod tests {
 
     #[test]
     fn failures_are_classified_like_any_upstream() {
-        assert_eq!(classify(StatusCode::BAD_REQUEST, None, br#"{"errors":{"msg":"Bad"}}"#), permanent("Bad"));
+        assert_eq!(
+            classify(StatusCode::BAD_REQUEST, None, br#"{"errors":{"msg":"Bad"}}"#),
+            Err(SendError::Permanent { reason: "Bad".into(), status: Some(400) })
+        );
         assert!(matches!(classify(StatusCode::BAD_GATEWAY, None, b""), Err(SendError::Transient { .. })));
     }
 }

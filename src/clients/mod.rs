@@ -18,9 +18,10 @@ pub use crate::BoxFuture;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// The upstream refused the request for good; `reason` is its own explanation.
+    /// The upstream refused the request for good; `reason` is its own explanation, `status`
+    /// the HTTP status it answered with (a JoinChat `success: false` comes with a 200).
     #[error("{reason}")]
-    Permanent { reason: String },
+    Permanent { reason: String, status: Option<u16> },
     /// A timeout, a connection failure, a 5xx, 408 or 429: another attempt may succeed.
     #[error("{reason}")]
     Transient {

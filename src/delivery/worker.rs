@@ -499,14 +499,14 @@ impl Worker {
 
         let (finish, first, label, reason) = match result {
             Ok(sent_at) => (Finish::Delivered { progress, sent_at }, FirstAttempt::Sent, Outcome::Sent, None),
-            Err(SendError::Permanent { reason }) if waiting => (
-                Finish::Rejected { progress, error: reason.clone() },
+            Err(SendError::Permanent { reason, status }) if waiting => (
+                Finish::Rejected { progress, error: reason.clone(), status },
                 FirstAttempt::Rejected(reason.clone()),
                 Outcome::Rejected,
                 Some(reason),
             ),
-            Err(SendError::Permanent { reason }) => (
-                Finish::Dead { progress, error: reason.clone(), failed_receipt: true },
+            Err(SendError::Permanent { reason, status }) => (
+                Finish::Dead { progress, error: reason.clone(), failed_receipt: true, status },
                 FirstAttempt::Pending,
                 Outcome::Rejected,
                 Some(reason),
@@ -586,8 +586,8 @@ impl Worker {
                 };
                 (finish, Outcome::Sent, None)
             }
-            Err(SendError::Permanent { reason }) => (
-                Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false },
+            Err(SendError::Permanent { reason, status }) => (
+                Finish::Dead { progress: 0, error: reason.clone(), failed_receipt: false, status },
                 Outcome::Rejected,
                 Some(reason),
             ),
@@ -607,7 +607,7 @@ impl Worker {
     async fn dead_letter_unreadable(&self, job: &Job, reason: &str) {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
-        let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt };
+        let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt, status: None };
         crate::monitoring::attempt(&job.channel, job.direction, Outcome::Dead, job.created_at, self.store.now());
         self.record(job, finish).await;
     }
@@ -638,11 +638,12 @@ fn after_failure(
     match schedule.next_delay(attempt, retry_after, fastrand::f64()) {
         Some(delay) => {
             let next_attempt_at = now.saturating_add(millis(delay));
-            (Finish::Retry { progress, next_attempt_at, error: reason.to_owned() }, Outcome::Retry)
+            // The status, if any, is in the reason's words ("… answered 503 …"): the store reads it.
+            (Finish::Retry { progress, next_attempt_at, error: reason.to_owned(), status: None }, Outcome::Retry)
         }
         None => {
             let error = format!("gave up after {attempt} attempts: {reason}");
-            (Finish::Dead { progress, error, failed_receipt }, Outcome::Dead)
+            (Finish::Dead { progress, error, failed_receipt, status: None }, Outcome::Dead)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the stand-ins of `RELAY_SANDBOX` ([`sandbox`]) included.
 
 mod admin;
+mod console;
 mod health;
 pub mod limits;
 mod message;
@@ -97,6 +98,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             .route("/admin/jobs", get(admin::list_jobs))
             .route("/admin/jobs/{id}/retry", post(admin::retry_job))
             .route("/admin/dead/redrive", post(admin::redrive_dead))
+            .merge(console::router())
     } else {
         Router::new()
     };

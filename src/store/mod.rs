@@ -432,13 +432,14 @@ pub enum Finish {
     /// Not attempted: pacing asks for the next send to this contact no earlier than
     /// `next_attempt_at`. The attempt count stays, and the slot is free meanwhile.
     Defer { progress: u32, next_attempt_at: i64 },
-    /// Another attempt at `next_attempt_at`.
-    Retry { progress: u32, next_attempt_at: i64, error: String },
+    /// Another attempt at `next_attempt_at`. `status`, here and below: the upstream's HTTP
+    /// status, when it answered (kept with the attempt for the console).
+    Retry { progress: u32, next_attempt_at: i64, error: String, status: Option<u16> },
     /// Out of retries or refused for good; with `failed_receipt`, BonyChat is told by a `failed`
     /// receipt carrying `error`.
-    Dead { progress: u32, error: String, failed_receipt: bool },
+    Dead { progress: u32, error: String, failed_receipt: bool, status: Option<u16> },
     /// Refused by JoinChat while BonyChat waited.
-    Rejected { progress: u32, error: String },
+    Rejected { progress: u32, error: String, status: Option<u16> },
     /// Not attempted (no free slot, or the attempt stopped unsure of its claim): handed back,
     /// due at once, for any worker to claim. The attempt count stays.
     Release { progress: u32 },

@@ -72,7 +72,7 @@ impl<'a> Settle<'a> {
                 keep_reservation: true,
                 ..base(JobState::Queued, *progress)
             },
-            Finish::Retry { progress, next_attempt_at, error } => Settle {
+            Finish::Retry { progress, next_attempt_at, error, .. } => Settle {
                 next_attempt_at: Some(*next_attempt_at),
                 error: Some(error),
                 ..base(JobState::Queued, *progress)
@@ -81,7 +81,7 @@ impl<'a> Settle<'a> {
                 Settle { attempted: 0, next_attempt_at: Some(now), ..base(JobState::Queued, *progress) }
             }
             Finish::Dead { progress, error, .. } => Settle { error: Some(error), ..base(JobState::Dead, *progress) },
-            Finish::Rejected { progress, error } => {
+            Finish::Rejected { progress, error, .. } => {
                 Settle { error: Some(error), ..base(JobState::Rejected, *progress) }
             }
         }
@@ -534,13 +534,14 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
         )));
     };
     let failed = match finish {
-        Finish::Retry { error, .. } => Some(("retry", error)),
-        Finish::Dead { error, .. } => Some(("dead", error)),
-        Finish::Rejected { error, .. } => Some(("rejected", error)),
+        Finish::Retry { error, status, .. } => Some(("retry", error, status)),
+        Finish::Dead { error, status, .. } => Some(("dead", error, status)),
+        Finish::Rejected { error, status, .. } => Some(("rejected", error, status)),
         _ => None,
     };
-    if let Some((outcome, error)) = failed {
-        tx.record_attempt(lease.id, now, outcome, upstream_status(error), error).await?;
+    if let Some((outcome, error, status)) = failed {
+        let status = status.or_else(|| upstream_status(error));
+        tx.record_attempt(lease.id, now, outcome, status, error).await?;
     }
     match finish {
         Finish::Dead { error, failed_receipt: true, .. } => {
@@ -557,7 +558,8 @@ pub(crate) async fn finish<T: Tx>(tx: &mut T, lease: Lease, finish: &Finish, now
 }
 
 /// The HTTP status an upstream answered, as the clients word their errors ("JoinChat answered
-/// 503 …"); `None` for a timeout, a refused connection and the like.
+/// 503 …"), for a failure that did not say it otherwise; `None` for a timeout, a refused
+/// connection and the like.
 pub(crate) fn upstream_status(error: &str) -> Option<u16> {
     let (_, after) = error.split_once(" answered ")?;
     let digits = after.get(..3)?;

@@ -171,7 +171,7 @@ async fn a_retry_keeps_its_place_ahead_of_newer_jobs(backend: Backend) {
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
 
-    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
+    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into(), status: None };
     store.finish(job.lease(), retry, 1_100).await.unwrap();
 
     assert!(claim_ids(store.as_ref(), 2_000).await.is_empty(), "a2 waits for a1's retry");
@@ -186,7 +186,11 @@ async fn a_dead_job_lets_the_next_one_through_and_a_redrive_puts_it_first_again(
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
-        .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false }, 1_100)
+        .finish(
+            job.lease(),
+            Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false, status: None },
+            1_100,
+        )
         .await
         .unwrap();
 
@@ -207,7 +211,7 @@ async fn dead_letters_come_back_after_their_queue_was_pruned(backend: Backend) {
         store.enqueue_outbound(outbound(contact, m_id, 1_000), None).await.unwrap();
     }
     for job in store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap() {
-        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false, status: None };
         store.finish(job.lease(), dead, 1_100).await.unwrap();
     }
     store.prune(1_000_000, 1_000_000, store::BATCH).await.unwrap();
@@ -227,7 +231,7 @@ async fn a_redriven_job_waits_while_a_newer_job_of_its_contact_is_in_flight(back
     store.enqueue_outbound(outbound("a", "a2", 1_000), None).await.unwrap();
     let a1 = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
-        .finish(a1.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
+        .finish(a1.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false, status: None }, 1_100)
         .await
         .unwrap();
     let a2 = store.claim(claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10)).await.unwrap().remove(0);
@@ -605,7 +609,11 @@ async fn a_dead_outbound_job_can_queue_its_failed_receipt(backend: Backend) {
     let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
 
     store
-        .finish(job.lease(), Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true }, 1_100)
+        .finish(
+            job.lease(),
+            Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: true, status: None },
+            1_100,
+        )
         .await
         .unwrap();
 
@@ -631,9 +639,9 @@ async fn queue_counts_tell_ready_delayed_in_flight_and_dead_jobs_apart_per_direc
     }
     let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
-    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into() };
+    let retry = Finish::Retry { progress: 0, next_attempt_at: 5_000, error: "503".into(), status: None };
     store.finish(lease("b1"), retry, 1_100).await.unwrap();
-    let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+    let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false, status: None };
     store.finish(lease("c1"), dead, 1_100).await.unwrap();
     store.enqueue_outbound(outbound("a", "a2", 1_200), None).await.unwrap();
     let batch = batch(vec![message_item("u", vec![text_event("in1")], None)], 1_200);
@@ -662,7 +670,11 @@ async fn retrying_one_job_makes_it_due_and_refuses_delivered_or_unknown_ones(bac
     store.enqueue_outbound(outbound("u", "dead", 1_000), None).await.unwrap();
     let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
-        .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_100)
+        .finish(
+            job.lease(),
+            Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false, status: None },
+            1_100,
+        )
         .await
         .unwrap();
     let delivered_id = store.list(Some(JobState::Delivered), None, 1).await.unwrap()[0].id;
@@ -680,7 +692,11 @@ async fn pruning_removes_old_finished_jobs_and_keeps_dead_letters(backend: Backe
     store.enqueue_outbound(outbound("v", "dead", 1_000), None).await.unwrap();
     let job = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap().remove(0);
     store
-        .finish(job.lease(), Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false }, 1_000)
+        .finish(
+            job.lease(),
+            Finish::Dead { progress: 0, error: "x".into(), failed_receipt: false, status: None },
+            1_000,
+        )
         .await
         .unwrap();
     deliver_outbound(store.as_ref(), "w", "recent", 9_000).await;
@@ -920,7 +936,7 @@ async fn the_intake_cap_follows_every_change_of_the_queue(backend: Backend) {
     let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
     let lease = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().lease();
     store.finish(lease("a1"), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_100).await.unwrap();
-    let dead = Finish::Dead { progress: 0, error: "refused".into(), failed_receipt: false };
+    let dead = Finish::Dead { progress: 0, error: "refused".into(), failed_receipt: false, status: None };
     store.finish(lease("b1"), dead, 1_100).await.unwrap();
     store.enqueue_outbound(outbound("c", "c1", 1_200), None).await.unwrap();
     store.enqueue_outbound(outbound("d", "d1", 1_200), None).await.unwrap();
@@ -1166,7 +1182,7 @@ async fn listing_redriving_and_counting_by_channel(backend: Backend) {
     }
     let claimed = store.claim(claim_of(&["hats", "shoes"], OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10));
     for job in claimed.await.unwrap() {
-        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false };
+        let dead = Finish::Dead { progress: 0, error: "gave up".into(), failed_receipt: false, status: None };
         store.finish(job.lease(), dead, 1_100).await.unwrap();
     }
     store.enqueue_outbound(in_channel("shoes", "v", "shoes-queued", 1_200), None).await.unwrap();
@@ -1433,7 +1449,7 @@ async fn failed_attempts_are_kept_per_job_bounded_and_pruned_with_it(backend: Ba
         let job = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap().remove(0);
         let error = format!("JoinChat answered 503 Service Unavailable: busy {attempt}");
         store
-            .finish(job.lease(), Finish::Retry { progress: 0, next_attempt_at: now + 1, error }, now + 1)
+            .finish(job.lease(), Finish::Retry { progress: 0, next_attempt_at: now + 1, error, status: None }, now + 1)
             .await
             .unwrap();
     }
@@ -1457,8 +1473,12 @@ async fn failed_attempts_are_kept_per_job_bounded_and_pruned_with_it(backend: Ba
     assert!(store.job_history(id).await.unwrap().is_none());
     let dead = store.enqueue_outbound(outbound("a", "a2", now), None).await.unwrap().id;
     let job = store.claim(claim(OWNER, Direction::Outbound, now, now + LEASE, 10)).await.unwrap().remove(0);
-    let refused =
-        Finish::Dead { progress: 0, error: "cannot reach JoinChat: connection refused".into(), failed_receipt: false };
+    let refused = Finish::Dead {
+        progress: 0,
+        error: "cannot reach JoinChat: connection refused".into(),
+        failed_receipt: false,
+        status: None,
+    };
     store.finish(job.lease(), refused, now + 5).await.unwrap();
     let history = store.job_history(dead).await.unwrap().unwrap();
     let only = &history.attempts[..];
