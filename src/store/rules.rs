@@ -568,6 +568,10 @@ pub(crate) fn upstream_status(error: &str) -> Option<u16> {
     ((100..600).contains(&status) && ends_there).then_some(status)
 }
 
+/// The outcome an operator's retry or redrive leaves in a job's attempts, and its words.
+pub(crate) const REQUEUED: &str = "requeued";
+pub(crate) const REQUEUED_WHY: &str = "queued again by an operator, with a fresh retry schedule";
+
 /// Makes one `dead` or `queued` job due now with a fresh retry schedule; the other states say
 /// why not.
 pub(crate) async fn retry<T: Tx>(tx: &mut T, id: i64, now: i64) -> StoreResult<Job> {
@@ -586,6 +590,8 @@ pub(crate) async fn retry<T: Tx>(tx: &mut T, id: i64, now: i64) -> StoreResult<J
             )));
         }
     }
+    // Kept with the attempts: the count starts again from here.
+    tx.record_attempt(id, now, REQUEUED, None, REQUEUED_WHY).await?;
     // A job in flight keeps its lease: retrying it only makes it due again afterwards.
     tx.requeue(id, now).await?;
     tx.load(id, now).await

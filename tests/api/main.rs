@@ -3,6 +3,7 @@
 mod binary;
 mod channels;
 mod config_faults;
+mod console;
 mod contact_profiles;
 mod crash;
 mod database_away;

@@ -259,7 +259,7 @@ fn attempts(history: &JobHistory, now: i64) -> Markup {
                 tbody {
                     @for attempt in shown {
                         tr {
-                            td.n { (attempt.attempt) }
+                            td.n { @if attempt.outcome == "requeued" { "—" } @else { (attempt.attempt) } }
                             td { (utc(attempt.at)) " (" (age(attempt.at, now)) ")" }
                             td { span class={ "outcome " (attempt.outcome) } { (attempt.outcome) } }
                             td.n { @match attempt.status { Some(status) => (status), None => @if attempt.outcome == "delivered" { "2xx" } @else { "—" } } }

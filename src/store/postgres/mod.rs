@@ -791,6 +791,16 @@ impl Store for PostgresStore {
             for (channel, direction, contact) in &queues {
                 PgTx::new(&mut tx).lock_queue(channel, direction, contact).await?;
             }
+            sqlx::query(
+                "INSERT INTO attempts (job_id, attempt, at, outcome, status, error) \
+                 SELECT id, attempts, $1, $3, NULL, $4 FROM jobs WHERE id = ANY($2) AND state = 'dead'",
+            )
+            .bind(now)
+            .bind(&ids)
+            .bind(rules::REQUEUED)
+            .bind(rules::REQUEUED_WHY)
+            .execute(&mut *tx)
+            .await?;
             let redriven = sqlx::query(
                 "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = $1, updated_at = $1 \
                  WHERE id = ANY($2) AND state = 'dead'",

@@ -791,6 +791,16 @@ impl Store for SqliteStore {
         let channel = channel.map(str::to_owned);
         self.run_then_signal(move |ctx| {
             ctx.before_write()?;
+            // The same jobs as the UPDATE below picks, in the same transaction.
+            ctx.conn
+                .prepare_cached(&format!(
+                    "INSERT INTO attempts (job_id, attempt, at, outcome, status, error) \
+                     SELECT id, attempts, ?1, '{}', NULL, '{}' FROM jobs \
+                     WHERE state = 'dead' AND (?2 IS NULL OR channel = ?2) ORDER BY id LIMIT ?3",
+                    rules::REQUEUED,
+                    rules::REQUEUED_WHY
+                ))?
+                .execute(params![now, channel, limit as i64])?;
             let redriven: Vec<(i64, String, String, String)> = ctx
                 .conn
                 .prepare_cached(
