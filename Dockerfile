@@ -38,7 +38,7 @@ ARG SOURCE=""
 LABEL org.opencontainers.image.title="bonychat-relay" \
       org.opencontainers.image.description="Relays a BonyChat Custom Channel to a Facebook Page through JoinChat and the Messenger Platform" \
       org.opencontainers.image.source="${SOURCE}" \
-      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}"
 
 COPY --from=builder /out/usr/local/bin/bonychat-relay /usr/local/bin/bonychat-relay

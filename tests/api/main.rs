@@ -19,6 +19,7 @@ mod message_requests;
 mod message_translation;
 mod messenger_webhook;
 mod metrics;
+mod ops_files;
 mod ordering_and_pacing;
 mod postgres;
 mod queue_safety;

@@ -22,17 +22,17 @@ const OTHER_CONTACT: &str = "2066835436691078";
 const CHILD: &str = "BONYCHAT_RELAY_METRICS_ALONE";
 
 #[derive(Debug, Clone, PartialEq)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
+pub(crate) struct Sample {
+    pub(crate) name: String,
+    pub(crate) labels: BTreeMap<String, String>,
+    pub(crate) value: f64,
 }
 
 #[derive(Debug, Default)]
-struct Scrape {
-    types: BTreeMap<String, String>,
-    helps: BTreeMap<String, String>,
-    samples: Vec<Sample>,
+pub(crate) struct Scrape {
+    pub(crate) types: BTreeMap<String, String>,
+    pub(crate) helps: BTreeMap<String, String>,
+    pub(crate) samples: Vec<Sample>,
 }
 
 impl Scrape {
@@ -52,7 +52,7 @@ impl Scrape {
 
 /// A strict parser of the text format 0.0.4: `# HELP`, `# TYPE` and sample lines only, every
 /// sample of a family with a `TYPE` before it, names and label names well formed.
-fn parse(text: &str) -> Result<Scrape, String> {
+pub(crate) fn parse(text: &str) -> Result<Scrape, String> {
     let mut scrape = Scrape::default();
     for (n, line) in text.lines().enumerate() {
         let fail = |why: &str| format!("line {}: {why}: {line:?}", n + 1);
