@@ -42,6 +42,7 @@ const HTTP_DURATION: &str = "bonychat_relay_http_request_duration_seconds";
 const ATTEMPTS: &str = "bonychat_relay_delivery_attempts_total";
 const DELIVERY_LATENCY: &str = "bonychat_relay_delivery_latency_seconds";
 const QUEUE_JOBS: &str = "bonychat_relay_queue_jobs";
+const QUEUE_OLDEST_AGE: &str = "bonychat_relay_queue_oldest_age_seconds";
 const DROPPED: &str = "bonychat_relay_inbound_events_dropped_total";
 const RECEIPTS_POSTED: &str = "bonychat_relay_receipts_posted_total";
 const CONFIG_RELOADS: &str = "bonychat_relay_config_reloads_total";
@@ -126,6 +127,11 @@ fn describe() {
         "JoinChat answers that said Meta throttled the channel's Page (429 or a rate-limit code)."
     );
     describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "From storing a job to delivering it.");
+    describe_gauge!(
+        QUEUE_OLDEST_AGE,
+        Unit::Seconds,
+        "How long the oldest queued job (ready, delayed or in flight) of a channel and direction has waited; 0 with none."
+    );
     describe_gauge!(
         QUEUE_JOBS,
         "Jobs by channel, direction and state (ready, delayed, in_flight, dead), as of the last render (at most about a second old)."
@@ -215,7 +221,7 @@ async fn refresh_store_gauges(store: &dyn Store) {
     );
     store_writable(matches!(writable, Ok(Ok(()))));
     match counts {
-        Ok(Ok(counts)) => queue_gauges(counts),
+        Ok(Ok(counts)) => queue_gauges(counts, store.now()),
         // The gauges keep their last values; `store_writable` already says something is wrong.
         Ok(Err(e)) => tracing::warn!(error = %e, "cannot count the queue for /metrics"),
         Err(_) => tracing::warn!("counting the queue for /metrics took too long"),
@@ -225,21 +231,24 @@ async fn refresh_store_gauges(store: &dyn Store) {
 /// Sets the queue gauges to `counts`. A (channel, direction) the store no longer counts (its
 /// jobs all delivered, or pruned) had its gauges set before: they go to zero rather than keep
 /// their last values.
-fn queue_gauges(counts: Vec<(String, Direction, QueueCounts)>) {
+fn queue_gauges(counts: Vec<(String, Direction, QueueCounts)>, now: i64) {
     static SHOWN: std::sync::Mutex<Vec<(String, Direction)>> = std::sync::Mutex::new(Vec::new());
     let mut shown = SHOWN.lock().expect("queue gauges");
     for (channel, direction) in shown.iter() {
         if !counts.iter().any(|(c, d, _)| c == channel && d == direction) {
-            queue_jobs(channel, *direction, QueueCounts::default());
+            queue_jobs(channel, *direction, QueueCounts::default(), now);
         }
     }
     *shown = counts.iter().map(|(channel, direction, _)| (channel.clone(), *direction)).collect();
     for (channel, direction, counts) in counts {
-        queue_jobs(&channel, direction, counts);
+        queue_jobs(&channel, direction, counts, now);
     }
 }
 
-fn queue_jobs(channel: &str, direction: Direction, counts: QueueCounts) {
+fn queue_jobs(channel: &str, direction: Direction, counts: QueueCounts, now: i64) {
+    let oldest_age = counts.oldest_queued_at.map_or(0, |at| now.saturating_sub(at).max(0));
+    gauge!(QUEUE_OLDEST_AGE, "channel" => channel.to_owned(), "direction" => direction.as_str())
+        .set(oldest_age as f64 / 1000.0);
     let states =
         [("ready", counts.ready), ("delayed", counts.delayed), ("in_flight", counts.in_flight), ("dead", counts.dead)];
     for (state, jobs) in states {

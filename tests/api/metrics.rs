@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::helpers::{
-    PAGE_ID, PSID, Reply, SilentFlood, TestApp, assert_error, http_client_from, spawn_app, spawn_app_with,
+    PAGE_ID, PSID, Reply, SilentFlood, TestApp, assert_error, http_client_from, spawn_app, spawn_app_with, text,
 };
 
 /// A second contact, for the message that ends dead.
@@ -380,4 +380,23 @@ fn the_parser_is_strict() {
     ] {
         assert!(parse(bad).is_err(), "{bad:?}");
     }
+}
+
+/// How long the oldest queued job has waited, per channel and direction: what an alert on a
+/// stuck queue reads.
+#[tokio::test]
+async fn the_oldest_queued_job_s_wait_is_a_gauge() {
+    let app = spawn_app_with(&[("RELAY_RETRY_JOINCHAT", "30s")]).await;
+    app.joinchat.script([Reply::status(503, "")]);
+    let (status, _) = app.send(PSID, text("later, JoinChat is busy")).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let scraped = scrape(&app).await;
+    let oldest = |direction: &str| {
+        scraped.value("bonychat_relay_queue_oldest_age_seconds", &[("channel", "default"), ("direction", direction)])
+    };
+    assert!((1.0..30.0).contains(&oldest("outbound")), "{}", oldest("outbound"));
+    assert_eq!(oldest("inbound"), 0.0, "nothing queued");
+    app.stop().await;
 }
