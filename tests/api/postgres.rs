@@ -8,7 +8,7 @@
 //! under CI (`CI` set), where it fails: CI must not go green on tests that did not run.
 
 use std::path::PathBuf;
-use std::process::Output;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
@@ -223,4 +223,157 @@ async fn a_dedicated_postgres_starts_restarts_and_goes_away() {
     drop(postgres);
     assert!(!dir.exists(), "the cluster's directory is removed");
     assert!(PgConnection::connect(&url).await.is_err(), "the cluster is stopped");
+}
+
+/// A cluster made by hand with initdb and pg_ctl, as another project (or a person) makes one,
+/// not by `scripts/test-postgres`. It runs as the user the script runs its servers as (itself,
+/// or `relaytest` under root), so the script could stop it if it tried. Stopped and removed on
+/// drop.
+struct HandMadeCluster {
+    parent: tempfile::TempDir,
+    /// Where a `RELAY_TEST_PG_DIR` would point: the cluster is its `data/`, as the script's are.
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+}
+
+impl HandMadeCluster {
+    /// `None` (after a NOTICE) when the machine has no PostgreSQL binaries, outside CI.
+    fn start() -> Option<Self> {
+        let found = std::process::Command::new(SCRIPT).arg("bin").output().expect("scripts/test-postgres runs");
+        if found.status.code() == Some(NO_BINARIES) {
+            return skip("PostgreSQL (initdb, pg_ctl)", "install PostgreSQL's server package");
+        }
+        assert!(found.status.success(), "scripts/test-postgres bin: {}", describe(&found));
+        let bin = PathBuf::from(String::from_utf8(found.stdout).unwrap().trim());
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("cluster");
+        std::fs::create_dir(&dir).unwrap();
+        let cluster = Self { parent, dir, port: free_port(), bin };
+        if let Some((uid, gid)) = cluster.owner() {
+            for path in [cluster.parent.path(), &cluster.dir] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let data = cluster.dir.join("data");
+        cluster.run(
+            cluster.owner_command("initdb").args(["--auth=trust", "--username=owner", "--no-sync", "-D"]).arg(&data),
+        );
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", cluster.port, cluster.dir.display());
+        cluster.run(
+            cluster
+                .owner_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(cluster.dir.join("server.log"))
+                .args(["-o", &options, "-w", "start"]),
+        );
+        assert!(cluster.runs(), "the hand-made cluster runs");
+        Some(cluster)
+    }
+
+    /// `relaytest`'s user and group ids when the tests run as root (created as the script does
+    /// when it is missing).
+    fn owner(&self) -> Option<(u32, u32)> {
+        let id = |args: &[&str]| {
+            let output = std::process::Command::new("id").args(args).output().expect("id runs");
+            String::from_utf8(output.stdout).ok()?.trim().parse::<u32>().ok()
+        };
+        if id(&["-u"]) != Some(0) {
+            return None;
+        }
+        if id(&["-u", "relaytest"]).is_none() {
+            // Another test may be creating it right now: what counts is that it exists after.
+            let _ = std::process::Command::new("useradd")
+                .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "relaytest"])
+                .output();
+        }
+        Some((id(&["-u", "relaytest"]).expect("the user relaytest"), id(&["-g", "relaytest"]).unwrap()))
+    }
+
+    /// One of PostgreSQL's programs, run as the cluster's owner.
+    fn owner_command(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        let mut command = if self.owner().is_some() {
+            let mut runuser = std::process::Command::new("runuser");
+            runuser.args(["-u", "relaytest", "--"]).arg(program);
+            runuser
+        } else {
+            std::process::Command::new(program)
+        };
+        command.current_dir("/");
+        command
+    }
+
+    fn run(&self, command: &mut std::process::Command) {
+        let output = command.output().expect("PostgreSQL's program runs");
+        assert!(output.status.success(), "{command:?}: {}", describe(&output));
+    }
+
+    /// Whether its server runs and accepts connections on its port.
+    fn runs(&self) -> bool {
+        let status = self.owner_command("pg_ctl").arg("-D").arg(self.dir.join("data")).arg("status").output().unwrap();
+        let ready =
+            self.owner_command("pg_isready").args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()]).status();
+        status.status.success() && ready.is_ok_and(|ready| ready.success())
+    }
+}
+
+impl Drop for HandMadeCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .owner_command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// `scripts/test-postgres <command>` on the cluster in `dir`, on `port` when given.
+fn test_postgres(command: &str, dir: &std::path::Path, port: Option<u16>) -> Output {
+    let mut script = std::process::Command::new(SCRIPT);
+    script.arg(command).env("RELAY_TEST_PG_DIR", dir).stdin(Stdio::null());
+    match port {
+        Some(port) => script.env("RELAY_TEST_PG_PORT", port.to_string()),
+        None => script.env_remove("RELAY_TEST_PG_PORT"),
+    };
+    script.output().expect("scripts/test-postgres runs")
+}
+
+#[test]
+fn the_script_never_adopts_or_stops_a_cluster_it_did_not_make() {
+    let Some(foreign) = HandMadeCluster::start() else { return };
+    let before = std::fs::read_dir(&foreign.dir).unwrap().count();
+
+    // Its directory, whatever the port: every command is refused, and nothing is done there.
+    for port in [Some(foreign.port), None] {
+        for command in ["stop", "restart", "crash-restart", "start", "status", "psql"] {
+            let output = test_postgres(command, &foreign.dir, port);
+            let said = describe(&output);
+            assert_eq!(output.status.code(), Some(4), "{command} in the hand-made cluster's directory: {said}");
+            assert!(said.contains("was not made by scripts/test-postgres"), "{command}: {said}");
+            assert!(foreign.runs(), "the hand-made cluster still runs after the script's {command}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(&foreign.dir).unwrap().count(), before, "nothing was written to its directory");
+
+    // A directory of the script's, on the hand-made cluster's port: the server there is not
+    // the script's cluster, so it is neither used nor stopped.
+    let mine = tempfile::tempdir().unwrap();
+    let dir = mine.path().join("cluster");
+    for command in ["start", "crash-restart"] {
+        let output = test_postgres(command, &dir, Some(foreign.port));
+        let said = describe(&output);
+        assert_eq!(output.status.code(), Some(4), "{command} on the hand-made cluster's port: {said}");
+        assert!(said.contains("is left alone"), "{command}: {said}");
+        assert!(foreign.runs(), "the hand-made cluster still runs after the script's {command} on its port");
+    }
+    for command in ["stop", "status"] {
+        let output = test_postgres(command, &dir, Some(foreign.port));
+        assert!(foreign.runs(), "the hand-made cluster still runs after the script's {command} on its port");
+        assert!(!describe(&output).contains("stopped"), "{command}: {}", describe(&output));
+    }
+    assert!(!dir.join("data").exists(), "the script made no cluster it could not start");
 }
