@@ -33,7 +33,13 @@ fn main() {
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test-postgres");
     let binaries = match Command::new(&script).arg("bin").output() {
-        Ok(output) => output.status.success(),
+        Ok(output) if output.status.success() || output.status.code() == Some(77) => output.status.success(),
+        Ok(output) => {
+            let said = String::from_utf8_lossy(&output.stderr);
+            println!("cargo::warning=scripts/test-postgres bin failed ({}): {}", output.status, said.trim());
+            println!("cargo::warning=the Postgres tests are ignored");
+            false
+        }
         Err(e) => {
             println!("cargo::warning=cannot run {}: {e}; the Postgres tests are ignored", script.display());
             false
