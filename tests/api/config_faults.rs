@@ -288,8 +288,12 @@ async fn a_store_that_cannot_be_opened_stops_the_start_with_one_plain_line() {
 /// `sslmode` in the URL is honoured: a database that offers no TLS is refused when the URL
 /// requires it (the test cluster has none), with one line and no password.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_postgres_url_requiring_tls_refuses_a_database_without_it() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
     let with_password = url.replacen("postgres://relay@", "postgres://relay:pa55word@", 1);
     let required = format!("{with_password}?sslmode=require");
@@ -337,8 +341,12 @@ async fn a_sqlite_store_migrated_by_a_newer_relay_is_refused_naming_both_version
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_postgres_store_migrated_by_a_newer_relay_is_refused_with_exit_2() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     drop(bonychat_relay::store::open(&store_config(&url)).await.expect("this relay's store"));
     let mut connection = crate::postgres::connect(&url).await;
     let known: i32 =

@@ -385,8 +385,12 @@ async fn without_an_admin_token_the_console_does_not_exist() {
 
 /// The console reads the same store calls on Postgres: a dead letter found, retried, delivered.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn the_console_works_on_postgres_too() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN), ("RELAY_DATABASE_URL", &url)]).await;
     let m_id = dead_letter(&app, "on postgres").await;
     let (http, base) = (no_redirects(), format!("http://{}", app.addr));

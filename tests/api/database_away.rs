@@ -26,8 +26,12 @@ fn delivered(app: &TestApp) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_clusters),
+    ignore = "no PostgreSQL binaries (initdb, pg_ctl) for a cluster of its own: install postgresql (see README)"
+)]
 async fn while_the_database_is_away_nothing_is_accepted_and_everything_resumes_when_it_returns() {
-    let Some(postgres) = DedicatedPostgres::start().await else { return };
+    let postgres = DedicatedPostgres::start().await;
     let url = postgres.fresh_database().await;
     let app = spawn_app_with(&[
         ("RELAY_DATABASE_URL", &url),
@@ -92,8 +96,12 @@ async fn while_the_database_is_away_nothing_is_accepted_and_everything_resumes_w
 /// `VACUUM FULL` makes the replica not ready while it lasts, and a lock on anything intake does
 /// not touch does not.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn readiness_follows_what_intake_can_do_when_tables_are_locked() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     let app = spawn_app_with(&[("RELAY_DATABASE_URL", &url), ("RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "1500")]).await;
     assert_eq!(ready(&app).await, StatusCode::OK);
     let mut admin = crate::postgres::connect(&url).await;

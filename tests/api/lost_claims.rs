@@ -47,8 +47,12 @@ async fn until_a_session_waits_for_a_lock(url: &str) {
 /// part 2, then frozen (SIGSTOP) past its lease while another replica takes the job over. Resumed,
 /// it must not send part 2: the new holder sends it.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_replica_paused_past_its_lease_sends_nothing_more_of_the_job_it_lost() {
-    let Some(database) = fresh_database().await else { return };
+    let database = fresh_database().await;
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     // Part 1 is answered after a while, long enough to hold the replica up right after it.
     joinchat.script([Reply::ok().after(Duration::from_millis(1500))]);
@@ -187,11 +191,19 @@ enum Gone {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_replica_whose_host_is_lost_mid_transaction_holds_up_no_other_replica() {
     replica_gone_mid_transaction(Gone::HostLost).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_replica_frozen_mid_transaction_holds_up_no_other_replica() {
     replica_gone_mid_transaction(Gone::Frozen).await;
 }
@@ -200,7 +212,7 @@ async fn a_replica_frozen_mid_transaction_holds_up_no_other_replica() {
 /// others: the surviving replica serves that contact within seconds, every other contact at
 /// once, and takes over the gone replica's message in flight within the lease.
 async fn replica_gone_mid_transaction(how: Gone) {
-    let Some(database) = fresh_database().await else { return };
+    let database = fresh_database().await;
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     // The lost replica's message in flight: JoinChat holds it until after the replica is gone.
     joinchat.script([Reply::ok().after(Duration::from_secs(30))]);
@@ -298,8 +310,12 @@ where
 /// that is gone: the lease is handed back at once, so the message goes out and the contact's next
 /// message waits for nothing, instead of both waiting for the lease to run out.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_message_whose_client_hung_up_while_it_was_stored_holds_up_nothing() {
-    let Some(database) = fresh_database().await else { return };
+    let database = fresh_database().await;
     let app = crate::helpers::spawn_app_with(&[("RELAY_DATABASE_URL", &database)]).await;
     let contact = "7000000000000001";
     let body =

@@ -168,9 +168,13 @@ fn bonychat_events(bonychat: &StandIn) -> BTreeMap<String, usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_clusters),
+    ignore = "no PostgreSQL binaries (initdb, pg_ctl) for a cluster of its own: install postgresql (see README)"
+)]
 async fn three_replicas_on_one_database_deliver_everything_in_order_through_a_sigkill_and_a_database_restart() {
     // Arrange: a database of the test's own, a JoinChat failing one request in five, three relays.
-    let Some(postgres) = DedicatedPostgres::start().await else { return };
+    let postgres = DedicatedPostgres::start().await;
     let database_url = postgres.fresh_database().await;
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     joinchat.fail_randomly(20);
@@ -317,8 +321,12 @@ async fn three_replicas_on_one_database_deliver_everything_in_order_through_a_si
 /// of the same contact that another replica has in flight: that replica's finish wakes it
 /// (`NOTIFY`), so JoinChat's refusal still reaches BonyChat as a 400 within the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn a_request_behind_another_replicas_job_takes_its_own_first_attempt_when_that_one_ends() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
     joinchat.script([
         Reply::ok().after(Duration::from_millis(800)),

@@ -328,20 +328,32 @@ async fn a_relay_settles_at_what_a_page_answering_code_613_takes() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn three_replicas_on_postgres_settle_together_at_what_the_page_takes() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     settles_under_a_throttling_joinchat(Refusal::TooManyRequests, 3, Some(&url)).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn one_replica_on_postgres_settles_at_what_the_page_takes() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     settles_under_a_throttling_joinchat(Refusal::Code613, 1, Some(&url)).await;
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
 async fn replicas_on_postgres_share_the_configured_rate() {
-    let Some(url) = crate::postgres::fresh_database().await else { return };
+    let url = crate::postgres::fresh_database().await;
     let joinchat = RateLimitedJoinChat::start(10_000, Refusal::TooManyRequests).await;
     let vars = rate_vars(&[("JOINCHAT_MAX_SENDS_PER_SEC", "20"), ("RELAY_DATABASE_URL", &url)], &joinchat.url);
     let (a, b, c) = (spawn_app_with(&vars).await, spawn_app_with(&vars).await, spawn_app_with(&vars).await);
