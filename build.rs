@@ -7,7 +7,10 @@
 //!   `scripts/test-postgres bin` finds them: the tests can start clusters themselves.
 //! - `postgres_tests`: that, or `RELAY_TEST_POSTGRES_URL` names a server to use.
 //!
-//! Under CI (`CI` set, not `false` or `0`) both are always on, so that a CI machine without
+//! - `browser_tests`: `chromedriver` is on PATH (Debian's `chromium-driver`): the console's
+//!   browser test can drive a headless Chromium.
+//!
+//! Under CI (`CI` set, not `false` or `0`) all are always on, so that a CI machine without
 //! PostgreSQL fails its Postgres tests loudly instead of ignoring them. Nothing here fails a
 //! build: a release build needs no PostgreSQL (and the container image's build has no build.rs,
 //! only `src/`). The relay itself never reads these cfgs.
@@ -18,6 +21,7 @@ use std::process::Command;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(postgres_tests)");
     println!("cargo::rustc-check-cfg=cfg(postgres_clusters)");
+    println!("cargo::rustc-check-cfg=cfg(browser_tests)");
     println!("cargo::rerun-if-env-changed=RELAY_TEST_PG_LIBDIR");
     println!("cargo::rerun-if-changed=scripts/test-postgres");
     // Where PostgreSQL appears when it is installed: Debian's per-version directories and the
@@ -58,5 +62,9 @@ fn main() {
     }
     if binaries || url || ci {
         println!("cargo::rustc-cfg=postgres_tests");
+    }
+    let chromedriver = std::env::split_paths(&path).any(|dir| dir.join("chromedriver").is_file());
+    if chromedriver || ci {
+        println!("cargo::rustc-cfg=browser_tests");
     }
 }
