@@ -505,3 +505,55 @@ async fn a_channel_past_its_own_cap_is_refused_while_another_is_served() {
     assert_eq!(open.joinchat.wait_for(1).await.len(), 1);
     relay.stop().await;
 }
+
+/// The console lists every channel served, with its own queues, and redrives one channel's dead
+/// letters without touching another's.
+#[tokio::test]
+async fn the_console_shows_each_channel_and_redrives_one_channel_s_dead_letters_only() {
+    use crate::console::{ADMIN_TOKEN, FormPost, hidden, no_redirects, signed_in};
+    let (shoes, hats) =
+        (TestChannel::new("shoes", "104857600123456").await, TestChannel::new("hats", "204857600123456").await);
+    for channel in [&shoes, &hats] {
+        channel.joinchat.script([crate::helpers::Reply::status(400, r#"{"success":false,"errors":{"msg":"no"}}"#)]);
+    }
+    let relay =
+        Deployment::start(&[&shoes, &hats], &[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN), ("RELAY_SEND_WAIT_MS", "0")]).await;
+    assert_eq!(relay.send(&shoes, "c1", "for shoes").await.0, StatusCode::OK);
+    assert_eq!(relay.send(&hats, "c1", "for hats").await.0, StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while relay.store.list(Some(JobState::Dead), None, 10).await.unwrap().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "both messages dead");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (http, base) = (no_redirects(), format!("http://{}", relay.addr));
+    let session = signed_in(&http, &base).await;
+
+    let overview = http.get(format!("{base}/admin/")).header("cookie", &session).send().await.unwrap();
+    let overview = overview.text().await.unwrap();
+    for channel in ["shoes", "hats"] {
+        assert!(
+            overview.contains(&format!("<a class=\"dead\" href=\"/admin/dead-letters?channel={channel}\">1</a>")),
+            "{overview}"
+        );
+    }
+    assert!(!overview.contains("<td>default</td>"), "no default channel is served here: {overview}");
+
+    let csrf = hidden(&overview, "csrf");
+    let redrive = http
+        .post(format!("{base}/admin/dead-letters/redrive"))
+        .header("cookie", &session)
+        .form_of(&[("csrf", csrf.as_str()), ("channel", "shoes")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redrive.headers()["location"], "/admin/dead-letters?channel=shoes&redriven=1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while shoes.joinchat.received().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "shoes' message sent again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dead = relay.store.list(Some(JobState::Dead), None, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|job| job.channel.as_str()).collect::<Vec<_>>(), ["hats"], "hats' dead letter stays");
+    assert_eq!(hats.joinchat.received().len(), 1);
+    relay.stop().await;
+}

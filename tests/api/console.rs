@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::helpers::{PSID, Reply, TestApp, spawn_app_with, text};
 
-const ADMIN_TOKEN: &str = "console-admin-token-1";
+pub const ADMIN_TOKEN: &str = "console-admin-token-1";
 
 /// chromedriver on a port of its own, stopped with the test.
 struct Browser {
@@ -216,7 +216,7 @@ async fn an_operator_signs_in_retries_a_dead_letter_sees_it_delivered_finds_it_a
 
 /// Signs in over plain HTTP, as a browser would: the sign-in form's cookie and token, then the
 /// session cookie. Returns the session's `Cookie` header.
-async fn signed_in(http: &reqwest::Client, base: &str) -> String {
+pub async fn signed_in(http: &reqwest::Client, base: &str) -> String {
     let form = http.get(format!("{base}/admin/sign-in")).send().await.unwrap();
     let form_cookie = cookie_pair(form.headers(), "relay_console_sign_in");
     let page = form.text().await.unwrap();
@@ -245,14 +245,14 @@ fn cookie_pair(headers: &HeaderMap, name: &str) -> String {
         .to_owned()
 }
 
-fn hidden(page: &str, name: &str) -> String {
+pub fn hidden(page: &str, name: &str) -> String {
     let marker = format!("name=\"{name}\" value=\"");
     let start = page.find(&marker).unwrap_or_else(|| panic!("no {name} field in {page}")) + marker.len();
     page[start..].split('"').next().unwrap().to_owned()
 }
 
 /// A form posted as a browser posts it.
-trait FormPost {
+pub trait FormPost {
     fn form_of(self, pairs: &[(&str, &str)]) -> Self;
 }
 
@@ -263,7 +263,7 @@ impl FormPost for reqwest::RequestBuilder {
     }
 }
 
-fn no_redirects() -> reqwest::Client {
+pub fn no_redirects() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
@@ -428,5 +428,81 @@ async fn the_console_works_on_postgres_too() {
     assert_eq!(page.matches(r#"<td class="n">502</td>"#).count(), 4, "{page}");
     let search = http.get(format!("{base}/admin/search?q={m_id}")).header("cookie", &session).send().await.unwrap();
     assert!(search.text().await.unwrap().contains(&format!("/admin/job/{id}")));
+    app.stop().await;
+}
+
+/// A page of the console as the signed-in operator sees it.
+async fn page(http: &reqwest::Client, base: &str, session: &str, path: &str) -> (StatusCode, String) {
+    let answer = http.get(format!("{base}{path}")).header("cookie", session).send().await.unwrap();
+    (answer.status(), answer.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn dead_letters_come_fifty_a_page_and_the_next_page_holds_the_rest() {
+    let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN), ("RELAY_SEND_WAIT_MS", "0")]).await;
+    app.joinchat.script((0..55).map(|_| Reply::status(400, r#"{"success":false,"errors":{"msg":"no"}}"#)));
+    for n in 0..55 {
+        let (status, _) = app.send(&format!("10668354366910{n:02}"), text(&format!("message {n}"))).await;
+        assert_eq!(status, 200);
+    }
+    app.settle().await;
+    let (http, base) = (no_redirects(), format!("http://{}", app.addr));
+    let session = signed_in(&http, &base).await;
+
+    let (status, first) = page(&http, &base, &session, "/admin/dead-letters").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first.matches("<tr><td class=\"n\"><a href=\"/admin/job/").count(), 50);
+    assert!(first.contains("Redrive all 55 of default"), "the redrive button counts them all");
+    let next = first.split("rel=\"next\" href=\"").nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
+    let (_, second) = page(&http, &base, &session, &next).await;
+    assert_eq!(second.matches("<tr><td class=\"n\"><a href=\"/admin/job/").count(), 5);
+    assert!(!second.contains("rel=\"next\""), "the last page");
+    assert!(second.contains(">1</a>"), "the oldest, job 1, is on the last page");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_inbound_job_shows_the_bonychat_post_and_a_delivered_one_cannot_be_retried() {
+    let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
+    app.bonychat.script([Reply::status(422, r#"{"error":{"message":"contact blocked"}}"#)]);
+    let body = crate::helpers::webhook_message(PSID, "m_console_in", "hello from Messenger");
+    assert_eq!(app.post_webhook(body).await.status(), 200);
+    app.settle().await;
+    let dead = app.jobs(JobState::Dead).await;
+    assert_eq!(dead.len(), 1);
+    let (http, base) = (no_redirects(), format!("http://{}", app.addr));
+    let session = signed_in(&http, &base).await;
+
+    let (_, found) = page(&http, &base, &session, "/admin/search?q=m_console_in").await;
+    assert!(found.contains(&format!("/admin/job/{}", dead[0].id)), "found by its Messenger mid");
+    let (status, job) = page(&http, &base, &session, &format!("/admin/job/{}", dead[0].id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(job.contains("Messenger mid") && job.contains("BonyChat webhook post"), "{job}");
+    assert!(job.contains("&quot;channelId&quot;: &quot;"), "the post BonyChat is sent: {job}");
+    assert!(job.contains("<td class=\"n\">422</td>") && job.contains("contact blocked"), "{job}");
+
+    let csrf = hidden(&job, "csrf");
+    let retried = http
+        .post(format!("{base}/admin/job/{}/retry", dead[0].id))
+        .header("cookie", &session)
+        .form_of(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), StatusCode::SEE_OTHER);
+    app.settle().await;
+    let again = http
+        .post(format!("{base}/admin/job/{}/retry", dead[0].id))
+        .header("cookie", &session)
+        .form_of(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+    let refused = again.text().await.unwrap();
+    assert!(refused.contains("Not retried: job") && refused.contains("was already delivered"), "{refused}");
+    let (status, missing) = page(&http, &base, &session, "/admin/job/999999").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(missing.contains("There is no job 999999"));
     app.stop().await;
 }

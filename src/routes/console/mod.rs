@@ -162,10 +162,15 @@ async fn overview(State(state): State<AppState>, Extension(sessions): Guard, hea
         Ok(counts) => counts,
         Err(e) => return store_failed(&e),
     };
-    let mut queues: BTreeMap<(String, usize), QueueCounts> =
-        counts.into_iter().map(|(channel, direction, counts)| ((channel, direction.index()), counts)).collect();
-    // Every channel served is listed, idle or not.
-    for name in state.channels.current().names().iter() {
+    let directory = state.channels.current();
+    let served = |channel: &str| directory.channel(channel).is_some();
+    // Every channel served is listed, idle or not; one no longer served only while it has jobs.
+    let mut queues: BTreeMap<(String, usize), QueueCounts> = counts
+        .into_iter()
+        .filter(|(channel, _, c)| served(channel) || c.ready + c.delayed + c.in_flight + c.dead > 0)
+        .map(|(channel, direction, counts)| ((channel, direction.index()), counts))
+        .collect();
+    for name in directory.names().iter() {
         for direction in Direction::ALL {
             queues.entry((name.clone(), direction.index())).or_default();
         }
