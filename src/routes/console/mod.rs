@@ -111,6 +111,24 @@ fn operator(
     }
 }
 
+/// The operator of a page: extracted before the handler runs, or the answer instead (the
+/// sign-in form, to come back to this very page afterwards).
+struct SignedIn(Operator);
+
+impl axum::extract::FromRequestParts<AppState> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Response> {
+        let sessions = parts.extensions.get::<Arc<Sessions>>().cloned().expect("the console's layer adds its sessions");
+        let page = parts.uri.path_and_query().map_or("/admin/", |page| page.as_str()).to_owned();
+        operator(state, &sessions, &parts.headers, Some(&page)).map(SignedIn).map_err(|answer| *answer)
+    }
+}
+
+fn bad_query() -> Response {
+    refusal(StatusCode::BAD_REQUEST, "Bad address", "The page's address has a malformed query.")
+}
+
 /// A form's operator, whose CSRF token must be the session's.
 fn form_operator(
     state: &AppState,
@@ -152,11 +170,7 @@ fn store_failed(e: &StoreError) -> Response {
 }
 
 /// `GET /admin/`: every channel's queues, both directions.
-async fn overview(State(state): State<AppState>, Extension(sessions): Guard, headers: HeaderMap) -> Response {
-    let operator = match operator(&state, &sessions, &headers, Some("/admin/")) {
-        Ok(operator) => operator,
-        Err(answer) => return *answer,
-    };
+async fn overview(State(state): State<AppState>, SignedIn(operator): SignedIn) -> Response {
     let now = state.store.now();
     let counts = match state.store.queue_counts(now).await {
         Ok(counts) => counts,
@@ -200,17 +214,10 @@ struct DeadQuery {
 /// `GET /admin/dead-letters?channel=…&before=…`: the dead letters, newest first, a page at a time.
 async fn dead_letters(
     State(state): State<AppState>,
-    Extension(sessions): Guard,
-    headers: HeaderMap,
+    SignedIn(operator): SignedIn,
     query: Result<Query<DeadQuery>, QueryRejection>,
 ) -> Response {
-    let operator = match operator(&state, &sessions, &headers, Some("/admin/dead-letters")) {
-        Ok(operator) => operator,
-        Err(answer) => return *answer,
-    };
-    let Ok(Query(query)) = query else {
-        return refusal(StatusCode::BAD_REQUEST, "Bad address", "The page's address has a malformed query.");
-    };
+    let Ok(Query(query)) = query else { return bad_query() };
     let channel = query.channel.filter(|channel| !channel.is_empty());
     if channel.as_deref().is_some_and(|name| !is_channel_name(name)) {
         return refusal(StatusCode::BAD_REQUEST, "No such channel", "That is not a channel's name.");
@@ -299,17 +306,10 @@ struct SearchQuery {
 /// `GET /admin/search?q=…`: jobs by BonyChat `mId`, Messenger `mid` or contact id.
 async fn search(
     State(state): State<AppState>,
-    Extension(sessions): Guard,
-    headers: HeaderMap,
+    SignedIn(operator): SignedIn,
     query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Response {
-    let operator = match operator(&state, &sessions, &headers, Some("/admin/")) {
-        Ok(operator) => operator,
-        Err(answer) => return *answer,
-    };
-    let Ok(Query(query)) = query else {
-        return refusal(StatusCode::BAD_REQUEST, "Bad address", "The page's address has a malformed query.");
-    };
+    let Ok(Query(query)) = query else { return bad_query() };
     let csrf = operator.session.csrf();
     let term = query.q.trim();
     if term.is_empty() {
@@ -343,19 +343,10 @@ struct JobPageQuery {
 /// `GET /admin/job/{id}`: one job, what it carries and every attempt.
 async fn job(
     State(state): State<AppState>,
-    Extension(sessions): Guard,
-    headers: HeaderMap,
+    SignedIn(operator): SignedIn,
     id: Result<Path<i64>, PathRejection>,
     query: Result<Query<JobPageQuery>, QueryRejection>,
 ) -> Response {
-    let page = match &id {
-        Ok(Path(id)) => format!("/admin/job/{id}"),
-        Err(_) => "/admin/".to_owned(),
-    };
-    let operator = match operator(&state, &sessions, &headers, Some(&page)) {
-        Ok(operator) => operator,
-        Err(answer) => return *answer,
-    };
     let Ok(Path(id)) = id else { return refusal(StatusCode::NOT_FOUND, "No such job", "Job ids are numbers.") };
     let notice =
         query.ok().and_then(|Query(query)| query.retried).map(|_| Notice::Done("Queued again, due now.".into()));

@@ -16,12 +16,7 @@ pub fn page(title: &str, csrf: &str, notice: Option<&Notice>, body: Markup) -> M
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · bonychat-relay" }
-                link rel="stylesheet" href="/admin/console.css";
-            }
+            (head(title))
             body {
                 header {
                     nav {
@@ -51,17 +46,23 @@ pub fn page(title: &str, csrf: &str, notice: Option<&Notice>, body: Markup) -> M
     }
 }
 
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · bonychat-relay" }
+            link rel="stylesheet" href="/admin/console.css";
+        }
+    }
+}
+
 /// A page outside a session: sign-in and refusals.
 pub fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · bonychat-relay" }
-                link rel="stylesheet" href="/admin/console.css";
-            }
+            (head(title))
             body.bare { main { h1 { (title) } (body) } }
         }
     }
