@@ -1,6 +1,7 @@
 //! The README is exact: its Quick start's commands run as written (with `bash`, `curl` and
 //! `openssl`, against the compiled relay), each printing what the README shows under it; the
-//! `jobs list` table has the columns the README names.
+//! `jobs list` table has the columns the README names; and README.md and BENCHMARKS.md link to
+//! nothing that is not in the repository.
 //!
 //! How the Quick start is read: in each ```sh block of the section, a line that does not start
 //! with `#` begins a command (continued by a trailing `\` or an unclosed `'`), and the `# ` lines
@@ -20,7 +21,7 @@
 //! Commands that only read are run again for up to 10 s until they print what the README shows
 //! (a person typing them would see the relay's work done by then); the others run once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -456,4 +457,107 @@ async fn jobs_list_shows_every_column_the_readme_names_and_a_row_under_them() {
         }
     }
     assert!(next_attempt.ends_with(" UTC") && next_attempt.len() == 23, "{next_attempt}");
+}
+
+/// Every `*.md` file of the repository, `target/` and hidden directories left out.
+fn markdown_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == "target" {
+                continue;
+            }
+            if path.is_dir() {
+                walk(&path, found);
+            } else if name.ends_with(".md") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(Path::new(ROOT), &mut found);
+    found.sort();
+    found
+}
+
+/// The anchors GitHub gives the headings of `markdown` (code blocks left out): lower case,
+/// blanks as `-`, punctuation other than `-` and `_` dropped, `-1`, `-2` … after repeats.
+fn anchors(markdown: &str) -> Vec<String> {
+    let mut anchors: Vec<String> = Vec::new();
+    let mut in_code = false;
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        let Some(title) = line.strip_prefix('#').filter(|_| !in_code) else { continue };
+        let title = title.trim_start_matches('#');
+        if !title.starts_with(' ') {
+            continue;
+        }
+        let slug: String = title
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let repeats = anchors.iter().filter(|a| **a == slug || a.starts_with(&format!("{slug}-"))).count();
+        anchors.push(if repeats == 0 { slug } else { format!("{slug}-{repeats}") });
+    }
+    anchors
+}
+
+/// The targets of the Markdown links and images of `markdown`: `[text](target)`.
+fn link_targets(markdown: &str) -> Vec<String> {
+    markdown
+        .split("](")
+        .skip(1)
+        .filter_map(|after| after.split_once(')').map(|(target, _)| target.split_whitespace().next().unwrap_or("")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A link of the README or BENCHMARKS.md (or any Markdown file here) to a relative path must
+/// name a file of the repository, and an anchor a heading of its file; and no Markdown file
+/// sends the reader outside the repository (`../` past its root, `/work/…`).
+#[test]
+fn markdown_links_point_inside_the_repository() {
+    let root = Path::new(ROOT).canonicalize().unwrap();
+    let mut broken = Vec::new();
+    let files = markdown_files();
+    assert!(files.iter().any(|f| f.ends_with("README.md")) && files.iter().any(|f| f.ends_with("BENCHMARKS.md")));
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let name = file.strip_prefix(ROOT).unwrap().display().to_string();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').map_or((target.as_str(), None), |(p, a)| (p, Some(a)));
+            let linked = if path.is_empty() { file.clone() } else { file.parent().unwrap().join(path) };
+            match linked.canonicalize() {
+                Ok(found) if found.starts_with(&root) => {
+                    if let Some(anchor) = anchor.filter(|_| found.extension().is_some_and(|e| e == "md")) {
+                        let headings = anchors(&std::fs::read_to_string(&found).unwrap());
+                        if !headings.iter().any(|h| h == anchor) {
+                            broken.push(format!("{name}: {target}: no such heading"));
+                        }
+                    }
+                }
+                Ok(_) => broken.push(format!("{name}: {target}: outside the repository")),
+                Err(e) => broken.push(format!("{name}: {target}: {e}")),
+            }
+        }
+        for outside in ["../shared", "shared/reference", "/work/"] {
+            if text.contains(outside) {
+                broken.push(format!("{name}: names {outside:?}, outside the repository"));
+            }
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
