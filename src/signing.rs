@@ -1,7 +1,8 @@
 //! The two HMAC-SHA256 signatures of the relay's wire protocols.
 //!
 //! Both are computed over raw bytes, never over re-serialised JSON: JoinChat checks the exact
-//! body it received, and Meta signs the exact body it sent (PROTOCOLS.md B.2, D.3).
+//! body it received, and Meta signs the exact body it sent, `\u00e4` escapes and all (Meta's webhook
+//! documentation: the signature is computed over the raw payload, not the decoded one).
 
 use axum::body::Bytes;
 use base64::Engine;
@@ -124,7 +125,8 @@ pub(crate) mod tests_support {
 mod tests {
     use super::*;
 
-    /// PROTOCOLS.md D.3, B1: a captured Messenger body with `\u00e4`-style escapes, byte-exact.
+    /// B1: a Messenger body captured in `maciekmm/messenger-platform-go-sdk`'s tests, with
+    /// `\u00e4`-style escapes, byte-exact (`tests/api/fixtures/b1.json`).
     const B1: &[u8] = br#"{"object":"page","entry":[{"id":"1751036168465324","time":1460923697656,"messaging":[{"sender":{"id":"982337261802700"},"recipient":{"id":"1751036168465324"},"timestamp":1460923697635,"message":{"mid":"mid.1460923697625:5c96e8279b55505308","seq":614,"text":"Test \u00e4\u00eb\u00ef"}}]}]}"#;
     /// B2: the same with numeric ids.
     const B2: &[u8] = br#"{"object":"page","entry":[{"id":1751036168465324,"time":1460923697656,"messaging":[{"sender":{"id":982337261802700},"recipient":{"id":1751036168465324},"timestamp":1460923697635,"message":{"mid":"mid.1460923697625:5c96e8279b55505308","seq":614,"text":"Test \u00e4\u00eb\u00ef"}}]}]}"#;
@@ -222,7 +224,8 @@ mod tests {
         assert_eq!(verify(&hub_signature(b"new", B2)).unwrap_err(), SignatureError::Mismatch, "another body");
     }
 
-    /// PROTOCOLS.md D.3, V9: the JoinChat documentation's own request sample.
+    /// The JoinChat documentation's own request sample, signed with the secret `xxxxx` as its PHP
+    /// sample signs (base64 of the raw HMAC-SHA256); the value was computed independently.
     #[test]
     fn joinchat_signature_matches_test_vector_v9() {
         let body = br#"{"page_id":12345,"recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"},"tag":"ACCOUNT_UPDATE","delay":1}"#;

@@ -1,5 +1,6 @@
 //! Any `POST /message` body: parsing never panics, and a valid one translates into JoinChat
-//! requests within Messenger's limits (PROTOCOLS.md B.6) that serialize and read back.
+//! requests within Messenger's limits (Meta's Send API: texts of 640 characters, 1-3 buttons,
+//! 1-10 elements, titles of 20 and 80) that serialize and read back.
 
 #![no_main]
 

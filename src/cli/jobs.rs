@@ -120,23 +120,37 @@ async fn list(
         }
         return Ok(());
     }
-    println!(
-        "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  last error",
-        "id", "channel", "dir", "state", "attempts", "contact", "mId"
-    );
+    println!("{}", table_header());
     for job in &jobs {
-        let error = job.last_error.as_deref().unwrap_or("");
-        let error: String = error.chars().take(60).collect();
-        println!(
-            "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<20}  {:<34}  {error}",
-            job.id,
-            job.channel,
-            job.direction.as_str(),
-            job.state.as_str(),
-            job.attempts,
-            job.contact_id,
-            job.m_id
-        );
+        println!("{}", table_row(job));
     }
     Ok(())
+}
+
+/// The columns of `jobs list`'s table, as the README names them.
+fn table_header() -> String {
+    format!(
+        "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<23}  {:<20}  {:<34}  last error",
+        "id", "channel", "dir", "state", "attempts", "next attempt", "contact", "mId"
+    )
+}
+
+/// One job as a line of the table: `next attempt` only for a queued job (`-` for the others:
+/// nothing is tried again), the last error cut to 60 characters, no trailing blanks.
+fn table_row(job: &JobView) -> String {
+    let next_attempt =
+        if job.state == JobState::Queued { crate::routes::console::utc(job.next_attempt_at) } else { "-".to_owned() };
+    let error: String = job.last_error.as_deref().unwrap_or("").chars().take(60).collect();
+    let line = format!(
+        "{:>8}  {:<12}  {:<8}  {:<9}  {:>8}  {:<23}  {:<20}  {:<34}  {error}",
+        job.id,
+        job.channel,
+        job.direction.as_str(),
+        job.state.as_str(),
+        job.attempts,
+        next_attempt,
+        job.contact_id,
+        job.m_id
+    );
+    line.trim_end().to_owned()
 }

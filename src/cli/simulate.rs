@@ -135,7 +135,7 @@ fn simulate_settings(
     Ok((secret, config.joinchat.page_id.clone(), format!("/webhooks/messenger/{app}"), base))
 }
 
-/// A page envelope as Meta sends it (PROTOCOLS.md, `tests/api/fixtures/d2*.json`).
+/// A page envelope as Meta sends it (as the captured `tests/api/fixtures/d2*.json`).
 fn messenger_envelope(args: &SimulateMessenger, page_id: &str, now: i64) -> serde_json::Value {
     let mid = format!("m_simulated_{}", uuid::Uuid::new_v4().simple());
     let (sender, recipient) =

@@ -1,4 +1,4 @@
-//! What the relay posts to BonyChat's Webhook URL (SPEC §4.3, §4.4; PROTOCOLS.md A.2).
+//! What the relay posts to BonyChat's Webhook URL (SPEC §4.3, §4.4: a Custom Channel's webhook).
 //!
 //! `{"channelId", "contactId", "events": [...], "contact"?}`; field order is wire order.
 

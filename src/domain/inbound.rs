@@ -1,4 +1,5 @@
-//! Messenger page webhooks (PROTOCOLS.md B, D) and their translation into BonyChat events
+//! Messenger page webhooks (Meta's webhook envelope, as captured in `tests/api/fixtures/`) and
+//! their translation into BonyChat events
 //! (SPEC §4.2, §4.3).
 //!
 //! Parsing is tolerant, as real traffic requires: ids come as JSON strings or numbers,

@@ -1,4 +1,5 @@
-//! JoinChat Send API requests (PROTOCOLS.md C.1) and the translation of SPEC §3.3.
+//! JoinChat Send API requests (`send_message`, as JoinChat documents it) and the translation of
+//! SPEC §3.3.
 //!
 //! Field order in the structs is the order on the wire: JoinChat signs and checks the exact
 //! bytes, and a stable order keeps what we send reproducible.

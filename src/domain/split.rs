@@ -8,7 +8,8 @@
 
 use unicode_segmentation::UnicodeSegmentation;
 
-/// The longest text JoinChat takes in one message (PROTOCOLS.md C.1).
+/// The longest text JoinChat takes in one message (its Send API documentation: 640 characters
+/// for a `text` or the text of a `button` template).
 pub const JOINCHAT_TEXT_LIMIT: usize = 640;
 
 /// Splits `text` into parts of at most `max_chars` characters. The parts are slices of `text`,

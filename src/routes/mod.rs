@@ -2,7 +2,7 @@
 //! the stand-ins of `RELAY_SANDBOX` ([`sandbox`]) included.
 
 mod admin;
-mod console;
+pub(crate) mod console;
 mod health;
 pub mod limits;
 mod message;

@@ -176,7 +176,8 @@ async fn default_bonychat_events(state: State<Arc<Sandbox>>) -> Result<Response,
 }
 
 /// JoinChat's `send_message`: checks `x-joinchat-signature` over the raw body and answers in
-/// JoinChat's shapes (PROTOCOLS.md). A body containing [`REJECT_MARKER`] is refused with 400.
+/// JoinChat's shapes (`{"success":…}`, errors in `errors.msg`). A body containing
+/// [`REJECT_MARKER`] is refused with 400.
 async fn joinchat_send_message(
     State(sandbox): State<Arc<Sandbox>>,
     Path(channel): Path<String>,

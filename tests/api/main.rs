@@ -23,6 +23,7 @@ mod ops_files;
 mod ordering_and_pacing;
 mod postgres;
 mod queue_safety;
+mod readme;
 mod replica_clocks;
 mod replicas;
 mod rotation;

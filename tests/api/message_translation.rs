@@ -193,8 +193,9 @@ async fn four_to_ten_quick_replies_become_a_text_then_cards_of_three_buttons() {
 
 #[tokio::test]
 async fn the_stand_in_checks_signatures_like_the_joinchat_documentation() {
-    // PROTOCOLS.md D.3, V9: the stand-in's own HMAC code reproduces the published vector,
-    // so a signature it accepts is one JoinChat would accept.
+    // The JoinChat documentation's request sample signed with `xxxxx` as its PHP sample signs
+    // (the value computed independently): the stand-in's own HMAC code agrees, so a signature it
+    // accepts is one JoinChat would accept.
     let body = br#"{"page_id":12345,"recipient":{"id":"123456"},"message":{"template_type":"text","text":"Hello World"},"tag":"ACCOUNT_UPDATE","delay":1}"#;
     assert_eq!(crate::helpers::expected_signature("xxxxx", body), "pjxfCwQlwtXvvMRKAPy5T16qFq9qBYc3CEWjI45M3mo=");
 }

@@ -181,7 +181,8 @@ mod signatures {
         app.stop().await;
     }
 
-    /// PROTOCOLS.md D.3 V6 and V7: published signatures over the captured bodies B1 and B2.
+    /// SHA-256 signatures, computed independently, over the bodies B1 and B2 captured in public
+    /// SDK tests (`tests/api/fixtures/`), whose SHA-1 signatures those tests publish.
     #[tokio::test]
     async fn vectors_v6_and_v7_are_accepted_and_their_message_forwarded() {
         let app = spawn_app_with(&[("JOINCHAT_PAGE_ID", "1751036168465324")]).await;
@@ -505,7 +506,7 @@ mod translation {
     }
 }
 
-/// The Meta documentation samples of PROTOCOLS.md D.1 and the echo samples of seed 001, with
+/// The webhook samples of Meta's Messenger Platform documentation, echoes included, with
 /// their placeholders filled in (`<PSID>`, `<PAGE_ID>`, …) and their JSON mended where the
 /// documentation's is invalid (trailing commas, `<APPID>`, `...`).
 mod documentation_samples {

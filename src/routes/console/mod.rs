@@ -23,6 +23,8 @@ use axum::routing::{get, post};
 use maud::{Markup, html};
 use serde::Deserialize;
 
+/// `2026-12-02 10:15:03 UTC`: the console's times, also `jobs list`'s.
+pub(crate) use self::pages::utc;
 use self::pages::{Notice, QueueRow};
 use self::session::{SESSION_COOKIE, SESSION_LIFETIME, SIGN_IN_COOKIE, Session, Sessions};
 use super::AppState;
