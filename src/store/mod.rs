@@ -510,10 +510,7 @@ pub trait Store: Send + Sync {
     fn record_progress(&self, lease: Lease, progress: u32, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Records how the attempt under `lease` ended and releases it; a [`StoreError::Conflict`]
-    /// (nothing written) when the lease was claimed by someone since. It may return once the
-    /// outcome is in order, before it is durable: every store call made after it sees it (the
-    /// job's next claim, its contact's next job, an admin read), and a crash before it is
-    /// durable only means the job is attempted again.
+    /// (nothing written) when the lease was claimed by someone since.
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>>;
 
     /// Queues the `failed` receipt of outbound message `m_id` to `contact` of `channel` (when

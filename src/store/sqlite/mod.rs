@@ -67,9 +67,6 @@ pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_ADMISSION: Duration = Duration::from_secs(2);
 /// A batch running longer than this means a stalled disk: not ready.
 const STALLED_AFTER: Duration = Duration::from_secs(2);
-/// How long an admin read waits for the writer to commit what came before it: past it (a stalled
-/// disk), it reads what is committed, so a listing never hangs on the disk.
-const READ_BARRIER_WAIT: Duration = Duration::from_millis(500);
 
 /// How the store was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,14 +240,6 @@ impl SqliteStore {
         })
     }
 
-    /// Waits until everything handed to the writer before this call is committed (or
-    /// `READ_BARRIER_WAIT` passed, as with a stalled disk): what an admin read shows is then
-    /// true of every outcome already answered in order (see `finish`).
-    async fn barrier(&self) {
-        let committed = self.run_in(false, |_| Ok(()));
-        let _ = tokio::time::timeout(READ_BARRIER_WAIT, committed).await;
-    }
-
     /// Runs the read-only `f` on the reader connection, off the async runtime's threads.
     fn read<T, F>(&self, f: F) -> BoxFuture<'_, StoreResult<T>>
     where
@@ -408,7 +397,7 @@ where
             let _ = tx.send(Err(StoreError::Unavailable(reason)));
         }
     });
-    (Op { work, admission, refuse, careful, _bytes: bytes, in_order: false }, rx)
+    (Op { work, admission, refuse, careful, _bytes: bytes }, rx)
 }
 
 struct AbandonOnDrop(Arc<AtomicU8>);
@@ -479,7 +468,7 @@ fn unawaited_op(
         let answer: Answer = Box::new(move |committed| then(result.map_err(|e| e.to_string()).and(committed)));
         (ok, answer)
     });
-    Op { work, admission: None, refuse: Box::new(|_| {}), careful: false, _bytes: None, in_order: false }
+    Op { work, admission: None, refuse: Box::new(|_| {}), careful: false, _bytes: None }
 }
 
 /// The statement of [`Store::find`] for `query`, and its values: only the filters given, so
@@ -714,23 +703,8 @@ impl Store for SqliteStore {
     fn finish(&self, lease: Lease, finish: Finish, now: i64) -> BoxFuture<'_, StoreResult<()>> {
         // One UPDATE of the job's row; a receipt it owes (rare) is the careful part, and a
         // failure there fails the batch rather than leave half of it.
-        // Answered once in order, not once committed: the next operation of anyone (a claim, an
-        // admin read behind `barrier`) sees it, and a waiting `/message` answers without a
-        // second fsync. A crash before the commit loses it: the job is attempted again, as it
-        // would be had the crash come a moment before the outcome (at-least-once). Every later
-        // send to the contact waits for a commit of its own first (its claim is answered once
-        // committed), so no crash can reorder a contact's messages.
-        let (mut op, answered) = op(
-            false,
-            move |ctx| run_rule(rules::finish(&mut SqliteTx { ctx, owner: None }, lease, &finish, now)),
-            None,
-            None,
-        );
-        op.in_order = true;
-        let settled: BoxFuture<'_, StoreResult<rules::Settled>> = Box::pin(async move {
-            self.ops.send(op).await.map_err(|_| Self::stopped())?;
-            answered.await.map_err(|_| Self::stopped())?
-        });
+        let settled = self
+            .run_in(false, move |ctx| run_rule(rules::finish(&mut SqliteTx { ctx, owner: None }, lease, &finish, now)));
         Box::pin(async move {
             let settled = settled.await?;
             // Only new claimable work wakes the workers: the contact's next job, the job itself
@@ -764,7 +738,7 @@ impl Store for SqliteStore {
 
     fn find(&self, query: JobQuery) -> BoxFuture<'_, StoreResult<Vec<Job>>> {
         let queues = Arc::clone(&self.queues);
-        let read = self.read(move |conn| {
+        self.read(move |conn| {
             let now = now_millis();
             let (sql, values) = find_sql(&query);
             let rows: Vec<RawJob> = conn
@@ -778,16 +752,12 @@ impl Store for SqliteStore {
                     row.with_lease(held, now).into_job()
                 })
                 .collect()
-        });
-        Box::pin(async move {
-            self.barrier().await;
-            read.await
         })
     }
 
     fn job_history(&self, id: i64) -> BoxFuture<'_, StoreResult<Option<JobHistory>>> {
         let queues = Arc::clone(&self.queues);
-        let read = self.read(move |conn| {
+        self.read(move |conn| {
             let row = conn
                 .prepare_cached(&format!("SELECT {} FROM jobs j WHERE j.id = ?1", tx::JOB_COLUMNS))?
                 .query_row([id], RawJob::from_row)
@@ -810,10 +780,6 @@ impl Store for SqliteStore {
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             Ok(Some(JobHistory { job, attempts }))
-        });
-        Box::pin(async move {
-            self.barrier().await;
-            read.await
         })
     }
 

@@ -38,10 +38,6 @@ pub(super) struct Op {
     pub careful: bool,
     /// The payload bytes this operation holds in the queue, given back once it is done.
     pub _bytes: Option<OwnedSemaphorePermit>,
-    /// Answered as soon as it succeeded, before its batch commits: for an outcome whose caller
-    /// needs it in order, not on disk (see `SqliteStore::finish`). A commit that fails after
-    /// undoes it like any other, unheard.
-    pub in_order: bool,
 }
 
 /// What an operation works with: the connection inside the batch's transaction, and the
@@ -219,11 +215,7 @@ impl Writer {
                 };
                 let (ok, answer) = (op.work)(&mut ctx);
                 let (in_savepoint, wrote) = (ctx.in_savepoint, ctx.wrote);
-                if ok && op.in_order {
-                    answer(Ok(()));
-                } else {
-                    answers.push(answer);
-                }
+                answers.push(answer);
                 if ok {
                     if in_savepoint {
                         conn.prepare_cached("RELEASE op")?.execute([])?;
