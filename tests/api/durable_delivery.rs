@@ -383,3 +383,21 @@ mod command_line {
         app.stop().await;
     }
 }
+
+/// What an operator reads right after a 200 is the truth: the message is delivered, not still
+/// queued or in flight (the 200 comes once its outcome is committed).
+#[tokio::test]
+async fn an_admin_read_right_after_a_200_shows_the_message_delivered() {
+    let app = spawn_app_with(&[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN), ("JOINCHAT_ORDER_GAP_SECS", "0")]).await;
+    for n in 0..40 {
+        let (status, sent) = app.send(PSID, text(&format!("message {n}"))).await;
+        assert_eq!(status, 200);
+        let m_id = sent["mId"].as_str().unwrap();
+        let path = "/admin/jobs?state=delivered&limit=1";
+        let (status, listed) = admin(&app, reqwest::Method::GET, path, Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 200);
+        assert_eq!(listed["jobs"][0]["mId"], m_id, "message {n}: {listed}");
+        assert_eq!(listed["jobs"][0]["inFlight"], false, "message {n}");
+    }
+    app.stop().await;
+}
