@@ -8,6 +8,7 @@ mod contact_profiles;
 mod crash;
 mod database_away;
 mod durable_delivery;
+mod first_day;
 mod healthcheck;
 mod helpers;
 mod hostile_clients;
