@@ -755,7 +755,38 @@ fn http_url(raw: &str) -> Result<Url, String> {
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(format!("`{shown}` is not an http(s) URL"));
     }
+    refuse_example_url(&url, &shown)?;
     Ok(url)
+}
+
+/// Host names reserved for documentation (RFC 2606, RFC 6761): `example`, `example.com`,
+/// `example.net`, `example.org`, and every name under them. No upstream or database answers
+/// there, so a URL naming one is an example value left in (`config/example.env`'s
+/// `app.bonychat.example`), never a real one.
+fn is_documentation_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    ["example", "example.com", "example.net", "example.org"]
+        .iter()
+        .any(|reserved| host == *reserved || host.strip_suffix(reserved).is_some_and(|rest| rest.ends_with('.')))
+}
+
+/// Refuses a URL that is still an example: its host is reserved for documentation, or its
+/// password is a placeholder. `shown` is the URL as errors may show it (or only its host, for
+/// one that is a secret).
+fn refuse_example_url(url: &Url, shown: &str) -> Result<(), String> {
+    if let Some(host) = url.host_str().filter(|host| is_documentation_host(host)) {
+        return Err(format!(
+            "`{shown}` is still an example value: {host} is a name reserved for documentation (RFC 2606), where no \
+             server answers; set the real URL"
+        ));
+    }
+    if url.password().is_some_and(env::is_placeholder) {
+        return Err(format!(
+            "the password in `{}` is still a placeholder (change-me, as in the examples): replace it with the real one",
+            redact_userinfo(shown)
+        ));
+    }
+    Ok(())
 }
 
 /// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
@@ -827,6 +858,10 @@ fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
         return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
     }
     if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        // The URL is a secret: a refusal shows its host at most.
+        if let Ok(url) = Url::parse(raw) {
+            refuse_example_url(&url, &format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")))?;
+        }
         return Ok(DatabaseUrl::Postgres(Secret::new(raw)));
     }
     Err("must start with sqlite:// or postgres://".into())
@@ -840,7 +875,7 @@ mod tests {
         vec![
             ("BONYCHAT_CHANNEL_ID", "gfd8g7fd89dgfd"),
             ("BONYCHAT_API_TOKEN", "bony-token"),
-            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.test/custom/channel/webhook/"),
             ("JOINCHAT_PAGE_ID", "510249619162304"),
             ("JOINCHAT_API_SECRET", "join-secret"),
             ("MESSENGER_APP_SECRET", "app-secret"),
@@ -934,7 +969,7 @@ mod tests {
             ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
             ("RELAY_ADMIN_TOKEN", "admin-token"),
             ("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay"),
-            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.test/custom/channel/webhook/"),
         ]);
         let debug = format!("{:?}", Config::from_env(&env).unwrap());
         for secret in [
@@ -961,6 +996,54 @@ mod tests {
         );
         assert!(parse_database_url("sqlite://").is_err());
         assert!(matches!(parse_database_url("postgresql://db/relay"), Ok(DatabaseUrl::Postgres(_))));
+    }
+
+    #[test]
+    fn placeholders_of_the_example_files_are_refused_like_a_blank_value_naming_the_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("BONYCHAT_API_TOKEN", "change-me-bonychat-api-token"),
+            ("JOINCHAT_API_SECRET", "CHANGE_ME"),
+            ("MESSENGER_APP_SECRET", "changeme"),
+            ("BONYCHAT_CHANNEL_ID", "change-me-channel-id"),
+            ("JOINCHAT_PAGE_ID", "change-me-page-id"),
+            ("RELAY_ADMIN_TOKEN", "change-me"),
+            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.example/custom/channel/webhook/"),
+            ("JOINCHAT_API_URL", "https://joinchat.example.com/api/send_message"),
+            ("MESSENGER_GRAPH_URL", "https://graph.EXAMPLE.org./v21.0"),
+            ("RELAY_DATABASE_URL", "postgres://relay:change-me@db.internal:5432/relay"),
+            ("RELAY_DATABASE_URL", "postgres://relay:s3cret@postgres.example:5432/relay"),
+        ];
+        for (var, value) in cases {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{value}: {err}");
+            assert!(err.problem.contains("placeholder") || err.problem.contains("example value"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        // What only looks alike is a value like any other.
+        for (var, value) in [
+            ("BONYCHAT_API_TOKEN", "change-meadow-tulip"),
+            ("JOINCHAT_API_SECRET", "exchange-me-not"),
+            ("BONYCHAT_WEBHOOK_URL", "https://example.bonychat.test/custom/channel/webhook/"),
+            ("JOINCHAT_API_URL", "https://myexample.com/api/send_message"),
+        ] {
+            assert!(Config::from_env(&with(&[(var, value)])).is_ok(), "{var}={value} is a real value");
+        }
+    }
+
+    #[test]
+    fn a_placeholder_in_a_secret_file_is_refused_naming_the_file_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "change-me-bonychat-api-token\n").unwrap();
+        let path: &'static str = Box::leak(file.to_str().unwrap().to_owned().into_boxed_str());
+        let mut vars = required();
+        vars.retain(|(k, _)| *k != "BONYCHAT_API_TOKEN");
+        vars.push(("BONYCHAT_API_TOKEN_FILE", path));
+
+        let err = Config::from_env(&Env::from_pairs(vars)).unwrap_err();
+
+        assert_eq!(err.var, "BONYCHAT_API_TOKEN_FILE", "{err}");
+        assert!(err.problem.contains("placeholder"), "{err}");
     }
 
     #[test]
@@ -1150,7 +1233,7 @@ mod tests {
         let env = with(&[
             ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
             ("RELAY_ADMIN_TOKEN", "admin-token"),
-            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.test/custom/channel/webhook/"),
             ("RELAY_RETRY_JOINCHAT", "1500ms,2m"),
         ]);
         let effective = Config::from_env(&env).unwrap().effective();
@@ -1168,7 +1251,7 @@ mod tests {
             assert!(!text.contains(secret), "{secret} leaked into {text}");
         }
         assert_eq!(value("BONYCHAT_API_TOKEN"), Some("[redacted]"));
-        assert_eq!(value("BONYCHAT_WEBHOOK_URL"), Some("https://***@app.bonychat.example/custom/channel/webhook/"));
+        assert_eq!(value("BONYCHAT_WEBHOOK_URL"), Some("https://***@app.bonychat.test/custom/channel/webhook/"));
         assert_eq!(value("JOINCHAT_MESSAGE_TAG"), Some("(unset)"));
         assert_eq!(value("RELAY_RETRY_JOINCHAT"), Some("1500ms,2m"));
         assert_eq!(value("RELAY_RETENTION"), Some("7d"));

@@ -48,3 +48,62 @@ fn local_env_files_are_git_ignored_and_the_documented_ones_are_not() {
         assert_eq!(ignored, expected, "{path}: ignored is {ignored}, expected {expected}");
     }
 }
+
+const EXAMPLE_ENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.env");
+
+/// The variables `config/example.env` leaves for the operator to fill in: a value starting with
+/// `change-me`, or a URL on a host reserved for examples.
+pub fn example_env_placeholders() -> Vec<String> {
+    std::fs::read_to_string(EXAMPLE_ENV)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .filter(|(_, value)| value.starts_with("change-me") || value.contains(".example/"))
+        .map(|(name, _)| name.to_owned())
+        .collect()
+}
+
+/// A value an operator could put in place of `name`'s placeholder.
+pub fn made_up(name: &str) -> String {
+    match name {
+        "JOINCHAT_PAGE_ID" => "100000000000001".to_owned(),
+        name if name.ends_with("_URL") => "http://127.0.0.1:9/made-up".to_owned(),
+        name => format!("made-up-{}", name.to_ascii_lowercase()),
+    }
+}
+
+/// `check-config` with `config/example.env`, the environment overriding `vars`.
+async fn check_example_env(vars: &[(String, String)]) -> (Option<i32>, String, String) {
+    crate::binary::run_binary(vars, &["--env-file", EXAMPLE_ENV, "check-config"]).await
+}
+
+#[tokio::test]
+async fn the_example_env_file_as_shipped_is_refused_naming_a_placeholder_and_each_one_left_is_named() {
+    let placeholders = example_env_placeholders();
+    for expected in ["BONYCHAT_API_TOKEN", "JOINCHAT_API_SECRET", "BONYCHAT_WEBHOOK_URL", "BONYCHAT_CHANNEL_ID"] {
+        assert!(placeholders.iter().any(|name| name == expected), "{expected} in {placeholders:?}");
+    }
+
+    let (code, stdout, stderr) = check_example_env(&[]).await;
+    assert_eq!(code, Some(2), "as shipped, the example does not pass: {stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        placeholders.iter().any(|name| stderr.starts_with(&format!("bonychat-relay: configuration error: {name}: "))),
+        "names one of the placeholders: {stderr}"
+    );
+
+    for left in &placeholders {
+        let filled: Vec<(String, String)> =
+            placeholders.iter().filter(|name| *name != left).map(|name| (name.clone(), made_up(name))).collect();
+        let (code, _, stderr) = check_example_env(&filled).await;
+        assert_eq!(code, Some(2), "{left} left as the example has it: {stderr}");
+        assert!(stderr.starts_with(&format!("bonychat-relay: configuration error: {left}: ")), "{stderr}");
+        assert!(stderr.contains("placeholder") || stderr.contains("example value"), "{stderr}");
+        assert!(!stderr.contains("change-me-"), "the value is not quoted back: {stderr}");
+    }
+
+    let every: Vec<(String, String)> = placeholders.iter().map(|name| (name.clone(), made_up(name))).collect();
+    let (code, _, stderr) = check_example_env(&every).await;
+    assert_eq!(code, Some(0), "every placeholder replaced, it passes: {stderr}");
+}
