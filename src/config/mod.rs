@@ -176,6 +176,41 @@ pub enum DatabaseUrl {
     Postgres(Secret),
 }
 
+impl DatabaseUrl {
+    /// Which store this is, as the start log line and `check-config` show it: a SQLite file by its
+    /// absolute path (a relative one resolved against the working directory, so the operator sees
+    /// which file it is), a Postgres database by its URL without the password (nor any query
+    /// parameter that may hold one).
+    pub fn shown(&self) -> String {
+        match self {
+            Self::Sqlite(path) => {
+                let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                format!("sqlite://{}", absolute.display())
+            }
+            Self::Postgres(url) => match Url::parse(url.expose()) {
+                Ok(parsed) => {
+                    let mut shown = parsed.clone();
+                    let _ = shown.set_password(None);
+                    shown.set_query(None);
+                    let kept: Vec<(String, String)> = parsed
+                        .query_pairs()
+                        .map(|(name, value)| {
+                            let value =
+                                if is_secret_parameter(&name) { REDACTED.to_owned() } else { value.into_owned() };
+                            (name.into_owned(), value)
+                        })
+                        .collect();
+                    if !kept.is_empty() {
+                        shown.query_pairs_mut().extend_pairs(kept);
+                    }
+                    shown.to_string()
+                }
+                Err(_) => format!("postgres://{REDACTED}"),
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -365,7 +400,7 @@ impl Config {
         let secret = |s: Option<&Secret>| s.map_or_else(unset, |_| REDACTED.to_owned());
         let previous = |s: Option<&Rotating>| secret(s.and_then(|s| s.previous.as_ref()));
         let current = |s: Option<&Rotating>| secret(s.map(|s| &s.current));
-        let url = |e: &Endpoint| redact_userinfo(e.url().as_str()).into_owned();
+        let url = Endpoint::shown;
         let ms = |d: Duration| d.as_millis().to_string();
         let secs = |d: Duration| d.as_secs().to_string();
         let list = |ds: &[Duration]| ds.iter().map(|d| format_duration(*d)).collect::<Vec<_>>().join(",");
@@ -405,7 +440,9 @@ impl Config {
             (
                 "RELAY_DATABASE_URL".into(),
                 match &store.database_url {
-                    DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+                    // The file it is, wherever check-config runs from: a relative path is
+                    // resolved against the working directory, as the relay resolves it.
+                    sqlite @ DatabaseUrl::Sqlite(_) => sqlite.shown(),
                     // Query parameters may carry the password too: nothing of it is shown.
                     DatabaseUrl::Postgres(_) => format!("postgres://{REDACTED}"),
                 },
@@ -789,6 +826,39 @@ fn refuse_example_url(url: &Url, shown: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Query parameters whose value may be a credential (`access_token`, `api_key`, `password`,
+/// `sig`…): their values are never shown. Erring on the side of hiding: a parameter hidden
+/// needlessly costs nothing.
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["token", "secret", "pass", "pwd", "key", "sig", "auth", "credential", "code"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// `url` as logs and `check-config` show it: any `user:password@` replaced by `***@` and the
+/// value of each query parameter that may be a credential by `[redacted]`, the rest as it is
+/// (a log line saying where a request went must not say with which key).
+pub fn shown_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        // Never fails for the http(s) and postgres URLs this is given, which have a host.
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("***");
+    }
+    if shown.query().is_some() {
+        let pairs: Vec<(String, String)> = shown
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if is_secret_parameter(&name) { REDACTED.to_owned() } else { value.into_owned() };
+                (name.into_owned(), value)
+            })
+            .collect();
+        shown.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    shown.to_string()
+}
+
 /// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
 /// `***`. Errs on the side of hiding: a malformed URL may hold an unencoded password with a `/`
 /// in it, so the last `@` anywhere counts, not only the one inside a well-formed authority.
@@ -815,9 +885,16 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The URL with its credentials hidden ([`shown_url`]): for logs and `check-config`.
+    pub fn shown(&self) -> String {
+        shown_url(&self.0)
+    }
+}
+
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", redact_userinfo(self.0.as_str()))
+        write!(f, "{:?}", self.shown())
     }
 }
 
@@ -851,11 +928,8 @@ fn parse_recipient_field(raw: &str) -> Result<RecipientField, String> {
 /// `sqlite://data/relay.db` (relative), `sqlite:///var/lib/relay.db` (absolute) or `postgres://…`.
 fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
     let raw = raw.trim();
-    if let Some(path) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) {
-        if path.is_empty() {
-            return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
-        }
-        return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+    if let Some(rest) = raw.strip_prefix("sqlite:") {
+        return sqlite_path(raw, rest).map(DatabaseUrl::Sqlite);
     }
     if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
         // The URL is a secret: a refusal shows its host at most.
@@ -865,6 +939,59 @@ fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
         return Ok(DatabaseUrl::Postgres(Secret::new(raw)));
     }
     Err("must start with sqlite:// or postgres://".into())
+}
+
+/// The top-level directories of the Filesystem Hierarchy Standard: a relative SQLite path
+/// starting with one (`sqlite://var/lib/relay.db`) is an absolute path that lost a slash.
+const ROOT_DIRECTORIES: &[&str] = &[
+    "bin", "boot", "dev", "etc", "home", "lib", "media", "mnt", "opt", "proc", "root", "run", "srv", "sys", "tmp",
+    "usr", "var",
+];
+
+/// The file of a `sqlite:` URL: `sqlite://PATH` is relative to the working directory,
+/// `sqlite:///PATH` absolute. A form that another tool reads as another file is refused, since
+/// the relay would create a new, empty store there without a word: the queued jobs would seem
+/// gone, and a second relay could run on the real store.
+fn sqlite_path(raw: &str, after_scheme: &str) -> Result<PathBuf, String> {
+    let forms = "write sqlite:///PATH for an absolute path (sqlite:///var/lib/bonychat-relay/relay.db), or \
+                 sqlite://PATH for one relative to the working directory (sqlite://data/relay.db)";
+    let Some(path) = after_scheme.strip_prefix("//") else {
+        // sqlx reads `sqlite:x` as relative and `sqlite:/x` as absolute, other tools otherwise,
+        // and either may be a slash lost from the other form: one spelling only.
+        return Err(format!("`{raw}` is neither form of a sqlite URL: {forms}"));
+    };
+    if path.is_empty() {
+        return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
+    }
+    if path.starts_with("//") {
+        return Err(format!(
+            "`{raw}` has four slashes (SQLAlchemy's absolute form, where sqlite:/// is a relative path): here \
+             sqlite:/// is already absolute; {forms}"
+        ));
+    }
+    if path.contains('?') {
+        return Err(format!(
+            "`{raw}` carries parameters (`?…`): the relay takes none, and the file would be named with them; {forms}"
+        ));
+    }
+    if path == "~" || path.starts_with("~/") {
+        return Err(format!("`{raw}`: `~` is not expanded (it would be a directory named ~): {forms}"));
+    }
+    let first = path.split('/').next().unwrap_or("");
+    if first.eq_ignore_ascii_case("localhost") {
+        return Err(format!(
+            "`{raw}` names a host, as file:// URLs may: here it would be a directory named {first} under the \
+             working directory; {forms}"
+        ));
+    }
+    if !path.starts_with('/') && ROOT_DIRECTORIES.contains(&first) {
+        return Err(format!(
+            "`{raw}` is relative to the working directory, yet reads like /{path} with a slash lost: write \
+             sqlite:///{path} for that file, or sqlite://./{path} for a directory {first} under the working \
+             directory"
+        ));
+    }
+    Ok(PathBuf::from(path))
 }
 
 #[cfg(test)]
@@ -996,6 +1123,58 @@ mod tests {
         );
         assert!(parse_database_url("sqlite://").is_err());
         assert!(matches!(parse_database_url("postgresql://db/relay"), Ok(DatabaseUrl::Postgres(_))));
+        assert_eq!(parse_database_url("sqlite://./var/relay.db"), Ok(DatabaseUrl::Sqlite("./var/relay.db".into())));
+        assert_eq!(parse_database_url("sqlite://relay.db"), Ok(DatabaseUrl::Sqlite("relay.db".into())));
+    }
+
+    #[test]
+    fn sqlite_urls_another_tool_reads_as_another_file_are_refused_saying_which_form_to_write() {
+        for (raw, says) in [
+            ("sqlite:data/relay.db", "neither form"),
+            ("sqlite:/var/lib/relay.db", "neither form"),
+            ("sqlite:////var/lib/relay.db", "four slashes"),
+            ("sqlite://localhost/var/lib/relay.db", "names a host"),
+            ("sqlite://var/lib/relay.db", "sqlite:///var/lib/relay.db for that file"),
+            ("sqlite://tmp/relay.db", "sqlite://./tmp/relay.db for a directory tmp"),
+            ("sqlite://~/relay.db", "`~` is not expanded"),
+            ("sqlite://data/relay.db?mode=rwc", "carries parameters"),
+        ] {
+            let err = Config::from_env(&with(&[("RELAY_DATABASE_URL", raw)])).unwrap_err();
+            assert_eq!(err.var, "RELAY_DATABASE_URL", "{raw}: {err}");
+            assert!(err.problem.contains(says), "{raw}: {err}");
+            assert!(err.problem.contains("sqlite:///"), "{raw}: names the absolute form: {err}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_shown_by_its_absolute_path_or_its_url_without_the_password() {
+        let cwd = std::env::current_dir().unwrap();
+        let relative = Config::from_env(&with(&[("RELAY_DATABASE_URL", "sqlite://data/relay.db")])).unwrap();
+        assert_eq!(relative.store.database_url.shown(), format!("sqlite://{}/data/relay.db", cwd.display()));
+        let effective = relative.effective();
+        let shown = effective.iter().find(|(name, _)| name == "RELAY_DATABASE_URL").map(|(_, v)| v.as_str());
+        assert_eq!(shown, Some(format!("sqlite://{}/data/relay.db", cwd.display()).as_str()), "check-config too");
+
+        let postgres = with(&[(
+            "RELAY_DATABASE_URL",
+            "postgres://relay:pa55word@db.internal:5432/relay?sslmode=require&password=pa55word",
+        )]);
+        let shown = Config::from_env(&postgres).unwrap().store.database_url.shown();
+        assert_eq!(shown, "postgres://relay@db.internal:5432/relay?sslmode=require&password=%5Bredacted%5D");
+    }
+
+    #[test]
+    fn shown_urls_hide_userinfo_and_credentials_in_the_query() {
+        let url = Url::parse(
+            "https://user:pa55@graph.test/v21.0/123?fields=first_name&access_token=EAAG&appsecret_proof=ab&sig=x",
+        )
+        .unwrap();
+        assert_eq!(
+            shown_url(&url),
+            "https://***@graph.test/v21.0/123?fields=first_name&access_token=%5Bredacted%5D&appsecret_proof=%5Bredacted%5D&sig=%5Bredacted%5D"
+        );
+        let plain = Url::parse("http://127.0.0.1:8080/api/send_message").unwrap();
+        assert_eq!(shown_url(&plain), "http://127.0.0.1:8080/api/send_message");
     }
 
     #[test]

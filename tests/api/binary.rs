@@ -56,7 +56,16 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts the binary with exactly `vars` (plus `args`) and waits until it listens.
     pub async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
-        let mut child = Command::new(BINARY)
+        Self::start_in(None, vars, args).await
+    }
+
+    /// [`Self::start`] with `dir` as the working directory (else the tests').
+    pub async fn start_in(dir: Option<&std::path::Path>, vars: &[(String, String)], args: &[&str]) -> Self {
+        let mut command = Command::new(BINARY);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(args)
             .env_clear()
             .envs(vars.iter().map(|(k, v)| (k, v)))

@@ -107,3 +107,76 @@ async fn the_example_env_file_as_shipped_is_refused_naming_a_placeholder_and_eac
     let (code, _, stderr) = check_example_env(&every).await;
     assert_eq!(code, Some(0), "every placeholder replaced, it passes: {stderr}");
 }
+
+/// The JSON log lines of a relay's output with `message`.
+pub fn lines_with(output: &[String], message: &str) -> Vec<serde_json::Value> {
+    output
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"].as_str().is_some_and(|m| m.starts_with(message)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_relative_sqlite_url_is_shown_as_the_absolute_file_it_opens_and_a_new_empty_store_is_announced() {
+    // The operator runs the relay from a directory of their own with example.env's relative URL.
+    let workdir = tempfile::tempdir().unwrap();
+    let workdir_path = std::fs::canonicalize(workdir.path()).unwrap();
+    let mut vars = crate::helpers::test_vars("http://127.0.0.1:9/api/send_message", workdir.path());
+    vars.retain(|(name, _)| name != "RELAY_DATABASE_URL");
+    vars.push(("RELAY_DATABASE_URL".into(), "sqlite://data/relay.db".into()));
+    crate::binary::json_logs(&mut vars);
+    let expected = format!("sqlite://{}/data/relay.db", workdir_path.display());
+
+    let first = crate::binary::RelayProcess::start_in(Some(&workdir_path), &vars, &[]).await;
+    let (_, first) = first.terminate().await;
+    let again = crate::binary::RelayProcess::start_in(Some(&workdir_path), &vars, &[]).await;
+    let (_, again) = again.terminate().await;
+    let (code, stdout, stderr) = {
+        let output = tokio::process::Command::new(crate::binary::BINARY)
+            .arg("check-config")
+            .current_dir(&workdir_path)
+            .env_clear()
+            .envs(vars.iter().cloned())
+            .output()
+            .await
+            .unwrap();
+        (output.status.code(), String::from_utf8(output.stdout).unwrap(), String::from_utf8(output.stderr).unwrap())
+    };
+
+    assert!(workdir_path.join("data/relay.db").is_file());
+    let listening = lines_with(&first, "relay listening");
+    assert_eq!(listening.len(), 1, "{first:?}");
+    assert_eq!(listening[0]["store"], expected.as_str(), "the start line names the file by its absolute path");
+    let created = lines_with(&first, "created a new, empty store");
+    assert_eq!(created.len(), 1, "{first:?}");
+    assert_eq!(created[0]["level"], "WARN");
+    assert_eq!(created[0]["store"], expected.as_str());
+    assert_eq!(lines_with(&again, "relay listening")[0]["store"], expected.as_str());
+    assert!(lines_with(&again, "created a new").is_empty(), "the second start opens the store it made: {again:?}");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.lines().any(|line| line == format!("RELAY_DATABASE_URL={expected}")), "check-config: {stdout}");
+}
+
+#[tokio::test]
+async fn a_sqlite_url_that_reads_like_another_file_stops_the_start_saying_which_form_to_write() {
+    let workdir = tempfile::tempdir().unwrap();
+    let mut vars = crate::helpers::test_vars("http://127.0.0.1:9/api/send_message", workdir.path());
+    vars.retain(|(name, _)| name != "RELAY_DATABASE_URL");
+    vars.push(("RELAY_DATABASE_URL".into(), "sqlite://var/lib/bonychat-relay/relay.db".into()));
+
+    let output = tokio::process::Command::new(crate::binary::BINARY)
+        .current_dir(workdir.path())
+        .env_clear()
+        .envs(vars.iter().cloned())
+        .output()
+        .await
+        .unwrap();
+
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("bonychat-relay: configuration error: RELAY_DATABASE_URL: "), "{stderr}");
+    assert!(stderr.contains("sqlite:///var/lib/bonychat-relay/relay.db for that file"), "{stderr}");
+    assert!(!workdir.path().join("var").exists(), "no store was created under the working directory");
+}

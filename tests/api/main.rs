@@ -20,6 +20,7 @@ mod message_requests;
 mod message_translation;
 mod messenger_webhook;
 mod metrics;
+mod operator_messages;
 mod ops_files;
 mod ordering_and_pacing;
 mod postgres;
