@@ -180,3 +180,24 @@ async fn a_sqlite_url_that_reads_like_another_file_stops_the_start_saying_which_
     assert!(stderr.contains("sqlite:///var/lib/bonychat-relay/relay.db for that file"), "{stderr}");
     assert!(!workdir.path().join("var").exists(), "no store was created under the working directory");
 }
+
+/// Pretty logs written to a pipe (a file, journald, a log shipper) carry no colour codes: the
+/// escape sequences would garble every line. A start that fails (the port is taken) after a
+/// warning (an unknown variable) writes both kinds of lines.
+#[tokio::test]
+async fn pretty_logs_written_to_a_pipe_carry_no_colour_codes() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = crate::helpers::test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    vars.retain(|(name, _)| name != "RELAY_ADDR");
+    vars.push(("RELAY_ADDR".into(), taken.local_addr().unwrap().to_string()));
+    vars.push(("RELAY_LOG_FORMAT".into(), "pretty".into()));
+    vars.push(("RELAY_ADRR".into(), "a typo, warned about".into()));
+
+    let (code, stdout, stderr) = crate::binary::run_binary(&vars, &[]).await;
+
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("WARN") && stdout.contains("RELAY_ADRR"), "the warning is logged: {stdout:?}");
+    assert!(stdout.contains("ERROR") && stdout.contains("cannot start"), "the failure is logged: {stdout:?}");
+    assert!(!stdout.contains('\u{1b}') && !stderr.contains('\u{1b}'), "no escape sequence: {stdout:?} {stderr:?}");
+}
