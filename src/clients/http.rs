@@ -58,7 +58,7 @@ pub fn transport_error(upstream: &str, e: &reqwest::Error) -> SendError {
     } else {
         format!("request to {upstream} failed: {}", root_cause(e))
     };
-    SendError::Transient { reason, retry_after: None }
+    SendError::Transient { reason, retry_after: None, status: None }
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -79,9 +79,9 @@ pub fn classify_failure(upstream: &str, status: StatusCode, retry_after: Option<
     };
     match status {
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
-            SendError::Transient { reason: answered, retry_after }
+            SendError::Transient { reason: answered, retry_after, status: Some(status.as_u16()) }
         }
-        s if s.is_server_error() => SendError::Transient { reason: answered, retry_after },
+        s if s.is_server_error() => SendError::Transient { reason: answered, retry_after, status: Some(s.as_u16()) },
         s if s.is_client_error() => {
             SendError::Permanent { reason: detail.unwrap_or(answered), status: Some(s.as_u16()) }
         }
@@ -158,6 +158,7 @@ pub fn unknown_credential(
              relay holds now, as when it was rotated there first (retried: the new value and SIGHUP let it through)"
         ),
         retry_after,
+        status: Some(status.as_u16()),
     }
 }
 
@@ -203,7 +204,8 @@ mod tests {
             classify_failure("JoinChat", StatusCode::SERVICE_UNAVAILABLE, None, br#"{"message":"maintenance"}"#),
             SendError::Transient {
                 reason: "JoinChat answered 503 Service Unavailable: maintenance".into(),
-                retry_after: None
+                retry_after: None,
+                status: Some(503)
             }
         );
     }
@@ -253,7 +255,7 @@ mod tests {
             None,
             br#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
         );
-        let SendError::Transient { reason, retry_after: None } = error else {
+        let SendError::Transient { reason, retry_after: None, status: Some(401) } = error else {
             panic!("retried, not rejected: {error:?}");
         };
         assert!(reason.starts_with("JoinChat answered 401 Unauthorized: signature mismatch; it took"), "{reason}");

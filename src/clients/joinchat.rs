@@ -112,6 +112,7 @@ pub fn classify(status: StatusCode, retry_after: Option<std::time::Duration>, an
         return Err(SendError::Throttled {
             reason: format!("JoinChat throttled the Page ({status}{said})"),
             retry_after,
+            status: Some(status.as_u16()),
         });
     }
     if !status.is_success() {

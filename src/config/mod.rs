@@ -191,18 +191,8 @@ impl DatabaseUrl {
                 Ok(parsed) => {
                     let mut shown = parsed.clone();
                     let _ = shown.set_password(None);
-                    shown.set_query(None);
-                    let kept: Vec<(String, String)> = parsed
-                        .query_pairs()
-                        .map(|(name, value)| {
-                            let value =
-                                if is_secret_parameter(&name) { REDACTED.to_owned() } else { value.into_owned() };
-                            (name.into_owned(), value)
-                        })
-                        .collect();
-                    if !kept.is_empty() {
-                        shown.query_pairs_mut().extend_pairs(kept);
-                    }
+                    let query = parsed.query().map(redact_query);
+                    shown.set_query(query.as_deref());
                     shown.to_string()
                 }
                 Err(_) => format!("postgres://{REDACTED}"),
@@ -846,17 +836,26 @@ pub fn shown_url(url: &Url) -> String {
         let _ = shown.set_password(None);
         let _ = shown.set_username("***");
     }
-    if shown.query().is_some() {
-        let pairs: Vec<(String, String)> = shown
-            .query_pairs()
-            .map(|(name, value)| {
-                let value = if is_secret_parameter(&name) { REDACTED.to_owned() } else { value.into_owned() };
-                (name.into_owned(), value)
-            })
-            .collect();
-        shown.query_pairs_mut().clear().extend_pairs(pairs);
-    }
+    let query = url.query().map(redact_query);
+    shown.set_query(query.as_deref());
     shown.to_string()
+}
+
+/// A query string with the value of each parameter that may be a credential replaced by
+/// `[redacted]`, the rest left exactly as written.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if url::form_urlencoded::parse(name.as_bytes()).any(|(name, _)| is_secret_parameter(&name)) =>
+            {
+                format!("{name}={REDACTED}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
@@ -1160,7 +1159,7 @@ mod tests {
             "postgres://relay:pa55word@db.internal:5432/relay?sslmode=require&password=pa55word",
         )]);
         let shown = Config::from_env(&postgres).unwrap().store.database_url.shown();
-        assert_eq!(shown, "postgres://relay@db.internal:5432/relay?sslmode=require&password=%5Bredacted%5D");
+        assert_eq!(shown, "postgres://relay@db.internal:5432/relay?sslmode=require&password=[redacted]");
     }
 
     #[test]
@@ -1171,7 +1170,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             shown_url(&url),
-            "https://***@graph.test/v21.0/123?fields=first_name&access_token=%5Bredacted%5D&appsecret_proof=%5Bredacted%5D&sig=%5Bredacted%5D"
+            "https://***@graph.test/v21.0/123?fields=first_name&access_token=[redacted]&appsecret_proof=[redacted]&sig=[redacted]"
         );
         let plain = Url::parse("http://127.0.0.1:8080/api/send_message").unwrap();
         assert_eq!(shown_url(&plain), "http://127.0.0.1:8080/api/send_message");

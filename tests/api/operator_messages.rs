@@ -49,3 +49,106 @@ async fn the_start_line_shows_a_postgres_store_without_its_password() {
     assert_eq!(listening[0]["store"], expected.as_str(), "{output:?}");
     assert!(!output.join("\n").contains("pa55word-not-shown"), "{output:?}");
 }
+
+/// Waits until the relay has written a log line with `message`, at most 20 s.
+async fn wait_for_line(relay: &RelayProcess, message: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while lines_with(&relay.output(), message).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no {message:?} line: {:?}", relay.output());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Each upstream refuses what the relay sends it (a JoinChat key, a BonyChat token, a Page
+/// token that are not the ones they take): each refusal is logged naming the upstream, the URL
+/// it went to with its credentials hidden (userinfo, and query parameters such as
+/// `access_token`), and the status it answered with. No credential appears in the logs.
+#[tokio::test]
+async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_credentials_and_the_status() {
+    use crate::helpers::{API_TOKEN, APP_SECRET, CHANNEL_ID, PAGE_TOKEN, PSID, StandIn, hub_signature, webhook_message};
+    let joinchat = StandIn::joinchat("the-key-joinchat-takes").await;
+    let bonychat = StandIn::bonychat("the-token-bonychat-takes").await;
+    let graph = StandIn::graph(PAGE_TOKEN).await;
+    // The URLs as an operator may write them: a proxy's credentials, a key in the query.
+    let with_credentials = |url: &str, query: &str| url.replacen("http://", "http://proxy-user:proxy-pa55@", 1) + query;
+    let joinchat_url = with_credentials(&joinchat.url, "?api_key=query-s3cret&region=eu");
+    let bonychat_url = with_credentials(&bonychat.url, "?token=hook-s3cret");
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat_url, data.path());
+    with(&mut vars, "BONYCHAT_WEBHOOK_URL", &bonychat_url);
+    with(&mut vars, "MESSENGER_GRAPH_URL", &graph.url);
+    with(&mut vars, "MESSENGER_PAGE_ACCESS_TOKEN", "not-the-page-token");
+    with(&mut vars, "MESSENGER_GRAPH_TIMEOUT_MS", "2000");
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = crate::helpers::http_client();
+
+    let message = http
+        .post(relay.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .json(&serde_json::json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": "hi"}}))
+        .send()
+        .await
+        .unwrap();
+    let body = webhook_message(PSID, "mid.refused", "hello");
+    let webhook = http
+        .post(relay.url("/webhooks/messenger"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", hub_signature(APP_SECRET, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    bonychat.wait_for(1).await;
+    wait_for_line(&relay, "job attempt").await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while lines_with(&relay.output(), "job attempt").len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", relay.output());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (_, output) = relay.terminate().await;
+
+    assert_eq!(message.status(), 400, "JoinChat refused the message");
+    assert_eq!(webhook.status(), 200);
+    let attempts = lines_with(&output, "job attempt");
+    let attempt_of = |direction: &str| {
+        attempts.iter().find(|line| line["direction"] == direction).unwrap_or_else(|| panic!("{output:?}")).clone()
+    };
+    let joinchat_port = url::Url::parse(&joinchat.url).unwrap().port().unwrap();
+    let outbound = attempt_of("outbound");
+    assert_eq!(outbound["level"], "WARN");
+    assert_eq!(outbound["outcome"], "rejected");
+    assert_eq!(outbound["upstream"], "JoinChat");
+    assert_eq!(
+        outbound["url"],
+        format!("http://***@127.0.0.1:{joinchat_port}/api/send_message?api_key=[redacted]&region=eu")
+    );
+    assert_eq!(outbound["status"], 401);
+    assert_eq!(outbound["reason"], "signature mismatch");
+
+    let bonychat_port = url::Url::parse(&bonychat.url).unwrap().port().unwrap();
+    let inbound = attempt_of("inbound");
+    assert_eq!(inbound["outcome"], "rejected");
+    assert_eq!(inbound["upstream"], "BonyChat");
+    assert_eq!(inbound["url"], format!("http://***@127.0.0.1:{bonychat_port}/custom/channel/webhook/?token=[redacted]"));
+    assert_eq!(inbound["status"], 401);
+
+    let graph_port = url::Url::parse(&graph.url).unwrap().port().unwrap();
+    let lookup = lines_with(&output, "profile look-up failed");
+    assert_eq!(lookup.len(), 1, "{output:?}");
+    assert_eq!(lookup[0]["level"], "WARN");
+    assert_eq!(lookup[0]["upstream"], "Graph API");
+    assert_eq!(
+        lookup[0]["url"],
+        format!(
+            "http://127.0.0.1:{graph_port}/v21.0/{PSID}?fields=first_name%2Clast_name%2Cprofile_pic%2Clocale%2Ctimezone&access_token=[redacted]"
+        )
+    );
+    assert_eq!(lookup[0]["status"], 400);
+    assert!(lookup[0]["reason"].as_str().unwrap().contains("Invalid OAuth access token"), "{:?}", lookup[0]);
+
+    let all = output.join("\n");
+    for secret in ["proxy-pa55", "query-s3cret", "hook-s3cret", "not-the-page-token", API_TOKEN] {
+        assert!(!all.contains(secret), "{secret} appears in the logs");
+    }
+}
