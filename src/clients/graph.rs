@@ -59,11 +59,14 @@ impl ProfileLookup for GraphProfiles {
                 let mut url = base.clone();
                 url.query_pairs_mut().append_pair("access_token", token.expose());
                 let sent = self.http.get(url).send();
+                let base = &base;
                 async move {
                     // The URL carries the token: errors are described without it.
-                    let response = sent.await.map_err(|e| e.without_url().to_string())?;
+                    let response = sent.await.map_err(|e| http::transport_reason(UPSTREAM, base, &e.without_url()))?;
                     let status = response.status();
-                    let answer = http::read_capped(response).await.map_err(|e| e.without_url().to_string())?;
+                    let answer = http::read_capped(response)
+                        .await
+                        .map_err(|e| http::transport_reason(UPSTREAM, base, &e.without_url()))?;
                     Ok::<_, String>((status, answer))
                 }
             };

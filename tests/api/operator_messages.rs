@@ -152,3 +152,53 @@ async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_crede
         assert!(!all.contains(secret), "{secret} appears in the logs");
     }
 }
+
+/// An `https://` URL pointed at a plain HTTP server (the port of a plain listener, or a scheme
+/// typed by habit): the attempt's error says so, and what to do, instead of rustls's "received
+/// corrupt message of type InvalidContentType". What `jobs list` shows as `lastError`.
+#[tokio::test]
+async fn an_https_url_at_a_plain_http_server_says_so_and_what_to_do() {
+    use crate::helpers::{JOINCHAT_SECRET, PSID, StandIn, spawn_app_with, text, webhook_message};
+    use bonychat_relay::store::{Direction, JobState};
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    let bonychat = StandIn::bonychat(crate::helpers::API_TOKEN).await;
+    let joinchat_https = joinchat.url.replacen("http://", "https://", 1) + "?access_token=t0ken";
+    let bonychat_https = bonychat.url.replacen("http://", "https://", 1);
+    let app = spawn_app_with(&[
+        ("JOINCHAT_API_URL", &joinchat_https),
+        ("BONYCHAT_WEBHOOK_URL", &bonychat_https),
+        ("RELAY_SEND_WAIT_MS", "500"),
+        ("RELAY_RETRY_JOINCHAT", "1h"),
+        ("RELAY_RETRY_BONYCHAT", "1h"),
+    ])
+    .await;
+
+    let (status, _) = app.send(PSID, text("over TLS?")).await;
+    let webhook = app.post_webhook(webhook_message(PSID, "mid.tls", "over TLS?")).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let failed = loop {
+        let queued = app.jobs(JobState::Queued).await;
+        if queued.len() == 2 && queued.iter().all(|job| job.last_error.is_some()) {
+            break queued;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{queued:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+
+    assert_eq!(status, 200, "queued, retried later");
+    assert_eq!(webhook.status(), 200);
+    let error_of = |direction: Direction| {
+        failed.iter().find(|job| job.direction == direction).and_then(|job| job.last_error.clone()).unwrap()
+    };
+    let joinchat_shown = joinchat_https.replace("t0ken", "[redacted]");
+    assert_eq!(
+        error_of(Direction::Outbound),
+        format!("JoinChat at {joinchat_shown} speaks plain HTTP, not TLS: use http:// or fix the port")
+    );
+    assert_eq!(
+        error_of(Direction::Inbound),
+        format!("BonyChat at {bonychat_https} speaks plain HTTP, not TLS: use http:// or fix the port")
+    );
+    assert!(joinchat.received().is_empty() && bonychat.received().is_empty(), "no request was understood");
+    app.stop().await;
+}
