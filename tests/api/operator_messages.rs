@@ -65,7 +65,9 @@ async fn wait_for_line(relay: &RelayProcess, message: &str) {
 /// `access_token`), and the status it answered with. No credential appears in the logs.
 #[tokio::test]
 async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_credentials_and_the_status() {
-    use crate::helpers::{API_TOKEN, APP_SECRET, CHANNEL_ID, PAGE_TOKEN, PSID, StandIn, hub_signature, webhook_message};
+    use crate::helpers::{
+        API_TOKEN, APP_SECRET, CHANNEL_ID, PAGE_TOKEN, PSID, StandIn, hub_signature, webhook_message,
+    };
     let joinchat = StandIn::joinchat("the-key-joinchat-takes").await;
     let bonychat = StandIn::bonychat("the-token-bonychat-takes").await;
     let graph = StandIn::graph(PAGE_TOKEN).await;
@@ -86,7 +88,9 @@ async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_crede
     let message = http
         .post(relay.url("/message"))
         .bearer_auth(API_TOKEN)
-        .json(&serde_json::json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": "hi"}}))
+        .json(
+            &serde_json::json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": "hi"}}),
+        )
         .send()
         .await
         .unwrap();
@@ -130,7 +134,10 @@ async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_crede
     let inbound = attempt_of("inbound");
     assert_eq!(inbound["outcome"], "rejected");
     assert_eq!(inbound["upstream"], "BonyChat");
-    assert_eq!(inbound["url"], format!("http://***@127.0.0.1:{bonychat_port}/custom/channel/webhook/?token=[redacted]"));
+    assert_eq!(
+        inbound["url"],
+        format!("http://***@127.0.0.1:{bonychat_port}/custom/channel/webhook/?token=[redacted]")
+    );
     assert_eq!(inbound["status"], 401);
 
     let graph_port = url::Url::parse(&graph.url).unwrap().port().unwrap();
@@ -201,4 +208,72 @@ async fn an_https_url_at_a_plain_http_server_says_so_and_what_to_do() {
     );
     assert!(joinchat.received().is_empty() && bonychat.received().is_empty(), "no request was understood");
     app.stop().await;
+}
+
+/// A webhook refused for its signature is a warning saying which check failed and what usually
+/// causes it; so is a webhook for an app the relay does not serve, and a subscription handshake
+/// with another verify token. The caller's answers stay as they were.
+#[tokio::test]
+async fn a_webhook_refused_for_its_signature_is_a_warning_saying_which_check_failed() {
+    use crate::helpers::{APP_SECRET, PSID, hub_signature, webhook_message};
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    with(&mut vars, "MESSENGER_APP_SECRET_PREVIOUS", "the-app-secret-before");
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = crate::helpers::http_client();
+    let body = webhook_message(PSID, "mid.signed", "hello");
+    let post = |path: &str, signature: Option<String>| {
+        let mut request = http.post(relay.url(path)).header("content-type", "application/json").body(body.clone());
+        if let Some(signature) = signature {
+            request = request.header("x-hub-signature-256", signature);
+        }
+        request.send()
+    };
+
+    let answers = [
+        post("/webhooks/messenger", None).await.unwrap().status(),
+        post("/webhooks/messenger", Some("sha1=da611bd448dc12acdf0cd3ab33fdb3adaee26145".into()))
+            .await
+            .unwrap()
+            .status(),
+        post("/webhooks/messenger", Some("sha256=not-hex".into())).await.unwrap().status(),
+        post("/webhooks/messenger", Some(hub_signature("another-app-s-secret", &body))).await.unwrap().status(),
+        post("/webhooks/messenger/nope", Some(hub_signature(APP_SECRET, &body))).await.unwrap().status(),
+        http.get(relay.url("/webhooks/messenger?hub.mode=subscribe&hub.verify_token=guess&hub.challenge=1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+    ];
+    let signed = post("/webhooks/messenger", Some(hub_signature(APP_SECRET, &body))).await.unwrap().status();
+    let (_, output) = relay.terminate().await;
+
+    assert_eq!(answers.map(|status| status.as_u16()), [401, 401, 401, 401, 404, 403]);
+    assert_eq!(signed, 200);
+    let refusals: Vec<serde_json::Value> = lines_with(&output, "request")
+        .into_iter()
+        .filter(|line| line["route"].as_str().is_some_and(|route| route.starts_with("/webhooks/messenger")))
+        .filter(|line| line["status"] != 200)
+        .collect();
+    assert_eq!(refusals.len(), 6, "{output:?}");
+    let expected = [
+        "webhook refused for app default (missing signature): X-Hub-Signature-256 is missing: Meta signs every post",
+        "webhook refused for app default (wrong_algorithm signature): X-Hub-Signature-256 is not a sha256= signature",
+        "webhook refused for app default (malformed signature): X-Hub-Signature-256 is not `sha256=` and 64 hex digits",
+        "webhook refused for app default (mismatch signature): X-Hub-Signature-256 does not match the body: not signed \
+         with MESSENGER_APP_SECRET (nor with MESSENGER_APP_SECRET_PREVIOUS): set it to the App Secret",
+        "webhook for app nope, which this relay does not serve: the callback URL in the Meta app's Webhooks settings \
+         must be one of /webhooks/messenger",
+        "webhook subscription refused for app default: hub.verify_token is not MESSENGER_VERIFY_TOKEN",
+    ];
+    for (line, expected) in refusals.iter().zip(expected) {
+        assert_eq!(line["level"], "WARN", "{line}");
+        let reason = line["reason"].as_str().unwrap_or_else(|| panic!("a reason: {line}"));
+        assert!(reason.starts_with(expected), "{reason:?} does not start with {expected:?}");
+    }
+    let all = output.join("\n");
+    for secret in [APP_SECRET, "the-app-secret-before", "guess"] {
+        assert!(!all.contains(secret), "{secret} appears in the logs");
+    }
 }
