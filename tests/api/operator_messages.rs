@@ -277,3 +277,131 @@ async fn a_webhook_refused_for_its_signature_is_a_warning_saying_which_check_fai
         assert!(!all.contains(secret), "{secret} appears in the logs");
     }
 }
+
+/// The start's one line on stderr, when the database refuses: the database's (or the
+/// network's) own reason, never sqlx's "pool timed out", never the password.
+async fn start_refused_by_database(url: &str) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    with(&mut vars, "RELAY_DATABASE_URL", url);
+    with(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "1000");
+    let (code, _, stderr) = crate::binary::run_binary(&vars, &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("bonychat-relay: cannot start: RELAY_DATABASE_URL: "), "{stderr}");
+    assert!(!stderr.contains("pool timed out"), "{stderr}");
+    assert!(!stderr.contains("pa55"), "the password is not shown: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn a_database_nobody_listens_for_stops_the_start_saying_the_connection_was_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+
+    let stderr = start_refused_by_database(&format!("postgres://relay:pa55word@127.0.0.1:{port}/relay")).await;
+
+    let expected = format!("cannot connect to the database relay at 127.0.0.1:{port} as relay: Connection refused");
+    assert!(stderr.contains(&expected), "{stderr}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
+async fn a_database_that_does_not_exist_stops_the_start_saying_so() {
+    let mut url = url::Url::parse(&crate::postgres::fresh_database().await).unwrap();
+    url.set_path("/relay_no_such_database");
+    url.set_password(Some("pa55word")).unwrap();
+
+    let stderr = start_refused_by_database(url.as_str()).await;
+
+    assert!(stderr.contains(r#"database "relay_no_such_database" does not exist"#), "{stderr}");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_clusters),
+    ignore = "no PostgreSQL binaries (initdb, pg_ctl) for a cluster of its own: install postgresql (see README)"
+)]
+async fn a_wrong_database_password_stops_the_start_saying_so() {
+    let postgres = crate::postgres::DedicatedPostgres::start().await;
+    postgres.require_password("relay_pw", "right-pa55").await;
+    let mut url = url::Url::parse(&postgres.url("postgres")).unwrap();
+    url.set_username("relay_pw").unwrap();
+    url.set_password(Some("wrong-pa55")).unwrap();
+
+    let stderr = start_refused_by_database(url.as_str()).await;
+
+    assert!(stderr.contains(r#"password authentication failed for user "relay_pw""#), "{stderr}");
+}
+
+/// The database goes away under a running relay: the 503 answers' log lines and readiness's
+/// say why (the connection is refused), not "pool timed out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_clusters),
+    ignore = "no PostgreSQL binaries (initdb, pg_ctl) for a cluster of its own: install postgresql (see README)"
+)]
+async fn a_database_gone_at_runtime_is_logged_with_its_reason_on_503s_and_readiness() {
+    use crate::helpers::{API_TOKEN, CHANNEL_ID, PSID};
+    let postgres = crate::postgres::DedicatedPostgres::start().await;
+    let url = postgres.fresh_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+    with(&mut vars, "RELAY_DATABASE_URL", &url);
+    with(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "500");
+    with(&mut vars, "RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "1000");
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+    let http = crate::helpers::http_client();
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let refused = format!("at 127.0.0.1:{port} as relay: Connection refused");
+
+    postgres.stop().await;
+    // The pool's connections the stop cut fail once each, with their own error; then the pool
+    // has none, and asks the database for one.
+    let mut statuses = Vec::new();
+    for n in 0..15 {
+        let message = http
+            .post(relay.url("/message"))
+            .bearer_auth(API_TOKEN)
+            .json(&serde_json::json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": {"type": "text", "text": format!("away {n}")}}))
+            .send()
+            .await
+            .unwrap();
+        let ready = http.get(relay.url("/readyz")).send().await.unwrap();
+        statuses.push((message.status().as_u16(), ready.status().as_u16()));
+        let output = relay.output();
+        let said = |message: &str, field: &str| {
+            lines_with(&output, message).iter().any(|line| line[field].as_str().is_some_and(|r| r.contains(&refused)))
+        };
+        if said("request", "reason") && said("store not answering", "error") {
+            break;
+        }
+    }
+    let (_, output) = relay.terminate().await;
+
+    assert!(statuses.iter().all(|(message, ready)| (*message, *ready) == (503, 503)), "{statuses:?}");
+    let requests: Vec<serde_json::Value> = lines_with(&output, "request")
+        .into_iter()
+        .filter(|line| line["route"] == "/message" && line["status"] == 503)
+        .collect();
+    let request = requests.iter().find(|line| line["reason"].as_str().is_some_and(|r| r.contains(&refused)));
+    let request = request.unwrap_or_else(|| panic!("no 503 line says the connection was refused: {requests:?}"));
+    assert_eq!(request["level"], "WARN");
+    assert!(
+        request["reason"].as_str().unwrap().starts_with("the store failed: cannot connect to the database relay_test_"),
+        "{request}"
+    );
+    let readiness = lines_with(&output, "store not answering");
+    assert!(
+        readiness.iter().any(|line| line["error"].as_str().is_some_and(|e| e.contains(&refused))),
+        "readiness says why: {readiness:?}"
+    );
+    let warnings =
+        output.iter().filter(|line| line.contains(r#""level":"WARN""#) || line.contains(r#""level":"ERROR""#));
+    for line in warnings {
+        assert!(!line.contains("pool timed out"), "{line}");
+    }
+}
