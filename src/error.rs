@@ -61,14 +61,19 @@ pub enum ApiError {
     Conflict(String),
     #[error("internal error")]
     Internal(String),
+    /// `error`, answered as it is, with `detail` written to the request log as a warning: a
+    /// refusal the operator has something to do about (a webhook whose signature fails, for an
+    /// app the relay does not serve), which the caller's answer does not spell out.
+    #[error("{error}")]
+    Warned { error: Box<ApiError>, detail: String },
 }
 
 /// The detail of an internal error, for the request log only.
 #[derive(Debug, Clone)]
 pub struct InternalErrorDetail(pub String);
 
-/// Why work was turned away (a store that cannot write, a full queue), for the request log
-/// only: expected under overload, so logged as a warning, not an error.
+/// Why work was turned away (a store that cannot write, a full queue, a webhook whose signature
+/// fails), for the request log only: logged as a warning, not an error.
 #[derive(Debug, Clone)]
 pub struct RefusalDetail(pub String);
 
@@ -92,7 +97,13 @@ impl ApiError {
             Self::NoSuchJob(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Warned { error, .. } => error.status(),
         }
+    }
+
+    /// This error, with `detail` for the request log's warning ([`ApiError::Warned`]).
+    pub fn warned(self, detail: impl Into<String>) -> Self {
+        Self::Warned { error: Box::new(self), detail: detail.into() }
     }
 
     pub fn code(&self) -> &'static str {
@@ -118,6 +129,7 @@ impl ApiError {
             Self::NoSuchJob(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Internal(_) => "internal_error",
+            Self::Warned { error, .. } => error.code(),
         }
     }
 }
@@ -143,6 +155,11 @@ impl From<RequestError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Self::Warned { error, detail } = self {
+            let mut response = error.into_response();
+            response.extensions_mut().insert(RefusalDetail(detail));
+            return response;
+        }
         let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
         let mut response = (self.status(), Json(body)).into_response();
         match self {

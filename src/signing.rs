@@ -44,15 +44,30 @@ impl VerifiedBody {
     }
 }
 
-/// Why a webhook signature was refused.
+/// Why a webhook signature was refused: which check failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
     #[error("X-Hub-Signature-256 is missing")]
     Missing,
+    /// Another algorithm's prefix, such as `sha1=` (the older `X-Hub-Signature` header's).
+    #[error("X-Hub-Signature-256 is not a sha256= signature (sha1= is the older X-Hub-Signature header's)")]
+    WrongAlgorithm,
     #[error("X-Hub-Signature-256 is not `sha256=` and 64 hex digits")]
     Malformed,
     #[error("X-Hub-Signature-256 does not match the body")]
     Mismatch,
+}
+
+impl SignatureError {
+    /// Which check failed, as one word for the log.
+    pub fn check(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::WrongAlgorithm => "wrong_algorithm",
+            Self::Malformed => "malformed",
+            Self::Mismatch => "mismatch",
+        }
+    }
 }
 
 /// Checks Meta's `X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>` with the App
@@ -68,12 +83,26 @@ impl HubSignature {
         Self { app_secret, usage }
     }
 
+    /// Whether a previous App Secret is checked too (a rotation is under way).
+    pub fn has_previous(&self) -> bool {
+        self.app_secret.previous.is_some()
+    }
+
     /// Verifies `header` against the exact `body` bytes, in constant time. During a rotation
     /// the HMAC is computed with both secrets, every time, and both compared before the
     /// results are combined: the time taken does not say which secret signed.
     pub fn verify(&self, header: Option<&[u8]>, body: Bytes) -> Result<VerifiedBody, SignatureError> {
         let header = header.ok_or(SignatureError::Missing)?;
-        let hex = header.strip_prefix(b"sha256=").ok_or(SignatureError::Malformed)?;
+        let hex = header.strip_prefix(b"sha256=").ok_or_else(|| {
+            // `sha1=…`, `sha512=…`: a signature, of another kind. Anything else is garbage.
+            let named = header.split(|b| *b == b'=').next().filter(|name| name.len() < header.len());
+            match named {
+                Some(name) if (1..=16).contains(&name.len()) && name.iter().all(u8::is_ascii_alphanumeric) => {
+                    SignatureError::WrongAlgorithm
+                }
+                _ => SignatureError::Malformed,
+            }
+        })?;
         let expected = decode_hex(hex.trim_ascii()).ok_or(SignatureError::Malformed)?;
         if expected.len() != 32 {
             return Err(SignatureError::Malformed);
@@ -186,12 +215,20 @@ mod tests {
         for malformed in [
             "",
             "sha256=",
-            "sha1=da611bd448dc12acdf0cd3ab33fdb3adaee26145",
             "sha256=zz",
             "sha256=abc",
             "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+            "=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+            "sha 256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
         ] {
             assert_eq!(verify("s", malformed, b"{}").unwrap_err(), SignatureError::Malformed, "{malformed}");
+        }
+        for other_algorithm in ["sha1=da611bd448dc12acdf0cd3ab33fdb3adaee26145", "SHA256=abc", "sha512=00"] {
+            assert_eq!(
+                verify("s", other_algorithm, b"{}").unwrap_err(),
+                SignatureError::WrongAlgorithm,
+                "{other_algorithm}"
+            );
         }
         assert_eq!(
             verify("s", "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17", b"{}").unwrap_err(),

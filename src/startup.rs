@@ -13,7 +13,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Reloaded, ServerLimits};
+use crate::config::{Config, DatabaseUrl, Reloaded, ServerLimits};
 use crate::delivery::channels::{Clients, Live};
 use crate::delivery::{Retries, RetrySchedule, Worker};
 use crate::monitoring;
@@ -59,13 +59,30 @@ pub struct Application {
     grace: Duration,
     retention: Duration,
     limits: ServerLimits,
+    /// Which store was opened, as the start log line shows it ([`DatabaseUrl::shown`]).
+    store_shown: String,
 }
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         // Before anything records: the facade drops what arrives before a recorder is installed.
         monitoring::handle();
+        let store_shown = config.store.database_url.shown();
+        // A SQLite file missing before the start is created empty: said out loud, since a
+        // relative path run from another directory (or a typo) lands there too, and the queued
+        // jobs would seem gone.
+        let new_file = match &config.store.database_url {
+            DatabaseUrl::Sqlite(path) => !path.exists(),
+            DatabaseUrl::Postgres(_) => false,
+        };
         let store = store::open(&config.store).await.map_err(StartupError::Store)?;
+        if new_file {
+            tracing::warn!(
+                store = %store_shown,
+                "created a new, empty store: expected on the first start with this RELAY_DATABASE_URL; otherwise it \
+                 names another file than before (a relative sqlite:// path is relative to the working directory)"
+            );
+        }
 
         let clients = Clients::new(&config.upstreams)?;
         let channels =
@@ -95,6 +112,7 @@ impl Application {
             grace: state.config.server.shutdown_grace,
             retention: state.config.store.retention,
             limits: state.config.server.limits.clone(),
+            store_shown,
             shutdown,
         })
     }
@@ -122,8 +140,26 @@ impl Application {
     /// claiming jobs, lets in-flight requests and attempts finish within the grace period,
     /// hands the rest back to the store for the next start, and returns.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> io::Result<()> {
-        let Self { reloader: _, listener, metrics, router, store, worker, shutdown, grace, retention, limits } = self;
-        tracing::info!(addr = %listener.local_addr()?, metrics_addr = %metrics.local_addr()?, "relay listening");
+        let Self {
+            reloader: _,
+            listener,
+            metrics,
+            router,
+            store,
+            worker,
+            shutdown,
+            grace,
+            retention,
+            limits,
+            store_shown,
+        } = self;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            addr = %listener.local_addr()?,
+            metrics_addr = %metrics.local_addr()?,
+            store = %store_shown,
+            "relay listening"
+        );
         let metrics = tokio::spawn(server::serve(
             metrics,
             monitoring::router(Arc::downgrade(&store)),

@@ -21,9 +21,18 @@ pub fn init(config: &TelemetryConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     let _ = match config.log_format {
-        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Pretty => builder.with_ansi(colours_wanted()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
     };
+}
+
+/// Whether pretty logs may carry colour codes: only when they go to a terminal (the subscriber
+/// writes to standard output). Piped to a file, `journald` or a log shipper, the escape
+/// sequences would only garble the lines and break `grep`. `NO_COLOR` (https://no-color.org)
+/// turns them off on a terminal too, as the subscriber does by default.
+fn colours_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
 
 /// Request ids: UUIDv4-shaped, from a thread-local generator (no system call per request).

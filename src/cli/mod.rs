@@ -54,9 +54,11 @@ pub enum Command {
         upstream: SimulateCommand,
     },
     /// Exit 0 when URL answers 200, 1 otherwise (for container health checks). Needs no
-    /// other variable; URL defaults to /readyz on the loopback at RELAY_ADDR's port.
+    /// other variable; URL defaults to /readyz at the address RELAY_ADDR names (from the
+    /// environment or --env-file), on the loopback when that is a wildcard address.
     Healthcheck {
-        /// An http:// URL; default http://127.0.0.1:<port of RELAY_ADDR, else 8080>/readyz.
+        /// An http:// URL; default http://<RELAY_ADDR, 0.0.0.0 and [::] as 127.0.0.1 and [::1],
+        /// else 127.0.0.1:8080>/readyz.
         url: Option<String>,
     },
 }

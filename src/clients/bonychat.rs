@@ -48,7 +48,7 @@ impl BonyChatApi for HttpBonyChat {
                 .token
                 .send(send, |r| credential_refused(r.status()), |r| credential_accepted(r.status()))
                 .await
-                .map_err(|e| http::transport_error(UPSTREAM, &e))?;
+                .map_err(|e| http::transport_error(UPSTREAM, &self.url, &e))?;
             let status = response.status();
             if status.is_success() {
                 return Ok(());

@@ -5,12 +5,13 @@ use url::Url;
 
 use reqwest::StatusCode;
 
-use super::{BoxFuture, ProfileLookup, http};
-use crate::config::{Rotating, Secret};
+use super::{BoxFuture, LookupError, ProfileLookup, http};
+use crate::config::{Rotating, Secret, shown_url};
 use crate::domain::bonychat::ContactProfile;
 use crate::domain::text::truncate;
 use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 
+const UPSTREAM: &str = "Graph API";
 /// BonyChat's limit for `firstName` and `lastName`.
 const NAME_MAX: usize = 50;
 /// Graph's error code for an access token it does not take (expired, revoked, malformed):
@@ -32,25 +33,40 @@ impl GraphProfiles {
 }
 
 impl ProfileLookup for GraphProfiles {
-    fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, String>> {
+    fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, LookupError>> {
         Box::pin(async move {
             let mut base = self.base.clone();
+            let shown_base = shown_url(&self.base);
             base.path_segments_mut()
-                .map_err(|()| "MESSENGER_GRAPH_URL cannot take a path".to_owned())?
+                .map_err(|()| LookupError {
+                    url: shown_base,
+                    status: None,
+                    reason: "MESSENGER_GRAPH_URL cannot take a path".to_owned(),
+                })?
                 .pop_if_empty()
                 .push(psid);
             base.query_pairs_mut().append_pair("fields", "first_name,last_name,profile_pic,locale,timezone");
+            // The URL as the log shows it: the token is there, hidden.
+            let shown = {
+                let mut url = base.clone();
+                url.query_pairs_mut().append_pair("access_token", "-");
+                shown_url(&url)
+            };
+            let failed = |status: Option<u16>, reason: String| LookupError { url: shown.clone(), status, reason };
             // With the token that goes first; once more with the other when Graph refuses it
             // during a rotation (SPEC §1).
             let look_up = |token: &Secret| {
                 let mut url = base.clone();
                 url.query_pairs_mut().append_pair("access_token", token.expose());
                 let sent = self.http.get(url).send();
+                let base = &base;
                 async move {
                     // The URL carries the token: errors are described without it.
-                    let response = sent.await.map_err(|e| e.without_url().to_string())?;
+                    let response = sent.await.map_err(|e| http::transport_reason(UPSTREAM, base, &e.without_url()))?;
                     let status = response.status();
-                    let answer = http::read_capped(response).await.map_err(|e| e.without_url().to_string())?;
+                    let answer = http::read_capped(response)
+                        .await
+                        .map_err(|e| http::transport_reason(UPSTREAM, base, &e.without_url()))?;
                     Ok::<_, String>((status, answer))
                 }
             };
@@ -61,13 +77,15 @@ impl ProfileLookup for GraphProfiles {
                     |(status, answer)| token_refused(*status, answer),
                     |(status, answer)| credential_accepted(*status) && !token_refused(*status, answer),
                 )
-                .await?;
+                .await
+                .map_err(|reason| failed(None, reason))?;
             if !status.is_success() {
                 let reason = http::reason_from(&answer).unwrap_or_default();
-                return Err(format!("Graph API answered {status} {reason}").trim_end().to_owned());
+                let reason = format!("{UPSTREAM} answered {status} {reason}").trim_end().to_owned();
+                return Err(failed(Some(status.as_u16()), reason));
             }
-            let value: Value =
-                serde_json::from_slice(&answer).map_err(|e| format!("Graph API answer is not JSON: {e}"))?;
+            let value: Value = serde_json::from_slice(&answer)
+                .map_err(|e| failed(Some(status.as_u16()), format!("{UPSTREAM} answer is not JSON: {e}")))?;
             Ok(profile_from(&value))
         })
     }

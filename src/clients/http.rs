@@ -6,8 +6,10 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{StatusCode, redirect};
 use serde_json::Value;
+use url::Url;
 
 use super::SendError;
+use crate::config::shown_url;
 use crate::domain::text::truncate;
 
 /// An error page can be large; the reason shown to a person needs only its start.
@@ -48,17 +50,40 @@ pub async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, req
     Ok(answer)
 }
 
-/// A request that got no answer: always worth another attempt. The URL is left out, as
-/// some carry credentials in their query.
-pub fn transport_error(upstream: &str, e: &reqwest::Error) -> SendError {
-    let reason = if e.is_timeout() {
+/// A request that got no answer: always worth another attempt.
+pub fn transport_error(upstream: &str, url: &Url, e: &reqwest::Error) -> SendError {
+    SendError::Transient { reason: transport_reason(upstream, url, e), retry_after: None, status: None }
+}
+
+/// Why a request to `upstream` at `url` got no answer, in the operator's terms. The URL is shown
+/// only with its credentials hidden ([`shown_url`]): some carry them in their query.
+pub fn transport_reason(upstream: &str, url: &Url, e: &reqwest::Error) -> String {
+    if url.scheme() == "https" && answered_in_plain_http(e) {
+        // rustls alone says "received corrupt message of type InvalidContentType".
+        return format!("{upstream} at {} speaks plain HTTP, not TLS: use http:// or fix the port", shown_url(url));
+    }
+    if e.is_timeout() {
         format!("{upstream} did not answer in time")
     } else if e.is_connect() {
         format!("cannot connect to {upstream}: {}", root_cause(e))
     } else {
         format!("request to {upstream} failed: {}", root_cause(e))
-    };
-    SendError::Transient { reason, retry_after: None }
+    }
+}
+
+/// Whether the TLS handshake failed because the first bytes the server sent were no TLS record
+/// at all, as when a plain HTTP server answers a ClientHello with `HTTP/1.1 400`: its `H` is
+/// no TLS content type. rustls's error travels inside `io::Error`s (nested: the connector wraps
+/// the TLS stream's), whose `source` skips what they wrap, so each is opened too.
+fn answered_in_plain_http(e: &(dyn std::error::Error + 'static)) -> bool {
+    if matches!(
+        e.downcast_ref::<rustls::Error>(),
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
+    ) {
+        return true;
+    }
+    let wrapped = e.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+    wrapped.is_some_and(|inner| answered_in_plain_http(inner)) || e.source().is_some_and(answered_in_plain_http)
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -79,9 +104,9 @@ pub fn classify_failure(upstream: &str, status: StatusCode, retry_after: Option<
     };
     match status {
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => {
-            SendError::Transient { reason: answered, retry_after }
+            SendError::Transient { reason: answered, retry_after, status: Some(status.as_u16()) }
         }
-        s if s.is_server_error() => SendError::Transient { reason: answered, retry_after },
+        s if s.is_server_error() => SendError::Transient { reason: answered, retry_after, status: Some(s.as_u16()) },
         s if s.is_client_error() => {
             SendError::Permanent { reason: detail.unwrap_or(answered), status: Some(s.as_u16()) }
         }
@@ -158,6 +183,7 @@ pub fn unknown_credential(
              relay holds now, as when it was rotated there first (retried: the new value and SIGHUP let it through)"
         ),
         retry_after,
+        status: Some(status.as_u16()),
     }
 }
 
@@ -203,7 +229,8 @@ mod tests {
             classify_failure("JoinChat", StatusCode::SERVICE_UNAVAILABLE, None, br#"{"message":"maintenance"}"#),
             SendError::Transient {
                 reason: "JoinChat answered 503 Service Unavailable: maintenance".into(),
-                retry_after: None
+                retry_after: None,
+                status: Some(503)
             }
         );
     }
@@ -253,7 +280,7 @@ mod tests {
             None,
             br#"{"success":false,"errors":{"msg":"signature mismatch"}}"#,
         );
-        let SendError::Transient { reason, retry_after: None } = error else {
+        let SendError::Transient { reason, retry_after: None, status: Some(401) } = error else {
             panic!("retried, not rejected: {error:?}");
         };
         assert!(reason.starts_with("JoinChat answered 401 Unauthorized: signature mismatch; it took"), "{reason}");

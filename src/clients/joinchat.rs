@@ -54,7 +54,7 @@ impl JoinChatApi for HttpJoinChat {
                 .secret
                 .send(sign_and_send, |r| credential_refused(r.status()), |r| credential_accepted(r.status()))
                 .await
-                .map_err(|e| http::transport_error(UPSTREAM, &e))?;
+                .map_err(|e| http::transport_error(UPSTREAM, &self.url, &e))?;
 
             let status = response.status();
             let retry_after = http::retry_after(response.headers(), SystemTime::now());
@@ -65,7 +65,7 @@ impl JoinChatApi for HttpJoinChat {
                     tracing::warn!(error = %e.without_url(), "JoinChat accepted but its answer could not be read");
                     Vec::new()
                 }
-                Err(e) => return Err(http::transport_error(UPSTREAM, &e)),
+                Err(e) => return Err(http::transport_error(UPSTREAM, &self.url, &e)),
             };
             if status == StatusCode::UNAUTHORIZED && self.secret.was_taken() {
                 return Err(unknown_credential(UPSTREAM, "JOINCHAT_API_SECRET", status, retry_after, &answer));
@@ -112,6 +112,7 @@ pub fn classify(status: StatusCode, retry_after: Option<std::time::Duration>, an
         return Err(SendError::Throttled {
             reason: format!("JoinChat throttled the Page ({status}{said})"),
             retry_after,
+            status: Some(status.as_u16()),
         });
     }
     if !status.is_success() {

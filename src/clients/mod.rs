@@ -28,11 +28,23 @@ pub enum SendError {
         reason: String,
         /// The upstream's `Retry-After`, when it gave one.
         retry_after: Option<Duration>,
+        /// The HTTP status it answered with, when it answered.
+        status: Option<u16>,
     },
     /// JoinChat answered 429, or passed on one of Meta's rate-limit codes: the channel sends
     /// too fast. Not the message's fault, so it costs the message none of its retries.
     #[error("{reason}")]
-    Throttled { reason: String, retry_after: Option<Duration> },
+    Throttled { reason: String, retry_after: Option<Duration>, status: Option<u16> },
+}
+
+impl SendError {
+    /// The HTTP status the upstream answered with; `None` when no answer came (a timeout, a
+    /// connection refused) or the failure was the relay's own (its store).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Permanent { status, .. } | Self::Transient { status, .. } | Self::Throttled { status, .. } => *status,
+        }
+    }
 }
 
 /// JoinChat's Send API.
@@ -50,5 +62,16 @@ pub trait BonyChatApi: Send + Sync {
 /// Public profiles of Messenger users.
 pub trait ProfileLookup: Send + Sync {
     /// The profile of the user `psid`, or why it could not be had.
-    fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, String>>;
+    fn profile<'a>(&'a self, psid: &'a str) -> BoxFuture<'a, Result<ContactProfile, LookupError>>;
+}
+
+/// Why a profile look-up failed, and where it went: what its log line tells the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct LookupError {
+    /// The URL asked, its access token hidden ([`shown_url`](crate::config::shown_url)).
+    pub url: String,
+    /// The HTTP status the Graph API answered with, when it answered.
+    pub status: Option<u16>,
+    pub reason: String,
 }

@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
-use super::env::{ConfigError, Env, read_optional_secret_file, read_secret_file, read_small_file, secret_problem};
+use super::env::{
+    ConfigError, Env, PLACEHOLDER_PROBLEM, is_placeholder, read_optional_secret_file, read_secret_file,
+    read_small_file, secret_problem,
+};
 use super::{
     BonyChatConfig, CURRENT_MESSAGE_TAGS, Endpoint, IntakeCaps, JoinChatConfig, RecipientField, Rotating, Secret,
     http_url, order_gap, page_id_problem, parse_recipient_field, positive_count,
@@ -293,6 +296,7 @@ impl TableReader<'_> {
         match self.values.get(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.trim().is_empty() => Err(self.error(key, "is empty")),
+            Some(Value::String(s)) if is_placeholder(s) => Err(self.error(key, PLACEHOLDER_PROBLEM)),
             Some(Value::String(s)) => Ok(Some(s.trim())),
             Some(other) => Err(self.error(key, format!("must be a string, not {}", other.type_str()))),
         }
@@ -597,7 +601,7 @@ verify_token_env = "ACME_VERIFY_TOKEN"
 [channels.shoes]
 bonychat_channel_id = "shoes-channel"
 bonychat_api_token_file = "{shoes_token}"
-bonychat_webhook_url = "https://app.bonychat.example/custom/channel/webhook/"
+bonychat_webhook_url = "https://app.bonychat.test/custom/channel/webhook/"
 joinchat_page_id = "104857600123456"
 joinchat_api_secret_file = "{shoes_joinchat}"
 messenger_app = "acme"
@@ -605,7 +609,7 @@ messenger_app = "acme"
 [channels.hats]
 bonychat_channel_id = "hats-channel"
 bonychat_api_token_file = "{hats_token}"
-bonychat_webhook_url = "https://app.bonychat.example/custom/channel/webhook/"
+bonychat_webhook_url = "https://app.bonychat.test/custom/channel/webhook/"
 joinchat_page_id = 204857600123456
 joinchat_api_secret_file = "{hats_joinchat}"
 messenger_app = "acme"
@@ -701,7 +705,7 @@ joinchat_order_gap_secs = 0
             ),
             (
                 valid.replace(
-                    "https://app.bonychat.example/custom/channel/webhook/\"\njoinchat_page_id = 2",
+                    "https://app.bonychat.test/custom/channel/webhook/\"\njoinchat_page_id = 2",
                     "ftp://x\"\njoinchat_page_id = 2",
                 ),
                 "[channels.hats] bonychat_webhook_url:",

@@ -155,6 +155,7 @@ impl Env {
                 key,
                 "is blank (only whitespace); give it a value, or leave it empty to mean unset",
             )),
+            Some(value) if is_placeholder(value) => Err(ConfigError::new(key, PLACEHOLDER_PROBLEM)),
             value => Ok(value),
         }
     }
@@ -277,6 +278,9 @@ fn usable_secret<'a>(var: &str, value: &'a str) -> Result<&'a str, ConfigError> 
 
 /// Why `value` cannot be a secret, if it cannot (see [`usable_secret`]); never quotes it.
 pub(super) fn secret_problem(value: &str) -> Result<(), &'static str> {
+    if is_placeholder(value) {
+        return Err(PLACEHOLDER_PROBLEM);
+    }
     if value.chars().any(char::is_control) {
         return Err(
             "holds a control character or line break (value not shown); a secret is one line of printable text",
@@ -289,6 +293,26 @@ pub(super) fn secret_problem(value: &str) -> Result<(), &'static str> {
         );
     }
     Ok(())
+}
+
+/// What a value still holding [`is_placeholder`]'s marker is told; the value is not quoted (it
+/// may stand where a secret goes).
+pub(super) const PLACEHOLDER_PROBLEM: &str = "is still a placeholder (it starts with change-me, as in config/example.env; \
+     value not shown): replace it with the real value";
+
+/// Whether `value` is one of the placeholders `config/example.env` (and the Kubernetes examples)
+/// put where the operator must supply a value: it starts with `change-me` (or `changeme`,
+/// `change_me`, in any case) followed by nothing or by a character that is not a letter or a
+/// digit (`change-me-joinchat-api-secret`). Left in, such a value would start a relay that signs
+/// with a published key or posts to nowhere, so it is refused like a blank one.
+///
+/// No real value is caught: generated tokens and keys are random characters, an id is digits,
+/// and a word that merely begins with the same letters (`change-meadow`) goes through.
+pub(super) fn is_placeholder(value: &str) -> bool {
+    let lower = value.trim().to_ascii_lowercase();
+    ["change-me", "changeme", "change_me"].iter().any(|marker| {
+        lower.strip_prefix(marker).is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_alphanumeric()))
+    })
 }
 
 /// Describes an env-file error without the offending line, which may hold a secret: the line

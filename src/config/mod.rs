@@ -176,6 +176,31 @@ pub enum DatabaseUrl {
     Postgres(Secret),
 }
 
+impl DatabaseUrl {
+    /// Which store this is, as the start log line and `check-config` show it: a SQLite file by its
+    /// absolute path (a relative one resolved against the working directory, so the operator sees
+    /// which file it is), a Postgres database by its URL without the password (nor any query
+    /// parameter that may hold one).
+    pub fn shown(&self) -> String {
+        match self {
+            Self::Sqlite(path) => {
+                let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+                format!("sqlite://{}", absolute.display())
+            }
+            Self::Postgres(url) => match Url::parse(url.expose()) {
+                Ok(parsed) => {
+                    let mut shown = parsed.clone();
+                    let _ = shown.set_password(None);
+                    let query = parsed.query().map(redact_query);
+                    shown.set_query(query.as_deref());
+                    shown.to_string()
+                }
+                Err(_) => format!("postgres://{REDACTED}"),
+            },
+        }
+    }
+}
+
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -365,7 +390,7 @@ impl Config {
         let secret = |s: Option<&Secret>| s.map_or_else(unset, |_| REDACTED.to_owned());
         let previous = |s: Option<&Rotating>| secret(s.and_then(|s| s.previous.as_ref()));
         let current = |s: Option<&Rotating>| secret(s.map(|s| &s.current));
-        let url = |e: &Endpoint| redact_userinfo(e.url().as_str()).into_owned();
+        let url = Endpoint::shown;
         let ms = |d: Duration| d.as_millis().to_string();
         let secs = |d: Duration| d.as_secs().to_string();
         let list = |ds: &[Duration]| ds.iter().map(|d| format_duration(*d)).collect::<Vec<_>>().join(",");
@@ -405,7 +430,9 @@ impl Config {
             (
                 "RELAY_DATABASE_URL".into(),
                 match &store.database_url {
-                    DatabaseUrl::Sqlite(path) => format!("sqlite://{}", path.display()),
+                    // The file it is, wherever check-config runs from: a relative path is
+                    // resolved against the working directory, as the relay resolves it.
+                    sqlite @ DatabaseUrl::Sqlite(_) => sqlite.shown(),
                     // Query parameters may carry the password too: nothing of it is shown.
                     DatabaseUrl::Postgres(_) => format!("postgres://{REDACTED}"),
                 },
@@ -755,7 +782,80 @@ fn http_url(raw: &str) -> Result<Url, String> {
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err(format!("`{shown}` is not an http(s) URL"));
     }
+    refuse_example_url(&url, &shown)?;
     Ok(url)
+}
+
+/// Host names reserved for documentation (RFC 2606, RFC 6761): `example`, `example.com`,
+/// `example.net`, `example.org`, and every name under them. No upstream or database answers
+/// there, so a URL naming one is an example value left in (`config/example.env`'s
+/// `app.bonychat.example`), never a real one.
+fn is_documentation_host(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    ["example", "example.com", "example.net", "example.org"]
+        .iter()
+        .any(|reserved| host == *reserved || host.strip_suffix(reserved).is_some_and(|rest| rest.ends_with('.')))
+}
+
+/// Refuses a URL that is still an example: its host is reserved for documentation, or its
+/// password is a placeholder. `shown` is the URL as errors may show it (or only its host, for
+/// one that is a secret).
+fn refuse_example_url(url: &Url, shown: &str) -> Result<(), String> {
+    if let Some(host) = url.host_str().filter(|host| is_documentation_host(host)) {
+        return Err(format!(
+            "`{shown}` is still an example value: {host} is a name reserved for documentation (RFC 2606), where no \
+             server answers; set the real URL"
+        ));
+    }
+    if url.password().is_some_and(env::is_placeholder) {
+        return Err(format!(
+            "the password in `{}` is still a placeholder (change-me, as in the examples): replace it with the real one",
+            redact_userinfo(shown)
+        ));
+    }
+    Ok(())
+}
+
+/// Query parameters whose value may be a credential (`access_token`, `api_key`, `password`,
+/// `sig`…): their values are never shown. Erring on the side of hiding: a parameter hidden
+/// needlessly costs nothing.
+fn is_secret_parameter(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["token", "secret", "pass", "pwd", "key", "sig", "auth", "credential", "code"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// `url` as logs and `check-config` show it: any `user:password@` replaced by `***@` and the
+/// value of each query parameter that may be a credential by `[redacted]`, the rest as it is
+/// (a log line saying where a request went must not say with which key).
+pub fn shown_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if !shown.username().is_empty() || shown.password().is_some() {
+        // Never fails for the http(s) and postgres URLs this is given, which have a host.
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("***");
+    }
+    let query = url.query().map(redact_query);
+    shown.set_query(query.as_deref());
+    shown.to_string()
+}
+
+/// A query string with the value of each parameter that may be a credential replaced by
+/// `[redacted]`, the rest left exactly as written.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if url::form_urlencoded::parse(name.as_bytes()).any(|(name, _)| is_secret_parameter(&name)) =>
+            {
+                format!("{name}={REDACTED}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// `raw` with everything between the scheme's `://` (or the start) and the last `@` replaced by
@@ -784,9 +884,16 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// The URL with its credentials hidden ([`shown_url`]): for logs and `check-config`.
+    pub fn shown(&self) -> String {
+        shown_url(&self.0)
+    }
+}
+
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", redact_userinfo(self.0.as_str()))
+        write!(f, "{:?}", self.shown())
     }
 }
 
@@ -820,16 +927,70 @@ fn parse_recipient_field(raw: &str) -> Result<RecipientField, String> {
 /// `sqlite://data/relay.db` (relative), `sqlite:///var/lib/relay.db` (absolute) or `postgres://…`.
 fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
     let raw = raw.trim();
-    if let Some(path) = raw.strip_prefix("sqlite://").or_else(|| raw.strip_prefix("sqlite:")) {
-        if path.is_empty() {
-            return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
-        }
-        return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
+    if let Some(rest) = raw.strip_prefix("sqlite:") {
+        return sqlite_path(raw, rest).map(DatabaseUrl::Sqlite);
     }
     if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        // The URL is a secret: a refusal shows its host at most.
+        if let Ok(url) = Url::parse(raw) {
+            refuse_example_url(&url, &format!("{}://{}", url.scheme(), url.host_str().unwrap_or("")))?;
+        }
         return Ok(DatabaseUrl::Postgres(Secret::new(raw)));
     }
     Err("must start with sqlite:// or postgres://".into())
+}
+
+/// The top-level directories of the Filesystem Hierarchy Standard: a relative SQLite path
+/// starting with one (`sqlite://var/lib/relay.db`) is an absolute path that lost a slash.
+const ROOT_DIRECTORIES: &[&str] = &[
+    "bin", "boot", "dev", "etc", "home", "lib", "media", "mnt", "opt", "proc", "root", "run", "srv", "sys", "tmp",
+    "usr", "var",
+];
+
+/// The file of a `sqlite:` URL: `sqlite://PATH` is relative to the working directory,
+/// `sqlite:///PATH` absolute. A form that another tool reads as another file is refused, since
+/// the relay would create a new, empty store there without a word: the queued jobs would seem
+/// gone, and a second relay could run on the real store.
+fn sqlite_path(raw: &str, after_scheme: &str) -> Result<PathBuf, String> {
+    let forms = "write sqlite:///PATH for an absolute path (sqlite:///var/lib/bonychat-relay/relay.db), or \
+                 sqlite://PATH for one relative to the working directory (sqlite://data/relay.db)";
+    let Some(path) = after_scheme.strip_prefix("//") else {
+        // sqlx reads `sqlite:x` as relative and `sqlite:/x` as absolute, other tools otherwise,
+        // and either may be a slash lost from the other form: one spelling only.
+        return Err(format!("`{raw}` is neither form of a sqlite URL: {forms}"));
+    };
+    if path.is_empty() {
+        return Err("sqlite:// needs a file path, e.g. sqlite://data/relay.db".into());
+    }
+    if path.starts_with("//") {
+        return Err(format!(
+            "`{raw}` has four slashes (SQLAlchemy's absolute form, where sqlite:/// is a relative path): here \
+             sqlite:/// is already absolute; {forms}"
+        ));
+    }
+    if path.contains('?') {
+        return Err(format!(
+            "`{raw}` carries parameters (`?…`): the relay takes none, and the file would be named with them; {forms}"
+        ));
+    }
+    if path == "~" || path.starts_with("~/") {
+        return Err(format!("`{raw}`: `~` is not expanded (it would be a directory named ~): {forms}"));
+    }
+    let first = path.split('/').next().unwrap_or("");
+    if first.eq_ignore_ascii_case("localhost") {
+        return Err(format!(
+            "`{raw}` names a host, as file:// URLs may: here it would be a directory named {first} under the \
+             working directory; {forms}"
+        ));
+    }
+    if !path.starts_with('/') && ROOT_DIRECTORIES.contains(&first) {
+        return Err(format!(
+            "`{raw}` is relative to the working directory, yet reads like /{path} with a slash lost: write \
+             sqlite:///{path} for that file, or sqlite://./{path} for a directory {first} under the working \
+             directory"
+        ));
+    }
+    Ok(PathBuf::from(path))
 }
 
 #[cfg(test)]
@@ -840,7 +1001,7 @@ mod tests {
         vec![
             ("BONYCHAT_CHANNEL_ID", "gfd8g7fd89dgfd"),
             ("BONYCHAT_API_TOKEN", "bony-token"),
-            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.test/custom/channel/webhook/"),
             ("JOINCHAT_PAGE_ID", "510249619162304"),
             ("JOINCHAT_API_SECRET", "join-secret"),
             ("MESSENGER_APP_SECRET", "app-secret"),
@@ -934,7 +1095,7 @@ mod tests {
             ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
             ("RELAY_ADMIN_TOKEN", "admin-token"),
             ("RELAY_DATABASE_URL", "postgres://relay:pa55word@db/relay"),
-            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.test/custom/channel/webhook/"),
         ]);
         let debug = format!("{:?}", Config::from_env(&env).unwrap());
         for secret in [
@@ -961,6 +1122,106 @@ mod tests {
         );
         assert!(parse_database_url("sqlite://").is_err());
         assert!(matches!(parse_database_url("postgresql://db/relay"), Ok(DatabaseUrl::Postgres(_))));
+        assert_eq!(parse_database_url("sqlite://./var/relay.db"), Ok(DatabaseUrl::Sqlite("./var/relay.db".into())));
+        assert_eq!(parse_database_url("sqlite://relay.db"), Ok(DatabaseUrl::Sqlite("relay.db".into())));
+    }
+
+    #[test]
+    fn sqlite_urls_another_tool_reads_as_another_file_are_refused_saying_which_form_to_write() {
+        for (raw, says) in [
+            ("sqlite:data/relay.db", "neither form"),
+            ("sqlite:/var/lib/relay.db", "neither form"),
+            ("sqlite:////var/lib/relay.db", "four slashes"),
+            ("sqlite://localhost/var/lib/relay.db", "names a host"),
+            ("sqlite://var/lib/relay.db", "sqlite:///var/lib/relay.db for that file"),
+            ("sqlite://tmp/relay.db", "sqlite://./tmp/relay.db for a directory tmp"),
+            ("sqlite://~/relay.db", "`~` is not expanded"),
+            ("sqlite://data/relay.db?mode=rwc", "carries parameters"),
+        ] {
+            let err = Config::from_env(&with(&[("RELAY_DATABASE_URL", raw)])).unwrap_err();
+            assert_eq!(err.var, "RELAY_DATABASE_URL", "{raw}: {err}");
+            assert!(err.problem.contains(says), "{raw}: {err}");
+            assert!(err.problem.contains("sqlite:///"), "{raw}: names the absolute form: {err}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_shown_by_its_absolute_path_or_its_url_without_the_password() {
+        let cwd = std::env::current_dir().unwrap();
+        let relative = Config::from_env(&with(&[("RELAY_DATABASE_URL", "sqlite://data/relay.db")])).unwrap();
+        assert_eq!(relative.store.database_url.shown(), format!("sqlite://{}/data/relay.db", cwd.display()));
+        let effective = relative.effective();
+        let shown = effective.iter().find(|(name, _)| name == "RELAY_DATABASE_URL").map(|(_, v)| v.as_str());
+        assert_eq!(shown, Some(format!("sqlite://{}/data/relay.db", cwd.display()).as_str()), "check-config too");
+
+        let postgres = with(&[(
+            "RELAY_DATABASE_URL",
+            "postgres://relay:pa55word@db.internal:5432/relay?sslmode=require&password=pa55word",
+        )]);
+        let shown = Config::from_env(&postgres).unwrap().store.database_url.shown();
+        assert_eq!(shown, "postgres://relay@db.internal:5432/relay?sslmode=require&password=[redacted]");
+    }
+
+    #[test]
+    fn shown_urls_hide_userinfo_and_credentials_in_the_query() {
+        let url = Url::parse(
+            "https://user:pa55@graph.test/v21.0/123?fields=first_name&access_token=EAAG&appsecret_proof=ab&sig=x",
+        )
+        .unwrap();
+        assert_eq!(
+            shown_url(&url),
+            "https://***@graph.test/v21.0/123?fields=first_name&access_token=[redacted]&appsecret_proof=[redacted]&sig=[redacted]"
+        );
+        let plain = Url::parse("http://127.0.0.1:8080/api/send_message").unwrap();
+        assert_eq!(shown_url(&plain), "http://127.0.0.1:8080/api/send_message");
+    }
+
+    #[test]
+    fn placeholders_of_the_example_files_are_refused_like_a_blank_value_naming_the_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("BONYCHAT_API_TOKEN", "change-me-bonychat-api-token"),
+            ("JOINCHAT_API_SECRET", "CHANGE_ME"),
+            ("MESSENGER_APP_SECRET", "changeme"),
+            ("BONYCHAT_CHANNEL_ID", "change-me-channel-id"),
+            ("JOINCHAT_PAGE_ID", "change-me-page-id"),
+            ("RELAY_ADMIN_TOKEN", "change-me"),
+            ("BONYCHAT_WEBHOOK_URL", "https://app.bonychat.example/custom/channel/webhook/"),
+            ("JOINCHAT_API_URL", "https://joinchat.example.com/api/send_message"),
+            ("MESSENGER_GRAPH_URL", "https://graph.EXAMPLE.org./v21.0"),
+            ("RELAY_DATABASE_URL", "postgres://relay:change-me@db.internal:5432/relay"),
+            ("RELAY_DATABASE_URL", "postgres://relay:s3cret@postgres.example:5432/relay"),
+        ];
+        for (var, value) in cases {
+            let err = Config::from_env(&with(&[(var, value)])).unwrap_err();
+            assert_eq!(&err.var, var, "{value}: {err}");
+            assert!(err.problem.contains("placeholder") || err.problem.contains("example value"), "{err}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        // What only looks alike is a value like any other.
+        for (var, value) in [
+            ("BONYCHAT_API_TOKEN", "change-meadow-tulip"),
+            ("JOINCHAT_API_SECRET", "exchange-me-not"),
+            ("BONYCHAT_WEBHOOK_URL", "https://example.bonychat.test/custom/channel/webhook/"),
+            ("JOINCHAT_API_URL", "https://myexample.com/api/send_message"),
+        ] {
+            assert!(Config::from_env(&with(&[(var, value)])).is_ok(), "{var}={value} is a real value");
+        }
+    }
+
+    #[test]
+    fn a_placeholder_in_a_secret_file_is_refused_naming_the_file_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "change-me-bonychat-api-token\n").unwrap();
+        let path: &'static str = Box::leak(file.to_str().unwrap().to_owned().into_boxed_str());
+        let mut vars = required();
+        vars.retain(|(k, _)| *k != "BONYCHAT_API_TOKEN");
+        vars.push(("BONYCHAT_API_TOKEN_FILE", path));
+
+        let err = Config::from_env(&Env::from_pairs(vars)).unwrap_err();
+
+        assert_eq!(err.var, "BONYCHAT_API_TOKEN_FILE", "{err}");
+        assert!(err.problem.contains("placeholder"), "{err}");
     }
 
     #[test]
@@ -1150,7 +1411,7 @@ mod tests {
         let env = with(&[
             ("MESSENGER_PAGE_ACCESS_TOKEN", "page-token"),
             ("RELAY_ADMIN_TOKEN", "admin-token"),
-            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.example/custom/channel/webhook/"),
+            ("BONYCHAT_WEBHOOK_URL", "https://hook:hook-pass@app.bonychat.test/custom/channel/webhook/"),
             ("RELAY_RETRY_JOINCHAT", "1500ms,2m"),
         ]);
         let effective = Config::from_env(&env).unwrap().effective();
@@ -1168,7 +1429,7 @@ mod tests {
             assert!(!text.contains(secret), "{secret} leaked into {text}");
         }
         assert_eq!(value("BONYCHAT_API_TOKEN"), Some("[redacted]"));
-        assert_eq!(value("BONYCHAT_WEBHOOK_URL"), Some("https://***@app.bonychat.example/custom/channel/webhook/"));
+        assert_eq!(value("BONYCHAT_WEBHOOK_URL"), Some("https://***@app.bonychat.test/custom/channel/webhook/"));
         assert_eq!(value("JOINCHAT_MESSAGE_TAG"), Some("(unset)"));
         assert_eq!(value("RELAY_RETRY_JOINCHAT"), Some("1500ms,2m"));
         assert_eq!(value("RELAY_RETENTION"), Some("7d"));

@@ -18,7 +18,7 @@ use crate::clients::bonychat::HttpBonyChat;
 use crate::clients::graph::GraphProfiles;
 use crate::clients::http;
 use crate::clients::joinchat::HttpJoinChat;
-use crate::config::{ChannelConfig, Channels, Rotating, UpstreamConfig};
+use crate::config::{ChannelConfig, Channels, ChannelsSource, Rotating, UpstreamConfig};
 use crate::rotation::{RELAY_OWNER, SecretName, SecretUse};
 use crate::signing::HubSignature;
 use crate::store::Store;
@@ -36,6 +36,8 @@ pub struct Channel {
 pub struct App {
     pub name: String,
     pub hub_signature: HubSignature,
+    /// Where its secrets are set, for the operator told of a refused webhook.
+    pub settings: AppSettings,
     pub verify_token: SecretDigest,
     /// Page id → the channel speaking through it.
     pages: HashMap<String, Arc<Channel>>,
@@ -45,6 +47,31 @@ impl App {
     /// The channel of the Page `page_id` among this app's, if one is.
     pub fn channel_of_page(&self, page_id: &str) -> Option<&Arc<Channel>> {
         self.pages.get(page_id)
+    }
+}
+
+/// Where an app's secrets are set: the variables of SPEC §1, or the app's keys in the channels
+/// file. What a warning about a refused webhook names, so the operator knows what to fix.
+pub struct AppSettings {
+    pub app_secret: String,
+    pub app_secret_previous: String,
+    pub verify_token: String,
+}
+
+impl AppSettings {
+    fn of(app: &str, source: &ChannelsSource) -> Self {
+        match source {
+            ChannelsSource::Environment => Self {
+                app_secret: "MESSENGER_APP_SECRET".into(),
+                app_secret_previous: "MESSENGER_APP_SECRET_PREVIOUS".into(),
+                verify_token: "MESSENGER_VERIFY_TOKEN".into(),
+            },
+            ChannelsSource::File(path) => Self {
+                app_secret: format!("[apps.{app}] app_secret of {}", path.display()),
+                app_secret_previous: format!("[apps.{app}] app_secret_previous"),
+                verify_token: format!("[apps.{app}] verify_token of {}", path.display()),
+            },
+        }
     }
 }
 
@@ -65,6 +92,10 @@ impl Directory {
 
     pub fn app(&self, name: &str) -> Option<&Arc<App>> {
         self.apps.get(name)
+    }
+
+    pub fn app_names(&self) -> impl Iterator<Item = &str> {
+        self.apps.keys().map(String::as_str)
     }
 
     pub fn admin_token(&self) -> Option<&BearerToken> {
@@ -236,6 +267,7 @@ fn build(
             };
             let app = App {
                 name: name.clone(),
+                settings: AppSettings::of(name, &channels.source),
                 hub_signature: HubSignature::new(
                     app.app_secret.clone(),
                     usage(SecretName::MessengerAppSecret, &app.app_secret),

@@ -127,8 +127,11 @@ impl OutboundSender {
         let mut last_effective_at = job.contact_last_effective_at;
         let stopped =
             |index: usize, error: SendError| AttemptOutcome { parts_sent: index, end: AttemptEnd::Failed(error) };
-        let store_failed =
-            |e: crate::store::StoreError| SendError::Transient { reason: e.to_string(), retry_after: None };
+        let store_failed = |e: crate::store::StoreError| SendError::Transient {
+            reason: e.to_string(),
+            retry_after: None,
+            status: None,
+        };
 
         let mut last_sent_at = self.store.now();
         for (index, message) in parts.iter().enumerate().skip(first_part) {
@@ -168,7 +171,7 @@ impl OutboundSender {
                 SendRequest { page_id: &self.page_id, recipient, message, tag: self.tag.as_deref(), delay: slot.delay };
             match self.api.send(&request).await {
                 Ok(()) => {}
-                Err(SendError::Throttled { reason, retry_after }) => {
+                Err(SendError::Throttled { reason, retry_after, .. }) => {
                     let until = match self.rates.throttled(&job.channel, self.max_sends_per_sec, retry_after).await {
                         Ok(until) => until,
                         // The pause is not shared this time; this job still waits its share.

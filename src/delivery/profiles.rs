@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::clients::ProfileLookup;
+use crate::clients::{LookupError, ProfileLookup};
 use crate::domain::bonychat::ContactProfile;
 
 /// Enough for every contact active in a day; a full cache is simply emptied.
@@ -34,8 +34,15 @@ impl Profiles {
         let profile = match tokio::time::timeout(self.timeout, self.lookup.profile(contact)).await {
             Ok(Ok(profile)) if !profile.is_empty() => Some(profile),
             Ok(Ok(_)) => None,
-            Ok(Err(reason)) => {
-                tracing::warn!(contact, %reason, "profile look-up failed; the event goes without it");
+            Ok(Err(LookupError { url, status, reason })) => {
+                tracing::warn!(
+                    contact,
+                    upstream = "Graph API",
+                    url,
+                    status,
+                    reason,
+                    "profile look-up failed; the event goes without it"
+                );
                 None
             }
             Err(_) => {

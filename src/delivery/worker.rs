@@ -493,6 +493,7 @@ impl Worker {
             AttemptEnd::Failed(error) => Err(error),
         };
         self.upstream_answered(job, matches!(result, Err(SendError::Transient { .. })));
+        let status = result.as_ref().err().and_then(SendError::status);
         // Only a request still waiting can be answered with JoinChat's refusal; once it has
         // gone (answered 200 at the end of its wait, or hung up), BonyChat hears by receipt.
         let waiting = answer.as_ref().is_some_and(|answer| !answer.is_closed());
@@ -512,7 +513,9 @@ impl Worker {
                 Some(reason),
             ),
             // The sender turns throttles into a pause; one that got here is a failure like another.
-            Err(SendError::Transient { reason, retry_after } | SendError::Throttled { reason, retry_after }) => {
+            Err(
+                SendError::Transient { reason, retry_after, .. } | SendError::Throttled { reason, retry_after, .. },
+            ) => {
                 let (finish, label) = after_failure(
                     &self.retries.joinchat,
                     self.store.now(),
@@ -525,7 +528,8 @@ impl Worker {
                 (finish, FirstAttempt::Pending, label, Some(reason))
             }
         };
-        log_attempt(job, attempt, label, reason.as_deref(), self.store.now());
+        let failure = reason.as_deref().map(|reason| Failure::of(channel, job.direction, reason, status));
+        log_attempt(job, attempt, label, failure, self.store.now());
         let rejected_reason = match &first {
             FirstAttempt::Rejected(reason) => Some(reason.clone()),
             _ => None,
@@ -575,6 +579,7 @@ impl Worker {
         };
         let attempt = job.attempts + 1;
         self.upstream_answered(job, matches!(outcome.result, Err(SendError::Transient { .. })));
+        let status = outcome.result.as_ref().err().and_then(SendError::status);
         let (finish, label, reason) = match outcome.result {
             Ok(()) => {
                 if let Some(value) = receipt {
@@ -591,13 +596,16 @@ impl Worker {
                 Outcome::Rejected,
                 Some(reason),
             ),
-            Err(SendError::Transient { reason, retry_after } | SendError::Throttled { reason, retry_after }) => {
+            Err(
+                SendError::Transient { reason, retry_after, .. } | SendError::Throttled { reason, retry_after, .. },
+            ) => {
                 let (finish, label) =
                     after_failure(&self.retries.bonychat, self.store.now(), attempt, 0, &reason, retry_after, false);
                 (finish, label, Some(reason))
             }
         };
-        log_attempt(job, attempt, label, reason.as_deref(), self.store.now());
+        let failure = reason.as_deref().map(|reason| Failure::of(channel, job.direction, reason, status));
+        log_attempt(job, attempt, label, failure, self.store.now());
         self.record(job, finish).await;
     }
 
@@ -648,15 +656,50 @@ fn after_failure(
     }
 }
 
-fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, reason: Option<&str>, now: i64) {
+/// Why an attempt failed, and where it went: what its log line tells the operator, so that a
+/// refusal can be traced to the upstream and the setting (the URL) without reading the code.
+struct Failure<'a> {
+    reason: &'a str,
+    /// `JoinChat` or `BonyChat`.
+    upstream: &'static str,
+    /// The URL the attempt went to, credentials hidden ([`Endpoint::shown`](crate::config::Endpoint::shown)).
+    url: String,
+    /// The HTTP status the upstream answered with, when it answered.
+    status: Option<u16>,
+}
+
+impl<'a> Failure<'a> {
+    fn of(channel: &Channel, direction: Direction, reason: &'a str, status: Option<u16>) -> Self {
+        let (upstream, url) = match direction {
+            Direction::Outbound => ("JoinChat", channel.config.joinchat.api_url.shown()),
+            Direction::Inbound => ("BonyChat", channel.config.bonychat.webhook_url.shown()),
+        };
+        Self { reason, upstream, url, status }
+    }
+}
+
+fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failure<'_>>, now: i64) {
     crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, now);
     let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
-    match reason {
+    match failure {
         None => {
             tracing::info!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
         }
-        Some(reason) => {
-            tracing::warn!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, reason, "job attempt");
+        Some(Failure { reason, upstream, url, status }) => {
+            tracing::warn!(
+                channel,
+                direction,
+                contact = %job.contact,
+                m_id = %job.m_id,
+                job = job.id,
+                attempt,
+                outcome,
+                upstream,
+                url,
+                status,
+                reason,
+                "job attempt"
+            );
         }
     }
 }

@@ -25,6 +25,9 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             tracing::warn!(error = %e, "store not answering");
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store_unavailable"})))
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store_unavailable"}))),
+        Err(_) => {
+            tracing::warn!(error = "no answer within 2 s", "store not answering");
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store_unavailable"})))
+        }
     }
 }

@@ -14,10 +14,11 @@ use super::limits::BodyReader;
 use super::message::shown_name;
 use super::{AppState, WEBHOOK_BODY_LIMIT};
 use crate::config::DEFAULT_APP;
-use crate::delivery::channels::Channel;
+use crate::delivery::channels::{App, Channel, Directory};
 use crate::domain::bonychat::StatusValue;
 use crate::domain::inbound::{MessengerEvent, parse_routed};
 use crate::error::ApiError;
+use crate::signing::SignatureError;
 use crate::store::{InboundBatch, InboundItem, InboundSummary};
 
 #[derive(Debug, Deserialize)]
@@ -55,7 +56,7 @@ fn verify_subscription(
     query: Result<Query<Handshake>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let directory = state.channels.current();
-    let app = directory.app(app).ok_or_else(|| ApiError::NoSuchApp(shown_name(app)))?;
+    let app = directory.app(app).ok_or_else(|| unknown_app(&directory, app))?;
     let Query(handshake) = query.map_err(|e| ApiError::InvalidRequest(format!("query: {}", e.body_text())))?;
     let required =
         |value: Option<String>, name: &str| value.ok_or_else(|| ApiError::InvalidRequest(format!("{name}: required")));
@@ -64,13 +65,62 @@ fn verify_subscription(
     let challenge = required(handshake.challenge, "hub.challenge")?;
 
     if !app.verify_token.matches(verify_token.as_bytes()) {
-        return Err(ApiError::Forbidden("hub.verify_token does not match the app's verify token".into()));
+        return Err(ApiError::Forbidden("hub.verify_token does not match the app's verify token".into()).warned(
+            format!(
+                "webhook subscription refused for app {}: hub.verify_token is not {}: type that value in the Meta \
+                 app's webhook subscription form",
+                app.name, app.settings.verify_token
+            ),
+        ));
     }
     if mode != "subscribe" {
         return Err(ApiError::Forbidden("hub.mode must be subscribe".into()));
     }
     tracing::info!(app = %app.name, "Messenger webhook subscription verified");
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], challenge).into_response())
+}
+
+/// A webhook for an app this relay does not serve: a 404, and a warning naming the apps it
+/// serves, since the callback URL in the Meta app's settings is most likely wrong.
+fn unknown_app(directory: &Directory, app: &str) -> ApiError {
+    let mut apps: Vec<&str> = directory.app_names().collect();
+    apps.sort_unstable();
+    let shown = shown_name(app);
+    let served = apps.iter().map(|name| callback_path(name)).collect::<Vec<_>>().join(", ");
+    ApiError::NoSuchApp(shown.clone()).warned(format!(
+        "webhook for app {shown}, which this relay does not serve: the callback URL in the Meta app's Webhooks \
+         settings must be one of {served}"
+    ))
+}
+
+fn callback_path(app: &str) -> String {
+    if app == DEFAULT_APP { "/webhooks/messenger".to_owned() } else { format!("/webhooks/messenger/{app}") }
+}
+
+/// What the operator is told of a webhook refused for its signature: which check failed, and
+/// what usually causes it.
+fn signature_refusal(app: &App, error: SignatureError) -> String {
+    let cause = match error {
+        SignatureError::Missing => {
+            "Meta signs every post: this one came from elsewhere, or a proxy dropped the header".to_owned()
+        }
+        SignatureError::WrongAlgorithm => {
+            "Meta's X-Hub-Signature-256 is sha256=…: the sender signs as the older X-Hub-Signature does".to_owned()
+        }
+        SignatureError::Malformed => "a proxy or a sender other than Meta rewrote the header".to_owned(),
+        SignatureError::Mismatch => {
+            let settings = &app.settings;
+            let with = match app.hub_signature.has_previous() {
+                false => settings.app_secret.clone(),
+                true => format!("{} (nor with {})", settings.app_secret, settings.app_secret_previous),
+            };
+            format!(
+                "not signed with {with}: set it to the App Secret of the Meta app whose webhooks come here (App \
+                 settings, Basic); a proxy that re-encodes or trims the body breaks the signature too"
+            )
+        }
+    };
+    format!("webhook refused for app {} ({} signature): {error}: {cause}", app.name, error.check())
 }
 
 /// `POST /webhooks/messenger`: the app `default`.
@@ -109,10 +159,13 @@ async fn receive_events(
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let directory = state.channels.current();
-    let app = directory.app(app).ok_or_else(|| ApiError::NoSuchApp(shown_name(app)))?;
+    let app = directory.app(app).ok_or_else(|| unknown_app(&directory, app))?;
     let body = reader.read(body, WEBHOOK_BODY_LIMIT).await?;
     let signature = headers.get("x-hub-signature-256").map(|v| v.as_bytes());
-    let verified = app.hub_signature.verify(signature, body.bytes.clone()).map_err(ApiError::InvalidSignature)?;
+    let verified = app
+        .hub_signature
+        .verify(signature, body.bytes.clone())
+        .map_err(|e| ApiError::InvalidSignature(e).warned(signature_refusal(app, e)))?;
 
     let now = state.store.now();
     let routed = parse_routed(&verified, |page| app.channel_of_page(page).cloned(), now)

@@ -727,17 +727,13 @@ pub async fn open(config: &StoreConfig) -> StoreResult<Arc<dyn Store>> {
 /// Opens an existing store for `bonychat-relay jobs …`, beside a running relay or not: it
 /// never creates, migrates or takes over anything. Returns the store and what it opened.
 pub async fn open_existing(config: &StoreConfig) -> StoreResult<(Arc<dyn Store>, String)> {
-    match &config.database_url {
-        DatabaseUrl::Sqlite(path) => {
-            let store = sqlite::SqliteStore::open_existing(path, config.intake).await?;
-            let shown = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            Ok((Arc::new(store), format!("sqlite://{}", shown.display())))
-        }
+    let store: Arc<dyn Store> = match &config.database_url {
+        DatabaseUrl::Sqlite(path) => Arc::new(sqlite::SqliteStore::open_existing(path, config.intake).await?),
         DatabaseUrl::Postgres(url) => {
-            let store = postgres::PostgresStore::open_existing(url.expose(), config.postgres, config.intake).await?;
-            Ok((Arc::new(store), shown_without_credentials(url.expose())))
+            Arc::new(postgres::PostgresStore::open_existing(url.expose(), config.postgres, config.intake).await?)
         }
-    }
+    };
+    Ok((store, config.database_url.shown()))
 }
 
 /// Makes every dead job of `channel` (of every channel when `None`) due now, [`BATCH`] at a
@@ -781,21 +777,6 @@ async fn in_batches<'a>(mut batch: impl FnMut() -> BoxFuture<'a, StoreResult<u64
         if handled < BATCH as u64 {
             return Ok(total);
         }
-    }
-}
-
-/// A database URL as it may be shown: scheme, host, port and database, never credentials or
-/// parameters.
-fn shown_without_credentials(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(url) => format!(
-            "{}://{}{}{}",
-            url.scheme(),
-            url.host_str().unwrap_or(""),
-            url.port().map(|port| format!(":{port}")).unwrap_or_default(),
-            url.path()
-        ),
-        Err(_) => "postgres://[redacted]".into(),
     }
 }
 

@@ -56,7 +56,16 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts the binary with exactly `vars` (plus `args`) and waits until it listens.
     pub async fn start(vars: &[(String, String)], args: &[&str]) -> Self {
-        let mut child = Command::new(BINARY)
+        Self::start_in(None, vars, args).await
+    }
+
+    /// [`Self::start`] with `dir` as the working directory (else the tests').
+    pub async fn start_in(dir: Option<&std::path::Path>, vars: &[(String, String)], args: &[&str]) -> Self {
+        let mut command = Command::new(BINARY);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(args)
             .env_clear()
             .envs(vars.iter().map(|(k, v)| (k, v)))
@@ -225,8 +234,9 @@ async fn a_malformed_variable_stops_the_start_without_echoing_secrets() {
 }
 
 #[tokio::test]
-async fn the_example_env_file_starts_the_relay() {
-    // The README's run command, with the environment overriding the listen address.
+async fn the_example_env_file_starts_the_relay_once_its_placeholders_are_replaced() {
+    // The README's run command, with the environment overriding the listen address and every
+    // placeholder (as filled in by the operator; as shipped, the file is refused: first_day.rs).
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.env");
     let data = tempfile::tempdir().unwrap();
     let mut vars = vec![
@@ -234,6 +244,9 @@ async fn the_example_env_file_starts_the_relay() {
         ("RELAY_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("RELAY_DATABASE_URL".to_owned(), format!("sqlite://{}/relay.db", data.path().display())),
     ];
+    let placeholders = crate::first_day::example_env_placeholders();
+    assert!(placeholders.len() >= 7, "the example's placeholders: {placeholders:?}");
+    vars.extend(placeholders.iter().map(|name| (name.clone(), crate::first_day::made_up(name))));
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &["--env-file", example]).await;
 

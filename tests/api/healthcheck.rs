@@ -127,3 +127,32 @@ async fn an_https_url_is_refused_at_once_without_connecting() {
     assert!(stderr.starts_with(&format!("unhealthy: {url}: only http:// is supported, not https://")), "{stderr:?}");
     assert!(!connected, "the probe connected to an https:// URL it cannot speak to");
 }
+
+/// Without a URL, the probe goes where the relay is configured to listen, read from `--env-file`
+/// as the relay reads it: an address of its own (here 127.0.0.2, where 127.0.0.1 answers
+/// nothing on that port), or the loopback of the family of a wildcard address.
+#[tokio::test]
+async fn without_a_url_it_probes_the_address_relay_addr_names_in_the_env_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for (listen, configured, probed) in [
+        ("127.0.0.2:0", "127.0.0.2:{port}", "http://127.0.0.2:{port}/readyz"),
+        ("[::1]:0", "[::]:{port}", "http://[::1]:{port}/readyz"),
+        ("127.0.0.1:0", "0.0.0.0:{port}", "http://127.0.0.1:{port}/readyz"),
+    ] {
+        let app = crate::helpers::spawn_app_with(&[("RELAY_ADDR", listen)]).await;
+        let port = app.addr.port().to_string();
+        let env_file = dir.path().join("relay.env");
+        std::fs::write(
+            &env_file,
+            format!("# the relay's own file\nRELAY_ADDR={}\n", configured.replace("{port}", &port)),
+        )
+        .unwrap();
+
+        let output = healthcheck(&["--env-file", env_file.to_str().unwrap()], &[]).await;
+
+        assert_eq!(output.status.code(), Some(0), "{listen}: {}", describe(&output));
+        let expected = format!("healthy: {} answered 200\n", probed.replace("{port}", &port));
+        assert_eq!(String::from_utf8_lossy(&output.stdout), expected, "{listen}");
+        app.stop().await;
+    }
+}

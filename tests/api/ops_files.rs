@@ -932,7 +932,8 @@ fn secret_value(secret: &Value, key: &str) -> Option<String> {
 /// Runs `bonychat-relay check-config` in the environment the example's pod would have: the
 /// image's variables, then the manifest's, each `*_FILE` moved under a temporary directory
 /// holding a made-up value (empty where the Secret's value is empty, as for a previous value
-/// outside a rotation). Returns the configuration in effect, or fails with what the relay said.
+/// outside a rotation), and a URL on a host reserved for examples made up too. Returns the
+/// configuration in effect, or fails with what the relay said.
 async fn check_config_of(dir: &str, documents: &[Value]) -> BTreeMap<String, String> {
     let workload = workload(dir, documents);
     let env = container_env(dir, relay_container(dir, workload));
@@ -953,6 +954,9 @@ async fn check_config_of(dir: &str, documents: &[Value]) -> BTreeMap<String, Str
             std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
             std::fs::write(&moved, made_up).unwrap();
             value = moved.display().to_string();
+        } else if value.contains(".example/") {
+            // "Replace with your own", as the operator does: the relay refuses the example's.
+            value = crate::first_day::made_up(name);
         }
         vars.insert(name.clone(), value);
     }

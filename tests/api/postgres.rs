@@ -183,6 +183,30 @@ impl DedicatedPostgres {
         create_database(&self.url("postgres")).await
     }
 
+    /// Creates the login role `role` with `password`, which this cluster then asks for (it
+    /// trusts every other role, as the script sets it up): for tests of a password the database
+    /// refuses.
+    pub async fn require_password(&self, role: &str, password: &str) {
+        let mut connection = connect(&self.url("postgres")).await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(r#"CREATE ROLE "{role}" LOGIN PASSWORD '{password}'"#)))
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        let hba = self.dir.join("data/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).unwrap();
+        // The first matching line applies: this one goes before the script's trust lines.
+        std::fs::write(&hba, format!("host all {role} 127.0.0.1/32 scram-sha-256\n{rules}")).unwrap();
+        sqlx::query("SELECT pg_reload_conf()").execute(&mut connection).await.unwrap();
+        connection.close().await.ok();
+        // The reload is asynchronous: wait until the server asks the role for its password.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let url = format!("postgres://{role}:not-{password}@127.0.0.1:{}/postgres", self.port);
+        while PgConnection::connect(&url).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "the cluster never asked {role} for a password");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Restarts the server (fast shutdown, then start): every connection to it is cut.
     pub async fn restart(&self) {
         self.must("restart").await;

@@ -44,11 +44,13 @@ use crate::BoxFuture;
 use crate::config::PostgresOptions;
 
 mod background;
+mod connect;
 mod first_sends;
 mod schema;
 mod tx;
 
 use background::{keep_clock, listen, measure_offset, moved_payload};
+use connect::{Diagnosis, NO_CONNECTION, connect_failure};
 use first_sends::{Ahead, AheadPlan, FirstSend, FirstSends};
 use schema::{check_version, migrate, migrate_to};
 use tx::{CLAIM_IN_TURNS, CONTACT_COLUMNS, JOB_COLUMNS, PgTx, QueueId, job_from_row, lock_order, progress_value};
@@ -59,7 +61,11 @@ const FOLD_LOCK: i64 = 0x626f_6e79_666f_6c64;
 /// The `NOTIFY` channel new work is announced on (no relation to the relay's channels).
 const CHANNEL: &str = "bonychat_relay_jobs";
 /// How long readiness waits for its probe write.
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_millis(1900);
+/// How long readiness waits for a connection from the pool, and then for one of its own to
+/// say why there was none: together within [`PING_TIMEOUT`].
+const PING_ACQUIRE: Duration = Duration::from_millis(1000);
+const PING_DIAGNOSIS: Duration = Duration::from_millis(800);
 /// How long a transaction may sit idle between two statements before the server ends its
 /// session and releases its locks (`idle_in_transaction_session_timeout`, in ms).
 const DEAD_SESSION_AFTER_MS: &str = "3000";
@@ -87,6 +93,8 @@ struct Shared {
     /// network partition) never answers a statement timeout either.
     operation_timeout: Duration,
     first_sends: Arc<FirstSends>,
+    /// Says why no connection could be had, when the pool only says it timed out.
+    diagnosis: Arc<Diagnosis>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -108,7 +116,12 @@ enum Mode {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        Self::Unavailable(format!("the database failed: {e}"))
+        match e {
+            // The pool's own words hide why: the store's operations ask the database instead
+            // (connect.rs).
+            sqlx::Error::PoolTimedOut => Self::Unavailable(NO_CONNECTION.to_owned()),
+            e => Self::Unavailable(format!("the database failed: {e}")),
+        }
     }
 }
 
@@ -156,20 +169,35 @@ impl PostgresStore {
                 ("tcp_keepalives_interval", "10"),
                 ("tcp_keepalives_count", "3"),
             ]);
+        let diagnosis = Arc::new(Diagnosis::new(connect.clone(), options.pool_size, options.connect_timeout));
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size)
             .acquire_timeout(options.connect_timeout)
             // A ping before every transaction would cost a round trip each; a connection that
             // a database restart cut fails its one transaction instead (503), and is dropped.
             .test_before_acquire(false)
-            .connect_with(connect)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot connect to the database: {e}")))?;
-        match mode {
-            Mode::Relay => migrate(&pool).await?,
-            Mode::Tool => check_version(&pool).await?,
+            .connect_lazy_with(connect.clone());
+        // The first connection, as the pool opens it: retried while the server refuses (it may
+        // be starting beside the relay) for the connect timeout, then the database's reason.
+        let refused = match pool.acquire().await {
+            // Back to the pool, for the migration to take.
+            Ok(_connection) => None,
+            Err(sqlx::Error::PoolTimedOut) => {
+                Some(diagnosis.why(&pool, options.connect_timeout, options.connect_timeout).await)
+            }
+            Err(e) => Some(connect_failure(&connect, &e)),
+        };
+        if let Some(reason) = refused {
+            return Err(StoreError::Unavailable(reason));
         }
-        let clock_offset = Arc::new(AtomicI64::new(measure_offset(&pool).await?));
+        let prepared = async {
+            match mode {
+                Mode::Relay => migrate(&pool).await?,
+                Mode::Tool => check_version(&pool).await?,
+            }
+            measure_offset(&pool).await
+        };
+        let clock_offset = Arc::new(AtomicI64::new(diagnosis.explain(&pool, prepared.await).await?));
         let changes = Arc::new(Changes::default());
         let mut background = vec![AbortOnDrop(tokio::spawn(keep_clock(pool.clone(), Arc::clone(&clock_offset))))];
         if mode == Mode::Relay {
@@ -184,6 +212,7 @@ impl PostgresStore {
             clock_offset,
             operation_timeout: options.connect_timeout + options.statement_timeout * 2,
             first_sends: Arc::default(),
+            diagnosis,
         };
         Ok(Self { shared, _background: background })
     }
@@ -327,7 +356,17 @@ impl Store for PostgresStore {
         // fail with it), then a real write on a table intake writes, committed like any other.
         self.spawn(|s| async move {
             let probe = async {
-                let mut tx = s.begin().await?;
+                // Readiness is asked every few seconds and answers within two: the pool is given
+                // a part of that, and the rest goes to finding out why it had no connection.
+                let mut connection = match tokio::time::timeout(PING_ACQUIRE, s.pool.acquire()).await {
+                    Ok(connection) => connection?,
+                    Err(_) => {
+                        return Err(StoreError::Unavailable(
+                            s.diagnosis.why(&s.pool, PING_ACQUIRE, PING_DIAGNOSIS).await,
+                        ));
+                    }
+                };
+                let mut tx = sqlx::Connection::begin(&mut *connection).await?;
                 sqlx::query(AssertSqlSafe(format!("SET LOCAL lock_timeout = {PING_LOCK_TIMEOUT_MS}")))
                     .execute(&mut *tx)
                     .await?;
@@ -921,7 +960,10 @@ impl PostgresStore {
     {
         let shared = self.shared.clone();
         let operation = operation(shared.clone());
-        detached(async move { shared.bounded(operation).await })
+        detached(async move {
+            let result = shared.bounded(operation).await;
+            shared.diagnosis.explain(&shared.pool, result).await
+        })
     }
 
     /// [`Self::run`] for an operation that bounds its own steps.
@@ -930,7 +972,12 @@ impl PostgresStore {
         T: Send + 'static,
         F: Future<Output = StoreResult<T>> + Send + 'static,
     {
-        detached(operation(self.shared.clone()))
+        let shared = self.shared.clone();
+        let operation = operation(shared.clone());
+        detached(async move {
+            let result = operation.await;
+            shared.diagnosis.explain(&shared.pool, result).await
+        })
     }
 }
 
