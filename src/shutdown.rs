@@ -11,15 +11,15 @@ pub fn hangups() -> std::io::Result<signal::unix::Signal> {
     signal::unix::signal(signal::unix::SignalKind::hangup())
 }
 
-pub async fn signal() {
-    let interrupt = async {
-        signal::ctrl_c().await.expect("cannot listen for SIGINT");
-    };
-    let terminate = async {
-        signal::unix::signal(signal::unix::SignalKind::terminate()).expect("cannot listen for SIGTERM").recv().await;
-    };
-    tokio::select! {
-        () = interrupt => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
+/// Listens for SIGTERM and SIGINT from this call on (not from the first poll: a signal sent as
+/// soon as the relay says it listens must drain it, not kill it), and resolves on the first.
+pub fn stops() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut interrupt = signal::unix::signal(signal::unix::SignalKind::interrupt())?;
+    let mut terminate = signal::unix::signal(signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
 }

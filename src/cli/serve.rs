@@ -24,6 +24,14 @@ pub async fn run(env: &Env) -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    // Before anything is served: a SIGTERM right after the start line still drains.
+    let stops = match shutdown::stops() {
+        Ok(stops) => stops,
+        Err(e) => {
+            eprintln!("bonychat-relay: cannot listen for SIGTERM and SIGINT: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let hangups = shutdown::hangups()
         .inspect_err(
             |e| tracing::warn!(error = %e, "cannot listen for SIGHUP: one would stop the relay without a drain"),
@@ -50,7 +58,7 @@ async fn serve(config: Config) -> ExitCode {
     let stop = CancellationToken::new();
     let signalled = stop.clone();
     tokio::spawn(async move {
-        shutdown::signal().await;
+        stops.await;
         signalled.cancel();
     });
     match app.run_until_stopped(stop).await {
