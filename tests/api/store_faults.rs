@@ -2,8 +2,8 @@
 //! disk, a frozen disk, a second relay on the same file, the `jobs` command line beside it.
 //! Every 200 must mean "on disk and delivered later"; everything else must never be delivered.
 //!
-//! The full and frozen disks need root (tmpfs and loop mounts, `fsfreeze`), as on CI; elsewhere
-//! those tests print why they did not run and pass.
+//! The full and frozen disks need root (tmpfs and loop mounts, `fsfreeze`), as on CI; built by
+//! another user those tests are ignored, with the reason (`root_tests`, build.rs).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -84,14 +84,15 @@ fn is_root() -> bool {
     })
 }
 
-/// The mount a test needs. Without root it cannot be had and the test says so and passes; as
-/// root (CI) a mount that fails is a failure, never a silent pass.
-async fn mount_or_skip(test: &str, mount: impl std::future::Future<Output = Result<Mount, String>>) -> Option<Mount> {
-    if !is_root() {
-        println!("NOTICE: {test} did not run: it needs root for its mounts, as CI has");
-        return None;
-    }
-    Some(mount.await.unwrap_or_else(|why| panic!("{test}: as root the mount must work: {why}")))
+/// The mount a test needs. It is ignored unless built as root (`root_tests`): run as root, a
+/// mount that fails is a failure, never a silent pass, and so is a run as another user.
+async fn mounted(test: &str, mount: impl std::future::Future<Output = Result<Mount, String>>) -> Mount {
+    assert!(
+        is_root(),
+        "{test}: it needs root for its mounts but runs as another user (built with `root_tests`: as root, or under CI): \
+         run the tests as root, or `touch build.rs` and build them again as this user (outside CI) to have it ignored"
+    );
+    mount.await.unwrap_or_else(|why| panic!("{test}: as root the mount must work: {why}"))
 }
 
 #[tokio::test]
@@ -136,9 +137,10 @@ async fn a_database_removed_or_replaced_under_the_relay_stops_all_acknowledgemen
 }
 
 #[tokio::test]
+#[cfg_attr(not(root_tests), ignore = "needs root to mount a tmpfs: build and run the tests as root (as CI does)")]
 async fn a_full_disk_answers_503_and_readiness_follows_the_disk_back() {
     let test = "a_full_disk_answers_503_and_readiness_follows_the_disk_back";
-    let Some(mount) = mount_or_skip(test, Mount::tmpfs("8m")).await else { return };
+    let mount = mounted(test, Mount::tmpfs("8m")).await;
     let app = spawn_app_with(&[("RELAY_DATABASE_URL", &database_url(mount.path()))]).await;
     let (status, _) = app.send(PSID, text("before")).await;
     assert_eq!(status, 200);
@@ -184,9 +186,13 @@ async fn a_full_disk_answers_503_and_readiness_follows_the_disk_back() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(root_tests),
+    ignore = "needs root to mount an ext4 image on a loop device and fsfreeze it: build and run the tests as root (as CI does)"
+)]
 async fn a_frozen_disk_refuses_new_work_in_seconds_and_never_delivers_what_it_refused() {
     let test = "a_frozen_disk_refuses_new_work_in_seconds_and_never_delivers_what_it_refused";
-    let Some(mount) = mount_or_skip(test, Mount::ext4()).await else { return };
+    let mount = mounted(test, Mount::ext4()).await;
     let path = mount.path().to_str().unwrap().to_owned();
     let app = spawn_app_with(&[("RELAY_DATABASE_URL", &database_url(mount.path()))]).await;
     let (status, _) = app.send(PSID, text("before")).await;
