@@ -113,7 +113,7 @@ async fn message(State(bare): State<Arc<Bare>>, headers: HeaderMap, body: Bytes)
             Err(e) => return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response(),
         };
     let joinchat = &bare.config.channels.channels[DEFAULT_CHANNEL].joinchat;
-    let job = new_outbound_job(DEFAULT_CHANNEL, u64::MAX, &request, joinchat.recipient_field, now_millis());
+    let job = new_outbound_job(DEFAULT_CHANNEL, u64::MAX, &request, joinchat.recipient_field, now_millis(), None);
     let stored = match &bare.store {
         None => None,
         Some(store) => match store.insert(&job).await {

@@ -88,7 +88,8 @@ impl Queued {
                     echo_fingerprint: None,
                 })
                 .collect();
-            let batch = InboundBatch { channel: channel.into(), max_queued: u64::MAX, items, now: due };
+            let batch =
+                InboundBatch { channel: channel.into(), max_queued: u64::MAX, items, now: due, traceparent: None };
             store.enqueue_inbound(batch).await.expect("stored");
         }
     }

@@ -97,6 +97,7 @@ async fn backlog(config: Config, jobs: u64, contacts: u64) {
                             &request,
                             config.channels.channels[DEFAULT_CHANNEL].joinchat.recipient_field,
                             now_millis(),
+                            None,
                         );
                         store.enqueue_outbound(job, None).await.expect("stored");
                     }

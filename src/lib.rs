@@ -22,6 +22,7 @@ pub mod signing;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod traces;
 
 /// The future a trait method returns where the trait must stay object-safe (the store, the
 /// upstream clients).

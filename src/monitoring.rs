@@ -55,6 +55,9 @@ const RENDERS: &str = "bonychat_relay_metrics_renders_total";
 // Rotation (SPEC §1): which value of each secret is in use.
 const SECRET_MATCHES: &str = "bonychat_relay_secret_matches_total";
 const SECRET_PREVIOUS_LAST_USED: &str = "bonychat_relay_secret_previous_last_used_timestamp_seconds";
+// Traces (SPEC §6): what reached the collector, and what did not.
+const SPANS_EXPORTED: &str = "bonychat_relay_trace_spans_exported_total";
+const SPANS_DROPPED: &str = "bonychat_relay_trace_spans_dropped_total";
 
 const HTTP_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// From a send within the request to a message retried for a day.
@@ -163,6 +166,12 @@ fn describe() {
         SECRET_PREVIOUS_LAST_USED,
         Unit::Seconds,
         "Unix time a secret's previous value was last needed (matched a check or was taken by an upstream)."
+    );
+    describe_counter!(SPANS_EXPORTED, "Trace spans the OTLP collector accepted.");
+    describe_counter!(
+        SPANS_DROPPED,
+        "Trace spans never exported, by reason: queue_full (the export queue was full: the collector is slow or \
+         away) or export_failed (the collector refused them or did not answer)."
     );
 }
 
@@ -452,6 +461,16 @@ pub fn send_rate(channel: &str, rate: f64) {
 
 pub fn send_throttled(channel: &str) {
     counter!(THROTTLES, "channel" => channel.to_owned()).increment(1);
+}
+
+/// Spans a collector accepted (SPEC §6).
+pub fn spans_exported(spans: usize) {
+    counter!(SPANS_EXPORTED).increment(spans as u64);
+}
+
+/// Spans that will never reach a collector: `queue_full` or `export_failed`.
+pub fn spans_dropped(reason: &'static str, spans: usize) {
+    counter!(SPANS_DROPPED, "reason" => reason).increment(spans as u64);
 }
 
 pub fn config_reload(result: &'static str) {

@@ -20,11 +20,14 @@ use crate::monitoring;
 use crate::routes::{AppState, Shared, router};
 use crate::server;
 use crate::store::{self, Store, StoreError};
+use crate::traces::Traces;
 
 /// Bounds each request of the routes that store nothing (probes, the handshake, the admin
 /// API), so a stuck one cannot hold up a shutdown; `/message` and the webhook bound their own
 /// phases (body read, store admission, `RELAY_SEND_WAIT_MS`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the last spans may take to reach the collector at shutdown.
+const TRACES_FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// How often delivered jobs past their retention are deleted.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -38,6 +41,8 @@ pub enum StartupError {
     Store(StoreError),
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
+    #[error("OTEL_EXPORTER_OTLP_ENDPOINT: {0}")]
+    Traces(String),
 }
 
 impl StartupError {
@@ -61,6 +66,7 @@ pub struct Application {
     limits: ServerLimits,
     /// Which store was opened, as the start log line shows it ([`DatabaseUrl::shown`]).
     store_shown: String,
+    traces: Traces,
 }
 
 impl Application {
@@ -87,7 +93,8 @@ impl Application {
         let clients = Clients::new(&config.upstreams)?;
         let channels =
             Arc::new(Live::new(&config.channels, config.server.admin_token.as_ref(), clients, Arc::clone(&store)));
-        let worker = Arc::new(worker(&config, Arc::clone(&store), Arc::clone(&channels)));
+        let traces = Traces::start(config.telemetry.traces.as_ref()).map_err(StartupError::Traces)?;
+        let worker = Arc::new(worker(&config, Arc::clone(&store), Arc::clone(&channels)).with_traces(traces.clone()));
 
         let shutdown = CancellationToken::new();
         let state = AppState::new(Shared {
@@ -96,6 +103,7 @@ impl Application {
             store: Arc::clone(&store),
             worker: Arc::clone(&worker),
             shutdown: shutdown.clone(),
+            traces: traces.clone(),
             config,
         });
         let addr = state.config.server.addr;
@@ -114,6 +122,7 @@ impl Application {
             limits: state.config.server.limits.clone(),
             store_shown,
             shutdown,
+            traces,
         })
     }
 
@@ -152,6 +161,7 @@ impl Application {
             retention,
             limits,
             store_shown,
+            traces,
         } = self;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
@@ -218,6 +228,7 @@ impl Application {
         if let Err(e) = store.close().await {
             tracing::warn!(error = %e, "cannot save the pacing and echo records; the next start rebuilds them");
         }
+        traces.flush(TRACES_FLUSH_WAIT).await;
         tracing::info!("relay stopped");
         Ok(())
     }

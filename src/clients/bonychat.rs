@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use url::Url;
 
-use super::http::unknown_credential;
+use super::http::{unknown_credential, with_traceparent};
 use super::{BonyChatApi, BoxFuture, SendError, http};
 use crate::config::{BonyChatConfig, Secret};
 use crate::domain::bonychat::WebhookPost;
@@ -34,15 +34,16 @@ impl BonyChatApi for HttpBonyChat {
     fn post<'a>(&'a self, post: &'a WebhookPost) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             let body = axum::body::Bytes::from(serde_json::to_vec(post).expect("a webhook post always serializes"));
+            let traceparent = crate::traces::outgoing_traceparent();
             // With the token that goes first; once more with the other when BonyChat refuses it
             // during a rotation (SPEC §1).
             let send = |token: &Secret| {
-                self.http
+                let request = self
+                    .http
                     .post(self.url.clone())
                     .bearer_auth(token.expose())
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.clone())
-                    .send()
+                    .header(reqwest::header::CONTENT_TYPE, "application/json");
+                with_traceparent(request, traceparent.as_ref()).body(body.clone()).send()
             };
             let response = self
                 .token

@@ -37,6 +37,17 @@ pub fn client(connect_timeout: Duration, request_timeout: Duration) -> Result<re
         .build()
 }
 
+/// `request` with the current attempt's `traceparent` (SPEC §6), when it has one.
+pub fn with_traceparent(
+    request: reqwest::RequestBuilder,
+    traceparent: Option<&reqwest::header::HeaderValue>,
+) -> reqwest::RequestBuilder {
+    match traceparent {
+        Some(traceparent) => request.header(crate::traces::TRACEPARENT, traceparent.clone()),
+        None => request,
+    }
+}
+
 /// Reads at most 64 KiB of an answer.
 pub async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
     let mut answer = Vec::new();

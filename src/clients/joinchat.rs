@@ -10,7 +10,7 @@ use url::Url;
 use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
 
-use super::http::unknown_credential;
+use super::http::{unknown_credential, with_traceparent};
 use crate::domain::joinchat::SendRequest;
 use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 use crate::signing::joinchat_signature;
@@ -39,16 +39,17 @@ impl JoinChatApi for HttpJoinChat {
     fn send<'a>(&'a self, request: &'a SendRequest<'a>) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             let body = axum::body::Bytes::from(request.to_bytes());
+            let traceparent = crate::traces::outgoing_traceparent();
             // Signed with the secret that goes first; when JoinChat refuses it and a rotation
             // is under way, the same bytes go once more signed with the other one (SPEC §1).
             let sign_and_send = |secret: &Secret| {
                 let signature = joinchat_signature(secret.expose().as_bytes(), &body);
-                self.http
+                let request = self
+                    .http
                     .post(self.url.clone())
                     .header(CONTENT_TYPE, "application/json")
-                    .header("x-joinchat-signature", signature)
-                    .body(body.clone())
-                    .send()
+                    .header("x-joinchat-signature", signature);
+                with_traceparent(request, traceparent.as_ref()).body(body.clone()).send()
             };
             let response = self
                 .secret

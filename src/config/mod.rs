@@ -7,6 +7,7 @@
 mod channels;
 mod env;
 mod secret;
+pub mod traces;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -229,6 +230,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `RELAY_METRICS_ADDR`, default `127.0.0.1:9090`: kept off the public port.
     pub metrics_addr: SocketAddr,
+    /// `OTEL_*` (SPEC §6): how spans are exported, or `None` when traces are off.
+    pub traces: Option<traces::OtlpConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +356,7 @@ impl Config {
                 other => Err(format!("`{other}` is neither `pretty` nor `json`")),
             })?,
             metrics_addr: env.parsed("RELAY_METRICS_ADDR", default_addr([127, 0, 0, 1], 9090), parse_addr)?,
+            traces: traces::from_env(env)?,
         };
 
         check_admin_token(server.admin_token.as_ref(), &channels)?;
@@ -509,6 +513,7 @@ impl Config {
                 lines.push((key("max_queued", ""), max_queued.outbound.to_string()));
             }
         }
+        lines.extend(traces::effective(telemetry.traces.as_ref()));
         lines
     }
 }
@@ -1421,7 +1426,9 @@ mod tests {
         for known in KNOWN_VARS.iter().chain(SINGLE_CHANNEL_VARS) {
             assert!(listed.contains(known), "{known} missing from {listed:?}");
         }
-        assert_eq!(listed.len(), KNOWN_VARS.len() + SINGLE_CHANNEL_VARS.len());
+        // With traces off, their one line says so.
+        assert!(listed.contains(&traces::ENDPOINT), "{listed:?}");
+        assert_eq!(listed.len(), KNOWN_VARS.len() + SINGLE_CHANNEL_VARS.len() + 1);
         let text = format!("{effective:?}");
         for secret in
             ["bony-token", "join-secret", "app-secret", "verify-token", "page-token", "admin-token", "hook-pass"]

@@ -34,6 +34,7 @@ pub fn new_outbound_job(
     request: &OutboundRequest,
     recipient_field: RecipientField,
     now: i64,
+    traceparent: Option<String>,
 ) -> NewOutbound {
     NewOutbound {
         channel: channel.to_owned(),
@@ -43,6 +44,7 @@ pub fn new_outbound_job(
         recipient: Recipient::for_contact(&request.contact_id, recipient_field),
         parts: translate(&request.message),
         now,
+        traceparent,
     }
 }
 

@@ -37,6 +37,7 @@ use crate::domain::bonychat::WebhookEvent;
 use crate::domain::joinchat::{Message, Recipient};
 use crate::monitoring::Outcome;
 use crate::store::{Claim, Direction, Enqueued, Finish, FirstClaim, Job, Payload, Store};
+use crate::traces::Traces;
 
 /// The most an attempt trusts its own reading of the store's clock: it stops this long before
 /// its lease ends unrenewed (a quarter of the lease when that is shorter).
@@ -104,6 +105,8 @@ pub struct Worker {
     short_of_slots: std::sync::atomic::AtomicBool,
     /// The directory generation the breakers were last kept for: a reload ends every rest.
     breakers_of: std::sync::atomic::AtomicU64,
+    /// Each attempt is a span of its job's trace (SPEC §6).
+    traces: Traces,
 }
 
 impl Worker {
@@ -122,7 +125,14 @@ impl Worker {
             slot_freed: Notify::new(),
             short_of_slots: std::sync::atomic::AtomicBool::new(false),
             breakers_of: std::sync::atomic::AtomicU64::new(0),
+            traces: Traces::off(),
         }
+    }
+
+    /// Makes each attempt a span of its job's trace, exported by `traces`.
+    pub fn with_traces(mut self, traces: Traces) -> Self {
+        self.traces = traces;
+        self
     }
 
     /// The lease owner name of this process.
@@ -402,6 +412,7 @@ impl Worker {
                 }
             }
         };
+        let span = self.traces.attempt(&job);
         let attempt = async {
             match &job.payload {
                 Ok(Payload::Send { recipient, parts }) => {
@@ -411,10 +422,13 @@ impl Worker {
                 Err(reason) => self.dead_letter_unreadable(&job, reason).await,
             }
         };
-        tokio::select! {
-            () = attempt => {}
-            () = heartbeat => {}
-        }
+        span.run(async {
+            tokio::select! {
+                () = attempt => {}
+                () = heartbeat => crate::traces::attempt_ended("lease_lost", None, None),
+            }
+        })
+        .await;
     }
 
     /// Feeds the channel's breaker with how its upstream answered `job`'s attempt.
@@ -436,6 +450,7 @@ impl Worker {
         if hold.is_lost() {
             return;
         }
+        crate::traces::attempt_ended("handed_back", None, None);
         // The lease may have run out while this process was paused or the store away: whoever
         // claims the job next resumes it from what was recorded.
         tracing::warn!(
@@ -559,6 +574,7 @@ impl Worker {
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
         crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, self.store.now());
+        crate::traces::attempt_ended(outcome.as_str(), None, None);
         if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
             && let Some(answer) = answer
         {
@@ -617,6 +633,7 @@ impl Worker {
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt, status: None };
         crate::monitoring::attempt(&job.channel, job.direction, Outcome::Dead, job.created_at, self.store.now());
+        crate::traces::attempt_ended(Outcome::Dead.as_str(), None, Some(reason));
         self.record(job, finish).await;
     }
 
@@ -680,6 +697,8 @@ impl<'a> Failure<'a> {
 
 fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failure<'_>>, now: i64) {
     crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, now);
+    let (status, reason) = failure.as_ref().map_or((None, None), |failure| (failure.status, Some(failure.reason)));
+    crate::traces::attempt_ended(outcome.as_str(), status, reason);
     let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
     match failure {
         None => {

@@ -20,6 +20,7 @@ use crate::domain::outbound::OutboundRequest;
 use crate::domain::text::truncate;
 use crate::error::ApiError;
 use crate::telemetry::ServedChannel;
+use crate::traces::JobTrace;
 
 #[derive(Debug, Serialize)]
 pub struct Accepted {
@@ -32,10 +33,11 @@ pub async fn post_default_message(
     State(state): State<AppState>,
     Extension(reader): Extension<BodyReader>,
     Extension(served): Extension<ServedChannel>,
+    Extension(trace): Extension<JobTrace>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, ApiError> {
-    post_message(&state, DEFAULT_CHANNEL, reader, served, headers, body).await
+    post_message(&state, DEFAULT_CHANNEL, Intake { reader, served, trace }, headers, body).await
 }
 
 /// `POST /channels/{channel}/message`.
@@ -44,11 +46,12 @@ pub async fn post_channel_message(
     channel: Result<Path<String>, PathRejection>,
     Extension(reader): Extension<BodyReader>,
     Extension(served): Extension<ServedChannel>,
+    Extension(trace): Extension<JobTrace>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, ApiError> {
     let Path(channel) = channel.map_err(|_| ApiError::NotFound)?;
-    post_message(&state, &channel, reader, served, headers, body).await
+    post_message(&state, &channel, Intake { reader, served, trace }, headers, body).await
 }
 
 /// Stores the message for `channel`, then takes its first attempt. The channel is looked up, and
@@ -57,8 +60,7 @@ pub async fn post_channel_message(
 async fn post_message(
     state: &AppState,
     channel: &str,
-    reader: BodyReader,
-    served: ServedChannel,
+    Intake { reader, served, trace }: Intake,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Accepted>, ApiError> {
@@ -75,8 +77,8 @@ async fn post_message(
     let config = &channel.config;
     let request = OutboundRequest::parse(&body.bytes, &config.bonychat.channel_id)?;
     let now = state.store.now();
-    let job =
-        new_outbound_job(&channel.name, config.max_queued.outbound, &request, config.joinchat.recipient_field, now);
+    let recipient_field = config.joinchat.recipient_field;
+    let job = new_outbound_job(&channel.name, config.max_queued.outbound, &request, recipient_field, now, trace.0);
     let (m_id, contact) = (job.m_id.clone(), job.contact.clone());
 
     let wait = state.config.delivery.send_wait;
@@ -90,6 +92,14 @@ async fn post_message(
         FirstAttempt::Rejected(reason) => Err(ApiError::RejectedByJoinChat(reason)),
         FirstAttempt::Sent | FirstAttempt::Pending | FirstAttempt::Paced { .. } => Ok(Json(Accepted { m_id })),
     }
+}
+
+/// What the middleware gave the request: its body reader, where to say which channel it
+/// served, and the trace context its job keeps.
+struct Intake {
+    reader: BodyReader,
+    served: ServedChannel,
+    trace: JobTrace,
 }
 
 /// A name from the path as an error may quote it: short, and only when it could be a name.

@@ -31,6 +31,7 @@ use crate::delivery::channels::Live;
 use crate::error::ApiError;
 use crate::store::Store;
 use crate::telemetry;
+use crate::traces::{self, Traces};
 
 /// SPEC §3.1: BonyChat's `/message` bodies are at most 64 KiB.
 pub const MESSAGE_BODY_LIMIT: usize = 64 * 1024;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub worker: Arc<Worker>,
     /// Cancelled when the relay starts shutting down: readiness turns 503 at once.
     pub shutdown: CancellationToken,
+    /// The server spans of the routes that store work, and the context their jobs keep.
+    pub traces: Traces,
 }
 
 impl AppState {
@@ -87,7 +90,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route(
             "/webhooks/messenger/{app}",
             get(webhooks::verify_app_subscription).layer(timeout()).post(webhooks::receive_app_events),
-        );
+        )
+        .route_layer(middleware::from_fn_with_state(state.traces.clone(), traces::receive));
 
     // Mounted only when asked for: otherwise `/sandbox/*` falls through to 404 like any path.
     let sandbox = if state.config.server.sandbox { sandbox::router(&state.config) } else { Router::new() };
@@ -195,6 +199,7 @@ mod tests {
             channels,
             store,
             shutdown: CancellationToken::new(),
+            traces: Traces::off(),
             config,
         })
     }

@@ -20,6 +20,7 @@ use crate::domain::inbound::{MessengerEvent, parse_routed};
 use crate::error::ApiError;
 use crate::signing::SignatureError;
 use crate::store::{InboundBatch, InboundItem, InboundSummary};
+use crate::traces::JobTrace;
 
 #[derive(Debug, Deserialize)]
 pub struct Handshake {
@@ -127,10 +128,11 @@ fn signature_refusal(app: &App, error: SignatureError) -> String {
 pub async fn receive_default_events(
     State(state): State<AppState>,
     Extension(reader): Extension<BodyReader>,
+    Extension(trace): Extension<JobTrace>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    receive_events(&state, DEFAULT_APP, reader, headers, body).await
+    receive_events(&state, DEFAULT_APP, (reader, trace), headers, body).await
 }
 
 /// `POST /webhooks/messenger/{app}`.
@@ -138,11 +140,12 @@ pub async fn receive_app_events(
     State(state): State<AppState>,
     app: Result<Path<String>, PathRejection>,
     Extension(reader): Extension<BodyReader>,
+    Extension(trace): Extension<JobTrace>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(app) = app.map_err(|_| ApiError::NotFound)?;
-    receive_events(&state, &app, reader, headers, body).await
+    receive_events(&state, &app, (reader, trace), headers, body).await
 }
 
 /// Checks the signature over the raw bytes with the app's secret, stores every event in its
@@ -154,7 +157,7 @@ pub async fn receive_app_events(
 async fn receive_events(
     state: &AppState,
     app: &str,
-    reader: BodyReader,
+    (reader, trace): (BodyReader, JobTrace),
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -189,8 +192,13 @@ async fn receive_events(
     let mut total = InboundSummary::default();
     let mut refused = None;
     for (channel, items) in batches {
-        let batch =
-            InboundBatch { channel: channel.name.clone(), max_queued: channel.config.max_queued.inbound, items, now };
+        let batch = InboundBatch {
+            channel: channel.name.clone(),
+            max_queued: channel.config.max_queued.inbound,
+            items,
+            now,
+            traceparent: trace.0.clone(),
+        };
         match state.store.enqueue_inbound(batch).await {
             Ok(summary) => {
                 // Counted once stored: a refused batch is redelivered by Meta and would count twice.

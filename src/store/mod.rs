@@ -173,6 +173,9 @@ pub struct Job {
     pub contact_last_effective_at: Option<i64>,
     /// Whether BonyChat already got a post about this contact (inbound), as of the claim.
     pub contact_introduced: bool,
+    /// The trace its attempts continue: the W3C `traceparent` of the request that stored it
+    /// (SPEC §6).
+    pub traceparent: Option<String>,
 }
 
 impl Job {
@@ -340,6 +343,8 @@ pub struct NewOutbound {
     pub recipient: Recipient,
     pub parts: Vec<Message>,
     pub now: i64,
+    /// The `/message` request's trace context (SPEC §6).
+    pub traceparent: Option<String>,
 }
 
 /// What one webhook call brought for one channel, ready to store (a call carrying several
@@ -351,6 +356,8 @@ pub struct InboundBatch {
     pub max_queued: u64,
     pub items: Vec<InboundItem>,
     pub now: i64,
+    /// The webhook call's trace context (SPEC §6), kept with every job it queues.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone)]

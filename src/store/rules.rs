@@ -23,6 +23,8 @@ pub(crate) struct NewRow<'a> {
     /// The payload in the stored format (`encode_payload`).
     pub payload: &'a str,
     pub state: JobState,
+    /// The trace context its attempts continue (a W3C `traceparent`), if any.
+    pub traceparent: Option<&'a str>,
 }
 
 /// A row [`Tx::insert_job`] inserted.
@@ -257,6 +259,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         dedup_key: None,
         payload,
         state: JobState::Queued,
+        traceparent: job.traceparent.as_deref(),
     };
     let inserted = tx
         .insert_job(&row, job.now, first)
@@ -288,6 +291,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         payload: Ok(Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() }),
         contact_last_effective_at,
         contact_introduced: false,
+        traceparent: job.traceparent.clone(),
     };
     Ok(Stored { id: inserted.id, claimed: Some(claimed) })
 }
@@ -365,11 +369,13 @@ pub(crate) async fn enqueue_inbound<T: Tx>(tx: &mut T, prepared: &PreparedBatch)
         match item {
             InboundItem::Message { contact, echo_fingerprint, .. } => {
                 let fingerprint = echo_fingerprint.as_deref();
-                store_message(tx, channel, contact, events, fingerprint, now, &mut summary).await?;
+                let row = RowOf { channel, contact, traceparent: prepared.batch.traceparent.as_deref() };
+                store_message(tx, &row, events, fingerprint, now, &mut summary).await?;
             }
             InboundItem::Watermark { contact, status, watermark, timestamp } => {
                 let mark = (*status, *watermark, *timestamp);
-                store_watermark(tx, channel, contact, mark, now, &mut summary).await?;
+                let traceparent = prepared.batch.traceparent.as_deref();
+                store_watermark(tx, channel, contact, mark, traceparent, now, &mut summary).await?;
             }
         }
     }
@@ -381,15 +387,22 @@ pub(crate) async fn enqueue_inbound<T: Tx>(tx: &mut T, prepared: &PreparedBatch)
     Ok(summary)
 }
 
+/// Where the rows of one webhook item go, and the trace they continue.
+struct RowOf<'a> {
+    channel: &'a str,
+    contact: &'a str,
+    traceparent: Option<&'a str>,
+}
+
 async fn store_message<T: Tx>(
     tx: &mut T,
-    channel: &str,
-    contact: &str,
+    row: &RowOf<'_>,
     events: &[PreparedEvent],
     echo_fingerprint: Option<&str>,
     now: i64,
     summary: &mut InboundSummary,
 ) -> StoreResult<()> {
+    let RowOf { channel, contact, .. } = *row;
     let keys: Vec<String> = events.iter().map(|event| event_key(&event.m_id)).collect();
     // An echo already stored (dropped or queued) must not consume another send's record; other
     // events are deduplicated by the insert itself.
@@ -398,13 +411,13 @@ async fn store_message<T: Tx>(
         && tx.take_echo_mark(channel, contact, fingerprint, now).await?
     {
         for (event, key) in events.iter().zip(keys) {
-            tx.insert_job(&event_row(channel, contact, event, key, JobState::Dropped), now, None).await?;
+            tx.insert_job(&event_row(row, event, key, JobState::Dropped), now, None).await?;
         }
         summary.own_echoes += 1;
         return Ok(());
     }
     for (event, key) in events.iter().zip(keys) {
-        if tx.insert_job(&event_row(channel, contact, event, key, JobState::Queued), now, None).await?.is_some() {
+        if tx.insert_job(&event_row(row, event, key, JobState::Queued), now, None).await?.is_some() {
             summary.queued += 1;
         } else {
             summary.duplicates += 1;
@@ -413,21 +426,16 @@ async fn store_message<T: Tx>(
     Ok(())
 }
 
-fn event_row<'a>(
-    channel: &'a str,
-    contact: &'a str,
-    event: &'a PreparedEvent,
-    dedup_key: String,
-    state: JobState,
-) -> NewRow<'a> {
+fn event_row<'a>(row: &RowOf<'a>, event: &'a PreparedEvent, dedup_key: String, state: JobState) -> NewRow<'a> {
     NewRow {
-        channel,
+        channel: row.channel,
         direction: Direction::Inbound,
-        contact,
+        contact: row.contact,
         m_id: &event.m_id,
         dedup_key: Some(dedup_key),
         payload: &event.payload,
         state,
+        traceparent: row.traceparent,
     }
 }
 
@@ -437,6 +445,7 @@ async fn store_watermark<T: Tx>(
     channel: &str,
     contact: &str,
     (status, watermark, timestamp): (StatusValue, i64, i64),
+    traceparent: Option<&str>,
     now: i64,
     summary: &mut InboundSummary,
 ) -> StoreResult<()> {
@@ -444,7 +453,7 @@ async fn store_watermark<T: Tx>(
         // A read receipt settles "delivered" too: a later delivery watermark must not step back.
         tx.mark_reported(id, status).await?;
         let receipt = Status { value: status, message: None };
-        if queue_receipt(tx, channel, contact, &m_id, receipt, timestamp, now).await? {
+        if queue_receipt(tx, channel, contact, &m_id, (receipt, timestamp), traceparent, now).await? {
             summary.receipts += 1;
         }
     }
@@ -478,7 +487,7 @@ async fn receipts_on_delivery<T: Tx>(
     for (status, timestamp) in covering {
         tx.mark_reported(id, status).await?;
         let receipt = Status { value: status, message: None };
-        queue_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, receipt, timestamp, now).await?;
+        queue_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, (receipt, timestamp), None, now).await?;
     }
     Ok(true)
 }
@@ -489,8 +498,8 @@ async fn queue_receipt<T: Tx>(
     channel: &str,
     contact: &str,
     m_id: &str,
-    status: Status,
-    timestamp: i64,
+    (status, timestamp): (Status, i64),
+    traceparent: Option<&str>,
     now: i64,
 ) -> StoreResult<bool> {
     let dedup_key = Some(receipt_key(status.value, m_id));
@@ -505,6 +514,7 @@ async fn queue_receipt<T: Tx>(
         dedup_key,
         payload: &payload,
         state: JobState::Queued,
+        traceparent,
     };
     Ok(tx.insert_job(&row, now, None).await?.is_some())
 }
@@ -520,7 +530,7 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 ) -> StoreResult<()> {
     tx.lock_queues(channel, Direction::Inbound, &[contact]).await?;
     let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    queue_receipt(tx, channel, contact, m_id, status, now, now).await?;
+    queue_receipt(tx, channel, contact, m_id, (status, now), None, now).await?;
     Ok(())
 }
 

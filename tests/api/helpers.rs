@@ -298,6 +298,8 @@ pub struct Received {
     pub authentic: bool,
     /// The status the stand-in answered.
     pub answered: u16,
+    /// The W3C `traceparent` the request carried (SPEC §6).
+    pub traceparent: Option<String>,
     pub at: Instant,
 }
 
@@ -512,6 +514,7 @@ async fn receive(
         content_type: headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned),
         authentic,
         answered: reply.status,
+        traceparent: headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned),
         at: Instant::now(),
     });
     state.arrivals.notify_waiters();

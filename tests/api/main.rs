@@ -35,3 +35,4 @@ mod send_rate;
 mod serving;
 mod store_contract;
 mod store_faults;
+mod traces;

@@ -87,6 +87,7 @@ fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
         recipient: Recipient::Id(contact.to_owned()),
         parts: vec![Message::Text { text: format!("text of {m_id}") }],
         now,
+        traceparent: None,
     }
 }
 
@@ -96,7 +97,13 @@ fn batch(items: Vec<InboundItem>, now: i64) -> InboundBatch {
 }
 
 fn batch_in(channel: &str, items: Vec<InboundItem>, now: i64) -> InboundBatch {
-    InboundBatch { channel: channel.to_owned(), max_queued: store::IntakeCaps::DEFAULT.inbound, items, now }
+    InboundBatch {
+        channel: channel.to_owned(),
+        max_queued: store::IntakeCaps::DEFAULT.inbound,
+        items,
+        now,
+        traceparent: None,
+    }
 }
 
 fn text_event(m_id: &str) -> WebhookEvent {
@@ -1519,7 +1526,56 @@ async fn queue_counts_say_when_the_oldest_queued_job_was_accepted(backend: Backe
     assert_eq!(oldest(&counts, "shoes", Direction::Outbound), Some(1_700));
 }
 
+/// SPEC §6: each job keeps the trace context of the request that stored it, whichever way it is
+/// claimed, so that every attempt (by any replica, after any restart) continues that trace.
+async fn every_job_keeps_the_trace_context_of_the_request_that_stored_it(backend: Backend) {
+    const MESSAGE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const BEHIND: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const WEBHOOK: &str = "00-5e6c5a1b2f3d4c5b6a7980a1b2c3d4e5-1122334455667788-00";
+    let Subject { store, _dir, .. } = backend(store::IntakeCaps::DEFAULT).await;
+    let traced = |m_id: &str, traceparent: &str| NewOutbound {
+        traceparent: Some(traceparent.to_owned()),
+        ..outbound("a", m_id, 1_000)
+    };
+    let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 1_000 };
+
+    let leased = store.enqueue_outbound(traced("a1", MESSAGE), Some(first)).await.unwrap();
+    let a1 = leased.claimed.expect("leased with the insert").take();
+    assert_eq!(a1.traceparent.as_deref(), Some(MESSAGE));
+    store.enqueue_outbound(traced("a2", BEHIND), None).await.unwrap();
+    store.enqueue_outbound(outbound("a", "a3", 1_000), None).await.unwrap();
+    store.finish(a1.lease(), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_100).await.unwrap();
+
+    let a2 = store.claim(claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10)).await.unwrap().remove(0);
+    assert_eq!((a2.m_id.as_str(), a2.traceparent.as_deref()), ("a2", Some(BEHIND)));
+    store.finish(a2.lease(), Finish::Delivered { progress: 1, sent_at: 1_200 }, 1_300).await.unwrap();
+    let a3 = store.claim(claim(OWNER, Direction::Outbound, 1_400, 1_400 + LEASE, 10)).await.unwrap().remove(0);
+    assert_eq!((a3.m_id.as_str(), a3.traceparent), ("a3", None), "no context: none made up");
+
+    // A webhook's events and the receipts its watermark queues keep the webhook's context.
+    let items = vec![
+        message_item("a", vec![text_event("in1")], None),
+        InboundItem::Watermark { contact: "a".into(), status: StatusValue::Read, watermark: 1_250, timestamp: 1_250 },
+    ];
+    let webhook = InboundBatch { traceparent: Some(WEBHOOK.to_owned()), ..batch(items, 1_500) };
+    let summary = store.enqueue_inbound(webhook).await.unwrap();
+    assert_eq!((summary.queued, summary.receipts), (1, 2));
+    let mut inbound = Vec::new();
+    for now in [1_600, 1_700, 1_800] {
+        let mut claimed = store.claim(claim(OWNER, Direction::Inbound, now, now + LEASE, 10)).await.unwrap();
+        let job = claimed.remove(0);
+        store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: now }, now).await.unwrap();
+        inbound.push(job);
+    }
+    assert!(inbound.iter().all(|job| job.traceparent.as_deref() == Some(WEBHOOK)), "{inbound:?}");
+
+    // Listed and looked up, as stored.
+    let history = store.job_history(a2.id).await.unwrap().expect("kept");
+    assert_eq!(history.job.traceparent.as_deref(), Some(BEHIND));
+}
+
 contract!(
+    every_job_keeps_the_trace_context_of_the_request_that_stored_it,
     jobs_are_found_by_state_channel_direction_id_and_contact_a_page_at_a_time,
     failed_attempts_are_kept_per_job_bounded_and_pruned_with_it,
     queue_counts_say_when_the_oldest_queued_job_was_accepted,

@@ -12,6 +12,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/postgres/0004_send_rates.sql"),
     include_str!("../../../migrations/postgres/0005_lighter_intake_count.sql"),
     include_str!("../../../migrations/postgres/0006_console.sql"),
+    include_str!("../../../migrations/postgres/0007_traces.sql"),
 ];
 
 /// Held while migrating, so that replicas starting together migrate one after the other.

@@ -21,6 +21,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/sqlite/0007_contact_first_keys.sql"),
     include_str!("../../../migrations/sqlite/0008_writer_memory.sql"),
     include_str!("../../../migrations/sqlite/0009_console.sql"),
+    include_str!("../../../migrations/sqlite/0010_traces.sql"),
 ];
 
 /// `path` with its directory's symbolic links resolved (and the file's own, when it exists), so

@@ -13,7 +13,7 @@ use crate::store::rules::{Inserted, NewRow, Settle, Settled, Tx, status_name};
 use crate::store::{Direction, FirstClaim, Job, JobState, Lease, StoreError, StoreResult, decode_payload};
 
 pub(super) const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
-    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.payload, j.channel";
+    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.payload, j.channel, j.traceparent";
 
 /// A job as read: its payload is still JSON, parsed off the writer thread by `into_job`.
 pub(super) struct RawJob {
@@ -30,6 +30,7 @@ pub(super) struct RawJob {
     created_at: i64,
     updated_at: i64,
     payload: String,
+    traceparent: Option<String>,
     pub in_flight: bool,
     pub lease_until: Option<i64>,
     pub lease_token: i64,
@@ -53,6 +54,7 @@ impl RawJob {
             updated_at: row.get(10)?,
             payload: row.get(11)?,
             channel: row.get(12)?,
+            traceparent: row.get(13)?,
             in_flight: false,
             lease_until: None,
             lease_token: 0,
@@ -92,6 +94,7 @@ impl RawJob {
             lease_token: self.lease_token,
             contact_last_effective_at: self.contact_last_effective_at,
             contact_introduced: self.contact_introduced,
+            traceparent: self.traceparent,
         })
     }
 }
@@ -191,7 +194,7 @@ impl Tx for SqliteTx<'_, '_> {
             .conn
             .prepare_cached(
                 "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, \
-                 updated_at, channel) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8) \
+                 updated_at, channel, traceparent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9) \
                  ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?
             .execute(params![
@@ -203,6 +206,7 @@ impl Tx for SqliteTx<'_, '_> {
                 row.state.as_str(),
                 now,
                 row.channel,
+                row.traceparent,
             ])?;
         if inserted == 0 {
             return Ok(None);
