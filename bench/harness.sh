@@ -11,6 +11,8 @@
 # E2E_CONTACTS (1000), WEBHOOK_BATCHES (DURATION × 20000), HARNESS_TMP (where the stores live:
 # must be a real disk, default /var/tmp), SECTIONS (a subset of "message cold webhooks e2e backlog"),
 # LOG_DIR (keep the logs of the relay and the examples there; by default they go with the run),
+# RELAY_EXTRA_ENV (more VAR=value words for the relay: traces on, say, with
+# "OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:18081", the instant stand-in taking the spans),
 # RELAY_BIN (another build of the relay to measure: an earlier release, say).
 #
 # Ceilings (examples built on the relay's library): bench_bare `handler` (token, parse and
@@ -106,7 +108,8 @@ relay_env() { # JOINCHAT_ADDR SEND_WAIT_MS
     JOINCHAT_API_URL=http://$1/api/send_message JOINCHAT_PAGE_ID=510249619162304 \
     JOINCHAT_API_SECRET=bench-secret MESSENGER_APP_SECRET=bench-app-secret MESSENGER_VERIFY_TOKEN=bench \
     JOINCHAT_ORDER_GAP_SECS=0 JOINCHAT_MAX_SENDS_PER_SEC=100000 RELAY_MAX_QUEUED_OUTBOUND=100000000 RELAY_MAX_QUEUED_INBOUND=100000000 RELAY_MAX_QUEUED_PER_CONTACT=100000000 \
-    RELAY_SEND_WAIT_MS="$2" RELAY_SHUTDOWN_GRACE_SECS=1 RELAY_DATABASE_URL="sqlite://$data/relay.db"
+    RELAY_SEND_WAIT_MS="$2" RELAY_SHUTDOWN_GRACE_SECS=1 RELAY_DATABASE_URL="sqlite://$data/relay.db" \
+    ${RELAY_EXTRA_ENV:-}
 }
 
 kb_of() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; } # PID VmRSS|VmHWM
@@ -189,6 +192,7 @@ row() { say "| $1 | $2 | $RPS | $P50 | $P99 | $P999 | $NON200 | $CPU_US |"; }
 commit=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- src examples bench/*.sh bench/*.lua Cargo.toml Cargo.lock || commit="$commit + uncommitted changes"
 [[ $RELAY_BIN == ./target/release/bonychat-relay ]] || commit="$commit, with the relay $RELAY_BIN"
+[[ -z ${RELAY_EXTRA_ENV:-} ]] || commit="$commit, the relay with $RELAY_EXTRA_ENV"
 say "# Relay harness, $(date -u '+%Y-%m-%d %H:%M UTC')"
 say
 say "Commit $commit; $(nproc --all) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)); \
