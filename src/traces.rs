@@ -107,15 +107,16 @@ impl Traces {
         })
     }
 
-    /// The server span of a request that stores work, child of the caller's `traceparent`.
-    pub fn received(&self, name: String, headers: &HeaderMap) -> Received {
+    /// The server span of a request that stores work (named `name()`, asked only when traces
+    /// are on), child of the caller's `traceparent`.
+    pub fn received(&self, name: impl FnOnce() -> String, headers: &HeaderMap) -> Received {
         let caller = caller_traceparent(headers);
         let Some(exporting) = &self.exporting else {
             return Received { span: None, keep: caller.map(|parent| parent.to_string()) };
         };
         let span = exporting
             .tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(SpanKind::Server)
             .start_with_context(&exporting.tracer, &parent_context(caller));
         let keep = TraceParent::of(span.span_context()).to_string();
@@ -174,10 +175,10 @@ impl Received {
         self.keep.clone()
     }
 
-    fn end(self, route: Option<&str>, status: u16) {
+    fn end(self, route: Option<&MatchedPath>, status: u16) {
         let Some(mut span) = self.span else { return };
         if let Some(route) = route {
-            span.set_attribute(KeyValue::new("http.route", route.to_owned()));
+            span.set_attribute(KeyValue::new("http.route", route.as_str().to_owned()));
         }
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
         if status >= 500 {
@@ -195,12 +196,12 @@ pub struct JobTrace(pub Option<String>);
 /// Middleware of the routes that store work: the request's server span, and the context its
 /// jobs keep ([`JobTrace`]).
 pub async fn receive(State(traces): State<Traces>, mut request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
-    let name = format!("{} {}", request.method(), route.as_deref().unwrap_or("unmatched"));
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let name = || format!("{} {}", request.method(), route.as_ref().map_or("unmatched", MatchedPath::as_str));
     let received = traces.received(name, request.headers());
     request.extensions_mut().insert(JobTrace(received.traceparent()));
     let response = next.run(request).await;
-    received.end(route.as_deref(), response.status().as_u16());
+    received.end(route.as_ref(), response.status().as_u16());
     response
 }
 
@@ -250,6 +251,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The `traceparent` a request sent from the current attempt carries, if any.
 pub fn outgoing_traceparent() -> Option<HeaderValue> {
     ATTEMPT.try_with(|scope| scope.outgoing.clone()).ok().flatten()
+}
+
+/// The trace id of the current attempt, for its log lines: an operator goes from a failed
+/// attempt's warning to its trace.
+pub fn current_trace_id() -> Option<String> {
+    let traceparent = outgoing_traceparent()?;
+    traceparent.to_str().ok().and_then(|value| value.get(3..35)).map(str::to_owned)
 }
 
 /// Records how the current attempt ended: `outcome` as the metrics name it, the upstream's
@@ -564,7 +572,8 @@ mod tests {
     fn with_traces_off_the_callers_traceparent_is_passed_through() {
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, HeaderValue::from_static(VALID));
-        assert_eq!(Traces::off().received("POST /message".into(), &headers).traceparent().as_deref(), Some(VALID));
-        assert_eq!(Traces::off().received("POST /message".into(), &HeaderMap::new()).traceparent(), None);
+        let name = || -> String { unreachable!("no span is made with traces off") };
+        assert_eq!(Traces::off().received(name, &headers).traceparent().as_deref(), Some(VALID));
+        assert_eq!(Traces::off().received(name, &HeaderMap::new()).traceparent(), None);
     }
 }

@@ -363,6 +363,7 @@ impl Config {
         warnings.extend(admin_token_warning(server.admin_token.as_ref()));
         warnings.extend(channels.warnings.iter().cloned());
         warnings.extend(sandbox_warnings(&server, &channels));
+        warnings.extend(traces::warnings(env, telemetry.traces.as_ref()));
 
         Ok(Self { server, upstreams, channels, store, delivery, telemetry, warnings, env: env.clone() })
     }

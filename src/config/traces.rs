@@ -177,6 +177,28 @@ pub fn from_env(env: &Env) -> Result<Option<OtlpConfig>, ConfigError> {
     }))
 }
 
+/// What is accepted but most likely a slip, for the start's warnings: the gRPC port, or a base
+/// endpoint that already ends with the traces path (spans would go to `…/v1/traces/v1/traces`).
+pub fn warnings(env: &Env, config: Option<&OtlpConfig>) -> Vec<String> {
+    let Some(config) = config else { return Vec::new() };
+    let mut warnings = Vec::new();
+    if config.url.port() == Some(4317) {
+        warnings.push(format!(
+            "traces go to {} over HTTP, but 4317 is the OTLP/gRPC port: a collector takes OTLP/HTTP on 4318",
+            shown_url(&config.url)
+        ));
+    }
+    let base = env.get(ENDPOINT).ok().flatten().filter(|_| env.get(TRACES_ENDPOINT).ok().flatten().is_none());
+    if base.is_some_and(|base| base.trim().trim_end_matches('/').ends_with("/v1/traces")) {
+        warnings.push(format!(
+            "{ENDPOINT} is the collector's base URL, to which /v1/traces is added: spans go to {}; set \
+             {TRACES_ENDPOINT} to give the full URL instead",
+            shown_url(&config.url)
+        ));
+    }
+    warnings
+}
+
 /// `OTEL_EXPORTER_OTLP_TRACES_<what>`, else `OTEL_EXPORTER_OTLP_<what>`: the variable that
 /// was read (for its errors) and its value.
 fn signal<'a>(env: &'a Env, what: &str) -> Result<(String, Option<&'a str>), ConfigError> {
@@ -372,6 +394,19 @@ mod tests {
         assert!(refused(&[endpoint, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).contains("gzip or none"));
         assert!(refused(&[endpoint, ("OTEL_TRACES_EXPORTER", "jaeger")]).contains("otlp"));
         assert!(refused(&[endpoint, ("OTEL_SDK_DISABLED", "yes")]).starts_with("OTEL_SDK_DISABLED"));
+    }
+
+    #[test]
+    fn the_grpc_port_and_a_doubled_traces_path_are_warned_about() {
+        let warned = |vars: &[(&str, &str)]| {
+            let env = Env::from_pairs(vars.iter().copied());
+            warnings(&env, from_env(&env).unwrap().as_ref())
+        };
+        assert!(warned(&[(ENDPOINT, "http://collector:4318")]).is_empty());
+        assert!(warned(&[(ENDPOINT, "http://collector:4317")])[0].contains("4318"));
+        let doubled = warned(&[(ENDPOINT, "http://collector:4318/v1/traces")]);
+        assert!(doubled[0].contains("http://collector:4318/v1/traces/v1/traces"), "{doubled:?}");
+        assert!(warned(&[(TRACES_ENDPOINT, "http://collector:4318/v1/traces")]).is_empty());
     }
 
     #[test]

@@ -700,9 +700,11 @@ fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failur
     let (status, reason) = failure.as_ref().map_or((None, None), |failure| (failure.status, Some(failure.reason)));
     crate::traces::attempt_ended(outcome.as_str(), status, reason);
     let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
+    let trace_id = crate::traces::current_trace_id();
+    let trace_id = trace_id.as_deref();
     match failure {
         None => {
-            tracing::info!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, "job attempt");
+            tracing::info!(channel, direction, contact = %job.contact, m_id = %job.m_id, job = job.id, attempt, outcome, trace_id, "job attempt");
         }
         Some(Failure { reason, upstream, url, status }) => {
             tracing::warn!(
@@ -717,6 +719,7 @@ fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failur
                 url,
                 status,
                 reason,
+                trace_id,
                 "job attempt"
             );
         }

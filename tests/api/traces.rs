@@ -479,3 +479,89 @@ async fn dropped_spans(app: &TestApp) -> f64 {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The compiled binary, configured from its environment as in production: it exports, its
+/// attempt lines carry the trace id (from a warning to its trace in one step), it says where
+/// it exports, and the collector's API key never reaches the logs.
+#[tokio::test]
+async fn the_binary_exports_and_its_attempt_lines_carry_the_trace_id() {
+    use crate::binary::{RelayProcess, json_logs};
+    use crate::first_day::lines_with;
+    use crate::helpers::{JOINCHAT_SECRET, StandIn, test_vars};
+
+    let collector = Collector::start().await;
+    let joinchat = StandIn::joinchat(JOINCHAT_SECRET).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut vars = test_vars(&joinchat.url, data.path());
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20collector-s3cret"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ] {
+        vars.push((name.to_owned(), value.to_owned()));
+    }
+    json_logs(&mut vars);
+    let relay = RelayProcess::start(&vars, &[]).await;
+
+    let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": text("hello")});
+    let answer = crate::helpers::http_client()
+        .post(relay.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .header("traceparent", caller_traceparent("01"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    collector.wait_for(2, |span| span.trace_id == CALLER_TRACE).await;
+    let (_, output) = relay.terminate().await;
+
+    let attempts = lines_with(&output, "job attempt");
+    assert_eq!(attempts.len(), 1, "{output:?}");
+    assert_eq!(attempts[0]["trace_id"], CALLER_TRACE);
+    let exporting = lines_with(&output, "exporting traces over OTLP/HTTP");
+    assert_eq!(exporting[0]["collector"], format!("{}/v1/traces", collector.endpoint), "{output:?}");
+    assert!(!output.join("\n").contains("collector-s3cret"), "{output:?}");
+    assert!(collector.exports().iter().all(|export| export.headers["authorization"] == "Bearer collector-s3cret"));
+}
+
+/// What the relay cannot honour stops the start, naming the variable and what to set instead,
+/// rather than starting with traces silently going nowhere.
+#[tokio::test]
+async fn an_otlp_setting_the_relay_cannot_honour_stops_the_start() {
+    use crate::binary::run_binary;
+    use crate::helpers::test_vars;
+
+    let data = tempfile::tempdir().unwrap();
+    for (name, value, expected) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL: grpc is not supported"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318", "OTEL_EXPORTER_OTLP_ENDPOINT:"),
+        ("OTEL_TRACES_SAMPLER", "sometimes", "OTEL_TRACES_SAMPLER:"),
+    ] {
+        let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
+        vars.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), "http://127.0.0.1:4318".into()));
+        vars.retain(|(k, _)| k != name);
+        vars.push((name.to_owned(), value.to_owned()));
+        let (code, _, stderr) = run_binary(&vars, &[]).await;
+        assert_eq!(code, Some(2), "{name}={value}: {stderr}");
+        assert!(stderr.contains(expected), "{name}={value}: {stderr}");
+    }
+}
+
+/// The console's page of a job names the trace its attempts are spans of: an operator looking
+/// at a dead letter finds it in the trace viewer.
+#[tokio::test]
+async fn a_job_s_console_page_names_its_trace() {
+    use crate::console::{ADMIN_TOKEN, no_redirects, signed_in};
+    let collector = Collector::start().await;
+    let app = traced_app(&collector, &[("RELAY_ADMIN_TOKEN", ADMIN_TOKEN)]).await;
+    assert_eq!(send_traced(&app, Some(&caller_traceparent("01")), PSID).await, StatusCode::OK);
+    let id = app.jobs(bonychat_relay::store::JobState::Delivered).await[0].id;
+
+    let (http, base) = (no_redirects(), format!("http://{}", app.addr));
+    let session = signed_in(&http, &base).await;
+    let page = http.get(format!("{base}/admin/job/{id}")).header("cookie", &session).send().await.unwrap();
+    let page = page.text().await.unwrap();
+    assert!(page.contains(&format!("<dt>Trace</dt><dd><code>{CALLER_TRACE}</code></dd>")), "{page}");
+    app.stop().await;
+}

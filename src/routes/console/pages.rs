@@ -223,6 +223,10 @@ pub fn job(history: &JobHistory, received: &str, translated: &[String], csrf: &s
                 dt { "Next attempt" } dd { (utc(job.next_attempt_at)) }
             }
             @if let Some(error) = &job.last_error { dt { "Last error" } dd.reason { (error) } }
+            // What to look the job up by in a trace viewer (SPEC §6): its attempts are spans of it.
+            @if let Some(trace_id) = job.traceparent.as_deref().and_then(|traceparent| traceparent.get(3..35)) {
+                dt { "Trace" } dd { code { (trace_id) } }
+            }
         }
         @if matches!(job.state, JobState::Dead | JobState::Queued) && !job.in_flight {
             (retry_button(job.id, csrf))
