@@ -40,6 +40,17 @@ pub const VARS: &[&str] = &[
     "OTEL_BSP_EXPORT_TIMEOUT",
 ];
 
+/// Read only to be refused: a custom certificate authority or a client certificate, which the
+/// relay's HTTP client does not take (a silent ignore would fail every export with a TLS error).
+pub const REFUSED_VARS: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+];
+
 const DEFAULT_SERVICE_NAME: &str = "bonychat-relay";
 
 /// How spans are exported, when they are.
@@ -121,6 +132,15 @@ pub fn from_env(env: &Env) -> Result<Option<OtlpConfig>, ConfigError> {
     };
     if disabled || !exporting {
         return Ok(None);
+    }
+    for what in ["CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"] {
+        if let (var, Some(_)) = signal(env, what)? {
+            return Err(ConfigError::new(
+                var,
+                "is not supported: the relay trusts the system's certificate authorities; give the collector a \
+                 certificate they sign, or put it behind a proxy that has one",
+            ));
+        }
     }
     let (protocol_var, protocol) = signal(env, "PROTOCOL")?;
     let protocol = match protocol.map(str::trim) {
@@ -394,6 +414,10 @@ mod tests {
         assert!(refused(&[endpoint, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).contains("gzip or none"));
         assert!(refused(&[endpoint, ("OTEL_TRACES_EXPORTER", "jaeger")]).contains("otlp"));
         assert!(refused(&[endpoint, ("OTEL_SDK_DISABLED", "yes")]).starts_with("OTEL_SDK_DISABLED"));
+        let ca = refused(&[endpoint, ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ssl/collector-ca.pem")]);
+        assert!(ca.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE: is not supported"), "{ca}");
+        // Off, nothing of it is read.
+        assert_eq!(read(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ssl/collector-ca.pem")]).unwrap(), None);
     }
 
     #[test]
@@ -407,6 +431,21 @@ mod tests {
         let doubled = warned(&[(ENDPOINT, "http://collector:4318/v1/traces")]);
         assert!(doubled[0].contains("http://collector:4318/v1/traces/v1/traces"), "{doubled:?}");
         assert!(warned(&[(TRACES_ENDPOINT, "http://collector:4318/v1/traces")]).is_empty());
+    }
+
+    #[test]
+    fn every_variable_read_is_documented_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        // The signal-specific forms are documented once, by the rule that they win.
+        let by_rule = |var: &str| {
+            readme.contains("each `OTEL_EXPORTER_OTLP_TRACES_*` winning over its `OTEL_EXPORTER_OTLP_*`")
+                && var
+                    .strip_prefix("OTEL_EXPORTER_OTLP_TRACES_")
+                    .is_some_and(|what| readme.contains(&format!("`OTEL_EXPORTER_OTLP_{what}`")))
+        };
+        for var in VARS.iter().chain(REFUSED_VARS) {
+            assert!(readme.contains(var) || by_rule(var), "{var} is not in the README");
+        }
     }
 
     #[test]
