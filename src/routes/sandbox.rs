@@ -203,12 +203,14 @@ async fn joinchat_send_message(
             as_json(bytes)["recipient"].as_object().and_then(|r| r.values().next()).cloned().unwrap_or(Value::Null);
         (StatusCode::OK, json!({"success": true, "recipient_id": recipient}))
     };
+    let mut kept_headers = json!({
+        "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
+        "x-joinchat-signature": header_text(&headers, "x-joinchat-signature"),
+    });
+    with_trace(&mut kept_headers, &headers);
     sandbox.joinchat.keep(&json!({
         "receivedAt": now_millis(),
-        "headers": {
-            "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
-            "x-joinchat-signature": header_text(&headers, "x-joinchat-signature"),
-        },
+        "headers": kept_headers,
         "body": kept_body(bytes),
         "bodyBytes": bytes.len(),
         "signatureValid": signature_valid,
@@ -239,12 +241,14 @@ async fn bonychat_webhook(
         let scheme = value.as_bytes().split(|&b| b == b' ').next().unwrap_or_default();
         format!("{} [redacted]", String::from_utf8_lossy(scheme))
     });
+    let mut kept_headers = json!({
+        "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
+        "authorization": authorization.map(|shown| cut(&shown, KEPT_HEADER_BYTES)),
+    });
+    with_trace(&mut kept_headers, &headers);
     sandbox.bonychat.keep(&json!({
         "receivedAt": now_millis(),
-        "headers": {
-            "content-type": header_text(&headers, header::CONTENT_TYPE.as_str()),
-            "authorization": authorization.map(|shown| cut(&shown, KEPT_HEADER_BYTES)),
-        },
+        "headers": kept_headers,
         "body": kept_body(bytes),
         "bodyBytes": bytes.len(),
         "tokenValid": token_valid,
@@ -283,6 +287,14 @@ fn kept_body(bytes: &[u8]) -> Value {
         cut_utf8(&bytes[..KEPT_BODY_BYTES]),
         bytes.len()
     ))
+}
+
+/// Adds the `traceparent` a request carried (SPEC §6), when it carried one: an operator trying
+/// traces in the sandbox sees what JoinChat and BonyChat would get.
+fn with_trace(kept: &mut Value, headers: &HeaderMap) {
+    if let Some(traceparent) = header_text(headers, crate::traces::TRACEPARENT) {
+        kept["traceparent"] = Value::String(traceparent);
+    }
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {

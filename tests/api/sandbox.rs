@@ -310,3 +310,30 @@ async fn check_config_warns_about_a_sandbox_listening_beyond_the_loopback() {
     assert!(warning.starts_with("bonychat-relay: warning: RELAY_SANDBOX=true"), "{warning}");
     assert!(warning.contains(&format!("RELAY_ADDR=0.0.0.0:{port} is not a loopback address")), "{warning}");
 }
+
+/// Trying traces in the sandbox: the stand-ins show the `traceparent` the relay sent them (the
+/// caller's, passed through with traces off), and nothing when there was none.
+#[tokio::test]
+async fn the_stand_ins_show_the_traceparent_the_relay_sent() {
+    let data = tempfile::tempdir().unwrap();
+    let (relay, _) = start_sandbox(data.path()).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    let traced = http_client()
+        .post(relay.url("/message"))
+        .bearer_auth(TOKEN)
+        .header("traceparent", traceparent)
+        .json(&json!({"channelId": CHANNEL, "contactId": CONTACT, "message": {"type": "text", "text": "traced"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 200);
+    assert_eq!(post_message(&relay, "untraced").await.status(), 200);
+
+    let requests = get_json(&relay, "/sandbox/joinchat/requests").await;
+    let requests = requests["requests"].as_array().unwrap();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0]["headers"]["traceparent"], traceparent);
+    assert!(requests[1]["headers"].get("traceparent").is_none(), "{requests:?}");
+    relay.terminate().await;
+}
