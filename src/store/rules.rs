@@ -173,6 +173,10 @@ pub(crate) trait Tx {
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>>;
 
+    /// The trace context kept with outbound message `m_id` of `channel`, for the receipts about
+    /// it: they continue its trace (SPEC §6).
+    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>>;
+
     /// Makes job `id` queued, due at `now`, with a fresh attempt count.
     async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()>;
 
@@ -484,10 +488,12 @@ async fn receipts_on_delivery<T: Tx>(
     }
     covering.sort_by_key(|&(status, _)| status != StatusValue::Delivered);
     tx.lock_queues(&settled.channel, Direction::Inbound, &[&settled.contact]).await?;
+    let traceparent = tx.message_traceparent(&settled.channel, &settled.m_id).await?;
     for (status, timestamp) in covering {
         tx.mark_reported(id, status).await?;
         let receipt = Status { value: status, message: None };
-        queue_receipt(tx, &settled.channel, &settled.contact, &settled.m_id, (receipt, timestamp), None, now).await?;
+        let (channel, contact, m_id) = (&settled.channel, &settled.contact, &settled.m_id);
+        queue_receipt(tx, channel, contact, m_id, (receipt, timestamp), traceparent.as_deref(), now).await?;
     }
     Ok(true)
 }
@@ -530,7 +536,8 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 ) -> StoreResult<()> {
     tx.lock_queues(channel, Direction::Inbound, &[contact]).await?;
     let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    queue_receipt(tx, channel, contact, m_id, (status, now), None, now).await?;
+    let traceparent = tx.message_traceparent(channel, m_id).await?;
+    queue_receipt(tx, channel, contact, m_id, (status, now), traceparent.as_deref(), now).await?;
     Ok(())
 }
 

@@ -1574,8 +1574,47 @@ async fn every_job_keeps_the_trace_context_of_the_request_that_stored_it(backend
     assert_eq!(history.job.traceparent.as_deref(), Some(BEHIND));
 }
 
+/// The receipts about a message (its `failed` receipt, and those a watermark that came before
+/// JoinChat's answer owes it) continue the message's trace, not the webhook's or none.
+async fn receipts_about_a_message_continue_its_trace(backend: Backend) {
+    const FAILED: &str = "00-11111111111111111111111111111111-1111111111111111-01";
+    const READ: &str = "00-22222222222222222222222222222222-2222222222222222-01";
+    const ASKED: &str = "00-33333333333333333333333333333333-3333333333333333-01";
+    let Subject { store, _dir, .. } = backend(store::IntakeCaps::DEFAULT).await;
+    let traced = |contact: &str, m_id: &str, traceparent: &str| NewOutbound {
+        traceparent: Some(traceparent.to_owned()),
+        ..outbound(contact, m_id, 1_000)
+    };
+    store.enqueue_outbound(traced("f", "failed1", FAILED), None).await.unwrap();
+    store.enqueue_outbound(traced("r", "read1", READ), None).await.unwrap();
+    store.enqueue_outbound(traced("q", "asked1", ASKED), None).await.unwrap();
+    let claimed = store.claim(claim(OWNER, Direction::Outbound, 1_000, 1_000 + LEASE, 10)).await.unwrap();
+    let job = |m_id: &str| claimed.iter().find(|job| job.m_id == m_id).unwrap().clone();
+
+    let gave_up = Finish::Dead { progress: 0, error: "refused".into(), failed_receipt: true, status: Some(400) };
+    store.finish(job("failed1").lease(), gave_up, 1_100).await.unwrap();
+    // Read before JoinChat's answer came: the receipt is owed once it does.
+    store.enqueue_inbound(watermark_batch("r", StatusValue::Read, 2_000, 1_200)).await.unwrap();
+    store.finish(job("read1").lease(), Finish::Delivered { progress: 1, sent_at: 1_500 }, 1_300).await.unwrap();
+    store
+        .finish(job("asked1").lease(), Finish::Rejected { progress: 0, error: "400".into(), status: None }, 1_300)
+        .await
+        .unwrap();
+    store.queue_failed_receipt(store::DEFAULT_CHANNEL, "q", "asked1", "refused", 1_400).await.unwrap();
+
+    let receipts = store.claim(claim(OWNER, Direction::Inbound, 1_500, 1_500 + LEASE, 10)).await.unwrap();
+    let trace_of = |contact: &str| {
+        let receipt = receipts.iter().find(|job| job.contact == contact).unwrap_or_else(|| panic!("{receipts:?}"));
+        receipt.traceparent.clone()
+    };
+    assert_eq!(trace_of("f").as_deref(), Some(FAILED));
+    assert_eq!(trace_of("r").as_deref(), Some(READ));
+    assert_eq!(trace_of("q").as_deref(), Some(ASKED));
+}
+
 contract!(
     every_job_keeps_the_trace_context_of_the_request_that_stored_it,
+    receipts_about_a_message_continue_its_trace,
     jobs_are_found_by_state_channel_direction_id_and_contact_a_page_at_a_time,
     failed_attempts_are_kept_per_job_bounded_and_pruned_with_it,
     queue_counts_say_when_the_oldest_queued_job_was_accepted,

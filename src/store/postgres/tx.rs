@@ -637,6 +637,17 @@ impl Tx for PgTx<'_> {
         Ok(Some(Settled { channel, direction, contact, m_id, queued, receipt: false }))
     }
 
+    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
+        let traceparent: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT traceparent FROM jobs WHERE m_id = $1 AND channel = $2 AND direction = 'outbound' LIMIT 1",
+        )
+        .bind(m_id)
+        .bind(channel)
+        .fetch_optional(&mut *self.conn)
+        .await?;
+        Ok(traceparent.flatten())
+    }
+
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
         let state: Option<String> =
             sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *self.conn).await?;

@@ -367,6 +367,18 @@ impl Tx for SqliteTx<'_, '_> {
         }))
     }
 
+    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
+        let traceparent: Option<Option<String>> = self
+            .ctx
+            .conn
+            .prepare_cached(
+                "SELECT traceparent FROM jobs WHERE m_id = ?1 AND channel = ?2 AND direction = 'outbound' LIMIT 1",
+            )?
+            .query_row([m_id, channel], |row| row.get(0))
+            .optional()?;
+        Ok(traceparent.flatten())
+    }
+
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
         let state: Option<String> = self
             .ctx
