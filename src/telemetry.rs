@@ -86,7 +86,7 @@ impl ServedChannel {
         let _ = self.0.set(channel.to_owned());
     }
 
-    fn get(&self) -> Option<&str> {
+    pub(crate) fn get(&self) -> Option<&str> {
         self.0.get().map(String::as_str)
     }
 }

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::shown_url;
 use crate::config::traces::{OtlpConfig, OtlpProtocol, RootSampler, Sampler};
 use crate::store::{Direction, Job};
+use crate::telemetry::ServedChannel;
 
 /// The header, as W3C Trace Context names it.
 pub const TRACEPARENT: &str = "traceparent";
@@ -175,10 +176,16 @@ impl Received {
         self.keep.clone()
     }
 
-    fn end(self, route: Option<&MatchedPath>, status: u16) {
-        let Some(mut span) = self.span else { return };
+    fn end(self, route: Option<&MatchedPath>, status: u16, request: Option<RequestFacts>) {
+        let (Some(mut span), Some(request)) = (self.span, request) else { return };
         if let Some(route) = route {
             span.set_attribute(KeyValue::new("http.route", route.as_str().to_owned()));
+        }
+        if let Some(channel) = request.served.as_ref().and_then(ServedChannel::get) {
+            span.set_attribute(KeyValue::new("relay.channel", channel.to_owned()));
+        }
+        if let Some(id) = request.id.as_ref().and_then(|id| id.to_str().ok()) {
+            span.set_attribute(KeyValue::new("relay.request_id", id.to_owned()));
         }
         span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
         if status >= 500 {
@@ -186,6 +193,13 @@ impl Received {
         }
         span.end();
     }
+}
+
+/// What the request's span tells besides its route and status: the channel it served (set by
+/// its handler), and the request id its log line has.
+struct RequestFacts {
+    served: Option<ServedChannel>,
+    id: Option<HeaderValue>,
 }
 
 /// The trace context a request hands to the jobs it stores (a request extension set by
@@ -200,8 +214,13 @@ pub async fn receive(State(traces): State<Traces>, mut request: Request, next: N
     let name = || format!("{} {}", request.method(), route.as_ref().map_or("unmatched", MatchedPath::as_str));
     let received = traces.received(name, request.headers());
     request.extensions_mut().insert(JobTrace(received.traceparent()));
+    // Read only for a span: with traces off a request pays for nothing of this.
+    let facts = received.span.is_some().then(|| RequestFacts {
+        served: request.extensions().get::<ServedChannel>().cloned(),
+        id: request.headers().get("x-request-id").cloned(),
+    });
     let response = next.run(request).await;
-    received.end(route.as_ref(), response.status().as_u16());
+    received.end(route.as_ref(), response.status().as_u16(), facts);
     response
 }
 

@@ -282,6 +282,8 @@ async fn a_message_is_one_trace_from_bonychat_through_the_relay_to_joinchat() {
     assert_eq!(server.name, "POST /message");
     assert_eq!(server.parent_span_id, CALLER_SPAN, "child of BonyChat's span");
     assert_eq!(server.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(server.attribute("relay.channel"), Some("default"));
+    assert!(server.attribute("relay.request_id").is_some_and(|id| id.len() == 36), "{server:?}");
     let attempt = spans.iter().find(|span| span.kind == CLIENT).expect("an attempt span");
     assert_eq!(attempt.span_id, parent, "JoinChat's parent is the attempt");
     assert_eq!(attempt.parent_span_id, server.span_id, "the attempt is a child of the request that stored it");
