@@ -28,7 +28,7 @@ pub fn init(config: &TelemetryConfig) {
 
 /// Whether pretty logs may carry colour codes: only when they go to a terminal (the subscriber
 /// writes to standard output). Piped to a file, `journald` or a log shipper, the escape
-/// sequences would only garble the lines and break `grep`. `NO_COLOR` (https://no-color.org)
+/// sequences would only garble the lines and break `grep`. `NO_COLOR` (<https://no-color.org>)
 /// turns them off on a terminal too, as the subscriber does by default.
 fn colours_wanted() -> bool {
     use std::io::IsTerminal;

@@ -296,7 +296,7 @@ pub fn attempt_ended(outcome: &'static str, status: Option<u16>, error: Option<&
     });
 }
 
-/// A W3C `traceparent` (https://www.w3.org/TR/trace-context/#traceparent-header), as kept and sent.
+/// A W3C `traceparent` (<https://www.w3.org/TR/trace-context/#traceparent-header>), as kept and sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
     pub trace_id: TraceId,

@@ -57,8 +57,8 @@ pub enum Command {
     /// other variable; URL defaults to /readyz at the address RELAY_ADDR names (from the
     /// environment or --env-file), on the loopback when that is a wildcard address.
     Healthcheck {
-        /// An http:// URL; default http://<RELAY_ADDR, 0.0.0.0 and [::] as 127.0.0.1 and [::1],
-        /// else 127.0.0.1:8080>/readyz.
+        /// An http:// URL; default http://<RELAY_ADDR, a wildcard address (0.0.0.0, ::) as the
+        /// loopback (127.0.0.1, ::1), else 127.0.0.1:8080>/readyz.
         url: Option<String>,
     },
 }
