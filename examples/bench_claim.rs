@@ -89,7 +89,7 @@ impl Queued {
                 })
                 .collect();
             let batch =
-                InboundBatch { channel: channel.into(), max_queued: u64::MAX, items, now: due, traceparent: None };
+                InboundBatch { channel: channel.into(), max_queued: u64::MAX, items, now: due, trace_context: None };
             store.enqueue_inbound(batch).await.expect("stored");
         }
     }

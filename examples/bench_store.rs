@@ -42,7 +42,7 @@ async fn main() {
                         recipient: Recipient::Id("1066835436691078".into()),
                         parts: vec![Message::Text { text: format!("Benchmark message number {i} from writer {w}") }],
                         now: now_millis(),
-                        traceparent: None,
+                        trace_context: None,
                     };
                     store.enqueue_outbound(job, None).await.expect("stored");
                     done.fetch_add(1, Ordering::Relaxed);

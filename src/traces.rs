@@ -8,6 +8,8 @@
 //!   on each request the attempt sends to JoinChat or BonyChat.
 //! - With traces off (no OTLP endpoint), a caller's valid `traceparent` is still kept and passed
 //!   on as it came, so a tracing BonyChat and a tracing upstream still see one trace.
+//! - A `tracestate` that comes with a valid `traceparent` is kept and passed on with it, on or
+//!   off, as the specification asks of every participant.
 //!
 //! Exporting never waits on the request path: an ended span goes into a bounded queue with a
 //! `try_send` and one task exports batches from it. A collector that is slow or away fills the
@@ -111,24 +113,26 @@ impl Traces {
     /// The server span of a request that stores work (named `name()`, asked only when traces
     /// are on), child of the caller's `traceparent`.
     pub fn received(&self, name: impl FnOnce() -> String, headers: &HeaderMap) -> Received {
-        let caller = caller_traceparent(headers);
+        // A `tracestate` is read only along a valid `traceparent`, as the specification says.
+        let caller = caller_traceparent(headers).map(|parent| (parent, caller_tracestate(headers)));
         let Some(exporting) = &self.exporting else {
-            return Received { span: None, keep: caller.map(|parent| parent.to_string()) };
+            return Received { span: None, keep: caller.map(|(parent, state)| kept_context(&parent, &state)) };
         };
         let span = exporting
             .tracer
             .span_builder(name())
             .with_kind(SpanKind::Server)
             .start_with_context(&exporting.tracer, &parent_context(caller));
-        let keep = TraceParent::of(span.span_context()).to_string();
+        let context = span.span_context();
+        let keep = kept_context(&TraceParent::of(context), context.trace_state());
         Received { span: Some(span), keep: Some(keep) }
     }
 
     /// The span of one attempt at `job`, child of the context kept with it.
     pub fn attempt(&self, job: &Job) -> AttemptSpan {
-        let kept = job.traceparent.as_deref().and_then(TraceParent::parse);
+        let kept = job.trace_context.as_deref().and_then(read_kept_context);
         let Some(exporting) = &self.exporting else {
-            let outgoing = kept.and_then(|parent| HeaderValue::from_str(&parent.to_string()).ok());
+            let outgoing = kept.map_or_else(TraceHeaders::default, |(parent, state)| TraceHeaders::of(&parent, &state));
             return AttemptSpan { span: None, outgoing };
         };
         let (name, upstream) = match job.direction {
@@ -147,7 +151,7 @@ impl Traces {
                 KeyValue::new("relay.upstream", upstream),
             ])
             .start_with_context(&exporting.tracer, &parent_context(kept));
-        let outgoing = HeaderValue::from_str(&TraceParent::of(span.span_context()).to_string()).ok();
+        let outgoing = TraceHeaders::of(&TraceParent::of(span.span_context()), span.span_context().trace_state());
         AttemptSpan { span: Some(span), outgoing }
     }
 
@@ -171,8 +175,9 @@ pub struct Received {
 }
 
 impl Received {
-    /// What the request's jobs keep: this span's context, or with traces off the caller's.
-    pub fn traceparent(&self) -> Option<String> {
+    /// What the request's jobs keep ([`Job::trace_context`]): this span's context, or with
+    /// traces off the caller's.
+    pub fn job_context(&self) -> Option<String> {
         self.keep.clone()
     }
 
@@ -213,7 +218,7 @@ pub async fn receive(State(traces): State<Traces>, mut request: Request, next: N
     let route = request.extensions().get::<MatchedPath>().cloned();
     let name = || format!("{} {}", request.method(), route.as_ref().map_or("unmatched", MatchedPath::as_str));
     let received = traces.received(name, request.headers());
-    request.extensions_mut().insert(JobTrace(received.traceparent()));
+    request.extensions_mut().insert(JobTrace(received.job_context()));
     // Read only for a span: with traces off a request pays for nothing of this.
     let facts = received.span.is_some().then(|| RequestFacts {
         served: request.extensions().get::<ServedChannel>().cloned(),
@@ -224,15 +229,33 @@ pub async fn receive(State(traces): State<Traces>, mut request: Request, next: N
     response
 }
 
-/// One attempt's span, and the `traceparent` its requests carry.
+/// One attempt's span, and the trace headers its requests carry.
 pub struct AttemptSpan {
     span: Option<opentelemetry_sdk::trace::Span>,
-    outgoing: Option<HeaderValue>,
+    outgoing: TraceHeaders,
+}
+
+/// The W3C headers a request to an upstream carries: `traceparent`, and `tracestate` when the
+/// trace has one.
+#[derive(Clone, Debug, Default)]
+pub struct TraceHeaders {
+    pub traceparent: Option<HeaderValue>,
+    pub tracestate: Option<HeaderValue>,
+}
+
+impl TraceHeaders {
+    fn of(parent: &TraceParent, state: &TraceState) -> Self {
+        let state = state.header();
+        Self {
+            traceparent: HeaderValue::from_str(&parent.to_string()).ok(),
+            tracestate: (!state.is_empty()).then(|| HeaderValue::from_str(&state).ok()).flatten(),
+        }
+    }
 }
 
 /// What the attempt running in this task is: its span, and the header its requests carry.
 struct AttemptScope {
-    outgoing: Option<HeaderValue>,
+    outgoing: TraceHeaders,
     span: Mutex<Option<(opentelemetry_sdk::trace::Span, bool)>>,
 }
 
@@ -241,8 +264,8 @@ tokio::task_local! {
 }
 
 impl AttemptSpan {
-    /// Runs `attempt` as this span: its requests carry the span's `traceparent`
-    /// ([`outgoing_traceparent`]) and its outcome is recorded by [`attempt_ended`]; the span
+    /// Runs `attempt` as this span: its requests carry the span's trace headers
+    /// ([`outgoing_trace_headers`]) and its outcome is recorded by [`attempt_ended`]; the span
     /// ends with it (as `interrupted` when it recorded none: a lost lease, a shutdown).
     pub async fn run<F: Future>(self, attempt: F) -> F::Output {
         let scope = AttemptScope { outgoing: self.outgoing, span: Mutex::new(self.span.map(|span| (span, false))) };
@@ -267,15 +290,15 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The `traceparent` a request sent from the current attempt carries, if any.
-pub fn outgoing_traceparent() -> Option<HeaderValue> {
-    ATTEMPT.try_with(|scope| scope.outgoing.clone()).ok().flatten()
+/// The trace headers a request sent from the current attempt carries (none outside one).
+pub fn outgoing_trace_headers() -> TraceHeaders {
+    ATTEMPT.try_with(|scope| scope.outgoing.clone()).unwrap_or_default()
 }
 
 /// The trace id of the current attempt, for its log lines: an operator goes from a failed
 /// attempt's warning to its trace.
 pub fn current_trace_id() -> Option<String> {
-    let traceparent = outgoing_traceparent()?;
+    let traceparent = outgoing_trace_headers().traceparent?;
     traceparent.to_str().ok().and_then(|value| value.get(3..35)).map(str::to_owned)
 }
 
@@ -351,14 +374,53 @@ fn caller_traceparent(headers: &HeaderMap) -> Option<TraceParent> {
     TraceParent::parse(value.to_str().ok()?.trim_matches([' ', '\t']))
 }
 
-fn parent_context(parent: Option<TraceParent>) -> Context {
+/// The caller's `tracestate`: its headers joined, as the specification reads several, and kept
+/// only when it parses as a list of `key=value` members. At most 512 characters are passed on,
+/// whole members from the start, as it allows.
+fn caller_tracestate(headers: &HeaderMap) -> TraceState {
+    let mut members = Vec::new();
+    for value in headers.get_all(TRACESTATE) {
+        let Ok(value) = value.to_str() else { return TraceState::default() };
+        members.extend(value.split(',').map(|member| member.trim_matches([' ', '\t'])).filter(|m| !m.is_empty()));
+    }
+    let mut kept = String::new();
+    for member in members.into_iter().take(MAX_TRACESTATE_MEMBERS) {
+        if kept.len() + member.len() + 1 > MAX_TRACESTATE_LEN {
+            break;
+        }
+        if !kept.is_empty() {
+            kept.push(',');
+        }
+        kept.push_str(member);
+    }
+    kept.parse().unwrap_or_default()
+}
+
+pub const TRACESTATE: &str = "tracestate";
+const MAX_TRACESTATE_MEMBERS: usize = 32;
+const MAX_TRACESTATE_LEN: usize = 512;
+
+/// How a job keeps its trace context: the `traceparent`, then a line break and the
+/// `tracestate` when there is one (a line break never occurs in a header value).
+fn kept_context(parent: &TraceParent, state: &TraceState) -> String {
+    let state = state.header();
+    if state.is_empty() { parent.to_string() } else { format!("{parent}\n{state}") }
+}
+
+/// A context kept by [`kept_context`], as the parent of an attempt.
+fn read_kept_context(kept: &str) -> Option<(TraceParent, TraceState)> {
+    let (parent, state) = kept.split_once('\n').map_or((kept, None), |(parent, state)| (parent, Some(state)));
+    Some((TraceParent::parse(parent)?, state.and_then(|state| state.parse().ok()).unwrap_or_default()))
+}
+
+fn parent_context(parent: Option<(TraceParent, TraceState)>) -> Context {
     match parent {
-        Some(parent) => Context::new().with_remote_span_context(SpanContext::new(
+        Some((parent, state)) => Context::new().with_remote_span_context(SpanContext::new(
             parent.trace_id,
             parent.span_id,
             parent.flags,
             true,
-            TraceState::default(),
+            state,
         )),
         None => Context::new(),
     }
@@ -592,7 +654,38 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, HeaderValue::from_static(VALID));
         let name = || -> String { unreachable!("no span is made with traces off") };
-        assert_eq!(Traces::off().received(name, &headers).traceparent().as_deref(), Some(VALID));
-        assert_eq!(Traces::off().received(name, &HeaderMap::new()).traceparent(), None);
+        assert_eq!(Traces::off().received(name, &headers).job_context().as_deref(), Some(VALID));
+        assert_eq!(Traces::off().received(name, &HeaderMap::new()).job_context(), None);
+        headers.append(TRACESTATE, HeaderValue::from_static("congo=t61rcWkgMzE"));
+        headers.append(TRACESTATE, HeaderValue::from_static(" rojo=00f067aa0ba902b7 ,"));
+        let kept = Traces::off().received(name, &headers).job_context().unwrap();
+        assert_eq!(kept, format!("{VALID}\ncongo=t61rcWkgMzE,rojo=00f067aa0ba902b7"));
+        let (parent, state) = read_kept_context(&kept).unwrap();
+        assert_eq!(
+            (parent.to_string(), state.header()),
+            (VALID.to_owned(), "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".into())
+        );
+    }
+
+    #[test]
+    fn a_tracestate_is_kept_only_when_it_parses_and_only_its_first_512_characters() {
+        let state = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(TRACESTATE, HeaderValue::from_str(value).unwrap());
+            }
+            caller_tracestate(&headers).header()
+        };
+        assert_eq!(state(&[]), "");
+        assert_eq!(state(&["not a list member"]), "");
+        assert_eq!(state(&["a=1", "b=2,c=3"]), "a=1,b=2,c=3");
+        let long: Vec<String> = (0..40).map(|i| format!("k{i:02}={}", "v".repeat(20))).collect();
+        let kept = state(&[long.join(",").as_str()]);
+        assert!(kept.len() <= 512 && kept.starts_with("k00=") && kept.split(',').count() == 20, "{kept}");
+        // A tracestate without a valid traceparent is not read at all.
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACESTATE, HeaderValue::from_static("a=1"));
+        let name = || -> String { unreachable!() };
+        assert_eq!(Traces::off().received(name, &headers).job_context(), None);
     }
 }

@@ -1,4 +1,5 @@
--- Traces (SPEC §6): the W3C traceparent of the request that stored a job, which each of its
+-- Traces (SPEC §6): the W3C trace context of the request that stored a job (its traceparent,
+-- then a line break and its tracestate when it has one), which each of its
 -- attempts continues, whichever process makes it. NULL when the request carried none and
 -- traces are off.
-ALTER TABLE jobs ADD COLUMN traceparent TEXT;
+ALTER TABLE jobs ADD COLUMN trace_context TEXT;

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use url::Url;
 
-use super::http::{unknown_credential, with_traceparent};
+use super::http::{unknown_credential, with_trace_headers};
 use super::{BonyChatApi, BoxFuture, SendError, http};
 use crate::config::{BonyChatConfig, Secret};
 use crate::domain::bonychat::WebhookPost;
@@ -34,7 +34,7 @@ impl BonyChatApi for HttpBonyChat {
     fn post<'a>(&'a self, post: &'a WebhookPost) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             let body = axum::body::Bytes::from(serde_json::to_vec(post).expect("a webhook post always serializes"));
-            let traceparent = crate::traces::outgoing_traceparent();
+            let trace = crate::traces::outgoing_trace_headers();
             // With the token that goes first; once more with the other when BonyChat refuses it
             // during a rotation (SPEC §1).
             let send = |token: &Secret| {
@@ -43,7 +43,7 @@ impl BonyChatApi for HttpBonyChat {
                     .post(self.url.clone())
                     .bearer_auth(token.expose())
                     .header(reqwest::header::CONTENT_TYPE, "application/json");
-                with_traceparent(request, traceparent.as_ref()).body(body.clone()).send()
+                with_trace_headers(request, &trace).body(body.clone()).send()
             };
             let response = self
                 .token

@@ -11,6 +11,7 @@ use url::Url;
 use super::SendError;
 use crate::config::shown_url;
 use crate::domain::text::truncate;
+use crate::traces::TraceHeaders;
 
 /// An error page can be large; the reason shown to a person needs only its start.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -37,15 +38,16 @@ pub fn client(connect_timeout: Duration, request_timeout: Duration) -> Result<re
         .build()
 }
 
-/// `request` with the current attempt's `traceparent` (SPEC §6), when it has one.
-pub fn with_traceparent(
-    request: reqwest::RequestBuilder,
-    traceparent: Option<&reqwest::header::HeaderValue>,
-) -> reqwest::RequestBuilder {
-    match traceparent {
-        Some(traceparent) => request.header(crate::traces::TRACEPARENT, traceparent.clone()),
-        None => request,
+/// `request` with the current attempt's `traceparent` and `tracestate` (SPEC §6), those it has.
+pub fn with_trace_headers(request: reqwest::RequestBuilder, trace: &TraceHeaders) -> reqwest::RequestBuilder {
+    let mut request = request;
+    if let Some(traceparent) = &trace.traceparent {
+        request = request.header(crate::traces::TRACEPARENT, traceparent.clone());
     }
+    if let Some(tracestate) = &trace.tracestate {
+        request = request.header(crate::traces::TRACESTATE, tracestate.clone());
+    }
+    request
 }
 
 /// Reads at most 64 KiB of an answer.

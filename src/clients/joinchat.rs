@@ -10,7 +10,7 @@ use url::Url;
 use super::{BoxFuture, JoinChatApi, SendError, http};
 use crate::config::{JoinChatConfig, Secret};
 
-use super::http::{unknown_credential, with_traceparent};
+use super::http::{unknown_credential, with_trace_headers};
 use crate::domain::joinchat::SendRequest;
 use crate::rotation::{Outgoing, SecretUse, credential_accepted, credential_refused};
 use crate::signing::joinchat_signature;
@@ -39,7 +39,7 @@ impl JoinChatApi for HttpJoinChat {
     fn send<'a>(&'a self, request: &'a SendRequest<'a>) -> BoxFuture<'a, Result<(), SendError>> {
         Box::pin(async move {
             let body = axum::body::Bytes::from(request.to_bytes());
-            let traceparent = crate::traces::outgoing_traceparent();
+            let trace = crate::traces::outgoing_trace_headers();
             // Signed with the secret that goes first; when JoinChat refuses it and a rotation
             // is under way, the same bytes go once more signed with the other one (SPEC §1).
             let sign_and_send = |secret: &Secret| {
@@ -49,7 +49,7 @@ impl JoinChatApi for HttpJoinChat {
                     .post(self.url.clone())
                     .header(CONTENT_TYPE, "application/json")
                     .header("x-joinchat-signature", signature);
-                with_traceparent(request, traceparent.as_ref()).body(body.clone()).send()
+                with_trace_headers(request, &trace).body(body.clone()).send()
             };
             let response = self
                 .secret

@@ -34,7 +34,7 @@ pub fn new_outbound_job(
     request: &OutboundRequest,
     recipient_field: RecipientField,
     now: i64,
-    traceparent: Option<String>,
+    trace_context: Option<String>,
 ) -> NewOutbound {
     NewOutbound {
         channel: channel.to_owned(),
@@ -44,7 +44,7 @@ pub fn new_outbound_job(
         recipient: Recipient::for_contact(&request.contact_id, recipient_field),
         parts: translate(&request.message),
         now,
-        traceparent,
+        trace_context,
     }
 }
 

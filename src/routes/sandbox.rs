@@ -289,11 +289,13 @@ fn kept_body(bytes: &[u8]) -> Value {
     ))
 }
 
-/// Adds the `traceparent` a request carried (SPEC §6), when it carried one: an operator trying
-/// traces in the sandbox sees what JoinChat and BonyChat would get.
+/// Adds the `traceparent` and `tracestate` a request carried (SPEC §6), those it carried: an
+/// operator trying traces in the sandbox sees what JoinChat and BonyChat would get.
 fn with_trace(kept: &mut Value, headers: &HeaderMap) {
-    if let Some(traceparent) = header_text(headers, crate::traces::TRACEPARENT) {
-        kept["traceparent"] = Value::String(traceparent);
+    for name in [crate::traces::TRACEPARENT, crate::traces::TRACESTATE] {
+        if let Some(value) = header_text(headers, name) {
+            kept[name] = Value::String(value);
+        }
     }
 }
 

@@ -197,7 +197,7 @@ async fn receive_events(
             max_queued: channel.config.max_queued.inbound,
             items,
             now,
-            traceparent: trace.0.clone(),
+            trace_context: trace.0.clone(),
         };
         match state.store.enqueue_inbound(batch).await {
             Ok(summary) => {

@@ -173,9 +173,10 @@ pub struct Job {
     pub contact_last_effective_at: Option<i64>,
     /// Whether BonyChat already got a post about this contact (inbound), as of the claim.
     pub contact_introduced: bool,
-    /// The trace its attempts continue: the W3C `traceparent` of the request that stored it
-    /// (SPEC §6).
-    pub traceparent: Option<String>,
+    /// The trace its attempts continue: the W3C trace context of the request that stored it
+    /// (SPEC §6), as [`crate::traces`] writes it (`traceparent`, and `tracestate` on a line of
+    /// its own when there is one).
+    pub trace_context: Option<String>,
 }
 
 impl Job {
@@ -344,7 +345,7 @@ pub struct NewOutbound {
     pub parts: Vec<Message>,
     pub now: i64,
     /// The `/message` request's trace context (SPEC §6).
-    pub traceparent: Option<String>,
+    pub trace_context: Option<String>,
 }
 
 /// What one webhook call brought for one channel, ready to store (a call carrying several
@@ -357,7 +358,7 @@ pub struct InboundBatch {
     pub items: Vec<InboundItem>,
     pub now: i64,
     /// The webhook call's trace context (SPEC §6), kept with every job it queues.
-    pub traceparent: Option<String>,
+    pub trace_context: Option<String>,
 }
 
 #[derive(Debug, Clone)]

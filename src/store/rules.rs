@@ -23,8 +23,8 @@ pub(crate) struct NewRow<'a> {
     /// The payload in the stored format (`encode_payload`).
     pub payload: &'a str,
     pub state: JobState,
-    /// The trace context its attempts continue (a W3C `traceparent`), if any.
-    pub traceparent: Option<&'a str>,
+    /// The trace context its attempts continue ([`Job::trace_context`]), if any.
+    pub trace_context: Option<&'a str>,
 }
 
 /// A row [`Tx::insert_job`] inserted.
@@ -175,7 +175,7 @@ pub(crate) trait Tx {
 
     /// The trace context kept with outbound message `m_id` of `channel`, for the receipts about
     /// it: they continue its trace (SPEC §6).
-    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>>;
+    async fn message_trace_context(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>>;
 
     /// Makes job `id` queued, due at `now`, with a fresh attempt count.
     async fn requeue(&mut self, id: i64, now: i64) -> StoreResult<()>;
@@ -263,7 +263,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         dedup_key: None,
         payload,
         state: JobState::Queued,
-        traceparent: job.traceparent.as_deref(),
+        trace_context: job.trace_context.as_deref(),
     };
     let inserted = tx
         .insert_job(&row, job.now, first)
@@ -295,7 +295,7 @@ pub(crate) async fn enqueue_outbound<T: Tx>(
         payload: Ok(Payload::Send { recipient: job.recipient.clone(), parts: job.parts.clone() }),
         contact_last_effective_at,
         contact_introduced: false,
-        traceparent: job.traceparent.clone(),
+        trace_context: job.trace_context.clone(),
     };
     Ok(Stored { id: inserted.id, claimed: Some(claimed) })
 }
@@ -373,13 +373,13 @@ pub(crate) async fn enqueue_inbound<T: Tx>(tx: &mut T, prepared: &PreparedBatch)
         match item {
             InboundItem::Message { contact, echo_fingerprint, .. } => {
                 let fingerprint = echo_fingerprint.as_deref();
-                let row = RowOf { channel, contact, traceparent: prepared.batch.traceparent.as_deref() };
+                let row = RowOf { channel, contact, trace_context: prepared.batch.trace_context.as_deref() };
                 store_message(tx, &row, events, fingerprint, now, &mut summary).await?;
             }
             InboundItem::Watermark { contact, status, watermark, timestamp } => {
                 let mark = (*status, *watermark, *timestamp);
-                let traceparent = prepared.batch.traceparent.as_deref();
-                store_watermark(tx, channel, contact, mark, traceparent, now, &mut summary).await?;
+                let trace_context = prepared.batch.trace_context.as_deref();
+                store_watermark(tx, channel, contact, mark, trace_context, now, &mut summary).await?;
             }
         }
     }
@@ -395,7 +395,7 @@ pub(crate) async fn enqueue_inbound<T: Tx>(tx: &mut T, prepared: &PreparedBatch)
 struct RowOf<'a> {
     channel: &'a str,
     contact: &'a str,
-    traceparent: Option<&'a str>,
+    trace_context: Option<&'a str>,
 }
 
 async fn store_message<T: Tx>(
@@ -439,7 +439,7 @@ fn event_row<'a>(row: &RowOf<'a>, event: &'a PreparedEvent, dedup_key: String, s
         dedup_key: Some(dedup_key),
         payload: &event.payload,
         state,
-        traceparent: row.traceparent,
+        trace_context: row.trace_context,
     }
 }
 
@@ -449,7 +449,7 @@ async fn store_watermark<T: Tx>(
     channel: &str,
     contact: &str,
     (status, watermark, timestamp): (StatusValue, i64, i64),
-    traceparent: Option<&str>,
+    trace_context: Option<&str>,
     now: i64,
     summary: &mut InboundSummary,
 ) -> StoreResult<()> {
@@ -457,7 +457,7 @@ async fn store_watermark<T: Tx>(
         // A read receipt settles "delivered" too: a later delivery watermark must not step back.
         tx.mark_reported(id, status).await?;
         let receipt = Status { value: status, message: None };
-        if queue_receipt(tx, channel, contact, &m_id, (receipt, timestamp), traceparent, now).await? {
+        if queue_receipt(tx, channel, contact, &m_id, (receipt, timestamp), trace_context, now).await? {
             summary.receipts += 1;
         }
     }
@@ -488,12 +488,12 @@ async fn receipts_on_delivery<T: Tx>(
     }
     covering.sort_by_key(|&(status, _)| status != StatusValue::Delivered);
     tx.lock_queues(&settled.channel, Direction::Inbound, &[&settled.contact]).await?;
-    let traceparent = tx.message_traceparent(&settled.channel, &settled.m_id).await?;
+    let trace_context = tx.message_trace_context(&settled.channel, &settled.m_id).await?;
     for (status, timestamp) in covering {
         tx.mark_reported(id, status).await?;
         let receipt = Status { value: status, message: None };
         let (channel, contact, m_id) = (&settled.channel, &settled.contact, &settled.m_id);
-        queue_receipt(tx, channel, contact, m_id, (receipt, timestamp), traceparent.as_deref(), now).await?;
+        queue_receipt(tx, channel, contact, m_id, (receipt, timestamp), trace_context.as_deref(), now).await?;
     }
     Ok(true)
 }
@@ -505,7 +505,7 @@ async fn queue_receipt<T: Tx>(
     contact: &str,
     m_id: &str,
     (status, timestamp): (Status, i64),
-    traceparent: Option<&str>,
+    trace_context: Option<&str>,
     now: i64,
 ) -> StoreResult<bool> {
     let dedup_key = Some(receipt_key(status.value, m_id));
@@ -520,7 +520,7 @@ async fn queue_receipt<T: Tx>(
         dedup_key,
         payload: &payload,
         state: JobState::Queued,
-        traceparent,
+        trace_context,
     };
     Ok(tx.insert_job(&row, now, None).await?.is_some())
 }
@@ -536,8 +536,8 @@ pub(crate) async fn queue_failed_receipt<T: Tx>(
 ) -> StoreResult<()> {
     tx.lock_queues(channel, Direction::Inbound, &[contact]).await?;
     let status = Status { value: StatusValue::Failed, message: Some(reason.to_owned()) };
-    let traceparent = tx.message_traceparent(channel, m_id).await?;
-    queue_receipt(tx, channel, contact, m_id, (status, now), traceparent.as_deref(), now).await?;
+    let trace_context = tx.message_trace_context(channel, m_id).await?;
+    queue_receipt(tx, channel, contact, m_id, (status, now), trace_context.as_deref(), now).await?;
     Ok(())
 }
 

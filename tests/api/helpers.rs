@@ -298,8 +298,9 @@ pub struct Received {
     pub authentic: bool,
     /// The status the stand-in answered.
     pub answered: u16,
-    /// The W3C `traceparent` the request carried (SPEC §6).
+    /// The W3C `traceparent` and `tracestate` the request carried (SPEC §6).
     pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     pub at: Instant,
 }
 
@@ -515,6 +516,7 @@ async fn receive(
         authentic,
         answered: reply.status,
         traceparent: headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        tracestate: headers.get("tracestate").and_then(|v| v.to_str().ok()).map(str::to_owned),
         at: Instant::now(),
     });
     state.arrivals.notify_waiters();

@@ -87,7 +87,7 @@ fn outbound(contact: &str, m_id: &str, now: i64) -> NewOutbound {
         recipient: Recipient::Id(contact.to_owned()),
         parts: vec![Message::Text { text: format!("text of {m_id}") }],
         now,
-        traceparent: None,
+        trace_context: None,
     }
 }
 
@@ -102,7 +102,7 @@ fn batch_in(channel: &str, items: Vec<InboundItem>, now: i64) -> InboundBatch {
         max_queued: store::IntakeCaps::DEFAULT.inbound,
         items,
         now,
-        traceparent: None,
+        trace_context: None,
     }
 }
 
@@ -1533,31 +1533,31 @@ async fn every_job_keeps_the_trace_context_of_the_request_that_stored_it(backend
     const BEHIND: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     const WEBHOOK: &str = "00-5e6c5a1b2f3d4c5b6a7980a1b2c3d4e5-1122334455667788-00";
     let Subject { store, _dir, .. } = backend(store::IntakeCaps::DEFAULT).await;
-    let traced = |m_id: &str, traceparent: &str| NewOutbound {
-        traceparent: Some(traceparent.to_owned()),
+    let traced = |m_id: &str, trace_context: &str| NewOutbound {
+        trace_context: Some(trace_context.to_owned()),
         ..outbound("a", m_id, 1_000)
     };
     let first = FirstClaim { owner: "request".into(), lease_until: 1_000 + LEASE, reserved_until: 1_000 };
 
     let leased = store.enqueue_outbound(traced("a1", MESSAGE), Some(first)).await.unwrap();
     let a1 = leased.claimed.expect("leased with the insert").take();
-    assert_eq!(a1.traceparent.as_deref(), Some(MESSAGE));
+    assert_eq!(a1.trace_context.as_deref(), Some(MESSAGE));
     store.enqueue_outbound(traced("a2", BEHIND), None).await.unwrap();
     store.enqueue_outbound(outbound("a", "a3", 1_000), None).await.unwrap();
     store.finish(a1.lease(), Finish::Delivered { progress: 1, sent_at: 1_000 }, 1_100).await.unwrap();
 
     let a2 = store.claim(claim(OWNER, Direction::Outbound, 1_200, 1_200 + LEASE, 10)).await.unwrap().remove(0);
-    assert_eq!((a2.m_id.as_str(), a2.traceparent.as_deref()), ("a2", Some(BEHIND)));
+    assert_eq!((a2.m_id.as_str(), a2.trace_context.as_deref()), ("a2", Some(BEHIND)));
     store.finish(a2.lease(), Finish::Delivered { progress: 1, sent_at: 1_200 }, 1_300).await.unwrap();
     let a3 = store.claim(claim(OWNER, Direction::Outbound, 1_400, 1_400 + LEASE, 10)).await.unwrap().remove(0);
-    assert_eq!((a3.m_id.as_str(), a3.traceparent), ("a3", None), "no context: none made up");
+    assert_eq!((a3.m_id.as_str(), a3.trace_context), ("a3", None), "no context: none made up");
 
     // A webhook's events and the receipts its watermark queues keep the webhook's context.
     let items = vec![
         message_item("a", vec![text_event("in1")], None),
         InboundItem::Watermark { contact: "a".into(), status: StatusValue::Read, watermark: 1_250, timestamp: 1_250 },
     ];
-    let webhook = InboundBatch { traceparent: Some(WEBHOOK.to_owned()), ..batch(items, 1_500) };
+    let webhook = InboundBatch { trace_context: Some(WEBHOOK.to_owned()), ..batch(items, 1_500) };
     let summary = store.enqueue_inbound(webhook).await.unwrap();
     assert_eq!((summary.queued, summary.receipts), (1, 2));
     let mut inbound = Vec::new();
@@ -1567,11 +1567,11 @@ async fn every_job_keeps_the_trace_context_of_the_request_that_stored_it(backend
         store.finish(job.lease(), Finish::Delivered { progress: 1, sent_at: now }, now).await.unwrap();
         inbound.push(job);
     }
-    assert!(inbound.iter().all(|job| job.traceparent.as_deref() == Some(WEBHOOK)), "{inbound:?}");
+    assert!(inbound.iter().all(|job| job.trace_context.as_deref() == Some(WEBHOOK)), "{inbound:?}");
 
     // Listed and looked up, as stored.
     let history = store.job_history(a2.id).await.unwrap().expect("kept");
-    assert_eq!(history.job.traceparent.as_deref(), Some(BEHIND));
+    assert_eq!(history.job.trace_context.as_deref(), Some(BEHIND));
 }
 
 /// The receipts about a message (its `failed` receipt, and those a watermark that came before
@@ -1581,8 +1581,8 @@ async fn receipts_about_a_message_continue_its_trace(backend: Backend) {
     const READ: &str = "00-22222222222222222222222222222222-2222222222222222-01";
     const ASKED: &str = "00-33333333333333333333333333333333-3333333333333333-01";
     let Subject { store, _dir, .. } = backend(store::IntakeCaps::DEFAULT).await;
-    let traced = |contact: &str, m_id: &str, traceparent: &str| NewOutbound {
-        traceparent: Some(traceparent.to_owned()),
+    let traced = |contact: &str, m_id: &str, trace_context: &str| NewOutbound {
+        trace_context: Some(trace_context.to_owned()),
         ..outbound(contact, m_id, 1_000)
     };
     store.enqueue_outbound(traced("f", "failed1", FAILED), None).await.unwrap();
@@ -1605,7 +1605,7 @@ async fn receipts_about_a_message_continue_its_trace(backend: Backend) {
     let receipts = store.claim(claim(OWNER, Direction::Inbound, 1_500, 1_500 + LEASE, 10)).await.unwrap();
     let trace_of = |contact: &str| {
         let receipt = receipts.iter().find(|job| job.contact == contact).unwrap_or_else(|| panic!("{receipts:?}"));
-        receipt.traceparent.clone()
+        receipt.trace_context.clone()
     };
     assert_eq!(trace_of("f").as_deref(), Some(FAILED));
     assert_eq!(trace_of("r").as_deref(), Some(READ));

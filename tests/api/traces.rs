@@ -270,9 +270,21 @@ async fn a_message_is_one_trace_from_bonychat_through_the_relay_to_joinchat() {
     )
     .await;
 
-    assert_eq!(send_traced(&app, Some(&caller_traceparent("01")), PSID).await, StatusCode::OK);
+    let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": text("hello")});
+    let answer = app
+        .http
+        .post(app.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .header("traceparent", caller_traceparent("01"))
+        .header("tracestate", "bony=t61rcWkgMzE")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
 
     let sent = app.joinchat.wait_for(1).await;
+    assert_eq!(sent[0].tracestate.as_deref(), Some("bony=t61rcWkgMzE"), "the caller's tracestate goes on");
     let (trace, parent, flags) = fields(sent[0].traceparent.as_deref().expect("JoinChat got a traceparent"));
     assert_eq!((trace.as_str(), flags.as_str()), (CALLER_TRACE, "01"), "the caller's trace, sampled");
     assert_ne!(parent, CALLER_SPAN, "the relay's own span is JoinChat's parent");
@@ -410,13 +422,25 @@ async fn with_traces_off_the_caller_s_traceparent_is_passed_on_as_it_came() {
     let app = spawn_app_with(&[]).await;
     let traceparent = caller_traceparent("01");
 
-    assert_eq!(send_traced(&app, Some(&traceparent), PSID).await, StatusCode::OK);
+    let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": text("hello")});
+    let answer = app
+        .http
+        .post(app.url("/message"))
+        .bearer_auth(API_TOKEN)
+        .header("traceparent", &traceparent)
+        .header("tracestate", "bony=t61rcWkgMzE,other=1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
     assert_eq!(send_traced(&app, None, "2000000000000004").await, StatusCode::OK);
     assert_eq!(post_webhook_traced(&app, Some(&traceparent), "mid.off").await, StatusCode::OK);
 
     let sent = app.joinchat.wait_for(2).await;
     assert_eq!(sent[0].traceparent.as_deref(), Some(traceparent.as_str()));
-    assert_eq!(sent[1].traceparent, None, "none made up");
+    assert_eq!(sent[0].tracestate.as_deref(), Some("bony=t61rcWkgMzE,other=1"));
+    assert_eq!((&sent[1].traceparent, &sent[1].tracestate), (&None, &None), "none made up");
     let posted = app.bonychat.wait_for(1).await;
     assert_eq!(posted[0].traceparent.as_deref(), Some(traceparent.as_str()));
     app.stop().await;

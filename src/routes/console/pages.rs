@@ -224,7 +224,7 @@ pub fn job(history: &JobHistory, received: &str, translated: &[String], csrf: &s
             }
             @if let Some(error) = &job.last_error { dt { "Last error" } dd.reason { (error) } }
             // What to look the job up by in a trace viewer (SPEC §6): its attempts are spans of it.
-            @if let Some(trace_id) = job.traceparent.as_deref().and_then(|traceparent| traceparent.get(3..35)) {
+            @if let Some(trace_id) = job.trace_context.as_deref().and_then(|trace_context| trace_context.get(3..35)) {
                 dt { "Trace" } dd { code { (trace_id) } }
             }
         }

@@ -12,7 +12,7 @@ use crate::store::rules::{Inserted, NewRow, Settle, Settled, Tx, status_name};
 use crate::store::{Direction, FirstClaim, Job, JobState, Lease, StoreError, StoreResult, decode_payload};
 
 pub(super) const JOB_COLUMNS: &str = "j.id, j.channel, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
-    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token, j.traceparent";
+    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.lease_until, j.payload, j.lease_token, j.trace_context";
 /// The common table expressions of a claim (see [`Claim`](crate::store::Claim)), ending with `leased`: the jobs it
 /// leased. `$1` direction, `$2` now, `$3` limit, `$4` owner, `$5` lease end, `$6` the eligible
 /// channels, `$7` the channel the last claim ended with (`Rotation`), or NULL.
@@ -153,7 +153,7 @@ pub(super) fn job_from_row(row: &PgRow, now: i64, with_contact: bool) -> StoreRe
         payload: decode_payload(&payload),
         contact_last_effective_at: if with_contact { row.try_get("last_effective_at")? } else { None },
         contact_introduced: with_contact && row.try_get::<bool, _>("introduced")?,
-        traceparent: row.try_get("traceparent")?,
+        trace_context: row.try_get("trace_context")?,
     })
 }
 
@@ -402,7 +402,7 @@ impl Tx for PgTx<'_> {
                 sqlx::query_as::<_, (i64, Option<i64>, Option<i64>)>(
                     "WITH job AS ( \
                         INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-                        created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token, traceparent) \
+                        created_at, updated_at, reserved_until, lease_owner, lease_until, lease_token, trace_context) \
                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $10, $11, 1, $16) \
                         ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
                      head AS ( \
@@ -434,7 +434,7 @@ impl Tx for PgTx<'_> {
                 .bind(effective_by)
                 .bind(fingerprint)
                 .bind(expires_by)
-                .bind(row.traceparent)
+                .bind(row.trace_context)
                 .fetch_optional(&mut *self.conn)
                 .await?
                 .map(|(id, previous, mark)| {
@@ -448,7 +448,7 @@ impl Tx for PgTx<'_> {
                 sqlx::query_scalar::<_, i64>(
                     "WITH job AS ( \
                         INSERT INTO jobs (channel, direction, contact, m_id, dedup_key, payload, state, next_attempt_at, \
-                        created_at, updated_at, reserved_until, traceparent) \
+                        created_at, updated_at, reserved_until, trace_context) \
                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8, $9, $11) \
                         ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING id), \
                      head AS ( \
@@ -466,7 +466,7 @@ impl Tx for PgTx<'_> {
                 .bind(now)
                 .bind(first.map(|first| first.reserved_until))
                 .bind(due_at)
-                .bind(row.traceparent)
+                .bind(row.trace_context)
                 .fetch_optional(&mut *self.conn)
                 .await?
             }
@@ -637,15 +637,15 @@ impl Tx for PgTx<'_> {
         Ok(Some(Settled { channel, direction, contact, m_id, queued, receipt: false }))
     }
 
-    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
-        let traceparent: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT traceparent FROM jobs WHERE m_id = $1 AND channel = $2 AND direction = 'outbound' LIMIT 1",
+    async fn message_trace_context(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
+        let trace_context: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT trace_context FROM jobs WHERE m_id = $1 AND channel = $2 AND direction = 'outbound' LIMIT 1",
         )
         .bind(m_id)
         .bind(channel)
         .fetch_optional(&mut *self.conn)
         .await?;
-        Ok(traceparent.flatten())
+        Ok(trace_context.flatten())
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {

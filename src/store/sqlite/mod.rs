@@ -1082,7 +1082,7 @@ mod tests {
                         recipient: Recipient::Id(format!("c{i}")),
                         parts: vec![Message::Text { text: "hi".into() }],
                         now: 1,
-                        traceparent: None,
+                        trace_context: None,
                     };
                     store.enqueue_outbound(job, None).await.unwrap();
                 })

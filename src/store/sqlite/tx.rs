@@ -13,7 +13,7 @@ use crate::store::rules::{Inserted, NewRow, Settle, Settled, Tx, status_name};
 use crate::store::{Direction, FirstClaim, Job, JobState, Lease, StoreError, StoreResult, decode_payload};
 
 pub(super) const JOB_COLUMNS: &str = "j.id, j.direction, j.contact, j.m_id, j.state, j.attempts, j.progress, \
-    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.payload, j.channel, j.traceparent";
+    j.next_attempt_at, j.last_error, j.created_at, j.updated_at, j.payload, j.channel, j.trace_context";
 
 /// A job as read: its payload is still JSON, parsed off the writer thread by `into_job`.
 pub(super) struct RawJob {
@@ -30,7 +30,7 @@ pub(super) struct RawJob {
     created_at: i64,
     updated_at: i64,
     payload: String,
-    traceparent: Option<String>,
+    trace_context: Option<String>,
     pub in_flight: bool,
     pub lease_until: Option<i64>,
     pub lease_token: i64,
@@ -54,7 +54,7 @@ impl RawJob {
             updated_at: row.get(10)?,
             payload: row.get(11)?,
             channel: row.get(12)?,
-            traceparent: row.get(13)?,
+            trace_context: row.get(13)?,
             in_flight: false,
             lease_until: None,
             lease_token: 0,
@@ -94,7 +94,7 @@ impl RawJob {
             lease_token: self.lease_token,
             contact_last_effective_at: self.contact_last_effective_at,
             contact_introduced: self.contact_introduced,
-            traceparent: self.traceparent,
+            trace_context: self.trace_context,
         })
     }
 }
@@ -194,7 +194,7 @@ impl Tx for SqliteTx<'_, '_> {
             .conn
             .prepare_cached(
                 "INSERT INTO jobs (direction, contact, m_id, dedup_key, payload, state, next_attempt_at, created_at, \
-                 updated_at, channel, traceparent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9) \
+                 updated_at, channel, trace_context) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7, ?8, ?9) \
                  ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
             )?
             .execute(params![
@@ -206,7 +206,7 @@ impl Tx for SqliteTx<'_, '_> {
                 row.state.as_str(),
                 now,
                 row.channel,
-                row.traceparent,
+                row.trace_context,
             ])?;
         if inserted == 0 {
             return Ok(None);
@@ -367,16 +367,16 @@ impl Tx for SqliteTx<'_, '_> {
         }))
     }
 
-    async fn message_traceparent(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
-        let traceparent: Option<Option<String>> = self
+    async fn message_trace_context(&mut self, channel: &str, m_id: &str) -> StoreResult<Option<String>> {
+        let trace_context: Option<Option<String>> = self
             .ctx
             .conn
             .prepare_cached(
-                "SELECT traceparent FROM jobs WHERE m_id = ?1 AND channel = ?2 AND direction = 'outbound' LIMIT 1",
+                "SELECT trace_context FROM jobs WHERE m_id = ?1 AND channel = ?2 AND direction = 'outbound' LIMIT 1",
             )?
             .query_row([m_id, channel], |row| row.get(0))
             .optional()?;
-        Ok(traceparent.flatten())
+        Ok(trace_context.flatten())
     }
 
     async fn state_of(&mut self, id: i64) -> StoreResult<Option<JobState>> {
