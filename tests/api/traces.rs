@@ -344,9 +344,25 @@ async fn a_webhook_is_one_trace_from_messenger_through_the_relay_to_bonychat() {
 /// the trace survives a restart between them: it is kept with the job, not in memory.
 #[tokio::test]
 async fn every_attempt_is_a_span_of_the_message_s_trace_even_after_a_restart() {
+    attempts_are_spans_of_the_message_s_trace_across_a_restart(&[]).await;
+}
+
+/// The same on PostgreSQL, where the replica that retries may be another one.
+#[tokio::test]
+#[cfg_attr(
+    not(postgres_tests),
+    ignore = "no PostgreSQL: install postgresql (see README) or set RELAY_TEST_POSTGRES_URL"
+)]
+async fn every_attempt_is_a_span_of_the_message_s_trace_on_postgres_too() {
+    let url = crate::postgres::fresh_database().await;
+    attempts_are_spans_of_the_message_s_trace_across_a_restart(&[("RELAY_DATABASE_URL", &url)]).await;
+}
+
+async fn attempts_are_spans_of_the_message_s_trace_across_a_restart(store: &[(&str, &str)]) {
     let collector = Collector::start().await;
-    let app =
-        traced_app(&collector, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"), ("RELAY_RETRY_JOINCHAT", "1s")]).await;
+    let mut vars = vec![("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"), ("RELAY_RETRY_JOINCHAT", "1s")];
+    vars.extend_from_slice(store);
+    let app = traced_app(&collector, &vars).await;
     app.joinchat.script([Reply::status(503, r#"{"success":false,"errors":{"msg":"busy"}}"#)]);
 
     assert_eq!(send_traced(&app, Some(&caller_traceparent("01")), PSID).await, StatusCode::OK);
