@@ -682,6 +682,8 @@ mod tests {
         let long: Vec<String> = (0..40).map(|i| format!("k{i:02}={}", "v".repeat(20))).collect();
         let kept = state(&[long.join(",").as_str()]);
         assert!(kept.len() <= 512 && kept.starts_with("k00=") && kept.split(',').count() == 20, "{kept}");
+        let many: Vec<String> = (0..40).map(|i| format!("m{i}=1")).collect();
+        assert_eq!(state(&[many.join(",").as_str()]), many[..32].join(","), "32 members at most");
         // A tracestate without a valid traceparent is not read at all.
         let mut headers = HeaderMap::new();
         headers.insert(TRACESTATE, HeaderValue::from_static("a=1"));

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::env::{ConfigError, Env, parse_u64};
-use super::{REDACTED, Secret, http_url, shown_url, timeout_millis};
+use super::env::{ConfigError, Env};
+use super::{REDACTED, Secret, http_url, positive_count, shown_url, timeout_millis};
 
 pub const ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
@@ -102,6 +102,28 @@ pub enum Sampler {
     ParentBased(RootSampler),
 }
 
+impl Sampler {
+    /// Its `OTEL_TRACES_SAMPLER` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AlwaysOn => "always_on",
+            Self::AlwaysOff => "always_off",
+            Self::Ratio(_) => "traceidratio",
+            Self::ParentBased(RootSampler::AlwaysOn) => "parentbased_always_on",
+            Self::ParentBased(RootSampler::AlwaysOff) => "parentbased_always_off",
+            Self::ParentBased(RootSampler::Ratio(_)) => "parentbased_traceidratio",
+        }
+    }
+
+    /// Its `OTEL_TRACES_SAMPLER_ARG`, for the samplers that take one.
+    pub fn ratio(self) -> Option<f64> {
+        match self {
+            Self::Ratio(ratio) | Self::ParentBased(RootSampler::Ratio(ratio)) => Some(ratio),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RootSampler {
     AlwaysOn,
@@ -168,8 +190,8 @@ pub fn from_env(env: &Env) -> Result<Option<OtlpConfig>, ConfigError> {
         Some("gzip") => true,
         Some(other) => return Err(ConfigError::new(compression_var, format!("`{other}` is not gzip or none"))),
     };
-    let max_queue = env.parsed("OTEL_BSP_MAX_QUEUE_SIZE", 2048, positive_count)?;
-    let max_batch = env.parsed("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512.min(max_queue), positive_count)?;
+    let max_queue = env.parsed("OTEL_BSP_MAX_QUEUE_SIZE", 2048, span_count)?;
+    let max_batch = env.parsed("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512.min(max_queue), span_count)?;
     if max_batch > max_queue {
         return Err(ConfigError::new(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
@@ -282,10 +304,10 @@ fn parse_headers(raw: &str) -> Result<Vec<(String, Secret)>, String> {
         .collect()
 }
 
-fn positive_count(raw: &str) -> Result<usize, String> {
-    match parse_u64(raw)? {
-        0 => Err("must be greater than 0".into()),
-        n @ 1..=1_000_000 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+/// Spans held or sent at once: a count a queue can be allocated for.
+fn span_count(raw: &str) -> Result<usize, String> {
+    match positive_count(raw)? {
+        n @ ..=1_000_000 => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
         _ => Err("must be at most 1000000".into()),
     }
 }
@@ -331,7 +353,11 @@ pub fn effective(config: Option<&OtlpConfig>) -> Vec<(String, String)> {
         ("OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(), config.timeout.as_millis().to_string()),
         ("OTEL_EXPORTER_OTLP_COMPRESSION".to_owned(), if config.gzip { "gzip" } else { "none" }.to_owned()),
         ("OTEL_SERVICE_NAME".to_owned(), config.service_name.clone()),
-        ("OTEL_TRACES_SAMPLER".to_owned(), format!("{:?}", config.sampler)),
+        ("OTEL_TRACES_SAMPLER".to_owned(), config.sampler.name().to_owned()),
+        (
+            "OTEL_TRACES_SAMPLER_ARG".to_owned(),
+            config.sampler.ratio().map_or_else(|| "(unset)".to_owned(), |r| r.to_string()),
+        ),
     ]
 }
 
@@ -414,6 +440,11 @@ mod tests {
         assert!(refused(&[endpoint, ("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).contains("gzip or none"));
         assert!(refused(&[endpoint, ("OTEL_TRACES_EXPORTER", "jaeger")]).contains("otlp"));
         assert!(refused(&[endpoint, ("OTEL_SDK_DISABLED", "yes")]).starts_with("OTEL_SDK_DISABLED"));
+        for size in ["0", "1000001"] {
+            assert!(refused(&[endpoint, ("OTEL_BSP_MAX_QUEUE_SIZE", size)]).starts_with("OTEL_BSP_MAX_QUEUE_SIZE"));
+        }
+        let batch = refused(&[endpoint, ("OTEL_BSP_MAX_QUEUE_SIZE", "10"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "11")]);
+        assert!(batch.contains("at most OTEL_BSP_MAX_QUEUE_SIZE (10)"), "{batch}");
         let ca = refused(&[endpoint, ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ssl/collector-ca.pem")]);
         assert!(ca.starts_with("OTEL_EXPORTER_OTLP_CERTIFICATE: is not supported"), "{ca}");
         // Off, nothing of it is read.
@@ -458,5 +489,16 @@ mod tests {
         let shown = format!("{:?}", effective(config.as_ref()));
         assert!(!shown.contains("s3cr3t") && !shown.contains(":p@"), "{shown}");
         assert!(shown.contains("authorization=[redacted]"), "{shown}");
+        assert!(shown.contains(r#"("OTEL_TRACES_SAMPLER", "parentbased_always_on")"#), "{shown}");
+        let ratio = read(&[
+            (ENDPOINT, "http://c:4318"),
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.5"),
+        ]);
+        let shown = format!("{:?}", effective(ratio.unwrap().as_ref()));
+        assert!(
+            shown.contains(r#"("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.5")"#),
+            "{shown}"
+        );
     }
 }

@@ -573,8 +573,7 @@ impl Worker {
         outcome: Outcome,
         answer: Option<oneshot::Sender<FirstAttempt>>,
     ) {
-        crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, self.store.now());
-        crate::traces::attempt_ended(outcome.as_str(), None, None);
+        attempt_ended(job, outcome, None, self.store.now());
         if self.record(job, Finish::Defer { progress, next_attempt_at: until }).await
             && let Some(answer) = answer
         {
@@ -632,8 +631,7 @@ impl Worker {
         let failed_receipt = job.direction == Direction::Outbound;
         tracing::error!(job = job.id, direction = job.direction.as_str(), reason, "dead-lettering an unreadable job");
         let finish = Finish::Dead { progress: job.progress, error: reason.to_owned(), failed_receipt, status: None };
-        crate::monitoring::attempt(&job.channel, job.direction, Outcome::Dead, job.created_at, self.store.now());
-        crate::traces::attempt_ended(Outcome::Dead.as_str(), None, Some(reason));
+        attempt_ended(job, Outcome::Dead, Some((None, reason)), self.store.now());
         self.record(job, finish).await;
     }
 
@@ -695,10 +693,16 @@ impl<'a> Failure<'a> {
     }
 }
 
-fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failure<'_>>, now: i64) {
+/// Counts how an attempt ended and records it on the attempt's span, in one place so that the
+/// metrics and the trace always tell the same; `failure` is the upstream's status and the reason.
+fn attempt_ended(job: &Job, outcome: Outcome, failure: Option<(Option<u16>, &str)>, now: i64) {
     crate::monitoring::attempt(&job.channel, job.direction, outcome, job.created_at, now);
-    let (status, reason) = failure.as_ref().map_or((None, None), |failure| (failure.status, Some(failure.reason)));
+    let (status, reason) = failure.map_or((None, None), |(status, reason)| (status, Some(reason)));
     crate::traces::attempt_ended(outcome.as_str(), status, reason);
+}
+
+fn log_attempt(job: &Job, attempt: u32, outcome: Outcome, failure: Option<Failure<'_>>, now: i64) {
+    attempt_ended(job, outcome, failure.as_ref().map(|failure| (failure.status, failure.reason)), now);
     let (channel, direction, outcome) = (job.channel.as_str(), job.direction.as_str(), outcome.as_str());
     let trace_id = crate::traces::current_trace_id();
     let trace_id = trace_id.as_deref();

@@ -387,14 +387,7 @@ async fn reloads_under_load_lose_or_duplicate_nothing() {
 /// once, because no channel holds more than its share of the slots.
 #[tokio::test]
 async fn a_flooded_channel_whose_joinchat_hangs_never_holds_up_another() {
-    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hanging_url = format!("http://{}/api/send_message", hanging.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = hanging.accept().await {
-            held.push(socket);
-        }
-    });
+    let hanging_url = format!("http://{}/api/send_message", crate::helpers::hanging_server().await);
     let mut flooded = TestChannel::new("flooded", "104857600123456").await;
     flooded.joinchat.url = hanging_url;
     let calm = TestChannel::new("calm", "204857600123456").await;

@@ -80,7 +80,8 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     start(vars, joinchat, bonychat, graph, data_dir).await
 }
 
-fn set(vars: &mut Vec<(String, String)>, key: &str, value: &str) {
+/// Sets `key` in `vars`, replacing any value it had.
+pub fn set(vars: &mut Vec<(String, String)>, key: &str, value: &str) {
     vars.retain(|(k, _)| k != key);
     vars.push((key.to_owned(), value.to_owned()));
 }
@@ -527,6 +528,20 @@ async fn receive(
         response.headers_mut().insert("retry-after", retry_after.parse().unwrap());
     }
     response
+}
+
+/// An address that accepts connections and never answers a byte (an upstream or collector that
+/// hangs); the sockets stay open until the test ends.
+pub async fn hanging_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    addr
 }
 
 /// A second loopback address: Linux routes all of 127.0.0.0/8 to `lo`, so a client bound to

@@ -4,12 +4,7 @@
 
 use crate::binary::{RelayProcess, json_logs};
 use crate::first_day::lines_with;
-use crate::helpers::test_vars;
-
-fn with(vars: &mut Vec<(String, String)>, name: &str, value: &str) {
-    vars.retain(|(k, _)| k != name);
-    vars.push((name.to_owned(), value.to_owned()));
-}
+use crate::helpers::{set, test_vars};
 
 #[tokio::test]
 async fn the_start_line_says_the_version_and_which_store_it_opened() {
@@ -37,7 +32,7 @@ async fn the_start_line_shows_a_postgres_store_without_its_password() {
     parsed.set_password(Some("pa55word-not-shown")).unwrap();
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
-    with(&mut vars, "RELAY_DATABASE_URL", &format!("{parsed}?sslmode=disable&application_name=x"));
+    set(&mut vars, "RELAY_DATABASE_URL", &format!("{parsed}?sslmode=disable&application_name=x"));
     json_logs(&mut vars);
 
     let relay = RelayProcess::start(&vars, &[]).await;
@@ -50,10 +45,10 @@ async fn the_start_line_shows_a_postgres_store_without_its_password() {
     assert!(!output.join("\n").contains("pa55word-not-shown"), "{output:?}");
 }
 
-/// Waits until the relay has written a log line with `message`, at most 20 s.
-async fn wait_for_line(relay: &RelayProcess, message: &str) {
+/// Waits until the relay has written `count` log lines with `message`, at most 20 s.
+async fn wait_for_lines(relay: &RelayProcess, message: &str, count: usize) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while lines_with(&relay.output(), message).is_empty() {
+    while lines_with(&relay.output(), message).len() < count {
         assert!(tokio::time::Instant::now() < deadline, "no {message:?} line: {:?}", relay.output());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -77,10 +72,10 @@ async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_crede
     let bonychat_url = with_credentials(&bonychat.url, "?token=hook-s3cret");
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars(&joinchat_url, data.path());
-    with(&mut vars, "BONYCHAT_WEBHOOK_URL", &bonychat_url);
-    with(&mut vars, "MESSENGER_GRAPH_URL", &graph.url);
-    with(&mut vars, "MESSENGER_PAGE_ACCESS_TOKEN", "not-the-page-token");
-    with(&mut vars, "MESSENGER_GRAPH_TIMEOUT_MS", "2000");
+    set(&mut vars, "BONYCHAT_WEBHOOK_URL", &bonychat_url);
+    set(&mut vars, "MESSENGER_GRAPH_URL", &graph.url);
+    set(&mut vars, "MESSENGER_PAGE_ACCESS_TOKEN", "not-the-page-token");
+    set(&mut vars, "MESSENGER_GRAPH_TIMEOUT_MS", "2000");
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
     let http = crate::helpers::http_client();
@@ -104,12 +99,7 @@ async fn each_upstream_refusal_is_logged_with_the_upstream_its_url_without_crede
         .await
         .unwrap();
     bonychat.wait_for(1).await;
-    wait_for_line(&relay, "job attempt").await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while lines_with(&relay.output(), "job attempt").len() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", relay.output());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_lines(&relay, "job attempt", 2).await;
     let (_, output) = relay.terminate().await;
 
     assert_eq!(message.status(), 400, "JoinChat refused the message");
@@ -218,7 +208,7 @@ async fn a_webhook_refused_for_its_signature_is_a_warning_saying_which_check_fai
     use crate::helpers::{APP_SECRET, PSID, hub_signature, webhook_message};
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
-    with(&mut vars, "MESSENGER_APP_SECRET_PREVIOUS", "the-app-secret-before");
+    set(&mut vars, "MESSENGER_APP_SECRET_PREVIOUS", "the-app-secret-before");
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
     let http = crate::helpers::http_client();
@@ -283,8 +273,8 @@ async fn a_webhook_refused_for_its_signature_is_a_warning_saying_which_check_fai
 async fn start_refused_by_database(url: &str) -> String {
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
-    with(&mut vars, "RELAY_DATABASE_URL", url);
-    with(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "1000");
+    set(&mut vars, "RELAY_DATABASE_URL", url);
+    set(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "1000");
     let (code, _, stderr) = crate::binary::run_binary(&vars, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
@@ -349,9 +339,9 @@ async fn a_database_gone_at_runtime_is_logged_with_its_reason_on_503s_and_readin
     let url = postgres.fresh_database().await;
     let data = tempfile::tempdir().unwrap();
     let mut vars = test_vars("http://127.0.0.1:9/api/send_message", data.path());
-    with(&mut vars, "RELAY_DATABASE_URL", &url);
-    with(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "500");
-    with(&mut vars, "RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "1000");
+    set(&mut vars, "RELAY_DATABASE_URL", &url);
+    set(&mut vars, "RELAY_DATABASE_CONNECT_TIMEOUT_MS", "500");
+    set(&mut vars, "RELAY_DATABASE_STATEMENT_TIMEOUT_MS", "1000");
     json_logs(&mut vars);
     let relay = RelayProcess::start(&vars, &[]).await;
     let http = crate::helpers::http_client();

@@ -235,10 +235,22 @@ async fn traced_app(collector: &Collector, extra: &[(&str, &str)]) -> TestApp {
 }
 
 async fn send_traced(app: &TestApp, traceparent: Option<&str>, contact: &str) -> StatusCode {
+    send_with_trace(app, traceparent, None, contact).await
+}
+
+/// `/message` with the W3C headers given.
+async fn send_with_trace(
+    app: &TestApp,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+    contact: &str,
+) -> StatusCode {
     let body = json!({"channelId": CHANNEL_ID, "contactId": contact, "message": text("hello")});
     let mut request = app.http.post(app.url("/message")).bearer_auth(API_TOKEN).json(&body);
-    if let Some(traceparent) = traceparent {
-        request = request.header("traceparent", traceparent);
+    for (name, value) in [("traceparent", traceparent), ("tracestate", tracestate)] {
+        if let Some(value) = value {
+            request = request.header(name, value);
+        }
     }
     request.send().await.expect("relay answers").status()
 }
@@ -270,18 +282,9 @@ async fn a_message_is_one_trace_from_bonychat_through_the_relay_to_joinchat() {
     )
     .await;
 
-    let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": text("hello")});
-    let answer = app
-        .http
-        .post(app.url("/message"))
-        .bearer_auth(API_TOKEN)
-        .header("traceparent", caller_traceparent("01"))
-        .header("tracestate", "bony=t61rcWkgMzE")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::OK);
+    let traceparent = caller_traceparent("01");
+    let traced = send_with_trace(&app, Some(&traceparent), Some("bony=t61rcWkgMzE"), PSID);
+    assert_eq!(traced.await, StatusCode::OK);
 
     let sent = app.joinchat.wait_for(1).await;
     assert_eq!(sent[0].tracestate.as_deref(), Some("bony=t61rcWkgMzE"), "the caller's tracestate goes on");
@@ -438,18 +441,8 @@ async fn with_traces_off_the_caller_s_traceparent_is_passed_on_as_it_came() {
     let app = spawn_app_with(&[]).await;
     let traceparent = caller_traceparent("01");
 
-    let body = json!({"channelId": CHANNEL_ID, "contactId": PSID, "message": text("hello")});
-    let answer = app
-        .http
-        .post(app.url("/message"))
-        .bearer_auth(API_TOKEN)
-        .header("traceparent", &traceparent)
-        .header("tracestate", "bony=t61rcWkgMzE,other=1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), StatusCode::OK);
+    let traced = send_with_trace(&app, Some(&traceparent), Some("bony=t61rcWkgMzE,other=1"), PSID);
+    assert_eq!(traced.await, StatusCode::OK);
     assert_eq!(send_traced(&app, None, "2000000000000004").await, StatusCode::OK);
     assert_eq!(post_webhook_traced(&app, Some(&traceparent), "mid.off").await, StatusCode::OK);
 
@@ -462,19 +455,31 @@ async fn with_traces_off_the_caller_s_traceparent_is_passed_on_as_it_came() {
     app.stop().await;
 }
 
+/// What is still queued when the relay stops is exported before it exits: the batch delay here
+/// is far longer than the test, so only the shutdown's flush can deliver the spans.
+#[tokio::test]
+async fn the_spans_queued_at_shutdown_are_exported_before_the_relay_stops() {
+    let collector = Collector::start().await;
+    let app = spawn_app_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+    ])
+    .await;
+    assert_eq!(send_traced(&app, Some(&caller_traceparent("01")), PSID).await, StatusCode::OK);
+    app.joinchat.wait_for(1).await;
+    assert!(collector.spans().is_empty(), "exported before the batch delay: the test shows nothing");
+
+    app.stop().await;
+
+    let spans: Vec<Span> = collector.spans().into_iter().filter(|span| span.trace_id == CALLER_TRACE).collect();
+    assert_eq!(spans.len(), 2, "the request's span and the attempt's: {spans:#?}");
+}
+
 /// A collector that never answers, or is not there: messages go through as if traces were off,
 /// and the spans that could not go are counted.
 #[tokio::test]
 async fn a_collector_that_hangs_or_is_away_costs_nothing_but_counted_dropped_spans() {
-    // Accepts connections and never answers a byte.
-    let hanging = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hanging_addr = hanging.local_addr().unwrap();
-    let held = tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        while let Ok((socket, _)) = hanging.accept().await {
-            sockets.push(socket);
-        }
-    });
+    let hanging_addr = crate::helpers::hanging_server().await;
     // Bound and closed again: connections are refused.
     let away: SocketAddr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
 
@@ -509,7 +514,6 @@ async fn a_collector_that_hangs_or_is_away_costs_nothing_but_counted_dropped_spa
         }
         app.stop().await;
     }
-    held.abort();
 }
 
 /// `bonychat_relay_trace_spans_dropped_total`, all reasons: the metrics are process-wide, so
